@@ -1,0 +1,187 @@
+"""One Qwen2 model for dense and MoE checkpoints; every op goes through a `Backend`.
+
+Weights are held fused the way the kernels want them: q/k/v as one `qkv` projection, gate/up as one `gate_up`,
+experts stacked into [E, 2I, H] and [E, H, I]. The layer order follows Hugging Face's Qwen2DecoderLayer, with the
+residual add fused into the following RMSNorm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .backend import AttentionMetadata, AttentionShape, Backend, MoEWeights
+from .config import Qwen2Config
+from .rope import RotaryTables
+
+@dataclass
+class DenseMLPWeights:
+    gate_up: torch.Tensor  # [2I, H]  rows [gate | up]
+    down: torch.Tensor  # [H, I]
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [H]
+    qkv: torch.Tensor  # [(Hq + 2 Hkv) D, H]
+    qkv_bias: torch.Tensor | None  # [(Hq + 2 Hkv) D]
+    o: torch.Tensor  # [H, Hq D]
+    post_attention_norm: torch.Tensor  # [H]
+    mlp: DenseMLPWeights | MoEWeights
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor  # [V, H]
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor  # [H]
+    lm_head: torch.Tensor  # [V, H]; the same tensor as embed when tied
+
+
+def weight_shapes(config: Qwen2Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Hugging Face checkpoint of this config (hub naming), with its shape."""
+    c = config
+    h, d = c.hidden_size, c.head_dim
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        for name, heads in (("q", c.num_attention_heads), ("k", c.num_key_value_heads), ("v", c.num_key_value_heads)):
+            shapes[p + f"self_attn.{name}_proj.weight"] = (heads * d, h)
+            if c.qkv_bias:
+                shapes[p + f"self_attn.{name}_proj.bias"] = (heads * d,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, c.num_attention_heads * d)
+        if c.is_moe_layer(i):
+            shapes[p + "mlp.gate.weight"] = (c.num_experts, h)
+            for e in range(c.num_experts):
+                _mlp_shapes(shapes, p + f"mlp.experts.{e}.", h, c.moe_intermediate_size)
+            if c.shared_expert_intermediate_size:
+                _mlp_shapes(shapes, p + "mlp.shared_expert.", h, c.shared_expert_intermediate_size)
+                shapes[p + "mlp.shared_expert_gate.weight"] = (1, h)
+        else:
+            _mlp_shapes(shapes, p + "mlp.", h, c.intermediate_size)
+    return shapes
+
+
+def _mlp_shapes(shapes, prefix, h, inter):
+    shapes[prefix + "gate_proj.weight"] = (inter, h)
+    shapes[prefix + "up_proj.weight"] = (inter, h)
+    shapes[prefix + "down_proj.weight"] = (h, inter)
+
+
+def allocate_weights(config: Qwen2Config, device, dtype, fill=None) -> ModelWeights:
+    """Uninitialised weights in the fused layout (the loader and `random_weights` fill every element).
+    `fill(tensor, kind)` is called on each new tensor, kind in {"norm", "bias", "weight"}."""
+    c = config
+    h, d = c.hidden_size, c.head_dim
+
+    def new(kind, *shape):
+        t = torch.empty(shape, device=device, dtype=dtype)
+        if fill is not None:
+            fill(t, kind)
+        return t
+
+    def dense_mlp(inter):
+        return DenseMLPWeights(gate_up=new("weight", 2 * inter, h), down=new("weight", h, inter))
+
+    layers = []
+    for i in range(c.num_hidden_layers):
+        if c.is_moe_layer(i):
+            e, inter, shared = c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size
+            mlp = MoEWeights(
+                router=new("weight", e, h),
+                gate_up=new("weight", e, 2 * inter, h),
+                down=new("weight", e, h, inter),
+                shared_gate_up=new("weight", 2 * shared, h) if shared else None,
+                shared_down=new("weight", h, shared) if shared else None,
+                shared_gate=new("weight", 1, h) if shared else None,
+                top_k=c.num_experts_per_tok,
+                norm_topk_prob=c.norm_topk_prob,
+            )
+        else:
+            mlp = dense_mlp(c.intermediate_size)
+        layers.append(LayerWeights(
+            input_norm=new("norm", h),
+            qkv=new("weight", c.qkv_size, h),
+            qkv_bias=new("bias", c.qkv_size) if c.qkv_bias else None,
+            o=new("weight", h, c.num_attention_heads * d),
+            post_attention_norm=new("norm", h),
+            mlp=mlp,
+        ))
+    embed = new("weight", c.vocab_size, h)
+    lm_head = embed if c.tie_word_embeddings else new("weight", c.vocab_size, h)
+    return ModelWeights(embed=embed, layers=layers, final_norm=new("norm", h), lm_head=lm_head)
+
+
+def random_weights(config: Qwen2Config, device, dtype, seed: int = 0, std: float = 0.02) -> ModelWeights:
+    """Deterministic random weights made straight on `device` (no host copy): N(0, std) matrices, norms near
+    1 and biases near 0 (perturbed so that they matter)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+
+    def fill(t, kind):
+        if kind == "weight":
+            t.normal_(0.0, std, generator=gen)
+        elif kind == "norm":
+            t.normal_(1.0, 0.1, generator=gen)
+        else:
+            t.normal_(0.0, 0.1, generator=gen)
+
+    return allocate_weights(config, device, dtype, fill)
+
+
+class Qwen2Model:
+    """The forward pass. `forward` maps this step's tokens to final hidden states [T, H]; `compute_logits` maps
+    chosen rows to logits."""
+
+    def __init__(self, config: Qwen2Config, weights: ModelWeights, backend: Backend, rope: RotaryTables):
+        self.config = config
+        self.weights = weights
+        self.backend = backend
+        self.rope = rope
+        self.attention_shape = AttentionShape(
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            scale=config.head_dim ** -0.5,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.embed.dtype
+
+    def forward(self, token_ids: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """token_ids [T] int64 -> final-normed hidden states [T, H]."""
+        be, w, eps = self.backend, self.weights, self.config.rms_norm_eps
+        x = F.embedding(token_ids, w.embed)
+        residual = None
+        for layer, (k_cache, v_cache) in zip(w.layers, kv_caches):
+            if residual is None:
+                residual = x
+                h = be.rms_norm(x, layer.input_norm, eps)
+            else:
+                h, residual = be.add_rms_norm(x, residual, layer.input_norm, eps)
+            qkv = be.linear(h, layer.qkv, layer.qkv_bias)
+            attn = be.attention(qkv, k_cache, v_cache, self.rope, meta, self.attention_shape)
+            x = be.linear(attn, layer.o)
+            h, residual = be.add_rms_norm(x, residual, layer.post_attention_norm, eps)
+            if isinstance(layer.mlp, MoEWeights):
+                x = be.moe(h, layer.mlp)
+            else:
+                x = be.linear(be.silu_and_mul(be.linear(h, layer.mlp.gate_up)), layer.mlp.down)
+        h, _ = be.add_rms_norm(x, residual, w.final_norm, eps)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> float32 logits [N, V]."""
+        return self.backend.linear(hidden, self.weights.lm_head).float()

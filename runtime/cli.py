@@ -1,0 +1,161 @@
+"""Command line: `python -m qwen2rt generate | chat | info`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+DEFAULT_MODEL = "tiny"
+DEFAULT_PROMPT = "The quick brown fox"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help=f"checkpoint folder or built-in name (default: {DEFAULT_MODEL}, random weights)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--backend", default=None, help="torch or triton (default: triton on CUDA, torch on CPU)")
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed for random weights and sampling")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--presence-penalty", type=float, default=None)
+    p.add_argument("--frequency-penalty", type=float, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--stop-token-id", type=int, action="append", default=None, dest="stop_token_ids")
+    p.add_argument("--ignore-eos", action="store_true", default=None)
+    p.add_argument("--request-seed", type=int, default=None, help="per-request sampling seed")
+
+
+def _sampling_params(args):
+    from qwen2rt import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, stop=args.stop, stop_token_ids=args.stop_token_ids,
+        ignore_eos=args.ignore_eos, seed=args.request_seed)
+
+
+def _load(args):
+    from qwen2rt import LLM
+
+    # With no --model this is the built-in default shape; LLM logs the one line saying its weights are random.
+    model = args.model or DEFAULT_MODEL
+    return LLM(model, device=args.device, dtype=args.dtype, backend=args.backend, max_seq_len=args.max_seq_len,
+               seed=args.seed)
+
+
+def cmd_generate(args) -> int:
+    params = _sampling_params(args)
+    llm = _load(args)
+    prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    start = time.perf_counter()
+    pieces = 0
+    for piece in llm.stream(prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        pieces += 1
+    sys.stdout.write("\n")
+    print(f"[qwen2rt] {llm.model_name} on {llm.device} ({llm.dtype}, backend {llm.backend.name}): "
+          f"{time.perf_counter() - start:.2f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    params = _sampling_params(args)
+    llm = _load(args)
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        sys.stdout.write("assistant> ")
+        reply = []
+        for piece in llm.stream(prompt, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            reply.append(piece)
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_info(args) -> int:
+    from qwen2rt.models.config import BUILTIN_CONFIGS, builtin_config, load_config
+
+    model = args.model or DEFAULT_MODEL
+    if model in BUILTIN_CONFIGS:
+        config = builtin_config(model)
+    elif os.path.isdir(model):
+        config = load_config(model)
+    else:
+        print(f"error: {model!r} is neither a checkpoint folder nor a built-in name "
+              f"({', '.join(sorted(BUILTIN_CONFIGS))})", file=sys.stderr)
+        return 2
+    params = config.parameter_count()
+    info = {
+        "model": model,
+        "config": config.to_dict(),
+        "parameters": params,
+        "bytes_read_per_token_bf16": config.bytes_per_token(2),
+        "bytes_read_per_token_fp32": config.bytes_per_token(4),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model: {model} ({config.architecture})")
+    for key, value in config.to_dict().items():
+        print(f"  {key}: {value}")
+    print(f"parameters: {params:,} ({params / 1e9:.2f} B)")
+    print(f"bytes read per decoded token (batch 1): bf16 {info['bytes_read_per_token_bf16'] / 1e9:.3f} GB, "
+          f"fp32 {info['bytes_read_per_token_fp32'] / 1e9:.3f} GB")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="qwen2rt", description="Qwen2 inference runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="stream a completion of --prompt to stdout")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.add_argument("--prompt", default=None, help=f"default: {DEFAULT_PROMPT!r}")
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat with the checkpoint's chat template (one line per turn)")
+    _add_model_args(c)
+    _add_sampling_args(c)
+    c.add_argument("--system", default=None, help="system message")
+    c.set_defaults(func=cmd_chat)
+    i = sub.add_parser("info", help="config, parameter count and bytes read per decoded token")
+    i.add_argument("--model", default=None)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

