@@ -143,9 +143,10 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     drop = rank >= k[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
-    # top-p: drop a token when the mass before it already reaches top_p (the top token always stays)
+    # top-p: drop a token when the mass before it already reaches top_p (the top token always stays); rows with
+    # top_p = 1 keep everything, whatever the rounding of the cumulative sum
     mass_before = torch.cumsum(probs, dim=-1) - probs
-    drop = drop | (mass_before >= top_p[:, None])
+    drop = drop | ((mass_before >= top_p[:, None]) & (top_p[:, None] < 1))
     # min-p: drop tokens below min_p times the top token's probability
     drop = drop | (probs < min_p[:, None] * probs[:, :1])
     drop[:, 0] = False

@@ -1,0 +1,218 @@
+"""The Python API: prompt forms, streaming, chat, stop conditions, limits, bad input (and the engine still working
+after it), waiting for cache space, threads, cancellation."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from qwen2rt import LLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(real_tok_dir):
+    return LLM(real_tok_dir, device="cpu", max_seq_len=128, max_batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return LLM("tiny", device="cpu", max_seq_len=256, max_batch_size=4)
+
+
+def test_defaults_and_generation_config(llm):
+    assert llm.device.type == "cpu" and llm.dtype == torch.float32 and llm.backend.name == "torch"
+    assert llm.max_seq_len == 128
+    assert llm.generation_defaults == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    assert {151645, 151643} <= llm.eos_token_ids
+
+
+def test_prompt_forms(llm):
+    ids = llm.tokenizer.encode("Hello there")
+    outs = llm.generate("Hello there", GREEDY)
+    assert len(outs) == 1 and outs[0].prompt_token_ids == ids and outs[0].prompt_len == len(ids)
+    assert llm.generate(ids, GREEDY)[0].token_ids == outs[0].token_ids
+    many = llm.generate(["Hello there", "Guten Tag", "你好"], GREEDY)
+    assert [o.prompt for o in many] == ["Hello there", "Guten Tag", "你好"]
+    assert many[0].token_ids == outs[0].token_ids
+    lists = llm.generate([ids, llm.tokenizer.encode("Guten Tag")], GREEDY)
+    assert [o.token_ids for o in lists] == [o.token_ids for o in many[:2]]
+    o = outs[0]
+    assert o.finish_reason == "length" and len(o.token_ids) == 24
+    assert o.text == llm.tokenizer.decode(o.token_ids)
+    assert o.time_to_first_token_s > 0 and o.decode_tokens_per_s > 0
+
+
+def test_stream_equals_generate(llm):
+    for prompt in ("Once upon a time", "Größe und 你好 👋"):
+        for params in (GREEDY, SamplingParams(max_tokens=30, temperature=1.0, seed=3, ignore_eos=True)):
+            text = llm.generate(prompt, params)[0].text
+            pieces = list(llm.stream(prompt, params))
+            # (a random model emits stray byte tokens, so U+FFFD may be part of the text itself; the tokenizer
+            # tests check on real text that no piece splits a character)
+            assert len(pieces) > 1 and "".join(pieces) == text
+
+
+def test_chat_uses_the_template(llm):
+    messages = [{"role": "user", "content": "Hi!"}]
+    out = llm.chat(messages, GREEDY)
+    expected = llm.tokenizer.encode("<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n")
+    assert out.prompt_token_ids == expected
+
+
+def test_stop_strings(llm):
+    base = llm.generate("Tell me a story", GREEDY)[0]
+    assert len(base.text) > 12
+    stop = base.text[8:11]
+    cut = base.text.find(stop)
+    out = llm.generate("Tell me a story", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.text == base.text[:cut]
+    assert out.token_ids == base.token_ids[: len(out.token_ids)]
+    streamed = "".join(llm.stream("Tell me a story",
+                                  SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=stop)))
+    assert streamed == out.text
+
+
+def test_stop_token_ids_and_eos(llm):
+    base = llm.generate("abc", GREEDY)[0]
+    stop_id = base.token_ids[5]
+    first = base.token_ids.index(stop_id)
+    out = llm.generate("abc", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                             stop_token_ids=[stop_id]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == base.token_ids[: first + 1]
+    assert out.text == llm.tokenizer.decode(base.token_ids[:first])  # the stop token's text is not included
+
+
+def test_eos_ends_generation_unless_ignored(llm):
+    base = llm.generate("hello", GREEDY)[0]
+    eos = base.token_ids[3]
+    saved = llm.eos_token_ids
+    llm.eos_token_ids = frozenset({eos})  # pretend the 4th greedy token is the checkpoint's eos
+    try:
+        out = llm.generate("hello", SamplingParams(max_tokens=24, temperature=0))[0]
+        assert out.finish_reason == "stop" and out.token_ids == base.token_ids[: base.token_ids.index(eos) + 1]
+        out = llm.generate("hello", GREEDY)[0]
+        assert out.finish_reason == "length" and out.token_ids == base.token_ids
+    finally:
+        llm.eos_token_ids = saved
+
+
+def test_context_limit(tiny):
+    with pytest.raises(ValueError, match="prompt has 256 tokens but the context holds 256"):
+        tiny.generate([[1] * 256], GREEDY)
+    out = tiny.generate([[1] * 250], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 6  # stopped by the context, not max_tokens
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(tiny):
+    p = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = tiny.generate("abc", p)[0].token_ids
+    batched = tiny.generate(["xyz", "abc", "hello world"], p)
+    assert batched[1].token_ids == alone
+    other = tiny.generate("abc", SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=99,
+                                                ignore_eos=True))[0].token_ids
+    assert other != alone
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: m.generate(""), "prompt is empty"),
+    (lambda m: m.generate([]), "prompts is empty"),
+    (lambda m: m.generate([[1, 2, 99999]]), "token id 99999 is outside the vocabulary"),
+    (lambda m: m.generate([[1, -1]]), "token id -1"),
+    (lambda m: m.generate(123), "prompts must be"),
+    (lambda m: m.generate("hi", {"temperature": 0}), "params must be a SamplingParams"),
+    (lambda m: m.generate("hi", SamplingParams(max_tokens=10_000)), None),  # capped by the context: fine
+    (lambda m: m.logits([]), "prompt is empty"),
+    (lambda m: m.chat([]), "non-empty list"),
+])
+def test_bad_input_then_engine_still_works(tiny, call, match):
+    before = tiny.generate("abc", GREEDY)[0].token_ids
+    free = tiny.kv_cache.num_free_blocks
+    if match is None:
+        call(tiny)
+    else:
+        with pytest.raises(ValueError, match=match):
+            call(tiny)
+    assert tiny.kv_cache.num_free_blocks == free
+    assert tiny.generate("abc", GREEDY)[0].token_ids == before
+
+
+def test_request_larger_than_the_cache_is_an_error():
+    small = LLM("tiny", device="cpu", max_seq_len=256, num_kv_blocks=4, block_size=16)
+    with pytest.raises(ValueError, match="needs 7 KV cache blocks .* holds 4"):
+        small.generate("a" * 90, SamplingParams(max_tokens=10))
+    assert len(small.generate("a" * 40, SamplingParams(max_tokens=10, ignore_eos=True))[0].token_ids) == 10
+
+
+def test_requests_wait_when_the_cache_is_full(tiny):
+    small = LLM("tiny", device="cpu", max_seq_len=256, num_kv_blocks=3, block_size=16, max_batch_size=8)
+    prompts = ["first prompt", "second", "a third, longer prompt"]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)  # 2 blocks each: one at a time
+    together = small.generate(prompts, params)
+    assert [o.token_ids for o in together] == [tiny.generate(p, params)[0].token_ids for p in prompts]
+    assert small.kv_cache.num_free_blocks == 3
+
+
+def test_threads_generate_what_they_generate_alone(tiny):
+    prompts = [f"thread {i} says" + "!" * i for i in range(6)]
+    expected = [tiny.generate(p, GREEDY)[0].token_ids for p in prompts]
+    results = [None] * len(prompts)
+
+    def run(i):
+        results[i] = tiny.generate(prompts[i], GREEDY)[0].token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == expected
+    assert tiny.kv_cache.num_free_blocks == tiny.kv_cache.num_blocks
+
+
+def test_cancelling_a_stream_frees_its_blocks(tiny):
+    free = tiny.kv_cache.num_free_blocks
+    it = tiny.stream("cancel me", SamplingParams(max_tokens=200, temperature=1.0, ignore_eos=True))
+    next(it)
+    assert tiny.kv_cache.num_free_blocks < free
+    it.close()
+    assert tiny.kv_cache.num_free_blocks == free
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dtype="int8"), "dtype 'int8' is not supported"),
+    (dict(backend="cuda-magic"), "unknown backend 'cuda-magic'"),
+    (dict(max_seq_len=10**9), "max_seq_len"),
+    (dict(max_batch_size=0), "max_batch_size"),
+    (dict(num_kv_blocks=0), "num_kv_blocks"),
+    (dict(seed=-1), "seed"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LLM("tiny", device="cpu", **kwargs)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="neither a checkpoint folder nor a built-in name"):
+        LLM("qwen9-1t", device="cpu")
+
+
+def test_folder_without_tokenizer(hf_checkpoints):
+    path, hf = hf_checkpoints["dense_gqa"]
+    m = LLM(path, device="cpu", max_seq_len=64)
+    with pytest.raises(ValueError, match="ships no tokenizer.json"):
+        m.generate("text")
+    out = m.generate([[1, 2, 3]], GREEDY)[0]
+    assert out.text is None and len(out.token_ids) == 24
+
+
+def test_builtin_weights_are_deterministic_per_seed():
+    a = LLM("tiny-moe", device="cpu", seed=3)
+    b = LLM("tiny-moe", device="cpu", seed=3)
+    c = LLM("tiny-moe", device="cpu", seed=4)
+    ids = list(range(1, 30))
+    torch.testing.assert_close(a.logits(ids), b.logits(ids), rtol=0, atol=0)
+    assert not torch.allclose(a.logits(ids), c.logits(ids))

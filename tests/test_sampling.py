@@ -1,0 +1,119 @@
+"""SamplingParams validation and defaults; the sampler's filters and penalties against Hugging Face's logits
+processors; the draw against the distribution it samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen2rt import SamplingParams
+from qwen2rt.sampling import apply_penalties, defaults_from_generation_config, filter_logits, sample
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", 0), ("max_tokens", 2.5), ("temperature", -0.1), ("temperature", float("nan")),
+    ("top_k", -2), ("top_k", 1.5), ("top_p", 0.0), ("top_p", 1.01), ("min_p", -0.1), ("min_p", 2),
+    ("repetition_penalty", 0.0), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("stop", ""),
+    ("stop", ["ok", ""]), ("stop_token_ids", [-1]), ("stop_token_ids", ["a"]), ("ignore_eos", 1),
+    ("seed", -5), ("seed", "x"),
+])
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**{field: value})
+
+
+def test_unknown_field_is_an_error():
+    with pytest.raises(TypeError, match="tempreature"):
+        SamplingParams(tempreature=0.5)
+
+
+def test_generation_config_defaults_unless_overridden():
+    # Qwen2-7B-Instruct's generation_config.json
+    gc = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+          "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
+          "transformers_version": "4.37.0"}
+    defaults = defaults_from_generation_config(gc)
+    p = SamplingParams(top_p=0.5, max_tokens=3).resolved(defaults)
+    assert (p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.max_tokens) == (0.7, 20, 0.5, 1.05, 3)
+    assert SamplingParams(temperature=0).resolved(defaults).greedy
+    base = defaults_from_generation_config({"do_sample": False, "max_new_tokens": 2048})
+    q = SamplingParams().resolved(base)
+    assert q.greedy and q.max_tokens == 2048 and q.top_p == 1.0 and q.stop == ()
+
+
+def hf_filtered(logits, temperature, top_k, top_p, min_p):
+    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    x = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k > 0:
+        x = TopKLogitsWarper(top_k)(None, x)
+    if top_p < 1:
+        x = TopPLogitsWarper(top_p)(None, x)
+    if min_p > 0:
+        x = MinPLogitsWarper(min_p)(None, x)
+    return torch.softmax(x, dim=-1)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [
+    (1.0, 0, 1.0, 0.0), (0.7, 20, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (0.5, 0, 1.0, 0.1), (0.9, 40, 0.9, 0.05),
+    (1.0, 1, 1.0, 0.0), (2.0, 0, 0.3, 0.0), (1.0, 1000, 1.0, 0.0),
+])
+def test_filters_match_hf(temperature, top_k, top_p, min_p):
+    torch.manual_seed(top_k + int(100 * top_p))
+    logits = torch.randn(5, 313) * 3
+    ours = filter_logits(logits, torch.full((5,), temperature), torch.full((5,), top_k), torch.full((5,), top_p),
+                         torch.full((5,), min_p))
+    ref = hf_filtered(logits, temperature, top_k, top_p, min_p)
+    assert torch.equal(ours > 0, ref > 0)  # same kept set
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_per_row_parameters_are_independent():
+    logits = torch.randn(3, 50)
+    probs = filter_logits(logits, torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1, 0, 5]), torch.tensor([1.0, 1.0, 1.0]),
+                          torch.tensor([0.0, 0.0, 0.0]))
+    assert (probs[0] > 0).sum() == 1 and (probs[1] > 0).sum() == 50 and (probs[2] > 0).sum() == 5
+
+
+def test_repetition_penalty_matches_hf():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(2, 100)
+    prompt, output = [3, 7, 7, 99], [12, 3, 50]
+    p = SamplingParams(repetition_penalty=1.3).resolved()
+    ours = logits.clone()
+    apply_penalties(ours, [p, p], [(prompt, output), (prompt, output)])
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + output] * 2), logits.clone())
+    torch.testing.assert_close(ours, ref)
+
+
+def test_presence_and_frequency_penalties_on_output_only():
+    logits = torch.zeros(1, 10)
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25).resolved()
+    apply_penalties(logits, [p], [([1, 2], [2, 2, 5])])
+    expected = torch.zeros(10)
+    expected[2] = -(0.5 + 2 * 0.25)
+    expected[5] = -(0.5 + 0.25)
+    torch.testing.assert_close(logits[0], expected)
+
+
+def test_draws_follow_the_distribution():
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    logits = probs.log()[None].repeat(4000, 1)
+    p = SamplingParams(temperature=1.0).resolved()
+    gen = torch.Generator().manual_seed(0)
+    tokens = sample(logits, [p] * 4000, [([], [])] * 4000, [gen] * 4000)
+    freq = torch.bincount(tokens, minlength=4).float() / 4000
+    assert (freq - probs).abs().max() < 0.03  # ~4 standard errors at n=4000
+
+
+def test_greedy_ignores_generators_and_seeded_rows_are_reproducible():
+    logits = torch.randn(3, 64)
+    greedy = SamplingParams(temperature=0).resolved()
+    hot = SamplingParams(temperature=1.0).resolved()
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    out = sample(logits, [greedy, hot, hot], [([], [])] * 3, gens)
+    assert out[0] == logits[0].argmax()
+    again = sample(logits[1:2], [hot], [([], [])], [torch.Generator().manual_seed(2)])
+    assert again[0] == out[1]
