@@ -160,6 +160,8 @@ class TorchBackend(Backend):
     """Reference implementation: plain PyTorch, CPU or GPU, fp32 accumulation where it matters."""
 
     name = "torch"
+    # prefill attends in query chunks so that the fp32 score matrix stays ~256 MB whatever the prompt length
+    max_score_elements = 1 << 26
 
     def rms_norm(self, x, weight, eps):
         # Same order as Hugging Face's Qwen2RMSNorm: normalise in fp32, cast back, then scale.
@@ -186,11 +188,14 @@ class TorchBackend(Backend):
             out = torch.empty_like(q)
             starts = meta.query_start.tolist()
             for b, (qlen, ctx) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
-                rows = slice(starts[b], starts[b] + qlen)
                 kb = gather_kv(k_cache, meta.block_tables[b], ctx)[None]
                 vb = gather_kv(v_cache, meta.block_tables[b], ctx)[None]
-                q_pos = torch.arange(ctx - qlen, ctx, device=q.device)[None]
-                out[rows] = attention_reference(q[rows][None], kb, vb, shape.scale, q_pos)[0]
+                chunk = max(1, self.max_score_elements // (hq * ctx))
+                for c0 in range(0, qlen, chunk):
+                    c1 = min(qlen, c0 + chunk)
+                    q_pos = torch.arange(ctx - qlen + c0, ctx - qlen + c1, device=q.device)[None]
+                    out[starts[b] + c0:starts[b] + c1] = attention_reference(
+                        q[starts[b] + c0:starts[b] + c1][None], kb, vb, shape.scale, q_pos)[0]
             return out.reshape(-1, hq * d)
         # decode: one token per sequence; gather every sequence's blocks up to the longest context
         block_size = k_cache.shape[1]

@@ -49,6 +49,14 @@ def test_logits_match_hf(name, hf_checkpoints, engines):
         assert rel_err(ours, hf_logits(hf, ids)) < 1e-4
 
 
+def test_prefill_in_query_chunks_matches_hf(hf_checkpoints):
+    path, hf = hf_checkpoints["dense_gqa"]
+    llm = LLM(path, device="cpu", dtype="float32", max_seq_len=256)
+    llm.backend.max_score_elements = 4 * 40 * 3  # 4 heads: chunks of 3 rows, then 2, then 1 as the context grows
+    ids = random_prompt(50, hf.config.vocab_size, 8)
+    assert rel_err(llm.logits(ids), hf_logits(hf, ids)) < 1e-4
+
+
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
 def test_greedy_generation_matches_hf(name, hf_checkpoints, engines):
     _, hf = hf_checkpoints[name]
