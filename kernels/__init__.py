@@ -1,3 +1,19 @@
-"""qwen2rt.kernels: Triton kernels, each file with its launcher and PyTorch reference (see the kernel issues).
+"""qwen2rt.kernels: Triton kernels, one op per file, each with its launcher and its PyTorch reference.
 
-Empty in the foundation: the model runs on the pure-PyTorch backend in qwen2rt.models.backend."""
+Without CUDA the kernels run through the Triton interpreter (slow; for tests at small shapes). The choice is made
+when a kernel is defined, so it is set here, before any kernel module is imported.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .rmsnorm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
+from .rope_attention import decode_attention, paged_attention_ref, prefill_attention  # noqa: E402
+from .swiglu import silu_and_mul, silu_and_mul_ref  # noqa: E402
+
+__all__ = ["rms_norm", "rms_norm_ref", "add_rms_norm", "add_rms_norm_ref", "silu_and_mul", "silu_and_mul_ref",
+           "prefill_attention", "decode_attention", "paged_attention_ref"]

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from qwen2rt import kernels
+
 from .rope import RotaryTables
 
 
@@ -32,8 +34,7 @@ class AttentionMetadata:
                               0 marks a padding row
     query_start:   [B + 1] int32  prefill only: new tokens of sequence b are rows query_start[b]:query_start[b+1]
     is_prefill:    prefill (any number of new tokens per sequence) or decode (exactly one per sequence, row b)
-    max_seq_len:   host int, the largest entry of seq_lens (bounds the torch backend's gathers)
-    query_lens_host, seq_lens_host: host copies for loops in the torch backend (prefill only)
+    query_lens_host: prefill only, host copy of the new-token counts (sizes the prefill grid)
     """
 
     positions: torch.Tensor
@@ -41,10 +42,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
     is_prefill: bool
-    max_seq_len: int
     query_start: torch.Tensor | None = None
     query_lens_host: list[int] | None = None
-    seq_lens_host: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -100,115 +99,35 @@ class Backend:
         raise NotImplementedError
 
 
-# ---- pure PyTorch ----------------------------------------------------------------------------------------------
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D], cos/sin [T, D/2] float32 -> rotated x, computed in fp32, in x's dtype."""
-    xf = x.float()
-    half = x.shape[-1] // 2
-    x1, x2 = xf[..., :half], xf[..., half:]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
-
-def split_qkv_rotated(qkv, rope: RotaryTables, positions, shape: AttentionShape):
-    hq, hkv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
-    t = qkv.shape[0]
-    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-    cos, sin = rope.cos[positions], rope.sin[positions]
-    q = apply_rotary(q.reshape(t, hq, d), cos, sin)
-    k = apply_rotary(k.reshape(t, hkv, d), cos, sin)
-    return q, k, v.reshape(t, hkv, d)
-
-
-def write_kv(k_cache, v_cache, k, v, slot_mapping):
-    """Scatter new k/v [T, Hkv, D] into the paged cache; slot -1 writes nothing."""
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    flat_k[slots] = k[valid].to(k_cache.dtype)
-    flat_v[slots] = v[valid].to(v_cache.dtype)
-
-
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` cached rows of one sequence -> [length, Hkv, D]."""
-    block_size = cache.shape[1]
-    blocks = block_table[: (length + block_size - 1) // block_size].long()
-    return cache[blocks].reshape(-1, *cache.shape[2:])[:length]
-
-
-def attention_reference(q, k, v, scale: float, q_positions: torch.Tensor, kv_valid: torch.Tensor | None = None):
-    """Causal GQA attention in fp32. q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D]; key j is visible to query i when
-    j <= q_positions[b, i] (and kv_valid[b, j]). Rows that see no key get 0. -> [B, Tq, Hq, D] in q's dtype."""
-    b, tq, hq, d = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
-    group = hq // hkv
-    qf = q.float().reshape(b, tq, hkv, group, d)
-    scores = torch.einsum("bqhgd,bkhd->bhgqk", qf, k.float()) * scale
-    visible = torch.arange(tk, device=q.device)[None, None, :] <= q_positions[:, :, None]  # [B, Tq, Tk]
-    if kv_valid is not None:
-        visible = visible & kv_valid[:, None, :]
-    visible = visible[:, None, None]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
-    out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v.float())
-    return out.reshape(b, tq, hq, d).to(q.dtype)
-
+# ---- implementations ---------------------------------------------------------------------------------------------
 
 class TorchBackend(Backend):
-    """Reference implementation: plain PyTorch, CPU or GPU, fp32 accumulation where it matters."""
+    """Pure PyTorch, CPU or GPU: the kernels' references (qwen2rt.kernels.*_ref), fp32 accumulation where it
+    matters. Reads host copies of lengths, so it is never captured in a CUDA graph."""
 
     name = "torch"
     # prefill attends in query chunks so that the fp32 score matrix stays ~256 MB whatever the prompt length
     max_score_elements = 1 << 26
 
     def rms_norm(self, x, weight, eps):
-        # Same order as Hugging Face's Qwen2RMSNorm: normalise in fp32, cast back, then scale.
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * y.to(x.dtype)
+        return kernels.rms_norm_ref(x, weight, eps)
 
     def add_rms_norm(self, x, residual, weight, eps):
-        residual = x + residual
-        return self.rms_norm(residual, weight, eps), residual
+        return kernels.add_rms_norm_ref(x, residual, weight, eps)
 
     def silu_and_mul(self, gate_up):
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return kernels.silu_and_mul_ref(gate_up)
 
     def linear(self, x, weight, bias=None):
         return F.linear(x, weight, bias)
 
     def attention(self, qkv, k_cache, v_cache, rope, meta, shape):
-        q, k, v = split_qkv_rotated(qkv, rope, meta.positions, shape)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        hq, d = shape.num_heads, shape.head_dim
-        if meta.is_prefill:
-            out = torch.empty_like(q)
-            starts = meta.query_start.tolist()
-            for b, (qlen, ctx) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
-                kb = gather_kv(k_cache, meta.block_tables[b], ctx)[None]
-                vb = gather_kv(v_cache, meta.block_tables[b], ctx)[None]
-                chunk = max(1, self.max_score_elements // (hq * ctx))
-                for c0 in range(0, qlen, chunk):
-                    c1 = min(qlen, c0 + chunk)
-                    q_pos = torch.arange(ctx - qlen + c0, ctx - qlen + c1, device=q.device)[None]
-                    out[starts[b] + c0:starts[b] + c1] = attention_reference(
-                        q[starts[b] + c0:starts[b] + c1][None], kb, vb, shape.scale, q_pos)[0]
-            return out.reshape(-1, hq * d)
-        # decode: one token per sequence; gather every sequence's blocks up to the longest context
-        block_size = k_cache.shape[1]
-        width = max(1, (meta.max_seq_len + block_size - 1) // block_size)
-        blocks = meta.block_tables[:, :width].long()
-        bsz = blocks.shape[0]
-        kb = k_cache[blocks].reshape(bsz, width * block_size, *k_cache.shape[2:])
-        vb = v_cache[blocks].reshape(bsz, width * block_size, *v_cache.shape[2:])
-        seq_lens = meta.seq_lens.long()
-        kv_valid = torch.arange(width * block_size, device=q.device)[None, :] < seq_lens[:, None]
-        q_pos = (seq_lens - 1)[:, None]
-        out = attention_reference(q[:, None], kb, vb, shape.scale, q_pos, kv_valid)
-        return out.reshape(bsz, hq * d)
+        query_start = meta.query_start
+        if query_start is None:  # decode: row b is sequence b
+            query_start = torch.arange(qkv.shape[0] + 1, device=qkv.device)
+        return kernels.paged_attention_ref(
+            qkv, k_cache, v_cache, rope.cos, rope.sin, meta.positions, meta.slot_mapping, meta.block_tables,
+            meta.seq_lens, query_start, shape.num_heads, shape.num_kv_heads, shape.scale, self.max_score_elements)
 
     def moe(self, x, w):
         num_experts = w.router.shape[0]
@@ -233,7 +152,31 @@ class TorchBackend(Backend):
         return out
 
 
-BACKENDS: dict[str, Callable[[], Backend]] = {"torch": TorchBackend}
+class TritonBackend(TorchBackend):
+    """Triton kernels for RMSNorm, SwiGLU and RoPE-attention; dense projections stay torch matmuls and the MoE
+    block the torch reference until their kernels land. On CPU the kernels run through the Triton interpreter."""
+
+    name = "triton"
+
+    def rms_norm(self, x, weight, eps):
+        return kernels.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return kernels.add_rms_norm(x, residual, weight, eps)
+
+    def silu_and_mul(self, gate_up):
+        return kernels.silu_and_mul(gate_up)
+
+    def attention(self, qkv, k_cache, v_cache, rope, meta, shape):
+        args = (qkv, k_cache, v_cache, rope.cos, rope.sin, meta.positions, meta.slot_mapping, meta.block_tables,
+                meta.seq_lens)
+        if meta.is_prefill:
+            return kernels.prefill_attention(*args, meta.query_start, max(meta.query_lens_host), shape.num_heads,
+                                             shape.num_kv_heads, shape.scale)
+        return kernels.decode_attention(*args, shape.num_heads, shape.num_kv_heads, shape.scale)
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {"torch": TorchBackend, "triton": TritonBackend}
 
 
 def register_backend(name: str, factory: Callable[[], Backend]) -> None:
@@ -247,5 +190,5 @@ def get_backend(name: str) -> Backend:
 
 
 def default_backend_name(device: torch.device) -> str:
-    """`triton` on CUDA once the Triton backend is registered, `torch` otherwise."""
-    return "triton" if device.type == "cuda" and "triton" in BACKENDS else "torch"
+    """`triton` on CUDA, `torch` on CPU (where Triton only runs through its slow interpreter)."""
+    return "triton" if device.type == "cuda" else "torch"

@@ -197,10 +197,8 @@ class Engine:
             block_tables=self._block_tables(seqs),
             seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
             is_prefill=True,
-            max_seq_len=max(lens),
             query_start=torch.tensor(starts, dtype=torch.int32, device=dev),
             query_lens_host=lens,
-            seq_lens_host=lens,
         )
         last = torch.tensor(starts[1:], device=dev) - 1
         return torch.tensor(ids, dtype=torch.long, device=dev), meta, last
@@ -215,7 +213,6 @@ class Engine:
             block_tables=self._block_tables(seqs),
             seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=dev),
             is_prefill=False,
-            max_seq_len=max(positions) + 1,
         )
         ids = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long, device=dev)
         return ids, meta

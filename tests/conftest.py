@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-DENSE = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+DENSE = dict(vocab_size=320, hidden_size=128, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, initializer_range=0.05,
              rope_theta=10000.0)
 MOE = dict(DENSE, num_hidden_layers=4, moe_intermediate_size=40, shared_expert_intermediate_size=72, num_experts=7,

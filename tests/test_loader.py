@@ -74,14 +74,14 @@ def test_unexpected_tensor(hf_checkpoints, tmp_path):
 
 def test_misshaped_tensor(hf_checkpoints, tmp_path):
     path = copy(hf_checkpoints["dense_gqa"][0], tmp_path / "c")
-    rewrite_single(path, lambda t: t.update({"model.norm.weight": torch.randn(63)}))
-    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight'.*shape \[63\], expected \[64\]"):
+    rewrite_single(path, lambda t: t.update({"model.norm.weight": torch.randn(127)}))
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight'.*shape \[127\], expected \[128\]"):
         LLM(path, device="cpu")
 
 
 def test_non_float_tensor(hf_checkpoints, tmp_path):
     path = copy(hf_checkpoints["dense_gqa"][0], tmp_path / "c")
-    rewrite_single(path, lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int8)}))
+    rewrite_single(path, lambda t: t.update({"model.norm.weight": torch.ones(128, dtype=torch.int8)}))
     with pytest.raises(CheckpointError, match=r"'model\.norm\.weight'.*dtype I8"):
         LLM(path, device="cpu")
 

@@ -90,3 +90,15 @@ def test_scaled_rope_matches_hf(rope_extra, max_pos, tmp_path):
     llm = LLM(path, device="cpu", dtype="float32", max_seq_len=max_pos, max_batch_size=1)
     ids = random_prompt(60, hf.config.vocab_size, 4)  # beyond original_max_position_embeddings
     assert rel_err(llm.logits(ids), hf_logits(hf, ids)) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["dense_gqa", "dense_tied_mha_sharded", "moe_renorm"])
+def test_triton_backend_matches_hf(name, hf_checkpoints):
+    """The Triton kernels (through the interpreter on CPU) inside the whole model."""
+    path, hf = hf_checkpoints[name]
+    llm = LLM(path, dtype="float32", backend="triton", max_seq_len=128, max_batch_size=2)
+    assert llm.backend.name == "triton"
+    ids = random_prompt(45, hf.config.vocab_size, 2)
+    assert rel_err(llm.logits(ids).cpu(), hf_logits(hf, ids)) < 1e-4
+    prompt = random_prompt(11, hf.config.vocab_size, 3)
+    assert llm.generate([prompt], GREEDY)[0].token_ids == hf_greedy(hf, prompt, 40)

@@ -1,0 +1,123 @@
+"""RMSNorm and the fused residual-add + RMSNorm, one program per row, one pass over memory.
+
+    rms_norm(x, w, eps)              y = w * (x * rsqrt(mean(x^2) + eps))
+    add_rms_norm(x, residual, w, eps) r = x + residual;  y = rms_norm(r)  -> (y, r)
+
+Numerics follow Hugging Face's Qwen2RMSNorm: the sum of squares in fp32, the normalised row rounded to the input
+dtype, then multiplied by the weight. In the fused form the residual sum is rounded to the input dtype before it
+is normalised, exactly as the unfused model computes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# ---- reference --------------------------------------------------------------------------------------------------
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    residual = x + residual
+    return rms_norm_ref(residual, weight, eps), residual
+
+
+# ---- kernel -----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _rms_norm_kernel(
+    # pointers
+    p_x, p_res, p_w, p_y, p_res_out,
+    # sizes
+    n_cols, eps,
+    # strides (rows; columns are contiguous)
+    s_x, s_res, s_y, s_res_out,
+    # meta-parameters
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    i_row = tl.program_id(0).to(tl.int64)
+    o_col = tl.arange(0, BLOCK)
+    m_col = o_col < n_cols
+    b_x = tl.load(p_x + i_row * s_x + o_col, mask=m_col, other=0.0)
+    if HAS_RESIDUAL:
+        b_res = tl.load(p_res + i_row * s_res + o_col, mask=m_col, other=0.0)
+        b_x = (b_x.to(tl.float32) + b_res.to(tl.float32)).to(p_x.dtype.element_ty)
+        tl.store(p_res_out + i_row * s_res_out + o_col, b_x, mask=m_col)
+    b_xf = b_x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(b_xf * b_xf, axis=0) / n_cols + eps)
+    b_w = tl.load(p_w + o_col, mask=m_col, other=0.0).to(tl.float32)
+    # round the normalised row to the input dtype, then scale in fp32 and round again: torch's low-precision
+    # multiply does the same (and the Triton interpreter cannot multiply bf16 values directly)
+    b_y = (b_xf * rstd).to(p_x.dtype.element_ty).to(tl.float32) * b_w
+    tl.store(p_y + i_row * s_y + o_col, b_y.to(p_y.dtype.element_ty), mask=m_col)
+
+
+def _launch_config(n_cols: int) -> tuple[int, int]:
+    """Whole row in one block; about 8 elements per thread, 1 to 16 warps."""
+    block = triton.next_power_of_2(n_cols)
+    return block, min(16, max(1, block // 256))
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, name: str = "x"):
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must be [{x.shape[-1]}], got {list(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device}, {name} on {x.device}")
+    if x.shape[-1] > 65536:
+        raise ValueError(f"hidden size {x.shape[-1]} exceeds the one-block-per-row limit of 65536")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _output(out: torch.Tensor | None, like: torch.Tensor, name: str) -> torch.Tensor:
+    """A fresh [rows, H] buffer, or the caller's `out` (same shape and dtype, contiguous) viewed as one."""
+    if out is None:
+        return torch.empty(like.shape, device=like.device, dtype=like.dtype)
+    if out.dtype != like.dtype or out.device != like.device or out.numel() != like.numel() or \
+            not out.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {like.dtype} tensor of {like.numel()} elements on "
+                         f"{like.device}")
+    return out.view(like.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., H] (fp32 / fp16 / bf16), weight [H] -> y [..., H] in x's dtype (into `out` if given)."""
+    _check(x, weight)
+    x2 = _rows(x)
+    y = _output(out, x2, "out")
+    if x2.shape[0]:
+        block, warps = _launch_config(x2.shape[1])
+        _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, y, y, x2.shape[1], eps,
+                                         x2.stride(0), x2.stride(0), y.stride(0), y.stride(0),
+                                         HAS_RESIDUAL=False, BLOCK=block, num_warps=warps)
+    return y.view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
+    """x, residual [..., H] of one dtype, weight [H] -> (rms_norm(x + residual), x + residual), written into
+    `out` / `residual_out` when given (they may not alias the inputs)."""
+    _check(x, weight)
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"residual must match x ({list(x.shape)}, {x.dtype}, {x.device}), got "
+                         f"({list(residual.shape)}, {residual.dtype}, {residual.device})")
+    x2, r2 = _rows(x), _rows(residual)
+    y = _output(out, x2, "out")
+    r_out = _output(residual_out, x2, "residual_out")
+    if x2.shape[0]:
+        block, warps = _launch_config(x2.shape[1])
+        _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, y, r_out, x2.shape[1], eps,
+                                         x2.stride(0), r2.stride(0), y.stride(0), r_out.stride(0),
+                                         HAS_RESIDUAL=True, BLOCK=block, num_warps=warps)
+    return y.view(x.shape), r_out.view(x.shape)

@@ -1,0 +1,445 @@
+"""Fused RoPE-attention over a paged KV cache: prefill (variable-length sequences, causal, on top of any cached
+prefix) and decode (one new token per sequence, split-KV "flash-decoding").
+
+Inputs shared by both:
+    qkv          [T, (Hq + 2 Hkv) D]  the packed q/k/v projection output (before RoPE)
+    k_cache, v_cache  [num_blocks, block_size, Hkv, D]
+    cos, sin     [max_positions, D/2] float32 (qwen2rt.models.rope.RotaryTables)
+    positions    [T] int64   rotary position of each new token
+    slot_mapping [T] int64   cache slot (block * block_size + row) for each new token's k/v; -1 writes nothing
+    block_tables [B, max_blocks] int32;  seq_lens [B] int32, the context after this step (0 = padding row)
+RoPE is the "rotate half" form: for x = [x1 | x2], x' = [x1 cos - x2 sin | x2 cos + x1 sin]. q is rotated inside
+the attention kernels and never written back; k is rotated on its way into the cache.
+
+Prefill is two launches: (1) rotate k and write k, v of the new tokens into the cache (the pass the cache write
+needs anyway), (2) causal flash attention, q rotated as it is loaded, K/V read from the cache so that a cached
+prefix (chunked prefill, a reused prompt) and the new tokens are one loop. Decode is one attention launch plus a
+small reduction: program (b, kv head, split) holds all query heads of its KV head (K and V read once), covers
+one slice of the context, and the split that owns the newest position attends to the new token from registers
+and appends its k, v to the cache. The split count is fixed per (batch, heads) shape and lengths are read on the
+device, so decode is capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+# ---- reference --------------------------------------------------------------------------------------------------
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D], cos/sin [T, D/2] float32 -> rotated x in x's dtype (computed in fp32)."""
+    xf = x.float()
+    half = x.shape[-1] // 2
+    x1, x2 = xf[..., :half], xf[..., half:]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    block_size = cache.shape[1]
+    blocks = block_table[: (length + block_size - 1) // block_size].long()
+    return cache[blocks].reshape(-1, *cache.shape[2:])[:length]
+
+
+def _causal_attention(q, k, v, scale, q_pos):
+    """q [Tq, Hq, D], k/v [Tk, Hkv, D]; key j visible to query i when j <= q_pos[i]. fp32 -> q's dtype."""
+    tq, hq, d = q.shape
+    hkv = k.shape[1]
+    qf = q.float().reshape(tq, hkv, hq // hkv, d)
+    scores = torch.einsum("qhgd,khd->hgqk", qf, k.float()) * scale
+    visible = torch.arange(k.shape[0], device=q.device)[None, :] <= q_pos[:, None]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    return torch.einsum("hgqk,khd->qhgd", probs, v.float()).reshape(tq, hq, d).to(q.dtype)
+
+
+def paged_attention_ref(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, block_tables, seq_lens,
+                        query_start, num_heads: int, num_kv_heads: int, scale: float,
+                        max_score_elements: int = 1 << 26) -> torch.Tensor:
+    """Reference for both kernels (decode is query_start = arange(B + 1)). Writes the rotated k and v of the new
+    tokens to the cache, then for each sequence attends its query rows causally over its first seq_lens[b] cached
+    rows. Rows of padding sequences (seq_lens 0) are 0. Queries go in chunks so the fp32 score matrix stays below
+    max_score_elements. -> [T, Hq D]"""
+    hq, hkv = num_heads, num_kv_heads
+    d = k_cache.shape[-1]
+    t = qkv.shape[0]
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    c, s = cos[positions], sin[positions]
+    q = apply_rotary(q.reshape(t, hq, d), c, s)
+    k = apply_rotary(k.reshape(t, hkv, d), c, s)
+    v = v.reshape(t, hkv, d)
+    valid = slot_mapping >= 0
+    k_cache.view(-1, hkv, d)[slot_mapping[valid]] = k[valid].to(k_cache.dtype)
+    v_cache.view(-1, hkv, d)[slot_mapping[valid]] = v[valid].to(v_cache.dtype)
+    out = torch.zeros_like(q)
+    starts, lens = query_start.tolist(), seq_lens.tolist()
+    for b, ctx in enumerate(lens):
+        q0, q1 = starts[b], starts[b + 1]
+        if ctx == 0 or q1 == q0:
+            continue
+        kb, vb = _gather(k_cache, block_tables[b], ctx), _gather(v_cache, block_tables[b], ctx)
+        chunk = max(1, max_score_elements // (hq * ctx))
+        for c0 in range(q0, q1, chunk):
+            c1 = min(q1, c0 + chunk)
+            q_pos = torch.arange(ctx - (q1 - c0), ctx - (q1 - c1), device=q.device)
+            out[c0:c1] = _causal_attention(q[c0:c1], kb, vb, scale, q_pos)
+    return out.reshape(t, hq * d)
+
+
+# ---- kernels ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _rope_cache_write_kernel(
+    # pointers
+    p_qkv, p_cos, p_sin, p_pos, p_slot, p_k_cache, p_v_cache,
+    # sizes
+    block_size,
+    # strides
+    s_qkv, s_cache_blk, s_cache_row, s_cache_head,
+    # meta-parameters
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    i_t = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    slot = tl.load(p_slot + i_t)
+    if slot < 0:
+        return
+    pos = tl.load(p_pos + i_t)
+    o_half = tl.arange(0, HALF)
+    p_k = p_qkv + i_t * s_qkv + (NUM_HEADS + i_h) * HEAD_DIM
+    b_k1 = tl.load(p_k + o_half).to(tl.float32)
+    b_k2 = tl.load(p_k + HALF + o_half).to(tl.float32)
+    b_cos = tl.load(p_cos + pos * HALF + o_half)
+    b_sin = tl.load(p_sin + pos * HALF + o_half)
+    dst = (slot // block_size) * s_cache_blk + (slot % block_size) * s_cache_row + i_h * s_cache_head
+    dt = p_k_cache.dtype.element_ty
+    tl.store(p_k_cache + dst + o_half, (b_k1 * b_cos - b_k2 * b_sin).to(dt))
+    tl.store(p_k_cache + dst + HALF + o_half, (b_k2 * b_cos + b_k1 * b_sin).to(dt))
+    o_d = tl.arange(0, HEAD_DIM)
+    b_v = tl.load(p_qkv + i_t * s_qkv + (NUM_HEADS + NUM_KV_HEADS + i_h) * HEAD_DIM + o_d)
+    tl.store(p_v_cache + dst + o_d, b_v.to(p_v_cache.dtype.element_ty))
+
+
+@triton.jit
+def _prefill_attention_kernel(
+    # pointers
+    p_qkv, p_cos, p_sin, p_pos, p_k_cache, p_v_cache, p_block_tables, p_seq_lens, p_query_start, p_out,
+    # sizes
+    block_size, qk_scale,
+    # strides
+    s_qkv, s_cache_blk, s_cache_row, s_cache_head, s_bt, s_out,
+    # meta-parameters
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    GROUP: tl.constexpr = NUM_HEADS // NUM_KV_HEADS
+    i_m = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_b = tl.program_id(2).to(tl.int64)
+    q_start = tl.load(p_query_start + i_b)
+    q_len = tl.load(p_query_start + i_b + 1) - q_start
+    if i_m * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(p_seq_lens + i_b)
+    prefix = ctx - q_len
+    i_kvh = i_h // GROUP
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < q_len
+    rows = (q_start + o_m).to(tl.int64)
+    o_half = tl.arange(0, HALF)
+    o_d = tl.arange(0, HEAD_DIM)
+    # q rotated as it is loaded, softmax scale and log2(e) folded in: [BM, HALF] x 2
+    pos = tl.load(p_pos + rows, mask=m_m, other=0)
+    p_q = p_qkv + rows[:, None] * s_qkv + i_h * HEAD_DIM + o_half[None, :]
+    b_q1 = tl.load(p_q, mask=m_m[:, None], other=0.0).to(tl.float32)
+    b_q2 = tl.load(p_q + HALF, mask=m_m[:, None], other=0.0).to(tl.float32)
+    b_cos = tl.load(p_cos + pos[:, None] * HALF + o_half[None, :], mask=m_m[:, None], other=0.0)
+    b_sin = tl.load(p_sin + pos[:, None] * HALF + o_half[None, :], mask=m_m[:, None], other=0.0)
+    dt = p_k_cache.dtype.element_ty
+    b_qr1 = ((b_q1 * b_cos - b_q2 * b_sin) * qk_scale).to(dt)
+    b_qr2 = ((b_q2 * b_cos + b_q1 * b_sin) * qk_scale).to(dt)
+
+    q_cache_pos = prefix + o_m  # query i sees cached rows 0 ..= prefix + i
+    b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_M], tl.float32)
+    b_acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    end = tl.minimum(ctx, prefix + (i_m + 1) * BLOCK_M)
+    for n0 in range(0, end, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < end
+        blk = tl.load(p_block_tables + i_b * s_bt + o_n // block_size, mask=m_n, other=0).to(tl.int64)
+        kv_off = blk * s_cache_blk + (o_n % block_size) * s_cache_row + i_kvh * s_cache_head
+        b_k1 = tl.load(p_k_cache + kv_off[:, None] + o_half[None, :], mask=m_n[:, None], other=0.0)
+        b_k2 = tl.load(p_k_cache + kv_off[:, None] + HALF + o_half[None, :], mask=m_n[:, None], other=0.0)
+        # [BM, HALF] @ [HALF, BN] x 2 -> [BM, BN]
+        b_s = tl.dot(b_qr1, tl.trans(b_k1), input_precision=DOT_PRECISION)
+        b_s += tl.dot(b_qr2, tl.trans(b_k2), input_precision=DOT_PRECISION)
+        visible = (o_n[None, :] <= q_cache_pos[:, None]) & m_n[None, :]
+        b_s = tl.where(visible, b_s, float("-inf"))
+        m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        b_p = tl.exp2(b_s - m_safe[:, None])
+        alpha = tl.exp2(b_m - m_safe)
+        b_l = b_l * alpha + tl.sum(b_p, axis=1)
+        b_v = tl.load(p_v_cache + kv_off[:, None] + o_d[None, :], mask=m_n[:, None], other=0.0)
+        # [BM, BN] @ [BN, D] -> [BM, D]
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        b_m = m_new
+    b_out = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
+    tl.store(p_out + rows[:, None] * s_out + i_h * HEAD_DIM + o_d[None, :], b_out.to(p_out.dtype.element_ty),
+             mask=m_m[:, None])
+
+
+@triton.jit
+def _decode_attention_kernel(
+    # pointers
+    p_qkv, p_cos, p_sin, p_pos, p_slot, p_k_cache, p_v_cache, p_block_tables, p_seq_lens, p_part, p_lse,
+    # sizes
+    block_size, qk_scale,
+    # strides
+    s_qkv, s_cache_blk, s_cache_row, s_cache_head, s_bt,
+    # meta-parameters
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    GROUP: tl.constexpr = NUM_HEADS // NUM_KV_HEADS
+    i_b = tl.program_id(0).to(tl.int64)
+    i_kvh = tl.program_id(1)
+    i_s = tl.program_id(2)
+    ctx = tl.load(p_seq_lens + i_b)
+    if ctx == 0:  # padding row: writes nothing; the reduction writes its output as 0
+        return
+    pos = tl.load(p_pos + i_b)
+    o_g = tl.arange(0, BLOCK_G)
+    m_g = o_g < GROUP
+    heads = i_kvh * GROUP + o_g
+    o_half = tl.arange(0, HALF)
+    o_d = tl.arange(0, HEAD_DIM)
+    dt = p_k_cache.dtype.element_ty
+
+    # all query heads of this KV head, rotated, scaled: [BLOCK_G, HALF] x 2
+    p_q = p_qkv + i_b * s_qkv + heads[:, None] * HEAD_DIM + o_half[None, :]
+    b_q1 = tl.load(p_q, mask=m_g[:, None], other=0.0).to(tl.float32)
+    b_q2 = tl.load(p_q + HALF, mask=m_g[:, None], other=0.0).to(tl.float32)
+    b_cos = tl.load(p_cos + pos * HALF + o_half)
+    b_sin = tl.load(p_sin + pos * HALF + o_half)
+    b_qr1 = ((b_q1 * b_cos[None, :] - b_q2 * b_sin[None, :]) * qk_scale).to(dt)
+    b_qr2 = ((b_q2 * b_cos[None, :] + b_q1 * b_sin[None, :]) * qk_scale).to(dt)
+
+    # this split's slice of the context, in whole BLOCK_N tiles
+    chunk = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = i_s * chunk
+    end = tl.minimum(start + chunk, ctx)
+    cached_end = tl.minimum(end, ctx - 1)  # the newest position is not in the cache yet
+    b_m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_G], tl.float32)
+    b_acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for n0 in range(start, cached_end, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < cached_end
+        blk = tl.load(p_block_tables + i_b * s_bt + o_n // block_size, mask=m_n, other=0).to(tl.int64)
+        kv_off = blk * s_cache_blk + (o_n % block_size) * s_cache_row + i_kvh * s_cache_head
+        b_k1 = tl.load(p_k_cache + kv_off[:, None] + o_half[None, :], mask=m_n[:, None], other=0.0)
+        b_k2 = tl.load(p_k_cache + kv_off[:, None] + HALF + o_half[None, :], mask=m_n[:, None], other=0.0)
+        # [BLOCK_G, HALF] @ [HALF, BN] x 2 -> [BLOCK_G, BN]
+        b_s = tl.dot(b_qr1, tl.trans(b_k1), input_precision=DOT_PRECISION)
+        b_s += tl.dot(b_qr2, tl.trans(b_k2), input_precision=DOT_PRECISION)
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        b_p = tl.exp2(b_s - m_safe[:, None])
+        alpha = tl.exp2(b_m - m_safe)
+        b_l = b_l * alpha + tl.sum(b_p, axis=1)
+        b_v = tl.load(p_v_cache + kv_off[:, None] + o_d[None, :], mask=m_n[:, None], other=0.0)
+        # [BLOCK_G, BN] @ [BN, D] -> [BLOCK_G, D]
+        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        b_m = m_new
+
+    if (ctx - 1 >= start) & (ctx - 1 < end):
+        # the new token: rotate its k, append k and v to the cache, attend to it from registers (values rounded to
+        # the cache dtype first, so it scores exactly as a cached key would)
+        p_k = p_qkv + i_b * s_qkv + (NUM_HEADS + i_kvh) * HEAD_DIM
+        b_k1 = tl.load(p_k + o_half).to(tl.float32)
+        b_k2 = tl.load(p_k + HALF + o_half).to(tl.float32)
+        b_kr1 = (b_k1 * b_cos - b_k2 * b_sin).to(dt)
+        b_kr2 = (b_k2 * b_cos + b_k1 * b_sin).to(dt)
+        b_v = tl.load(p_qkv + i_b * s_qkv + (NUM_HEADS + NUM_KV_HEADS + i_kvh) * HEAD_DIM + o_d).to(dt)
+        slot = tl.load(p_slot + i_b)
+        if slot >= 0:
+            dst = (slot // block_size) * s_cache_blk + (slot % block_size) * s_cache_row + i_kvh * s_cache_head
+            tl.store(p_k_cache + dst + o_half, b_kr1)
+            tl.store(p_k_cache + dst + HALF + o_half, b_kr2)
+            tl.store(p_v_cache + dst + o_d, b_v.to(p_v_cache.dtype.element_ty))
+        b_s_new = tl.sum(b_qr1.to(tl.float32) * b_kr1.to(tl.float32)[None, :], axis=1)
+        b_s_new += tl.sum(b_qr2.to(tl.float32) * b_kr2.to(tl.float32)[None, :], axis=1)
+        m_new = tl.maximum(b_m, b_s_new)
+        b_p_new = tl.exp2(b_s_new - m_new)
+        alpha = tl.exp2(b_m - m_new)
+        b_l = b_l * alpha + b_p_new
+        b_acc = b_acc * alpha[:, None] + b_p_new[:, None] * b_v.to(tl.float32)[None, :]
+        b_m = m_new
+
+    # partial result of this split: normalised output and log2-sum-exp; an empty split stores lse = -inf
+    row = (i_b * NUM_HEADS + heads) * NUM_SPLITS + i_s  # [BLOCK_G]
+    b_out = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
+    b_lse = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("-inf"))
+    tl.store(p_part + row[:, None] * HEAD_DIM + o_d[None, :], b_out, mask=m_g[:, None])
+    tl.store(p_lse + row, b_lse, mask=m_g)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    # pointers
+    p_part, p_lse, p_seq_lens, p_out,
+    # strides
+    s_out,
+    # meta-parameters
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    o_d = tl.arange(0, HEAD_DIM)
+    p_o = p_out + i_b * s_out + i_h * HEAD_DIM + o_d
+    ctx = tl.load(p_seq_lens + i_b)
+    if ctx == 0:
+        tl.store(p_o, tl.zeros([HEAD_DIM], tl.float32).to(p_out.dtype.element_ty))
+        return
+    o_s = tl.arange(0, BLOCK_S)
+    m_s = o_s < NUM_SPLITS
+    row = (i_b * NUM_HEADS + i_h) * NUM_SPLITS + o_s
+    b_lse = tl.load(p_lse + row, mask=m_s, other=float("-inf"))
+    b_w = tl.exp2(b_lse - tl.max(b_lse, axis=0))  # the newest token is always in some split: max is finite
+    b_part = tl.load(p_part + row[:, None] * HEAD_DIM + o_d[None, :], mask=m_s[:, None], other=0.0)
+    b_out = tl.sum(b_w[:, None] * b_part, axis=0) / tl.sum(b_w, axis=0)
+    tl.store(p_o, b_out.to(p_out.dtype.element_ty))
+
+
+# ---- launchers --------------------------------------------------------------------------------------------------
+
+def _check_inputs(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, block_tables, seq_lens, num_heads,
+                  num_kv_heads):
+    if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must both be [num_blocks, block_size, Hkv, D], got "
+                         f"{list(k_cache.shape)} and {list(v_cache.shape)}")
+    _, _, hkv, d = k_cache.shape
+    if hkv != num_kv_heads or num_heads % num_kv_heads:
+        raise ValueError(f"cache has {hkv} KV heads; expected num_kv_heads={num_kv_heads} dividing "
+                         f"num_heads={num_heads}")
+    if d < 32 or d & (d - 1):
+        raise ValueError(f"head_dim must be a power of two >= 32, got {d}")
+    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("k_cache and v_cache must have the same strides, with a contiguous last dimension")
+    if qkv.ndim != 2 or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * d or qkv.stride(1) != 1:
+        raise ValueError(f"qkv must be [T, {(num_heads + 2 * num_kv_heads) * d}] with contiguous rows, got "
+                         f"{list(qkv.shape)}")
+    if qkv.dtype != k_cache.dtype or qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"qkv ({qkv.dtype}) and the cache ({k_cache.dtype}) must share a float dtype")
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.shape != sin.shape or \
+            cos.shape[-1] != d // 2 or not (cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError(f"cos and sin must be contiguous float32 [max_positions, {d // 2}]")
+    t = qkv.shape[0]
+    if positions.shape != (t,) or slot_mapping.shape != (t,):
+        raise ValueError(f"positions and slot_mapping must be [{t}]")
+    if block_tables.ndim != 2 or block_tables.stride(1) != 1 or seq_lens.shape != (block_tables.shape[0],):
+        raise ValueError("block_tables must be [B, max_blocks] with contiguous rows and seq_lens [B]")
+    for name, tensor in (("k_cache", k_cache), ("v_cache", v_cache), ("cos", cos), ("sin", sin),
+                         ("positions", positions), ("slot_mapping", slot_mapping), ("block_tables", block_tables),
+                         ("seq_lens", seq_lens)):
+        if tensor.device != qkv.device:
+            raise ValueError(f"{name} is on {tensor.device}, qkv on {qkv.device}")
+
+
+def _output(out, rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty((rows, width), device=like.device, dtype=like.dtype)
+    if out.shape != (rows, width) or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {like.dtype} tensor [{rows}, {width}] on {like.device}")
+    return out
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is the default and only applies to fp32 inputs
+
+
+def prefill_attention(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, block_tables, seq_lens,
+                      query_start, max_query_len: int, num_heads: int, num_kv_heads: int,
+                      scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of B variable-length sequences whose new tokens are rows query_start[b]:query_start[b+1]
+    of qkv, on top of whatever each sequence already has cached (seq_lens[b] - its new-token count rows). Writes
+    the new tokens' rotated k and v to the cache. max_query_len: host int, the longest new-token count (sizes the
+    grid). -> [T, Hq D] in qkv's dtype (into `out` if given)."""
+    _check_inputs(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, block_tables, seq_lens, num_heads,
+                  num_kv_heads)
+    if query_start.shape != (seq_lens.shape[0] + 1,):
+        raise ValueError(f"query_start must be [{seq_lens.shape[0] + 1}]")
+    t = qkv.shape[0]
+    _, block_size, _, d = k_cache.shape
+    out = _output(out, t, num_heads * d, qkv)
+    if t == 0:
+        return out
+    strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+    _rope_cache_write_kernel[(t, num_kv_heads)](
+        qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, block_size, qkv.stride(0), *strides,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=d, num_warps=1)
+    block_m, block_n = 64, 64
+    grid = (triton.cdiv(max_query_len, block_m), num_heads, seq_lens.shape[0])
+    _prefill_attention_kernel[grid](
+        qkv, cos, sin, positions, k_cache, v_cache, block_tables, seq_lens, query_start, out,
+        block_size, scale * LOG2E, qkv.stride(0), *strides, block_tables.stride(0), out.stride(0),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=4 if d <= 64 else 8, num_stages=2)
+    return out
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Enough (batch x kv head x split) programs to fill the GPU twice over, at most one split per 64-token tile
+    of the longest possible context, a power of two in [1, 64]. Depends on shapes only (graph-safe)."""
+    if device.type == "cuda":
+        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        programs = 8  # the interpreter: a few splits, to exercise the split path cheaply
+    splits = triton.next_power_of_2(max(1, math.ceil(programs / (batch * num_kv_heads))))
+    return max(1, min(64, splits, triton.next_power_of_2(max(1, math.ceil(max_context / 64)))))
+
+
+def decode_attention(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, block_tables, seq_lens,
+                     num_heads: int, num_kv_heads: int, scale: float, num_splits: int | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """One new token per sequence (row b of qkv): rotate q and k, append k and v at slot_mapping[b], attend over
+    the seq_lens[b] positions of the sequence. Rows with seq_lens 0 are padding: they write nothing and return 0.
+    No host synchronisation and a grid fixed by the shapes: capturable in a CUDA graph. -> [B, Hq D]"""
+    _check_inputs(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, block_tables, seq_lens, num_heads,
+                  num_kv_heads)
+    bsz = qkv.shape[0]
+    if seq_lens.shape[0] != bsz:
+        raise ValueError(f"decode takes one token per sequence: qkv has {bsz} rows, seq_lens {seq_lens.shape[0]}")
+    _, block_size, _, d = k_cache.shape
+    out = _output(out, bsz, num_heads * d, qkv)
+    if bsz == 0:
+        return out
+    if num_splits is None:
+        num_splits = default_num_splits(bsz, num_kv_heads, block_tables.shape[1] * block_size, qkv.device)
+    part = torch.empty((bsz, num_heads, num_splits, d), device=qkv.device, dtype=torch.float32)
+    lse = torch.empty((bsz, num_heads, num_splits), device=qkv.device, dtype=torch.float32)
+    block_g = max(16, triton.next_power_of_2(num_heads // num_kv_heads))
+    _decode_attention_kernel[(bsz, num_kv_heads, num_splits)](
+        qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, block_tables, seq_lens, part, lse,
+        block_size, scale * LOG2E, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=d, NUM_SPLITS=num_splits, BLOCK_G=block_g,
+        BLOCK_N=64, DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=4)
+    _decode_reduce_kernel[(bsz, num_heads)](
+        part, lse, seq_lens, out, out.stride(0),
+        NUM_HEADS=num_heads, HEAD_DIM=d, NUM_SPLITS=num_splits, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        num_warps=1)
+    return out

@@ -1,0 +1,72 @@
+"""RMSNorm and fused add + RMSNorm kernels against their PyTorch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_utils import DEVICE, assert_close, poisoned
+from qwen2rt.kernels import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 896), (7, 1000), (63, 64), (2, 3, 333), (5, 3584)])
+def test_rms_norm(shape, dtype):
+    x = torch.randn(shape, dtype=dtype, device=DEVICE) * 3
+    w = (1 + 0.3 * torch.randn(shape[-1], device=DEVICE)).to(dtype)
+    out = poisoned(*shape, dtype=dtype)
+    y = rms_norm(x, w, 1e-6, out=out)
+    assert y.shape == x.shape and y.dtype == dtype and y.data_ptr() == out.data_ptr()
+    assert_close(y, rms_norm_ref(x, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 896), (7, 1000), (63, 128), (2, 5, 333)])
+def test_add_rms_norm(shape, dtype):
+    x = torch.randn(shape, dtype=dtype, device=DEVICE)
+    res = torch.randn(shape, dtype=dtype, device=DEVICE) * 2
+    w = (1 + 0.3 * torch.randn(shape[-1], device=DEVICE)).to(dtype)
+    x_before, res_before = x.clone(), res.clone()
+    y, r = add_rms_norm(x, res, w, 1e-5, out=poisoned(*shape, dtype=dtype), residual_out=poisoned(*shape, dtype=dtype))
+    y_ref, r_ref = add_rms_norm_ref(x, res, w, 1e-5)
+    assert_close(r, r_ref, dtype)
+    assert_close(y, y_ref, dtype)
+    assert torch.equal(x, x_before) and torch.equal(res, res_before)  # inputs untouched
+
+
+def test_strided_rows_and_empty():
+    base = torch.randn(6, 200, device=DEVICE)
+    x = base[:, :100]  # rows with stride 200
+    w = torch.rand(100, device=DEVICE)
+    assert_close(rms_norm(x, w, 1e-6, out=poisoned(6, 100, dtype=torch.float32)), rms_norm_ref(x, w, 1e-6),
+                 torch.float32)
+    assert_close(rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6), torch.float32)  # fresh output
+    assert rms_norm(torch.randn(0, 64, device=DEVICE), torch.ones(64, device=DEVICE), 1e-6).shape == (0, 64)
+
+
+def test_bad_inputs():
+    x = torch.randn(3, 64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"weight must be \[64\]"):
+        rms_norm(x, torch.ones(65, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        rms_norm(x.double(), torch.ones(64, device=DEVICE, dtype=torch.float64), 1e-6)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        rms_norm(x, torch.ones(64, device=DEVICE), 1e-6, out=torch.empty(3, 63, device=DEVICE))
+    with pytest.raises(ValueError, match="residual must match x"):
+        add_rms_norm(x, torch.randn(3, 63, device=DEVICE), torch.ones(64, device=DEVICE), 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [896, 1536, 3584, 8192])
+@pytest.mark.parametrize("tokens", [1, 16, 2048])
+def test_qwen2_shapes_bf16_gpu(hidden, tokens):
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device="cuda")
+    res = torch.randn(tokens, hidden, dtype=torch.bfloat16, device="cuda")
+    w = (1 + 0.3 * torch.randn(hidden, device="cuda")).bfloat16()
+    y, r = add_rms_norm(x, res, w, 1e-6, out=poisoned(tokens, hidden, dtype=torch.bfloat16),
+                        residual_out=poisoned(tokens, hidden, dtype=torch.bfloat16))
+    y_ref, r_ref = add_rms_norm_ref(x, res, w, 1e-6)
+    assert_close(r, r_ref, torch.bfloat16)
+    assert_close(y, y_ref, torch.bfloat16)
