@@ -7,6 +7,7 @@ residual add fused into the following RMSNorm.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +151,7 @@ class Qwen2Model:
             head_dim=config.head_dim,
             scale=config.head_dim ** -0.5,
         )
+        self.profile_ranges = False  # `qwen2rt profile`: a named range per layer (record_function + NVTX)
 
     @property
     def device(self) -> torch.device:
@@ -165,23 +167,47 @@ class Qwen2Model:
         be, w, eps = self.backend, self.weights, self.config.rms_norm_eps
         x = F.embedding(token_ids, w.embed)
         residual = None
-        for layer, (k_cache, v_cache) in zip(w.layers, kv_caches):
-            if residual is None:
-                residual = x
-                h = be.rms_norm(x, layer.input_norm, eps)
-            else:
-                h, residual = be.add_rms_norm(x, residual, layer.input_norm, eps)
-            qkv = be.linear(h, layer.qkv, layer.qkv_bias)
-            attn = be.attention(qkv, k_cache, v_cache, self.rope, meta, self.attention_shape)
-            x = be.linear(attn, layer.o)
-            h, residual = be.add_rms_norm(x, residual, layer.post_attention_norm, eps)
-            if isinstance(layer.mlp, MoEWeights):
-                x = be.moe(h, layer.mlp)
-            else:
-                x = be.linear(be.silu_and_mul(be.linear(h, layer.mlp.gate_up)), layer.mlp.down)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(w.layers, kv_caches)):
+            with self._layer_range(i):
+                x, residual = self._layer(layer, x, residual, k_cache, v_cache, meta)
         h, _ = be.add_rms_norm(x, residual, w.final_norm, eps)
         return h
+
+    def _layer(self, layer: LayerWeights, x, residual, k_cache, v_cache, meta):
+        """One decoder layer: (x, residual) -> (x, residual), the residual add fused into the next norm."""
+        be, eps = self.backend, self.config.rms_norm_eps
+        if residual is None:
+            residual = x
+            h = be.rms_norm(x, layer.input_norm, eps)
+        else:
+            h, residual = be.add_rms_norm(x, residual, layer.input_norm, eps)
+        qkv = be.linear(h, layer.qkv, layer.qkv_bias)
+        attn = be.attention(qkv, k_cache, v_cache, self.rope, meta, self.attention_shape)
+        x = be.linear(attn, layer.o)
+        h, residual = be.add_rms_norm(x, residual, layer.post_attention_norm, eps)
+        if isinstance(layer.mlp, MoEWeights):
+            x = be.moe(h, layer.mlp)
+        else:
+            x = be.linear(be.silu_and_mul(be.linear(h, layer.mlp.gate_up)), layer.mlp.down)
+        return x, residual
+
+    def _layer_range(self, i: int):
+        if not self.profile_ranges:
+            return contextlib.nullcontext()
+        return named_range(f"qwen2rt.layer.{i}", self.device.type == "cuda")
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> float32 logits [N, V]."""
         return self.backend.linear(hidden, self.weights.lm_head).float()
+
+
+@contextlib.contextmanager
+def named_range(name: str, cuda: bool):
+    with torch.profiler.record_function(name):
+        if cuda:
+            torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.nvtx.range_pop()

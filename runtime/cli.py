@@ -133,6 +133,14 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from qwen2rt.profiling import profile
+
+    llm = _load(args)
+    profile(llm, batch=args.batch, prompt_len=args.prompt_len, steps=args.steps, trace_path=args.trace)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qwen2rt", description="Qwen2 inference runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +158,13 @@ def main(argv=None) -> int:
     i.add_argument("--model", default=None)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+    pr = sub.add_parser("profile", help="torch.profiler trace of a prefill and decode steps, per-op table")
+    _add_model_args(pr)
+    pr.add_argument("--batch", type=int, default=1)
+    pr.add_argument("--prompt-len", type=int, default=128)
+    pr.add_argument("--steps", type=int, default=8, help="decode steps")
+    pr.add_argument("--trace", default="qwen2rt_trace.json", help="Chrome trace path ('' for none)")
+    pr.set_defaults(func=cmd_profile)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
     try:

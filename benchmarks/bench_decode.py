@@ -1,0 +1,122 @@
+"""End-to-end decode: ms per generated token at batch 1 (and 4, 16) for the built-in shapes (random weights,
+prompt 128), against Hugging Face transformers eager and HF with a static cache + torch.compile(reduce-overhead),
+all in the same run. Reports the weight bytes read per token, the floor (bytes / measured copy bandwidth) and the
+fraction of the floor reached.
+
+    python -m benchmarks.bench_decode [--models M ...] [--batches 1 4 16] [--steps 32] [--compiled-models M ...]
+                                      [--smoke] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import device_default, measure_ceilings, print_rows, write_json
+from benchmarks.hf_baseline import decode_ms_per_token, hf_model
+from qwen2rt import LLM, SamplingParams
+from qwen2rt.models.config import builtin_config
+
+MODELS = ["qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b-4l"]
+# torch.compile of a whole HF model takes tens of seconds per shape: by default only the smallest one, so that
+# gpu_check.sh stays within its ~5 minutes, and at batch 1 only. Pass --compiled-models to add more.
+COMPILED_MODELS = ["qwen2-0.5b"]
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, min(vocab, 32000), (batch, prompt_len), generator=g).tolist()
+
+
+def qwen2rt_ms_per_token(llm: LLM, batch: int, prompt_len: int, steps: int) -> float:
+    params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
+    llm.generate(_prompts(batch, prompt_len, llm.config.vocab_size), SamplingParams(max_tokens=4, temperature=0,
+                                                                                     ignore_eos=True))  # warm-up
+    outs = llm.generate(_prompts(batch, prompt_len, llm.config.vocab_size), params)
+    return statistics.median(1000 / o.decode_tokens_per_s for o in outs)
+
+
+def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, steps=32, dtype=torch.bfloat16,
+        compiled_models=COMPILED_MODELS, compiled_batches=(1,), hf=True):
+    rows = []
+    for name in models:
+        config = builtin_config(name)
+        nbytes = config.bytes_per_token(torch.empty((), dtype=dtype).element_size())
+        floor_ms = nbytes / ceilings["copy_GBps"] / 1e6
+
+        def row(batch, impl, ms, **extra):
+            r = {"model": name, "batch": batch, "impl": impl, "ms_per_token": ms, "floor_ms": floor_ms,
+                 "bytes_per_token": nbytes, "pct_of_floor": 100 * floor_ms / ms if ms else None}
+            r.update(extra)
+            return r
+
+        try:
+            t0 = time.perf_counter()
+            llm = LLM(name, device=device, dtype=dtype, max_seq_len=prompt_len + steps + 16,
+                      max_batch_size=max(batches))
+            load_s = time.perf_counter() - t0
+            for b in batches:
+                rows.append(row(b, "qwen2rt", qwen2rt_ms_per_token(llm, b, prompt_len, steps),
+                                backend=llm.backend.name, load_s=load_s))
+            del llm
+        except Exception as e:
+            rows.append(row(None, "qwen2rt", None, error=repr(e)[:300]))
+        _free()
+        if not hf:
+            continue
+        try:
+            model = hf_model(config, device, dtype)
+            for b in batches:
+                ids = torch.tensor(_prompts(b, prompt_len, config.vocab_size), device=device)
+                rows.append(row(b, "hf_eager", decode_ms_per_token(model, ids, steps)))
+            if name in compiled_models:
+                model.generation_config.cache_implementation = "static"
+                model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+                for b in [b for b in batches if b in compiled_batches]:
+                    ids = torch.tensor(_prompts(b, prompt_len, config.vocab_size), device=device)
+                    t0 = time.perf_counter()
+                    decode_ms_per_token(model, ids, 4)  # compiles for this batch size
+                    compile_s = time.perf_counter() - t0
+                    rows.append(row(b, "hf_compiled", decode_ms_per_token(model, ids, steps), compile_s=compile_s))
+            del model
+        except Exception as e:
+            rows.append(row(None, "hf", None, error=repr(e)[:300]))
+        _free()
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--compiled-models", nargs="*", default=COMPILED_MODELS)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script runs")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = device_default()
+    ceilings = measure_ceilings(device, small=args.smoke)
+    if args.smoke:
+        rows = run(device, ceilings, models=["tiny", "tiny-moe"], batches=[1, 2], prompt_len=8, steps=4,
+                   dtype=torch.float32, compiled_models=[])
+    else:
+        rows = run(device, ceilings, models=args.models, batches=args.batches, prompt_len=args.prompt_len,
+                   steps=args.steps, compiled_models=args.compiled_models)
+    print_rows(rows, ["model", "batch", "impl", "ms_per_token", "floor_ms", "pct_of_floor"])
+    write_json(args.out, {"ceilings": ceilings, "decode": rows})
+    return rows
+
+
+if __name__ == "__main__":
+    main()

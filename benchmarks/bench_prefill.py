@@ -1,0 +1,89 @@
+"""End-to-end prefill: time to first token at 128, 512, 2048 and 8192 prompt tokens for the built-in shapes
+(random weights, batch 1), against one Hugging Face transformers forward over the same prompt, in the same run;
+fraction of the FLOP floor (matmul + attention FLOPs / measured bf16 GEMM rate).
+
+    python -m benchmarks.bench_prefill [--models M ...] [--tokens 128 512 2048 8192] [--smoke] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+
+from benchmarks.bench_decode import MODELS, _prompts
+from benchmarks.common import device_default, measure_ceilings, print_rows, write_json
+from benchmarks.hf_baseline import hf_model, prefill_ms
+from qwen2rt import LLM, SamplingParams
+from qwen2rt.models.config import Qwen2Config, builtin_config
+
+
+def prefill_flops(config: Qwen2Config, tokens: int) -> float:
+    """2 x active matmul parameters x tokens (lm_head for the last token only) + causal attention."""
+    c = config
+    weights = c.bytes_per_token(1) - c.vocab_size * c.hidden_size  # active parameters without the lm_head
+    attn = 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * tokens * tokens / 2
+    return 2 * weights * tokens + 2 * c.vocab_size * c.hidden_size + attn
+
+
+def run(device, ceilings, models=MODELS, tokens=(128, 512, 2048, 8192), dtype=torch.bfloat16, hf=True):
+    rows = []
+    for name in models:
+        config = builtin_config(name)
+
+        def row(t, impl, ms, **extra):
+            floor = prefill_flops(config, t) / ceilings["bf16_gemm_TFLOPs"] / 1e9
+            r = {"model": name, "tokens": t, "impl": impl, "ms": ms, "floor_ms": floor,
+                 "pct_of_floor": 100 * floor / ms if ms else None}
+            r.update(extra)
+            return r
+
+        try:
+            llm = LLM(name, device=device, dtype=dtype, max_seq_len=max(tokens) + 8, max_batch_size=1)
+            for t in tokens:
+                ids = _prompts(1, t, config.vocab_size)
+                params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+                llm.generate(ids, params)  # warm-up
+                best = min(llm.generate(ids, params)[0].time_to_first_token_s for _ in range(2))
+                rows.append(row(t, "qwen2rt", 1000 * best, backend=llm.backend.name))
+            del llm
+        except Exception as e:
+            rows.append(row(tokens[0], "qwen2rt", None, error=repr(e)[:300]))
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if not hf:
+            continue
+        try:
+            model = hf_model(config, device, dtype, experts_implementation="grouped_mm" if config.is_moe else None)
+            for t in tokens:
+                ids = torch.tensor(_prompts(1, t, config.vocab_size), device=device)
+                rows.append(row(t, "hf", prefill_ms(model, ids)))
+            del model
+        except Exception as e:
+            rows.append(row(tokens[0], "hf", None, error=repr(e)[:300]))
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--tokens", nargs="+", type=int, default=[128, 512, 2048, 8192])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script runs")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = device_default()
+    ceilings = measure_ceilings(device, small=args.smoke)
+    if args.smoke:
+        rows = run(device, ceilings, models=["tiny", "tiny-moe"], tokens=[8, 32], dtype=torch.float32)
+    else:
+        rows = run(device, ceilings, models=args.models, tokens=args.tokens)
+    print_rows(rows, ["model", "tokens", "impl", "ms", "floor_ms", "pct_of_floor"])
+    write_json(args.out, {"ceilings": ceilings, "prefill": rows})
+    return rows
+
+
+if __name__ == "__main__":
+    main()

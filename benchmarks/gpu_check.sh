@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The one-call GPU check (see benchmarks/gpu_check.py): install this checkout without touching the machine's
+# torch, run the GPU tests, the ceilings, the kernel and end-to-end benchmarks with their baselines; write one JSON
+# record and summary.md into $OUT (or the folder given as the first argument); print a short table last.
+#   bash benchmarks/gpu_check.sh [OUT_DIR] [--quick] [--parts tests kernels decode prefill] [--budget-s S]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results/local}"
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then out="$1"; shift; fi
+mkdir -p "$out"
+pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING" | tail -3
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$out/nvidia-smi.txt"
+python -m benchmarks.gpu_check --out "$out" "$@" 2>&1 | tee "$out/gpu_check.log"

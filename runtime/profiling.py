@@ -1,0 +1,138 @@
+"""`python -m qwen2rt profile`: a torch.profiler Chrome trace of one prefill and a few decode steps, with a named
+range (record_function, and NVTX on CUDA for Nsight Systems) per layer and per backend op, and a per-op table of
+time, bytes moved and % of the bandwidth floor, so the kernel furthest from its limit stands out."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from qwen2rt.models.backend import Backend, MoEWeights
+from qwen2rt.models.qwen2 import named_range
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+class ProfilingBackend(Backend):
+    """Wraps a backend: every op runs inside a range named `qwen2rt.<op>` and adds the bytes it must move (inputs,
+    outputs, and for attention the cached K/V it reads; for MoE the experts actually selected) to a tally."""
+
+    def __init__(self, inner: Backend, cuda: bool, linear_names: dict[int, str] | None = None):
+        self.inner = inner
+        self.linear_names = linear_names or {}  # id(weight) -> "qkv", "o", "gate_up", "down", "lm_head"
+        self.name = inner.name
+        self.cuda = cuda
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def _run(self, op, nbytes, fn, *args):
+        with named_range(f"qwen2rt.{op}", self.cuda):
+            out = fn(*args)
+        self.calls[op] += 1
+        self.bytes[op] += nbytes + _nbytes(*(out if isinstance(out, tuple) else (out,)))
+        return out
+
+    def rms_norm(self, x, weight, eps):
+        return self._run("rms_norm", _nbytes(x, weight), self.inner.rms_norm, x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return self._run("add_rms_norm", _nbytes(x, residual, weight), self.inner.add_rms_norm, x, residual, weight,
+                         eps)
+
+    def silu_and_mul(self, gate_up):
+        return self._run("silu_and_mul", _nbytes(gate_up), self.inner.silu_and_mul, gate_up)
+
+    def linear(self, x, weight, bias=None):
+        op = f"linear.{self.linear_names.get(id(weight), 'other')}"
+        return self._run(op, _nbytes(x, weight, bias), self.inner.linear, x, weight, bias)
+
+    def attention(self, qkv, k_cache, v_cache, rope, meta, shape):
+        row = k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size()
+        kv_read = 2 * row * int(meta.seq_lens.sum())  # each sequence's cached K and V, once
+        op = "attention.prefill" if meta.is_prefill else "attention.decode"
+        return self._run(op, _nbytes(qkv) + kv_read, self.inner.attention, qkv, k_cache, v_cache, rope, meta, shape)
+
+    def moe(self, x, w: MoEWeights):
+        with torch.no_grad():
+            top = torch.topk(F.linear(x, w.router), w.top_k, dim=-1).indices.unique().numel()
+        per_expert = _nbytes(w.gate_up[0], w.down[0])
+        nbytes = _nbytes(x, w.router, w.shared_gate_up, w.shared_down, w.shared_gate) + top * per_expert
+        return self._run("moe", nbytes, self.inner.moe, x, w)
+
+
+def copy_bandwidth_GBps(device: torch.device) -> float:
+    n = (1 << 27) if device.type == "cuda" else (1 << 23)
+    src = torch.empty(n, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    reps = 10
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n * 2 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def profile(llm, batch: int = 1, prompt_len: int = 128, steps: int = 8, trace_path: str | None = None) -> list[dict]:
+    """Profile one prefill of `batch` prompts and `steps` decode steps. -> per-op rows (also printed)."""
+    from qwen2rt import SamplingParams
+
+    cuda = llm.device.type == "cuda"
+    w = llm.model.weights
+    names = {id(w.lm_head): "lm_head"}
+    for layer in w.layers:
+        names.update({id(layer.qkv): "qkv", id(layer.o): "o"})
+        if not isinstance(layer.mlp, MoEWeights):
+            names.update({id(layer.mlp.gate_up): "gate_up", id(layer.mlp.down): "down"})
+    wrapped = ProfilingBackend(llm.model.backend, cuda, names)
+    llm.model.backend = wrapped
+    llm.model.profile_ranges = True
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, min(llm.config.vocab_size, 32000), (batch, prompt_len), generator=g).tolist()
+    params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
+    try:
+        llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
+        wrapped.bytes.clear()
+        wrapped.calls.clear()
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            llm.generate(prompts, params)
+    finally:
+        llm.model.backend = wrapped.inner
+        llm.model.profile_ranges = False
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
+    bandwidth = copy_bandwidth_GBps(llm.device)
+    events = {e.key: e for e in prof.key_averages()}
+    rows = []
+    for op, nbytes in wrapped.bytes.items():
+        e = events.get(f"qwen2rt.{op}")
+        if e is None:
+            continue
+        device_us = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0) if cuda else 0
+        us = device_us or e.cpu_time_total
+        floor_us = nbytes / (bandwidth * 1e3)
+        rows.append({"op": op, "calls": wrapped.calls[op], "time_ms": us / 1e3, "MB": nbytes / 1e6,
+                     "GBps": nbytes / us / 1e3 if us else None, "pct_of_floor": 100 * floor_us / us if us else None})
+    rows.sort(key=lambda r: -r["time_ms"])
+    total = sum(r["time_ms"] for r in rows)
+    print(f"profile: {llm.model_name}, batch {batch}, prompt {prompt_len}, {steps} decode steps, backend "
+          f"{wrapped.name}, {'device' if cuda else 'CPU'} time; copy bandwidth {bandwidth:.0f} GB/s")
+    print(f"{'op':<20}{'calls':>7}{'time ms':>11}{'share':>8}{'MB':>11}{'GB/s':>9}{'% floor':>9}")
+    for r in rows:
+        print(f"{r['op']:<20}{r['calls']:>7}{r['time_ms']:>11.3f}{100 * r['time_ms'] / total:>7.1f}%"
+              f"{r['MB']:>11.2f}{r['GBps'] or 0:>9.1f}{r['pct_of_floor'] or 0:>8.1f}%")
+    if trace_path:
+        print(f"Chrome trace: {trace_path} (open in chrome://tracing or Perfetto; NVTX ranges on CUDA for nsys)")
+    return rows

@@ -1,0 +1,102 @@
+"""Every benchmark script, the GPU-check driver, the results renderer and the profiler run end to end at tiny
+sizes on CPU (smoke tests: nothing about speed is asserted), so that they never rot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from benchmarks import (bench_attention, bench_decode, bench_prefill, bench_rmsnorm, bench_swiglu, gpu_check,
+                        report)
+
+
+def _finite(x):
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.parametrize("module, args, key", [
+    (bench_rmsnorm, ["--smoke", "--no-compile"], "kernels"),
+    (bench_swiglu, ["--smoke", "--no-compile"], "kernels"),
+    (bench_attention, ["--smoke"], "kernels"),
+    (bench_decode, ["--smoke"], "decode"),
+    (bench_prefill, ["--smoke"], "prefill"),
+])
+def test_bench_scripts_run(module, args, key, tmp_path):
+    out = tmp_path / "r.json"
+    rows = module.main(args + ["--out", str(out)])
+    saved = json.load(open(out))
+    assert saved[key] == rows and rows
+    assert not [r for r in rows if r.get("error")]
+    assert _finite(saved["ceilings"]["copy_GBps"])
+    impls = {r["impl"] for r in rows}
+    assert "qwen2rt" in impls and len(impls) >= 2  # always a baseline beside qwen2rt
+    for r in rows:
+        assert _finite(r.get("ms") or r.get("ms_per_token"))
+
+
+def test_gpu_check_driver_writes_the_record(tmp_path):
+    assert gpu_check.main(["--out", str(tmp_path), "--smoke"]) == 0
+    (record,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+    rec = json.load(open(tmp_path / record))
+    for key in ("gpu", "torch", "triton", "transformers", "commit", "date", "ceilings", "decode", "prefill",
+                "kernels", "graph_capture_s"):
+        assert key in rec, key
+    assert not rec["errors"], rec["errors"]
+    assert {r["impl"] for r in rec["decode"]} == {"qwen2rt", "hf_eager"}
+    assert all(r["floor_ms"] > 0 for r in rec["decode"])
+    assert "## Decode" in open(tmp_path / "summary.md").read()
+
+
+SAMPLE = {  # the shape of a recorded run; the numbers are made up for this test
+    "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "triton": "3.6.0", "transformers": "5.17.0",
+    "commit": "abc123", "date": "2026-11-27", "ceilings": {"copy_GBps": 3020.0, "bf16_gemm_TFLOPs": 793.0},
+    "decode": [
+        {"model": "qwen2-0.5b", "batch": 1, "impl": "qwen2rt", "ms_per_token": 1.5, "floor_ms": 0.33},
+        {"model": "qwen2-0.5b", "batch": 1, "impl": "hf_eager", "ms_per_token": 16.4, "floor_ms": 0.33},
+        {"model": "qwen2-0.5b", "batch": 1, "impl": "hf_compiled", "ms_per_token": 2.34, "floor_ms": 0.33},
+        {"model": "qwen2-7b", "batch": 1, "impl": "qwen2rt", "ms_per_token": 9.0, "floor_ms": 4.68},
+        {"model": "qwen2-7b", "batch": 4, "impl": "qwen2rt", "ms_per_token": 9.5, "floor_ms": 4.68},
+    ],
+    "prefill": [{"model": "qwen2-7b", "tokens": 2048, "impl": "qwen2rt", "ms": 60.0, "floor_ms": 34.8},
+                {"model": "qwen2-7b", "tokens": 2048, "impl": "hf", "ms": 56.4, "floor_ms": 34.8}],
+    "kernels": [], "graph_capture_s": None,
+}
+
+
+def test_report_renders_readme_table_and_chart(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    json.dump(SAMPLE, open(results / "2026-11-27-h100-abc123.json", "w"))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.START}\nold table\n{report.END}\noutro\n")
+    png = tmp_path / "chart.png"
+    assert report.main(["--results", str(results), "--readme", str(readme), "--png", str(png)]) == 0
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert "NVIDIA H100 80GB HBM3" in text and "abc123" in text
+    assert "| qwen2-0.5b | 1.5 | 16.4 | 2.34 | 0.33 | 22% |" in text
+    assert "| qwen2-7b | 2048 | 60 | 56.4 | 34.8 |" in text
+    assert png.stat().st_size > 1000 and open(png, "rb").read(4) == b"\x89PNG"
+
+
+def test_report_without_records_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no recorded GPU run"):
+        report.main(["--results", str(tmp_path), "--readme", "", "--png", ""])
+
+
+def test_profile_prints_a_row_per_op(tmp_path, capsys):
+    from qwen2rt import LLM
+    from qwen2rt.profiling import profile
+
+    llm = LLM("tiny-moe", device="cpu", max_seq_len=64)
+    trace = tmp_path / "trace.json"
+    rows = profile(llm, batch=2, prompt_len=12, steps=3, trace_path=str(trace))
+    ops = {r["op"] for r in rows}
+    assert {"attention.prefill", "attention.decode", "moe", "linear.qkv", "linear.lm_head", "add_rms_norm"} <= ops
+    assert all(r["MB"] > 0 and r["time_ms"] > 0 for r in rows)
+    assert "qwen2rt.layer.0" in trace.read_text()
+    assert llm.model.backend.name == "torch" and not llm.model.profile_ranges  # restored
+    assert "attention.decode" in capsys.readouterr().out
