@@ -20,7 +20,7 @@ import traceback
 
 import torch
 
-from benchmarks import bench_attention, bench_decode, bench_prefill, bench_rmsnorm, bench_swiglu
+from benchmarks import bench_attention, bench_decode, bench_moe, bench_prefill, bench_rmsnorm, bench_swiglu
 from benchmarks.common import ROOT, device_default, environment, measure_ceilings
 
 PARTS = ["tests", "kernels", "decode", "prefill"]
@@ -148,6 +148,7 @@ def main(argv=None) -> int:
             part("bench_rmsnorm", lambda: rec["kernels"].extend(bench_rmsnorm.run(device, ceilings)))
             part("bench_swiglu", lambda: rec["kernels"].extend(bench_swiglu.run(device, ceilings)))
             part("bench_attention", lambda: rec["kernels"].extend(bench_attention.run(device, ceilings)))
+            part("bench_moe", lambda: rec["kernels"].extend(bench_moe.run(device, ceilings)))
     if "decode" in args.parts:
         if smoke:
             part("bench_decode", lambda: rec["decode"].extend(bench_decode.run(

@@ -98,6 +98,9 @@ class Backend:
         experts weighted and summed, plus the shared expert scaled by sigmoid(shared_gate x)."""
         raise NotImplementedError
 
+    def warmup(self, layers: list) -> None:
+        """Called once with the model's layer weights before the first step (kernel tuning, caches)."""
+
 
 # ---- implementations ---------------------------------------------------------------------------------------------
 
@@ -130,31 +133,13 @@ class TorchBackend(Backend):
             meta.seq_lens, query_start, shape.num_heads, shape.num_kv_heads, shape.scale, self.max_score_elements)
 
     def moe(self, x, w):
-        num_experts = w.router.shape[0]
-        logits = F.linear(x, w.router)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        top_w, top_i = torch.topk(probs, w.top_k, dim=-1)
-        if w.norm_topk_prob:
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        top_w = top_w.to(x.dtype)
-        out = torch.zeros_like(x)
-        counts = torch.bincount(top_i.flatten(), minlength=num_experts).tolist()
-        for e in range(num_experts):
-            if counts[e] == 0:
-                continue
-            token, slot = torch.where(top_i == e)
-            h = self.silu_and_mul(F.linear(x[token], w.gate_up[e]))
-            y = F.linear(h, w.down[e]) * top_w[token, slot, None]
-            out.index_add_(0, token, y)
-        if w.shared_gate_up is not None:
-            shared = F.linear(self.silu_and_mul(F.linear(x, w.shared_gate_up)), w.shared_down)
-            out = out + torch.sigmoid(F.linear(x, w.shared_gate)) * shared
-        return out
+        return kernels.fused_moe_ref(x, w.router, w.gate_up, w.down, w.top_k, w.norm_topk_prob, w.shared_gate_up,
+                                     w.shared_down, w.shared_gate)
 
 
 class TritonBackend(TorchBackend):
-    """Triton kernels for RMSNorm, SwiGLU and RoPE-attention; dense projections stay torch matmuls and the MoE
-    block the torch reference until their kernels land. On CPU the kernels run through the Triton interpreter."""
+    """Triton kernels for RMSNorm, SwiGLU, RoPE-attention and the MoE block; dense projections stay torch
+    matmuls. On CPU the kernels run through the Triton interpreter."""
 
     name = "triton"
 
@@ -174,6 +159,15 @@ class TritonBackend(TorchBackend):
             return kernels.prefill_attention(*args, meta.query_start, max(meta.query_lens_host), shape.num_heads,
                                              shape.num_kv_heads, shape.scale)
         return kernels.decode_attention(*args, shape.num_heads, shape.num_kv_heads, shape.scale)
+
+    def moe(self, x, w):
+        return kernels.fused_moe(x, w.router, w.gate_up, w.down, w.top_k, w.norm_topk_prob, w.shared_gate_up,
+                                 w.shared_down, w.shared_gate)
+
+    def warmup(self, layers):
+        moe = next((layer.mlp for layer in layers if isinstance(layer.mlp, MoEWeights)), None)
+        if moe is not None:  # every MoE layer of a model has the same shape
+            kernels.moe.warmup(moe.router, moe.gate_up, moe.down, moe.top_k, moe.norm_topk_prob)
 
 
 BACKENDS: dict[str, Callable[[], Backend]] = {"torch": TorchBackend, "triton": TritonBackend}

@@ -127,6 +127,7 @@ class LLM:
 
         self.rope = RotaryTables.build(cfg, self.max_seq_len, self.device)
         self.model = Qwen2Model(cfg, weights, self.backend, self.rope)
+        self.backend.warmup(weights.layers)
         self.kv_cache = KVCache(cfg, num_kv_blocks, block_size, self.device, self.dtype)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.seed)

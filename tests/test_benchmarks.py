@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from benchmarks import (bench_attention, bench_decode, bench_prefill, bench_rmsnorm, bench_swiglu, gpu_check,
-                        report)
+from benchmarks import (bench_attention, bench_decode, bench_moe, bench_prefill, bench_rmsnorm, bench_swiglu,
+                        gpu_check, report)
 
 
 def _finite(x):
@@ -21,6 +21,7 @@ def _finite(x):
     (bench_rmsnorm, ["--smoke", "--no-compile"], "kernels"),
     (bench_swiglu, ["--smoke", "--no-compile"], "kernels"),
     (bench_attention, ["--smoke"], "kernels"),
+    (bench_moe, ["--smoke"], "kernels"),
     (bench_decode, ["--smoke"], "decode"),
     (bench_prefill, ["--smoke"], "prefill"),
 ])

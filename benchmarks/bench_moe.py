@@ -1,0 +1,126 @@
+"""One MoE layer (routing + experts + shared expert): qwen2rt's fused_moe against the same layer in Hugging Face
+transformers with each of its experts implementations (eager, batched_mm, grouped_mm) and against a
+`torch._grouped_mm` implementation, all in the same run, for Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B layers at
+T = 1, 4, 16, 128, 2048. Small T: GB/s on the bytes of the experts actually selected plus the shared expert and
+router, % of copy bandwidth. Large T: TFLOP/s, % of the bf16 GEMM rate.
+
+    python -m benchmarks.bench_moe [--smoke] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import bench_ms, device_default, kernel_row, measure_ceilings, print_rows, write_json
+from benchmarks.hf_baseline import hf_config
+from qwen2rt.kernels import fused_moe, route_ref, silu_and_mul_ref
+from qwen2rt.models.config import builtin_config
+
+LAYERS = ["qwen1.5-moe-a2.7b", "qwen2-57b-a14b"]
+TOKENS = [1, 4, 16, 128, 2048]
+
+
+def grouped_mm_moe(x, w, top_k, renorm):
+    """Routed experts with torch._grouped_mm (tokens sorted by expert), then the shared expert."""
+    ids, weights = route_ref(F.linear(x, w["router"]), top_k, renorm)
+    flat = ids.flatten()
+    order = torch.argsort(flat)
+    counts = torch.bincount(flat, minlength=w["router"].shape[0])
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    xs = x[order // top_k]
+    h = torch._grouped_mm(xs, w["gate_up"].transpose(1, 2), offs=offs)
+    y = torch._grouped_mm(silu_and_mul_ref(h), w["down"].transpose(1, 2), offs=offs)
+    y = y * weights.flatten()[order, None].to(y.dtype)
+    out = torch.zeros_like(x).index_add_(0, order // top_k, y)
+    shared = F.linear(silu_and_mul_ref(F.linear(x, w["shared_gate_up"])), w["shared_down"])
+    return out + torch.sigmoid(F.linear(x, w["shared_gate"])) * shared
+
+
+def _weights(c, device, dtype):
+    e, h, i, s = c.num_experts, c.hidden_size, c.moe_intermediate_size, c.shared_expert_intermediate_size
+
+    def rnd(*shape, fan_in):
+        return (torch.randn(*shape, device=device) * fan_in ** -0.5).to(dtype)
+
+    return dict(router=rnd(e, h, fan_in=h), gate_up=rnd(e, 2 * i, h, fan_in=h), down=rnd(e, h, i, fan_in=i),
+                shared_gate_up=rnd(2 * s, h, fan_in=h), shared_down=rnd(h, s, fan_in=s), shared_gate=rnd(1, h, fan_in=h))
+
+
+def _hf_block(c, w, device, dtype, impl):
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    cfg = hf_config(dataclasses.replace(c, num_hidden_layers=1))
+    cfg._experts_implementation = impl
+    with torch.device(device):
+        block = Qwen2MoeSparseMoeBlock(cfg).to(dtype).eval()
+    with torch.no_grad():
+        block.gate.weight.copy_(w["router"])
+        block.experts.gate_up_proj.copy_(w["gate_up"])
+        block.experts.down_proj.copy_(w["down"])
+        i = c.shared_expert_intermediate_size
+        block.shared_expert.gate_proj.weight.copy_(w["shared_gate_up"][:i])
+        block.shared_expert.up_proj.weight.copy_(w["shared_gate_up"][i:])
+        block.shared_expert.down_proj.weight.copy_(w["shared_down"])
+        block.shared_expert_gate.weight.copy_(w["shared_gate"])
+    return block
+
+
+def run(device, ceilings, layers=LAYERS, tokens=TOKENS, dtype=torch.bfloat16, configs=None):
+    rows = []
+    for name in layers:
+        c = configs[name] if configs else builtin_config(name)
+        w = _weights(c, device, dtype)
+        k = c.num_experts_per_tok
+        elem = torch.empty((), dtype=dtype).element_size()
+        per_expert = 3 * c.hidden_size * c.moe_intermediate_size * elem
+        fixed = (3 * c.hidden_size * c.shared_expert_intermediate_size + (c.num_experts + 1) * c.hidden_size) * elem
+        blocks = {impl: _hf_block(c, w, device, dtype, impl) for impl in ("eager", "batched_mm", "grouped_mm")}
+        for t in tokens:
+            x = torch.randn(t, c.hidden_size, device=device).to(dtype)
+            ids, _ = route_ref(F.linear(x, w["router"]), k, c.norm_topk_prob)
+            touched = fixed + ids.unique().numel() * per_expert + 2 * x.numel() * elem
+            flops = 2 * t * (k * 3 * c.hidden_size * c.moe_intermediate_size
+                             + 3 * c.hidden_size * c.shared_expert_intermediate_size
+                             + (c.num_experts + 1) * c.hidden_size)
+            shape = f"{name} T={t}"
+            impls = {"qwen2rt": lambda: fused_moe(x, w["router"], w["gate_up"], w["down"], k, c.norm_topk_prob,
+                                                  w["shared_gate_up"], w["shared_down"], w["shared_gate"])}
+            for impl, block in blocks.items():
+                impls[f"hf_{impl}"] = (lambda b=block: b(x[None]))
+            if device.type == "cuda":
+                impls["torch_grouped_mm"] = lambda: grouped_mm_moe(x, w, k, c.norm_topk_prob)
+            for impl, fn in impls.items():
+                try:
+                    with torch.inference_mode():
+                        timing = bench_ms(fn, device)
+                    rows.append(kernel_row("moe_layer", shape, impl, timing, touched, flops, ceilings))
+                except Exception as e:
+                    rows.append({"kernel": "moe_layer", "shape": shape, "impl": impl, "error": repr(e)[:200]})
+        del blocks, w
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter): checks the script runs")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = device_default()
+    ceilings = measure_ceilings(device, small=args.smoke)
+    if args.smoke:
+        tiny = builtin_config("tiny-moe")
+        rows = run(device, ceilings, layers=["tiny-moe"], tokens=[1, 20], dtype=torch.float32,
+                   configs={"tiny-moe": tiny})
+    else:
+        rows = run(device, ceilings)
+    print_rows(rows, ["kernel", "shape", "impl", "ms", "GBps", "pct_copy_bw", "TFLOPs", "pct_gemm_rate"])
+    write_json(args.out, {"ceilings": ceilings, "kernels": rows})
+    return rows
+
+
+if __name__ == "__main__":
+    main()

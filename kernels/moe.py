@@ -1,0 +1,470 @@
+"""Mixture-of-experts block of Qwen2-MoE: routing, grouping and the two grouped expert GEMMs.
+
+    logits  = x @ router^T                                   [T, E]   (torch matmul)
+    route   : softmax (fp32) -> top-k ids and weights (+ renormalisation)   one kernel, one program per token
+    gemm 1  : h[p]   = silu(x[t] @ Wg[e]^T) * (x[t] @ Wu[e]^T)  for every (token t, expert e) pair p   [T k, I]
+    gemm 2  : out[t] = sum_j w[t, j] * (h[t k + j] @ Wd[e_j]^T)                                         [T, H]
+    shared  : out   += sigmoid(x @ g^T) * down_s(silu_and_mul(x @ gate_up_s^T))
+
+Two regimes, one launcher:
+- decode (T <= DECODE_MAX_TOKENS): each expert sees a row or two, so gemm 1 is a batched GEMV with one program per
+  (pair, N tile) and gemm 2 one program per (token, N tile) that loops over the token's k experts and sums them in
+  registers (deterministic, no atomics). No grouping pass at all. Bandwidth-bound; the N tiles give enough
+  programs to fill the GPU at batch 1.
+- prefill: pairs are grouped by expert into BLOCK_M-row blocks (`moe_align`, torch ops on the device with static
+  shapes); gemm 1 gathers token rows inside its loads and applies SwiGLU in the epilogue; gemm 2 scales by the
+  routing weight and writes per-pair rows that are summed per token. The grid is a static upper bound on the
+  block count; surplus programs exit early, so nothing depends on a host-side count.
+Nothing reads a device value on the host: the whole block can be captured in a CUDA graph.
+
+The shared expert runs as a separate dense SwiGLU MLP (torch matmuls + the SwiGLU kernel). Folding it into the
+grouped launches as an always-selected extra expert is the alternative the kernel issue asks to measure; it has
+not been measured yet (no GPU in the session that wrote this), so the simpler separate form stays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .swiglu import silu_and_mul, silu_and_mul_ref
+
+log = logging.getLogger("qwen2rt")
+
+DECODE_MAX_TOKENS = 16
+
+
+# ---- reference --------------------------------------------------------------------------------------------------
+
+def route_ref(logits: torch.Tensor, top_k: int, renormalize: bool):
+    """Hugging Face's router: softmax in fp32, top-k, optional renormalisation. -> (ids [T, k] int64,
+    weights [T, k] fp32)"""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights
+
+
+def fused_moe_ref(x, router, gate_up, down, top_k: int, renormalize: bool, shared_gate_up=None, shared_down=None,
+                  shared_gate=None) -> torch.Tensor:
+    """The MoE block looping over experts, as Hugging Face computes it. x [T, H] -> [T, H]."""
+    num_experts = router.shape[0]
+    ids, weights = route_ref(F.linear(x, router), top_k, renormalize)
+    weights = weights.to(x.dtype)
+    out = torch.zeros_like(x)
+    counts = torch.bincount(ids.flatten(), minlength=num_experts).tolist()
+    for e in range(num_experts):
+        if counts[e] == 0:
+            continue
+        token, slot = torch.where(ids == e)
+        h = silu_and_mul_ref(F.linear(x[token], gate_up[e]))
+        out.index_add_(0, token, F.linear(h, down[e]) * weights[token, slot, None])
+    if shared_gate_up is not None:
+        shared = F.linear(silu_and_mul_ref(F.linear(x, shared_gate_up)), shared_down)
+        out = out + torch.sigmoid(F.linear(x, shared_gate)) * shared
+    return out
+
+
+# ---- routing ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _route_kernel(
+    # pointers
+    p_logits, p_ids, p_weights,
+    # sizes
+    num_experts,
+    # strides
+    s_logits,
+    # meta-parameters
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    o_e = tl.arange(0, BLOCK_E)
+    m_e = o_e < num_experts
+    b_logits = tl.load(p_logits + i_t * s_logits + o_e, mask=m_e, other=float("-inf")).to(tl.float32)
+    b_p = tl.exp(b_logits - tl.max(b_logits, axis=0))
+    b_p = tl.where(m_e, b_p, 0.0)
+    b_probs = b_p / tl.sum(b_p, axis=0)
+    remaining = tl.where(m_e, b_probs, -1.0)  # probabilities are >= 0: -1 is never picked
+    o_k = tl.arange(0, BLOCK_K)
+    b_ids = tl.zeros([BLOCK_K], tl.int32)
+    b_w = tl.zeros([BLOCK_K], tl.float32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(remaining, axis=0)
+        idx = tl.min(tl.where(remaining == best, o_e, BLOCK_E), axis=0)  # the lowest index among equals
+        b_ids = tl.where(o_k == j, idx, b_ids)
+        b_w = tl.where(o_k == j, best, b_w)
+        remaining = tl.where(o_e == idx, -1.0, remaining)
+    if RENORMALIZE:
+        b_w = b_w / tl.sum(b_w, axis=0)
+    tl.store(p_ids + i_t * TOP_K + o_k, b_ids, mask=o_k < TOP_K)
+    tl.store(p_weights + i_t * TOP_K + o_k, b_w, mask=o_k < TOP_K)
+
+
+def route(logits: torch.Tensor, top_k: int, renormalize: bool):
+    """Router logits [T, E] -> (ids [T, k] int32, weights [T, k] fp32): softmax, top-k, optional renormalisation,
+    in one kernel. Ties go to the lowest expert index."""
+    t, num_experts = logits.shape
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    ids = torch.empty((t, top_k), device=logits.device, dtype=torch.int32)
+    weights = torch.empty((t, top_k), device=logits.device, dtype=torch.float32)
+    if t:
+        _route_kernel[(t,)](logits, ids, weights, num_experts, logits.stride(0), TOP_K=top_k,
+                            RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(num_experts),
+                            BLOCK_K=max(2, triton.next_power_of_2(top_k)), num_warps=1)
+    return ids, weights
+
+
+# ---- grouping ---------------------------------------------------------------------------------------------------
+
+def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
+    """Group the T*k (token, expert) pairs by expert into blocks of block_m rows, each expert's rows padded to a
+    whole number of blocks. Device ops with static shapes only (no host synchronisation).
+
+    -> sorted_pairs [max_rows] int32: pair index t*k + j per row, num_pairs on padding rows;
+       block_experts [max_blocks] int32: expert of each block, num_experts past the last used block;
+       num_rows [1] int32: rows in use (a multiple of block_m).
+    max_rows = T*k + E*(block_m - 1) rounded up to block_m is the static upper bound the grid is sized for."""
+    flat = ids.flatten().long()
+    num_pairs = flat.numel()
+    max_rows = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+    dev = ids.device
+    counts = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    order = torch.argsort(flat, stable=True)
+    experts_sorted = flat[order]
+    rank = torch.arange(num_pairs, device=dev) - (torch.cumsum(counts, 0) - counts)[experts_sorted]
+    dest = (ends - padded)[experts_sorted] + rank
+    sorted_pairs = torch.full((max_rows,), num_pairs, dtype=torch.int32, device=dev)
+    sorted_pairs[dest] = order.to(torch.int32)
+    block_starts = torch.arange(0, max_rows, block_m, device=dev)
+    block_experts = torch.searchsorted(ends, block_starts, right=True).to(torch.int32)
+    return sorted_pairs, block_experts, ends[-1:].to(torch.int32)
+
+
+# ---- decode: batched GEMV -----------------------------------------------------------------------------------------
+
+@triton.jit
+def _gemv_gate_up_kernel(
+    # pointers
+    p_x, p_ids, p_w, p_out,
+    # sizes
+    hidden, inter,
+    # strides
+    s_x, s_we, s_wn, s_out,
+    # meta-parameters
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    i_pair = tl.program_id(0).to(tl.int64)
+    i_n = tl.program_id(1)
+    i_t = i_pair // TOP_K
+    e = tl.load(p_ids + i_pair).to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < inter
+    p_wg = p_w + e * s_we + o_n[:, None] * s_wn
+    p_wu = p_w + e * s_we + (inter + o_n)[:, None] * s_wn
+    b_g = tl.zeros([BLOCK_N], tl.float32)
+    b_u = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < hidden
+        b_x = tl.load(p_x + i_t * s_x + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+        m_w = m_n[:, None] & m_k[None, :]
+        # [BN, BK] * [1, BK] -> sum over K -> [BN]
+        b_g += tl.sum(tl.load(p_wg + o_k[None, :], mask=m_w, other=0.0).to(tl.float32) * b_x[None, :], axis=1)
+        b_u += tl.sum(tl.load(p_wu + o_k[None, :], mask=m_w, other=0.0).to(tl.float32) * b_x[None, :], axis=1)
+    b_h = b_g * tl.sigmoid(b_g) * b_u
+    tl.store(p_out + i_pair * s_out + o_n, b_h.to(p_out.dtype.element_ty), mask=m_n)
+
+
+@triton.jit
+def _gemv_down_kernel(
+    # pointers
+    p_h, p_ids, p_weights, p_w, p_out,
+    # sizes
+    hidden, inter,
+    # strides
+    s_h, s_we, s_wn, s_out,
+    # meta-parameters
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    i_n = tl.program_id(1)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < hidden
+    b_out = tl.zeros([BLOCK_N], tl.float32)
+    for j in tl.static_range(TOP_K):
+        i_pair = i_t * TOP_K + j
+        e = tl.load(p_ids + i_pair).to(tl.int64)
+        b_part = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < inter
+            b_h = tl.load(p_h + i_pair * s_h + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+            b_w = tl.load(p_w + e * s_we + o_n[:, None] * s_wn + o_k[None, :], mask=m_n[:, None] & m_k[None, :],
+                          other=0.0).to(tl.float32)  # [BN, BK]
+            b_part += tl.sum(b_w * b_h[None, :], axis=1)
+        b_out += tl.load(p_weights + i_pair) * b_part
+    tl.store(p_out + i_t * s_out + o_n, b_out.to(p_out.dtype.element_ty), mask=m_n)
+
+
+# ---- prefill: grouped GEMMs on tensor cores -----------------------------------------------------------------------
+
+@triton.jit
+def _grouped_gate_up_kernel(
+    # pointers
+    p_x, p_sorted, p_block_experts, p_num_rows, p_w, p_out,
+    # sizes
+    num_pairs, hidden, inter,
+    # strides
+    s_x, s_we, s_wn, s_out,
+    # meta-parameters
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_b = tl.program_id(0)
+    i_n = tl.program_id(1)
+    if i_b * BLOCK_M >= tl.load(p_num_rows):
+        return  # past the last used block: the grid is a static upper bound
+    e = tl.load(p_block_experts + i_b).to(tl.int64)
+    o_m = i_b * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(p_sorted + o_m).to(tl.int64)
+    m_m = pair < num_pairs
+    token = pair // TOP_K
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < inter
+    b_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    b_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < hidden
+        # token rows gathered in the load: [BM, BK]
+        b_x = tl.load(p_x + token[:, None] * s_x + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+        m_w = m_k[:, None] & m_n[None, :]
+        b_wg = tl.load(p_w + e * s_we + o_n[None, :] * s_wn + o_k[:, None], mask=m_w, other=0.0)  # [BK, BN]
+        b_wu = tl.load(p_w + e * s_we + (inter + o_n)[None, :] * s_wn + o_k[:, None], mask=m_w, other=0.0)
+        # [BM, BK] @ [BK, BN] -> [BM, BN]
+        b_g = tl.dot(b_x, b_wg, b_g, input_precision=DOT_PRECISION)
+        b_u = tl.dot(b_x, b_wu, b_u, input_precision=DOT_PRECISION)
+    b_h = b_g * tl.sigmoid(b_g) * b_u
+    tl.store(p_out + pair[:, None] * s_out + o_n[None, :], b_h.to(p_out.dtype.element_ty),
+             mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _grouped_down_kernel(
+    # pointers
+    p_h, p_sorted, p_block_experts, p_num_rows, p_weights, p_w, p_out,
+    # sizes
+    num_pairs, hidden, inter,
+    # strides
+    s_h, s_we, s_wn, s_out,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    i_b = tl.program_id(0)
+    i_n = tl.program_id(1)
+    if i_b * BLOCK_M >= tl.load(p_num_rows):
+        return
+    e = tl.load(p_block_experts + i_b).to(tl.int64)
+    o_m = i_b * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(p_sorted + o_m).to(tl.int64)
+    m_m = pair < num_pairs
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < hidden
+    b_acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < inter
+        b_h = tl.load(p_h + pair[:, None] * s_h + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_w = tl.load(p_w + e * s_we + o_n[None, :] * s_wn + o_k[:, None], mask=m_k[:, None] & m_n[None, :],
+                      other=0.0)
+        # [BM, BK] @ [BK, BN] -> [BM, BN]
+        b_acc = tl.dot(b_h, b_w, b_acc, input_precision=DOT_PRECISION)
+    b_acc *= tl.load(p_weights + pair, mask=m_m, other=0.0)[:, None]
+    tl.store(p_out + pair[:, None] * s_out + o_n[None, :], b_acc.to(p_out.dtype.element_ty),
+             mask=m_m[:, None] & m_n[None, :])
+
+
+# ---- configs ----------------------------------------------------------------------------------------------------
+
+def token_bucket(tokens: int) -> str:
+    if tokens <= DECODE_MAX_TOKENS:
+        return "decode"
+    return "prefill-small" if tokens <= 512 else "prefill-large"
+
+
+DEFAULT_CONFIGS = {
+    "decode": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4},
+    "prefill-small": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+    "prefill-large": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+}
+# Kept small: every candidate is a Triton compile (about a second) at the first warm-up of a model shape.
+TUNING_CANDIDATES = {
+    "decode": [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w} for n in (8, 16, 32) for k in (128, 256)
+               for w in (2, 4)],
+    "prefill-small": [{"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": 64, "num_warps": 4, "num_stages": s}
+                      for n in (64, 128) for s in (3, 4)],
+    "prefill-large": [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "num_warps": w, "num_stages": 3}
+                      for m in (64, 128) for n in (64, 128) for w in (4, 8)],
+}
+TUNING_TOKENS = {"decode": 1, "prefill-small": 256, "prefill-large": 2048}
+
+
+def config_key(hidden: int, inter: int, num_experts: int, top_k: int, dtype: torch.dtype, bucket: str,
+               device: torch.device) -> str:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"{gpu}|H{hidden}|I{inter}|E{num_experts}|k{top_k}|{str(dtype).replace('torch.', '')}|{bucket}"
+
+
+def cache_path() -> str:
+    root = os.environ.get("QWEN2RT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qwen2rt")
+    return os.path.join(root, "moe_configs.json")
+
+
+def _load_cache() -> dict:
+    try:
+        with open(cache_path()) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def get_config(key: str, bucket: str) -> dict:
+    """QWEN2RT_MOE_CONFIG (a JSON object, pins every bucket) > the on-disk tuning cache > the defaults."""
+    pinned = os.environ.get("QWEN2RT_MOE_CONFIG")
+    if pinned:
+        return dict(DEFAULT_CONFIGS[bucket], **json.loads(pinned))
+    return dict(DEFAULT_CONFIGS[bucket], **_load_cache().get(key, {}))
+
+
+def tune(x_like: torch.Tensor, router, gate_up, down, top_k: int, renormalize: bool, tokens: int,
+         candidates: list[dict] | None = None, bench=None) -> dict:
+    """Time every candidate config for this model's expert shapes at `tokens` tokens, store the fastest in the
+    on-disk cache and return it. `bench(fn) -> ms` defaults to triton.testing.do_bench (GPU)."""
+    bucket = token_bucket(tokens)
+    key = config_key(gate_up.shape[2], down.shape[2], gate_up.shape[0], top_k, x_like.dtype, bucket, x_like.device)
+    x = torch.randn(tokens, gate_up.shape[2], device=x_like.device, dtype=x_like.dtype)
+    if bench is None:
+        from triton.testing import do_bench as bench
+    best, best_ms = None, float("inf")
+    for cfg in candidates or TUNING_CANDIDATES[bucket]:
+        try:
+            ms = bench(lambda: fused_moe(x, router, gate_up, down, top_k, renormalize, config=cfg))
+        except Exception as e:  # a config that does not compile here (shared memory, ...) is skipped
+            log.debug("moe config %s failed: %r", cfg, e)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"no MoE config ran for {key}")
+    cache = _load_cache()
+    cache[key] = best
+    os.makedirs(os.path.dirname(cache_path()), exist_ok=True)
+    with open(cache_path(), "w") as f:
+        json.dump(cache, f, indent=1, sort_keys=True)
+    log.info("moe: tuned %s -> %s (%.4f ms)", key, best, best_ms)
+    return best
+
+
+def warmup(router, gate_up, down, top_k: int, renormalize: bool) -> None:
+    """At model load on CUDA: tune every token bucket of this layer shape that the on-disk cache does not hold yet.
+    Skipped when QWEN2RT_MOE_TUNE=0 (the defaults are then used, and logged) or a config is pinned."""
+    device = gate_up.device
+    if device.type != "cuda" or os.environ.get("QWEN2RT_MOE_CONFIG"):
+        return
+    hidden, inter, num_experts = gate_up.shape[2], down.shape[2], gate_up.shape[0]
+    cache = _load_cache()
+    for bucket, tokens in TUNING_TOKENS.items():
+        key = config_key(hidden, inter, num_experts, top_k, gate_up.dtype, bucket, device)
+        if key in cache:
+            continue
+        if os.environ.get("QWEN2RT_MOE_TUNE", "1") == "0":
+            log.warning("moe: no tuned config for %s (QWEN2RT_MOE_TUNE=0): using the defaults %s", key,
+                        DEFAULT_CONFIGS[bucket])
+            continue
+        tune(gate_up, router, gate_up, down, top_k, renormalize, tokens)
+
+
+# ---- launcher ---------------------------------------------------------------------------------------------------
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
+              renormalize: bool, shared_gate_up: torch.Tensor | None = None, shared_down: torch.Tensor | None = None,
+              shared_gate: torch.Tensor | None = None, config: dict | None = None, regime: str | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE block. x [T, H]; router [E, H]; gate_up [E, 2I, H] (rows [gate | up]); down [E, H, I]; optional
+    shared expert gate_up [2Is, H], down [H, Is] and sigmoid gate [1, H]. -> [T, H] in x's dtype (written into
+    `out` when given). `config` overrides the block sizes (see get_config / tune); `regime` ("decode" or
+    "prefill") overrides the choice made from T."""
+    t, hidden = x.shape
+    num_experts, two_inter, _ = gate_up.shape
+    inter = two_inter // 2
+    if router.shape != (num_experts, hidden) or gate_up.shape[2] != hidden or down.shape != (num_experts, hidden,
+                                                                                              inter):
+        raise ValueError(f"MoE shapes disagree: x {list(x.shape)}, router {list(router.shape)}, gate_up "
+                         f"{list(gate_up.shape)}, down {list(down.shape)}")
+    if not (gate_up.dtype == down.dtype == x.dtype):
+        raise ValueError(f"x, gate_up and down must share a dtype, got {x.dtype}, {gate_up.dtype}, {down.dtype}")
+    if gate_up.stride(2) != 1 or down.stride(2) != 1 or gate_up.stride(1) != hidden or down.stride(1) != inter:
+        raise ValueError("expert weights must be contiguous [E, 2I, H] and [E, H, I]")
+    if regime not in (None, "decode", "prefill"):
+        raise ValueError(f"regime must be 'decode' or 'prefill', got {regime!r}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    if out is None:
+        out = torch.empty_like(x)
+    elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor {list(x.shape)} on {x.device}")
+    if t == 0:
+        return out
+    ids, weights = route(F.linear(x, router), top_k, renormalize)
+    bucket = token_bucket(t)
+    if regime == "decode":
+        bucket = "decode"
+    elif regime == "prefill" and bucket == "decode":
+        bucket = "prefill-small"
+    cfg = config or get_config(config_key(hidden, inter, num_experts, top_k, x.dtype, bucket, x.device), bucket)
+    num_pairs = t * top_k
+    h = torch.empty((num_pairs, inter), device=x.device, dtype=x.dtype)
+    if bucket == "decode":
+        bn, bk, warps = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
+        _gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter, bn))](
+            x, ids, gate_up, h, hidden, inter, x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0),
+            TOP_K=top_k, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        _gemv_down_kernel[(t, triton.cdiv(hidden, bn))](
+            h, ids, weights, down, out, hidden, inter, h.stride(0), down.stride(0), down.stride(1), out.stride(0),
+            TOP_K=top_k, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    else:
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        sorted_pairs, block_experts, num_rows = moe_align(ids, num_experts, bm)
+        num_blocks = sorted_pairs.numel() // bm
+        precision = _dot_precision(x.dtype)
+        _grouped_gate_up_kernel[(num_blocks, triton.cdiv(inter, bn))](
+            x, sorted_pairs, block_experts, num_rows, gate_up, h, num_pairs, hidden, inter, x.stride(0),
+            gate_up.stride(0), gate_up.stride(1), h.stride(0), TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            DOT_PRECISION=precision, **launch)
+        per_pair = torch.empty((num_pairs, hidden), device=x.device, dtype=torch.float32)
+        _grouped_down_kernel[(num_blocks, triton.cdiv(hidden, bn))](
+            h, sorted_pairs, block_experts, num_rows, weights, down, per_pair, num_pairs, hidden, inter,
+            h.stride(0), down.stride(0), down.stride(1), per_pair.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            DOT_PRECISION=precision, **launch)
+        out.copy_(per_pair.view(t, top_k, hidden).sum(dim=1))  # fp32 sum of each token's k rows
+    if shared_gate_up is not None:
+        shared = F.linear(silu_and_mul(F.linear(x, shared_gate_up)), shared_down)
+        out.add_(torch.sigmoid(F.linear(x, shared_gate)) * shared)
+    return out

@@ -1,0 +1,176 @@
+"""MoE kernels (routing, grouping, decode GEMVs, prefill grouped GEMMs) against the expert-looping reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kernel_utils import DEVICE, poisoned
+from qwen2rt.kernels import fused_moe, fused_moe_ref, moe_align, route, route_ref
+from qwen2rt.kernels import moe as moe_mod
+
+MOE_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2),
+           torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+
+
+def make_layer(e, h, inter, shared, dtype, seed, device=DEVICE, hot=None):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+
+    layer = dict(router=rnd(e, h, scale=h ** -0.5), gate_up=rnd(e, 2 * inter, h, scale=h ** -0.5),
+                 down=rnd(e, h, inter, scale=inter ** -0.5))
+    if hot is not None:  # (expert, direction u): tokens with a large u component all pick this expert first
+        expert, u = hot
+        layer["router"][expert] = (10.0 * u).to(dtype).to(device)
+    if shared:
+        layer.update(shared_gate_up=rnd(2 * shared, h, scale=h ** -0.5), shared_down=rnd(h, shared, scale=shared ** -0.5),
+                     shared_gate=rnd(1, h, scale=h ** -0.5))
+    return layer
+
+
+def run(x, layer, top_k, renorm, regime, config=None):
+    out = poisoned(*x.shape, dtype=x.dtype)
+    got = fused_moe(x, layer["router"], layer["gate_up"], layer["down"], top_k, renorm, layer.get("shared_gate_up"),
+                    layer.get("shared_down"), layer.get("shared_gate"), config=config, regime=regime, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    return got
+
+
+def check(x, layer, top_k, renorm, regime, dtype, config=None):
+    got = run(x, layer, top_k, renorm, regime, config)
+    ref = fused_moe_ref(x, layer["router"], layer["gate_up"], layer["down"], top_k, renorm,
+                        layer.get("shared_gate_up"), layer.get("shared_down"), layer.get("shared_gate"))
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.float(), ref.float(), **MOE_TOL[dtype])
+
+
+REGIMES = ["decode", "prefill"]
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t, e, k, h, inter, shared, renorm", [
+    (1, 7, 2, 64, 40, 0, False),        # one token
+    (5, 7, 3, 100, 37, 24, True),       # fewer tokens than a block; odd H and I; shared expert
+    (3, 61, 4, 64, 32, 0, True),        # prime expert count: most experts receive no token
+    (4, 5, 5, 48, 24, 16, False),       # top-k equal to E
+])
+def test_small_batches(t, e, k, h, inter, shared, renorm, dtype, regime):
+    layer = make_layer(e, h, inter, shared, dtype, seed=t * 100 + e)
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(t)).to(dtype).to(DEVICE)
+    check(x, layer, k, renorm, regime, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_two_hundred_tokens(dtype):
+    layer = make_layer(61, 96, 56, 40, dtype, seed=3)
+    x = torch.randn(200, 96, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEVICE)
+    check(x, layer, 4, False, None, dtype)  # the launcher's choice for 200 tokens: the grouped GEMMs
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_all_tokens_on_one_expert(regime):
+    u = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(4)), dim=0)
+    layer = make_layer(7, 64, 32, 0, torch.float32, seed=11, hot=(3, u))
+    x = (torch.randn(20, 64, generator=torch.Generator().manual_seed(1)) + 4 * u).to(DEVICE)
+    ids, _ = route_ref(torch.nn.functional.linear(x, layer["router"]), 1, False)
+    assert (ids == 3).all()
+    check(x, layer, 1, False, regime, torch.float32)
+    check(x, layer, 2, True, regime, torch.float32)
+
+
+@pytest.mark.parametrize("e, k, renorm", [(7, 2, False), (61, 4, True), (64, 8, False), (5, 5, True)])
+def test_routing_kernel(e, k, renorm):
+    logits = torch.randn(37, e, device=DEVICE)
+    ids, w = route(logits, k, renorm)
+    ref_ids, ref_w = route_ref(logits, k, renorm)
+    assert torch.equal(ids.long(), ref_ids)
+    torch.testing.assert_close(w, ref_w)
+
+
+@pytest.mark.parametrize("t, e, k, bm", [(1, 7, 2, 16), (50, 61, 4, 16), (200, 5, 5, 64), (9, 3, 1, 4)])
+def test_align_groups_every_pair_once(t, e, k, bm):
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]).to(torch.int32).to(DEVICE)
+    sorted_pairs, block_experts, num_rows = moe_align(ids, e, bm)
+    n, rows = t * k, int(num_rows)
+    assert rows % bm == 0 and sorted_pairs.numel() % bm == 0 and rows <= sorted_pairs.numel()
+    used = sorted_pairs[:rows]
+    real = used[used < n]
+    assert sorted(real.tolist()) == list(range(n))  # every pair exactly once
+    assert (sorted_pairs[rows:] == n).all()
+    flat = ids.flatten()
+    for b in range(rows // bm):
+        block = used[b * bm:(b + 1) * bm]
+        members = block[block < n].long()
+        assert members.numel() > 0 and (flat[members] == block_experts[b]).all()
+    assert (block_experts[rows // bm:] == e).all()  # unused blocks: past the last expert
+
+
+def test_bad_inputs():
+    layer = make_layer(4, 32, 16, 0, torch.float32, seed=0)
+    x = torch.randn(2, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="top_k must be in"):
+        fused_moe(x, layer["router"], layer["gate_up"], layer["down"], 5, False)
+    with pytest.raises(ValueError, match="MoE shapes disagree"):
+        fused_moe(x[:, :31], layer["router"], layer["gate_up"], layer["down"], 2, False)
+    with pytest.raises(ValueError, match="regime"):
+        fused_moe(x, layer["router"], layer["gate_up"], layer["down"], 2, False, regime="turbo")
+
+
+def test_configs_tuning_cache_and_pin(tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN2RT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("QWEN2RT_MOE_CONFIG", raising=False)
+    layer = make_layer(5, 64, 32, 0, torch.float32, seed=2)
+    candidates = [{"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 1}, {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 1}]
+    fake_ms = iter([2.0, 1.0])  # the second candidate "wins"
+    best = moe_mod.tune(torch.empty(1, 64, device=DEVICE), layer["router"], layer["gate_up"], layer["down"], 2,
+                        False, tokens=3, candidates=candidates, bench=lambda fn: (fn(), next(fake_ms))[1])
+    assert best == candidates[1]
+    key = moe_mod.config_key(64, 32, 5, 2, torch.float32, "decode", DEVICE)
+    assert json.load(open(tmp_path / "moe_configs.json"))[key] == candidates[1]
+    assert moe_mod.get_config(key, "decode") == dict(moe_mod.DEFAULT_CONFIGS["decode"], **candidates[1])
+    monkeypatch.setenv("QWEN2RT_MOE_CONFIG", json.dumps({"BLOCK_K": 128}))
+    assert moe_mod.get_config(key, "decode")["BLOCK_K"] == 128
+    # a tuned config gives the same result as the default one
+    x = torch.randn(3, 64, device=DEVICE)
+    check(x, layer, 2, False, None, torch.float32, config=candidates[1])
+
+
+# ---- real layer shapes on the GPU ----------------------------------------------------------------------------------
+
+LAYERS = {"qwen1.5-moe-a2.7b": (60, 4, 2048, 1408, 5632), "qwen2-57b-a14b": (64, 8, 3584, 2560, 20480)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("t", [1, 4, 16, 200])
+def test_real_layer_shapes_bf16_gpu(name, t):
+    e, k, h, inter, shared = LAYERS[name]
+    layer = make_layer(e, h, inter, shared, torch.bfloat16, seed=t, device="cuda")
+    x = torch.randn(t, h, device="cuda").bfloat16()
+    check(x, layer, k, False, None, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 16])
+def test_moe_layer_in_a_cuda_graph_equals_eager(t):
+    e, k, h, inter, shared = LAYERS["qwen1.5-moe-a2.7b"]
+    layer = make_layer(e, h, inter, shared, torch.bfloat16, seed=7, device="cuda")
+    x = torch.randn(t, h, device="cuda").bfloat16()
+    eager = run(x, layer, k, False, None).clone()
+    static_out = torch.empty_like(x)
+    run(x, layer, k, False, None)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused_moe(x, layer["router"], layer["gate_up"], layer["down"], k, False, layer["shared_gate_up"],
+                  layer["shared_down"], layer["shared_gate"], out=static_out)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_out, eager, rtol=0, atol=0)
+    x.copy_(torch.randn_like(x))  # new input, same graph
+    graph.replay()
+    torch.testing.assert_close(static_out, run(x, layer, k, False, None), rtol=0, atol=0)
