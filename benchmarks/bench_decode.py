@@ -1,7 +1,8 @@
 """End-to-end decode: ms per generated token at batch 1 (and 4, 16) for the built-in shapes (random weights,
 prompt 128), against Hugging Face transformers eager and HF with a static cache + torch.compile(reduce-overhead),
-all in the same run. Reports the weight bytes read per token, the floor (bytes / measured copy bandwidth) and the
-fraction of the floor reached.
+all in the same run, and qwen2rt with enforce_eager (no CUDA graphs) beside it; graph capture time and memory.
+Reports the weight bytes read per token, the floor (bytes / measured copy bandwidth) and the fraction of the floor
+reached.
 
     python -m benchmarks.bench_decode [--models M ...] [--batches 1 4 16] [--steps 32] [--compiled-models M ...]
                                       [--smoke] [--out FILE.json]
@@ -47,7 +48,7 @@ def qwen2rt_ms_per_token(llm: LLM, batch: int, prompt_len: int, steps: int) -> f
 
 
 def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, steps=32, dtype=torch.bfloat16,
-        compiled_models=COMPILED_MODELS, compiled_batches=(1,), hf=True):
+        compiled_models=COMPILED_MODELS, compiled_batches=(1,), hf=True, eager_baseline=True):
     rows = []
     for name in models:
         config = builtin_config(name)
@@ -60,18 +61,23 @@ def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, ste
             r.update(extra)
             return r
 
-        try:
-            t0 = time.perf_counter()
-            llm = LLM(name, device=device, dtype=dtype, max_seq_len=prompt_len + steps + 16,
-                      max_batch_size=max(batches))
-            load_s = time.perf_counter() - t0
-            for b in batches:
-                rows.append(row(b, "qwen2rt", qwen2rt_ms_per_token(llm, b, prompt_len, steps),
-                                backend=llm.backend.name, load_s=load_s))
-            del llm
-        except Exception as e:
-            rows.append(row(None, "qwen2rt", None, error=repr(e)[:300]))
-        _free()
+        for impl, eager in (("qwen2rt", False), ("qwen2rt_eager", True)):
+            if eager and not eager_baseline:
+                continue
+            try:
+                t0 = time.perf_counter()
+                llm = LLM(name, device=device, dtype=dtype, max_seq_len=prompt_len + steps + 16,
+                          max_batch_size=max(batches), enforce_eager=eager)
+                load_s = time.perf_counter() - t0
+                dec = llm.engine.decoder
+                for b in batches:
+                    rows.append(row(b, impl, qwen2rt_ms_per_token(llm, b, prompt_len, steps),
+                                    backend=llm.backend.name, graphs=llm.use_graphs, load_s=load_s,
+                                    graph_capture_s=dec.capture_s, graph_mib=dec.capture_mib))
+                del llm, dec
+            except Exception as e:
+                rows.append(row(None, impl, None, error=repr(e)[:300]))
+            _free()
         if not hf:
             continue
         try:

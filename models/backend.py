@@ -72,6 +72,7 @@ class Backend:
     """The ops the model needs. Shapes: x is [T, H]; weights are in `nn.Linear` layout [out, in]."""
 
     name = "abstract"
+    graph_safe = False  # True when the decode step never synchronises with the host (CUDA-graph capturable)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise NotImplementedError
@@ -142,6 +143,7 @@ class TritonBackend(TorchBackend):
     matmuls. On CPU the kernels run through the Triton interpreter."""
 
     name = "triton"
+    graph_safe = True
 
     def rms_norm(self, x, weight, eps):
         return kernels.rms_norm(x, weight, eps)

@@ -1,15 +1,18 @@
-"""The engine: requests (`Sequence`), a first-come-first-served scheduler over the paged KV cache, and the model
-runner (eager varlen prefill, batched decode) with sampling.
+"""The engine: requests (`Sequence`), a first-come-first-served scheduler over the paged KV cache, eager chunked
+prefill, and decode through `DecodeRunner` (static buffers, one CUDA graph per batch bucket, sampling inside).
 
-Each step either prefills newly admitted sequences or decodes one token for every running sequence; finished
-sequences leave and free their blocks between steps, waiting ones join when blocks and batch slots allow. A
-sequence reserves blocks for its prompt plus its whole token budget when it is admitted, so a running sequence
-never runs out of cache.
+A step either prefills the next chunk of admitted prompts (at most `max_prefill_tokens` tokens) or decodes one
+token for every sequence whose prompt is done; while both kinds of work wait, steps alternate, so a long prompt
+never starves running decodes. Finished sequences leave and free their blocks between steps; waiting ones join
+when a slot and enough blocks are free. A sequence reserves blocks for its prompt plus its whole token budget
+when admitted, so a running sequence never runs out of cache.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+import random
 import time
 from collections import deque
 
@@ -19,17 +22,20 @@ from qwen2rt.models.backend import AttentionMetadata
 from qwen2rt.models.qwen2 import Qwen2Model
 
 from .kv_cache import KVCache
-from .sampling import SamplingParams, sample
+from .sampling import (SamplerState, SamplingParams, SamplingRows, needs_full_sampler, row_values, rows_tensor,
+                       sample_tokens)
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
+log = logging.getLogger("qwen2rt")
 _ids = itertools.count()
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
 class Sequence:
-    """One request: its tokens, text, stop conditions, cache blocks and timings."""
+    """One request: its tokens, text, stop conditions, cache blocks, sampler slot and timings."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, max_seq_len: int,
-                 tokenizer: Tokenizer | None, eos_token_ids: frozenset[int], device, prompt: str | None = None):
+                 tokenizer: Tokenizer | None, eos_token_ids: frozenset[int], prompt: str | None = None):
         self.id = next(_ids)
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
@@ -43,10 +49,9 @@ class Sequence:
         self.emitted = 0  # characters of self.text handed to a stream
         self.hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may still be forming
         self.blocks: list[int] = []
-        self.generator = None
-        if params.seed is not None:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(params.seed)
+        self.slot: int | None = None  # row in the sampler state while running
+        self.seed: int | None = params.seed  # the engine draws one at admission when the request has none
+        self.num_prefilled = 0  # prompt tokens whose k/v are in the cache
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
@@ -58,6 +63,10 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.num_prefilled == len(self.prompt_ids)
 
     def append(self, token: int) -> None:
         now = time.perf_counter()
@@ -94,19 +103,142 @@ class Sequence:
         self.emitted = end
         return piece
 
+    def sampling_row(self, padding_slot: int | None = None) -> tuple:
+        return row_values(self.params, self.seed, len(self.output_ids),
+                          self.slot if padding_slot is None else padding_slot)
+
+
+class DecodeRunner:
+    """The decode step on static buffers: one token for each of up to max_batch_size sequences, batch padded up to a
+    bucket with rows that write nothing (slot -1, length 0). With `use_graphs`, each (bucket, sampler variant) is
+    captured once as a CUDA graph (all graphs share one memory pool) and replayed; otherwise the same code runs
+    eagerly. The host fills the buffers, replays, and reads back the sampled ids: the only synchronisation."""
+
+    def __init__(self, model: Qwen2Model, cache: KVCache, sampler: SamplerState, max_batch_size: int,
+                 max_seq_len: int, use_graphs: bool, buckets=DEFAULT_BUCKETS):
+        self.model, self.cache, self.sampler = model, cache, sampler
+        self.use_graphs = use_graphs
+        self.buckets = sorted({b for b in buckets if b < max_batch_size} | {max_batch_size})
+        dev, n = model.device, max_batch_size
+        self.max_blocks = -(-max_seq_len // cache.block_size)
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
+        self.rows = SamplingRows(*(torch.zeros(n, dtype=torch.int64 if f in SamplingRows.INT_FIELDS
+                                               else torch.float32, device=dev) for f in SamplingRows.FIELDS))
+        self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self.capture_s: float | None = None  # set by capture_all
+        self.capture_mib: float | None = None
+        self._padding_row = row_values(SamplingParams(temperature=0).resolved(), 0, 0, sampler.padding_slot)
+
+    def bucket(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    def _fill(self, seqs: list[Sequence], bucket: int) -> None:
+        bs = self.cache.block_size
+        ids, pos, slots, lens, tables, rows = [], [], [], [], [], []
+        for s in seqs:
+            p = s.num_tokens - 1  # the newest token is not in the cache yet
+            ids.append(s.output_ids[-1])
+            pos.append(p)
+            slots.append(s.blocks[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables.append(s.blocks + [0] * (self.max_blocks - len(s.blocks)))
+            rows.append(s.sampling_row())
+        for _ in range(bucket - len(seqs)):  # padding rows: write nothing, sample into the padding slot
+            ids.append(0)
+            pos.append(0)
+            slots.append(-1)
+            lens.append(0)
+            tables.append([0] * self.max_blocks)
+            rows.append(self._padding_row)
+        self._copy(ids, pos, slots, lens, tables, rows, bucket)
+
+    def _copy(self, ids, pos, slots, lens, tables, rows, bucket):
+        self.input_ids[:bucket].copy_(torch.tensor(ids), non_blocking=True)
+        self.positions[:bucket].copy_(torch.tensor(pos), non_blocking=True)
+        self.slot_mapping[:bucket].copy_(torch.tensor(slots), non_blocking=True)
+        self.seq_lens[:bucket].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
+        self.block_tables[:bucket].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        host = rows_tensor(rows, "cpu")
+        for f in SamplingRows.FIELDS:
+            getattr(self.rows, f)[:bucket].copy_(getattr(host, f), non_blocking=True)
+
+    def _step(self, bucket: int, full: bool) -> None:
+        b = bucket
+        meta = AttentionMetadata(positions=self.positions[:b], slot_mapping=self.slot_mapping[:b],
+                                 block_tables=self.block_tables[:b], seq_lens=self.seq_lens[:b], is_prefill=False)
+        hidden = self.model.forward(self.input_ids[:b], meta, self.cache.layers)
+        logits = self.model.compute_logits(hidden)
+        rows = SamplingRows(*(getattr(self.rows, f)[:b] for f in SamplingRows.FIELDS))
+        self.tokens[:b].copy_(sample_tokens(logits, rows, self.sampler, full=full))
+
+    def run(self, seqs: list[Sequence]) -> list[int]:
+        bucket = self.bucket(len(seqs))
+        full = needs_full_sampler([s.params for s in seqs])
+        self._fill(seqs, bucket)
+        if self.use_graphs:
+            graph = self.graphs.get((bucket, full)) or self.capture(bucket, full)
+            graph.replay()
+        else:
+            self._step(bucket, full)
+        return self.tokens[:len(seqs)].tolist()
+
+    def capture(self, bucket: int, full: bool) -> torch.cuda.CUDAGraph:
+        """Warm up (compiles kernels) and capture one bucket with padding-only inputs, which write nothing."""
+        self._fill([], bucket)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._step(bucket, full)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step(bucket, full)
+        if self._pool is None:
+            self._pool = graph.pool()
+        self.graphs[(bucket, full)] = graph
+        return graph
+
+    def capture_all(self) -> None:
+        """Capture every bucket, both sampler variants, and log time and memory in one line."""
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info()[0]
+        start = time.perf_counter()
+        for bucket in reversed(self.buckets):  # largest first: the smaller ones reuse its pool
+            for full in (False, True):
+                if (bucket, full) not in self.graphs:
+                    self.capture(bucket, full)
+        torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - start
+        self.capture_mib = (free_before - torch.cuda.mem_get_info()[0]) / 2 ** 20
+        log.warning("captured %d decode CUDA graphs (buckets %s, greedy and full sampler) in %.2f s, %.0f MiB",
+                    len(self.graphs), self.buckets, self.capture_s, self.capture_mib)
+
 
 class Engine:
-    def __init__(self, model: Qwen2Model, kv_cache: KVCache, max_batch_size: int, max_seq_len: int,
-                 generator: torch.Generator, max_prefill_tokens: int = 8192):
+    def __init__(self, model: Qwen2Model, kv_cache: KVCache, max_batch_size: int, max_seq_len: int, seed: int,
+                 max_prefill_tokens: int = 2048, use_graphs: bool = False, graph_buckets=DEFAULT_BUCKETS):
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         self.model = model
         self.cache = kv_cache
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
-        self.generator = generator
         self.max_prefill_tokens = max_prefill_tokens
+        self.rng = random.Random(seed)  # seeds of requests that bring none
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.device = model.device
+        self.sampler = SamplerState(max_batch_size, model.config.vocab_size, self.device)
+        self.free_slots = list(range(max_batch_size - 1, -1, -1))
+        self.decoder = DecodeRunner(model, kv_cache, self.sampler, max_batch_size, max_seq_len, use_graphs,
+                                    graph_buckets)
+        self._decode_turn = False
 
     # ---- scheduling -------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -117,7 +249,7 @@ class Engine:
         self.waiting.append(seq)
 
     def abort(self, seq: Sequence) -> None:
-        """Drop a sequence wherever it is and free its blocks."""
+        """Drop a sequence wherever it is and free its blocks and slot."""
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq in self.running:
@@ -130,39 +262,40 @@ class Engine:
         if seq.blocks:
             self.cache.free(seq.blocks)
             seq.blocks = []
+        if seq.slot is not None:
+            self.free_slots.append(seq.slot)
+            seq.slot = None
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _admit(self) -> list[Sequence]:
-        admitted, tokens = [], 0
-        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+    def _admit(self) -> None:
+        while self.waiting and self.free_slots:
             seq = self.waiting[0]
             need = self.cache.blocks_for(seq.max_len)
             if need > self.cache.num_free_blocks:
                 break  # first come, first served: later requests wait behind it
-            if admitted and tokens + len(seq.prompt_ids) > self.max_prefill_tokens:
-                break
             self.waiting.popleft()
             seq.blocks = self.cache.allocate(need)
-            admitted.append(seq)
-            tokens += len(seq.prompt_ids)
-        return admitted
+            seq.slot = self.free_slots.pop()
+            if seq.seed is None:
+                seq.seed = self.rng.getrandbits(63)
+            self.sampler.reset(seq.slot, seq.prompt_ids)
+            self.running.append(seq)
 
     def step(self) -> list[Sequence]:
-        """Run one prefill or decode step; -> the sequences that received a token."""
-        prefill = self._admit()
-        seqs = prefill if prefill else list(self.running)
-        if not seqs:
+        """Run one prefill chunk or one decode step; -> the sequences that received a token."""
+        self._admit()
+        pending = [s for s in self.running if not s.prefill_done]
+        ready = [s for s in self.running if s.prefill_done]
+        if pending and (not ready or not self._decode_turn):
+            seqs, tokens = self._prefill(pending)
+            self._decode_turn = True
+        elif ready:
+            seqs, tokens = ready, self._decode(ready)
+            self._decode_turn = False
+        else:
             return []
-        try:
-            tokens = self._run(seqs, is_prefill=bool(prefill))
-        except BaseException:
-            for seq in prefill:  # not yet running: give their blocks back, then fail them
-                self._release(seq)
-                seq.finish_reason = "abort"
-            raise
-        self.running.extend(prefill)
         for seq, token in zip(seqs, tokens):
             seq.append(token)
             if seq.finished:
@@ -175,60 +308,57 @@ class Engine:
         bs = self.cache.block_size
         return seq.blocks[pos // bs] * bs + pos % bs
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.blocks) for s in seqs)
-        rows = [s.blocks + [0] * (width - len(s.blocks)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+    @torch.inference_mode()
+    def _prefill(self, pending: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        """The next chunk of each pending prompt, up to max_prefill_tokens in all (first come first). Sequences
+        whose prompt completes sample their first token."""
+        chunks, budget = [], self.max_prefill_tokens
+        for s in pending:
+            n = min(len(s.prompt_ids) - s.num_prefilled, budget)
+            if n <= 0:
+                break
+            chunks.append((s, s.num_prefilled, n))
+            budget -= n
+        ids, meta, last = self.prefill_metadata(chunks)
+        hidden = self.model.forward(ids, meta, self.cache.layers)
+        for s, start, n in chunks:
+            s.num_prefilled = start + n
+        done = [i for i, (s, _, _) in enumerate(chunks) if s.prefill_done]
+        if not done:
+            return [], []
+        seqs = [chunks[i][0] for i in done]
+        logits = self.model.compute_logits(hidden[last[done]])
+        rows = rows_tensor([s.sampling_row() for s in seqs], self.device)
+        tokens = sample_tokens(logits, rows, self.sampler, full=needs_full_sampler([s.params for s in seqs]))
+        return seqs, tokens.tolist()
 
-    def prefill_metadata(self, seqs: list[Sequence]) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """All prompt tokens of `seqs` -> (token ids [T], metadata, index of each sequence's last row [B])."""
+    def prefill_metadata(self, chunks: list[tuple[Sequence, int, int]]):
+        """(sequence, first prompt position, token count) chunks -> (token ids [T], metadata, last row of each
+        chunk [B])."""
         ids, positions, slots, starts = [], [], [], [0]
-        for s in seqs:
-            n = len(s.prompt_ids)
-            ids.extend(s.prompt_ids)
-            positions.extend(range(n))
-            slots.extend(self._slot(s, p) for p in range(n))
+        for s, start, n in chunks:
+            ids.extend(s.prompt_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(self._slot(s, p) for p in range(start, start + n))
             starts.append(starts[-1] + n)
         dev = self.device
-        lens = [len(s.prompt_ids) for s in seqs]
+        width = max(len(s.blocks) for s, _, _ in chunks)
+        tables = [s.blocks + [0] * (width - len(s.blocks)) for s, _, _ in chunks]
         meta = AttentionMetadata(
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=self._block_tables(seqs),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([start + n for _, start, n in chunks], dtype=torch.int32, device=dev),
             is_prefill=True,
             query_start=torch.tensor(starts, dtype=torch.int32, device=dev),
-            query_lens_host=lens,
+            query_lens_host=[n for _, _, n in chunks],
         )
         last = torch.tensor(starts[1:], device=dev) - 1
         return torch.tensor(ids, dtype=torch.long, device=dev), meta, last
 
-    def decode_metadata(self, seqs: list[Sequence]) -> tuple[torch.Tensor, AttentionMetadata]:
-        dev = self.device
-        positions = [s.num_tokens - 1 for s in seqs]  # the newest token is not in the cache yet
-        meta = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor([self._slot(s, p) for s, p in zip(seqs, positions)], dtype=torch.long,
-                                      device=dev),
-            block_tables=self._block_tables(seqs),
-            seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=dev),
-            is_prefill=False,
-        )
-        ids = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long, device=dev)
-        return ids, meta
-
     @torch.inference_mode()
-    def _run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        if is_prefill:
-            ids, meta, last = self.prefill_metadata(seqs)
-            hidden = self.model.forward(ids, meta, self.cache.layers)[last]
-        else:
-            ids, meta = self.decode_metadata(seqs)
-            hidden = self.model.forward(ids, meta, self.cache.layers)
-        logits = self.model.compute_logits(hidden)
-        histories = [(s.prompt_ids, s.output_ids) for s in seqs]
-        generators = [s.generator or self.generator for s in seqs]
-        return sample(logits, [s.params for s in seqs], histories, generators).tolist()
+    def _decode(self, seqs: list[Sequence]) -> list[int]:
+        return self.decoder.run(seqs)
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -236,11 +366,10 @@ class Engine:
         blocks = self.cache.blocks_for(len(token_ids))
         if blocks > self.cache.num_free_blocks:
             raise RuntimeError(f"KV cache has {self.cache.num_free_blocks} free blocks, {blocks} needed")
-        seq = Sequence(token_ids, SamplingParams(max_tokens=1).resolved(), self.max_seq_len, None, frozenset(),
-                       self.device)
+        seq = Sequence(token_ids, SamplingParams(max_tokens=1).resolved(), self.max_seq_len, None, frozenset())
         seq.blocks = self.cache.allocate(blocks)
         try:
-            ids, meta, _ = self.prefill_metadata([seq])
+            ids, meta, _ = self.prefill_metadata([(seq, 0, len(token_ids))])
             return self.model.compute_logits(self.model.forward(ids, meta, self.cache.layers))
         finally:
             self._release(seq)

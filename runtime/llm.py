@@ -17,7 +17,7 @@ from qwen2rt.models.loader import load_weights
 from qwen2rt.models.qwen2 import Qwen2Model, random_weights
 from qwen2rt.models.rope import RotaryTables
 
-from .engine import Engine, Sequence
+from .engine import DEFAULT_BUCKETS, Engine, Sequence
 from .kv_cache import KVCache, kv_bytes_per_token
 from .sampling import SamplingParams, defaults_from_generation_config
 from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -65,15 +65,21 @@ class LLM:
 
     model: a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json, ...) or a built-in
     shape name (random weights): see `qwen2rt.models.BUILTIN_CONFIGS`.
-    Defaults: CUDA if present else CPU; bf16 on GPU, fp32 on CPU; backend `triton` on CUDA (once available),
-    `torch` on CPU; max_seq_len = the model's max_position_embeddings; max_batch_size 16. The KV cache holds
-    num_kv_blocks blocks of block_size tokens (default: enough for max_batch_size full-length sequences, capped
-    at 85% of free GPU memory, or 4 GiB on CPU).
+    Defaults: CUDA if present else CPU; bf16 on GPU, fp32 on CPU; backend `triton` on CUDA, `torch` on CPU;
+    max_seq_len = the model's max_position_embeddings; max_batch_size 16. The KV cache holds num_kv_blocks blocks
+    of block_size tokens (default: enough for max_batch_size full-length sequences, capped at 85% of free GPU
+    memory, or 4 GiB on CPU).
+    Decode runs as CUDA graphs (one per batch bucket in cuda_graph_buckets, plus max_batch_size) on CUDA with the
+    triton backend, captured at start-up (capture_graphs="startup") or on first use ("lazy");
+    enforce_eager=True runs the same step without graphs. Prompts are prefilled in chunks of at most
+    max_prefill_tokens tokens per step, alternating with decode steps.
     """
 
     def __init__(self, model: str, *, device=None, dtype=None, backend: str | None = None,
                  max_seq_len: int | None = None, max_batch_size: int | None = None, seed: int | None = None,
-                 num_kv_blocks: int | None = None, block_size: int = 16):
+                 num_kv_blocks: int | None = None, block_size: int = 16, enforce_eager: bool = False,
+                 cuda_graph_buckets=DEFAULT_BUCKETS, capture_graphs: str = "startup",
+                 max_prefill_tokens: int = 2048):
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -125,13 +131,20 @@ class LLM:
         elif not (isinstance(num_kv_blocks, int) and num_kv_blocks >= 1):
             raise ValueError(f"num_kv_blocks = {num_kv_blocks!r}: must be an integer >= 1")
 
+        if capture_graphs not in ("startup", "lazy"):
+            raise ValueError(f"capture_graphs = {capture_graphs!r}: must be 'startup' or 'lazy'")
+        if not (isinstance(max_prefill_tokens, int) and max_prefill_tokens >= 1):
+            raise ValueError(f"max_prefill_tokens = {max_prefill_tokens!r}: must be an integer >= 1")
         self.rope = RotaryTables.build(cfg, self.max_seq_len, self.device)
         self.model = Qwen2Model(cfg, weights, self.backend, self.rope)
         self.backend.warmup(weights.layers)
         self.kv_cache = KVCache(cfg, num_kv_blocks, block_size, self.device, self.dtype)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.seed)
-        self.engine = Engine(self.model, self.kv_cache, self.max_batch_size, self.max_seq_len, gen)
+        # graphs need a backend whose decode step never synchronises (the torch reference reads lengths on the host)
+        self.use_graphs = self.device.type == "cuda" and self.backend.graph_safe and not enforce_eager
+        self.engine = Engine(self.model, self.kv_cache, self.max_batch_size, self.max_seq_len, self.seed,
+                             max_prefill_tokens, self.use_graphs, cuda_graph_buckets)
+        if self.use_graphs and capture_graphs == "startup":
+            self.engine.decoder.capture_all()
         self._lock = threading.Lock()
 
     def _collect_eos(self, generation_eos) -> frozenset[int]:
@@ -194,7 +207,7 @@ class LLM:
 
     def _new_sequence(self, prompt, params: SamplingParams) -> Sequence:
         text, ids = self._encode(prompt)
-        return Sequence(ids, params, self.max_seq_len, self.tokenizer, self.eos_token_ids, self.device, text)
+        return Sequence(ids, params, self.max_seq_len, self.tokenizer, self.eos_token_ids, text)
 
     # ---- API --------------------------------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
@@ -205,8 +218,7 @@ class LLM:
         self._submit(seqs)
         try:
             while not all(s.finished for s in seqs):
-                with self._lock:
-                    self.engine.step()
+                self._step_locked()
         finally:
             self._abort_unfinished(seqs)
         return [self._output(s) for s in seqs]
@@ -224,16 +236,57 @@ class LLM:
         self._submit([seq])
         try:
             while True:
-                with self._lock:
-                    if not seq.finished:
-                        self.engine.step()
-                    piece, done = seq.take_new_text(), seq.finished
+                piece, done = self._step_and_take(seq)
                 if piece:
                     yield piece
                 if done:
                     return
         finally:
             self._abort_unfinished([seq])
+
+    async def agenerate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
+        """`generate` for asyncio: engine steps run in a worker thread, so the event loop stays free and
+        concurrent coroutines share the running batch."""
+        import asyncio
+
+        params = self._params(params)
+        seqs = [self._new_sequence(p, params) for p in self._normalise_prompts(prompts)]
+        self._submit(seqs)
+        try:
+            while not all(s.finished for s in seqs):
+                await asyncio.to_thread(self._step_locked)
+        finally:
+            self._abort_unfinished(seqs)
+        return [self._output(s) for s in seqs]
+
+    async def astream(self, prompt, params: SamplingParams | None = None):
+        """`stream` for asyncio: an async iterator of text pieces; closing it early cancels the request."""
+        import asyncio
+
+        params = self._params(params)
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_name} ships no tokenizer.json: streaming text needs one")
+        seq = self._new_sequence(prompt, params)
+        self._submit([seq])
+        try:
+            while True:
+                piece, done = await asyncio.to_thread(self._step_and_take, seq)
+                if piece:
+                    yield piece
+                if done:
+                    return
+        finally:
+            self._abort_unfinished([seq])
+
+    def _step_locked(self) -> None:
+        with self._lock:
+            self.engine.step()
+
+    def _step_and_take(self, seq: Sequence) -> tuple[str, bool]:
+        with self._lock:
+            if not seq.finished:
+                self.engine.step()
+            return seq.take_new_text(), seq.finished
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, **template_kwargs) -> RequestOutput:
         """One assistant reply to `messages` ([{"role": ..., "content": ...}, ...]) using the checkpoint's chat

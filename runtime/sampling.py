@@ -1,9 +1,10 @@
 """Sampling parameters and the sampler.
 
 Order of the logits transforms (Hugging Face's and vLLM's): repetition / presence / frequency penalties, then
-temperature (0 = greedy), top-k, top-p, min-p, then one draw. The draw is an exponential race
-(argmax of p / E with E ~ Exp(1)), which samples from p exactly and lets each row use its own generator, so a
-request with a seed gets the same tokens whatever else is in the batch.
+temperature (0 = greedy), top-k, top-p, min-p, then one draw. The draw is an exponential race (argmax of p / E
+with E ~ Exp(1)), which samples from p exactly; the uniforms behind E are a hash of (request seed, step, token id),
+so a seeded request gets the same tokens whatever else is in the batch, and the whole sampler runs on the device
+with static shapes and no generator state: it is captured inside the decode CUDA graph.
 """
 
 from __future__ import annotations
@@ -112,25 +113,112 @@ def defaults_from_generation_config(gc: dict) -> dict:
     return out
 
 
-def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]]):
-    """In place on float32 logits [B, V]. histories[b] = (prompt ids, output ids). Repetition penalty over prompt
-    and output (Hugging Face: divide positive logits, multiply negative ones); presence and frequency penalties
-    over the output only (OpenAI / vLLM)."""
-    vocab = logits.shape[1]
-    for b, (p, (prompt, output)) in enumerate(zip(params, histories)):
-        row = logits[b]
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=row.device)
-            seen = seen[seen < vocab]
-            vals = row[seen]
-            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and output:
-            ids = torch.tensor(output, dtype=torch.long, device=row.device)
-            ids = ids[ids < vocab]
-            counts = torch.zeros(vocab, device=row.device).index_add_(0, ids, torch.ones(len(ids), device=row.device))
-            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+@dataclass
+class SamplingRows:
+    """Per-row sampling parameters of one batch, as device tensors [B] (static buffers inside a CUDA graph)."""
+
+    temperature: torch.Tensor  # float32; 0 = greedy
+    top_k: torch.Tensor  # int64; <= 0 disables
+    top_p: torch.Tensor  # float32
+    min_p: torch.Tensor  # float32
+    repetition: torch.Tensor  # float32; 1 disables
+    presence: torch.Tensor  # float32
+    frequency: torch.Tensor  # float32
+    seed: torch.Tensor  # int64: the request's seed (drawn from the engine's RNG when it has none)
+    step: torch.Tensor  # int64: tokens the request has generated so far
+    slot: torch.Tensor  # int64: the request's row in SamplerState (the last row absorbs padding rows)
+
+    FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition", "presence", "frequency", "seed", "step", "slot")
+    INT_FIELDS = ("top_k", "seed", "step", "slot")
 
 
+def row_values(p: SamplingParams, seed: int, step: int, slot: int) -> tuple:
+    """One row of SamplingRows, in FIELDS order."""
+    return (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+            p.frequency_penalty, seed, step, slot)
+
+
+def rows_tensor(values: list[tuple], device) -> SamplingRows:
+    cols = list(zip(*values))
+    return SamplingRows(*(torch.tensor(col, device=device, dtype=torch.int64 if name in SamplingRows.INT_FIELDS
+                                       else torch.float32) for name, col in zip(SamplingRows.FIELDS, cols)))
+
+
+def needs_full_sampler(params: list[SamplingParams]) -> bool:
+    """False when every row is greedy without penalties: argmax alone is then exact."""
+    return any(not p.greedy or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+               or p.frequency_penalty != 0.0 for p in params)
+
+
+class SamplerState:
+    """Per-request device state the penalties need: which tokens a request has seen (prompt + output) and how often
+    it has generated each one. One row per engine slot plus a last row that padding rows write to."""
+
+    def __init__(self, num_slots: int, vocab_size: int, device):
+        self.padding_slot = num_slots
+        self.seen = torch.zeros(num_slots + 1, vocab_size, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(num_slots + 1, vocab_size, dtype=torch.int32, device=device)
+
+    def reset(self, slot: int, prompt_ids: list[int]) -> None:
+        self.seen[slot].zero_()
+        self.counts[slot].zero_()
+        self.seen[slot, torch.tensor(prompt_ids, dtype=torch.long, device=self.seen.device)] = True
+
+
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, repetition: torch.Tensor,
+                    presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """float32 logits [B, V]; seen [B, V] bool (prompt and output tokens); counts [B, V] (output tokens).
+    Repetition penalty over prompt and output (Hugging Face: divide positive logits, multiply negative ones);
+    presence and frequency penalties over the output only (OpenAI / vLLM). Neutral values change nothing."""
+    rep = repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    counts = counts.float()
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).float()
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply rounds) on int64 tensors holding values < 2^32; every product
+    stays below 2^63, so CPU and GPU give the same bits."""
+    for _ in range(2):
+        x = x ^ (x >> 16)
+        x = (x * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def hash_uniform(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Counter-based uniforms in (0, 1): [B] seeds and steps -> [B, V] float32. A pure function of (seed, step,
+    token id), so a seeded request draws the same numbers in any batch, eagerly or inside a CUDA graph, with no
+    generator state to carry."""
+    s = _mix32((seed & _M32) ^ _mix32((seed >> 32) & _M32))
+    s = _mix32(s ^ ((step & 0x7FFFFFFF) * 0x9E3779B1 & _M32))
+    idx = torch.arange(vocab, device=seed.device, dtype=torch.int64)
+    x = _mix32(s[:, None] ^ ((idx[None, :] * 0x85EBCA6B) & _M32))
+    return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))  # 24 bits: exact in float32, never 0 or 1
+
+
+def sample_tokens(logits: torch.Tensor, rows: SamplingRows, state: SamplerState, full: bool = True) -> torch.Tensor:
+    """float32 logits [B, V] -> token ids [B] int64, all on the device with static shapes (capturable in a CUDA
+    graph), and records each token in `state` for later penalties. full=False: every row is greedy without
+    penalties, so argmax alone is exact."""
+    logits = logits.float()
+    if full:
+        logits = apply_penalties(logits, state.seen[rows.slot], state.counts[rows.slot], rows.repetition,
+                                 rows.presence, rows.frequency)
+        greedy = logits.argmax(dim=-1)
+        hot = rows.temperature > 0
+        temperature = torch.where(hot, rows.temperature, torch.ones_like(rows.temperature))
+        probs = filter_logits(logits, temperature, rows.top_k, rows.top_p, rows.min_p)
+        # exponential race: argmax p / E with E = -log(U) ~ Exp(1) samples exactly from p
+        noise = -torch.log(hash_uniform(rows.seed, rows.step, logits.shape[1]))
+        tokens = torch.where(hot, (probs / noise).argmax(dim=-1), greedy)
+    else:
+        tokens = logits.argmax(dim=-1)
+    state.counts.index_put_((rows.slot, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+    state.seen[rows.slot, tokens] = True
+    return tokens
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   min_p: torch.Tensor) -> torch.Tensor:
     """float32 logits [B, V] and per-row parameters [B] -> probabilities [B, V] after temperature, top-k, top-p
@@ -153,28 +241,3 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     filtered = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     return torch.softmax(filtered, dim=-1)
-
-
-def sample(logits: torch.Tensor, params: list[SamplingParams], histories, generators: list[torch.Generator]):
-    """float32 logits [B, V] -> token ids [B] (a tensor on logits' device). generators[b] draws row b's noise."""
-    logits = logits.clone()
-    if any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
-        apply_penalties(logits, params, histories)
-    tokens = logits.argmax(dim=-1)
-    sampled = [b for b, p in enumerate(params) if not p.greedy]
-    if not sampled:
-        return tokens
-    dev = logits.device
-    rows = torch.tensor(sampled, device=dev)
-    sub = [params[b] for b in sampled]
-    probs = filter_logits(
-        logits[rows],
-        torch.tensor([p.temperature for p in sub], device=dev, dtype=torch.float32),
-        torch.tensor([p.top_k for p in sub], device=dev),
-        torch.tensor([p.top_p for p in sub], device=dev, dtype=torch.float32),
-        torch.tensor([p.min_p for p in sub], device=dev, dtype=torch.float32),
-    )
-    noise = torch.stack([torch.empty(probs.shape[1], device=dev).exponential_(generator=generators[b])
-                         for b in sampled]).clamp_min_(1e-20)  # a draw of exactly 0 would give 0/0
-    tokens[rows] = (probs / noise).argmax(dim=-1)
-    return tokens

@@ -46,7 +46,7 @@ def test_gpu_check_driver_writes_the_record(tmp_path):
                 "kernels", "graph_capture_s"):
         assert key in rec, key
     assert not rec["errors"], rec["errors"]
-    assert {r["impl"] for r in rec["decode"]} == {"qwen2rt", "hf_eager"}
+    assert {r["impl"] for r in rec["decode"]} == {"qwen2rt", "qwen2rt_eager", "hf_eager"}
     assert all(r["floor_ms"] > 0 for r in rec["decode"])
     assert "## Decode" in open(tmp_path / "summary.md").read()
 

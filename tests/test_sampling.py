@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from qwen2rt import SamplingParams
-from qwen2rt.sampling import apply_penalties, defaults_from_generation_config, filter_logits, sample
+from qwen2rt.sampling import (SamplerState, apply_penalties, defaults_from_generation_config, filter_logits,
+                              hash_uniform, row_values, rows_tensor, sample_tokens)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -76,44 +77,78 @@ def test_per_row_parameters_are_independent():
     assert (probs[0] > 0).sum() == 1 and (probs[1] > 0).sum() == 50 and (probs[2] > 0).sum() == 5
 
 
+def penalty_inputs(prompt, output, vocab):
+    seen = torch.zeros(1, vocab, dtype=torch.bool)
+    seen[0, prompt + output] = True
+    counts = torch.zeros(1, vocab, dtype=torch.int32)
+    for t in output:
+        counts[0, t] += 1
+    return seen, counts
+
+
 def test_repetition_penalty_matches_hf():
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    logits = torch.randn(2, 100)
+    logits = torch.randn(1, 100)
     prompt, output = [3, 7, 7, 99], [12, 3, 50]
-    p = SamplingParams(repetition_penalty=1.3).resolved()
-    ours = logits.clone()
-    apply_penalties(ours, [p, p], [(prompt, output), (prompt, output)])
-    ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + output] * 2), logits.clone())
+    seen, counts = penalty_inputs(prompt, output, 100)
+    ours = apply_penalties(logits, seen, counts, torch.tensor([1.3]), torch.tensor([0.0]), torch.tensor([0.0]))
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + output]), logits.clone())
     torch.testing.assert_close(ours, ref)
 
 
 def test_presence_and_frequency_penalties_on_output_only():
-    logits = torch.zeros(1, 10)
-    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25).resolved()
-    apply_penalties(logits, [p], [([1, 2], [2, 2, 5])])
+    seen, counts = penalty_inputs([1, 2], [2, 2, 5], 10)
+    out = apply_penalties(torch.zeros(1, 10), seen, counts, torch.tensor([1.0]), torch.tensor([0.5]),
+                          torch.tensor([0.25]))
     expected = torch.zeros(10)
     expected[2] = -(0.5 + 2 * 0.25)
     expected[5] = -(0.5 + 0.25)
-    torch.testing.assert_close(logits[0], expected)
+    torch.testing.assert_close(out[0], expected)
+
+
+def test_neutral_penalties_change_nothing():
+    logits = torch.randn(2, 50)
+    seen = torch.rand(2, 50) > 0.5
+    counts = torch.randint(0, 3, (2, 50), dtype=torch.int32)
+    out = apply_penalties(logits, seen, counts, torch.ones(2), torch.zeros(2), torch.zeros(2))
+    assert torch.equal(out, logits)
+
+
+def test_hash_uniforms():
+    u = hash_uniform(torch.arange(64), torch.zeros(64, dtype=torch.long), 5000)
+    assert u.shape == (64, 5000) and (u > 0).all() and (u < 1).all()
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+    assert not torch.equal(u[0], u[1])  # seeds differ
+    again = hash_uniform(torch.tensor([5, 5]), torch.tensor([0, 1]), 5000)
+    torch.testing.assert_close(again[0], u[5], rtol=0, atol=0)  # a pure function of (seed, step, token)
+    assert not torch.equal(again[0], again[1])  # steps differ
+
+
+def rows_for(params, seeds, steps, slots):
+    return rows_tensor([row_values(p, s, t, slot) for p, s, t, slot in zip(params, seeds, steps, slots)], "cpu")
 
 
 def test_draws_follow_the_distribution():
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    logits = probs.log()[None].repeat(4000, 1)
+    n = 4000
     p = SamplingParams(temperature=1.0).resolved()
-    gen = torch.Generator().manual_seed(0)
-    tokens = sample(logits, [p] * 4000, [([], [])] * 4000, [gen] * 4000)
-    freq = torch.bincount(tokens, minlength=4).float() / 4000
+    state = SamplerState(1, 4, "cpu")
+    rows = rows_for([p] * n, range(n), [0] * n, [state.padding_slot] * n)  # 4000 requests, 4000 seeds
+    tokens = sample_tokens(probs.log()[None].repeat(n, 1), rows, state)
+    freq = torch.bincount(tokens, minlength=4).float() / n
     assert (freq - probs).abs().max() < 0.03  # ~4 standard errors at n=4000
 
 
-def test_greedy_ignores_generators_and_seeded_rows_are_reproducible():
+def test_greedy_rows_seeds_and_recorded_tokens():
     logits = torch.randn(3, 64)
     greedy = SamplingParams(temperature=0).resolved()
     hot = SamplingParams(temperature=1.0).resolved()
-    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
-    out = sample(logits, [greedy, hot, hot], [([], [])] * 3, gens)
+    state = SamplerState(3, 64, "cpu")
+    out = sample_tokens(logits, rows_for([greedy, hot, hot], [1, 2, 3], [0, 0, 0], [0, 1, 2]), state)
     assert out[0] == logits[0].argmax()
-    again = sample(logits[1:2], [hot], [([], [])], [torch.Generator().manual_seed(2)])
-    assert again[0] == out[1]
+    again = sample_tokens(logits[1:2], rows_for([hot], [2], [0], [1]), state)
+    assert again[0] == out[1]  # same seed and step, alone in the batch: same token
+    assert state.counts[1, out[1]] == 2 and state.seen[0, out[0]] and state.counts[2].sum() == 1
+    fast = sample_tokens(logits, rows_for([greedy] * 3, [0] * 3, [0] * 3, [0, 1, 2]), state, full=False)
+    assert torch.equal(fast, logits.argmax(-1))

@@ -1,0 +1,161 @@
+"""The engine: allocator and scheduler (with a fake model, so thousands of requests take seconds), chunked prefill,
+decode interleaving, and the asyncio API."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from qwen2rt import LLM, SamplingParams
+from qwen2rt.engine import Engine, Sequence
+from qwen2rt.kv_cache import KVCache
+from qwen2rt.models.config import builtin_config
+from test_parity import hf_greedy, hf_logits, random_prompt, rel_err
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+class FakeModel:
+    """Stands in for Qwen2Model: instant, and it emits token (position % vocab) so outputs are checkable."""
+
+    def __init__(self, vocab=50):
+        self.config = dataclasses.replace(builtin_config("tiny"), vocab_size=vocab)
+        self.device = torch.device("cpu")
+        self.steps = []
+
+    def forward(self, ids, meta, layers):
+        self.steps.append("prefill" if meta.is_prefill else "decode")
+        self._next = (meta.positions + 1) % self.config.vocab_size
+        return torch.zeros(ids.shape[0], 1)
+
+    def compute_logits(self, hidden):
+        # the rows asked for are the last of each chunk (prefill) or every row (decode)
+        nxt = self._next if hidden.shape[0] == self._next.shape[0] else self._last
+        return torch.nn.functional.one_hot(nxt, self.config.vocab_size).float()
+
+
+def fake_engine(num_blocks=20, block_size=4, max_batch=4, max_prefill_tokens=64):
+    model = FakeModel()
+    cache = KVCache(model.config, num_blocks, block_size, "cpu", torch.float32)
+    engine = Engine(model, cache, max_batch, 256, seed=0, max_prefill_tokens=max_prefill_tokens)
+    orig = engine.prefill_metadata
+
+    def prefill_metadata(chunks):  # remember each chunk's last position for FakeModel.compute_logits
+        ids, meta, last = orig(chunks)
+        model._last = (meta.positions[last] + 1) % model.config.vocab_size
+        return ids, meta, last
+
+    engine.prefill_metadata = prefill_metadata
+    return engine
+
+
+def seq(prompt_len, max_tokens):
+    return Sequence([i % 50 for i in range(prompt_len)], SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                            ignore_eos=True).resolved(), 256, None, frozenset())
+
+
+def drain(engine, limit=100000):
+    for _ in range(limit):
+        if not engine.has_work():
+            return
+        engine.step()
+    raise AssertionError("engine did not finish")
+
+
+def test_thousands_of_requests_leak_nothing():
+    engine = fake_engine()
+    rng = random.Random(0)
+    seqs = []
+    for _ in range(2000):
+        s = seq(rng.randint(1, 20), rng.randint(1, 12))
+        seqs.append(s)
+        engine.add(s)
+        if rng.random() < 0.3:
+            engine.step()
+    drain(engine)
+    assert all(s.finish_reason == "length" for s in seqs)
+    for s in seqs[:50]:  # FakeModel emits position + 1: the tokens say where each sequence was
+        n = len(s.prompt_ids)
+        assert s.output_ids == [(n + i) % 50 for i in range(len(s.output_ids))]
+        assert len(s.output_ids) == min(s.max_len - n, s.params.max_tokens)
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+    assert sorted(engine.free_slots) == list(range(4))
+
+
+def test_requests_wait_when_blocks_or_slots_run_out():
+    engine = fake_engine(num_blocks=6, block_size=4, max_batch=2)
+    big = [seq(8, 8) for _ in range(3)]  # 4 blocks each: one at a time
+    for s in big:
+        engine.add(s)
+    engine.step()
+    assert len(engine.running) == 1 and len(engine.waiting) == 2
+    drain(engine)
+    assert all(s.finished for s in big)
+    engine = fake_engine(num_blocks=50, max_batch=2)
+    small = [seq(2, 3) for _ in range(5)]
+    for s in small:
+        engine.add(s)
+    engine.step()
+    assert len(engine.running) == 2 and len(engine.waiting) == 3  # two slots
+    drain(engine)
+    with pytest.raises(ValueError, match="needs 64 KV cache blocks"):
+        engine.add(seq(200, 56))
+
+
+def test_long_prompt_is_chunked_and_does_not_starve_decodes():
+    engine = fake_engine(num_blocks=100, max_prefill_tokens=16)
+    short = seq(3, 40)
+    engine.add(short)
+    engine.step()  # short is prefilled and decoding
+    long = seq(100, 2)
+    engine.add(long)
+    tokens_before = len(short.output_ids)
+    steps = 0
+    while not long.output_ids:
+        engine.step()
+        steps += 1
+    assert long.num_prefilled == 100 and steps >= 2 * 7 - 1  # 7 chunks of <= 16 tokens, decodes in between
+    assert len(short.output_ids) - tokens_before >= 6  # the running decode kept going
+    assert long.output_ids[0] == 100 % 50
+
+
+@pytest.mark.parametrize("name", ["dense_gqa", "moe_renorm"])
+def test_chunked_prefill_matches_hf(name, hf_checkpoints):
+    path, hf = hf_checkpoints[name]
+    llm = LLM(path, device="cpu", max_seq_len=128, max_prefill_tokens=7)
+    prompt = random_prompt(40, hf.config.vocab_size, 6)
+    out = llm.generate([prompt], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+    assert out.token_ids == hf_greedy(hf, prompt, 20)
+    assert rel_err(llm.logits(prompt), hf_logits(hf, prompt)) < 1e-4
+
+
+def test_asyncio_api():
+    llm = LLM("tiny", device="cpu", max_seq_len=128, max_batch_size=4)
+    prompts = ["one", "two two", "three three three", "four", "five five"]
+    expected = [llm.generate(p, GREEDY)[0].token_ids for p in prompts]
+
+    async def main():
+        outs = await asyncio.gather(*(llm.agenerate(p, GREEDY) for p in prompts))
+        assert [o[0].token_ids for o in outs] == expected
+        pieces = [piece async for piece in llm.astream("two two", GREEDY)]
+        assert "".join(pieces) == llm.generate("two two", GREEDY)[0].text
+        free = llm.kv_cache.num_free_blocks
+        it = llm.astream("cancel", SamplingParams(max_tokens=100, temperature=1.0, ignore_eos=True))
+        await it.__anext__()
+        await it.aclose()
+        assert llm.kv_cache.num_free_blocks == free
+
+    asyncio.run(main())
+
+
+def test_graph_options_on_cpu_run_eagerly():
+    llm = LLM("tiny", device="cpu", enforce_eager=False, capture_graphs="lazy")
+    assert not llm.use_graphs  # CUDA graphs need CUDA and the triton backend
+    with pytest.raises(ValueError, match="capture_graphs"):
+        LLM("tiny", device="cpu", capture_graphs="sometimes")
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        LLM("tiny", device="cpu", max_prefill_tokens=0)
