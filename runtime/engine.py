@@ -121,52 +121,54 @@ class DecodeRunner:
         self.buckets = sorted({b for b in buckets if b < max_batch_size} | {max_batch_size})
         dev, n = model.device, max_batch_size
         self.max_blocks = -(-max_seq_len // cache.block_size)
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=dev)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        # Two packed buffers, so one step's inputs cross to the device in three copies (ints, floats, tables).
+        self.ints = torch.zeros(len(self.INT_ROWS), n, dtype=torch.long, device=dev)
+        self.floats = torch.zeros(len(self.FLOAT_ROWS), n, dtype=torch.float32, device=dev)
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
-        self.rows = SamplingRows(*(torch.zeros(n, dtype=torch.int64 if f in SamplingRows.INT_FIELDS
-                                               else torch.float32, device=dev) for f in SamplingRows.FIELDS))
+        view = dict(zip(self.INT_ROWS, self.ints))
+        view.update(zip(self.FLOAT_ROWS, self.floats))
+        self.input_ids, self.positions = view["input_ids"], view["positions"]
+        self.slot_mapping, self.seq_lens = view["slot_mapping"], view["seq_lens"]
+        self.rows = SamplingRows(*(view[f] for f in SamplingRows.FIELDS))
         self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self._pool = None
         self.capture_s: float | None = None  # set by capture_all
         self.capture_mib: float | None = None
-        self._padding_row = row_values(SamplingParams(temperature=0).resolved(), 0, 0, sampler.padding_slot)
+        padding = dict(zip(SamplingRows.FIELDS, row_values(SamplingParams(temperature=0).resolved(), 0, 0,
+                                                          sampler.padding_slot)))
+        # padding rows: token 0 at position 0, slot -1 and length 0 (write and read nothing), the padding sampler row
+        padding.update(input_ids=0, positions=0, slot_mapping=-1, seq_lens=0)
+        self._padding_ints = [padding[f] for f in self.INT_ROWS]
+        self._padding_floats = [padding[f] for f in self.FLOAT_ROWS]
+
+    INT_ROWS = ("input_ids", "positions", "slot_mapping", "seq_lens", "top_k", "seed", "step", "slot")
+    FLOAT_ROWS = ("temperature", "top_p", "min_p", "repetition", "presence", "frequency")
 
     def bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
 
     def _fill(self, seqs: list[Sequence], bucket: int) -> None:
+        """Host -> static buffers. Only the block-table columns in use are copied: kernels never read a column
+        past a sequence's length, so stale entries there are harmless."""
         bs = self.cache.block_size
-        ids, pos, slots, lens, tables, rows = [], [], [], [], [], []
+        ints, floats, tables = [], [], []
+        width = max((len(s.blocks) for s in seqs), default=0)
         for s in seqs:
             p = s.num_tokens - 1  # the newest token is not in the cache yet
-            ids.append(s.output_ids[-1])
-            pos.append(p)
-            slots.append(s.blocks[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            tables.append(s.blocks + [0] * (self.max_blocks - len(s.blocks)))
-            rows.append(s.sampling_row())
-        for _ in range(bucket - len(seqs)):  # padding rows: write nothing, sample into the padding slot
-            ids.append(0)
-            pos.append(0)
-            slots.append(-1)
-            lens.append(0)
-            tables.append([0] * self.max_blocks)
-            rows.append(self._padding_row)
-        self._copy(ids, pos, slots, lens, tables, rows, bucket)
-
-    def _copy(self, ids, pos, slots, lens, tables, rows, bucket):
-        self.input_ids[:bucket].copy_(torch.tensor(ids), non_blocking=True)
-        self.positions[:bucket].copy_(torch.tensor(pos), non_blocking=True)
-        self.slot_mapping[:bucket].copy_(torch.tensor(slots), non_blocking=True)
-        self.seq_lens[:bucket].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
-        self.block_tables[:bucket].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
-        host = rows_tensor(rows, "cpu")
-        for f in SamplingRows.FIELDS:
-            getattr(self.rows, f)[:bucket].copy_(getattr(host, f), non_blocking=True)
+            row = dict(zip(SamplingRows.FIELDS, s.sampling_row()))
+            row.update(input_ids=s.output_ids[-1], positions=p, slot_mapping=s.blocks[p // bs] * bs + p % bs,
+                       seq_lens=p + 1)
+            ints.append([row[f] for f in self.INT_ROWS])
+            floats.append([row[f] for f in self.FLOAT_ROWS])
+            tables.append(s.blocks + [0] * (width - len(s.blocks)))
+        for _ in range(bucket - len(seqs)):
+            ints.append(self._padding_ints)
+            floats.append(self._padding_floats)
+        self.ints[:, :bucket].copy_(torch.tensor(ints, dtype=torch.long).T, non_blocking=True)
+        self.floats[:, :bucket].copy_(torch.tensor(floats, dtype=torch.float32).T, non_blocking=True)
+        if width:
+            self.block_tables[:len(seqs), :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
 
     def _step(self, bucket: int, full: bool) -> None:
         b = bucket
