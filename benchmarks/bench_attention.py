@@ -9,12 +9,10 @@ GB/s on the KV bytes read and % of the measured copy bandwidth. Prefill: 2048 to
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench_ms, device_default, kernel_row, measure_ceilings, print_rows, write_json
+from benchmarks.common import bench_ms, kernel_bench_main, kernel_row
 from qwen2rt.kernels import decode_attention, prefill_attention
 
 LAYOUTS = {"qwen2-0.5b": (14, 2, 64), "qwen2-7b": (28, 4, 128)}
@@ -56,7 +54,6 @@ def decode_rows(device, ceilings, layouts, batches, contexts, dtype):
                 vc = torch.randn_like(kc)
                 sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True), device)
                 rows.append(kernel_row("attention_decode", shape, "torch_sdpa", sdpa, kv_bytes, None, ceilings))
-                del k, v, kc, vc
     return rows
 
 
@@ -93,16 +90,7 @@ def run(device, ceilings, smoke=False):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter): checks the script runs")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    device = device_default()
-    ceilings = measure_ceilings(device, small=args.smoke)
-    rows = run(device, ceilings, smoke=args.smoke)
-    print_rows(rows, ["kernel", "shape", "impl", "ms", "GBps", "pct_copy_bw", "TFLOPs", "pct_gemm_rate"])
-    write_json(args.out, {"ceilings": ceilings, "kernels": rows})
-    return rows
+    return kernel_bench_main(__doc__, argv, run, dict(smoke=True))
 
 
 if __name__ == "__main__":

@@ -9,13 +9,12 @@ router, % of copy bandwidth. Large T: TFLOP/s, % of the bf16 GEMM rate.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench_ms, device_default, kernel_row, measure_ceilings, print_rows, write_json
+from benchmarks.common import bench_ms, kernel_bench_main, kernel_row
 from benchmarks.hf_baseline import hf_config
 from qwen2rt.kernels import fused_moe, route_ref, silu_and_mul_ref
 from qwen2rt.models.config import builtin_config
@@ -47,7 +46,8 @@ def _weights(c, device, dtype):
         return (torch.randn(*shape, device=device) * fan_in ** -0.5).to(dtype)
 
     return dict(router=rnd(e, h, fan_in=h), gate_up=rnd(e, 2 * i, h, fan_in=h), down=rnd(e, h, i, fan_in=i),
-                shared_gate_up=rnd(2 * s, h, fan_in=h), shared_down=rnd(h, s, fan_in=s), shared_gate=rnd(1, h, fan_in=h))
+                shared_gate_up=rnd(2 * s, h, fan_in=h), shared_down=rnd(h, s, fan_in=s),
+                shared_gate=rnd(1, h, fan_in=h))
 
 
 def _hf_block(c, w, device, dtype, impl):
@@ -100,26 +100,13 @@ def run(device, ceilings, layers=LAYERS, tokens=TOKENS, dtype=torch.bfloat16, co
                     rows.append(kernel_row("moe_layer", shape, impl, timing, touched, flops, ceilings))
                 except Exception as e:
                     rows.append({"kernel": "moe_layer", "shape": shape, "impl": impl, "error": repr(e)[:200]})
-        del blocks, w
     return rows
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter): checks the script runs")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    device = device_default()
-    ceilings = measure_ceilings(device, small=args.smoke)
-    if args.smoke:
-        tiny = builtin_config("tiny-moe")
-        rows = run(device, ceilings, layers=["tiny-moe"], tokens=[1, 20], dtype=torch.float32,
-                   configs={"tiny-moe": tiny})
-    else:
-        rows = run(device, ceilings)
-    print_rows(rows, ["kernel", "shape", "impl", "ms", "GBps", "pct_copy_bw", "TFLOPs", "pct_gemm_rate"])
-    write_json(args.out, {"ceilings": ceilings, "kernels": rows})
-    return rows
+    smoke = dict(layers=["tiny-moe"], tokens=[1, 20], dtype=torch.float32,
+                 configs={"tiny-moe": builtin_config("tiny-moe")})
+    return kernel_bench_main(__doc__, argv, run, smoke)
 
 
 if __name__ == "__main__":

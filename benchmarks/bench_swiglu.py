@@ -6,12 +6,9 @@ of the measured copy bandwidth, at the Qwen2 intermediate sizes of hidden 896, 1
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from benchmarks.common import (bench_ms, device_default, kernel_row, maybe_compile, measure_ceilings, print_rows,
-                               write_json)
+from benchmarks.common import bench_ms, kernel_bench_main, kernel_row, maybe_compile
 from qwen2rt.kernels import silu_and_mul, silu_and_mul_ref
 
 INTERMEDIATE = {896: 4864, 1536: 8960, 3584: 18944, 8192: 29568}
@@ -40,18 +37,8 @@ def run(device, ceilings, intermediate=tuple(INTERMEDIATE.values()), tokens=TOKE
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter): checks the script runs")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    device = device_default()
-    ceilings = measure_ceilings(device, small=args.smoke)
-    kw = dict(intermediate=[37], tokens=[1, 3], dtype=torch.float32) if args.smoke else {}
-    rows = run(device, ceilings, compile_baseline=not args.no_compile, **kw)
-    print_rows(rows, ["kernel", "shape", "impl", "ms", "GBps", "pct_copy_bw"])
-    write_json(args.out, {"ceilings": ceilings, "kernels": rows})
-    return rows
+    smoke = dict(intermediate=[37], tokens=[1, 3], dtype=torch.float32)
+    return kernel_bench_main(__doc__, argv, run, smoke, compile_flag=True)
 
 
 if __name__ == "__main__":

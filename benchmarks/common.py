@@ -75,7 +75,8 @@ def environment() -> dict:
     except Exception:
         pass
     return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "gpu": (torch.cuda.get_device_name() if torch.cuda.is_available()
+                else f"cpu ({platform.processor() or platform.machine()})"),
         "torch": torch.__version__,
         "triton": _version("triton"),
         "transformers": _version("transformers"),
@@ -127,3 +128,28 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+KERNEL_COLUMNS = ["kernel", "shape", "impl", "ms", "GBps", "pct_copy_bw", "TFLOPs", "pct_gemm_rate"]
+
+
+def kernel_bench_main(doc: str, argv, run, smoke_kwargs: dict, compile_flag: bool = False) -> list[dict]:
+    """The command line shared by the kernel benchmarks: --smoke (tiny shapes, CPU interpreter), --no-compile,
+    --out FILE.json; prints the rows and writes {"ceilings", "kernels"}."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter): checks the script runs")
+    if compile_flag:
+        ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = device_default()
+    ceilings = measure_ceilings(device, small=args.smoke)
+    kwargs = dict(smoke_kwargs) if args.smoke else {}
+    if compile_flag:
+        kwargs["compile_baseline"] = not args.no_compile
+    rows = run(device, ceilings, **kwargs)
+    print_rows(rows, KERNEL_COLUMNS)
+    write_json(args.out, {"ceilings": ceilings, "kernels": rows})
+    return rows

@@ -41,7 +41,8 @@ def render_table(rec: dict, source: str) -> str:
              f"same run: copy {c.get('copy_GBps', float('nan')):.0f} GB/s, bf16 GEMM "
              f"{c.get('bf16_gemm_TFLOPs', float('nan')):.0f} TFLOP/s.", "",
              "Decode, batch 1, prompt 128, random weights, ms per token (lower is better):", "",
-             "| model | qwen2rt | HF eager | HF static + compile | floor (bytes / copy bandwidth) | qwen2rt % of floor |",
+             "| model | qwen2rt | HF eager | HF static + compile | floor (bytes / copy bandwidth) "
+             "| qwen2rt % of floor |",
              "|---|---|---|---|---|---|"]
     for model, r in _decode_bs1(rec).items():
         ours = r.get("qwen2rt")
@@ -50,7 +51,8 @@ def render_table(rec: dict, source: str) -> str:
                      f"{_f(r['floor'])} | {pct} |")
     prefill = [r for r in rec.get("prefill", []) if r.get("ms")]
     if prefill:
-        lines += ["", "Prefill, time to first token in ms (batch 1):", "", "| model | tokens | qwen2rt | HF | FLOP floor |",
+        lines += ["", "Prefill, time to first token in ms (batch 1):", "",
+                  "| model | tokens | qwen2rt | HF | FLOP floor |",
                   "|---|---|---|---|---|"]
         by_key: dict[tuple, dict] = {}
         for r in prefill:

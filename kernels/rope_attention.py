@@ -128,6 +128,38 @@ def _rope_cache_write_kernel(
 
 
 @triton.jit
+def _attend_tile(
+    b_qr1, b_qr2, b_m, b_l, b_acc, visible,
+    # the tile: cached rows o_n (valid where m_n) of sequence i_b, KV head i_kvh
+    o_n, m_n, i_b, i_kvh, p_block_tables, p_k_cache, p_v_cache,
+    block_size, s_bt, s_cache_blk, s_cache_row, s_cache_head,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One BLOCK_N tile of cached keys for a block of rotated, pre-scaled queries (rows of b_qr1 | b_qr2): scores,
+    masking by `visible` [rows, BN], online-softmax update in base 2. -> (b_m, b_l, b_acc)"""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    o_half = tl.arange(0, HALF)
+    o_d = tl.arange(0, HEAD_DIM)
+    blk = tl.load(p_block_tables + i_b * s_bt + o_n // block_size, mask=m_n, other=0).to(tl.int64)
+    kv_off = blk * s_cache_blk + (o_n % block_size) * s_cache_row + i_kvh * s_cache_head
+    b_k1 = tl.load(p_k_cache + kv_off[:, None] + o_half[None, :], mask=m_n[:, None], other=0.0)
+    b_k2 = tl.load(p_k_cache + kv_off[:, None] + HALF + o_half[None, :], mask=m_n[:, None], other=0.0)
+    # [rows, HALF] @ [HALF, BN] x 2 -> [rows, BN]
+    b_s = tl.dot(b_qr1, tl.trans(b_k1), input_precision=DOT_PRECISION)
+    b_s += tl.dot(b_qr2, tl.trans(b_k2), input_precision=DOT_PRECISION)
+    b_s = tl.where(visible, b_s, float("-inf"))
+    m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
+    b_p = tl.exp2(b_s - m_safe[:, None])
+    alpha = tl.exp2(b_m - m_safe)
+    b_l = b_l * alpha + tl.sum(b_p, axis=1)
+    b_v = tl.load(p_v_cache + kv_off[:, None] + o_d[None, :], mask=m_n[:, None], other=0.0)
+    # [rows, BN] @ [BN, D] -> [rows, D]
+    b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    return m_new, b_l, b_acc
+
+
+@triton.jit
 def _prefill_attention_kernel(
     # pointers
     p_qkv, p_cos, p_sin, p_pos, p_k_cache, p_v_cache, p_block_tables, p_seq_lens, p_query_start, p_out,
@@ -176,24 +208,10 @@ def _prefill_attention_kernel(
     for n0 in range(0, end, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < end
-        blk = tl.load(p_block_tables + i_b * s_bt + o_n // block_size, mask=m_n, other=0).to(tl.int64)
-        kv_off = blk * s_cache_blk + (o_n % block_size) * s_cache_row + i_kvh * s_cache_head
-        b_k1 = tl.load(p_k_cache + kv_off[:, None] + o_half[None, :], mask=m_n[:, None], other=0.0)
-        b_k2 = tl.load(p_k_cache + kv_off[:, None] + HALF + o_half[None, :], mask=m_n[:, None], other=0.0)
-        # [BM, HALF] @ [HALF, BN] x 2 -> [BM, BN]
-        b_s = tl.dot(b_qr1, tl.trans(b_k1), input_precision=DOT_PRECISION)
-        b_s += tl.dot(b_qr2, tl.trans(b_k2), input_precision=DOT_PRECISION)
         visible = (o_n[None, :] <= q_cache_pos[:, None]) & m_n[None, :]
-        b_s = tl.where(visible, b_s, float("-inf"))
-        m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_p = tl.exp2(b_s - m_safe[:, None])
-        alpha = tl.exp2(b_m - m_safe)
-        b_l = b_l * alpha + tl.sum(b_p, axis=1)
-        b_v = tl.load(p_v_cache + kv_off[:, None] + o_d[None, :], mask=m_n[:, None], other=0.0)
-        # [BM, BN] @ [BN, D] -> [BM, D]
-        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-        b_m = m_new
+        b_m, b_l, b_acc = _attend_tile(b_qr1, b_qr2, b_m, b_l, b_acc, visible, o_n, m_n, i_b, i_kvh, p_block_tables,
+                                       p_k_cache, p_v_cache, block_size, s_bt, s_cache_blk, s_cache_row,
+                                       s_cache_head, HEAD_DIM, DOT_PRECISION)
     b_out = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
     tl.store(p_out + rows[:, None] * s_out + i_h * HEAD_DIM + o_d[None, :], b_out.to(p_out.dtype.element_ty),
              mask=m_m[:, None])
@@ -247,23 +265,9 @@ def _decode_attention_kernel(
     for n0 in range(start, cached_end, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < cached_end
-        blk = tl.load(p_block_tables + i_b * s_bt + o_n // block_size, mask=m_n, other=0).to(tl.int64)
-        kv_off = blk * s_cache_blk + (o_n % block_size) * s_cache_row + i_kvh * s_cache_head
-        b_k1 = tl.load(p_k_cache + kv_off[:, None] + o_half[None, :], mask=m_n[:, None], other=0.0)
-        b_k2 = tl.load(p_k_cache + kv_off[:, None] + HALF + o_half[None, :], mask=m_n[:, None], other=0.0)
-        # [BLOCK_G, HALF] @ [HALF, BN] x 2 -> [BLOCK_G, BN]
-        b_s = tl.dot(b_qr1, tl.trans(b_k1), input_precision=DOT_PRECISION)
-        b_s += tl.dot(b_qr2, tl.trans(b_k2), input_precision=DOT_PRECISION)
-        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-        m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_p = tl.exp2(b_s - m_safe[:, None])
-        alpha = tl.exp2(b_m - m_safe)
-        b_l = b_l * alpha + tl.sum(b_p, axis=1)
-        b_v = tl.load(p_v_cache + kv_off[:, None] + o_d[None, :], mask=m_n[:, None], other=0.0)
-        # [BLOCK_G, BN] @ [BN, D] -> [BLOCK_G, D]
-        b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-        b_m = m_new
+        b_m, b_l, b_acc = _attend_tile(b_qr1, b_qr2, b_m, b_l, b_acc, m_n[None, :], o_n, m_n, i_b, i_kvh,
+                                       p_block_tables, p_k_cache, p_v_cache, block_size, s_bt, s_cache_blk,
+                                       s_cache_row, s_cache_head, HEAD_DIM, DOT_PRECISION)
 
     if (ctx - 1 >= start) & (ctx - 1 < end):
         # the new token: rotate its k, append k and v to the cache, attend to it from registers (values rounded to

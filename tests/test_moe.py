@@ -27,8 +27,8 @@ def make_layer(e, h, inter, shared, dtype, seed, device=DEVICE, hot=None):
         expert, u = hot
         layer["router"][expert] = (10.0 * u).to(dtype).to(device)
     if shared:
-        layer.update(shared_gate_up=rnd(2 * shared, h, scale=h ** -0.5), shared_down=rnd(h, shared, scale=shared ** -0.5),
-                     shared_gate=rnd(1, h, scale=h ** -0.5))
+        layer.update(shared_gate_up=rnd(2 * shared, h, scale=h ** -0.5),
+                     shared_down=rnd(h, shared, scale=shared ** -0.5), shared_gate=rnd(1, h, scale=h ** -0.5))
     return layer
 
 
