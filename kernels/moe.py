@@ -24,6 +24,7 @@ not been measured yet (no GPU in the session that wrote this), so the simpler se
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -322,15 +323,23 @@ TUNING_CANDIDATES = {
 TUNING_TOKENS = {"decode": 1, "prefill-small": 256, "prefill-large": 2048}
 
 
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def config_key(hidden: int, inter: int, num_experts: int, top_k: int, dtype: torch.dtype, bucket: str,
                device: torch.device) -> str:
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu = _device_name(device)
     return f"{gpu}|H{hidden}|I{inter}|E{num_experts}|k{top_k}|{str(dtype).replace('torch.', '')}|{bucket}"
 
 
 def cache_path() -> str:
     root = os.environ.get("QWEN2RT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qwen2rt")
     return os.path.join(root, "moe_configs.json")
+
+
+_resolved: dict[tuple, dict] = {}  # (key, bucket, pin, cache file) -> config: the decode path never reads the disk
 
 
 def _load_cache() -> dict:
@@ -344,9 +353,11 @@ def _load_cache() -> dict:
 def get_config(key: str, bucket: str) -> dict:
     """QWEN2RT_MOE_CONFIG (a JSON object, pins every bucket) > the on-disk tuning cache > the defaults."""
     pinned = os.environ.get("QWEN2RT_MOE_CONFIG")
-    if pinned:
-        return dict(DEFAULT_CONFIGS[bucket], **json.loads(pinned))
-    return dict(DEFAULT_CONFIGS[bucket], **_load_cache().get(key, {}))
+    memo = (key, bucket, pinned, cache_path())
+    if memo not in _resolved:
+        chosen = json.loads(pinned) if pinned else _load_cache().get(key, {})
+        _resolved[memo] = dict(DEFAULT_CONFIGS[bucket], **chosen)
+    return _resolved[memo]
 
 
 def tune(x_like: torch.Tensor, router, gate_up, down, top_k: int, renormalize: bool, tokens: int,
@@ -374,6 +385,7 @@ def tune(x_like: torch.Tensor, router, gate_up, down, top_k: int, renormalize: b
     os.makedirs(os.path.dirname(cache_path()), exist_ok=True)
     with open(cache_path(), "w") as f:
         json.dump(cache, f, indent=1, sort_keys=True)
+    _resolved.clear()
     log.info("moe: tuned %s -> %s (%.4f ms)", key, best, best_ms)
     return best
 

@@ -22,6 +22,7 @@ device, so decode is capturable in a CUDA graph.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -405,11 +406,16 @@ def prefill_attention(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, 
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
     """Enough (batch x kv head x split) programs to fill the GPU twice over, at most one split per 64-token tile
     of the longest possible context, a power of two in [1, 64]. Depends on shapes only (graph-safe)."""
     if device.type == "cuda":
-        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        programs = 2 * _sm_count(device)
     else:
         programs = 8  # the interpreter: a few splits, to exercise the split path cheaply
     splits = triton.next_power_of_2(max(1, math.ceil(programs / (batch * num_kv_heads))))
