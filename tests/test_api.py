@@ -180,6 +180,7 @@ def test_cancelling_a_stream_frees_its_blocks(tiny):
     assert tiny.kv_cache.num_free_blocks < free
     it.close()
     assert tiny.kv_cache.num_free_blocks == free
+    assert len(tiny.engine.free_slots) == tiny.max_batch_size and not tiny.engine.running
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -92,6 +92,15 @@ def test_scaled_rope_matches_hf(rope_extra, max_pos, tmp_path):
     assert rel_err(llm.logits(ids), hf_logits(hf, ids)) < 1e-4
 
 
+def test_triton_backend_padded_decode_batch(hf_checkpoints):
+    """Three prompts decode padded into the 4-row bucket (the rows a CUDA graph replays), each equal to HF."""
+    path, hf = hf_checkpoints["moe_sparse_step_sharded"]
+    llm = LLM(path, dtype="float32", backend="triton", max_seq_len=128, max_batch_size=4)
+    prompts = [random_prompt(n, hf.config.vocab_size, 20 + n) for n in (3, 17, 9)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 12) for p in prompts]
+
+
 @pytest.mark.parametrize("name", ["dense_gqa", "dense_tied_mha_sharded", "moe_renorm"])
 def test_triton_backend_matches_hf(name, hf_checkpoints):
     """The Triton kernels (through the interpreter on CPU) inside the whole model."""
