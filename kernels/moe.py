@@ -340,6 +340,7 @@ def cache_path() -> str:
 
 
 _resolved: dict[tuple, dict] = {}  # (key, bucket, pin, cache file) -> config: the decode path never reads the disk
+_tuned: dict[str, dict] = {}  # configs tuned by this process (also written to the cache file when possible)
 
 
 def _load_cache() -> dict:
@@ -355,7 +356,7 @@ def get_config(key: str, bucket: str) -> dict:
     pinned = os.environ.get("QWEN2RT_MOE_CONFIG")
     memo = (key, bucket, pinned, cache_path())
     if memo not in _resolved:
-        chosen = json.loads(pinned) if pinned else _load_cache().get(key, {})
+        chosen = json.loads(pinned) if pinned else _tuned.get(key) or _load_cache().get(key, {})
         _resolved[memo] = dict(DEFAULT_CONFIGS[bucket], **chosen)
     return _resolved[memo]
 
@@ -380,12 +381,17 @@ def tune(x_like: torch.Tensor, router, gate_up, down, top_k: int, renormalize: b
             best, best_ms = cfg, ms
     if best is None:
         raise RuntimeError(f"no MoE config ran for {key}")
-    cache = _load_cache()
-    cache[key] = best
-    os.makedirs(os.path.dirname(cache_path()), exist_ok=True)
-    with open(cache_path(), "w") as f:
-        json.dump(cache, f, indent=1, sort_keys=True)
+    _tuned[key] = best
     _resolved.clear()
+    try:
+        cache = _load_cache()
+        cache[key] = best
+        os.makedirs(os.path.dirname(cache_path()), exist_ok=True)
+        with open(cache_path(), "w") as f:
+            json.dump(cache, f, indent=1, sort_keys=True)
+    except OSError as e:  # a read-only home: keep the result for this process, say so
+        log.warning("moe: could not write the tuning cache %s (%s); set QWEN2RT_CACHE_DIR to keep tuned configs",
+                    cache_path(), e)
     log.info("moe: tuned %s -> %s (%.4f ms)", key, best, best_ms)
     return best
 
@@ -400,7 +406,7 @@ def warmup(router, gate_up, down, top_k: int, renormalize: bool) -> None:
     cache = _load_cache()
     for bucket, tokens in TUNING_TOKENS.items():
         key = config_key(hidden, inter, num_experts, top_k, gate_up.dtype, bucket, device)
-        if key in cache:
+        if key in cache or key in _tuned:
             continue
         if os.environ.get("QWEN2RT_MOE_TUNE", "1") == "0":
             log.warning("moe: no tuned config for %s (QWEN2RT_MOE_TUNE=0): using the defaults %s", key,

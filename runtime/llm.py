@@ -144,7 +144,12 @@ class LLM:
         self.engine = Engine(self.model, self.kv_cache, self.max_batch_size, self.max_seq_len, self.seed,
                              max_prefill_tokens, self.use_graphs, cuda_graph_buckets)
         if self.use_graphs and capture_graphs == "startup":
-            self.engine.decoder.capture_all()
+            try:
+                self.engine.decoder.capture_all()
+            except Exception as e:
+                raise RuntimeError(f"CUDA graph capture of the decode step failed ({e!r}); LLM(..., "
+                                   "enforce_eager=True) runs without graphs, backend='torch' without the Triton "
+                                   "kernels") from e
         self._lock = threading.Lock()
 
     def _collect_eos(self, generation_eos) -> frozenset[int]:
