@@ -124,6 +124,8 @@ def test_bad_inputs():
 def test_configs_tuning_cache_and_pin(tmp_path, monkeypatch):
     monkeypatch.setenv("QWEN2RT_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("QWEN2RT_MOE_CONFIG", raising=False)
+    monkeypatch.setattr(moe_mod, "_tuned", {})  # this test's tuning stays in this test
+    monkeypatch.setattr(moe_mod, "_resolved", {})
     layer = make_layer(5, 64, 32, 0, torch.float32, seed=2)
     candidates = [{"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 1}, {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 1}]
     fake_ms = iter([2.0, 1.0])  # the second candidate "wins"
