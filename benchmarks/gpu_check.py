@@ -1,5 +1,5 @@
 """The one-call GPU check: GPU tests, ceilings, kernel benchmarks, end-to-end benchmarks, one JSON record and a
-markdown summary. Each part runs in its own try block, so a failure in one keeps the results of the others; parts
+markdown summary (<date>-<gpu>-<commit>.json and .md, ready to copy into benchmarks/results/). Each part runs in its own try block, so a failure in one keeps the results of the others; parts
 that would start after the time budget is spent are recorded as skipped.
 
     python -m benchmarks.gpu_check --out DIR [--parts tests kernels decode prefill] [--quick] [--budget-s 330]
@@ -95,7 +95,7 @@ def short_table(rec: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="folder for the JSON record and summary.md")
+    ap.add_argument("--out", required=True, help="folder for the JSON record and its markdown summary")
     ap.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
     ap.add_argument("--quick", action="store_true", help=f"end-to-end on {QUICK_MODELS} only")
     ap.add_argument("--models", nargs="+", default=None)
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     def save():
         with open(path, "w") as f:
             json.dump(rec, f, indent=2)
-        with open(os.path.join(args.out, "summary.md"), "w") as f:
+        with open(path[:-len(".json")] + ".md", "w") as f:
             f.write(summary_markdown(rec))
 
     def part(name, fn):

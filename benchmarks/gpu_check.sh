@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-call GPU check (see benchmarks/gpu_check.py): install this checkout without touching the machine's
 # torch, run the GPU tests, the ceilings, the kernel and end-to-end benchmarks with their baselines; write one JSON
-# record and summary.md into $OUT (or the folder given as the first argument); print a short table last.
+# record and its markdown summary into $OUT (or the folder given as the first argument); print a short table last.
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [--quick] [--parts tests kernels decode prefill] [--budget-s S]
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -48,7 +48,7 @@ def test_gpu_check_driver_writes_the_record(tmp_path):
     assert not rec["errors"], rec["errors"]
     assert {r["impl"] for r in rec["decode"]} == {"qwen2rt", "qwen2rt_eager", "hf_eager"}
     assert all(r["floor_ms"] > 0 for r in rec["decode"])
-    assert "## Decode" in open(tmp_path / "summary.md").read()
+    assert "## Decode" in open(tmp_path / record.replace(".json", ".md")).read()
 
 
 SAMPLE = {  # the shape of a recorded run; the numbers are made up for this test
