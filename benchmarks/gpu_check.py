@@ -1,10 +1,12 @@
 """The one-call GPU check: GPU tests, ceilings, kernel benchmarks, end-to-end benchmarks, one JSON record and a
-markdown summary (<date>-<gpu>-<commit>.json and .md, ready to copy into benchmarks/results/). Each part runs in its own try block, so a failure in one keeps the results of the others; parts
-that would start after the time budget is spent are recorded as skipped.
+markdown summary (<date>-<gpu>-<commit>.json and .md, ready to copy into benchmarks/results/). Each part runs in
+its own try block, so a failure in one keeps the results of the others; parts that would start after the time
+budget is spent are recorded as skipped.
 
-    python -m benchmarks.gpu_check --out DIR [--parts tests kernels decode prefill] [--quick] [--budget-s 330]
+    python -m benchmarks.gpu_check --out DIR [--parts tests decode kernels prefill] [--quick] [--budget-s 330]
 
-Run it through benchmarks/gpu_check.sh on the lent GPU machine; copy DIR/*.json into benchmarks/results/.
+Run it through benchmarks/gpu_check.sh on the lent GPU machine; copy DIR/<record>.json and .md into
+benchmarks/results/.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import threading
 from dataclasses import dataclass
@@ -89,20 +90,40 @@ class LLM:
         self.seed = 0 if seed is None else seed
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        # arguments that need no model are checked before any weight is loaded
+        self.max_batch_size = 16 if max_batch_size is None else max_batch_size
+        if not (isinstance(self.max_batch_size, int) and self.max_batch_size >= 1):
+            raise ValueError(f"max_batch_size = {max_batch_size!r}: must be an integer >= 1")
+        if not (isinstance(block_size, int) and block_size >= 1):
+            raise ValueError(f"block_size = {block_size!r}: must be an integer >= 1")
+        if num_kv_blocks is not None and not (isinstance(num_kv_blocks, int) and num_kv_blocks >= 1):
+            raise ValueError(f"num_kv_blocks = {num_kv_blocks!r}: must be an integer >= 1")
+        if capture_graphs not in ("startup", "lazy"):
+            raise ValueError(f"capture_graphs = {capture_graphs!r}: must be 'startup' or 'lazy'")
+        if not (isinstance(max_prefill_tokens, int) and max_prefill_tokens >= 1):
+            raise ValueError(f"max_prefill_tokens = {max_prefill_tokens!r}: must be an integer >= 1")
 
         self.generation_defaults: dict = {}
         generation_eos = None
-        if model in BUILTIN_CONFIGS:
-            self.config: Qwen2Config = builtin_config(model)
+        builtin = model in BUILTIN_CONFIGS
+        if not builtin and not os.path.isdir(model):
+            raise ValueError(f"model {model!r} is neither a checkpoint folder nor a built-in name "
+                             f"({', '.join(sorted(BUILTIN_CONFIGS))})")
+        self.config: Qwen2Config = builtin_config(model) if builtin else load_config(model)
+        cfg = self.config
+        self.max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
+        if not (isinstance(self.max_seq_len, int) and 2 <= self.max_seq_len <= cfg.max_position_embeddings):
+            raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer in "
+                             f"[2, max_position_embeddings={cfg.max_position_embeddings}]")
+        if builtin:
             if model not in _warned_builtin:
                 _warned_builtin.add(model)
                 log.warning("built-in shape %r with random weights (seed %d): the generated text is noise",
                             model, self.seed)
-            weights = random_weights(self.config, self.device, self.dtype, seed=self.seed)
-            self.tokenizer: Tokenizer | None = ByteTokenizer(self.config.vocab_size)
-        elif os.path.isdir(model):
-            self.config = load_config(model)
-            weights = load_weights(model, self.config, self.device, self.dtype)
+            weights = random_weights(cfg, self.device, self.dtype, seed=self.seed)
+            self.tokenizer: Tokenizer | None = ByteTokenizer(cfg.vocab_size)
+        else:
+            weights = load_weights(model, cfg, self.device, self.dtype)
             self.tokenizer = load_tokenizer(model)
             gc_path = os.path.join(model, "generation_config.json")
             if os.path.isfile(gc_path):
@@ -110,31 +131,11 @@ class LLM:
                     gc = json.load(f)
                 self.generation_defaults = defaults_from_generation_config(gc)
                 generation_eos = gc.get("eos_token_id")
-        else:
-            raise ValueError(f"model {model!r} is neither a checkpoint folder nor a built-in name "
-                             f"({', '.join(sorted(BUILTIN_CONFIGS))})")
         self.model_name = model
         self.eos_token_ids = self._collect_eos(generation_eos)
-
-        cfg = self.config
-        self.max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
-        if not (isinstance(self.max_seq_len, int) and 2 <= self.max_seq_len <= cfg.max_position_embeddings):
-            raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer in "
-                             f"[2, max_position_embeddings={cfg.max_position_embeddings}]")
-        self.max_batch_size = 16 if max_batch_size is None else max_batch_size
-        if not (isinstance(self.max_batch_size, int) and self.max_batch_size >= 1):
-            raise ValueError(f"max_batch_size = {max_batch_size!r}: must be an integer >= 1")
-        if not (isinstance(block_size, int) and block_size >= 1):
-            raise ValueError(f"block_size = {block_size!r}: must be an integer >= 1")
         if num_kv_blocks is None:
             num_kv_blocks = self._default_kv_blocks(block_size)
-        elif not (isinstance(num_kv_blocks, int) and num_kv_blocks >= 1):
-            raise ValueError(f"num_kv_blocks = {num_kv_blocks!r}: must be an integer >= 1")
 
-        if capture_graphs not in ("startup", "lazy"):
-            raise ValueError(f"capture_graphs = {capture_graphs!r}: must be 'startup' or 'lazy'")
-        if not (isinstance(max_prefill_tokens, int) and max_prefill_tokens >= 1):
-            raise ValueError(f"max_prefill_tokens = {max_prefill_tokens!r}: must be an integer >= 1")
         self.rope = RotaryTables.build(cfg, self.max_seq_len, self.device)
         self.model = Qwen2Model(cfg, weights, self.backend, self.rope)
         self.backend.warmup(weights.layers)
@@ -179,11 +180,14 @@ class LLM:
             ids = self.tokenizer.encode(prompt)
             text = prompt
         else:
+            if isinstance(prompt, torch.Tensor):
+                prompt = prompt.tolist()
             ids, text = list(prompt), None
-            bad = [t for t in ids if not (isinstance(t, int) and not isinstance(t, bool)
+            bad = [t for t in ids if not (isinstance(t, numbers.Integral) and not isinstance(t, bool)
                                           and 0 <= t < self.config.vocab_size)]
             if bad:
                 raise ValueError(f"token id {bad[0]!r} is outside the vocabulary [0, {self.config.vocab_size})")
+            ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("prompt is empty (0 tokens)")
         if len(ids) >= self.max_seq_len:
@@ -197,7 +201,7 @@ class LLM:
         if isinstance(prompts, (list, tuple)):
             if not prompts:
                 raise ValueError("prompts is empty")
-            if all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+            if all(isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in prompts):
                 return [list(prompts)]
             if all(isinstance(p, str) or (isinstance(p, (list, tuple))) for p in prompts):
                 return list(prompts)
