@@ -1,7 +1,7 @@
-"""The small interface every op of the model goes through, and its pure-PyTorch implementation.
+"""The small interface every op of the model goes through, and its two implementations.
 
-The model never calls a kernel directly: it calls a `Backend`, so the same model code runs on CPU (`torch`) and
-on GPU (`triton`, from the kernel issues), and tests compare the two. A backend is registered by name with
+The model never calls a kernel directly: it calls a `Backend`, so the same model code runs on the PyTorch
+references (`torch`, CPU or GPU) and on the Triton kernels (`triton`), and tests compare the two. A backend is registered by name with
 `register_backend`.
 
 KV cache layout (paged): per layer, k and v are `[num_blocks, block_size, num_kv_heads, head_dim]`; a sequence
@@ -30,8 +30,8 @@ class AttentionMetadata:
     positions:     [T] int64  rotary position of each new token
     slot_mapping:  [T] int64  cache slot each new token's k/v is written to; -1 writes nothing
     block_tables:  [B, max_blocks] int32  cache blocks of each sequence, in order
-    seq_lens:      [B] int32  context length of each sequence after this step (cached prefix + new tokens);
-                              0 marks a padding row
+    seq_lens:      [B] int32 or int64  context length of each sequence after this step (cached prefix + new
+                              tokens); 0 marks a padding row
     query_start:   [B + 1] int32  prefill only: new tokens of sequence b are rows query_start[b]:query_start[b+1]
     is_prefill:    prefill (any number of new tokens per sequence) or decode (exactly one per sequence, row b)
     query_lens_host: prefill only, host copy of the new-token counts (sizes the prefill grid)
