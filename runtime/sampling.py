@@ -216,8 +216,10 @@ def sample_tokens(logits: torch.Tensor, rows: SamplingRows, state: SamplerState,
         tokens = torch.where(hot, (probs / noise).argmax(dim=-1), greedy)
     else:
         tokens = logits.argmax(dim=-1)
-    state.counts.index_put_((rows.slot, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
-    state.seen[rows.slot, tokens] = True
+    # record the tokens with scatters on flat views (graph-safe; padding rows may repeat, hence the add)
+    flat = rows.slot * state.counts.shape[1] + tokens
+    state.counts.view(-1).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    state.seen.view(-1).scatter_(0, flat, True)
     return tokens
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   min_p: torch.Tensor) -> torch.Tensor:
