@@ -144,6 +144,9 @@ class LLM:
         self.use_graphs = self.device.type == "cuda" and self.backend.graph_safe and not enforce_eager
         self.engine = Engine(self.model, self.kv_cache, self.max_batch_size, self.max_seq_len, self.seed,
                              max_prefill_tokens, self.use_graphs, cuda_graph_buckets)
+        if self.device.type == "cuda":
+            # compile the prefill kernels now rather than on the first request (32 tokens: past the MoE decode regime)
+            self.engine.prompt_logits([0] * min(32, self.max_seq_len - 1))
         if self.use_graphs and capture_graphs == "startup":
             try:
                 self.engine.decoder.capture_all()
