@@ -146,7 +146,7 @@ class LLM:
                              max_prefill_tokens, self.use_graphs, cuda_graph_buckets)
         if self.device.type == "cuda":
             # compile the prefill kernels now rather than on the first request (32 tokens: past the MoE decode regime)
-            self.engine.prompt_logits([0] * min(32, self.max_seq_len - 1))
+            self.engine.prompt_logits([0] * min(32, self.max_seq_len - 1, num_kv_blocks * block_size))
         if self.use_graphs and capture_graphs == "startup":
             try:
                 self.engine.decoder.capture_all()
