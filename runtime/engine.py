@@ -103,9 +103,8 @@ class Sequence:
         self.emitted = end
         return piece
 
-    def sampling_row(self, padding_slot: int | None = None) -> tuple:
-        return row_values(self.params, self.seed, len(self.output_ids),
-                          self.slot if padding_slot is None else padding_slot)
+    def sampling_row(self) -> tuple:
+        return row_values(self.params, self.seed, len(self.output_ids), self.slot)
 
 
 class DecodeRunner:
