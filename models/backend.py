@@ -1,8 +1,8 @@
 """The small interface every op of the model goes through, and its two implementations.
 
 The model never calls a kernel directly: it calls a `Backend`, so the same model code runs on the PyTorch
-references (`torch`, CPU or GPU) and on the Triton kernels (`triton`), and tests compare the two. A backend is registered by name with
-`register_backend`.
+references (`torch`, CPU or GPU) and on the Triton kernels (`triton`), and tests compare the two. A backend is
+registered by name with `register_backend`.
 
 KV cache layout (paged): per layer, k and v are `[num_blocks, block_size, num_kv_heads, head_dim]`; a sequence
 owns the blocks listed in its row of `block_tables`; the token at position p of sequence b lives in block
