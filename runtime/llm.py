@@ -221,12 +221,23 @@ class LLM:
         text, ids = self._encode(prompt)
         return Sequence(ids, params, self.max_seq_len, self.tokenizer, self.eos_token_ids, text)
 
+    def _batch(self, prompts, params) -> list[Sequence]:
+        """generate / agenerate: validated sequences for every prompt (nothing submitted yet)."""
+        params = self._params(params)
+        return [self._new_sequence(p, params) for p in self._normalise_prompts(prompts)]
+
+    def _streamed(self, prompt, params) -> Sequence:
+        """stream / astream: one validated sequence; streaming text needs a tokenizer."""
+        params = self._params(params)
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_name} ships no tokenizer.json: streaming text needs one")
+        return self._new_sequence(prompt, params)
+
     # ---- API --------------------------------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
         """Generate for one or several prompts, run together as one batch (up to max_batch_size at a time).
         -> one RequestOutput per prompt, in order."""
-        params = self._params(params)
-        seqs = [self._new_sequence(p, params) for p in self._normalise_prompts(prompts)]
+        seqs = self._batch(prompts, params)
         self._submit(seqs)
         try:
             while not all(s.finished for s in seqs):
@@ -238,11 +249,7 @@ class LLM:
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces of one prompt's generation as tokens arrive; they join to the `generate` text.
         Closing the iterator early cancels the request and frees its cache blocks."""
-        params = self._params(params)
-        if self.tokenizer is None:
-            raise ValueError(f"{self.model_name} ships no tokenizer.json: streaming text needs one")
-        seq = self._new_sequence(prompt, params)
-        return self._stream(seq)
+        return self._stream(self._streamed(prompt, params))
 
     def _stream(self, seq: Sequence) -> Iterator[str]:
         self._submit([seq])
@@ -261,8 +268,7 @@ class LLM:
         concurrent coroutines share the running batch."""
         import asyncio
 
-        params = self._params(params)
-        seqs = [self._new_sequence(p, params) for p in self._normalise_prompts(prompts)]
+        seqs = self._batch(prompts, params)
         self._submit(seqs)
         try:
             while not all(s.finished for s in seqs):
@@ -275,10 +281,7 @@ class LLM:
         """`stream` for asyncio: an async iterator of text pieces; closing it early cancels the request."""
         import asyncio
 
-        params = self._params(params)
-        if self.tokenizer is None:
-            raise ValueError(f"{self.model_name} ships no tokenizer.json: streaming text needs one")
-        seq = self._new_sequence(prompt, params)
+        seq = self._streamed(prompt, params)
         self._submit([seq])
         try:
             while True:
