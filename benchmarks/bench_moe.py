@@ -1,4 +1,5 @@
-"""One MoE layer (routing + experts + shared expert): qwen2rt's fused_moe against the same layer in Hugging Face
+"""One MoE layer (routing + experts + shared expert): qwen2rt's fused_moe (as configured, and with the shared expert
+folded into the grouped launches or run separately) against the same layer in Hugging Face
 transformers with each of its experts implementations (eager, batched_mm, grouped_mm) and against a
 `torch._grouped_mm` implementation, all in the same run, for Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B layers at
 T = 1, 4, 16, 128, 2048. Small T: GB/s on the bytes of the experts actually selected plus the shared expert and
@@ -21,6 +22,7 @@ from qwen2rt.models.config import builtin_config
 
 LAYERS = ["qwen1.5-moe-a2.7b", "qwen2-57b-a14b"]
 TOKENS = [1, 4, 16, 128, 2048]
+BATCHED_MM_MAX_BYTES = 8e9
 
 
 def grouped_mm_moe(x, w, top_k, renorm):
@@ -28,7 +30,8 @@ def grouped_mm_moe(x, w, top_k, renorm):
     ids, weights = route_ref(F.linear(x, w["router"]), top_k, renorm)
     flat = ids.flatten()
     order = torch.argsort(flat)
-    counts = torch.bincount(flat, minlength=w["router"].shape[0])
+    num_experts = w["router"].shape[0]
+    counts = torch.histc(flat.float(), bins=num_experts, min=0, max=num_experts - 1)  # no host sync (bincount syncs)
     offs = torch.cumsum(counts, 0).to(torch.int32)
     xs = x[order // top_k]
     h = torch._grouped_mm(xs, w["gate_up"].transpose(1, 2), offs=offs)
@@ -87,10 +90,19 @@ def run(device, ceilings, layers=LAYERS, tokens=TOKENS, dtype=torch.bfloat16, co
                              + 3 * c.hidden_size * c.shared_expert_intermediate_size
                              + (c.num_experts + 1) * c.hidden_size)
             shape = f"{name} T={t}"
-            impls = {"qwen2rt": lambda: fused_moe(x, w["router"], w["gate_up"], w["down"], k, c.norm_topk_prob,
-                                                  w["shared_gate_up"], w["shared_down"], w["shared_gate"])}
+            # qwen2rt as the model runs it (the tuned or default config), and with the shared expert forced folded
+            # into the grouped launches / run separately (the measurement that decides FOLD_SHARED)
+            impls = {f"qwen2rt{suffix}": (lambda fold=fold: fused_moe(
+                x, w["router"], w["gate_up"], w["down"], k, c.norm_topk_prob, w["shared_gate_up"], w["shared_down"],
+                w["shared_gate"], fold_shared=fold)) for suffix, fold in (("", None), ("_fold", True),
+                                                                           ("_separate", False))}
             for impl, block in blocks.items():
                 impls[f"hf_{impl}"] = (lambda b=block: b(x[None]))
+            gathered = t * k * per_expert  # what HF's batched_mm copies: every selected expert's weights, per pair
+            if gathered > BATCHED_MM_MAX_BYTES:
+                del impls["hf_batched_mm"]
+                rows.append({"kernel": "moe_layer", "shape": shape, "impl": "hf_batched_mm",
+                             "skipped": f"would gather {gathered / 1e9:.0f} GB of expert weights"})
             if device.type == "cuda":
                 impls["torch_grouped_mm"] = lambda: grouped_mm_moe(x, w, k, c.norm_topk_prob)
             for impl, fn in impls.items():

@@ -17,9 +17,20 @@ Two regimes, one launcher:
   block count; surplus programs exit early, so nothing depends on a host-side count.
 Nothing reads a device value on the host: the whole block can be captured in a CUDA graph.
 
-The shared expert runs as a separate dense SwiGLU MLP (torch matmuls + the SwiGLU kernel). Folding it into the
-grouped launches as an always-selected extra expert is the alternative the kernel issue asks to measure; it has
-not been measured yet (no GPU in the session that wrote this), so the simpler separate form stays.
+The shared expert (width Is, scaled by sigmoid(x @ g^T)) runs in one of two ways, chosen per token bucket by the
+config (`FOLD_SHARED`):
+- separate: a dense SwiGLU MLP after the routed experts (cuBLAS matmuls + the SwiGLU kernel + the gate), 7 launches;
+- folded: when Is is a multiple of I (Qwen1.5-MoE-A2.7B: 5632 = 4 x 1408; Qwen2-57B-A14B: 20480 = 8 x 2560), the
+  shared expert is S = Is / I extra experts E .. E+S-1 that every token selects, all with the weight
+  sigmoid(x @ g^T). Chunk c is rows [c I, (c+1) I) of the shared gate and up projections and columns [c I, (c+1) I)
+  of the shared down projection, read in place from the checkpoint layout ([2Is, H], [H, Is]): no second copy of
+  the weights. The routing kernel computes the gate and writes the S extra (id, weight) pairs, and the same two
+  GEMM launches do the rest, summing all k + S contributions of a token in fp32.
+Which is faster depends on the GPU and the regime, so warm-up tuning times both (after choosing block sizes) and
+caches the winner. Before any measurement the defaults are: folded at decode (the layer is launch-bound there, and
+folding removes 7 of its ~10 launches), separate at prefill (the shared expert is then a large dense GEMM, which
+cuBLAS runs at least as well as the grouped kernel). Unmeasured on a GPU as of this writing: see
+benchmarks/bench_moe.py, which times both.
 """
 
 from __future__ import annotations
@@ -78,13 +89,14 @@ def fused_moe_ref(x, router, gate_up, down, top_k: int, renormalize: bool, share
 @triton.jit
 def _route_kernel(
     # pointers
-    p_logits, p_ids, p_weights,
+    p_logits, p_x, p_shared_gate, p_ids, p_weights,
     # sizes
-    num_experts,
+    num_experts, hidden,
     # strides
-    s_logits,
+    s_logits, s_x,
     # meta-parameters
-    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, SHARED_CHUNKS: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
     o_e = tl.arange(0, BLOCK_E)
@@ -105,24 +117,53 @@ def _route_kernel(
         remaining = tl.where(o_e == idx, -1.0, remaining)
     if RENORMALIZE:
         b_w = b_w / tl.sum(b_w, axis=0)
-    tl.store(p_ids + i_t * TOP_K + o_k, b_ids, mask=o_k < TOP_K)
-    tl.store(p_weights + i_t * TOP_K + o_k, b_w, mask=o_k < TOP_K)
+    p_row_ids = p_ids + i_t * (TOP_K + SHARED_CHUNKS)
+    p_row_w = p_weights + i_t * (TOP_K + SHARED_CHUNKS)
+    tl.store(p_row_ids + o_k, b_ids, mask=o_k < TOP_K)
+    tl.store(p_row_w + o_k, b_w, mask=o_k < TOP_K)
+    if SHARED_CHUNKS > 0:
+        # the folded shared expert: chunks E .. E+S-1, each weighted by sigmoid(x . g)
+        b_dot = tl.zeros([BLOCK_H], tl.float32)
+        for h0 in range(0, hidden, BLOCK_H):
+            o_h = h0 + tl.arange(0, BLOCK_H)
+            m_h = o_h < hidden
+            b_x = tl.load(p_x + i_t * s_x + o_h, mask=m_h, other=0.0).to(tl.float32)
+            b_dot += b_x * tl.load(p_shared_gate + o_h, mask=m_h, other=0.0).to(tl.float32)
+        gate = tl.sigmoid(tl.sum(b_dot, axis=0))
+        o_s = tl.arange(0, BLOCK_S)
+        m_s = o_s < SHARED_CHUNKS
+        tl.store(p_row_ids + TOP_K + o_s, num_experts + o_s, mask=m_s)
+        tl.store(p_row_w + TOP_K + o_s, tl.zeros([BLOCK_S], tl.float32) + gate, mask=m_s)
 
 
-def route(logits: torch.Tensor, top_k: int, renormalize: bool):
-    """Router logits [T, E] -> (ids [T, k] int32, weights [T, k] fp32): softmax, top-k, optional renormalisation,
-    in one kernel. Ties go to the lowest expert index."""
+def route(logits: torch.Tensor, top_k: int, renormalize: bool, x: torch.Tensor | None = None,
+          shared_gate: torch.Tensor | None = None, shared_chunks: int = 0):
+    """Router logits [T, E] -> (ids [T, k + S] int32, weights [T, k + S] fp32): softmax, top-k, optional
+    renormalisation, in one kernel. Ties go to the lowest expert index. With shared_chunks S > 0 (the folded shared
+    expert), columns k .. k+S-1 hold the ids E .. E+S-1 and the weight sigmoid(x . shared_gate) (x [T, H],
+    shared_gate [1, H])."""
     t, num_experts = logits.shape
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    if shared_chunks and (x is None or shared_gate is None or x.shape[0] != t or shared_gate.numel() != x.shape[1]):
+        raise ValueError("a folded shared expert needs x [T, H] and shared_gate [1, H]")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    ids = torch.empty((t, top_k), device=logits.device, dtype=torch.int32)
-    weights = torch.empty((t, top_k), device=logits.device, dtype=torch.float32)
+    if shared_chunks:
+        x = x if x.stride(1) == 1 else x.contiguous()
+        shared_gate = shared_gate.contiguous()
+    else:
+        x = shared_gate = logits  # unused
+    hidden = x.shape[1]
+    ids = torch.empty((t, top_k + shared_chunks), device=logits.device, dtype=torch.int32)
+    weights = torch.empty((t, top_k + shared_chunks), device=logits.device, dtype=torch.float32)
     if t:
-        _route_kernel[(t,)](logits, ids, weights, num_experts, logits.stride(0), TOP_K=top_k,
-                            RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(num_experts),
-                            BLOCK_K=max(2, triton.next_power_of_2(top_k)), num_warps=1)
+        _route_kernel[(t,)](logits, x, shared_gate, ids, weights, num_experts, hidden, logits.stride(0),
+                            x.stride(0), TOP_K=top_k, SHARED_CHUNKS=shared_chunks, RENORMALIZE=renormalize,
+                            BLOCK_E=triton.next_power_of_2(num_experts),
+                            BLOCK_K=max(2, triton.next_power_of_2(top_k)),
+                            BLOCK_S=max(2, triton.next_power_of_2(shared_chunks)),
+                            BLOCK_H=min(1024, triton.next_power_of_2(hidden)), num_warps=1)
     return ids, weights
 
 
@@ -154,27 +195,57 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_pairs, block_experts, ends[-1:].to(torch.int32)
 
 
+# ---- expert weights -----------------------------------------------------------------------------------------------
+# Expert ids >= num_experts are chunks of the folded shared expert (HAS_SHARED): chunk c reads rows [c I, (c+1) I)
+# of the shared gate and up projections ([2 Is, H], gate rows first) and columns [c I, (c+1) I) of the shared
+# down projection ([H, Is]), in place.
+
+@triton.jit
+def _gate_up_rows(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS_SHARED: tl.constexpr):
+    """-> (pointer to expert e's first gate row, offset from there to its first up row)."""
+    p_e = p_w + e * s_we
+    up = inter * s_wn
+    if HAS_SHARED:
+        if e >= num_experts:
+            p_e = p_ws + (e - num_experts) * inter * s_wn
+            up = shared_inter * s_wn
+    return p_e, up
+
+
+@triton.jit
+def _down_matrix(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS_SHARED: tl.constexpr):
+    """-> (pointer to expert e's down matrix [H, I], its row stride)."""
+    p_e = p_w + e * s_we
+    s_row = s_wn
+    if HAS_SHARED:
+        if e >= num_experts:
+            p_e = p_ws + (e - num_experts) * inter
+            s_row = shared_inter
+    return p_e, s_row
+
+
 # ---- decode: batched GEMV -----------------------------------------------------------------------------------------
 
 @triton.jit
 def _gemv_gate_up_kernel(
     # pointers
-    p_x, p_ids, p_w, p_out,
+    p_x, p_ids, p_w, p_ws, p_out,
     # sizes
-    hidden, inter,
+    hidden, inter, num_experts, shared_inter,
     # strides
     s_x, s_we, s_wn, s_out,
     # meta-parameters
-    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PAIRS: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     i_pair = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
-    i_t = i_pair // TOP_K
+    i_t = i_pair // PAIRS
     e = tl.load(p_ids + i_pair).to(tl.int64)
+    p_e, up = _gate_up_rows(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS_SHARED)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < inter
-    p_wg = p_w + e * s_we + o_n[:, None] * s_wn
-    p_wu = p_w + e * s_we + (inter + o_n)[:, None] * s_wn
+    p_wg = p_e + o_n[:, None] * s_wn
+    p_wu = p_wg + up
     b_g = tl.zeros([BLOCK_N], tl.float32)
     b_u = tl.zeros([BLOCK_N], tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
@@ -192,28 +263,29 @@ def _gemv_gate_up_kernel(
 @triton.jit
 def _gemv_down_kernel(
     # pointers
-    p_h, p_ids, p_weights, p_w, p_out,
+    p_h, p_ids, p_weights, p_w, p_ws, p_out,
     # sizes
-    hidden, inter,
+    hidden, inter, num_experts, shared_inter,
     # strides
     s_h, s_we, s_wn, s_out,
     # meta-parameters
-    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PAIRS: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < hidden
     b_out = tl.zeros([BLOCK_N], tl.float32)
-    for j in tl.static_range(TOP_K):
-        i_pair = i_t * TOP_K + j
+    for j in tl.static_range(PAIRS):
+        i_pair = i_t * PAIRS + j
         e = tl.load(p_ids + i_pair).to(tl.int64)
+        p_e, s_row = _down_matrix(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS_SHARED)
         b_part = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, inter, BLOCK_K):
             o_k = k0 + tl.arange(0, BLOCK_K)
             m_k = o_k < inter
             b_h = tl.load(p_h + i_pair * s_h + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
-            b_w = tl.load(p_w + e * s_we + o_n[:, None] * s_wn + o_k[None, :], mask=m_n[:, None] & m_k[None, :],
+            b_w = tl.load(p_e + o_n[:, None] * s_row + o_k[None, :], mask=m_n[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BN, BK]
             b_part += tl.sum(b_w * b_h[None, :], axis=1)
         b_out += tl.load(p_weights + i_pair) * b_part
@@ -225,24 +297,25 @@ def _gemv_down_kernel(
 @triton.jit
 def _grouped_gate_up_kernel(
     # pointers
-    p_x, p_sorted, p_block_experts, p_num_rows, p_w, p_out,
+    p_x, p_sorted, p_block_experts, p_num_rows, p_w, p_ws, p_out,
     # sizes
-    num_pairs, hidden, inter,
+    num_pairs, hidden, inter, num_experts, shared_inter,
     # strides
     s_x, s_we, s_wn, s_out,
     # meta-parameters
-    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    PAIRS: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_n = tl.program_id(1)
     if i_b * BLOCK_M >= tl.load(p_num_rows):
         return  # past the last used block: the grid is a static upper bound
     e = tl.load(p_block_experts + i_b).to(tl.int64)
+    p_e, up = _gate_up_rows(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS_SHARED)
     o_m = i_b * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(p_sorted + o_m).to(tl.int64)
     m_m = pair < num_pairs
-    token = pair // TOP_K
+    token = pair // PAIRS
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < inter
     b_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -253,8 +326,8 @@ def _grouped_gate_up_kernel(
         # token rows gathered in the load: [BM, BK]
         b_x = tl.load(p_x + token[:, None] * s_x + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
         m_w = m_k[:, None] & m_n[None, :]
-        b_wg = tl.load(p_w + e * s_we + o_n[None, :] * s_wn + o_k[:, None], mask=m_w, other=0.0)  # [BK, BN]
-        b_wu = tl.load(p_w + e * s_we + (inter + o_n)[None, :] * s_wn + o_k[:, None], mask=m_w, other=0.0)
+        b_wg = tl.load(p_e + o_n[None, :] * s_wn + o_k[:, None], mask=m_w, other=0.0)  # [BK, BN]
+        b_wu = tl.load(p_e + up + o_n[None, :] * s_wn + o_k[:, None], mask=m_w, other=0.0)
         # [BM, BK] @ [BK, BN] -> [BM, BN]
         b_g = tl.dot(b_x, b_wg, b_g, input_precision=DOT_PRECISION)
         b_u = tl.dot(b_x, b_wu, b_u, input_precision=DOT_PRECISION)
@@ -266,19 +339,21 @@ def _grouped_gate_up_kernel(
 @triton.jit
 def _grouped_down_kernel(
     # pointers
-    p_h, p_sorted, p_block_experts, p_num_rows, p_weights, p_w, p_out,
+    p_h, p_sorted, p_block_experts, p_num_rows, p_weights, p_w, p_ws, p_out,
     # sizes
-    num_pairs, hidden, inter,
+    num_pairs, hidden, inter, num_experts, shared_inter,
     # strides
     s_h, s_we, s_wn, s_out,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_n = tl.program_id(1)
     if i_b * BLOCK_M >= tl.load(p_num_rows):
         return
     e = tl.load(p_block_experts + i_b).to(tl.int64)
+    p_e, s_row = _down_matrix(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS_SHARED)
     o_m = i_b * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(p_sorted + o_m).to(tl.int64)
     m_m = pair < num_pairs
@@ -289,8 +364,7 @@ def _grouped_down_kernel(
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < inter
         b_h = tl.load(p_h + pair[:, None] * s_h + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
-        b_w = tl.load(p_w + e * s_we + o_n[None, :] * s_wn + o_k[:, None], mask=m_k[:, None] & m_n[None, :],
-                      other=0.0)
+        b_w = tl.load(p_e + o_n[None, :] * s_row + o_k[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0)
         # [BM, BK] @ [BK, BN] -> [BM, BN]
         b_acc = tl.dot(b_h, b_w, b_acc, input_precision=DOT_PRECISION)
     b_acc *= tl.load(p_weights + pair, mask=m_m, other=0.0)[:, None]
@@ -306,19 +380,24 @@ def token_bucket(tokens: int) -> str:
     return "prefill-small" if tokens <= 512 else "prefill-large"
 
 
+# FOLD_SHARED: run a shared expert as extra experts in the grouped launches (see the module docstring); ignored
+# when the layer has none or its width is not a multiple of the expert width.
 DEFAULT_CONFIGS = {
-    "decode": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4},
-    "prefill-small": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
-    "prefill-large": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    "decode": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "FOLD_SHARED": True},
+    "prefill-small": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3,
+                      "FOLD_SHARED": False},
+    "prefill-large": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
+                      "FOLD_SHARED": False},
 }
-# Kept small: every candidate is a Triton compile (about a second) at the first warm-up of a model shape.
+# Kept small: every candidate is a Triton compile (about a second) at the first warm-up of a model shape. Block sizes
+# are tuned with the bucket's default FOLD_SHARED; the best one is then also timed with the other choice.
 TUNING_CANDIDATES = {
-    "decode": [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w} for n in (8, 16, 32) for k in (128, 256)
-               for w in (2, 4)],
+    "decode": [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w}
+               for n, k, w in ((8, 256, 2), (16, 128, 2), (16, 256, 2), (16, 256, 4), (32, 128, 4), (32, 256, 4))],
     "prefill-small": [{"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": 64, "num_warps": 4, "num_stages": s}
                       for n in (64, 128) for s in (3, 4)],
     "prefill-large": [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "num_warps": w, "num_stages": 3}
-                      for m in (64, 128) for n in (64, 128) for w in (4, 8)],
+                      for m, n, w in ((64, 64, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8))],
 }
 TUNING_TOKENS = {"decode": 1, "prefill-small": 256, "prefill-large": 2048}
 
@@ -328,10 +407,20 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def config_key(hidden: int, inter: int, num_experts: int, top_k: int, dtype: torch.dtype, bucket: str,
-               device: torch.device) -> str:
+def config_key(hidden: int, inter: int, num_experts: int, top_k: int, shared_inter: int, dtype: torch.dtype,
+               bucket: str, device: torch.device) -> str:
     gpu = _device_name(device)
-    return f"{gpu}|H{hidden}|I{inter}|E{num_experts}|k{top_k}|{str(dtype).replace('torch.', '')}|{bucket}"
+    return (f"{gpu}|H{hidden}|I{inter}|E{num_experts}|k{top_k}|S{shared_inter}|{str(dtype).replace('torch.', '')}"
+            f"|{bucket}")
+
+
+def shared_chunks(inter: int, shared_gate_up: torch.Tensor | None) -> int:
+    """How many expert-wide chunks a folded shared expert makes: Is / I, or 0 when it cannot fold (no shared expert,
+    or Is not a multiple of I)."""
+    if shared_gate_up is None:
+        return 0
+    shared_inter = shared_gate_up.shape[0] // 2
+    return shared_inter // inter if shared_inter % inter == 0 else 0
 
 
 def cache_path() -> str:
@@ -362,25 +451,42 @@ def get_config(key: str, bucket: str) -> dict:
 
 
 def tune(x_like: torch.Tensor, router, gate_up, down, top_k: int, renormalize: bool, tokens: int,
-         candidates: list[dict] | None = None, bench=None) -> dict:
-    """Time every candidate config for this model's expert shapes at `tokens` tokens, store the fastest in the
-    on-disk cache and return it. `bench(fn) -> ms` defaults to triton.testing.do_bench (GPU)."""
+         shared_gate_up=None, shared_down=None, shared_gate=None, candidates: list[dict] | None = None,
+         bench=None) -> dict:
+    """Time every candidate config for this layer shape at `tokens` tokens (then, for a foldable shared expert, the
+    best one with FOLD_SHARED flipped), store the fastest in the on-disk cache and return it. `bench(fn) -> ms`
+    defaults to triton.testing.do_bench (GPU)."""
     bucket = token_bucket(tokens)
-    key = config_key(gate_up.shape[2], down.shape[2], gate_up.shape[0], top_k, x_like.dtype, bucket, x_like.device)
+    shared_inter = 0 if shared_gate_up is None else shared_gate_up.shape[0] // 2
+    key = config_key(gate_up.shape[2], down.shape[2], gate_up.shape[0], top_k, shared_inter, x_like.dtype, bucket,
+                     x_like.device)
     x = torch.randn(tokens, gate_up.shape[2], device=x_like.device, dtype=x_like.dtype)
     if bench is None:
         from triton.testing import do_bench as bench
-    best, best_ms = None, float("inf")
-    for cfg in candidates or TUNING_CANDIDATES[bucket]:
+    fold_default = DEFAULT_CONFIGS[bucket]["FOLD_SHARED"]
+
+    def timed(cfg):
         try:
-            ms = bench(lambda: fused_moe(x, router, gate_up, down, top_k, renormalize, config=cfg))
+            return bench(lambda: fused_moe(x, router, gate_up, down, top_k, renormalize, shared_gate_up, shared_down,
+                                           shared_gate, config=cfg))
         except Exception as e:  # a config that does not compile here (shared memory, ...) is skipped
             log.debug("moe config %s failed: %r", cfg, e)
-            continue
+            return float("inf")
+
+    best, best_ms = None, float("inf")
+    for cfg in candidates or TUNING_CANDIDATES[bucket]:
+        ms = timed(dict(cfg, FOLD_SHARED=cfg.get("FOLD_SHARED", fold_default)))
         if ms < best_ms:
-            best, best_ms = cfg, ms
+            best, best_ms = dict(cfg, FOLD_SHARED=cfg.get("FOLD_SHARED", fold_default)), ms
     if best is None:
         raise RuntimeError(f"no MoE config ran for {key}")
+    if shared_chunks(down.shape[2], shared_gate_up):
+        flipped = dict(best, FOLD_SHARED=not best["FOLD_SHARED"])
+        ms = timed(flipped)
+        log.info("moe: %s shared expert folded %.4f ms, separate %.4f ms", key,
+                 *((ms, best_ms) if flipped["FOLD_SHARED"] else (best_ms, ms)))
+        if ms < best_ms:
+            best, best_ms = flipped, ms
     _tuned[key] = best
     _resolved.clear()
     try:
@@ -396,23 +502,25 @@ def tune(x_like: torch.Tensor, router, gate_up, down, top_k: int, renormalize: b
     return best
 
 
-def warmup(router, gate_up, down, top_k: int, renormalize: bool) -> None:
+def warmup(router, gate_up, down, top_k: int, renormalize: bool, shared_gate_up=None, shared_down=None,
+           shared_gate=None) -> None:
     """At model load on CUDA: tune every token bucket of this layer shape that the on-disk cache does not hold yet.
     Skipped when QWEN2RT_MOE_TUNE=0 (the defaults are then used, and logged) or a config is pinned."""
     device = gate_up.device
     if device.type != "cuda" or os.environ.get("QWEN2RT_MOE_CONFIG"):
         return
     hidden, inter, num_experts = gate_up.shape[2], down.shape[2], gate_up.shape[0]
+    shared_inter = 0 if shared_gate_up is None else shared_gate_up.shape[0] // 2
     cache = _load_cache()
     for bucket, tokens in TUNING_TOKENS.items():
-        key = config_key(hidden, inter, num_experts, top_k, gate_up.dtype, bucket, device)
+        key = config_key(hidden, inter, num_experts, top_k, shared_inter, gate_up.dtype, bucket, device)
         if key in cache or key in _tuned:
             continue
         if os.environ.get("QWEN2RT_MOE_TUNE", "1") == "0":
             log.warning("moe: no tuned config for %s (QWEN2RT_MOE_TUNE=0): using the defaults %s", key,
                         DEFAULT_CONFIGS[bucket])
             continue
-        tune(gate_up, router, gate_up, down, top_k, renormalize, tokens)
+        tune(gate_up, router, gate_up, down, top_k, renormalize, tokens, shared_gate_up, shared_down, shared_gate)
 
 
 # ---- launcher ---------------------------------------------------------------------------------------------------
@@ -424,11 +532,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
               renormalize: bool, shared_gate_up: torch.Tensor | None = None, shared_down: torch.Tensor | None = None,
               shared_gate: torch.Tensor | None = None, config: dict | None = None, regime: str | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, fold_shared: bool | None = None) -> torch.Tensor:
     """The MoE block. x [T, H]; router [E, H]; gate_up [E, 2I, H] (rows [gate | up]); down [E, H, I]; optional
-    shared expert gate_up [2Is, H], down [H, Is] and sigmoid gate [1, H]. -> [T, H] in x's dtype (written into
-    `out` when given). `config` overrides the block sizes (see get_config / tune); `regime` ("decode" or
-    "prefill") overrides the choice made from T."""
+    shared expert gate_up [2Is, H] (rows [gate | up]), down [H, Is] and sigmoid gate [1, H]. -> [T, H] in x's dtype
+    (written into `out` when given). `config` overrides the block sizes (see get_config / tune); `regime`
+    ("decode" or "prefill") overrides the choice made from T; `fold_shared` overrides the config's FOLD_SHARED
+    (True needs Is to be a multiple of I)."""
     t, hidden = x.shape
     num_experts, two_inter, _ = gate_up.shape
     inter = two_inter // 2
@@ -440,8 +549,23 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
         raise ValueError(f"x, gate_up and down must share a dtype, got {x.dtype}, {gate_up.dtype}, {down.dtype}")
     if gate_up.stride(2) != 1 or down.stride(2) != 1 or gate_up.stride(1) != hidden or down.stride(1) != inter:
         raise ValueError("expert weights must be contiguous [E, 2I, H] and [E, H, I]")
+    shared_inter = 0
+    if shared_gate_up is not None:
+        shared_inter = shared_gate_up.shape[0] // 2
+        if (shared_down is None or shared_gate is None or shared_gate_up.shape != (2 * shared_inter, hidden)
+                or shared_down.shape != (hidden, shared_inter) or shared_gate.shape != (1, hidden)):
+            raise ValueError(f"shared expert shapes disagree with H={hidden}: gate_up "
+                             f"{_shape(shared_gate_up)}, down {_shape(shared_down)}, gate {_shape(shared_gate)}")
+        if not (shared_gate_up.dtype == shared_down.dtype == shared_gate.dtype == x.dtype):
+            raise ValueError("the shared expert's weights must have x's dtype")
+        if not (shared_gate_up.is_contiguous() and shared_down.is_contiguous()):
+            raise ValueError("shared expert weights must be contiguous [2Is, H] and [H, Is]")
     if regime not in (None, "decode", "prefill"):
         raise ValueError(f"regime must be 'decode' or 'prefill', got {regime!r}")
+    chunks = shared_chunks(inter, shared_gate_up)
+    if fold_shared and not chunks:
+        raise ValueError(f"fold_shared=True needs a shared expert whose width is a multiple of the expert width "
+                         f"{inter}, got {shared_inter or 'none'}")
     x = x if x.stride(1) == 1 else x.contiguous()
     if out is None:
         out = torch.empty_like(x)
@@ -449,40 +573,51 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
         raise ValueError(f"out must be a contiguous {x.dtype} tensor {list(x.shape)} on {x.device}")
     if t == 0:
         return out
-    ids, weights = route(F.linear(x, router), top_k, renormalize)
     bucket = token_bucket(t)
     if regime == "decode":
         bucket = "decode"
     elif regime == "prefill" and bucket == "decode":
         bucket = "prefill-small"
-    cfg = config or get_config(config_key(hidden, inter, num_experts, top_k, x.dtype, bucket, x.device), bucket)
-    num_pairs = t * top_k
+    cfg = config or get_config(
+        config_key(hidden, inter, num_experts, top_k, shared_inter, x.dtype, bucket, x.device), bucket)
+    fold = cfg.get("FOLD_SHARED", DEFAULT_CONFIGS[bucket]["FOLD_SHARED"]) if fold_shared is None else fold_shared
+    chunks = chunks if fold else 0
+    ids, weights = route(F.linear(x, router), top_k, renormalize, x, shared_gate, chunks)
+    pairs = top_k + chunks  # (token, expert) pairs per token, shared chunks included
+    num_pairs = t * pairs
     h = torch.empty((num_pairs, inter), device=x.device, dtype=x.dtype)
+    # the folded shared expert's weights (unused, any pointer of the right dtype, when not folding)
+    p_shared_gate_up, p_shared_down = (shared_gate_up, shared_down) if chunks else (gate_up, down)
+    sizes = (hidden, inter, num_experts, shared_inter)
     if bucket == "decode":
         bn, bk, warps = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
         _gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter, bn))](
-            x, ids, gate_up, h, hidden, inter, x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0),
-            TOP_K=top_k, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+            x, ids, gate_up, p_shared_gate_up, h, *sizes, x.stride(0), gate_up.stride(0), gate_up.stride(1),
+            h.stride(0), PAIRS=pairs, HAS_SHARED=chunks > 0, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
         _gemv_down_kernel[(t, triton.cdiv(hidden, bn))](
-            h, ids, weights, down, out, hidden, inter, h.stride(0), down.stride(0), down.stride(1), out.stride(0),
-            TOP_K=top_k, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+            h, ids, weights, down, p_shared_down, out, *sizes, h.stride(0), down.stride(0), down.stride(1),
+            out.stride(0), PAIRS=pairs, HAS_SHARED=chunks > 0, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     else:
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        sorted_pairs, block_experts, num_rows = moe_align(ids, num_experts, bm)
+        sorted_pairs, block_experts, num_rows = moe_align(ids, num_experts + chunks, bm)
         num_blocks = sorted_pairs.numel() // bm
         precision = _dot_precision(x.dtype)
         _grouped_gate_up_kernel[(num_blocks, triton.cdiv(inter, bn))](
-            x, sorted_pairs, block_experts, num_rows, gate_up, h, num_pairs, hidden, inter, x.stride(0),
-            gate_up.stride(0), gate_up.stride(1), h.stride(0), TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            DOT_PRECISION=precision, **launch)
+            x, sorted_pairs, block_experts, num_rows, gate_up, p_shared_gate_up, h, num_pairs, *sizes, x.stride(0),
+            gate_up.stride(0), gate_up.stride(1), h.stride(0), PAIRS=pairs, HAS_SHARED=chunks > 0, BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION=precision, **launch)
         per_pair = torch.empty((num_pairs, hidden), device=x.device, dtype=torch.float32)
         _grouped_down_kernel[(num_blocks, triton.cdiv(hidden, bn))](
-            h, sorted_pairs, block_experts, num_rows, weights, down, per_pair, num_pairs, hidden, inter,
-            h.stride(0), down.stride(0), down.stride(1), per_pair.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            DOT_PRECISION=precision, **launch)
-        out.copy_(per_pair.view(t, top_k, hidden).sum(dim=1))  # fp32 sum of each token's k rows
-    if shared_gate_up is not None:
+            h, sorted_pairs, block_experts, num_rows, weights, down, p_shared_down, per_pair, num_pairs, *sizes,
+            h.stride(0), down.stride(0), down.stride(1), per_pair.stride(0), HAS_SHARED=chunks > 0, BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION=precision, **launch)
+        out.copy_(per_pair.view(t, pairs, hidden).sum(dim=1))  # fp32 sum of each token's rows
+    if shared_gate_up is not None and not chunks:
         shared = F.linear(silu_and_mul(F.linear(x, shared_gate_up)), shared_down)
         out.add_(torch.sigmoid(F.linear(x, shared_gate)) * shared)
     return out
+
+
+def _shape(t: torch.Tensor | None):
+    return None if t is None else list(t.shape)

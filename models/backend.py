@@ -169,7 +169,8 @@ class TritonBackend(TorchBackend):
     def warmup(self, layers):
         moe = next((layer.mlp for layer in layers if isinstance(layer.mlp, MoEWeights)), None)
         if moe is not None:  # every MoE layer of a model has the same shape
-            kernels.moe.warmup(moe.router, moe.gate_up, moe.down, moe.top_k, moe.norm_topk_prob)
+            kernels.moe.warmup(moe.router, moe.gate_up, moe.down, moe.top_k, moe.norm_topk_prob,
+                               moe.shared_gate_up, moe.shared_down, moe.shared_gate)
 
 
 BACKENDS: dict[str, Callable[[], Backend]] = {"torch": TorchBackend, "triton": TritonBackend}

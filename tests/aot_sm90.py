@@ -64,16 +64,21 @@ def cases(quick: bool = False):
                      DOT_PRECISION="tf32"), dict(num_warps=4), None
             yield f"decode_reduce D{d}", rope_attention._decode_reduce_kernel, dtype, \
                 dict(NUM_HEADS=hq, HEAD_DIM=d, NUM_SPLITS=32, BLOCK_S=32), dict(num_warps=1), None
-        for e, k in ((60, 4), (64, 8)):
-            yield f"route E{e} k{k}", moe._route_kernel, dtype, \
-                dict(TOP_K=k, RENORMALIZE=True, BLOCK_E=64, BLOCK_K=k), dict(num_warps=1), {"p_logits": dtype}
+        # (E, k, shared chunks): Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B, with the shared expert folded (4 and 8 chunks)
+        for e, k, chunks in ((60, 4, 4), (64, 8, 8)):
+            for shared in (0, chunks):
+                yield f"route E{e} k{k} S{shared}", moe._route_kernel, dtype, \
+                    dict(TOP_K=k, SHARED_CHUNKS=shared, RENORMALIZE=True, BLOCK_E=64, BLOCK_K=k, BLOCK_S=max(2, shared),
+                         BLOCK_H=1024), dict(num_warps=1), {"p_logits": dtype}
             decode_cfgs = [moe.DEFAULT_CONFIGS["decode"]] + ([] if quick else moe.TUNING_CANDIDATES["decode"])
             for cfg in decode_cfgs:
-                meta = dict(TOP_K=k, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
-                yield f"moe gemv gate_up k{k} {cfg}", moe._gemv_gate_up_kernel, dtype, meta, \
-                    dict(num_warps=cfg["num_warps"]), None
-                yield f"moe gemv down k{k} {cfg}", moe._gemv_down_kernel, dtype, meta, \
-                    dict(num_warps=cfg["num_warps"]), None
+                for shared in (0, chunks):
+                    meta = dict(PAIRS=k + shared, HAS_SHARED=shared > 0, BLOCK_N=cfg["BLOCK_N"],
+                                BLOCK_K=cfg["BLOCK_K"])
+                    yield f"moe gemv gate_up k{k} S{shared} {cfg}", moe._gemv_gate_up_kernel, dtype, meta, \
+                        dict(num_warps=cfg["num_warps"]), None
+                    yield f"moe gemv down k{k} S{shared} {cfg}", moe._gemv_down_kernel, dtype, meta, \
+                        dict(num_warps=cfg["num_warps"]), None
             largest = max(moe.TUNING_CANDIDATES["prefill-large"],
                           key=lambda c: (c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * c["BLOCK_N"]) * c["num_stages"])
             prefill_cfgs = [moe.DEFAULT_CONFIGS["prefill-small"], moe.DEFAULT_CONFIGS["prefill-large"], largest]
@@ -83,9 +88,11 @@ def cases(quick: bool = False):
                 tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                              DOT_PRECISION="tf32")
                 opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-                yield f"moe grouped gate_up {cfg}", moe._grouped_gate_up_kernel, dtype, dict(tiles, TOP_K=k), opts, \
-                    None
-                yield f"moe grouped down {cfg}", moe._grouped_down_kernel, dtype, tiles, opts, {"p_out": "fp32"}
+                for shared in (0, chunks):
+                    yield f"moe grouped gate_up S{shared} {cfg}", moe._grouped_gate_up_kernel, dtype, \
+                        dict(tiles, PAIRS=k + shared, HAS_SHARED=shared > 0), opts, None
+                    yield f"moe grouped down S{shared} {cfg}", moe._grouped_down_kernel, dtype, \
+                        dict(tiles, HAS_SHARED=shared > 0), opts, {"p_out": "fp32"}
 
 
 def main() -> int:

@@ -16,10 +16,10 @@ MOE_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1
 
 
 def make_layer(e, h, inter, shared, dtype, seed, device=DEVICE, hot=None):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # on the device: a real 57B layer is 2e9 numbers
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
     layer = dict(router=rnd(e, h, scale=h ** -0.5), gate_up=rnd(e, 2 * inter, h, scale=h ** -0.5),
                  down=rnd(e, h, inter, scale=inter ** -0.5))
@@ -32,16 +32,17 @@ def make_layer(e, h, inter, shared, dtype, seed, device=DEVICE, hot=None):
     return layer
 
 
-def run(x, layer, top_k, renorm, regime, config=None):
-    out = poisoned(*x.shape, dtype=x.dtype)
+def run(x, layer, top_k, renorm, regime, config=None, fold=None):
+    out = poisoned(*x.shape, dtype=x.dtype, device=x.device)
     got = fused_moe(x, layer["router"], layer["gate_up"], layer["down"], top_k, renorm, layer.get("shared_gate_up"),
-                    layer.get("shared_down"), layer.get("shared_gate"), config=config, regime=regime, out=out)
+                    layer.get("shared_down"), layer.get("shared_gate"), config=config, regime=regime, out=out,
+                    fold_shared=fold)
     assert got.data_ptr() == out.data_ptr()
     return got
 
 
-def check(x, layer, top_k, renorm, regime, dtype, config=None):
-    got = run(x, layer, top_k, renorm, regime, config)
+def check(x, layer, top_k, renorm, regime, dtype, config=None, fold=None):
+    got = run(x, layer, top_k, renorm, regime, config, fold)
     ref = fused_moe_ref(x, layer["router"], layer["gate_up"], layer["down"], top_k, renorm,
                         layer.get("shared_gate_up"), layer.get("shared_down"), layer.get("shared_gate"))
     assert not torch.isnan(got).any()
@@ -53,23 +54,27 @@ REGIMES = ["decode", "prefill"]
 
 @pytest.mark.parametrize("regime", REGIMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("t, e, k, h, inter, shared, renorm", [
-    (1, 7, 2, 64, 40, 0, False),        # one token
-    (5, 7, 3, 100, 37, 24, True),       # fewer tokens than a block; odd H and I; shared expert
-    (3, 61, 4, 64, 32, 0, True),        # prime expert count: most experts receive no token
-    (4, 5, 5, 48, 24, 16, False),       # top-k equal to E
+# fold: the shared expert folded into the grouped launches (True), run separately (False), or the config's choice
+# (None), which falls back to separate when the shared width is not a multiple of the expert width
+@pytest.mark.parametrize("t, e, k, h, inter, shared, renorm, fold", [
+    (1, 7, 2, 64, 40, 0, False, None),      # one token
+    (5, 7, 3, 100, 37, 74, True, True),     # fewer tokens than a block; odd H and I; shared expert of 2 chunks
+    (5, 7, 3, 100, 37, 74, True, False),
+    (3, 61, 4, 64, 32, 0, True, None),      # prime expert count: most experts receive no token
+    (4, 5, 5, 48, 24, 72, False, True),     # top-k equal to E, plus 3 shared chunks
+    (2, 7, 2, 64, 24, 40, True, None),      # a shared expert that cannot fold (40 is not a multiple of 24)
 ])
-def test_small_batches(t, e, k, h, inter, shared, renorm, dtype, regime):
+def test_small_batches(t, e, k, h, inter, shared, renorm, fold, dtype, regime):
     layer = make_layer(e, h, inter, shared, dtype, seed=t * 100 + e)
     x = torch.randn(t, h, generator=torch.Generator().manual_seed(t)).to(dtype).to(DEVICE)
-    check(x, layer, k, renorm, regime, dtype)
+    check(x, layer, k, renorm, regime, dtype, fold=fold)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_two_hundred_tokens(dtype):
-    layer = make_layer(61, 96, 56, 40, dtype, seed=3)
+@pytest.mark.parametrize("dtype, shared, fold", [(torch.float32, 40, None), (torch.float16, 112, True)])
+def test_two_hundred_tokens(dtype, shared, fold):
+    layer = make_layer(61, 96, 56, shared, dtype, seed=3)
     x = torch.randn(200, 96, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEVICE)
-    check(x, layer, 4, False, None, dtype)  # the launcher's choice for 200 tokens: the grouped GEMMs
+    check(x, layer, 4, False, None, dtype, fold=fold)  # the launcher's choice for 200 tokens: the grouped GEMMs
 
 
 @pytest.mark.parametrize("regime", REGIMES)
@@ -90,6 +95,20 @@ def test_routing_kernel(e, k, renorm):
     ref_ids, ref_w = route_ref(logits, k, renorm)
     assert torch.equal(ids.long(), ref_ids)
     torch.testing.assert_close(w, ref_w)
+
+
+@pytest.mark.parametrize("k, chunks", [(2, 1), (4, 3)])
+def test_routing_kernel_writes_the_folded_shared_expert(k, chunks):
+    e, h = 7, 300
+    x = torch.randn(9, h, device=DEVICE)
+    logits, gate = torch.randn(9, e, device=DEVICE), torch.randn(1, h, device=DEVICE) * h ** -0.5
+    ids, w = route(logits, k, True, x, gate, chunks)
+    ref_ids, ref_w = route_ref(logits, k, True)
+    assert ids.shape == w.shape == (9, k + chunks)
+    assert torch.equal(ids[:, :k].long(), ref_ids)
+    torch.testing.assert_close(w[:, :k], ref_w)
+    assert (ids[:, k:] == torch.arange(e, e + chunks, device=DEVICE)).all()
+    torch.testing.assert_close(w[:, k:], torch.sigmoid(x @ gate.T).expand(9, chunks))
 
 
 @pytest.mark.parametrize("t, e, k, bm", [(1, 7, 2, 16), (50, 61, 4, 16), (200, 5, 5, 64), (9, 3, 1, 4)])
@@ -119,6 +138,15 @@ def test_bad_inputs():
         fused_moe(x[:, :31], layer["router"], layer["gate_up"], layer["down"], 2, False)
     with pytest.raises(ValueError, match="regime"):
         fused_moe(x, layer["router"], layer["gate_up"], layer["down"], 2, False, regime="turbo")
+    with pytest.raises(ValueError, match="fold_shared=True needs"):
+        fused_moe(x, layer["router"], layer["gate_up"], layer["down"], 2, False, fold_shared=True)
+    shared = make_layer(4, 32, 16, 24, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="fold_shared=True needs"):  # 24 is not a multiple of 16
+        fused_moe(x, *(shared[n] for n in ("router", "gate_up", "down")), 2, False, shared["shared_gate_up"],
+                  shared["shared_down"], shared["shared_gate"], fold_shared=True)
+    with pytest.raises(ValueError, match="shared expert shapes disagree"):
+        fused_moe(x, *(shared[n] for n in ("router", "gate_up", "down")), 2, False, shared["shared_gate_up"],
+                  shared["shared_down"][:, :20], shared["shared_gate"])
 
 
 def test_configs_tuning_cache_and_pin(tmp_path, monkeypatch):
@@ -131,10 +159,19 @@ def test_configs_tuning_cache_and_pin(tmp_path, monkeypatch):
     fake_ms = iter([2.0, 1.0])  # the second candidate "wins"
     best = moe_mod.tune(torch.empty(1, 64, device=DEVICE), layer["router"], layer["gate_up"], layer["down"], 2,
                         False, tokens=3, candidates=candidates, bench=lambda fn: (fn(), next(fake_ms))[1])
-    assert best == candidates[1]
-    key = moe_mod.config_key(64, 32, 5, 2, torch.float32, "decode", DEVICE)
-    assert json.load(open(tmp_path / "moe_configs.json"))[key] == candidates[1]
-    assert moe_mod.get_config(key, "decode") == dict(moe_mod.DEFAULT_CONFIGS["decode"], **candidates[1])
+    assert best == dict(candidates[1], FOLD_SHARED=True)  # the decode default: no shared expert, nothing to flip
+    key = moe_mod.config_key(64, 32, 5, 2, 0, torch.float32, "decode", DEVICE)
+    assert json.load(open(tmp_path / "moe_configs.json"))[key] == best
+    assert moe_mod.get_config(key, "decode") == dict(moe_mod.DEFAULT_CONFIGS["decode"], **best)
+    # a foldable shared expert: the best block sizes are timed again with the shared expert separate, which "wins"
+    shared = make_layer(5, 64, 32, 64, torch.float32, seed=2)
+    fake_ms = iter([2.0, 1.0, 0.5])
+    tuned = moe_mod.tune(torch.empty(1, 64, device=DEVICE), *(shared[n] for n in ("router", "gate_up", "down")), 2,
+                         False, 3, shared["shared_gate_up"], shared["shared_down"], shared["shared_gate"],
+                         candidates=candidates, bench=lambda fn: (fn(), next(fake_ms))[1])
+    assert tuned == dict(candidates[1], FOLD_SHARED=False)
+    shared_key = moe_mod.config_key(64, 32, 5, 2, 64, torch.float32, "decode", DEVICE)
+    assert json.load(open(tmp_path / "moe_configs.json"))[shared_key] == tuned
     monkeypatch.setenv("QWEN2RT_MOE_CONFIG", json.dumps({"BLOCK_K": 128}))
     assert moe_mod.get_config(key, "decode")["BLOCK_K"] == 128
     # a tuned config gives the same result as the default one
@@ -150,29 +187,31 @@ LAYERS = {"qwen1.5-moe-a2.7b": (60, 4, 2048, 1408, 5632), "qwen2-57b-a14b": (64,
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(LAYERS))
 @pytest.mark.parametrize("t", [1, 4, 16, 200])
-def test_real_layer_shapes_bf16_gpu(name, t):
+@pytest.mark.parametrize("fold", [False, True])
+def test_real_layer_shapes_bf16_gpu(name, t, fold):
     e, k, h, inter, shared = LAYERS[name]
     layer = make_layer(e, h, inter, shared, torch.bfloat16, seed=t, device="cuda")
     x = torch.randn(t, h, device="cuda").bfloat16()
-    check(x, layer, k, False, None, torch.bfloat16)
+    check(x, layer, k, False, None, torch.bfloat16, fold=fold)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t", [1, 16])
-def test_moe_layer_in_a_cuda_graph_equals_eager(t):
+@pytest.mark.parametrize("t", [1, 16, 40])  # decode GEMVs at 1 and 16 tokens, grouped GEMMs (device grouping) at 40
+@pytest.mark.parametrize("fold", [False, True])
+def test_moe_layer_in_a_cuda_graph_equals_eager(t, fold):
     e, k, h, inter, shared = LAYERS["qwen1.5-moe-a2.7b"]
     layer = make_layer(e, h, inter, shared, torch.bfloat16, seed=7, device="cuda")
     x = torch.randn(t, h, device="cuda").bfloat16()
-    eager = run(x, layer, k, False, None).clone()
+    eager = run(x, layer, k, False, None, fold=fold).clone()
     static_out = torch.empty_like(x)
-    run(x, layer, k, False, None)  # compile outside the capture
+    run(x, layer, k, False, None, fold=fold)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fused_moe(x, layer["router"], layer["gate_up"], layer["down"], k, False, layer["shared_gate_up"],
-                  layer["shared_down"], layer["shared_gate"], out=static_out)
+                  layer["shared_down"], layer["shared_gate"], out=static_out, fold_shared=fold)
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(static_out, eager, rtol=0, atol=0)
     x.copy_(torch.randn_like(x))  # new input, same graph
     graph.replay()
-    torch.testing.assert_close(static_out, run(x, layer, k, False, None), rtol=0, atol=0)
+    torch.testing.assert_close(static_out, run(x, layer, k, False, None, fold=fold), rtol=0, atol=0)
