@@ -1,6 +1,8 @@
 """End-to-end decode: ms per generated token at batch 1 (and 4, 16) for the built-in shapes (random weights,
 prompt 128), against Hugging Face transformers eager and HF with a static cache + torch.compile(reduce-overhead),
-all in the same run, and qwen2rt with enforce_eager (no CUDA graphs) beside it; graph capture time and memory.
+all in the same run, and qwen2rt with enforce_eager (no CUDA graphs) beside it; graph capture time and memory;
+the summed kernel time of one decode step (graph replay over it: the launch gaps left); load and first-request time
+with graphs captured at start-up vs lazily.
 Reports the weight bytes read per token, the floor (bytes / measured copy bandwidth) and the fraction of the floor
 reached.
 
@@ -18,14 +20,17 @@ import time
 import torch
 
 from benchmarks.common import device_default, measure_ceilings, print_rows, write_json
-from benchmarks.hf_baseline import decode_ms_per_token, hf_model
+from benchmarks.hf_baseline import decode_ms_per_token, hf_model, time_generate
 from qwen2rt import LLM, SamplingParams
 from qwen2rt.models.config import builtin_config
+from qwen2rt.profiling import decode_step_kernel_ms
 
 MODELS = ["qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b-4l"]
 # torch.compile of a whole HF model takes tens of seconds per shape: by default only the smallest one, so that
 # gpu_check.sh stays within its ~5 minutes, and at batch 1 only. Pass --compiled-models to add more.
 COMPILED_MODELS = ["qwen2-0.5b"]
+# capture at start-up vs on first use (load time and first-request time of each): measured on the smallest model
+LAZY_MODELS = ["qwen2-0.5b"]
 
 
 def _free():
@@ -39,16 +44,21 @@ def _prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[lis
     return torch.randint(0, min(vocab, 32000), (batch, prompt_len), generator=g).tolist()
 
 
-def qwen2rt_ms_per_token(llm: LLM, batch: int, prompt_len: int, steps: int) -> float:
+def qwen2rt_ms_per_token(llm: LLM, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
+    """-> (median ms per decoded token, seconds of the first (warm-up) request at this batch size, which includes
+    capturing its graph when capture is lazy)."""
     params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
     llm.generate(_prompts(batch, prompt_len, llm.config.vocab_size), SamplingParams(max_tokens=4, temperature=0,
-                                                                                     ignore_eos=True))  # warm-up
+                                                                                     ignore_eos=True))
+    first_s = time.perf_counter() - t0
     outs = llm.generate(_prompts(batch, prompt_len, llm.config.vocab_size), params)
-    return statistics.median(1000 / o.decode_tokens_per_s for o in outs)
+    return statistics.median(1000 / o.decode_tokens_per_s for o in outs), first_s
 
 
 def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, steps=32, dtype=torch.bfloat16,
-        compiled_models=COMPILED_MODELS, compiled_batches=(1,), hf=True, eager_baseline=True):
+        compiled_models=COMPILED_MODELS, compiled_batches=(1,), hf=True, eager_baseline=True,
+        lazy_models=LAZY_MODELS):
     rows = []
     for name in models:
         config = builtin_config(name)
@@ -61,39 +71,59 @@ def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, ste
             r.update(extra)
             return r
 
-        for impl, eager in (("qwen2rt", False), ("qwen2rt_eager", True)):
+        # graphs captured at start-up (the default), no graphs, and (for lazy_models) graphs captured on first use
+        variants = [("qwen2rt", False, "startup"), ("qwen2rt_eager", True, "startup")]
+        if name in lazy_models:
+            variants.append(("qwen2rt_lazy", False, "lazy"))
+        for impl, eager, capture in variants:
             if eager and not eager_baseline:
                 continue
             try:
                 t0 = time.perf_counter()
                 llm = LLM(name, device=device, dtype=dtype, max_seq_len=prompt_len + steps + 16,
-                          max_batch_size=max(batches), enforce_eager=eager)
+                          max_batch_size=max(batches), enforce_eager=eager, capture_graphs=capture)
                 load_s = time.perf_counter() - t0
                 dec = llm.engine.decoder
                 for b in batches:
-                    rows.append(row(b, impl, qwen2rt_ms_per_token(llm, b, prompt_len, steps),
-                                    backend=llm.backend.name, graphs=llm.use_graphs, load_s=load_s,
-                                    graph_capture_s=dec.capture_s, graph_mib=dec.capture_mib))
+                    ms, first_s = qwen2rt_ms_per_token(llm, b, prompt_len, steps)
+                    extra = {}
+                    if eager:  # the step's kernels alone: what a graph replay would take with no launch gaps
+                        extra["kernel_ms_per_step"] = decode_step_kernel_ms(llm, b, prompt_len)
+                    rows.append(row(b, impl, ms, backend=llm.backend.name, graphs=llm.use_graphs, load_s=load_s,
+                                    first_request_s=first_s, graph_capture_s=dec.capture_s,
+                                    graph_mib=dec.capture_mib, **extra))
                 del llm, dec
             except Exception as e:
                 rows.append(row(None, impl, None, error=repr(e)[:300]))
             _free()
+        kernels = {r["batch"]: r.get("kernel_ms_per_step") for r in rows
+                   if r["model"] == name and r["impl"] == "qwen2rt_eager"}
+        for r in rows:  # graph replay time over the sum of its kernels' times (the issue's target: <= 1.1)
+            if r["model"] == name and r["impl"] == "qwen2rt" and r["ms_per_token"] and kernels.get(r["batch"]):
+                r["graph_over_kernels"] = r["ms_per_token"] / kernels[r["batch"]]
         if not hf:
             continue
         try:
             model = hf_model(config, device, dtype)
+            # MoE: transformers' default experts implementation (it may differ between prefill and decode)
+            experts = {"hf_experts": getattr(model.config, "_experts_implementation", None)} if config.is_moe else {}
             for b in batches:
                 ids = torch.tensor(_prompts(b, prompt_len, config.vocab_size), device=device)
-                rows.append(row(b, "hf_eager", decode_ms_per_token(model, ids, steps)))
+                rows.append(row(b, "hf_eager", decode_ms_per_token(model, ids, steps), **experts))
             if name in compiled_models:
+                # transformers compiles the decode forward itself when the cache is static (on CUDA); it is only
+                # told how: CUDA graphs (reduce-overhead), one graph for the whole forward
+                from transformers import CompileConfig
+
                 model.generation_config.cache_implementation = "static"
-                model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+                model.generation_config.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
                 for b in [b for b in batches if b in compiled_batches]:
                     ids = torch.tensor(_prompts(b, prompt_len, config.vocab_size), device=device)
                     t0 = time.perf_counter()
-                    decode_ms_per_token(model, ids, 4)  # compiles for this batch size
+                    time_generate(model, ids, steps)  # compiles for this batch size and cache length
                     compile_s = time.perf_counter() - t0
-                    rows.append(row(b, "hf_compiled", decode_ms_per_token(model, ids, steps), compile_s=compile_s))
+                    rows.append(row(b, "hf_compiled", decode_ms_per_token(model, ids, steps), compile_s=compile_s,
+                                    **experts))
             del model
         except Exception as e:
             rows.append(row(None, "hf", None, error=repr(e)[:300]))
@@ -115,7 +145,7 @@ def main(argv=None):
     ceilings = measure_ceilings(device, small=args.smoke)
     if args.smoke:
         rows = run(device, ceilings, models=["tiny", "tiny-moe"], batches=[1, 2], prompt_len=8, steps=4,
-                   dtype=torch.float32, compiled_models=[])
+                   dtype=torch.float32, compiled_models=[], lazy_models=["tiny"])
     else:
         rows = run(device, ceilings, models=args.models, batches=args.batches, prompt_len=args.prompt_len,
                    steps=args.steps, compiled_models=args.compiled_models)

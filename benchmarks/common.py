@@ -101,9 +101,17 @@ def kernel_row(kernel: str, shape: str, impl: str, timing: dict, bytes_moved: fl
 
 
 def maybe_compile(fn, device: torch.device):
-    """torch.compile(fn) where it works here; None where it does not (the row is then skipped)."""
+    """torch.compile(fn) as users get it (dynamic=None: static first, one dynamic-shape recompile on the next
+    shape) where it works here; None where it does not (the row is then skipped). The recompile limits are raised
+    so that no shape of a benchmark silently falls back to eager."""
     try:
-        return torch.compile(fn, dynamic=False)
+        import torch._dynamo
+
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+        return torch.compile(fn)
     except Exception:
         return None
 

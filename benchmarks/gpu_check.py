@@ -1,7 +1,9 @@
 """The one-call GPU check: GPU tests, ceilings, kernel benchmarks, end-to-end benchmarks, one JSON record and a
 markdown summary (<date>-<gpu>-<commit>.json and .md, ready to copy into benchmarks/results/). Each part runs in
-its own try block, so a failure in one keeps the results of the others; parts that would start after the time
-budget is spent are recorded as skipped.
+its own try block (the end-to-end benchmarks one part per model), and the record is rewritten after each part, so
+a failure or a kill keeps the results of the parts before it; parts that would start after the time budget is
+spent are recorded as skipped. The MoE block sizes tuned during the run are copied beside the record
+(<record>-moe-configs.json).
 
     python -m benchmarks.gpu_check --out DIR [--parts tests decode kernels prefill] [--quick] [--budget-s 330]
 
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -24,21 +27,29 @@ import torch
 
 from benchmarks import bench_attention, bench_decode, bench_moe, bench_prefill, bench_rmsnorm, bench_swiglu
 from benchmarks.common import ROOT, device_default, environment, measure_ceilings
+from qwen2rt.kernels.moe import cache_path as moe_cache_path
 
 PARTS = ["tests", "decode", "kernels", "prefill"]  # the order they run in; later ones may meet the time budget
 QUICK_MODELS = ["qwen2-0.5b", "qwen2-7b", "qwen1.5-moe-a2.7b"]
 
 
 def run_gpu_tests(timeout_s: int = 200) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
+    """pytest -m gpu in a subprocess, one line per test (-v), so that a timeout still says which tests ran."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-rfE", "--tb=line"]
     env = dict(os.environ, QWEN2RT_MOE_TUNE="0")  # correctness only here: no MoE autotuning inside the tests
     try:
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return {"returncode": None, "summary": f"timed out after {timeout_s} s"}
-    lines = [ln for ln in r.stdout.strip().splitlines() if ln.strip()]
+        stdout, returncode = r.stdout, r.returncode
+    except subprocess.TimeoutExpired as e:
+        stdout, returncode = e.stdout or "", None
+        stdout = stdout.decode(errors="replace") if isinstance(stdout, bytes) else stdout
+    lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
+    outcomes = {k: sum(f" {k}" in ln for ln in lines if "::" in ln) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
     failed = [ln for ln in lines if ln.startswith("FAILED") or ln.startswith("ERROR")]
-    return {"returncode": r.returncode, "summary": lines[-1] if lines else r.stderr[-500:], "failed": failed[:50]}
+    if returncode is None:
+        failed += [ln.split(" ")[0] + " (unfinished: timed out)" for ln in lines[-1:] if "::" in ln]
+    summary = lines[-1] if lines and returncode is not None else f"timed out after {timeout_s} s: {outcomes}"
+    return {"returncode": returncode, "summary": summary, "outcomes": outcomes, "failed": failed[:50]}
 
 
 def record_name(env: dict) -> str:
@@ -57,12 +68,11 @@ def summary_markdown(rec: dict) -> str:
     if t:
         out += [f"GPU tests: {t.get('summary')}", ""]
     if rec.get("decode"):
-        out += ["## Decode (ms/token)", "", "| model | batch | impl | ms/token | floor ms | % of floor |",
-                "|---|---|---|---|---|---|"]
+        out += ["## Decode (ms/token)", "", "| model | batch | impl | ms/token | floor ms | % of floor | notes |",
+                "|---|---|---|---|---|---|---|"]
         for r in rec["decode"]:
             out.append(f"| {r['model']} | {r.get('batch')} | {r['impl']} | {_f(r.get('ms_per_token'))} | "
-                       f"{_f(r.get('floor_ms'))} | {_f(r.get('pct_of_floor'))} |" + (f" error: {r['error']}" if
-                                                                                     r.get("error") else ""))
+                       f"{_f(r.get('floor_ms'))} | {_f(r.get('pct_of_floor'))} | {_decode_notes(r)} |")
         out.append("")
     if rec.get("prefill"):
         out += ["## Prefill (time to first token, ms)", "", "| model | tokens | impl | ms | floor ms | % of floor |",
@@ -77,11 +87,29 @@ def summary_markdown(rec: dict) -> str:
         for r in rec["kernels"]:
             out.append(f"| {r['kernel']} | {r['shape']} | {r['impl']} | {_f(r.get('ms'))} | {_f(r.get('GBps'))} | "
                        f"{_f(r.get('pct_copy_bw'))} | {_f(r.get('TFLOPs'))} | {_f(r.get('pct_gemm_rate'))} |"
-                       + (f" error: {r['error']}" if r.get("error") else ""))
+                       + (f" error: {r['error']}" if r.get("error") else "")
+                       + (f" skipped: {r['skipped']}" if r.get("skipped") else ""))
         out.append("")
     if rec.get("errors"):
         out += ["## Errors", ""] + [f"- {e['part']}: {e['error']}" for e in rec["errors"]] + [""]
     return "\n".join(out)
+
+
+def _decode_notes(r: dict) -> str:
+    notes = []
+    if r.get("error"):
+        notes.append(f"error: {r['error']}")
+    if r.get("graph_capture_s") is not None and r["impl"] == "qwen2rt":
+        notes.append(f"graphs captured in {r['graph_capture_s']:.2f} s, {_f(r.get('graph_mib'))} MiB")
+    if r.get("kernel_ms_per_step"):
+        notes.append(f"kernels {r['kernel_ms_per_step']:.3g} ms/step")
+    if r.get("graph_over_kernels"):
+        notes.append(f"graph / kernels {r['graph_over_kernels']:.2f}")
+    if r.get("load_s") is not None and r["impl"].startswith("qwen2rt"):
+        notes.append(f"load {r['load_s']:.1f} s, first request {_f(r.get('first_request_s'))} s")
+    if r.get("compile_s") is not None:
+        notes.append(f"compile {r['compile_s']:.1f} s")
+    return "; ".join(notes)
 
 
 def _f(v) -> str:
@@ -142,13 +170,15 @@ def main(argv=None) -> int:
     smoke = args.smoke
     if "tests" in args.parts and not smoke:
         part("gpu_tests", lambda: rec.update(gpu_tests=run_gpu_tests()))
-    if "decode" in args.parts:
-        if smoke:
-            part("bench_decode", lambda: rec["decode"].extend(bench_decode.run(
-                device, ceilings, models=["tiny"], batches=[1], prompt_len=8, steps=4, dtype=torch.float32,
-                compiled_models=[])))
-        else:
-            part("bench_decode", lambda: rec["decode"].extend(bench_decode.run(device, ceilings, models=models)))
+    if "decode" in args.parts:  # one part per model: each is saved as soon as it is done
+        for name in ["tiny"] if smoke else models:
+            if smoke:
+                part(f"bench_decode {name}", lambda name=name: rec["decode"].extend(bench_decode.run(
+                    device, ceilings, models=[name], batches=[1], prompt_len=8, steps=4, dtype=torch.float32,
+                    compiled_models=[], lazy_models=["tiny"])))
+            else:
+                part(f"bench_decode {name}",
+                     lambda name=name: rec["decode"].extend(bench_decode.run(device, ceilings, models=[name])))
     if "kernels" in args.parts:
         if smoke:
             part("bench_rmsnorm", lambda: rec["kernels"].extend(bench_rmsnorm.run(
@@ -160,11 +190,16 @@ def main(argv=None) -> int:
             part("bench_attention", lambda: rec["kernels"].extend(bench_attention.run(device, ceilings)))
             part("bench_moe", lambda: rec["kernels"].extend(bench_moe.run(device, ceilings)))
     if "prefill" in args.parts:
-        if smoke:
-            part("bench_prefill", lambda: rec["prefill"].extend(bench_prefill.run(
-                device, ceilings, models=["tiny"], tokens=[16], dtype=torch.float32)))
-        else:
-            part("bench_prefill", lambda: rec["prefill"].extend(bench_prefill.run(device, ceilings, models=models)))
+        for name in ["tiny"] if smoke else models:
+            if smoke:
+                part(f"bench_prefill {name}", lambda name=name: rec["prefill"].extend(bench_prefill.run(
+                    device, ceilings, models=[name], tokens=[16], dtype=torch.float32)))
+            else:
+                part(f"bench_prefill {name}",
+                     lambda name=name: rec["prefill"].extend(bench_prefill.run(device, ceilings, models=[name])))
+    tuned = moe_cache_path()
+    if os.path.isfile(tuned):  # the MoE configs tuned in this run, to keep beside the record
+        shutil.copy(tuned, path[:-len(".json")] + "-moe-configs.json")
     captures = [r["graph_capture_s"] for r in rec["decode"] if r.get("graph_capture_s")]
     rec["graph_capture_s"] = max(captures) if captures else None
     rec["total_s"] = time.perf_counter() - start

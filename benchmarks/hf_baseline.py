@@ -65,8 +65,10 @@ def time_generate(model, input_ids: torch.Tensor, new_tokens: int, **kwargs) -> 
 
 
 def decode_ms_per_token(model, input_ids: torch.Tensor, steps: int, **kwargs) -> float:
-    """Decode time per token: (generate `steps` tokens - generate 1 token) / (steps - 1), after a warm-up."""
-    time_generate(model, input_ids, 2, **kwargs)
+    """Decode time per token: (generate `steps` tokens - generate 1 token) / (steps - 1), after a warm-up of
+    `steps` tokens (a static cache is sized to the longest generation so far: the timed calls then reuse it rather
+    than recompiling for a new length)."""
+    time_generate(model, input_ids, steps, **kwargs)
     one = min(time_generate(model, input_ids, 1, **kwargs) for _ in range(2))
     many = time_generate(model, input_ids, steps, **kwargs)
     return 1000 * (many - one) / (steps - 1)

@@ -151,7 +151,7 @@ class Qwen2Model:
             head_dim=config.head_dim,
             scale=config.head_dim ** -0.5,
         )
-        self.profile_ranges = False  # `qwen2rt profile`: a named range per layer (record_function + NVTX)
+        self.profile_ranges = False  # `qwen2rt profile`: named ranges per step and layer (record_function + NVTX)
 
     @property
     def device(self) -> torch.device:
@@ -168,7 +168,7 @@ class Qwen2Model:
         x = F.embedding(token_ids, w.embed)
         residual = None
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(w.layers, kv_caches)):
-            with self._layer_range(i):
+            with self.named_range(f"qwen2rt.layer.{i}"):
                 x, residual = self._layer(layer, x, residual, k_cache, v_cache, meta)
         h, _ = be.add_rms_norm(x, residual, w.final_norm, eps)
         return h
@@ -191,10 +191,11 @@ class Qwen2Model:
             x = be.linear(be.silu_and_mul(be.linear(h, layer.mlp.gate_up)), layer.mlp.down)
         return x, residual
 
-    def _layer_range(self, i: int):
+    def named_range(self, name: str):
+        """A profiler range (and NVTX range on CUDA) while profile_ranges is on; otherwise nothing."""
         if not self.profile_ranges:
             return contextlib.nullcontext()
-        return named_range(f"qwen2rt.layer.{i}", self.device.type == "cuda")
+        return named_range(name, self.device.type == "cuda")
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> float32 logits [N, V]."""

@@ -132,6 +132,7 @@ class DecodeRunner:
         self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self._pool = None
+        self._side_stream = None  # warm-up runs before each capture
         self.capture_s: float | None = None  # set by capture_all
         self.capture_mib: float | None = None
         padding = dict(zip(SamplingRows.FIELDS, row_values(SamplingParams(temperature=0).resolved(), 0, 0,
@@ -181,18 +182,22 @@ class DecodeRunner:
     def run(self, seqs: list[Sequence]) -> list[int]:
         bucket = self.bucket(len(seqs))
         full = needs_full_sampler([s.params for s in seqs])
-        self._fill(seqs, bucket)
         if self.use_graphs:
-            graph = self.graphs.get((bucket, full)) or self.capture(bucket, full)
+            graph = self.graphs.get((bucket, full)) or self.capture(bucket, full)  # capture fills padding rows
+            self._fill(seqs, bucket)
             graph.replay()
         else:
-            self._step(bucket, full)
+            self._fill(seqs, bucket)
+            with self.model.named_range("qwen2rt.decode_step"):  # its kernels' device time, for the profiler
+                self._step(bucket, full)
         return self.tokens[:len(seqs)].tolist()
 
     def capture(self, bucket: int, full: bool) -> torch.cuda.CUDAGraph:
         """Warm up (compiles kernels) and capture one bucket with padding-only inputs, which write nothing."""
         self._fill([], bucket)
-        stream = torch.cuda.Stream()
+        if self._side_stream is None:  # one for every capture: each new stream would get its own cuBLAS workspace
+            self._side_stream = torch.cuda.Stream()
+        stream = self._side_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._step(bucket, full)

@@ -1,14 +1,18 @@
 """`python -m qwen2rt profile`: a torch.profiler Chrome trace of one prefill and a few decode steps, with a named
 range (record_function, and NVTX on CUDA for Nsight Systems) per layer and per backend op, and a per-op table of
-time, bytes moved and % of the bandwidth floor, so the kernel furthest from its limit stands out."""
+time, bytes moved and % of the bandwidth floor, so the kernel furthest from its limit stands out. Decode steps run
+eagerly while profiling (same kernels as the CUDA-graph replays, whose insides the profiler cannot label); the
+summed kernel time of one step is what a replay would cost with no launch gaps (`decode_step_kernel_ms`)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
 
 from qwen2rt.models.backend import Backend, MoEWeights
 from qwen2rt.models.qwen2 import named_range
@@ -82,8 +86,66 @@ def copy_bandwidth_GBps(device: torch.device) -> float:
     return 2 * n * 2 * reps / (time.perf_counter() - t0) / 1e9
 
 
+@contextlib.contextmanager
+def eager_with_ranges(llm, backend: Backend | None = None):
+    """While profiling: decode steps run eagerly (a CUDA-graph replay hides the ranges of the ops inside it; the
+    kernels are the same) with named ranges on, and `backend`, when given, in place of the model's. All restored
+    afterwards."""
+    decoder, model = llm.engine.decoder, llm.model
+    saved = decoder.use_graphs, model.backend, model.profile_ranges
+    decoder.use_graphs, model.profile_ranges = False, True
+    if backend is not None:
+        model.backend = backend
+    try:
+        yield
+    finally:
+        decoder.use_graphs, model.backend, model.profile_ranges = saved
+
+
+def range_times(prof, cuda: bool) -> dict[str, tuple[float, int]]:
+    """name -> (total µs, count) of each host-side range: the device time of the kernels launched inside it on
+    CUDA (no launch gaps), its CPU time otherwise. Host-side events only: on CUDA the profiler also records each
+    range as a device-side annotation spanning first to last kernel, gaps included, under the same name."""
+    out = {}
+    for e in prof.key_averages():
+        if e.device_type != DeviceType.CPU:
+            continue
+        us = (getattr(e, "device_time_total", 0) or 0) if cuda else e.cpu_time_total
+        out[e.key] = (us, e.count)
+    return out
+
+
+def _random_prompts(llm, batch: int, prompt_len: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, min(llm.config.vocab_size, 32000), (batch, prompt_len), generator=g).tolist()
+
+
+def _activities(cuda: bool):
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    return acts
+
+
+def decode_step_kernel_ms(llm, batch: int = 1, prompt_len: int = 128, steps: int = 8) -> float | None:
+    """The summed device time of the kernels of one decode step (after a prompt_len prompt): what the step costs
+    with no launch gaps, to compare against a CUDA-graph replay. None off CUDA."""
+    from qwen2rt import SamplingParams
+
+    if llm.device.type != "cuda":
+        return None
+    prompts = _random_prompts(llm, batch, prompt_len)
+    with eager_with_ranges(llm):
+        llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
+        with torch.profiler.profile(activities=_activities(True)) as prof:
+            llm.generate(prompts, SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
+    us, count = range_times(prof, True).get("qwen2rt.decode_step", (0.0, 0))
+    return us / count / 1e3 if count else None
+
+
 def profile(llm, batch: int = 1, prompt_len: int = 128, steps: int = 8, trace_path: str | None = None) -> list[dict]:
-    """Profile one prefill of `batch` prompts and `steps` decode steps. -> per-op rows (also printed)."""
+    """Profile one prefill of `batch` prompts and `steps` decode steps (run eagerly: see eager_with_ranges). -> per-op
+    rows (also printed)."""
     from qwen2rt import SamplingParams
 
     cuda = llm.device.type == "cuda"
@@ -94,45 +156,38 @@ def profile(llm, batch: int = 1, prompt_len: int = 128, steps: int = 8, trace_pa
         if not isinstance(layer.mlp, MoEWeights):
             names.update({id(layer.mlp.gate_up): "gate_up", id(layer.mlp.down): "down"})
     wrapped = ProfilingBackend(llm.model.backend, cuda, names)
-    llm.model.backend = wrapped
-    llm.model.profile_ranges = True
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, min(llm.config.vocab_size, 32000), (batch, prompt_len), generator=g).tolist()
+    prompts = _random_prompts(llm, batch, prompt_len)
     params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
-    try:
+    with eager_with_ranges(llm, wrapped):
         llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
         wrapped.bytes.clear()
         wrapped.calls.clear()
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if cuda:
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=_activities(cuda)) as prof:
             llm.generate(prompts, params)
-    finally:
-        llm.model.backend = wrapped.inner
-        llm.model.profile_ranges = False
     if trace_path:
         prof.export_chrome_trace(trace_path)
     bandwidth = copy_bandwidth_GBps(llm.device)
-    events = {e.key: e for e in prof.key_averages()}
+    times = range_times(prof, cuda)
     rows = []
     for op, nbytes in wrapped.bytes.items():
-        e = events.get(f"qwen2rt.{op}")
-        if e is None:
+        us, _ = times.get(f"qwen2rt.{op}", (0.0, 0))
+        if not us:
             continue
-        device_us = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0) if cuda else 0
-        us = device_us or e.cpu_time_total
         floor_us = nbytes / (bandwidth * 1e3)
         rows.append({"op": op, "calls": wrapped.calls[op], "time_ms": us / 1e3, "MB": nbytes / 1e6,
-                     "GBps": nbytes / us / 1e3 if us else None, "pct_of_floor": 100 * floor_us / us if us else None})
+                     "GBps": nbytes / us / 1e3, "pct_of_floor": 100 * floor_us / us})
     rows.sort(key=lambda r: -r["time_ms"])
     total = sum(r["time_ms"] for r in rows)
-    print(f"profile: {llm.model_name}, batch {batch}, prompt {prompt_len}, {steps} decode steps, backend "
+    print(f"profile: {llm.model_name}, batch {batch}, prompt {prompt_len}, {steps} decode steps (eager), backend "
           f"{wrapped.name}, {'device' if cuda else 'CPU'} time; copy bandwidth {bandwidth:.0f} GB/s")
     print(f"{'op':<20}{'calls':>7}{'time ms':>11}{'share':>8}{'MB':>11}{'GB/s':>9}{'% floor':>9}")
     for r in rows:
         print(f"{r['op']:<20}{r['calls']:>7}{r['time_ms']:>11.3f}{100 * r['time_ms'] / total:>7.1f}%"
-              f"{r['MB']:>11.2f}{r['GBps'] or 0:>9.1f}{r['pct_of_floor'] or 0:>8.1f}%")
+              f"{r['MB']:>11.2f}{r['GBps']:>9.1f}{r['pct_of_floor']:>8.1f}%")
+    step_us, step_count = times.get("qwen2rt.decode_step", (0.0, 0))
+    if step_count:
+        print(f"decode step: {step_us / step_count / 1e3:.3f} ms of {'kernel' if cuda else 'CPU'} time per step "
+              f"({step_count} steps)")
     if trace_path:
         print(f"Chrome trace: {trace_path} (open in chrome://tracing or Perfetto; NVTX ranges on CUDA for nsys)")
     return rows

@@ -36,6 +36,11 @@ def test_bench_scripts_run(module, args, key, tmp_path):
     assert "qwen2rt" in impls and len(impls) >= 2  # always a baseline beside qwen2rt
     for r in rows:
         assert _finite(r.get("ms") or r.get("ms_per_token"))
+    if module is bench_decode:  # start-up vs lazy graph capture, timed from load to first request
+        assert {"qwen2rt_eager", "qwen2rt_lazy"} <= impls
+        assert all(_finite(r["first_request_s"]) and _finite(r["load_s"]) for r in rows if r["impl"] != "hf_eager")
+    if module is bench_moe:  # the shared expert folded into the grouped launches vs run separately
+        assert {"qwen2rt_fold", "qwen2rt_separate"} <= impls
 
 
 def test_gpu_check_driver_writes_the_record(tmp_path):
@@ -46,7 +51,8 @@ def test_gpu_check_driver_writes_the_record(tmp_path):
                 "kernels", "graph_capture_s"):
         assert key in rec, key
     assert not rec["errors"], rec["errors"]
-    assert {r["impl"] for r in rec["decode"]} == {"qwen2rt", "qwen2rt_eager", "hf_eager"}
+    assert {r["impl"] for r in rec["decode"]} == {"qwen2rt", "qwen2rt_eager", "qwen2rt_lazy", "hf_eager"}
+    assert all(p.startswith("ok") for p in rec["parts"].values()), rec["parts"]
     assert all(r["floor_ms"] > 0 for r in rec["decode"])
     assert "## Decode" in open(tmp_path / record.replace(".json", ".md")).read()
 
@@ -100,4 +106,5 @@ def test_profile_prints_a_row_per_op(tmp_path, capsys):
     assert all(r["MB"] > 0 and r["time_ms"] > 0 for r in rows)
     assert "qwen2rt.layer.0" in trace.read_text()
     assert llm.model.backend.name == "torch" and not llm.model.profile_ranges  # restored
-    assert "attention.decode" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "attention.decode" in printed and "decode step:" in printed

@@ -4,6 +4,7 @@ decode interleaving, and the asyncio API."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 
@@ -31,6 +32,9 @@ class FakeModel:
         self.steps.append("prefill" if meta.is_prefill else "decode")
         self._next = (meta.positions + 1) % self.config.vocab_size
         return torch.zeros(ids.shape[0], 1)
+
+    def named_range(self, name):
+        return contextlib.nullcontext()
 
     def compute_logits(self, hidden):
         # the rows asked for are the last of each chunk (prefill) or every row (decode)
@@ -159,3 +163,30 @@ def test_graph_options_on_cpu_run_eagerly():
         LLM("tiny", device="cpu", capture_graphs="sometimes")
     with pytest.raises(ValueError, match="max_prefill_tokens"):
         LLM("tiny", device="cpu", max_prefill_tokens=0)
+
+
+def test_lazily_captured_graph_replays_the_real_batch(monkeypatch):
+    """Capturing a bucket on first use runs it with padding rows; the replay right after must see the real batch.
+    A stand-in graph (CUDA graphs need a GPU) replays the step on whatever the static buffers then hold."""
+    eager = LLM("tiny", device="cpu", max_batch_size=8)
+    lazy = LLM("tiny", device="cpu", max_batch_size=8)
+    decoder = lazy.engine.decoder
+    captured = []
+
+    class StandInGraph:
+        def __init__(self, bucket, full):
+            self.replay = lambda: decoder._step(bucket, full)
+
+    def capture(bucket, full):  # what DecodeRunner.capture does to the buffers: padding, warm-up step, record
+        decoder._fill([], bucket)
+        decoder._step(bucket, full)
+        captured.append((bucket, full))
+        decoder.graphs[(bucket, full)] = StandInGraph(bucket, full)
+        return decoder.graphs[(bucket, full)]
+
+    monkeypatch.setattr(decoder, "capture", capture)
+    decoder.use_graphs = True
+    prompts = [random_prompt(5 + 3 * i, 256, i) for i in range(5)]  # 5 sequences: the 8 bucket
+    assert [o.token_ids for o in lazy.generate(prompts, GREEDY)] == \
+        [o.token_ids for o in eager.generate(prompts, GREEDY)]
+    assert (8, False) in captured

@@ -25,7 +25,8 @@ def test_bf16_on_gpu_close_to_fp32_hf(name, hf_checkpoints):
     llm = LLM(path, device="cuda", backend="torch", max_seq_len=256)
     assert llm.dtype == torch.bfloat16
     ids = random_prompt(45, hf.config.vocab_size, 2)
-    assert rel_err(llm.logits(ids).cpu(), hf_logits(hf, ids)) < 3e-2
+    # bf16 weights and activations against fp32 HF: 1.6e-2 at this seed, up to 2.6e-2 at others (bf16 on CPU)
+    assert rel_err(llm.logits(ids).cpu(), hf_logits(hf, ids)) < 5e-2
     out = llm.generate([ids, ids[:7]], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
     assert [len(o.token_ids) for o in out] == [16, 16]
 
@@ -54,3 +55,16 @@ def test_cuda_graph_decode_equals_eager(model, batch):
                              ignore_eos=True)
     assert [o.token_ids for o in graphs.generate(prompts, sampled)] == \
         [o.token_ids for o in eager.generate(prompts, sampled)]
+
+
+def test_lazily_captured_graphs_equal_eager():
+    kw = dict(device="cuda", seed=0, max_seq_len=256, max_batch_size=8)
+    lazy = LLM("tiny-moe", capture_graphs="lazy", **kw)
+    assert lazy.use_graphs and not lazy.engine.decoder.graphs  # nothing captured before the first decode step
+    eager = LLM("tiny-moe", enforce_eager=True, **kw)
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    for batch in (3, 1, 3):  # first use of bucket 4, of bucket 1, then bucket 4 again from its graph
+        prompts = [[(11 * i + j) % 500 + 1 for j in range(6 + 2 * i)] for i in range(batch)]
+        assert [o.token_ids for o in lazy.generate(prompts, greedy)] == \
+            [o.token_ids for o in eager.generate(prompts, greedy)]
+    assert {(4, False), (1, False)} <= set(lazy.engine.decoder.graphs)
