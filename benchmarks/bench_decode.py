@@ -23,7 +23,7 @@ from benchmarks.common import device_default, measure_ceilings, print_rows, writ
 from benchmarks.hf_baseline import decode_ms_per_token, hf_model, time_generate
 from qwen2rt import LLM, SamplingParams
 from qwen2rt.models.config import builtin_config
-from qwen2rt.profiling import decode_step_kernel_ms
+from qwen2rt.profiling import decode_step_ms
 
 MODELS = ["qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b-4l"]
 # torch.compile of a whole HF model takes tens of seconds per shape: by default only the smallest one, so that
@@ -87,8 +87,8 @@ def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, ste
                 for b in batches:
                     ms, first_s = qwen2rt_ms_per_token(llm, b, prompt_len, steps)
                     extra = {}
-                    if eager:  # the step's kernels alone: what a graph replay would take with no launch gaps
-                        extra["kernel_ms_per_step"] = decode_step_kernel_ms(llm, b, prompt_len)
+                    if eager and llm.device.type == "cuda":  # the step's kernels alone: a replay with no gaps
+                        extra["kernel_ms_per_step"] = decode_step_ms(llm, b, prompt_len)
                     rows.append(row(b, impl, ms, backend=llm.backend.name, graphs=llm.use_graphs, load_s=load_s,
                                     first_request_s=first_s, graph_capture_s=dec.capture_s,
                                     graph_mib=dec.capture_mib, **extra))

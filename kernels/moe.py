@@ -375,15 +375,23 @@ def _grouped_down_kernel(
 # ---- configs ----------------------------------------------------------------------------------------------------
 
 def token_bucket(tokens: int) -> str:
-    if tokens <= DECODE_MAX_TOKENS:
+    """Configs are tuned per bucket of token counts: two GEMV buckets (a graph's batch of 1-4 and of 5-16 rows
+    read the weights differently often), two grouped-GEMM ones."""
+    if tokens <= 4:
         return "decode"
+    if tokens <= DECODE_MAX_TOKENS:
+        return "decode-wide"
     return "prefill-small" if tokens <= 512 else "prefill-large"
+
+
+GEMV_BUCKETS = ("decode", "decode-wide")
 
 
 # FOLD_SHARED: run a shared expert as extra experts in the grouped launches (see the module docstring); ignored
 # when the layer has none or its width is not a multiple of the expert width.
 DEFAULT_CONFIGS = {
     "decode": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "FOLD_SHARED": True},
+    "decode-wide": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "FOLD_SHARED": True},
     "prefill-small": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3,
                       "FOLD_SHARED": False},
     "prefill-large": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
@@ -399,7 +407,8 @@ TUNING_CANDIDATES = {
     "prefill-large": [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "num_warps": w, "num_stages": 3}
                       for m, n, w in ((64, 64, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8))],
 }
-TUNING_TOKENS = {"decode": 1, "prefill-small": 256, "prefill-large": 2048}
+TUNING_CANDIDATES["decode-wide"] = TUNING_CANDIDATES["decode"]  # the same kernels: no extra compile, only timing
+TUNING_TOKENS = {"decode": 1, "decode-wide": 16, "prefill-small": 256, "prefill-large": 2048}
 
 
 @functools.lru_cache(maxsize=None)
@@ -558,14 +567,16 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
                              f"{_shape(shared_gate_up)}, down {_shape(shared_down)}, gate {_shape(shared_gate)}")
         if not (shared_gate_up.dtype == shared_down.dtype == shared_gate.dtype == x.dtype):
             raise ValueError("the shared expert's weights must have x's dtype")
-        if not (shared_gate_up.is_contiguous() and shared_down.is_contiguous()):
-            raise ValueError("shared expert weights must be contiguous [2Is, H] and [H, Is]")
     if regime not in (None, "decode", "prefill"):
         raise ValueError(f"regime must be 'decode' or 'prefill', got {regime!r}")
     chunks = shared_chunks(inter, shared_gate_up)
     if fold_shared and not chunks:
         raise ValueError(f"fold_shared=True needs a shared expert whose width is a multiple of the expert width "
                          f"{inter}, got {shared_inter or 'none'}")
+    if chunks and not (shared_gate_up.is_contiguous() and shared_down.is_contiguous()):
+        if fold_shared:  # the folded chunks are read in place with the contiguous strides
+            raise ValueError("fold_shared=True needs contiguous shared expert weights [2Is, H] and [H, Is]")
+        chunks = 0
     x = x if x.stride(1) == 1 else x.contiguous()
     if out is None:
         out = torch.empty_like(x)
@@ -574,9 +585,9 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
     if t == 0:
         return out
     bucket = token_bucket(t)
-    if regime == "decode":
-        bucket = "decode"
-    elif regime == "prefill" and bucket == "decode":
+    if regime == "decode" and bucket not in GEMV_BUCKETS:
+        bucket = "decode-wide"
+    elif regime == "prefill" and bucket in GEMV_BUCKETS:
         bucket = "prefill-small"
     cfg = config or get_config(
         config_key(hidden, inter, num_experts, top_k, shared_inter, x.dtype, bucket, x.device), bucket)
@@ -589,7 +600,7 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
     # the folded shared expert's weights (unused, any pointer of the right dtype, when not folding)
     p_shared_gate_up, p_shared_down = (shared_gate_up, shared_down) if chunks else (gate_up, down)
     sizes = (hidden, inter, num_experts, shared_inter)
-    if bucket == "decode":
+    if bucket in GEMV_BUCKETS:
         bn, bk, warps = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
         _gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter, bn))](
             x, ids, gate_up, p_shared_gate_up, h, *sizes, x.stride(0), gate_up.stride(0), gate_up.stride(1),

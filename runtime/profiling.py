@@ -2,7 +2,7 @@
 range (record_function, and NVTX on CUDA for Nsight Systems) per layer and per backend op, and a per-op table of
 time, bytes moved and % of the bandwidth floor, so the kernel furthest from its limit stands out. Decode steps run
 eagerly while profiling (same kernels as the CUDA-graph replays, whose insides the profiler cannot label); the
-summed kernel time of one step is what a replay would cost with no launch gaps (`decode_step_kernel_ms`)."""
+summed kernel time of one step is what a replay would cost with no launch gaps (`decode_step_ms`)."""
 
 from __future__ import annotations
 
@@ -127,19 +127,19 @@ def _activities(cuda: bool):
     return acts
 
 
-def decode_step_kernel_ms(llm, batch: int = 1, prompt_len: int = 128, steps: int = 8) -> float | None:
-    """The summed device time of the kernels of one decode step (after a prompt_len prompt): what the step costs
-    with no launch gaps, to compare against a CUDA-graph replay. None off CUDA."""
+def decode_step_ms(llm, batch: int = 1, prompt_len: int = 128, steps: int = 8) -> float | None:
+    """Time of one decode step (after a prompt_len prompt, batch rows): on CUDA the summed device time of its kernels
+    — what the step costs with no launch gaps, to compare against a CUDA-graph replay — elsewhere its CPU time.
+    Measured on the model's own backend: the per-op wrapper's byte tallies launch kernels of their own."""
     from qwen2rt import SamplingParams
 
-    if llm.device.type != "cuda":
-        return None
+    cuda = llm.device.type == "cuda"
     prompts = _random_prompts(llm, batch, prompt_len)
     with eager_with_ranges(llm):
         llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
-        with torch.profiler.profile(activities=_activities(True)) as prof:
+        with torch.profiler.profile(activities=_activities(cuda)) as prof:
             llm.generate(prompts, SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
-    us, count = range_times(prof, True).get("qwen2rt.decode_step", (0.0, 0))
+    us, count = range_times(prof, cuda).get("qwen2rt.decode_step", (0.0, 0))
     return us / count / 1e3 if count else None
 
 
@@ -184,10 +184,10 @@ def profile(llm, batch: int = 1, prompt_len: int = 128, steps: int = 8, trace_pa
     for r in rows:
         print(f"{r['op']:<20}{r['calls']:>7}{r['time_ms']:>11.3f}{100 * r['time_ms'] / total:>7.1f}%"
               f"{r['MB']:>11.2f}{r['GBps']:>9.1f}{r['pct_of_floor']:>8.1f}%")
-    step_us, step_count = times.get("qwen2rt.decode_step", (0.0, 0))
-    if step_count:
-        print(f"decode step: {step_us / step_count / 1e3:.3f} ms of {'kernel' if cuda else 'CPU'} time per step "
-              f"({step_count} steps)")
+    step_ms = decode_step_ms(llm, batch, prompt_len, steps)
+    if step_ms is not None:
+        print(f"decode step: {step_ms:.3f} ms of {'kernel' if cuda else 'CPU'} time per step (a second run, without "
+              f"the per-op ranges)")
     if trace_path:
         print(f"Chrome trace: {trace_path} (open in chrome://tracing or Perfetto; NVTX ranges on CUDA for nsys)")
     return rows

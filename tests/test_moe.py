@@ -99,7 +99,7 @@ def test_routing_kernel(e, k, renorm):
 
 @pytest.mark.parametrize("k, chunks", [(2, 1), (4, 3)])
 def test_routing_kernel_writes_the_folded_shared_expert(k, chunks):
-    e, h = 7, 300
+    e, h = 7, 1500  # the gate's dot product takes two BLOCK_H (1024) steps
     x = torch.randn(9, h, device=DEVICE)
     logits, gate = torch.randn(9, e, device=DEVICE), torch.randn(1, h, device=DEVICE) * h ** -0.5
     ids, w = route(logits, k, True, x, gate, chunks)
@@ -127,6 +127,42 @@ def test_align_groups_every_pair_once(t, e, k, bm):
         members = block[block < n].long()
         assert members.numel() > 0 and (flat[members] == block_experts[b]).all()
     assert (block_experts[rows // bm:] == e).all()  # unused blocks: past the last expert
+
+
+@pytest.mark.parametrize("t, pin, folds", [
+    (1, None, True), (9, None, True), (40, None, False),  # the defaults: folded for the GEMVs, separate for grouped
+    (1, {"FOLD_SHARED": False}, False), (40, {"FOLD_SHARED": True}, True),  # a pinned choice is followed
+])
+def test_the_config_decides_whether_the_shared_expert_folds(t, pin, folds, monkeypatch):
+    monkeypatch.setattr(moe_mod, "_tuned", {})
+    monkeypatch.setattr(moe_mod, "_resolved", {})
+    monkeypatch.setenv("QWEN2RT_CACHE_DIR", "/nonexistent-qwen2rt-test")
+    if pin:
+        monkeypatch.setenv("QWEN2RT_MOE_CONFIG", json.dumps(pin))
+    else:
+        monkeypatch.delenv("QWEN2RT_MOE_CONFIG", raising=False)
+    chunks_seen = []
+    real_route = moe_mod.route
+
+    def spy(*args):
+        chunks_seen.append(args[-1])
+        return real_route(*args)
+
+    monkeypatch.setattr(moe_mod, "route", spy)
+    layer = make_layer(5, 32, 16, 32, torch.float32, seed=4)  # shared width 32 = 2 expert widths
+    x = torch.randn(t, 32, device=DEVICE)
+    check(x, layer, 2, False, None, torch.float32)
+    assert chunks_seen == [2 if folds else 0]
+    assert moe_mod.token_bucket(t) == {1: "decode", 9: "decode-wide", 40: "prefill-small"}[t]
+
+
+def test_non_contiguous_shared_weights_run_separately():
+    layer = make_layer(5, 32, 16, 32, torch.float32, seed=6)
+    layer["shared_down"] = layer["shared_down"].t().contiguous().t()  # [H, Is] with transposed strides
+    x = torch.randn(3, 32, device=DEVICE)
+    check(x, layer, 2, True, None, torch.float32)  # the config says fold; it cannot, so it runs separately
+    with pytest.raises(ValueError, match="contiguous"):
+        check(x, layer, 2, True, None, torch.float32, fold=True)
 
 
 def test_bad_inputs():
