@@ -2,7 +2,7 @@
 prompt 128), against Hugging Face transformers eager and HF with a static cache + torch.compile(reduce-overhead),
 all in the same run, and qwen2rt with enforce_eager (no CUDA graphs) beside it; graph capture time and memory;
 the summed kernel time of one decode step (graph replay over it: the launch gaps left); load and first-request time
-with graphs captured at start-up vs lazily.
+with graphs captured at start-up vs lazily; sampled decoding (top-k and full sampler) beside greedy.
 Reports the weight bytes read per token, the floor (bytes / measured copy bandwidth) and the fraction of the floor
 reached.
 
@@ -31,6 +31,7 @@ MODELS = ["qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-57
 COMPILED_MODELS = ["qwen2-0.5b"]
 # capture at start-up vs on first use (load time and first-request time of each): measured on the smallest model
 LAZY_MODELS = ["qwen2-0.5b"]
+SAMPLED_MODELS = ["qwen2-0.5b"]  # where the sampler's share of a step is largest
 
 
 def _free():
@@ -44,10 +45,16 @@ def _prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[lis
     return torch.randint(0, min(vocab, 32000), (batch, prompt_len), generator=g).tolist()
 
 
-def qwen2rt_ms_per_token(llm: LLM, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
+# sampled decoding (the benchmark's other rows are greedy): Qwen's instruct defaults (the top-k sampler) and a
+# nucleus-only request (the full sampler, which sorts the vocabulary)
+SAMPLED = {"qwen2rt_sampled_topk": dict(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05, seed=0),
+           "qwen2rt_sampled_full": dict(temperature=0.7, top_p=0.8, seed=0)}
+
+
+def qwen2rt_ms_per_token(llm: LLM, batch: int, prompt_len: int, steps: int, **sampling) -> tuple[float, float]:
     """-> (median ms per decoded token, seconds of the first (warm-up) request at this batch size, which includes
-    capturing its graph when capture is lazy)."""
-    params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
+    capturing its graph when capture is lazy). Greedy unless `sampling` says otherwise."""
+    params = SamplingParams(max_tokens=steps, ignore_eos=True, **(sampling or dict(temperature=0)))
     t0 = time.perf_counter()
     llm.generate(_prompts(batch, prompt_len, llm.config.vocab_size), SamplingParams(max_tokens=4, temperature=0,
                                                                                      ignore_eos=True))
@@ -58,7 +65,7 @@ def qwen2rt_ms_per_token(llm: LLM, batch: int, prompt_len: int, steps: int) -> t
 
 def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, steps=32, dtype=torch.bfloat16,
         compiled_models=COMPILED_MODELS, compiled_batches=(1,), hf=True, eager_baseline=True,
-        lazy_models=LAZY_MODELS):
+        lazy_models=LAZY_MODELS, sampled_models=SAMPLED_MODELS):
     rows = []
     for name in models:
         config = builtin_config(name)
@@ -92,6 +99,10 @@ def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, ste
                     rows.append(row(b, impl, ms, backend=llm.backend.name, graphs=llm.use_graphs, load_s=load_s,
                                     first_request_s=first_s, graph_capture_s=dec.capture_s,
                                     graph_mib=dec.capture_mib, **extra))
+                if impl == "qwen2rt" and name in sampled_models:  # the sampler's cost, at batch 1
+                    for label, sampling in SAMPLED.items():
+                        ms, _ = qwen2rt_ms_per_token(llm, 1, prompt_len, steps, **sampling)
+                        rows.append(row(1, label, ms, graphs=llm.use_graphs))
                 del llm, dec
             except Exception as e:
                 rows.append(row(None, impl, None, error=repr(e)[:300]))
@@ -145,7 +156,7 @@ def main(argv=None):
     ceilings = measure_ceilings(device, small=args.smoke)
     if args.smoke:
         rows = run(device, ceilings, models=["tiny", "tiny-moe"], batches=[1, 2], prompt_len=8, steps=4,
-                   dtype=torch.float32, compiled_models=[], lazy_models=["tiny"])
+                   dtype=torch.float32, compiled_models=[], lazy_models=["tiny"], sampled_models=["tiny"])
     else:
         rows = run(device, ceilings, models=args.models, batches=args.batches, prompt_len=args.prompt_len,
                    steps=args.steps, compiled_models=args.compiled_models)

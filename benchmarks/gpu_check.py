@@ -175,7 +175,7 @@ def main(argv=None) -> int:
             if smoke:
                 part(f"bench_decode {name}", lambda name=name: rec["decode"].extend(bench_decode.run(
                     device, ceilings, models=[name], batches=[1], prompt_len=8, steps=4, dtype=torch.float32,
-                    compiled_models=[], lazy_models=["tiny"])))
+                    compiled_models=[], lazy_models=["tiny"], sampled_models=["tiny"])))
             else:
                 part(f"bench_decode {name}",
                      lambda name=name: rec["decode"].extend(bench_decode.run(device, ceilings, models=[name])))

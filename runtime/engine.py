@@ -22,8 +22,8 @@ from qwen2rt.models.backend import AttentionMetadata
 from qwen2rt.models.qwen2 import Qwen2Model
 
 from .kv_cache import KVCache
-from .sampling import (SamplerState, SamplingParams, SamplingRows, needs_full_sampler, row_values, rows_tensor,
-                       sample_tokens)
+from .sampling import (VARIANTS, SamplerState, SamplingParams, SamplingRows, row_values, rows_tensor, sample_tokens,
+                       sampler_variant)
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("qwen2rt")
@@ -130,7 +130,7 @@ class DecodeRunner:
         self.slot_mapping, self.seq_lens = view["slot_mapping"], view["seq_lens"]
         self.rows = SamplingRows(*(view[f] for f in SamplingRows.FIELDS))
         self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
         self._pool = None
         self._side_stream = None  # warm-up runs before each capture
         self.capture_s: float | None = None  # set by capture_all
@@ -170,29 +170,29 @@ class DecodeRunner:
         if width:
             self.block_tables[:len(seqs), :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
 
-    def _step(self, bucket: int, full: bool) -> None:
+    def _step(self, bucket: int, variant: str) -> None:
         b = bucket
         meta = AttentionMetadata(positions=self.positions[:b], slot_mapping=self.slot_mapping[:b],
                                  block_tables=self.block_tables[:b], seq_lens=self.seq_lens[:b], is_prefill=False)
         hidden = self.model.forward(self.input_ids[:b], meta, self.cache.layers)
         logits = self.model.compute_logits(hidden)
         rows = SamplingRows(*(getattr(self.rows, f)[:b] for f in SamplingRows.FIELDS))
-        self.tokens[:b].copy_(sample_tokens(logits, rows, self.sampler, full=full))
+        self.tokens[:b].copy_(sample_tokens(logits, rows, self.sampler, variant))
 
     def run(self, seqs: list[Sequence]) -> list[int]:
         bucket = self.bucket(len(seqs))
-        full = needs_full_sampler([s.params for s in seqs])
+        variant = sampler_variant([s.params for s in seqs])
         if self.use_graphs:
-            graph = self.graphs.get((bucket, full)) or self.capture(bucket, full)  # capture fills padding rows
+            graph = self.graphs.get((bucket, variant)) or self.capture(bucket, variant)  # capture fills padding rows
             self._fill(seqs, bucket)
             graph.replay()
         else:
             self._fill(seqs, bucket)
             with self.model.named_range("qwen2rt.decode_step"):  # its kernels' device time, for the profiler
-                self._step(bucket, full)
+                self._step(bucket, variant)
         return self.tokens[:len(seqs)].tolist()
 
-    def capture(self, bucket: int, full: bool) -> torch.cuda.CUDAGraph:
+    def capture(self, bucket: int, variant: str) -> torch.cuda.CUDAGraph:
         """Warm up (compiles kernels) and capture one bucket with padding-only inputs, which write nothing."""
         self._fill([], bucket)
         if self._side_stream is None:  # one for every capture: each new stream would get its own cuBLAS workspace
@@ -200,30 +200,30 @@ class DecodeRunner:
         stream = self._side_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._step(bucket, full)
+            self._step(bucket, variant)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step(bucket, full)
+            self._step(bucket, variant)
         if self._pool is None:
             self._pool = graph.pool()
-        self.graphs[(bucket, full)] = graph
+        self.graphs[(bucket, variant)] = graph
         return graph
 
     def capture_all(self) -> None:
-        """Capture every bucket, both sampler variants, and log time and memory in one line."""
+        """Capture every bucket with every sampler variant, and log time and memory in one line."""
         torch.cuda.synchronize()
         free_before = torch.cuda.mem_get_info()[0]
         start = time.perf_counter()
         for bucket in reversed(self.buckets):  # largest first: the smaller ones reuse its pool
-            for full in (False, True):
-                if (bucket, full) not in self.graphs:
-                    self.capture(bucket, full)
+            for variant in VARIANTS:
+                if (bucket, variant) not in self.graphs:
+                    self.capture(bucket, variant)
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - start
         self.capture_mib = (free_before - torch.cuda.mem_get_info()[0]) / 2 ** 20
-        log.warning("captured %d decode CUDA graphs (buckets %s, greedy and full sampler) in %.2f s, %.0f MiB",
-                    len(self.graphs), self.buckets, self.capture_s, self.capture_mib)
+        log.warning("captured %d decode CUDA graphs (buckets %s, sampler variants %s) in %.2f s, %.0f MiB",
+                    len(self.graphs), self.buckets, "/".join(VARIANTS), self.capture_s, self.capture_mib)
 
 
 class Engine:
@@ -335,7 +335,7 @@ class Engine:
         seqs = [chunks[i][0] for i in done]
         logits = self.model.compute_logits(hidden[last[done]])
         rows = rows_tensor([s.sampling_row() for s in seqs], self.device)
-        tokens = sample_tokens(logits, rows, self.sampler, full=needs_full_sampler([s.params for s in seqs]))
+        tokens = sample_tokens(logits, rows, self.sampler, sampler_variant([s.params for s in seqs]))
         return seqs, tokens.tolist()
 
     def prefill_metadata(self, chunks: list[tuple[Sequence, int, int]]):

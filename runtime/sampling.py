@@ -4,7 +4,9 @@ Order of the logits transforms (Hugging Face's and vLLM's): repetition / presenc
 temperature (0 = greedy), top-k, top-p, min-p, then one draw. The draw is an exponential race (argmax of p / E
 with E ~ Exp(1)), which samples from p exactly; the uniforms behind E are a hash of (request seed, step, token id),
 so a seeded request gets the same tokens whatever else is in the batch, and the whole sampler runs on the device
-with static shapes and no generator state: it is captured inside the decode CUDA graph.
+with static shapes and no generator state: it is captured inside the decode CUDA graph. Three forms of it
+(`sampler_variant`): argmax alone, a draw among the top TOPK_CANDIDATES logits, and a sort of the whole
+vocabulary; candidates are strictly ordered (ties toward the lower token id), so the forms agree token for token.
 """
 
 from __future__ import annotations
@@ -144,10 +146,21 @@ def rows_tensor(values: list[tuple], device) -> SamplingRows:
                                        else torch.float32) for name, col in zip(SamplingRows.FIELDS, cols)))
 
 
-def needs_full_sampler(params: list[SamplingParams]) -> bool:
-    """False when every row is greedy without penalties: argmax alone is then exact."""
-    return any(not p.greedy or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-               or p.frequency_penalty != 0.0 for p in params)
+# top-k up to this many tokens samples among torch.topk candidates instead of sorting the whole vocabulary
+TOPK_CANDIDATES = 256
+VARIANTS = ("greedy", "topk", "full")  # the sampler's forms, cheapest first; each decode bucket has a graph per form
+
+
+def sampler_variant(params: list[SamplingParams]) -> str:
+    """The cheapest exact form of the sampler for a batch: "greedy" when every row is greedy without penalties
+    (argmax alone), "topk" when every sampled row has 1 <= top_k <= TOPK_CANDIDATES (the draw only ever sees the
+    top candidates: Qwen's instruct checkpoints set top_k 20), else "full" (a sort of the whole vocabulary)."""
+    if all(p.greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+           for p in params):
+        return "greedy"
+    if all(p.greedy or 1 <= p.top_k <= TOPK_CANDIDATES for p in params):
+        return "topk"
+    return "full"
 
 
 class SamplerState:
@@ -189,33 +202,44 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def hash_uniform(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Counter-based uniforms in (0, 1): [B] seeds and steps -> [B, V] float32. A pure function of (seed, step,
-    token id), so a seeded request draws the same numbers in any batch, eagerly or inside a CUDA graph, with no
-    generator state to carry."""
+    """Counter-based uniforms in (0, 1): [B] seeds and steps -> [B, V] float32, one per token id. A pure function
+    of (seed, step, token id), so a seeded request draws the same numbers in any batch, eagerly or inside a CUDA
+    graph, with no generator state to carry."""
+    return hash_uniform_at(seed, step, torch.arange(vocab, device=seed.device, dtype=torch.int64)[None, :])
+
+
+def hash_uniform_at(seed: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """hash_uniform at the given token ids only: [B] seeds and steps, [B, N] (or [1, N]) int64 ids -> [B, N]."""
     s = _mix32((seed & _M32) ^ _mix32((seed >> 32) & _M32))
     s = _mix32(s ^ ((step & 0x7FFFFFFF) * 0x9E3779B1 & _M32))
-    idx = torch.arange(vocab, device=seed.device, dtype=torch.int64)
-    x = _mix32(s[:, None] ^ ((idx[None, :] * 0x85EBCA6B) & _M32))
+    x = _mix32(s[:, None] ^ ((token_ids * 0x85EBCA6B) & _M32))
     return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))  # 24 bits: exact in float32, never 0 or 1
 
 
-def sample_tokens(logits: torch.Tensor, rows: SamplingRows, state: SamplerState, full: bool = True) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, rows: SamplingRows, state: SamplerState, variant: str = "full") -> torch.Tensor:
     """float32 logits [B, V] -> token ids [B] int64, all on the device with static shapes (capturable in a CUDA
-    graph), and records each token in `state` for later penalties. full=False: every row is greedy without
-    penalties, so argmax alone is exact."""
+    graph), and records each token in `state` for later penalties. `variant` (see sampler_variant): "greedy" is
+    argmax alone; "topk" draws among the TOPK_CANDIDATES largest logits (exact when every sampled row's top_k is
+    at most that); "full" handles any parameters. All three give the same token for the rows they accept."""
+    if variant not in VARIANTS:
+        raise ValueError(f"sampler variant must be one of {VARIANTS}, got {variant!r}")
     logits = logits.float()
-    if full:
+    if variant == "greedy":
+        tokens = logits.argmax(dim=-1)
+    else:
         logits = apply_penalties(logits, state.seen[rows.slot], state.counts[rows.slot], rows.repetition,
                                  rows.presence, rows.frequency)
-        greedy = logits.argmax(dim=-1)
         hot = rows.temperature > 0
         temperature = torch.where(hot, rows.temperature, torch.ones_like(rows.temperature))
-        probs = filter_logits(logits, temperature, rows.top_k, rows.top_p, rows.min_p)
+        # the candidates in a strict order (ties toward the lower token id, as argmax): every variant and batch
+        # sees the same top-k set, so a seeded request draws the same token whatever shares its batch
+        n = logits.shape[1] if variant == "full" else min(TOPK_CANDIDATES, logits.shape[1])
+        top, ids = ordered_candidates(logits, n)
+        probs = filter_sorted_logits(top / temperature[:, None], rows.top_k, rows.top_p, rows.min_p)
         # exponential race: argmax p / E with E = -log(U) ~ Exp(1) samples exactly from p
-        noise = -torch.log(hash_uniform(rows.seed, rows.step, logits.shape[1]))
-        tokens = torch.where(hot, (probs / noise).argmax(dim=-1), greedy)
-    else:
-        tokens = logits.argmax(dim=-1)
+        noise = -torch.log(hash_uniform_at(rows.seed, rows.step, ids))
+        sampled = ids.gather(1, (probs / noise).argmax(dim=-1, keepdim=True))[:, 0]
+        tokens = torch.where(hot, sampled, ids[:, 0])
     # record the tokens with scatters on flat views (graph-safe; padding rows may repeat, hence the add)
     flat = rows.slot * state.counts.shape[1] + tokens
     state.counts.view(-1).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
@@ -225,11 +249,33 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
                   min_p: torch.Tensor) -> torch.Tensor:
     """float32 logits [B, V] and per-row parameters [B] -> probabilities [B, V] after temperature, top-k, top-p
     and min-p. top_k <= 0 disables top-k. Rows must have temperature > 0."""
-    logits = logits / temperature[:, None]
+    sorted_logits, order = ordered_candidates(logits / temperature[:, None], logits.shape[1])
+    probs = filter_sorted_logits(sorted_logits, top_k, top_p, min_p)
+    return torch.zeros_like(logits).scatter(1, order, probs)
+
+
+def ordered_candidates(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n largest float32 logits of each row [B, V], in descending order with ties toward the lower token id
+    (a strict order, so a top-k set never depends on how a sort or top-k kernel breaks ties). -> (logits [B, n],
+    token ids [B, n] int64). n = V sorts the whole row; a smaller n takes torch.topk."""
+    bits = logits.contiguous().view(torch.int32).to(torch.int64)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int order == float order (negatives flipped)
     vocab = logits.shape[1]
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    rank = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    keys = ordered * (1 << 32) + (vocab - 1 - torch.arange(vocab, device=logits.device))
+    if n >= vocab:
+        ids = torch.sort(keys, dim=-1, descending=True).indices
+    else:
+        ids = torch.topk(keys, n, dim=-1).indices
+    return logits.gather(1, ids), ids
+
+
+def filter_sorted_logits(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                         min_p: torch.Tensor) -> torch.Tensor:
+    """Logits already divided by the temperature and sorted in descending order, [B, N] (the whole vocabulary, or
+    its N largest when every row's top_k <= N) -> probabilities [B, N] after top-k, top-p and min-p."""
+    n = sorted_logits.shape[1]
+    rank = torch.arange(n, device=sorted_logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k.clamp(max=n), torch.full_like(top_k, n))
     drop = rank >= k[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
@@ -240,6 +286,4 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     # min-p: drop tokens below min_p times the top token's probability
     drop = drop | (probs < min_p[:, None] * probs[:, :1])
     drop[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    filtered = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    return torch.softmax(filtered, dim=-1)
+    return torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)

@@ -37,8 +37,9 @@ def test_bench_scripts_run(module, args, key, tmp_path):
     for r in rows:
         assert _finite(r.get("ms") or r.get("ms_per_token"))
     if module is bench_decode:  # start-up vs lazy graph capture, timed from load to first request
-        assert {"qwen2rt_eager", "qwen2rt_lazy"} <= impls
-        assert all(_finite(r["first_request_s"]) and _finite(r["load_s"]) for r in rows if r["impl"] != "hf_eager")
+        assert {"qwen2rt_eager", "qwen2rt_lazy", "qwen2rt_sampled_topk", "qwen2rt_sampled_full"} <= impls
+        assert all(_finite(r["first_request_s"]) and _finite(r["load_s"]) for r in rows
+                   if r["impl"] in ("qwen2rt", "qwen2rt_eager", "qwen2rt_lazy"))
     if module is bench_moe:  # the shared expert folded into the grouped launches vs run separately
         assert {"qwen2rt_fold", "qwen2rt_separate"} <= impls
 
@@ -51,7 +52,8 @@ def test_gpu_check_driver_writes_the_record(tmp_path):
                 "kernels", "graph_capture_s"):
         assert key in rec, key
     assert not rec["errors"], rec["errors"]
-    assert {r["impl"] for r in rec["decode"]} == {"qwen2rt", "qwen2rt_eager", "qwen2rt_lazy", "hf_eager"}
+    assert {r["impl"] for r in rec["decode"]} == {"qwen2rt", "qwen2rt_eager", "qwen2rt_lazy", "qwen2rt_sampled_topk",
+                                                  "qwen2rt_sampled_full", "hf_eager"}
     assert all(p.startswith("ok") for p in rec["parts"].values()), rec["parts"]
     assert all(r["floor_ms"] > 0 for r in rec["decode"])
     assert "## Decode" in open(tmp_path / record.replace(".json", ".md")).read()

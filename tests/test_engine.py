@@ -174,19 +174,34 @@ def test_lazily_captured_graph_replays_the_real_batch(monkeypatch):
     captured = []
 
     class StandInGraph:
-        def __init__(self, bucket, full):
-            self.replay = lambda: decoder._step(bucket, full)
+        def __init__(self, bucket, variant):
+            self.replay = lambda: decoder._step(bucket, variant)
 
-    def capture(bucket, full):  # what DecodeRunner.capture does to the buffers: padding, warm-up step, record
+    def capture(bucket, variant):  # what DecodeRunner.capture does to the buffers: padding, warm-up step, record
         decoder._fill([], bucket)
-        decoder._step(bucket, full)
-        captured.append((bucket, full))
-        decoder.graphs[(bucket, full)] = StandInGraph(bucket, full)
-        return decoder.graphs[(bucket, full)]
+        decoder._step(bucket, variant)
+        captured.append((bucket, variant))
+        decoder.graphs[(bucket, variant)] = StandInGraph(bucket, variant)
+        return decoder.graphs[(bucket, variant)]
 
     monkeypatch.setattr(decoder, "capture", capture)
     decoder.use_graphs = True
     prompts = [random_prompt(5 + 3 * i, 256, i) for i in range(5)]  # 5 sequences: the 8 bucket
     assert [o.token_ids for o in lazy.generate(prompts, GREEDY)] == \
         [o.token_ids for o in eager.generate(prompts, GREEDY)]
-    assert (8, False) in captured
+    assert (8, "greedy") in captured
+
+
+def test_seeded_request_draws_the_same_tokens_whatever_sampler_form_its_batch_needs():
+    llm = LLM("tiny", device="cpu", max_batch_size=4)
+    top20 = SamplingParams(max_tokens=24, temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.1, seed=5,
+                           ignore_eos=True)
+    nucleus = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=6, ignore_eos=True)
+    prompt = random_prompt(9, 256, 3)
+    alone = llm.generate(prompt, top20)[0].token_ids  # the top-k sampler
+    seq = llm._new_sequence(prompt, llm._params(top20))
+    other = llm._new_sequence(random_prompt(5, 256, 4), llm._params(nucleus))
+    llm._submit([seq, other])  # one batch that needs the full sampler (top-p over the whole vocabulary)
+    while not seq.finished:
+        llm._step_locked()
+    assert seq.output_ids == alone

@@ -49,12 +49,14 @@ def test_cuda_graph_decode_equals_eager(model, batch):
     greedy = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     assert [o.token_ids for o in graphs.generate(prompts, greedy)] == \
         [o.token_ids for o in eager.generate(prompts, greedy)]
-    # sampling inside the graph: the same draws as eager (counter-based RNG, per-request seeds)
-    sampled = SamplingParams(max_tokens=32, temperature=0.8, top_k=50, top_p=0.9, min_p=0.01,
-                             repetition_penalty=1.1, presence_penalty=0.2, frequency_penalty=0.1, seed=11,
-                             ignore_eos=True)
-    assert [o.token_ids for o in graphs.generate(prompts, sampled)] == \
-        [o.token_ids for o in eager.generate(prompts, sampled)]
+    # sampling inside the graph: the same draws as eager (counter-based RNG, per-request seeds), with the top-k
+    # sampler (top_k <= 256) and with the full one (top-p over the whole vocabulary)
+    for top_k in (50, 0):
+        sampled = SamplingParams(max_tokens=32, temperature=0.8, top_k=top_k, top_p=0.9, min_p=0.01,
+                                 repetition_penalty=1.1, presence_penalty=0.2, frequency_penalty=0.1, seed=11,
+                                 ignore_eos=True)
+        assert [o.token_ids for o in graphs.generate(prompts, sampled)] == \
+            [o.token_ids for o in eager.generate(prompts, sampled)]
 
 
 def test_lazily_captured_graphs_equal_eager():
@@ -67,4 +69,4 @@ def test_lazily_captured_graphs_equal_eager():
         prompts = [[(11 * i + j) % 500 + 1 for j in range(6 + 2 * i)] for i in range(batch)]
         assert [o.token_ids for o in lazy.generate(prompts, greedy)] == \
             [o.token_ids for o in eager.generate(prompts, greedy)]
-    assert {(4, False), (1, False)} <= set(lazy.engine.decoder.graphs)
+    assert {(4, "greedy"), (1, "greedy")} <= set(lazy.engine.decoder.graphs)

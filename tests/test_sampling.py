@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from qwen2rt import SamplingParams
-from qwen2rt.sampling import (SamplerState, apply_penalties, defaults_from_generation_config, filter_logits,
-                              hash_uniform, row_values, rows_tensor, sample_tokens)
+from qwen2rt.sampling import (TOPK_CANDIDATES, SamplerState, apply_penalties, defaults_from_generation_config,
+                              filter_logits, hash_uniform, ordered_candidates, row_values, rows_tensor, sample_tokens,
+                              sampler_variant)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -150,5 +151,60 @@ def test_greedy_rows_seeds_and_recorded_tokens():
     again = sample_tokens(logits[1:2], rows_for([hot], [2], [0], [1]), state)
     assert again[0] == out[1]  # same seed and step, alone in the batch: same token
     assert state.counts[1, out[1]] == 2 and state.seen[0, out[0]] and state.counts[2].sum() == 1
-    fast = sample_tokens(logits, rows_for([greedy] * 3, [0] * 3, [0] * 3, [0, 1, 2]), state, full=False)
+    fast = sample_tokens(logits, rows_for([greedy] * 3, [0] * 3, [0] * 3, [0, 1, 2]), state, "greedy")
     assert torch.equal(fast, logits.argmax(-1))
+
+
+def test_sampler_variant_is_the_cheapest_exact_one():
+    greedy = SamplingParams(temperature=0).resolved()
+    penalised = SamplingParams(temperature=0, repetition_penalty=1.1).resolved()
+    top20 = SamplingParams(temperature=0.7, top_k=20, top_p=0.8).resolved()
+    nucleus = SamplingParams(temperature=0.7, top_p=0.8).resolved()  # top_k off: needs the whole vocabulary
+    assert sampler_variant([greedy, greedy]) == "greedy"
+    assert sampler_variant([greedy, penalised]) == "topk"
+    assert sampler_variant([greedy, top20, SamplingParams(top_k=TOPK_CANDIDATES).resolved()]) == "topk"
+    assert sampler_variant([top20, SamplingParams(top_k=TOPK_CANDIDATES + 1).resolved()]) == "full"
+    assert sampler_variant([top20, nucleus]) == "full"
+    with pytest.raises(ValueError, match="sampler variant"):
+        sample_tokens(torch.randn(1, 8), rows_for([greedy], [0], [0], [0]), SamplerState(1, 8, "cpu"), "fast")
+
+
+def test_candidates_are_strictly_ordered_ties_toward_the_lower_id():
+    logits = torch.randn(6, 3000).bfloat16().float()  # bf16 values: many exact ties, as real logits have
+    logits[:, 100] = logits[:, 7] = logits.max() + 1  # a tie at the very top
+    top, ids = ordered_candidates(logits, 3000)
+    assert torch.equal(top, logits.sort(dim=-1, descending=True).values)
+    keys = top * 1e5 - ids  # descending values, ascending ids among equal values
+    assert (ids[:, 0] == 7).all() and (ids[:, 1] == 100).all()
+    assert ((top[:, :-1] > top[:, 1:]) | ((top[:, :-1] == top[:, 1:]) & (ids[:, :-1] < ids[:, 1:]))).all(), keys
+    assert torch.equal(ids[:, 0], logits.argmax(dim=-1))  # argmax also takes the first of equals
+    top_k, ids_k = ordered_candidates(logits, 50)
+    assert torch.equal(ids_k, ids[:, :50]) and torch.equal(top_k, top[:, :50])
+
+
+def test_topk_variant_draws_what_the_full_sampler_draws():
+    """Every row the top-k form accepts gets the same token from it as from the full sort, penalties included, on
+    bf16-valued logits full of ties."""
+    torch.manual_seed(0)
+    b, vocab = 96, 2000
+    logits = (3 * torch.randn(b, vocab)).bfloat16().float()
+    g = torch.Generator().manual_seed(1)
+    params = []
+    for i in range(b):
+        pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]  # noqa: E731
+        params.append(SamplingParams(
+            temperature=pick([0.0, 0.5, 1.0, 1.7]), top_k=pick([1, 5, 20, 64, TOPK_CANDIDATES]),
+            top_p=pick([1.0, 0.9, 0.5]), min_p=pick([0.0, 0.05]), repetition_penalty=pick([1.0, 1.2]),
+            presence_penalty=pick([0.0, 0.5]), frequency_penalty=pick([0.0, 0.3])).resolved())
+    assert sampler_variant(params) == "topk"
+    tokens = {}
+    for variant in ("topk", "full"):
+        state = SamplerState(b, vocab, "cpu")
+        for slot in range(b):
+            state.reset(slot, list(range(slot, slot + 30)))
+            state.counts[slot, slot:slot + 10] = 2
+        rows = rows_for(params, range(100, 100 + b), [3] * b, range(b))
+        tokens[variant] = sample_tokens(logits.clone(), rows, state, variant)
+    assert torch.equal(tokens["topk"], tokens["full"])
+    greedy_rows = torch.tensor([p.greedy for p in params])
+    assert greedy_rows.any() and (~greedy_rows).any()
