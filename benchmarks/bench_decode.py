@@ -124,17 +124,26 @@ def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, ste
             if name in compiled_models:
                 # transformers compiles the decode forward itself when the cache is static (on CUDA); it is only
                 # told how: CUDA graphs (reduce-overhead), one graph for the whole forward
+                from torch import _dynamo
                 from transformers import CompileConfig
 
                 model.generation_config.cache_implementation = "static"
-                model.generation_config.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
                 for b in [b for b in batches if b in compiled_batches]:
                     ids = torch.tensor(_prompts(b, prompt_len, config.vocab_size), device=device)
                     t0 = time.perf_counter()
-                    time_generate(model, ids, steps)  # compiles for this batch size and cache length
+                    for fullgraph in (True, False):  # graph breaks are allowed only if one whole graph fails
+                        model.generation_config.compile_config = CompileConfig(fullgraph=fullgraph,
+                                                                               mode="reduce-overhead")
+                        try:
+                            time_generate(model, ids, steps)  # compiles for this batch size and cache length
+                            break
+                        except Exception:
+                            if not fullgraph:
+                                raise
+                            _dynamo.reset()
                     compile_s = time.perf_counter() - t0
                     rows.append(row(b, "hf_compiled", decode_ms_per_token(model, ids, steps), compile_s=compile_s,
-                                    **experts))
+                                    fullgraph=fullgraph, **experts))
             del model
         except Exception as e:
             rows.append(row(None, "hf", None, error=repr(e)[:300]))
