@@ -375,8 +375,9 @@ def _grouped_down_kernel(
 # ---- configs ----------------------------------------------------------------------------------------------------
 
 def token_bucket(tokens: int) -> str:
-    """Configs are tuned per bucket of token counts: two GEMV buckets (a graph's batch of 1-4 and of 5-16 rows
-    read the weights differently often), two grouped-GEMM ones."""
+    """Configs are tuned per bucket of token counts: two GEMV buckets (1-4 and 5-16 rows: the GEMVs read a selected
+    expert's weights once per row, so the best tiles, and whether folding the shared expert pays, can differ) and
+    two grouped-GEMM ones."""
     if tokens <= 4:
         return "decode"
     if tokens <= DECODE_MAX_TOKENS:
