@@ -13,13 +13,12 @@ reached.
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import time
 
 import torch
 
-from benchmarks.common import device_default, measure_ceilings, print_rows, write_json
+from benchmarks.common import device_default, free_device_memory, measure_ceilings, print_rows, write_json
 from benchmarks.hf_baseline import decode_ms_per_token, hf_model, time_generate
 from qwen2rt import LLM, SamplingParams
 from qwen2rt.models.config import builtin_config
@@ -32,12 +31,6 @@ COMPILED_MODELS = ["qwen2-0.5b"]
 # capture at start-up vs on first use (load time and first-request time of each): measured on the smallest model
 LAZY_MODELS = ["qwen2-0.5b"]
 SAMPLED_MODELS = ["qwen2-0.5b"]  # where the sampler's share of a step is largest
-
-
-def _free():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -106,7 +99,7 @@ def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, ste
                 del llm, dec
             except Exception as e:
                 rows.append(row(None, impl, None, error=repr(e)[:300]))
-            _free()
+            free_device_memory()
         kernels = {r["batch"]: r.get("kernel_ms_per_step") for r in rows
                    if r["model"] == name and r["impl"] == "qwen2rt_eager"}
         for r in rows:  # graph replay time over the sum of its kernels' times (the issue's target: <= 1.1)
@@ -147,7 +140,7 @@ def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, ste
             del model
         except Exception as e:
             rows.append(row(None, "hf", None, error=repr(e)[:300]))
-        _free()
+        free_device_memory()
     return rows
 
 

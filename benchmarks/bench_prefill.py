@@ -8,12 +8,11 @@ fraction of the FLOP floor (matmul + attention FLOPs / measured bf16 GEMM rate).
 from __future__ import annotations
 
 import argparse
-import gc
 
 import torch
 
 from benchmarks.bench_decode import MODELS, _prompts
-from benchmarks.common import device_default, measure_ceilings, print_rows, write_json
+from benchmarks.common import device_default, free_device_memory, measure_ceilings, print_rows, write_json
 from benchmarks.hf_baseline import hf_model, prefill_ms
 from qwen2rt import LLM, SamplingParams
 from qwen2rt.models.config import Qwen2Config, builtin_config
@@ -50,8 +49,7 @@ def run(device, ceilings, models=MODELS, tokens=(128, 512, 2048, 8192), dtype=to
             del llm
         except Exception as e:
             rows.append(row(tokens[0], "qwen2rt", None, error=repr(e)[:300]))
-        gc.collect()
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        free_device_memory()
         if not hf:
             continue
         try:
@@ -62,8 +60,7 @@ def run(device, ceilings, models=MODELS, tokens=(128, 512, 2048, 8192), dtype=to
             del model
         except Exception as e:
             rows.append(row(tokens[0], "hf", None, error=repr(e)[:300]))
-        gc.collect()
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        free_device_memory()
     return rows
 
 

@@ -100,6 +100,15 @@ def kernel_row(kernel: str, shape: str, impl: str, timing: dict, bytes_moved: fl
     return row
 
 
+def free_device_memory() -> None:
+    """Between models: drop what the last one left, so the next one starts from the same free memory."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def maybe_compile(fn, device: torch.device):
     """torch.compile(fn) as users get it (dynamic=None: static first, one dynamic-shape recompile on the next
     shape) where it works here; None where it does not (the row is then skipped). The recompile limits are raised

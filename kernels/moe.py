@@ -424,12 +424,15 @@ def config_key(hidden: int, inter: int, num_experts: int, top_k: int, shared_int
             f"|{bucket}")
 
 
+def shared_width(shared_gate_up: torch.Tensor | None) -> int:
+    """Is, the shared expert's width (0 when the layer has none)."""
+    return 0 if shared_gate_up is None else shared_gate_up.shape[0] // 2
+
+
 def shared_chunks(inter: int, shared_gate_up: torch.Tensor | None) -> int:
     """How many expert-wide chunks a folded shared expert makes: Is / I, or 0 when it cannot fold (no shared expert,
     or Is not a multiple of I)."""
-    if shared_gate_up is None:
-        return 0
-    shared_inter = shared_gate_up.shape[0] // 2
+    shared_inter = shared_width(shared_gate_up)
     return shared_inter // inter if shared_inter % inter == 0 else 0
 
 
@@ -467,7 +470,7 @@ def tune(x_like: torch.Tensor, router, gate_up, down, top_k: int, renormalize: b
     best one with FOLD_SHARED flipped), store the fastest in the on-disk cache and return it. `bench(fn) -> ms`
     defaults to triton.testing.do_bench (GPU)."""
     bucket = token_bucket(tokens)
-    shared_inter = 0 if shared_gate_up is None else shared_gate_up.shape[0] // 2
+    shared_inter = shared_width(shared_gate_up)
     key = config_key(gate_up.shape[2], down.shape[2], gate_up.shape[0], top_k, shared_inter, x_like.dtype, bucket,
                      x_like.device)
     x = torch.randn(tokens, gate_up.shape[2], device=x_like.device, dtype=x_like.dtype)
@@ -485,9 +488,10 @@ def tune(x_like: torch.Tensor, router, gate_up, down, top_k: int, renormalize: b
 
     best, best_ms = None, float("inf")
     for cfg in candidates or TUNING_CANDIDATES[bucket]:
-        ms = timed(dict(cfg, FOLD_SHARED=cfg.get("FOLD_SHARED", fold_default)))
+        cfg = dict(cfg, FOLD_SHARED=cfg.get("FOLD_SHARED", fold_default))
+        ms = timed(cfg)
         if ms < best_ms:
-            best, best_ms = dict(cfg, FOLD_SHARED=cfg.get("FOLD_SHARED", fold_default)), ms
+            best, best_ms = cfg, ms
     if best is None:
         raise RuntimeError(f"no MoE config ran for {key}")
     if shared_chunks(down.shape[2], shared_gate_up):
@@ -520,7 +524,7 @@ def warmup(router, gate_up, down, top_k: int, renormalize: bool, shared_gate_up=
     if device.type != "cuda" or os.environ.get("QWEN2RT_MOE_CONFIG"):
         return
     hidden, inter, num_experts = gate_up.shape[2], down.shape[2], gate_up.shape[0]
-    shared_inter = 0 if shared_gate_up is None else shared_gate_up.shape[0] // 2
+    shared_inter = shared_width(shared_gate_up)
     cache = _load_cache()
     for bucket, tokens in TUNING_TOKENS.items():
         key = config_key(hidden, inter, num_experts, top_k, shared_inter, gate_up.dtype, bucket, device)
@@ -559,9 +563,8 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
         raise ValueError(f"x, gate_up and down must share a dtype, got {x.dtype}, {gate_up.dtype}, {down.dtype}")
     if gate_up.stride(2) != 1 or down.stride(2) != 1 or gate_up.stride(1) != hidden or down.stride(1) != inter:
         raise ValueError("expert weights must be contiguous [E, 2I, H] and [E, H, I]")
-    shared_inter = 0
+    shared_inter = shared_width(shared_gate_up)
     if shared_gate_up is not None:
-        shared_inter = shared_gate_up.shape[0] // 2
         if (shared_down is None or shared_gate is None or shared_gate_up.shape != (2 * shared_inter, hidden)
                 or shared_down.shape != (hidden, shared_inter) or shared_gate.shape != (1, hidden)):
             raise ValueError(f"shared expert shapes disagree with H={hidden}: gate_up "

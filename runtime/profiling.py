@@ -127,27 +127,34 @@ def _activities(cuda: bool):
     return acts
 
 
+def _profiled_generate(llm, batch: int, prompt_len: int, steps: int, backend: "ProfilingBackend | None" = None):
+    """A warm-up, then one profiled greedy generation of `steps` decode steps after a prefill of `batch` prompts of
+    prompt_len tokens, decode eager and ranges on (eager_with_ranges). -> the profiler."""
+    from qwen2rt import SamplingParams
+
+    prompts = _random_prompts(llm, batch, prompt_len)
+    with eager_with_ranges(llm, backend):
+        llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
+        if backend is not None:
+            backend.bytes.clear()
+            backend.calls.clear()
+        with torch.profiler.profile(activities=_activities(llm.device.type == "cuda")) as prof:
+            llm.generate(prompts, SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
+    return prof
+
+
 def decode_step_ms(llm, batch: int = 1, prompt_len: int = 128, steps: int = 8) -> float | None:
     """Time of one decode step (after a prompt_len prompt, batch rows): on CUDA the summed device time of its kernels
     — what the step costs with no launch gaps, to compare against a CUDA-graph replay — elsewhere its CPU time.
     Measured on the model's own backend: the per-op wrapper's byte tallies launch kernels of their own."""
-    from qwen2rt import SamplingParams
-
-    cuda = llm.device.type == "cuda"
-    prompts = _random_prompts(llm, batch, prompt_len)
-    with eager_with_ranges(llm):
-        llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
-        with torch.profiler.profile(activities=_activities(cuda)) as prof:
-            llm.generate(prompts, SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
-    us, count = range_times(prof, cuda).get("qwen2rt.decode_step", (0.0, 0))
+    prof = _profiled_generate(llm, batch, prompt_len, steps)
+    us, count = range_times(prof, llm.device.type == "cuda").get("qwen2rt.decode_step", (0.0, 0))
     return us / count / 1e3 if count else None
 
 
 def profile(llm, batch: int = 1, prompt_len: int = 128, steps: int = 8, trace_path: str | None = None) -> list[dict]:
     """Profile one prefill of `batch` prompts and `steps` decode steps (run eagerly: see eager_with_ranges). -> per-op
     rows (also printed)."""
-    from qwen2rt import SamplingParams
-
     cuda = llm.device.type == "cuda"
     w = llm.model.weights
     names = {id(w.lm_head): "lm_head"}
@@ -156,14 +163,7 @@ def profile(llm, batch: int = 1, prompt_len: int = 128, steps: int = 8, trace_pa
         if not isinstance(layer.mlp, MoEWeights):
             names.update({id(layer.mlp.gate_up): "gate_up", id(layer.mlp.down): "down"})
     wrapped = ProfilingBackend(llm.model.backend, cuda, names)
-    prompts = _random_prompts(llm, batch, prompt_len)
-    params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
-    with eager_with_ranges(llm, wrapped):
-        llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
-        wrapped.bytes.clear()
-        wrapped.calls.clear()
-        with torch.profiler.profile(activities=_activities(cuda)) as prof:
-            llm.generate(prompts, params)
+    prof = _profiled_generate(llm, batch, prompt_len, steps, wrapped)
     if trace_path:
         prof.export_chrome_trace(trace_path)
     bandwidth = copy_bandwidth_GBps(llm.device)

@@ -201,15 +201,10 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def hash_uniform(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Counter-based uniforms in (0, 1): [B] seeds and steps -> [B, V] float32, one per token id. A pure function
-    of (seed, step, token id), so a seeded request draws the same numbers in any batch, eagerly or inside a CUDA
-    graph, with no generator state to carry."""
-    return hash_uniform_at(seed, step, torch.arange(vocab, device=seed.device, dtype=torch.int64)[None, :])
-
-
-def hash_uniform_at(seed: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """hash_uniform at the given token ids only: [B] seeds and steps, [B, N] (or [1, N]) int64 ids -> [B, N]."""
+def hash_uniform(seed: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Counter-based uniforms in (0, 1): [B] seeds and steps, [B, N] (or [1, N]) int64 token ids -> [B, N] float32.
+    A pure function of (seed, step, token id), so a seeded request draws the same numbers in any batch and among
+    any candidates, eagerly or inside a CUDA graph, with no generator state to carry."""
     s = _mix32((seed & _M32) ^ _mix32((seed >> 32) & _M32))
     s = _mix32(s ^ ((step & 0x7FFFFFFF) * 0x9E3779B1 & _M32))
     x = _mix32(s[:, None] ^ ((token_ids * 0x85EBCA6B) & _M32))
@@ -237,7 +232,7 @@ def sample_tokens(logits: torch.Tensor, rows: SamplingRows, state: SamplerState,
         top, ids = ordered_candidates(logits, n)
         probs = filter_sorted_logits(top / temperature[:, None], rows.top_k, rows.top_p, rows.min_p)
         # exponential race: argmax p / E with E = -log(U) ~ Exp(1) samples exactly from p
-        noise = -torch.log(hash_uniform_at(rows.seed, rows.step, ids))
+        noise = -torch.log(hash_uniform(rows.seed, rows.step, ids))
         sampled = ids.gather(1, (probs / noise).argmax(dim=-1, keepdim=True))[:, 0]
         tokens = torch.where(hot, sampled, ids[:, 0])
     # record the tokens with scatters on flat views (graph-safe; padding rows may repeat, hence the add)
@@ -245,15 +240,6 @@ def sample_tokens(logits: torch.Tensor, rows: SamplingRows, state: SamplerState,
     state.counts.view(-1).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     state.seen.view(-1).scatter_(0, flat, True)
     return tokens
-def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  min_p: torch.Tensor) -> torch.Tensor:
-    """float32 logits [B, V] and per-row parameters [B] -> probabilities [B, V] after temperature, top-k, top-p
-    and min-p. top_k <= 0 disables top-k. Rows must have temperature > 0."""
-    sorted_logits, order = ordered_candidates(logits / temperature[:, None], logits.shape[1])
-    probs = filter_sorted_logits(sorted_logits, top_k, top_p, min_p)
-    return torch.zeros_like(logits).scatter(1, order, probs)
-
-
 def ordered_candidates(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The n largest float32 logits of each row [B, V], in descending order with ties toward the lower token id
     (a strict order, so a top-k set never depends on how a sort or top-k kernel breaks ties). -> (logits [B, n],

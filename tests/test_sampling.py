@@ -8,8 +8,8 @@ import torch
 
 from qwen2rt import SamplingParams
 from qwen2rt.sampling import (TOPK_CANDIDATES, SamplerState, apply_penalties, defaults_from_generation_config,
-                              filter_logits, hash_uniform, ordered_candidates, row_values, rows_tensor, sample_tokens,
-                              sampler_variant)
+                              filter_sorted_logits, hash_uniform, ordered_candidates, row_values, rows_tensor,
+                              sample_tokens, sampler_variant)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -55,6 +55,12 @@ def hf_filtered(logits, temperature, top_k, top_p, min_p):
     if min_p > 0:
         x = MinPLogitsWarper(min_p)(None, x)
     return torch.softmax(x, dim=-1)
+
+
+def filter_logits(logits, temperature, top_k, top_p, min_p):
+    """The sampler's filters in vocabulary order: [B, V] logits, per-row parameters [B] -> probabilities [B, V]."""
+    sorted_logits, order = ordered_candidates(logits / temperature[:, None], logits.shape[1])
+    return torch.zeros_like(logits).scatter(1, order, filter_sorted_logits(sorted_logits, top_k, top_p, min_p))
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p, min_p", [
@@ -117,11 +123,11 @@ def test_neutral_penalties_change_nothing():
 
 
 def test_hash_uniforms():
-    u = hash_uniform(torch.arange(64), torch.zeros(64, dtype=torch.long), 5000)
+    u = hash_uniform(torch.arange(64), torch.zeros(64, dtype=torch.long), torch.arange(5000)[None, :])
     assert u.shape == (64, 5000) and (u > 0).all() and (u < 1).all()
     assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
     assert not torch.equal(u[0], u[1])  # seeds differ
-    again = hash_uniform(torch.tensor([5, 5]), torch.tensor([0, 1]), 5000)
+    again = hash_uniform(torch.tensor([5, 5]), torch.tensor([0, 1]), torch.arange(5000)[None, :])
     torch.testing.assert_close(again[0], u[5], rtol=0, atol=0)  # a pure function of (seed, step, token)
     assert not torch.equal(again[0], again[1])  # steps differ
 
