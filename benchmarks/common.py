@@ -53,8 +53,10 @@ def measure_ceilings(device: torch.device, small: bool = False) -> dict:
     a = torch.randn(size, size, dtype=gemm_dtype, device=device)
     b = torch.randn(size, size, dtype=gemm_dtype, device=device)
     gemm = bench_ms(lambda: a @ b, device)
+    read = bench_ms(lambda: src.sum(), device)  # read-only: a decode step mostly reads (weights, KV)
     return {
         "copy_GBps": 2 * src.numel() * src.element_size() / copy["ms"] / 1e6,
+        "read_GBps": src.numel() * src.element_size() / read["ms"] / 1e6,
         "bf16_gemm_TFLOPs": 2 * size ** 3 / gemm["ms"] / 1e9,
     }
 
@@ -110,9 +112,10 @@ def free_device_memory() -> None:
 
 
 def maybe_compile(fn, device: torch.device):
-    """torch.compile(fn) as users get it (dynamic=None: static first, one dynamic-shape recompile on the next
-    shape) where it works here; None where it does not (the row is then skipped). The recompile limits are raised
-    so that no shape of a benchmark silently falls back to eager."""
+    """torch.compile(fn, dynamic=False) where it works here; None where it does not (the row is then skipped).
+    Static shapes: each benchmark shape gets its own specialised compile (with the default dynamic=None, dim 0
+    would turn symbolic after the first shape, a weaker baseline). The recompile limits are raised so that no
+    shape silently falls back to eager."""
     try:
         import torch._dynamo
 
@@ -120,7 +123,7 @@ def maybe_compile(fn, device: torch.device):
                      "accumulated_cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-        return torch.compile(fn)
+        return torch.compile(fn, dynamic=False)
     except Exception:
         return None
 

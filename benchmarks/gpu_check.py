@@ -1,11 +1,13 @@
-"""The one-call GPU check: GPU tests, ceilings, kernel benchmarks, end-to-end benchmarks, one JSON record and a
-markdown summary (<date>-<gpu>-<commit>.json and .md, ready to copy into benchmarks/results/). Each part runs in
-its own try block (the end-to-end benchmarks one part per model), and the record is rewritten after each part, so
-a failure or a kill keeps the results of the parts before it; parts that would start after the time budget is
-spent are recorded as skipped. The MoE block sizes tuned during the run are copied beside the record
-(<record>-moe-configs.json).
+"""The one-call GPU check: ceilings, the GPU tests, end-to-end decode at batch 1, the kernel benchmarks, prefill,
+then larger batches, one JSON record and a markdown summary (<date>-<gpu>-<commit>.json and .md, ready to copy into
+benchmarks/results/). The parts run in the order of what a decision needs first; each has an estimated cost and is
+skipped (and recorded as skipped) when it would end past the time budget. Each part runs in its own try block (the
+end-to-end benchmarks one part per model), and the record is rewritten after each part, so a failure or a kill
+keeps the results of the parts before it; each part's time is recorded. The MoE block sizes tuned during the run
+are copied beside the record (<record>-moe-configs.json).
 
-    python -m benchmarks.gpu_check --out DIR [--parts tests decode kernels prefill] [--quick] [--budget-s 330]
+    python -m benchmarks.gpu_check --out DIR [--parts tests decode kernels prefill batches] [--quick]
+                                   [--budget-s 360]
 
 Run it through benchmarks/gpu_check.sh on the lent GPU machine; copy DIR/<record>.json and .md into
 benchmarks/results/.
@@ -14,6 +16,7 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -29,27 +32,48 @@ from benchmarks import bench_attention, bench_decode, bench_moe, bench_prefill, 
 from benchmarks.common import ROOT, device_default, environment, measure_ceilings
 from qwen2rt.kernels.moe import cache_path as moe_cache_path
 
-PARTS = ["tests", "decode", "kernels", "prefill"]  # the order they run in; later ones may meet the time budget
-QUICK_MODELS = ["qwen2-0.5b", "qwen2-7b", "qwen1.5-moe-a2.7b"]
+PARTS = ["tests", "decode", "kernels", "prefill", "batches"]
+# decode at batch 1 first (these decide the next work), the 7B and the MoE models before the small ones
+DECODE_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b-4l", "qwen2-0.5b", "qwen2-1.5b"]
+QUICK_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-0.5b"]
+PREFILL_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-0.5b"]
+BATCH_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-0.5b"]
+# Estimated seconds per part on an H100/H200 (a part is skipped if it would end past the budget). Model parts
+# include loading, graph capture, the eager baseline, HF eager and, for MoE shapes, the first-load autotuning.
+ESTIMATE_S = {"ceilings": 10, "gpu_tests": 150, "decode": 50, "decode_moe": 70, "hf_compiled": 60,
+              "bench_rmsnorm": 25, "bench_swiglu": 25, "bench_attention": 20, "bench_moe": 40, "prefill": 35,
+              "batches": 50}
+NOTES = ("Random weights: the router sends tokens to experts near-uniformly (max/mean expert load ~1.16 at 2048 "
+         "tokens), so MoE numbers are for uniform routing. Decode rows are ms per step (one token for each sequence "
+         "of the batch); floors count the bytes a step must read (MoE: experts touched by the batch; K/V at the "
+         "mean context) over the measured copy bandwidth.")
 
 
-def run_gpu_tests(timeout_s: int = 200) -> dict:
-    """pytest -m gpu in a subprocess, one line per test (-v), so that a timeout still says which tests ran."""
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-rfE", "--tb=line"]
+def run_gpu_tests(timeout_s: float = 150) -> dict:
+    """pytest -m gpu in a subprocess, one line per test (-v), so that a timeout still says which tests ran; spread
+    over 8 workers when pytest-xdist is there (the tests are mostly Triton compiles, which use the CPU)."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-rfE", "--tb=short"]
+    if importlib.util.find_spec("xdist"):
+        cmd += ["-n", "8"]
+    if importlib.util.find_spec("pytest_timeout"):
+        cmd += ["--timeout", "120"]
     env = dict(os.environ, QWEN2RT_MOE_TUNE="0")  # correctness only here: no MoE autotuning inside the tests
+    t0 = time.perf_counter()
     try:
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, env=env)
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(timeout_s, 10), env=env)
         stdout, returncode = r.stdout, r.returncode
     except subprocess.TimeoutExpired as e:
         stdout, returncode = e.stdout or "", None
         stdout = stdout.decode(errors="replace") if isinstance(stdout, bytes) else stdout
     lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
-    outcomes = {k: sum(f" {k}" in ln for ln in lines if "::" in ln) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    outcomes = {k: sum(f" {k}" in ln for ln in lines if "::" in ln and not ln.startswith(k))
+                for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
     failed = [ln for ln in lines if ln.startswith("FAILED") or ln.startswith("ERROR")]
-    if returncode is None:
-        failed += [ln.split(" ")[0] + " (unfinished: timed out)" for ln in lines[-1:] if "::" in ln]
-    summary = lines[-1] if lines and returncode is not None else f"timed out after {timeout_s} s: {outcomes}"
-    return {"returncode": returncode, "summary": summary, "outcomes": outcomes, "failed": failed[:50]}
+    summary = lines[-1] if lines and returncode is not None else f"timed out after {timeout_s:.0f} s: {outcomes}"
+    # the tracebacks of failures (--tb=short), for the record: the GPU machine keeps nothing
+    tb = stdout[stdout.find("= FAILURES ="):] if "= FAILURES =" in stdout else ""
+    return {"returncode": returncode, "summary": summary, "outcomes": outcomes, "failed": failed[:50],
+            "seconds": time.perf_counter() - t0, "command": " ".join(cmd[1:]), "tracebacks": tb[:20000]}
 
 
 def record_name(env: dict) -> str:
@@ -62,13 +86,18 @@ def summary_markdown(rec: dict) -> str:
            f"torch {rec['torch']}, triton {rec['triton']}, transformers {rec['transformers']}", ""]
     c = rec.get("ceilings") or {}
     if c:
-        out += [f"Ceilings measured in this run: copy {c['copy_GBps']:.0f} GB/s, bf16 GEMM "
-                f"{c['bf16_gemm_TFLOPs']:.0f} TFLOP/s.", ""]
+        out += [f"Ceilings measured in this run: copy {c['copy_GBps']:.0f} GB/s, read {c.get('read_GBps', 0):.0f} "
+                f"GB/s, bf16 GEMM {c['bf16_gemm_TFLOPs']:.0f} TFLOP/s.", ""]
+    if rec.get("notes"):
+        out += [rec["notes"], ""]
     t = rec.get("gpu_tests")
     if t:
-        out += [f"GPU tests: {t.get('summary')}", ""]
+        out += [f"GPU tests: {t.get('summary')}", ""] + [f"- {ln}" for ln in t.get("failed", [])] + [""]
+    if rec.get("parts"):
+        out += ["Parts: " + "; ".join(f"{k}: {v}" for k, v in rec["parts"].items()), ""]
     if rec.get("decode"):
-        out += ["## Decode (ms/token)", "", "| model | batch | impl | ms/token | floor ms | % of floor | notes |",
+        out += ["## Decode (ms per step; at batch 1, per token)", "",
+                "| model | batch | impl | ms/step | floor ms | % of floor | notes |",
                 "|---|---|---|---|---|---|---|"]
         for r in rec["decode"]:
             out.append(f"| {r['model']} | {r.get('batch')} | {r['impl']} | {_f(r.get('ms_per_token'))} | "
@@ -79,7 +108,8 @@ def summary_markdown(rec: dict) -> str:
                 "|---|---|---|---|---|---|"]
         for r in rec["prefill"]:
             out.append(f"| {r['model']} | {r['tokens']} | {r['impl']} | {_f(r.get('ms'))} | {_f(r.get('floor_ms'))} "
-                       f"| {_f(r.get('pct_of_floor'))} |" + (f" error: {r['error']}" if r.get("error") else ""))
+                       f"| {_f(r.get('pct_of_floor'))} |" + (f" error: {r['error']}" if r.get("error") else "")
+                       + (f" skipped: {r['skipped']}" if r.get("skipped") else ""))
         out.append("")
     if rec.get("kernels"):
         out += ["## Kernels", "", "| kernel | shape | impl | ms | GB/s | % copy | TFLOP/s | % GEMM |",
@@ -101,6 +131,10 @@ def _decode_notes(r: dict) -> str:
         notes.append(f"error: {r['error']}")
     if r.get("graph_capture_s") is not None and r["impl"] == "qwen2rt":
         notes.append(f"graphs captured in {r['graph_capture_s']:.2f} s, {_f(r.get('graph_mib'))} MiB")
+    if r.get("graph_replay_ms"):
+        notes.append(f"graph replay {r['graph_replay_ms']:.3g} ms")
+    if r.get("max_seq_len") and r["impl"].startswith("qwen2rt"):
+        notes.append(f"max_seq_len {r['max_seq_len']}")
     if r.get("kernel_ms_per_step"):
         notes.append(f"kernels {r['kernel_ms_per_step']:.3g} ms/step")
     if r.get("graph_over_kernels"):
@@ -117,10 +151,14 @@ def _f(v) -> str:
 
 
 def short_table(rec: dict) -> str:
-    lines = ["model                 impl         b  ms/token  %floor"]
+    t = rec.get("gpu_tests") or {}
+    lines = [f"GPU tests: {t.get('summary')}"] + [f"  {ln}" for ln in t.get("failed", [])[:10]]
+    lines += [f"errors: {[e['part'] for e in rec.get('errors', [])]}",
+              "model                 impl                   b  ms/step  replay   %floor"]
     for r in rec.get("decode", []):
-        if r.get("batch") == 1 and r.get("ms_per_token"):
-            lines.append(f"{r['model']:<21} {r['impl']:<12} 1  {r['ms_per_token']:8.3f}  {r['pct_of_floor']:5.1f}")
+        if r.get("ms_per_token"):
+            lines.append(f"{r['model']:<21} {r['impl']:<22} {r['batch']:<2} {r['ms_per_token']:8.3f} "
+                         f"{_f(r.get('graph_replay_ms')):>7}  {r['pct_of_floor']:5.1f}")
     return "\n".join(lines)
 
 
@@ -129,15 +167,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for the JSON record and its markdown summary")
     ap.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
     ap.add_argument("--quick", action="store_true", help=f"end-to-end on {QUICK_MODELS} only")
-    ap.add_argument("--models", nargs="+", default=None)
-    ap.add_argument("--budget-s", type=float, default=330, help="skip parts that would start after this")
+    ap.add_argument("--models", nargs="+", default=None, help="end-to-end models (default: all built-in shapes)")
+    ap.add_argument("--budget-s", type=float, default=360, help="skip parts that would end after this")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the driver end to end")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     device = device_default()
     env = environment()
     rec = dict(env, ceilings=None, decode=[], prefill=[], kernels=[], graph_capture_s=None, gpu_tests=None,
-               errors=[], parts={})
+               errors=[], parts={}, budget_s=args.budget_s, notes=NOTES)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, record_name(env))
 
@@ -147,56 +185,30 @@ def main(argv=None) -> int:
         with open(path[:-len(".json")] + ".md", "w") as f:
             f.write(summary_markdown(rec))
 
-    def part(name, fn):
+    def part(name, estimate_s, fn):
         elapsed = time.perf_counter() - start
-        if elapsed > args.budget_s:
-            rec["parts"][name] = f"skipped: time budget spent ({elapsed:.0f} s)"
-            return
-        t0 = time.perf_counter()
-        try:
-            fn()
-            rec["parts"][name] = f"ok in {time.perf_counter() - t0:.1f} s"
-        except Exception as e:
-            rec["parts"][name] = f"failed after {time.perf_counter() - t0:.1f} s"
-            rec["errors"].append({"part": name, "error": repr(e)[:500], "trace": traceback.format_exc()[-2000:]})
-        print(f"[gpu_check] {name}: {rec['parts'][name]}", flush=True)
+        if not args.smoke and elapsed + estimate_s > args.budget_s:
+            rec["parts"][name] = f"skipped: {elapsed:.0f} s spent + ~{estimate_s} s estimated > budget"
+        else:
+            t0 = time.perf_counter()
+            try:
+                fn()
+                rec["parts"][name] = f"ok in {time.perf_counter() - t0:.1f} s"
+            except Exception as e:
+                rec["parts"][name] = f"failed after {time.perf_counter() - t0:.1f} s"
+                rec["errors"].append({"part": name, "error": repr(e)[:500], "trace": traceback.format_exc()[-2000:]})
+        print(f"[gpu_check] {time.perf_counter() - start:6.1f} s  {name}: {rec['parts'][name]}", flush=True)
         save()
 
-    part("ceilings", lambda: rec.update(ceilings=measure_ceilings(device, small=args.smoke)))
+    part("ceilings", ESTIMATE_S["ceilings"], lambda: rec.update(ceilings=measure_ceilings(device, small=args.smoke)))
     if rec["ceilings"] is None:  # everything below needs them
-        rec["ceilings"] = {"copy_GBps": float("nan"), "bf16_gemm_TFLOPs": float("nan")}
+        rec["ceilings"] = {"copy_GBps": float("nan"), "read_GBps": float("nan"), "bf16_gemm_TFLOPs": float("nan")}
     ceilings = rec["ceilings"]
-    models = args.models or (QUICK_MODELS if args.quick else bench_decode.MODELS)
-    smoke = args.smoke
-    if "tests" in args.parts and not smoke:
-        part("gpu_tests", lambda: rec.update(gpu_tests=run_gpu_tests()))
-    if "decode" in args.parts:  # one part per model: each is saved as soon as it is done
-        for name in ["tiny"] if smoke else models:
-            if smoke:
-                part(f"bench_decode {name}", lambda name=name: rec["decode"].extend(bench_decode.run(
-                    device, ceilings, models=[name], batches=[1], prompt_len=8, steps=4, dtype=torch.float32,
-                    compiled_models=[], lazy_models=["tiny"], sampled_models=["tiny"])))
-            else:
-                part(f"bench_decode {name}",
-                     lambda name=name: rec["decode"].extend(bench_decode.run(device, ceilings, models=[name])))
-    if "kernels" in args.parts:
-        if smoke:
-            part("bench_rmsnorm", lambda: rec["kernels"].extend(bench_rmsnorm.run(
-                device, ceilings, hidden=[100], tokens=[1], compile_baseline=False, dtype=torch.float32)))
-            part("bench_attention", lambda: rec["kernels"].extend(bench_attention.run(device, ceilings, smoke=True)))
-        else:
-            part("bench_rmsnorm", lambda: rec["kernels"].extend(bench_rmsnorm.run(device, ceilings)))
-            part("bench_swiglu", lambda: rec["kernels"].extend(bench_swiglu.run(device, ceilings)))
-            part("bench_attention", lambda: rec["kernels"].extend(bench_attention.run(device, ceilings)))
-            part("bench_moe", lambda: rec["kernels"].extend(bench_moe.run(device, ceilings)))
-    if "prefill" in args.parts:
-        for name in ["tiny"] if smoke else models:
-            if smoke:
-                part(f"bench_prefill {name}", lambda name=name: rec["prefill"].extend(bench_prefill.run(
-                    device, ceilings, models=[name], tokens=[16], dtype=torch.float32)))
-            else:
-                part(f"bench_prefill {name}",
-                     lambda name=name: rec["prefill"].extend(bench_prefill.run(device, ceilings, models=[name])))
+    models = args.models or (QUICK_MODELS if args.quick else DECODE_MODELS)
+    if args.smoke:
+        _smoke_parts(args, device, ceilings, rec, part)
+    else:
+        _gpu_parts(args, device, ceilings, rec, part, models, start)
     tuned = moe_cache_path()
     if os.path.isfile(tuned):  # the MoE configs tuned in this run, to keep beside the record
         shutil.copy(tuned, path[:-len(".json")] + "-moe-configs.json")
@@ -207,6 +219,58 @@ def main(argv=None) -> int:
     print(f"[gpu_check] record: {path}")
     print(short_table(rec))
     return 0
+
+
+def _gpu_parts(args, device, ceilings, rec, part, models, start):
+    """The real run, in decision order: GPU tests, decode at batch 1 (qwen2rt, its eager run and HF eager per model),
+    the HF torch.compile baselines, the kernels, prefill, batches 4 and 16."""
+    decode, kernels, prefill = rec["decode"].extend, rec["kernels"].extend, rec["prefill"].extend
+    if "tests" in args.parts:
+        def tests():
+            left = args.budget_s - (time.perf_counter() - start)
+            rec["gpu_tests"] = run_gpu_tests(timeout_s=min(ESTIMATE_S["gpu_tests"], left - 20))
+        part("gpu_tests", ESTIMATE_S["gpu_tests"] // 2, tests)
+    if "decode" in args.parts:
+        for name in models:
+            est = ESTIMATE_S["decode_moe" if "moe" in name or "a14b" in name else "decode"]
+            part(f"decode bs1 {name}", est, lambda name=name: decode(bench_decode.run(
+                device, ceilings, models=[name], batches=[1], compiled_models=[])))
+        for name in [m for m in bench_decode.COMPILED_MODELS if m in models]:
+            part(f"decode bs1 {name} hf_compiled", ESTIMATE_S["hf_compiled"], lambda name=name: decode(
+                bench_decode.run(device, ceilings, models=[name], batches=[1], compiled_models=[name],
+                                 qwen2rt=False, hf_eager=False)))
+    if "kernels" in args.parts:
+        for name, mod in (("bench_rmsnorm", bench_rmsnorm), ("bench_swiglu", bench_swiglu),
+                          ("bench_attention", bench_attention), ("bench_moe", bench_moe)):
+            part(name, ESTIMATE_S[name], lambda mod=mod: kernels(mod.run(device, ceilings)))
+    if "prefill" in args.parts:
+        for name in [m for m in PREFILL_MODELS if m in models]:
+            part(f"prefill {name}", ESTIMATE_S["prefill"], lambda name=name: prefill(bench_prefill.run(
+                device, ceilings, models=[name])))
+    if "batches" in args.parts:
+        for name in [m for m in BATCH_MODELS if m in models]:
+            part(f"decode bs4,16 {name}", ESTIMATE_S["batches"], lambda name=name: decode(bench_decode.run(
+                device, ceilings, models=[name], batches=[4, 16], compiled_models=[], lazy_models=[],
+                sampled_models=[])))
+
+
+def _smoke_parts(args, device, ceilings, rec, part):
+    """Tiny shapes on the CPU: every kind of part once, to check the driver end to end."""
+    if "decode" in args.parts:
+        part("decode bs1 tiny", 0, lambda: rec["decode"].extend(bench_decode.run(
+            device, ceilings, models=["tiny"], batches=[1], prompt_len=8, steps=4, dtype=torch.float32,
+            compiled_models=[], lazy_models=["tiny"], sampled_models=["tiny"], maxctx_models=[], repeats=1)))
+    if "kernels" in args.parts:
+        part("bench_rmsnorm", 0, lambda: rec["kernels"].extend(bench_rmsnorm.run(
+            device, ceilings, hidden=[100], tokens=[1], compile_baseline=False, dtype=torch.float32)))
+        part("bench_attention", 0, lambda: rec["kernels"].extend(bench_attention.run(device, ceilings, smoke=True)))
+    if "prefill" in args.parts:
+        part("prefill tiny", 0, lambda: rec["prefill"].extend(bench_prefill.run(
+            device, ceilings, models=["tiny"], tokens=[16, 4096], dtype=torch.float32)))
+    if "batches" in args.parts:
+        part("decode bs2 tiny-moe", 0, lambda: rec["decode"].extend(bench_decode.run(
+            device, ceilings, models=["tiny-moe"], batches=[2], prompt_len=8, steps=4, dtype=torch.float32,
+            compiled_models=[], lazy_models=[], sampled_models=[], maxctx_models=[], repeats=1, hf=False)))
 
 
 if __name__ == "__main__":

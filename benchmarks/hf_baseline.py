@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -64,14 +65,26 @@ def time_generate(model, input_ids: torch.Tensor, new_tokens: int, **kwargs) -> 
     return time.perf_counter() - t0
 
 
-def decode_ms_per_token(model, input_ids: torch.Tensor, steps: int, **kwargs) -> float:
-    """Decode time per token: (generate `steps` tokens - generate 1 token) / (steps - 1), after a warm-up of
-    `steps` tokens (a static cache is sized to the longest generation so far: the timed calls then reuse it rather
-    than recompiling for a new length)."""
-    time_generate(model, input_ids, steps, **kwargs)
-    one = min(time_generate(model, input_ids, 1, **kwargs) for _ in range(2))
-    many = time_generate(model, input_ids, steps, **kwargs)
-    return 1000 * (many - one) / (steps - 1)
+def decode_ms_per_token(model, input_ids: torch.Tensor, steps: int, repeats: int = 3, stats: dict | None = None,
+                        **kwargs) -> float:
+    """Steady-state decode time per token: median over `repeats` of (generate 2 x steps - generate steps) / steps,
+    after a warm-up of 2 x steps tokens (a static cache is sized to the longest generation so far: the timed calls
+    reuse it rather than recompiling for a new length). Prefill and start-up cancel in the difference. `stats`, if
+    given, receives the torch.compile graphs compiled during the timed calls (a recompile would be timed) and the
+    spread."""
+    from torch._dynamo.utils import counters
+
+    time_generate(model, input_ids, 2 * steps, **kwargs)
+    compiled_before = counters["stats"]["unique_graphs"]
+    diffs = []
+    for _ in range(repeats):
+        short = time_generate(model, input_ids, steps, **kwargs)
+        long = time_generate(model, input_ids, 2 * steps, **kwargs)
+        diffs.append((long - short) / steps)
+    if stats is not None:
+        stats["graphs_compiled_while_timed"] = counters["stats"]["unique_graphs"] - compiled_before
+        stats["ms_spread"] = [1000 * d for d in sorted(diffs)]
+    return 1000 * statistics.median(diffs)
 
 
 @torch.inference_mode()
