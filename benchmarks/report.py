@@ -26,33 +26,54 @@ def newest_record(results_dir: str) -> tuple[str, dict]:
         return path, json.load(f)
 
 
-def _decode_bs1(rec: dict) -> dict[str, dict[str, float]]:
-    table: dict[str, dict[str, float]] = {}
+def _decode_rows(rec: dict, batch: int) -> dict[str, dict]:
+    table: dict[str, dict] = {}
     for r in rec.get("decode", []):
-        if r.get("batch") == 1 and r.get("ms_per_token"):
-            table.setdefault(r["model"], {"floor": r["floor_ms"]})[r["impl"]] = r["ms_per_token"]
+        if r.get("batch") == batch and r.get("ms_per_token"):
+            t = table.setdefault(r["model"], {"floor": r["floor_ms"]})
+            t[r["impl"]] = r["ms_per_token"]
+            if r["impl"] == "qwen2rt":
+                t["replay"] = r.get("graph_replay_ms")
     return table
+
+
+def _decode_bs1(rec: dict) -> dict[str, dict]:
+    return _decode_rows(rec, 1)
 
 
 def render_table(rec: dict, source: str) -> str:
     c = rec.get("ceilings") or {}
+    t = rec.get("gpu_tests") or {}
     lines = [f"Measured on {rec['gpu']} on {rec['date']} at commit `{rec['commit']}` (torch {rec['torch']}, triton "
              f"{rec['triton']}, transformers {rec['transformers']}); record: `{source}`. Ceilings measured in the "
              f"same run: copy {c.get('copy_GBps', float('nan')):.0f} GB/s, bf16 GEMM "
-             f"{c.get('bf16_gemm_TFLOPs', float('nan')):.0f} TFLOP/s.", "",
-             "Decode, batch 1, prompt 128, random weights, ms per token (lower is better):", "",
-             "| model | qwen2rt | HF eager | HF static + compile | floor (bytes / copy bandwidth) "
+             f"{c.get('bf16_gemm_TFLOPs', float('nan')):.0f} TFLOP/s. GPU tests in that run: "
+             f"{(t.get('summary') or 'not run').strip('= ')}.", "",
+             "Decode, batch 1, prompt 128, random weights (MoE: near-uniform routing), ms per token (lower is better); "
+             "qwen2rt end to end through the Python API, and the device time of its CUDA-graph step alone:", "",
+             "| model | qwen2rt | its graph replay | HF eager | HF static + compile | floor (bytes / copy bandwidth) "
              "| qwen2rt % of floor |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for model, r in _decode_bs1(rec).items():
         ours = r.get("qwen2rt")
         pct = f"{100 * r['floor'] / ours:.0f}%" if ours else "-"
-        lines.append(f"| {model} | {_f(ours)} | {_f(r.get('hf_eager'))} | {_f(r.get('hf_compiled'))} | "
-                     f"{_f(r['floor'])} | {pct} |")
+        lines.append(f"| {model} | {_f(ours)} | {_f(r.get('replay'))} | {_f(r.get('hf_eager'))} | "
+                     f"{_f(r.get('hf_compiled'))} | {_f(r['floor'])} | {pct} |")
+    batched = [(b, _decode_rows(rec, b)) for b in (4, 16)]
+    if any(rows for _, rows in batched):
+        lines += ["", "Decode at batch 4 and 16, ms per step (one token for each sequence; floor: weights, the "
+                  "experts the batch selects, K/V):", "",
+                  "| model | batch | qwen2rt | HF eager | floor | qwen2rt % of floor |", "|---|---|---|---|---|---|"]
+        for b, rows in batched:
+            for model, r in rows.items():
+                ours = r.get("qwen2rt")
+                pct = f"{100 * r['floor'] / ours:.0f}%" if ours else "-"
+                lines.append(f"| {model} | {b} | {_f(ours)} | {_f(r.get('hf_eager'))} | {_f(r['floor'])} | {pct} |")
     prefill = [r for r in rec.get("prefill", []) if r.get("ms")]
     if prefill:
-        lines += ["", "Prefill, time to first token in ms (batch 1):", "",
-                  "| model | tokens | qwen2rt | HF | FLOP floor |",
+        lines += ["", "Prefill, time to first token in ms (batch 1; floor: the larger of FLOPs / GEMM rate and weight "
+                  "bytes / copy bandwidth):", "",
+                  "| model | tokens | qwen2rt | HF | floor |",
                   "|---|---|---|---|---|"]
         by_key: dict[tuple, dict] = {}
         for r in prefill:

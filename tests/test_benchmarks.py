@@ -63,7 +63,8 @@ SAMPLE = {  # the shape of a recorded run; the numbers are made up for this test
     "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "triton": "3.6.0", "transformers": "5.17.0",
     "commit": "abc123", "date": "2026-11-27", "ceilings": {"copy_GBps": 3020.0, "bf16_gemm_TFLOPs": 793.0},
     "decode": [
-        {"model": "qwen2-0.5b", "batch": 1, "impl": "qwen2rt", "ms_per_token": 1.5, "floor_ms": 0.33},
+        {"model": "qwen2-0.5b", "batch": 1, "impl": "qwen2rt", "ms_per_token": 1.5, "floor_ms": 0.33,
+         "graph_replay_ms": 1.2},
         {"model": "qwen2-0.5b", "batch": 1, "impl": "hf_eager", "ms_per_token": 16.4, "floor_ms": 0.33},
         {"model": "qwen2-0.5b", "batch": 1, "impl": "hf_compiled", "ms_per_token": 2.34, "floor_ms": 0.33},
         {"model": "qwen2-7b", "batch": 1, "impl": "qwen2rt", "ms_per_token": 9.0, "floor_ms": 4.68},
@@ -86,7 +87,8 @@ def test_report_renders_readme_table_and_chart(tmp_path):
     text = readme.read_text()
     assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
     assert "NVIDIA H100 80GB HBM3" in text and "abc123" in text
-    assert "| qwen2-0.5b | 1.5 | 16.4 | 2.34 | 0.33 | 22% |" in text
+    assert "| qwen2-0.5b | 1.5 | 1.2 | 16.4 | 2.34 | 0.33 | 22% |" in text
+    assert "| qwen2-7b | 4 | 9.5 | - | 4.68 | 49% |" in text  # batch 4: its own table, ms per step
     assert "| qwen2-7b | 2048 | 60 | 56.4 | 34.8 |" in text
     assert png.stat().st_size > 1000 and open(png, "rb").read(4) == b"\x89PNG"
 
