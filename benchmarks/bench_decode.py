@@ -224,7 +224,7 @@ def main(argv=None):
     if args.smoke:
         rows = run(device, ceilings, models=["tiny", "tiny-moe"], batches=[1, 2], prompt_len=8, steps=4,
                    dtype=torch.float32, compiled_models=[], lazy_models=["tiny"], sampled_models=["tiny"],
-                   maxctx_models=["tiny"])
+                   maxctx_models=["tiny"], repeats=1)
     else:
         rows = run(device, ceilings, models=args.models, batches=args.batches, prompt_len=args.prompt_len,
                    steps=args.steps, compiled_models=args.compiled_models)

@@ -411,15 +411,30 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+MAX_SPLITS = 64
+
+
+def num_splits_for(batch: int, num_kv_heads: int, max_context: int, programs: int) -> int:
+    """Enough (batch x kv head x split) programs to reach `programs`, at most one split per 64-token tile of the
+    longest possible context, a power of two in [1, MAX_SPLITS]."""
+    splits = triton.next_power_of_2(max(1, math.ceil(programs / (batch * num_kv_heads))))
+    return max(1, min(MAX_SPLITS, splits, triton.next_power_of_2(max(1, math.ceil(max_context / 64)))))
+
+
 def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
-    """Enough (batch x kv head x split) programs to fill the GPU twice over, at most one split per 64-token tile
-    of the longest possible context, a power of two in [1, 64]. Depends on shapes only (graph-safe)."""
+    """The split count for a GPU: enough programs to fill it twice over (num_splits_for). Depends on shapes only
+    (graph-safe)."""
     if device.type == "cuda":
         programs = 2 * _sm_count(device)
     else:
         programs = 8  # the interpreter: a few splits, to exercise the split path cheaply
-    splits = triton.next_power_of_2(max(1, math.ceil(programs / (batch * num_kv_heads))))
-    return max(1, min(64, splits, triton.next_power_of_2(max(1, math.ceil(max_context / 64)))))
+    return num_splits_for(batch, num_kv_heads, max_context, programs)
+
+
+def _reduce_warps(block_s: int, head_dim: int) -> int:
+    """About 32 elements of the fp32 [BLOCK_S, D] tile per thread, 1 to 8 warps: one warp holding all 64 x 128 of
+    them (256 per thread) spills on sm_90, and more warps keep more of the partial results in flight at once."""
+    return min(8, triton.next_power_of_2(max(1, block_s * head_dim // 1024)))
 
 
 def decode_attention(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, block_tables, seq_lens,
@@ -448,8 +463,10 @@ def decode_attention(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, b
         block_tables.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=d, NUM_SPLITS=num_splits, BLOCK_G=block_g,
         BLOCK_N=64, DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=4)
+    block_s = max(2, triton.next_power_of_2(num_splits))
     _decode_reduce_kernel[(bsz, num_heads)](
         part, lse, seq_lens, out, out.stride(0),
-        NUM_HEADS=num_heads, HEAD_DIM=d, NUM_SPLITS=num_splits, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-        num_warps=1)
+        NUM_HEADS=num_heads, HEAD_DIM=d, NUM_SPLITS=num_splits, BLOCK_S=block_s,
+        num_warps=_reduce_warps(block_s, d))
     return out
+

@@ -213,7 +213,7 @@ class DecodeRunner:
     def capture_all(self) -> None:
         """Capture every bucket with every sampler variant, and log time and memory in one line."""
         torch.cuda.synchronize()
-        free_before = torch.cuda.mem_get_info()[0]
+        reserved_before = torch.cuda.memory_reserved()  # the graphs' pool comes from torch's caching allocator
         start = time.perf_counter()
         for bucket in reversed(self.buckets):  # largest first: the smaller ones reuse its pool
             for variant in VARIANTS:
@@ -221,7 +221,7 @@ class DecodeRunner:
                     self.capture(bucket, variant)
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - start
-        self.capture_mib = (free_before - torch.cuda.mem_get_info()[0]) / 2 ** 20
+        self.capture_mib = (torch.cuda.memory_reserved() - reserved_before) / 2 ** 20
         log.warning("captured %d decode CUDA graphs (buckets %s, sampler variants %s) in %.2f s, %.0f MiB",
                     len(self.graphs), self.buckets, "/".join(VARIANTS), self.capture_s, self.capture_mib)
 

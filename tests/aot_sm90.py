@@ -1,122 +1,291 @@
-"""Compile every Triton kernel ahead of time for an H100 (sm_90) — no GPU needed: Triton's bundled ptxas builds
-the cubin on the CPU. This catches what the interpreter cannot: type and layout errors of the real compiler,
-tl.dot shape limits, and shared memory over the 227 KiB an sm_90 block may use. Run as a script (it must import
-the kernels with TRITON_INTERPRET=0); exits 1 if any kernel fails.
+"""Compile every Triton kernel ahead of time for an H100 / H200 (sm_90) exactly as its launcher launches it, and
+report registers and spills per variant. No GPU needed: Triton's bundled ptxas builds the cubin on the CPU. This
+catches what the interpreter cannot: the real compiler's type and layout errors, tl.dot shape limits, shared memory
+over the 227 KiB an sm_90 block may use, and register spills.
 
-    python tests/aot_sm90.py [--quick] [--capability 90]
+The launch parameters come from the launchers themselves, so the list cannot drift from what they pick: the
+launchers (rms_norm, decode_attention, fused_moe, ...) run on meta tensors of the built-in model shapes
+(models.config.BUILTIN_CONFIGS), and each kernel[grid](...) call is intercepted and specialised by Triton's own JIT
+binder, as on a GPU: 16-byte divisibility of pointers and integers, integers equal to 1 as constants. Without that
+specialisation every load is scalar and the register counts are those of a kernel the GPU never runs (checked on an
+H200 with Triton 3.6: these counts equal the JIT's n_regs / n_spills). The choices enumerated: every split count
+default_num_splits picks for any batch, the MoE DEFAULT_CONFIGS and TUNING_CANDIDATES of every token bucket, the
+shared expert folded and separate, bf16 and fp16. --quick (the pytest suite): bf16, decode at batch 1 with its
+split count at the longest context, the defaults of everything else, and the MoE decode tuning candidates of the
+layer with the most registers (most pairs per token, shared expert folded).
+
+Per variant: registers per thread, spill = the stack frame in bytes per thread (ptxas -v's "bytes stack frame", read
+from the cubin by cuobjdump; what CUDA reports as CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, of which Triton's n_spills is a
+quarter: these kernels keep no arrays in local memory, so a stack frame is spilled registers), shared memory, and
+compile seconds. Exit 1 if a kernel fails to compile, needs more shared memory than sm_90 allows, or a decode-path
+kernel spills (DECODE_PATH); a prefill kernel that spills is printed as a warning.
+
+    python tests/aot_sm90.py [--quick] [--capability 90] [--jobs N (default: all cores)]
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
+import re
+import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
 
 os.environ["TRITON_INTERPRET"] = "0"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from qwen2rt.engine import DEFAULT_BUCKETS  # noqa: E402
 from qwen2rt.kernels import moe, rmsnorm, rope_attention, swiglu  # noqa: E402
+from qwen2rt.models.config import BUILTIN_CONFIGS  # noqa: E402
 
 MAX_SHARED = 227 * 1024  # sm_90: largest dynamic shared memory per block
-
-# pointer arguments whose element type is not the activation dtype
-POINTER_TYPES = {"p_cos": "fp32", "p_sin": "fp32", "p_pos": "i64", "p_slot": "i64", "p_block_tables": "i32",
-                 "p_seq_lens": "i64", "p_query_start": "i32", "p_part": "fp32", "p_lse": "fp32", "p_ids": "i32",
-                 "p_weights": "fp32", "p_sorted": "i32", "p_block_experts": "i32", "p_num_rows": "i32",
-                 "p_logits": "bf16"}
-FLOAT_SCALARS = {"eps", "qk_scale"}
-
-
-def signature(fn, dtype: str, constexprs: dict, pointer_overrides: dict | None = None) -> dict:
-    types = dict(POINTER_TYPES, **(pointer_overrides or {}))
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.startswith("p_"):
-            sig[name] = "*" + types.get(name, dtype)
-        else:
-            sig[name] = "fp32" if name in FLOAT_SCALARS else "i32"
-    return sig
+SM_COUNT = 132  # H100 SXM and H200: what default_num_splits sizes the decode grid for
+BLOCK_SIZE = 16  # the KV cache block size LLM uses by default
+SHORT_CONTEXT = 208  # the benchmarks' max_seq_len: 13 blocks, a block-table stride Triton cannot specialise
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# the decode path: a kernel here that spills fails the run
+DECODE_PATH = {"_decode_attention_kernel", "_decode_reduce_kernel", "_rms_norm_kernel", "_silu_and_mul_kernel",
+               "_route_kernel", "_gemv_gate_up_kernel", "_gemv_down_kernel"}
+# the published shapes (the tiny built-ins are float32 shapes for the CPU tests)
+MODELS = {name: c for name, c in BUILTIN_CONFIGS.items() if not name.startswith("tiny")}
 
 
-def cases(quick: bool = False):
-    """Every kernel at the constexprs the launchers use; quick: bf16 only, the defaults and the largest MoE tiles."""
-    for dtype in ("bf16",) if quick else ("bf16", "fp16"):
-        for has_res in (False, True):
-            for block, warps in ((1024, 4), (8192, 16)) if quick else ((1024, 4), (4096, 16), (8192, 16)):
-                yield "rms_norm", rmsnorm._rms_norm_kernel, dtype, dict(HAS_RESIDUAL=has_res, BLOCK=block), \
-                    dict(num_warps=warps), None
-        yield "silu_and_mul", swiglu._silu_and_mul_kernel, dtype, dict(BLOCK=1024), dict(num_warps=4), None
-        for hq, hkv, d in ((14, 2, 64), (28, 4, 128), (16, 16, 128), (64, 8, 128)):
-            heads = dict(NUM_HEADS=hq, NUM_KV_HEADS=hkv, HEAD_DIM=d)
-            yield f"rope_cache_write {hq}:{hkv} D{d}", rope_attention._rope_cache_write_kernel, dtype, heads, \
-                dict(num_warps=1), None
-            yield f"prefill_attention {hq}:{hkv} D{d}", rope_attention._prefill_attention_kernel, dtype, \
-                dict(heads, BLOCK_M=64, BLOCK_N=64, DOT_PRECISION="tf32"), \
-                dict(num_warps=4 if d <= 64 else 8, num_stages=2), None
-            yield f"decode_attention {hq}:{hkv} D{d}", rope_attention._decode_attention_kernel, dtype, \
-                dict(heads, NUM_SPLITS=32, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_N=64,
-                     DOT_PRECISION="tf32"), dict(num_warps=4), None
-            yield f"decode_reduce D{d}", rope_attention._decode_reduce_kernel, dtype, \
-                dict(NUM_HEADS=hq, HEAD_DIM=d, NUM_SPLITS=32, BLOCK_S=32), dict(num_warps=1), None
-        # (E, k, shared chunks): Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B, with the shared expert folded (4 and 8 chunks)
-        for e, k, chunks in ((60, 4, 4), (64, 8, 8)):
-            for shared in (0, chunks):
-                yield f"route E{e} k{k} S{shared}", moe._route_kernel, dtype, \
-                    dict(TOP_K=k, SHARED_CHUNKS=shared, RENORMALIZE=True, BLOCK_E=64, BLOCK_K=k, BLOCK_S=max(2, shared),
-                         BLOCK_H=1024), dict(num_warps=1), {"p_logits": dtype}
-            decode_cfgs = [moe.DEFAULT_CONFIGS["decode"]] + ([] if quick else moe.TUNING_CANDIDATES["decode"])
-            for cfg in decode_cfgs:
-                for shared in (0, chunks):
-                    meta = dict(PAIRS=k + shared, HAS_SHARED=shared > 0, BLOCK_N=cfg["BLOCK_N"],
-                                BLOCK_K=cfg["BLOCK_K"])
-                    yield f"moe gemv gate_up k{k} S{shared} {cfg}", moe._gemv_gate_up_kernel, dtype, meta, \
-                        dict(num_warps=cfg["num_warps"]), None
-                    yield f"moe gemv down k{k} S{shared} {cfg}", moe._gemv_down_kernel, dtype, meta, \
-                        dict(num_warps=cfg["num_warps"]), None
-            largest = max(moe.TUNING_CANDIDATES["prefill-large"],
-                          key=lambda c: (c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * c["BLOCK_N"]) * c["num_stages"])
-            prefill_cfgs = [moe.DEFAULT_CONFIGS["prefill-small"], moe.DEFAULT_CONFIGS["prefill-large"], largest]
-            if not quick:
-                prefill_cfgs += moe.TUNING_CANDIDATES["prefill-small"] + moe.TUNING_CANDIDATES["prefill-large"]
-            for cfg in prefill_cfgs:
-                tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                             DOT_PRECISION="tf32")
-                opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-                for shared in (0, chunks):
-                    yield f"moe grouped gate_up S{shared} {cfg}", moe._grouped_gate_up_kernel, dtype, \
-                        dict(tiles, PAIRS=k + shared, HAS_SHARED=shared > 0), opts, None
-                    yield f"moe grouped down S{shared} {cfg}", moe._grouped_down_kernel, dtype, \
-                        dict(tiles, HAS_SHARED=shared > 0), opts, {"p_out": "fp32"}
+# ---- recording the launches ---------------------------------------------------------------------------------------
+
+@dataclass
+class Variant:
+    fn: JITFunction
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    where: list[str] = field(default_factory=list)  # the launches that use it
+
+    @property
+    def kernel(self) -> str:
+        return self.fn.__name__
+
+    def describe(self) -> str:
+        """The meta-parameters and launch options (not the integers the JIT specialised to 1)."""
+        declared = {p.name for p in self.fn.params if p.is_constexpr}
+        meta = ", ".join(f"{k}={v}" for k, v in self.constexprs.items() if k in declared)
+        return f"{meta} | " + ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+
+
+class Recorder:
+    """Replaces kernel[grid](...) with a recording of what Triton's JIT would compile for that call, specialised by
+    the JIT's own binder (create_function_from_signature, JITFunction._pack_args: Triton 3.6 to 3.9)."""
+
+    def __init__(self, target: GPUTarget):
+        self.backend = make_backend(target)
+        self.variants: dict[tuple, Variant] = {}
+        self.where = ""
+        self._binders = {}
+
+    def launch(self, fn: JITFunction, args, kwargs):
+        binder = self._binders.get(fn)
+        if binder is None:
+            binder = self._binders[fn] = create_function_from_signature(fn.signature, fn.params, self.backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        _, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound, specialization, options)
+        # names, not argument paths, for readable output (ASTSource accepts both)
+        constexprs = {fn.arg_names[path[0]]: value for path, value in constexprs.items()}
+        src = ASTSource(fn, signature, constexprs, attrs)
+        key = (src.hash(), tuple(sorted(options.items())))
+        variant = self.variants.setdefault(key, Variant(fn, signature, constexprs, attrs, dict(options)))
+        variant.where.append(self.where)
+
+    @contextlib.contextmanager
+    def recording(self):
+        original = JITFunction.__getitem__
+        JITFunction.__getitem__ = lambda fn, grid: (lambda *args, **kwargs: self.launch(fn, args, kwargs))
+        try:
+            yield self
+        finally:
+            JITFunction.__getitem__ = original
+
+
+# ---- calling the launchers on meta tensors ------------------------------------------------------------------------
+
+def meta(*shape, dtype):
+    return torch.empty(shape, device="meta", dtype=dtype)
+
+
+def split_counts(c, max_seq_len: int, batches) -> list[int]:
+    """Every split count decode_attention picks on an sm_90 GPU (default_num_splits) for these batches, with block
+    tables sized for max_seq_len."""
+    return sorted({rope_attention.num_splits_for(b, c.num_key_value_heads, max_seq_len, 2 * SM_COUNT)
+                   for b in batches})
+
+
+def attention(c, dtype, batch: int, tokens: int, max_seq_len: int, decode_splits=None):
+    """Prefill (decode_splits None: `batch` sequences of tokens / batch new tokens) or decode at each split count."""
+    hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    max_blocks = triton.cdiv(max_seq_len, BLOCK_SIZE)
+    cache = [meta(batch * max_blocks, BLOCK_SIZE, hkv, d, dtype=dtype) for _ in range(2)]
+    qkv = meta(tokens, (hq + 2 * hkv) * d, dtype=dtype)
+    cos = meta(c.max_position_embeddings, d // 2, dtype=torch.float32)
+    positions, slots = meta(tokens, dtype=torch.int64), meta(tokens, dtype=torch.int64)
+    block_tables = meta(batch, max_blocks, dtype=torch.int32)
+    scale = d ** -0.5
+    if decode_splits is None:  # prefill: the engine's int32 lengths and query starts
+        seq_lens, query_start = meta(batch, dtype=torch.int32), meta(batch + 1, dtype=torch.int32)
+        rope_attention.prefill_attention(qkv, *cache, cos, cos, positions, slots, block_tables, seq_lens,
+                                         query_start, tokens // batch, hq, hkv, scale)
+    else:  # decode: the decode runner's int64 rows
+        seq_lens = meta(batch, dtype=torch.int64)
+        for splits in decode_splits:
+            rope_attention.decode_attention(qkv, *cache, cos, cos, positions, slots, block_tables, seq_lens, hq, hkv,
+                                            scale, num_splits=splits)
+
+
+def norms_and_mlp(c, dtype, tokens: int):
+    x = meta(tokens, c.hidden_size, dtype=dtype)
+    w = meta(c.hidden_size, dtype=dtype)
+    rmsnorm.rms_norm(x, w, c.rms_norm_eps)
+    rmsnorm.add_rms_norm(x, x, w, c.rms_norm_eps)
+    if not all(c.is_moe_layer(i) for i in range(c.num_hidden_layers)):  # a dense MLP
+        swiglu.silu_and_mul(meta(tokens, 2 * c.intermediate_size, dtype=dtype))
+
+
+def moe_pairs(c) -> int:
+    """(token, expert) pairs per token with the shared expert folded: top-k + its chunks."""
+    return c.num_experts_per_tok + c.shared_expert_intermediate_size // c.moe_intermediate_size
+
+
+def moe_block(c, dtype, recorder: Recorder, where: str, candidates: str):
+    """Every token bucket at its tuning token count, with its default config, the shared expert folded and separate;
+    candidates "all": also every tuning candidate, "decode-folded": the decode buckets' candidates, folded only."""
+    h, i, e, s = c.hidden_size, c.moe_intermediate_size, c.num_experts, c.shared_expert_intermediate_size
+    router, gate_up, down = meta(e, h, dtype=dtype), meta(e, 2 * i, h, dtype=dtype), meta(e, h, i, dtype=dtype)
+    shared = (meta(2 * s, h, dtype=dtype), meta(h, s, dtype=dtype), meta(1, h, dtype=dtype)) if s else (None,) * 3
+    folds = (True, False) if moe.shared_chunks(i, shared[0]) else (False,)
+    for bucket, tokens in moe.TUNING_TOKENS.items():
+        decode = bucket in moe.GEMV_BUCKETS
+        runs = [(moe.DEFAULT_CONFIGS[bucket], fold) for fold in folds]
+        if candidates == "all" or (candidates == "decode-folded" and decode):
+            runs += [(cfg, fold) for cfg in moe.TUNING_CANDIDATES[bucket]
+                     for fold in (folds if candidates == "all" else folds[:1])]
+        for cfg, fold in runs:
+            recorder.where = f"{where} {bucket} fold={fold}"
+            moe.fused_moe(meta(tokens, h, dtype=dtype), router, gate_up, down, c.num_experts_per_tok,
+                          c.norm_topk_prob, *shared, config=cfg, regime="decode" if decode else "prefill",
+                          fold_shared=fold)
+
+
+def record(quick: bool, recorder: Recorder):
+    """quick: bf16; decode at batch 1 (its split count at the longest context); the MoE defaults, and the decode
+    tuning candidates of the layer with the most pairs per token (the most registers); the prefill defaults. Else:
+    bf16 and fp16; every split count of every batch (DEFAULT_BUCKETS and powers of two to 512) at the longest context
+    and at a short one whose block-table stride is not a multiple of 16; every MoE default and candidate."""
+    batches = (1,) if quick else sorted(set(DEFAULT_BUCKETS) | {2 ** k for k in range(10)})
+    widest = max((c for c in MODELS.values() if c.is_moe), key=moe_pairs, default=None)
+    for dname in ("bf16",) if quick else tuple(DTYPES):
+        dtype = DTYPES[dname]
+        for name, c in MODELS.items():
+            where = f"{name} {dname}"
+            for max_seq_len in (c.max_position_embeddings,) if quick else (c.max_position_embeddings, SHORT_CONTEXT):
+                recorder.where = f"{where} decode max_seq_len={max_seq_len}"
+                attention(c, dtype, 1, 1, max_seq_len, decode_splits=split_counts(c, max_seq_len, batches))
+            recorder.where = f"{where} decode"
+            norms_and_mlp(c, dtype, tokens=1)
+            recorder.where = f"{where} prefill"
+            attention(c, dtype, batch=2, tokens=512, max_seq_len=c.max_position_embeddings)
+            norms_and_mlp(c, dtype, tokens=512)
+            if c.is_moe:
+                moe_block(c, dtype, recorder, where,
+                          "all" if not quick else "decode-folded" if c == widest else "defaults")
+
+
+# ---- compiling ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    regs: int = 0
+    spill: int = 0
+    shared: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+def resource_usage(cubin: bytes, name: str) -> tuple[int, int]:
+    """(registers per thread, stack frame bytes per thread) of kernel `name` in a cubin, read by cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    m = re.search(rf"Function {re.escape(name)}:\s*REG:(\d+) STACK:(\d+)", out)
+    if not m:
+        raise RuntimeError(f"no resource usage for {name} in cuobjdump's output: {out[-300:]}")
+    return int(m.group(1)), int(m.group(2))
+
+
+_VARIANTS: list[Variant] = []
+_TARGET: GPUTarget | None = None
+
+
+def _compile(index: int) -> Result:
+    v = _VARIANTS[index]
+    start = time.perf_counter()
+    try:
+        compiled = triton.compile(ASTSource(v.fn, v.signature, v.constexprs, v.attrs), target=_TARGET,
+                                  options=v.options)
+        regs, spill = resource_usage(compiled.asm["cubin"], compiled.metadata.name)
+        return Result(regs, spill, compiled.metadata.shared, time.perf_counter() - start)
+    except Exception as e:  # report every failure, not just the first
+        return Result(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 def main() -> int:
-    capability = int(sys.argv[sys.argv.index("--capability") + 1]) if "--capability" in sys.argv else 90
-    target = GPUTarget("cuda", capability, 32)
-    seen, failed = set(), []
-    for name, fn, dtype, constexprs, options, overrides in cases(quick="--quick" in sys.argv):
-        key = (fn.fn.__name__, dtype, tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
-        if key in seen:
+    global _TARGET
+    args = sys.argv[1:]
+    capability = int(args[args.index("--capability") + 1]) if "--capability" in args else 90
+    jobs = int(args[args.index("--jobs") + 1]) if "--jobs" in args else (os.cpu_count() or 1)
+    _TARGET = GPUTarget("cuda", capability, 32)
+    recorder = Recorder(_TARGET)
+    with recorder.recording():
+        record("--quick" in args, recorder)
+    _VARIANTS[:] = sorted(recorder.variants.values(), key=lambda v: (v.kernel not in DECODE_PATH, v.kernel,
+                                                                     v.describe()))
+    # fork: the workers inherit the recorded variants; each compile is independent
+    with multiprocessing.get_context("fork").Pool(max(1, jobs)) as pool:
+        results = pool.map(_compile, range(len(_VARIANTS)), chunksize=1)
+
+    failed, spills, warnings = [], [], []
+    print(f"{'regs':>4} {'spill':>6} {'smem':>6} {'s':>5}  kernel meta-parameters | options  (first launch +others)")
+    for v, r in zip(_VARIANTS, results):
+        line = f"{v.kernel} {v.describe()}  ({v.where[0]}{f' +{len(v.where) - 1}' if len(v.where) > 1 else ''})"
+        if r.error:
+            failed.append(f"{line}: {r.error}")
             continue
-        seen.add(key)
-        try:
-            src = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs, overrides), constexprs=constexprs)
-            compiled = triton.compile(src, target=target, options=options)
-            shared = compiled.metadata.shared
-            if shared > MAX_SHARED:
-                raise RuntimeError(f"needs {shared} bytes of shared memory, sm_{capability} allows {MAX_SHARED}")
-        except Exception as e:  # report every failure, not just the first
-            failed.append(f"{name} [{dtype}]: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    print(f"compiled {len(seen) - len(failed)} of {len(seen)} kernel variants for sm_{capability} "
-          f"(triton {triton.__version__})")
+        print(f"{r.regs:>4} {r.spill:>6} {r.shared:>6} {r.seconds:>5.1f}  {line}")
+        if r.shared > MAX_SHARED:
+            failed.append(f"{line}: needs {r.shared} bytes of shared memory, sm_{capability} allows {MAX_SHARED}")
+        if r.spill:
+            (spills if v.kernel in DECODE_PATH else warnings).append(f"{r.spill} bytes/thread ({r.regs} registers): "
+                                                                     f"{line}")
+    print(f"compiled {len(_VARIANTS) - len(failed)} of {len(_VARIANTS)} kernel variants for sm_{capability} "
+          f"(triton {triton.__version__}): {len(spills)} decode-path spills, {len(warnings)} prefill spills")
+    for line in warnings:
+        print("WARNING prefill kernel spills", line)
+    for line in spills:
+        print("SPILL decode-path kernel spills", line)
     for line in failed:
         print("FAILED", line)
-    return 1 if failed else 0
+    return 1 if failed or spills else 0
 
 
 if __name__ == "__main__":

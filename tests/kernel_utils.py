@@ -20,3 +20,26 @@ def poisoned(*shape, dtype, device=DEVICE) -> torch.Tensor:
 def assert_close(actual, expected, dtype):
     assert not torch.isnan(actual).any(), "output holds NaN (an element was never written?)"
     torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype])
+
+
+# ---- bf16 on the GPU: error against the fp32 function, with a tolerance proven tight ---------------------------
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64 (NaN anywhere gives NaN, which fails every `<` check)."""
+    a, e = actual.double(), expected.double()
+    return ((a - e).norm() / e.norm()).item()
+
+
+def assert_tight(reference: torch.Tensor, mutants: dict[str, torch.Tensor], tol: float) -> None:
+    """Each mutant (the reference with one plausible bug) must be farther than `tol` from the reference: otherwise a
+    kernel with that bug would pass a test at this tolerance."""
+    for name, mutant in mutants.items():
+        err = rel_err(mutant, reference)
+        assert err > tol, f"the mutation {name!r} is only {err:.2e} from the reference: tolerance {tol:.1e} too loose"
+
+
+def assert_bf16_close(actual: torch.Tensor, reference: torch.Tensor, tol: float) -> None:
+    """A bf16 kernel's output against the fp32 reference on the same bf16 inputs."""
+    assert not torch.isnan(actual).any(), "output holds NaN (an element was never written?)"
+    err = rel_err(actual, reference)
+    assert err < tol, f"relative error {err:.2e} >= {tol:.1e}"

@@ -217,3 +217,24 @@ def test_builtin_weights_are_deterministic_per_seed():
     ids = list(range(1, 30))
     torch.testing.assert_close(a.logits(ids), b.logits(ids), rtol=0, atol=0)
     assert not torch.allclose(a.logits(ids), c.logits(ids))
+
+
+def script_output(llm, monkeypatch, text: str) -> None:
+    """Make the model emit `text` byte by byte (one-hot logits: greedy picks each byte), whatever it computes."""
+    script = iter(text.encode())
+    vocab = llm.config.vocab_size
+
+    def compute_logits(hidden):
+        return torch.nn.functional.one_hot(torch.tensor([next(script) for _ in range(hidden.shape[0])]), vocab).float()
+
+    monkeypatch.setattr(llm.model, "compute_logits", compute_logits)
+
+
+def test_stop_string_split_across_tokens_through_the_stream(tiny, monkeypatch):
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop="XYZ")
+    script_output(tiny, monkeypatch, "abcXYZdef")
+    pieces = list(tiny.stream("hi", params))
+    assert "".join(pieces) == "abc" and not any("X" in p for p in pieces)
+    script_output(tiny, monkeypatch, "abcXYZdef")
+    out = tiny.generate("hi", params)[0]
+    assert out.finish_reason == "stop" and out.text == "abc" and out.token_ids == list(b"abcXYZ")

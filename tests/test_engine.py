@@ -15,6 +15,7 @@ from qwen2rt import LLM, SamplingParams
 from qwen2rt.engine import Engine, Sequence
 from qwen2rt.kv_cache import KVCache
 from qwen2rt.models.config import builtin_config
+from qwen2rt.tokenizer import ByteTokenizer
 from test_parity import hf_greedy, hf_logits, random_prompt, rel_err
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -205,3 +206,34 @@ def test_seeded_request_draws_the_same_tokens_whatever_sampler_form_its_batch_ne
     while not seq.finished:
         llm._step_locked()
     assert seq.output_ids == alone
+
+
+def feed_bytes(text, params):
+    """A Sequence fed `text` one byte token at a time (the byte tokenizer), streaming as it goes: -> (sequence,
+    the pieces take_new_text handed out, each taken right after its token)."""
+    s = Sequence([1, 2, 3], params.resolved(), 256, ByteTokenizer(512), frozenset())
+    pieces = []
+    for token in text.encode():
+        s.append(token)
+        pieces.append(s.take_new_text())
+        if s.finished:
+            break
+    return s, pieces
+
+
+@pytest.mark.parametrize("stop", [["XYZ"], ["XYZ", "Q"], ["XYZW", "XYZ"]])
+def test_stop_string_split_across_tokens_is_never_streamed(stop):
+    """'abcXYZdef' byte by byte with stop 'XYZ': the stream gives 'abc' and nothing of the stop string, even while
+    'X' and 'XY' could still be the start of something else."""
+    s, pieces = feed_bytes("abcXYZdef", SamplingParams(max_tokens=20, temperature=0, stop=stop))
+    assert s.finish_reason == "stop" and s.text == "abc" and "".join(pieces) == "abc"
+    assert s.output_ids == list(b"abcXYZ")  # finished on the token that completed the stop string
+    assert not any(c in "".join(pieces) for c in "XYZ")
+
+
+def test_held_back_text_is_released_when_the_stop_string_does_not_form():
+    s, pieces = feed_bytes("abXYabXYZ", SamplingParams(max_tokens=20, temperature=0, stop="XYZW"))
+    assert pieces[:5] == ["", "", "", "a", "b"]  # three characters held back at every step
+    assert s.finish_reason is None and "".join(pieces) == "abXYab"
+    s, pieces = feed_bytes("abXY", SamplingParams(max_tokens=4, temperature=0, stop="XYZ"))
+    assert s.finish_reason == "length" and "".join(pieces) == "abXY"  # the end of the text releases the hold

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from qwen2rt import LLM, SamplingParams
+from qwen2rt.models.config import BUILTIN_CONFIGS, builtin_config
+from kernel_utils import rel_err as rel_norm_err
 from test_parity import hf_logits, random_prompt, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -70,3 +74,73 @@ def test_lazily_captured_graphs_equal_eager():
         assert [o.token_ids for o in lazy.generate(prompts, greedy)] == \
             [o.token_ids for o in eager.generate(prompts, greedy)]
     assert {(4, "greedy"), (1, "greedy")} <= set(lazy.engine.decoder.graphs)
+
+
+# ---- the triton backend in bf16 with CUDA graphs against the fp32 torch backend on the same weights ---------------
+
+PARITY_SHAPES = {"qwen2-0.5b": 4, "qwen1.5-moe-a2.7b": 2, "qwen2-57b-a14b": 2}  # real layer shapes, few layers
+# bf16 weights, activations and KV cache through a few layers, measured with the torch backend in bf16 on the CPU:
+# 1.0e-2 of the logits' norm (qwen2-0.5b, 4 layers), 1.4e-2 (qwen1.5-moe, 2 layers: some tokens route differently);
+# a 0.9x attention scale moves them 3.7e-2 and 9.3e-2
+MODEL_TOL = 2.5e-2
+
+
+def weight_tensors(obj):
+    """Every tensor of a ModelWeights tree, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif dataclasses.is_dataclass(obj):
+        for field in dataclasses.fields(obj):
+            yield from weight_tensors(getattr(obj, field.name))
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from weight_tensors(item)
+
+
+def same_weights(dst: LLM, src: LLM) -> None:
+    """dst's weights := src's (bf16 values, exactly representable in fp32)."""
+    pairs = list(zip(weight_tensors(dst.model.weights), weight_tensors(src.model.weights), strict=True))
+    for d, s in pairs:
+        d.copy_(s)
+
+
+@pytest.mark.parametrize("base", list(PARITY_SHAPES))
+def test_bf16_triton_graphs_match_fp32_torch(base, monkeypatch):
+    name = f"{base}-{PARITY_SHAPES[base]}l"
+    monkeypatch.setitem(BUILTIN_CONFIGS, name, dataclasses.replace(builtin_config(base),
+                                                                    num_hidden_layers=PARITY_SHAPES[base]))
+    kw = dict(device="cuda", seed=3, max_seq_len=160, max_batch_size=2)
+    fast = LLM(name, dtype="bfloat16", backend="triton", **kw)
+    assert fast.use_graphs and fast.engine.decoder.graphs
+    ref = LLM(name, dtype="float32", backend="torch", **kw)
+    same_weights(ref, fast)
+    prompt = random_prompt(40, fast.config.vocab_size, 5)
+    steps = 24
+    greedy = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
+    ref_tokens = ref.generate(prompt, greedy)[0].token_ids
+    seq = prompt + ref_tokens
+    # logits at every position of the fp32 model's own continuation, relative to their norm
+    want, got = ref.logits(seq), fast.logits(seq)
+    err = rel_norm_err(got, want)
+    assert err < MODEL_TOL, f"bf16 triton logits {err:.2e} from fp32 torch"
+    # the same, with a 0.9x attention scale in the fp32 model: the tolerance tells such a bug apart
+    shape = ref.model.attention_shape
+    monkeypatch.setattr(ref.model, "attention_shape", dataclasses.replace(shape, scale=0.9 * shape.scale))
+    assert rel_norm_err(ref.logits(seq), want) > MODEL_TOL, "tolerance too loose to see a 0.9x attention scale"
+    monkeypatch.setattr(ref.model, "attention_shape", shape)
+    # greedy decode through the graphs: the fp32 tokens, up to the first step whose top-2 margin is within the
+    # largest logit error seen (there either token is right)
+    fast_tokens = fast.generate(prompt, greedy)[0].token_ids
+    rows = want[len(prompt) - 1:len(prompt) - 1 + steps]
+    top2 = rows.topk(2, dim=-1).values
+    bound = 2 * (got - want).abs().max().item()
+    close = ((top2[:, 0] - top2[:, 1]) < bound).nonzero()
+    first_close = close[0].item() if len(close) else steps
+    assert fast_tokens[:first_close] == ref_tokens[:first_close]
+    # seeded top-k sampling: the graphs draw exactly what the eager step draws
+    eager = LLM(name, dtype="bfloat16", backend="triton", enforce_eager=True, **kw)
+    same_weights(eager, fast)
+    sampled = SamplingParams(max_tokens=16, temperature=0.8, top_k=20, top_p=0.9, seed=7, ignore_eos=True)
+    prompts = [prompt, prompt[:17]]
+    assert [o.token_ids for o in fast.generate(prompts, sampled)] == \
+        [o.token_ids for o in eager.generate(prompts, sampled)]

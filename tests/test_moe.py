@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from kernel_utils import DEVICE, poisoned
-from qwen2rt.kernels import fused_moe, fused_moe_ref, moe_align, route, route_ref
+from kernel_utils import DEVICE, assert_bf16_close, assert_tight, poisoned
+from qwen2rt.kernels import fused_moe, fused_moe_ref, moe_align, route, route_ref, silu_and_mul_ref
 from qwen2rt.kernels import moe as moe_mod
 
 MOE_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2),
@@ -220,6 +221,32 @@ def test_configs_tuning_cache_and_pin(tmp_path, monkeypatch):
 LAYERS = {"qwen1.5-moe-a2.7b": (60, 4, 2048, 1408, 5632), "qwen2-57b-a14b": (64, 8, 3584, 2560, 20480)}
 
 
+BF16_MOE_TOL = 2e-2  # bf16 roundings (h, output) give ~5e-3 against fp32; one expert dropped is >= 6e-2 away
+
+
+def fp32_moe(x, layer, top_k, renorm, drop_smallest=False):
+    """The MoE block in fp32 on bf16 inputs, routed like the kernels: from the same bf16 router logits (F.linear on
+    the same device), ties to the lowest expert index. drop_smallest: each token's lowest-weight selected expert
+    left out (a plausible bug)."""
+    logits = F.linear(x, layer["router"])
+    probs, ids = torch.sort(torch.softmax(logits.float(), dim=-1), dim=-1, descending=True, stable=True)
+    weights, ids = probs[:, :top_k], ids[:, :top_k]
+    if renorm:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if drop_smallest:
+        weights = torch.cat([weights[:, :-1], torch.zeros_like(weights[:, -1:])], dim=1)
+    xf = x.float()
+    out = torch.zeros_like(xf)
+    for e in ids.unique().tolist():
+        token, slot = torch.where(ids == e)
+        h = silu_and_mul_ref(F.linear(xf[token], layer["gate_up"][e].float()))
+        out.index_add_(0, token, F.linear(h, layer["down"][e].float()) * weights[token, slot, None])
+    if "shared_gate_up" in layer:
+        shared = F.linear(silu_and_mul_ref(F.linear(xf, layer["shared_gate_up"].float())), layer["shared_down"].float())
+        out += torch.sigmoid(F.linear(xf, layer["shared_gate"].float())) * shared
+    return out
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(LAYERS))
 @pytest.mark.parametrize("t", [1, 4, 16, 200])
@@ -228,7 +255,10 @@ def test_real_layer_shapes_bf16_gpu(name, t, fold):
     e, k, h, inter, shared = LAYERS[name]
     layer = make_layer(e, h, inter, shared, torch.bfloat16, seed=t, device="cuda")
     x = torch.randn(t, h, device="cuda").bfloat16()
-    check(x, layer, k, False, None, torch.bfloat16, fold=fold)
+    reference = fp32_moe(x, layer, k, False)
+    assert_bf16_close(run(x, layer, k, False, None, fold=fold), reference, BF16_MOE_TOL)
+    assert_tight(reference, {"one selected expert dropped": fp32_moe(x, layer, k, False, drop_smallest=True)},
+                 BF16_MOE_TOL)
 
 
 @pytest.mark.gpu

@@ -57,14 +57,81 @@ def test_prefill_in_query_chunks_matches_hf(hf_checkpoints):
     assert rel_err(llm.logits(ids), hf_logits(hf, ids)) < 1e-4
 
 
+def generate_recording_logits(llm, prompt: list[int], params: SamplingParams):
+    """Generate for one prompt alone and record the logits each token was sampled from: the prefill's last row,
+    then every decode step's (the engine's decode runner calls model.compute_logits once per step).
+    -> (RequestOutput, float32 logits [tokens, V])."""
+    recorded = []
+    compute_logits = llm.model.compute_logits
+
+    def record(hidden):
+        logits = compute_logits(hidden)
+        assert logits.shape[0] == 1, "one prompt alone: one row per step (decode bucket 1)"
+        recorded.append(logits.detach().float().cpu().clone())
+        return logits
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llm.model, "compute_logits", record)
+        out = llm.generate([prompt], params)[0]
+    return out, torch.cat(recorded)
+
+
+def assert_steps_match_hf(hf, prompt: list[int], out, logits: torch.Tensor) -> None:
+    """Every step's logits against HF's last-position logits for the same tokens (one causal forward over the
+    prompt and all generated tokens but the last gives them all), each step to 1e-4 of its own largest logit."""
+    assert logits.shape[0] == len(out.token_ids)
+    assert out.token_ids == logits.argmax(dim=-1).tolist()
+    ref = hf_logits(hf, prompt + out.token_ids[:-1])[len(prompt) - 1:]
+    errors = [rel_err(ours, theirs) for ours, theirs in zip(logits, ref)]
+    assert max(errors) < 1e-4, f"step {errors.index(max(errors))} (0 = prefill): relative error {max(errors):.2e}"
+
+
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
 def test_greedy_generation_matches_hf(name, hf_checkpoints, engines):
+    """40 greedy tokens equal HF's, and so do the logits of the prefill and of every decode step (a decode-only
+    RoPE position off by one or a 0.9x softmax scale leaves these tokens unchanged but not the logits)."""
     _, hf = hf_checkpoints[name]
     ids = random_prompt(11, hf.config.vocab_size, 3)
-    out = engines[name].generate([ids], GREEDY)[0]
+    out, logits = generate_recording_logits(engines[name], ids, GREEDY)
     assert out.finish_reason == "length"
     assert len(out.token_ids) == 40
     assert out.token_ids == hf_greedy(hf, ids, 40)
+    assert_steps_match_hf(hf, ids, out, logits)
+
+
+def greedy_with_penalties(model, ids: list[int], n: int, repetition: float, presence: float,
+                          frequency: float) -> list[int]:
+    """Greedy decoding on HF's logits with the penalties applied by hand: repetition over prompt and output (HF's
+    rule), presence and frequency over the output only (OpenAI's)."""
+    out: list[int] = []
+    for _ in range(n):
+        logits = hf_logits(model, ids + out)[-1]
+        seen = torch.tensor(sorted(set(ids + out)))
+        logits[seen] = torch.where(logits[seen] > 0, logits[seen] / repetition, logits[seen] * repetition)
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
+        out.append(int((logits - frequency * counts - presence * (counts > 0).float()).argmax()))
+    return out
+
+
+def test_penalised_greedy_generation_matches_hf(hf_checkpoints, engines):
+    """Greedy with a repetition penalty is deterministic: the tokens equal HF generate's, which penalises the prompt
+    tokens too; presence and frequency penalties (HF has none) equal a greedy loop over HF's logits."""
+    _, hf = hf_checkpoints["dense_gqa"]
+    llm = engines["dense_gqa"]
+    ids = random_prompt(30, 40, 5)  # 30 tokens from 40 ids: the penalty hits prompt tokens the model favours
+    plain = llm.generate([ids], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0].token_ids
+    penalised = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, repetition_penalty=1.8)
+    out = llm.generate([ids], penalised)[0].token_ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref = hf.generate(x, max_new_tokens=16, do_sample=False, repetition_penalty=1.8,
+                          attention_mask=torch.ones_like(x))[0, len(ids):].tolist()
+    assert out == ref and out != plain
+    for repetition, presence, frequency in ((1.0, 1.5, 0.0), (1.0, 0.0, 0.7), (1.3, -0.5, 0.6)):
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=repetition,
+                                presence_penalty=presence, frequency_penalty=frequency)
+        out = llm.generate([ids], params)[0].token_ids
+        assert out == greedy_with_penalties(hf, ids, 12, repetition, presence, frequency), params
 
 
 @pytest.mark.parametrize("name", ["dense_gqa", "moe_renorm"])
@@ -103,11 +170,14 @@ def test_triton_backend_padded_decode_batch(hf_checkpoints):
 
 @pytest.mark.parametrize("name", ["dense_gqa", "dense_tied_mha_sharded", "moe_renorm"])
 def test_triton_backend_matches_hf(name, hf_checkpoints):
-    """The Triton kernels (through the interpreter on CPU) inside the whole model."""
+    """The Triton kernels (through the interpreter on CPU) inside the whole model: prompt logits, then 40 greedy
+    tokens and the logits of every decode step."""
     path, hf = hf_checkpoints[name]
     llm = LLM(path, dtype="float32", backend="triton", max_seq_len=128, max_batch_size=2)
     assert llm.backend.name == "triton"
     ids = random_prompt(45, hf.config.vocab_size, 2)
     assert rel_err(llm.logits(ids).cpu(), hf_logits(hf, ids)) < 1e-4
     prompt = random_prompt(11, hf.config.vocab_size, 3)
-    assert llm.generate([prompt], GREEDY)[0].token_ids == hf_greedy(hf, prompt, 40)
+    out, logits = generate_recording_logits(llm, prompt, GREEDY)
+    assert out.token_ids == hf_greedy(hf, prompt, 40)
+    assert_steps_match_hf(hf, prompt, out, logits)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_utils import DEVICE, assert_close, poisoned
+from kernel_utils import DEVICE, assert_bf16_close, assert_close, assert_tight, poisoned, rel_err
 from qwen2rt.kernels import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -58,15 +58,48 @@ def test_bad_inputs():
         add_rms_norm(x, torch.randn(3, 63, device=DEVICE), torch.ones(64, device=DEVICE), 1e-6)
 
 
+def _row_scales(tokens: int, device) -> torch.Tensor:
+    """Per-row input scales from 10^-3.5 to 10^0.5 (a single row: 10^-3): rows whose mean square is near or below
+    eps = 1e-6, where eps decides the output, and ordinary ones."""
+    if tokens == 1:
+        return torch.full((1, 1), 1e-3, device=device)
+    return torch.logspace(-3.5, 0.5, tokens, device=device)[:, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eps_decides_small_rows(dtype):
+    # inputs of size ~1 make eps invisible; rows of mean square ~eps make it decide the output (here by ~sqrt 2)
+    x = (torch.randn(6, 300, device=DEVICE) * _row_scales(6, DEVICE)).to(dtype)
+    w = (1 + 0.3 * torch.randn(300, device=DEVICE)).to(dtype)
+    eps = 1e-6
+    assert_close(rms_norm(x, w, eps, out=poisoned(6, 300, dtype=dtype)), rms_norm_ref(x, w, eps), dtype)
+    y, _ = add_rms_norm(x, x, w, eps, out=poisoned(6, 300, dtype=dtype), residual_out=poisoned(6, 300, dtype=dtype))
+    assert_close(y, add_rms_norm_ref(x, x, w, eps)[0], dtype)
+    assert rel_err(rms_norm_ref(x.float(), w.float(), 0.0), rms_norm_ref(x.float(), w.float(), eps)) > 0.1
+
+
+BF16_NORM_TOL = 1e-2  # bf16 roundings (residual, output) give ~3e-3 against fp32; the eps mutation is 0.16
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("hidden", [896, 1536, 3584, 8192])
 @pytest.mark.parametrize("tokens", [1, 16, 2048])
 def test_qwen2_shapes_bf16_gpu(hidden, tokens):
-    x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device="cuda")
-    res = torch.randn(tokens, hidden, dtype=torch.bfloat16, device="cuda")
+    # bf16 kernels against the fp32 function on the same bf16 inputs; each mutation of that function (eps left out,
+    # the residual not added, the weight applied as 1 + w) must land farther than the tolerance
+    scale = _row_scales(tokens, "cuda")
+    x = (torch.randn(tokens, hidden, device="cuda") * scale).bfloat16()
+    res = (torch.randn(tokens, hidden, device="cuda") * scale).bfloat16()
     w = (1 + 0.3 * torch.randn(hidden, device="cuda")).bfloat16()
-    y, r = add_rms_norm(x, res, w, 1e-6, out=poisoned(tokens, hidden, dtype=torch.bfloat16),
+    eps = 1e-6
+    y, r = add_rms_norm(x, res, w, eps, out=poisoned(tokens, hidden, dtype=torch.bfloat16),
                         residual_out=poisoned(tokens, hidden, dtype=torch.bfloat16))
-    y_ref, r_ref = add_rms_norm_ref(x, res, w, 1e-6)
-    assert_close(r, r_ref, torch.bfloat16)
-    assert_close(y, y_ref, torch.bfloat16)
+    xf, resf, wf = x.float(), res.float(), w.float()
+    y_ref, r_ref = add_rms_norm_ref(xf, resf, wf, eps)
+    assert_bf16_close(r, r_ref, BF16_NORM_TOL)
+    assert_bf16_close(y, y_ref, BF16_NORM_TOL)
+    assert_tight(y_ref, {"eps left out": add_rms_norm_ref(xf, resf, wf, 0.0)[0],
+                         "residual not added": rms_norm_ref(xf, wf, eps),
+                         "weight applied as 1 + w": add_rms_norm_ref(xf, resf, 1 + wf, eps)[0]}, BF16_NORM_TOL)
+    y_alone = rms_norm(x, w, eps, out=poisoned(tokens, hidden, dtype=torch.bfloat16))
+    assert_bf16_close(y_alone, rms_norm_ref(xf, wf, eps), BF16_NORM_TOL)

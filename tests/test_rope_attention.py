@@ -11,17 +11,18 @@ import math
 import pytest
 import torch
 
-from kernel_utils import DEVICE, poisoned
+from kernel_utils import DEVICE, assert_bf16_close, assert_tight, poisoned, rel_err
 from qwen2rt.kernels import decode_attention, paged_attention_ref, prefill_attention
+from qwen2rt.kernels.rope_attention import _causal_attention, _gather, apply_rotary
 
 ATTN_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=5e-3, atol=5e-3),
             torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
 
 
-def rope_tables(head_dim: int, max_pos: int, theta: float = 1e6):
+def rope_tables(head_dim: int, max_pos: int, theta: float = 1e6, device=DEVICE):
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    return freqs.cos().to(DEVICE), freqs.sin().to(DEVICE)
+    return freqs.cos().to(device), freqs.sin().to(device)
 
 
 class Case:
@@ -59,7 +60,7 @@ class Case:
         self.query_start = torch.tensor([0] + list(itertools.accumulate(new)), dtype=torch.int32, device=device)
         self.positions = torch.tensor(self.positions, dtype=torch.long, device=device)
         self.slot_mapping = torch.tensor(self.slots, dtype=torch.long, device=device)
-        self.cos, self.sin = rope_tables(d, max(ctx) + 8)
+        self.cos, self.sin = rope_tables(d, max(ctx) + 8, device=device)
         self.scale = d ** -0.5
         self.max_query_len = max(new)
 
@@ -180,18 +181,96 @@ def test_bad_inputs():
 
 
 # ---- real Qwen2 shapes in bf16 on the GPU --------------------------------------------------------------------
+# The kernels' bf16 output is compared with the fp32 function on the same bf16 inputs, by relative error. The
+# tolerance is proven tight on the same data: the fp32 function with one plausible bug (10% of the context dropped,
+# 0.9x the softmax scale, the newest token not attended) lands farther than the tolerance from it. The new token's
+# V is scaled up 8x so that attending it or not is visible at 4096 keys (with near-uniform attention one key's share
+# of the output is ~1/sqrt(context)); the check runs on the CPU too, so CI proves the tolerance without a GPU.
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("hq, hkv, d", [(14, 2, 64), (28, 4, 128)])
-@pytest.mark.parametrize("batch, context", [(1, 512), (1, 4096), (16, 512), (4, 2000)])
-def test_decode_qwen2_shapes_bf16_gpu(hq, hkv, d, batch, context):
+BF16_ATTN_TOL = 1e-2  # bf16 rounding of q, k, v and the output gives ~2.5e-3 against fp32
+BF16_MUTATIONS = {"10% of the context dropped": dict(drop_oldest=0.1), "0.9x softmax scale": dict(scale_mult=0.9),
+                  "newest token not attended": dict(skip_newest=True)}
+DECODE_SHAPES = [(1, 512), (1, 4096), (16, 512), (4, 2000)]
+GPU_LAYOUTS = [(14, 2, 64), (28, 4, 128)]
+
+
+def fp32_attention(case: Case) -> dict[str, torch.Tensor]:
+    """The attention of `case` in fp32 on its (bf16) inputs ("exact"), and with each bug of BF16_MUTATIONS: the
+    oldest `drop_oldest` of each sequence's context dropped, the scale multiplied by `scale_mult`, or each query's
+    own (newest) key masked."""
+    qkv, hq, hkv, d = case.qkv.float(), case.hq, case.hkv, case.d
+    t = qkv.shape[0]
+    cos, sin = case.cos[case.positions], case.sin[case.positions]
+    q = apply_rotary(qkv[:, :hq * d].reshape(t, hq, d), cos, sin)
+    k, v = case.k_cache.float(), case.v_cache.float()
+    valid = case.slot_mapping >= 0  # this step's tokens: rotated K and V into the (fp32 copy of the) cache
+    k.view(-1, hkv, d)[case.slot_mapping[valid]] = apply_rotary(
+        qkv[:, hq * d:(hq + hkv) * d].reshape(t, hkv, d), cos, sin)[valid]
+    v.view(-1, hkv, d)[case.slot_mapping[valid]] = qkv[:, (hq + hkv) * d:].reshape(t, hkv, d)[valid]
+    variants = dict(exact={}, **BF16_MUTATIONS)
+    outs = {name: torch.zeros(t, hq, d, device=qkv.device) for name in variants}
+    starts = case.query_start.tolist()
+    for b, ctx in enumerate(case.seq_lens.tolist()):
+        q0, q1 = starts[b], starts[b + 1]
+        if ctx == 0 or q1 == q0:
+            continue
+        kb, vb = _gather(k, case.block_tables[b], ctx), _gather(v, case.block_tables[b], ctx)
+        for c0 in range(q0, q1, 512):  # query chunks: a bounded score matrix
+            c1 = min(q1, c0 + 512)
+            q_pos = torch.arange(ctx - (q1 - c0), ctx - (q1 - c1), device=qkv.device)
+            for name, kw in variants.items():
+                n0 = int(kw.get("drop_oldest", 0.0) * ctx)
+                outs[name][c0:c1] = _causal_attention(q[c0:c1], kb[n0:], vb[n0:],
+                                                      case.scale * kw.get("scale_mult", 1.0),
+                                                      q_pos - n0 - int(kw.get("skip_newest", False)))
+    return {name: out.reshape(t, hq * d) for name, out in outs.items()}
+
+
+def bf16_decode_case(hq, hkv, d, batch, context, device=DEVICE) -> Case:
     case = Case([context - 1 - 7 * b for b in range(batch)], [1] * batch, hq, hkv, d, torch.bfloat16,
-                block_size=16, seed=batch)
-    check(case, *run_decode(case))
+                block_size=16, seed=batch, device=device)
+    case.qkv[:, (hq + hkv) * d:] *= 8  # the new token's V
+    return case
+
+
+def bf16_prefill_case(hq, hkv, d, device=DEVICE) -> Case:
+    return Case([0, 300], [2048, 700], hq, hkv, d, torch.bfloat16, block_size=16, seed=3, device=device)
+
+
+def check_bf16(case: Case, out, k, v):
+    reference = fp32_attention(case)
+    exact = reference.pop("exact")
+    assert_bf16_close(out, exact, BF16_ATTN_TOL)
+    assert_tight(exact, reference, BF16_ATTN_TOL)
+    _, ref_k, ref_v = case.reference()  # the cache rows written: rotated K as the bf16 reference rounds it, V exact
+    torch.testing.assert_close(k, ref_k, equal_nan=True, **ATTN_TOL[torch.bfloat16])
+    torch.testing.assert_close(v, ref_v, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("hq, hkv, d", GPU_LAYOUTS)
+@pytest.mark.parametrize("batch, context", DECODE_SHAPES)
+def test_bf16_decode_tolerance_is_tight(hq, hkv, d, batch, context):
+    """On the CPU, no kernel: on the decode GPU tests' data, every mutation exceeds their tolerance (the closest one,
+    the newest token, is the one at stake), and the bf16 reference (rounding q, k and the output where the kernels
+    do) stays well inside it. (In prefill every mutation is 10x farther: the GPU test checks it.)"""
+    case = bf16_decode_case(hq, hkv, d, batch, context, "cpu")
+    reference = fp32_attention(case)
+    exact = reference.pop("exact")
+    assert_tight(exact, reference, BF16_ATTN_TOL)
+    assert rel_err(case.reference()[0], exact) < BF16_ATTN_TOL / 2
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("hq, hkv, d", [(14, 2, 64), (28, 4, 128)])
+@pytest.mark.parametrize("hq, hkv, d", GPU_LAYOUTS)
+@pytest.mark.parametrize("batch, context", DECODE_SHAPES)
+def test_decode_qwen2_shapes_bf16_gpu(hq, hkv, d, batch, context):
+    case = bf16_decode_case(hq, hkv, d, batch, context, "cuda")
+    for splits in (None, 1):  # the launcher's split count, and one split (no reduction)
+        check_bf16(case, *run_decode(case, num_splits=splits))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq, hkv, d", GPU_LAYOUTS)
 def test_prefill_qwen2_shapes_bf16_gpu(hq, hkv, d):
-    case = Case([0, 300], [2048, 700], hq, hkv, d, torch.bfloat16, block_size=16, seed=3)
-    check(case, *run_prefill(case))
+    case = bf16_prefill_case(hq, hkv, d, "cuda")
+    check_bf16(case, *run_prefill(case))

@@ -3,6 +3,8 @@ processors; the draw against the distribution it samples."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -57,9 +59,11 @@ def hf_filtered(logits, temperature, top_k, top_p, min_p):
     return torch.softmax(x, dim=-1)
 
 
-def filter_logits(logits, temperature, top_k, top_p, min_p):
-    """The sampler's filters in vocabulary order: [B, V] logits, per-row parameters [B] -> probabilities [B, V]."""
-    sorted_logits, order = ordered_candidates(logits / temperature[:, None], logits.shape[1])
+def filter_logits(logits, temperature, top_k, top_p, min_p, variant="full"):
+    """The sampler's filters in vocabulary order: [B, V] logits, per-row parameters [B] -> probabilities [B, V],
+    on the candidates the sampler form `variant` sees (the whole vocabulary, or the TOPK_CANDIDATES largest)."""
+    n = logits.shape[1] if variant == "full" else min(TOPK_CANDIDATES, logits.shape[1])
+    sorted_logits, order = ordered_candidates(logits / temperature[:, None], n)
     return torch.zeros_like(logits).scatter(1, order, filter_sorted_logits(sorted_logits, top_k, top_p, min_p))
 
 
@@ -214,3 +218,85 @@ def test_topk_variant_draws_what_the_full_sampler_draws():
     assert torch.equal(tokens["topk"], tokens["full"])
     greedy_rows = torch.tensor([p.greedy for p in params])
     assert greedy_rows.any() and (~greedy_rows).any()
+
+
+def test_hf_top_p_keeps_two_of_four_tied_tokens_at_half():
+    """The oracle's boundary rule, pinned: a token goes once the mass before it reaches top_p exactly."""
+    assert (hf_filtered(torch.zeros(1, 4), 1.0, 0, 0.5, 0.0) > 0).sum() == 2
+
+
+def tied_rows(rows, vocab, tied, seed):
+    """[rows, vocab] logits, each row with `tied` equal maxima at random ids and the rest ~200 below them: the tied
+    tokens' probabilities are exactly 1 / tied (exp(-200) underflows to 0 in float32), so a top_p that is a
+    multiple of 1 / tied equals the mass before one of them exactly."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) - 200
+    for row in logits:
+        row[torch.randperm(vocab, generator=g)[:tied]] = 3 * torch.randn((), generator=g)
+    return logits
+
+
+@pytest.mark.parametrize("variant, vocab, tied, top_k", [("full", 4, 4, 0), ("full", 300, 8, 0), ("topk", 300, 8, 8)])
+def test_top_p_on_tied_logits_matches_hf(variant, vocab, tied, top_k):
+    """When the mass before a token equals top_p exactly, HF's TopPLogitsWarper drops it; so must both sampler
+    forms. HF keeps whichever tied tokens its sort puts first, so probabilities are compared sorted; ours keeps the
+    lowest ids. (The top-k form sees 256 of the 300 tokens; top_k = 8 keeps all 8 tied maxima: HF keeps every
+    token equal to the k-th logit, a strict order exactly k, which agree when no tie straddles the k-th place.)"""
+    top_ps = [j / tied for j in range(1, tied)] + [0.3, 0.99]
+    logits = tied_rows(len(top_ps), vocab, tied, seed=vocab + top_k)
+    b = len(top_ps)
+    for temperature in (1.0, 0.7):
+        ours = filter_logits(logits, torch.full((b,), temperature), torch.full((b,), top_k), torch.tensor(top_ps),
+                             torch.zeros(b), variant)
+        for row, top_p in enumerate(top_ps):
+            ref = hf_filtered(logits[row:row + 1], temperature, top_k, top_p, 0.0)[0]
+            expected_kept = math.ceil(tied * top_p - 1e-9)  # the tokens with less than top_p before them
+            assert (ref > 0).sum() == expected_kept and (ours[row] > 0).sum() == expected_kept, (top_p, temperature)
+            torch.testing.assert_close(ours[row].sort().values, ref.sort().values, rtol=1e-6, atol=0)
+            tied_ids = (logits[row] == logits[row].max()).nonzero()[:, 0]  # ascending
+            assert torch.equal((ours[row] > 0).nonzero()[:, 0], tied_ids[:expected_kept])
+
+
+@pytest.mark.parametrize("variant", ["topk", "full"])
+def test_draws_stay_inside_the_top_p_set_on_tied_logits(variant):
+    """Through sample_tokens itself: over many seeds (at a later step), the drawn tokens are exactly the tokens the
+    top-p rule keeps, the boundary token excluded."""
+    vocab, tied, n = 300, 8, 400
+    top_ps = [0.125, 0.25, 0.5, 0.625]
+    logits = tied_rows(len(top_ps), vocab, tied, seed=11)
+    for row, top_p in enumerate(top_ps):
+        p = SamplingParams(temperature=0.8, top_k=tied if variant == "topk" else 0, top_p=top_p).resolved()
+        assert sampler_variant([p]) == variant
+        state = SamplerState(1, vocab, "cpu")
+        rows = rows_for([p] * n, range(1000, 1000 + n), [5] * n, [state.padding_slot] * n)
+        drawn = set(sample_tokens(logits[row:row + 1].repeat(n, 1), rows, state, variant).tolist())
+        ref = hf_filtered(logits[row:row + 1], 0.8, 0, top_p, 0.0)[0]
+        assert len(drawn) == (ref > 0).sum() == round(tied * top_p), top_p
+        tied_ids = (logits[row] == logits[row].max()).nonzero()[:, 0]
+        assert drawn == set(tied_ids[:len(drawn)].tolist())  # ties toward the lower id
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, 1000, 2 ** 31 - 1])
+def test_every_step_of_the_hash_depends_on_the_seed(step):
+    """Two seeds must give different uniforms at every step, not only at step 0 (a hash that dropped the seed after
+    the first token would still pass a first-token check); seeds that differ only in their high 32 bits too."""
+    seeds = torch.tensor(list(range(32)) + [5 + (1 << 32), 5 + (7 << 40), 2 ** 63 - 1])
+    u = hash_uniform(seeds, torch.full_like(seeds, step), torch.arange(2000)[None, :])
+    for i in range(len(seeds)):
+        for j in range(i):
+            assert (u[i] != u[j]).float().mean() > 0.99, (seeds[i].item(), seeds[j].item())
+    assert abs(u.mean().item() - 0.5) < 0.01
+
+
+def test_seeds_give_different_draws_at_later_steps():
+    """Uniform logits over 1000 tokens at step 5: 64 seeds draw (nearly) 64 different tokens; one seed at 64 steps
+    also varies; the same (seed, step) draws the same token."""
+    vocab, n = 1000, 64
+    p = SamplingParams(temperature=1.0).resolved()
+    state = SamplerState(1, vocab, "cpu")
+    logits = torch.full((n, vocab), 0.5)
+    by_seed = sample_tokens(logits, rows_for([p] * n, range(n), [5] * n, [state.padding_slot] * n), state)
+    by_step = sample_tokens(logits, rows_for([p] * n, [3] * n, range(1, n + 1), [state.padding_slot] * n), state)
+    assert len(set(by_seed.tolist())) > n - 8 and len(set(by_step.tolist())) > n - 8
+    again = sample_tokens(logits[:2], rows_for([p] * 2, [0, 1], [5, 5], [state.padding_slot] * 2), state)
+    assert torch.equal(again, by_seed[:2])
