@@ -1,9 +1,10 @@
-"""One MoE layer (routing + experts + shared expert): qwen2rt's fused_moe (as configured, and with the shared expert
-folded into the grouped launches or run separately) against the same layer in Hugging Face
-transformers with each of its experts implementations (eager, batched_mm, grouped_mm) and against a
-`torch._grouped_mm` implementation, all in the same run, for Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B layers at
-T = 1, 4, 16, 128, 2048. Small T: GB/s on the bytes of the experts actually selected plus the shared expert and
-router, % of copy bandwidth. Large T: TFLOP/s, % of the bf16 GEMM rate.
+"""One MoE layer (routing + experts + shared expert): qwen2rt's fused_moe (as configured, with the shared expert
+folded into the grouped launches or run separately, and at decode sizes with the down GEMV split over 4 programs
+per token) against the same layer in Hugging Face transformers with each of its experts implementations (eager,
+batched_mm, grouped_mm) and against a `torch._grouped_mm` implementation, all in the same run, for
+Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B layers at T = 1, 4, 16, 128, 2048. Small T: GB/s on the bytes of the experts
+actually selected plus the shared expert and router, % of copy bandwidth. Large T: TFLOP/s, % of the bf16 GEMM
+rate.
 
     python -m benchmarks.bench_moe [--smoke] [--out FILE.json]
 """
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from benchmarks.common import bench_ms, kernel_bench_main, kernel_row
 from benchmarks.hf_baseline import hf_config
 from qwen2rt.kernels import fused_moe, route_ref, silu_and_mul_ref
+from qwen2rt.kernels.moe import DECODE_MAX_TOKENS, DEFAULT_CONFIGS, token_bucket
 from qwen2rt.models.config import builtin_config
 
 LAYERS = ["qwen1.5-moe-a2.7b", "qwen2-57b-a14b"]
@@ -96,6 +98,11 @@ def run(device, ceilings, layers=LAYERS, tokens=TOKENS, dtype=torch.bfloat16, co
                 x, w["router"], w["gate_up"], w["down"], k, c.norm_topk_prob, w["shared_gate_up"], w["shared_down"],
                 w["shared_gate"], fold_shared=fold)) for suffix, fold in (("", None), ("_fold", True),
                                                                            ("_separate", False))}
+            if t <= DECODE_MAX_TOKENS:  # the down GEMV with each token's pairs split over 4 programs
+                split = dict(DEFAULT_CONFIGS[token_bucket(t)], SPLIT_PAIRS=4)
+                impls["qwen2rt_split4"] = lambda split=split: fused_moe(
+                    x, w["router"], w["gate_up"], w["down"], k, c.norm_topk_prob, w["shared_gate_up"],
+                    w["shared_down"], w["shared_gate"], config=split)
             for impl, block in blocks.items():
                 impls[f"hf_{impl}"] = (lambda b=block: b(x[None]))
             gathered = t * k * per_expert  # what HF's batched_mm copies: every selected expert's weights, per pair

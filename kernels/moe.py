@@ -9,8 +9,10 @@
 Two regimes, one launcher:
 - decode (T <= DECODE_MAX_TOKENS): each expert sees a row or two, so gemm 1 is a batched GEMV with one program per
   (pair, N tile) and gemm 2 one program per (token, N tile) that loops over the token's k experts and sums them in
-  registers (deterministic, no atomics). No grouping pass at all. Bandwidth-bound; the N tiles give enough
-  programs to fill the GPU at batch 1.
+  registers (deterministic, no atomics), or, with the config's SPLIT_PAIRS = s > 1, one program per (token, chunk
+  of its pairs, N tile) writing fp32 partial rows that are summed in a fixed order after (s times the programs,
+  for batch 1, where H / BLOCK_N programs each streaming every selected expert in turn may not keep enough bytes in
+  flight). No grouping pass at all. Bandwidth-bound.
 - prefill: pairs are grouped by expert into BLOCK_M-row blocks (`moe_align`, torch ops on the device with static
   shapes); gemm 1 gathers token rows inside its loads and applies SwiGLU in the epilogue; gemm 2 scales by the
   routing weight and writes per-pair rows that are summed per token. The grid is a static upper bound on the
@@ -38,6 +40,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 
 import torch
@@ -270,14 +273,19 @@ def _gemv_down_kernel(
     s_h, s_we, s_wn, s_out,
     # meta-parameters
     PAIRS: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_PAIRS: tl.constexpr, PAIRS_PER_PROGRAM: tl.constexpr,
 ):
-    i_t = tl.program_id(0).to(tl.int64)
+    # program (token t, chunk c): the pairs c * PAIRS_PER_PROGRAM ... of token t, summed in a fixed order into row
+    # t * SPLIT_PAIRS + c of the output (the layer's output itself when SPLIT_PAIRS == 1, else fp32 partial sums)
+    i_row = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
+    i_t = i_row // SPLIT_PAIRS
+    first = (i_row % SPLIT_PAIRS) * PAIRS_PER_PROGRAM
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < hidden
     b_out = tl.zeros([BLOCK_N], tl.float32)
-    for j in tl.static_range(PAIRS):
-        i_pair = i_t * PAIRS + j
+    for j in tl.static_range(PAIRS_PER_PROGRAM):
+        i_pair = i_t * PAIRS + first + j
         e = tl.load(p_ids + i_pair).to(tl.int64)
         p_e, s_row = _down_matrix(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS_SHARED)
         b_part = tl.zeros([BLOCK_N], tl.float32)
@@ -289,7 +297,7 @@ def _gemv_down_kernel(
                           other=0.0).to(tl.float32)  # [BN, BK]
             b_part += tl.sum(b_w * b_h[None, :], axis=1)
         b_out += tl.load(p_weights + i_pair) * b_part
-    tl.store(p_out + i_t * s_out + o_n, b_out.to(p_out.dtype.element_ty), mask=m_n)
+    tl.store(p_out + i_row * s_out + o_n, b_out.to(p_out.dtype.element_ty), mask=m_n)
 
 
 # ---- prefill: grouped GEMMs on tensor cores -----------------------------------------------------------------------
@@ -391,8 +399,8 @@ GEMV_BUCKETS = ("decode", "decode-wide")
 # FOLD_SHARED: run a shared expert as extra experts in the grouped launches (see the module docstring); ignored
 # when the layer has none or its width is not a multiple of the expert width.
 DEFAULT_CONFIGS = {
-    "decode": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "FOLD_SHARED": True},
-    "decode-wide": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "FOLD_SHARED": True},
+    "decode": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "FOLD_SHARED": True, "SPLIT_PAIRS": 1},
+    "decode-wide": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "FOLD_SHARED": True, "SPLIT_PAIRS": 1},
     "prefill-small": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3,
                       "FOLD_SHARED": False},
     "prefill-large": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
@@ -402,7 +410,11 @@ DEFAULT_CONFIGS = {
 # are tuned with the bucket's default FOLD_SHARED; the best one is then also timed with the other choice.
 TUNING_CANDIDATES = {
     "decode": [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w}
-               for n, k, w in ((8, 256, 2), (16, 128, 2), (16, 256, 2), (16, 256, 4), (32, 128, 4), (32, 256, 4))],
+               for n, k, w in ((8, 256, 2), (16, 128, 2), (16, 256, 2), (16, 256, 4), (32, 128, 4), (32, 256, 4))]
+    # the down GEMV with each token's pairs split over 2 or 4 programs: at batch 1 the unsplit one has only
+    # H / BLOCK_N programs (128 for Qwen1.5-MoE), each streaming all k + S experts' rows in turn
+    + [{"BLOCK_N": n, "BLOCK_K": 256, "num_warps": w, "SPLIT_PAIRS": p} for n, w, p in ((16, 4, 2), (16, 4, 4),
+                                                                                        (32, 4, 4))],
     "prefill-small": [{"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": 64, "num_warps": 4, "num_stages": s}
                       for n in (64, 128) for s in (3, 4)],
     "prefill-large": [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "num_warps": w, "num_stages": 3}
@@ -609,9 +621,16 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
         _gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter, bn))](
             x, ids, gate_up, p_shared_gate_up, h, *sizes, x.stride(0), gate_up.stride(0), gate_up.stride(1),
             h.stride(0), PAIRS=pairs, HAS_SHARED=chunks > 0, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
-        _gemv_down_kernel[(t, triton.cdiv(hidden, bn))](
-            h, ids, weights, down, p_shared_down, out, *sizes, h.stride(0), down.stride(0), down.stride(1),
-            out.stride(0), PAIRS=pairs, HAS_SHARED=chunks > 0, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        # SPLIT_PAIRS > 1: each token's pairs in that many programs (more programs, more bytes in flight when a
+        # token's k + S experts would leave few (token, N tile) programs), fp32 partial rows summed after
+        split = math.gcd(cfg.get("SPLIT_PAIRS", 1), pairs)
+        target = out if split == 1 else torch.empty((t * split, hidden), device=x.device, dtype=torch.float32)
+        _gemv_down_kernel[(t * split, triton.cdiv(hidden, bn))](
+            h, ids, weights, down, p_shared_down, target, *sizes, h.stride(0), down.stride(0), down.stride(1),
+            target.stride(0), PAIRS=pairs, HAS_SHARED=chunks > 0, BLOCK_N=bn, BLOCK_K=bk, SPLIT_PAIRS=split,
+            PAIRS_PER_PROGRAM=pairs // split, num_warps=warps)
+        if split > 1:
+            out.copy_(target.view(t, split, hidden).sum(dim=1))  # fixed order: deterministic, batch-invariant
     else:
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -71,6 +71,24 @@ def test_small_batches(t, e, k, h, inter, shared, renorm, fold, dtype, regime):
     check(x, layer, k, renorm, regime, dtype, fold=fold)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t, k, split, fold", [
+    (1, 3, 2, True),     # 3 + 2 shared chunks = 5 pairs: split 2 does not divide, falls back to 1
+    (1, 2, 4, True),     # 2 + 2 = 4 pairs in 4 programs of one pair
+    (3, 2, 2, True),     # 3 tokens, 2 programs of 2 pairs each
+    (13, 4, 4, False),   # the wide decode bucket, 4 routed pairs in 4 programs, shared expert separate
+])
+def test_decode_down_gemv_split_over_pairs(t, k, split, fold, dtype):
+    # SPLIT_PAIRS: each token's pairs summed in several programs (fp32 partial rows), then in a fixed order
+    layer = make_layer(7, 64, 40, 80, dtype, seed=t + k)
+    x = torch.randn(t, 64, generator=torch.Generator().manual_seed(k)).to(dtype).to(DEVICE)
+    config = dict(moe_mod.DEFAULT_CONFIGS["decode"], SPLIT_PAIRS=split)
+    check(x, layer, k, False, "decode", dtype, config=config, fold=fold)
+    unsplit = run(x, layer, k, False, "decode", config=moe_mod.DEFAULT_CONFIGS["decode"], fold=fold)
+    torch.testing.assert_close(run(x, layer, k, False, "decode", config=config, fold=fold), unsplit,
+                               **MOE_TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype, shared, fold", [(torch.float32, 40, None), (torch.float16, 112, True)])
 def test_two_hundred_tokens(dtype, shared, fold):
     layer = make_layer(61, 96, 56, shared, dtype, seed=3)
