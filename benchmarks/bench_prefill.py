@@ -17,7 +17,7 @@ from benchmarks.bench_decode import MODELS, _prompts
 from benchmarks.common import device_default, free_device_memory, measure_ceilings, print_rows, write_json
 from benchmarks.hf_baseline import hf_model, prefill_ms
 from qwen2rt import LLM, SamplingParams
-from qwen2rt.models.config import Qwen2Config, _parameter_groups, builtin_config
+from qwen2rt.models.config import Qwen2Config, builtin_config
 
 
 def prefill_flops(config: Qwen2Config, tokens: int) -> float:
@@ -29,13 +29,11 @@ def prefill_flops(config: Qwen2Config, tokens: int) -> float:
 
 
 def prefill_weight_bytes(config: Qwen2Config, dtype_bytes: int) -> int:
-    """Weight bytes a prefill must read at least once: every weight but the embedding table, all experts included
-    (a long prompt selects every one)."""
+    """Weight bytes a prefill must read at least once: every weight but the embedding table (a tied lm_head reads
+    it once), all experts included (a long prompt selects every one)."""
     c = config
-    total = sum(p for p, _ in _parameter_groups(c)) - c.vocab_size * c.hidden_size
-    if c.tie_word_embeddings:  # the tied lm_head reads the table (its group counts no parameters of its own)
-        total += c.vocab_size * c.hidden_size
-    return total * dtype_bytes
+    embed = c.vocab_size * c.hidden_size
+    return (c.parameter_count() - (0 if c.tie_word_embeddings else embed)) * dtype_bytes
 
 
 def run(device, ceilings, models=MODELS, tokens=(128, 512, 2048, 8192), dtype=torch.bfloat16, hf=True):
