@@ -28,7 +28,8 @@ import traceback
 
 import torch
 
-from benchmarks import bench_attention, bench_decode, bench_moe, bench_prefill, bench_rmsnorm, bench_swiglu
+from benchmarks import (bench_attention, bench_decode, bench_gemv, bench_moe, bench_prefill, bench_rmsnorm,
+                        bench_swiglu)
 from benchmarks.common import ROOT, device_default, environment, measure_ceilings
 from qwen2rt.kernels.moe import cache_path as moe_cache_path
 
@@ -42,7 +43,8 @@ BATCH_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-0.5b"]
 # (2026-11-27) with some margin. Model parts include loading, graph capture, the eager baseline, HF eager and, for
 # MoE shapes, the first-load autotuning. gpu_tests is the estimate; its time limit is GPU_TESTS_LIMIT_S.
 ESTIMATE_S = {"ceilings": 5, "gpu_tests": 60, "decode": 40, "decode_moe": 60, "hf_compiled": 70,
-              "bench_rmsnorm": 25, "bench_swiglu": 15, "bench_attention": 15, "bench_moe": 20, "prefill": 10,
+              "bench_gemv": 60, "bench_rmsnorm": 25, "bench_swiglu": 15, "bench_attention": 15, "bench_moe": 20,
+              "prefill": 10,
               "batches": 70}
 GPU_TESTS_LIMIT_S = 150
 NOTES = ("Random weights: the router sends tokens to experts near-uniformly (max/mean expert load ~1.16 at 2048 "
@@ -242,6 +244,10 @@ def _gpu_parts(args, device, ceilings, rec, part, models, start):
                 bench_decode.run(device, ceilings, models=[name], batches=[1], compiled_models=[name],
                                  qwen2rt=False, hf_eager=False)))
     if "kernels" in args.parts:
+        # the decode GEMVs: every row count on 0.5B and 7B, the ends of the range on 1.5B and 72B (time)
+        part("bench_gemv", ESTIMATE_S["bench_gemv"], lambda: kernels(
+            bench_gemv.run(device, ceilings, models=["qwen2-0.5b", "qwen2-7b"])
+            + bench_gemv.run(device, ceilings, models=["qwen2-1.5b", "qwen2-72b"], rows=[1, 16])))
         for name, mod in (("bench_rmsnorm", bench_rmsnorm), ("bench_swiglu", bench_swiglu),
                           ("bench_attention", bench_attention), ("bench_moe", bench_moe)):
             part(name, ESTIMATE_S[name], lambda mod=mod: kernels(mod.run(device, ceilings)))
@@ -266,6 +272,8 @@ def _smoke_parts(args, device, ceilings, rec, part):
         part("bench_rmsnorm", 0, lambda: rec["kernels"].extend(bench_rmsnorm.run(
             device, ceilings, hidden=[100], tokens=[1], compile_baseline=False, dtype=torch.float32)))
         part("bench_attention", 0, lambda: rec["kernels"].extend(bench_attention.run(device, ceilings, smoke=True)))
+        part("bench_gemv", 0, lambda: rec["kernels"].extend(bench_gemv.run(
+            device, ceilings, models=["tiny"], rows=[1, 3], dtype=torch.float32)))
     if "prefill" in args.parts:
         part("prefill tiny", 0, lambda: rec["prefill"].extend(bench_prefill.run(
             device, ceilings, models=["tiny"], tokens=[16, 4096], dtype=torch.float32)))

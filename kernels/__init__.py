@@ -11,6 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from .gemv import fused_linear, fused_linear_ref  # noqa: E402
 from .moe import fused_moe, fused_moe_ref, moe_align, route, route_ref  # noqa: E402
 from .rmsnorm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
 from .rope_attention import decode_attention, paged_attention_ref, prefill_attention  # noqa: E402
@@ -18,4 +19,4 @@ from .swiglu import silu_and_mul, silu_and_mul_ref  # noqa: E402
 
 __all__ = ["rms_norm", "rms_norm_ref", "add_rms_norm", "add_rms_norm_ref", "silu_and_mul", "silu_and_mul_ref",
            "prefill_attention", "decode_attention", "paged_attention_ref", "fused_moe", "fused_moe_ref", "moe_align",
-           "route", "route_ref"]
+           "route", "route_ref", "fused_linear", "fused_linear_ref"]

@@ -69,7 +69,9 @@ class MoEWeights:
 
 
 class Backend:
-    """The ops the model needs. Shapes: x is [T, H]; weights are in `nn.Linear` layout [out, in]."""
+    """The ops the model needs. Shapes: x is [T, H]; weights are in `nn.Linear` layout [out, in]. The residual
+    stream x is carried between ops un-normalised; each norm is fused into the op that consumes it and each residual
+    add into the op that produces it."""
 
     name = "abstract"
     graph_safe = False  # True when the decode step never synchronises with the host (CUDA-graph capturable)
@@ -77,15 +79,18 @@ class Backend:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise NotImplementedError
 
-    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-        """-> (rms_norm(x + residual), x + residual)"""
+    def norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """linear(rms_norm(x, norm_weight), weight, bias) -> [T, N] in x's dtype, or out_dtype (float32: logits)."""
         raise NotImplementedError
 
-    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """[..., 2I] packing [gate | up] -> silu(gate) * up, [..., I]"""
+    def norm_swiglu(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of linear(rms_norm(x, norm_weight), gate_up), gate_up packing rows [gate | up] -> [T, I]"""
         raise NotImplementedError
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear_residual(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """linear(x, weight) + residual"""
         raise NotImplementedError
 
     def attention(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rope: RotaryTables,
@@ -94,9 +99,10 @@ class Backend:
         cache at meta.slot_mapping, attend causally over each sequence's cached context; -> [T, Hq D]."""
         raise NotImplementedError
 
-    def moe(self, x: torch.Tensor, w: MoEWeights) -> torch.Tensor:
-        """Sparse MoE block, Hugging Face semantics: softmax router in fp32, top-k, optional renormalisation,
-        experts weighted and summed, plus the shared expert scaled by sigmoid(shared_gate x)."""
+    def moe_residual(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: MoEWeights) -> torch.Tensor:
+        """x + moe(rms_norm(x, norm_weight)). The sparse MoE block has Hugging Face semantics: softmax router in
+        fp32, top-k, optional renormalisation, experts weighted and summed, plus the shared expert scaled by
+        sigmoid(shared_gate x)."""
         raise NotImplementedError
 
     def warmup(self, layers: list) -> None:
@@ -116,14 +122,14 @@ class TorchBackend(Backend):
     def rms_norm(self, x, weight, eps):
         return kernels.rms_norm_ref(x, weight, eps)
 
-    def add_rms_norm(self, x, residual, weight, eps):
-        return kernels.add_rms_norm_ref(x, residual, weight, eps)
+    def norm_linear(self, x, norm_weight, eps, weight, bias=None, out_dtype=None):
+        return kernels.fused_linear_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, out_dtype=out_dtype)
 
-    def silu_and_mul(self, gate_up):
-        return kernels.silu_and_mul_ref(gate_up)
+    def norm_swiglu(self, x, norm_weight, eps, gate_up):
+        return kernels.fused_linear_ref(x, gate_up, norm_weight=norm_weight, eps=eps, swiglu=True)
 
-    def linear(self, x, weight, bias=None):
-        return F.linear(x, weight, bias)
+    def linear_residual(self, x, weight, residual):
+        return kernels.fused_linear_ref(x, weight, residual=residual)
 
     def attention(self, qkv, k_cache, v_cache, rope, meta, shape):
         query_start = meta.query_start
@@ -133,14 +139,18 @@ class TorchBackend(Backend):
             qkv, k_cache, v_cache, rope.cos, rope.sin, meta.positions, meta.slot_mapping, meta.block_tables,
             meta.seq_lens, query_start, shape.num_heads, shape.num_kv_heads, shape.scale, self.max_score_elements)
 
-    def moe(self, x, w):
-        return kernels.fused_moe_ref(x, w.router, w.gate_up, w.down, w.top_k, w.norm_topk_prob, w.shared_gate_up,
-                                     w.shared_down, w.shared_gate)
+    def moe_residual(self, x, norm_weight, eps, w):
+        h = kernels.rms_norm_ref(x, norm_weight, eps)
+        return x + kernels.fused_moe_ref(h, w.router, w.gate_up, w.down, w.top_k, w.norm_topk_prob,
+                                         w.shared_gate_up, w.shared_down, w.shared_gate)
 
 
-class TritonBackend(TorchBackend):
-    """Triton kernels for RMSNorm, SwiGLU, RoPE-attention and the MoE block; dense projections stay torch
-    matmuls. On CPU the kernels run through the Triton interpreter."""
+class TritonBackend(Backend):
+    """The Triton kernels, every op listed here (nothing inherited from the references). Up to
+    kernels.gemv.MAX_ROWS rows (every decode bucket, short prefill chunks) a projection is one fused GEMV with its
+    norm, bias, SwiGLU or residual add inside. Longer inputs are GEMMs: the projection is cuBLAS (`F.linear`, the
+    one torch op by choice: it runs near the GEMM rate at prefill sizes), the norm and SwiGLU the Triton kernels,
+    the residual add an in-place torch add. On CPU the kernels run through the Triton interpreter."""
 
     name = "triton"
     graph_safe = True
@@ -148,11 +158,21 @@ class TritonBackend(TorchBackend):
     def rms_norm(self, x, weight, eps):
         return kernels.rms_norm(x, weight, eps)
 
-    def add_rms_norm(self, x, residual, weight, eps):
-        return kernels.add_rms_norm(x, residual, weight, eps)
+    def norm_linear(self, x, norm_weight, eps, weight, bias=None, out_dtype=None):
+        if x.shape[0] <= kernels.gemv.MAX_ROWS:
+            return kernels.fused_linear(x, weight, bias, norm_weight=norm_weight, eps=eps, out_dtype=out_dtype)
+        y = F.linear(kernels.rms_norm(x, norm_weight, eps), weight, bias)
+        return y if out_dtype is None else y.to(out_dtype)
 
-    def silu_and_mul(self, gate_up):
-        return kernels.silu_and_mul(gate_up)
+    def norm_swiglu(self, x, norm_weight, eps, gate_up):
+        if x.shape[0] <= kernels.gemv.MAX_ROWS:
+            return kernels.fused_linear(x, gate_up, norm_weight=norm_weight, eps=eps, swiglu=True)
+        return kernels.silu_and_mul(F.linear(kernels.rms_norm(x, norm_weight, eps), gate_up))
+
+    def linear_residual(self, x, weight, residual):
+        if x.shape[0] <= kernels.gemv.MAX_ROWS:
+            return kernels.fused_linear(x, weight, residual=residual)
+        return F.linear(x, weight).add_(residual)
 
     def attention(self, qkv, k_cache, v_cache, rope, meta, shape):
         args = (qkv, k_cache, v_cache, rope.cos, rope.sin, meta.positions, meta.slot_mapping, meta.block_tables,
@@ -162,9 +182,11 @@ class TritonBackend(TorchBackend):
                                              shape.num_kv_heads, shape.scale)
         return kernels.decode_attention(*args, shape.num_heads, shape.num_kv_heads, shape.scale)
 
-    def moe(self, x, w):
-        return kernels.fused_moe(x, w.router, w.gate_up, w.down, w.top_k, w.norm_topk_prob, w.shared_gate_up,
-                                 w.shared_down, w.shared_gate)
+    def moe_residual(self, x, norm_weight, eps, w):
+        h = kernels.rms_norm(x, norm_weight, eps)
+        out = kernels.fused_moe(h, w.router, w.gate_up, w.down, w.top_k, w.norm_topk_prob, w.shared_gate_up,
+                                w.shared_down, w.shared_gate)
+        return out.add_(x)
 
     def warmup(self, layers):
         moe = next((layer.mlp for layer in layers if isinstance(layer.mlp, MoEWeights)), None)

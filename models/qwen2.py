@@ -1,8 +1,8 @@
 """One Qwen2 model for dense and MoE checkpoints; every op goes through a `Backend`.
 
 Weights are held fused the way the kernels want them: q/k/v as one `qkv` projection, gate/up as one `gate_up`,
-experts stacked into [E, 2I, H] and [E, H, I]. The layer order follows Hugging Face's Qwen2DecoderLayer, with the
-residual add fused into the following RMSNorm.
+experts stacked into [E, 2I, H] and [E, H, I]. The layer order follows Hugging Face's Qwen2DecoderLayer; each RMSNorm
+is fused into the projection that consumes it and each residual add into the projection that produces it.
 """
 
 from __future__ import annotations
@@ -137,8 +137,8 @@ def random_weights(config: Qwen2Config, device, dtype, seed: int = 0, std: float
 
 
 class Qwen2Model:
-    """The forward pass. `forward` maps this step's tokens to final hidden states [T, H]; `compute_logits` maps
-    chosen rows to logits."""
+    """The forward pass. `forward` maps this step's tokens to the final residual stream [T, H]; `compute_logits`
+    maps chosen rows of it to logits."""
 
     def __init__(self, config: Qwen2Config, weights: ModelWeights, backend: Backend, rope: RotaryTables):
         self.config = config
@@ -163,33 +163,25 @@ class Qwen2Model:
 
     def forward(self, token_ids: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """token_ids [T] int64 -> final-normed hidden states [T, H]."""
-        be, w, eps = self.backend, self.weights, self.config.rms_norm_eps
-        x = F.embedding(token_ids, w.embed)
-        residual = None
-        for i, (layer, (k_cache, v_cache)) in enumerate(zip(w.layers, kv_caches)):
+        """token_ids [T] int64 -> the residual stream after the last layer [T, H] (compute_logits applies the final
+        norm, so that only the rows whose logits are wanted are normalised)."""
+        x = F.embedding(token_ids, self.weights.embed)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.weights.layers, kv_caches)):
             with self.named_range(f"qwen2rt.layer.{i}"):
-                x, residual = self._layer(layer, x, residual, k_cache, v_cache, meta)
-        h, _ = be.add_rms_norm(x, residual, w.final_norm, eps)
-        return h
+                x = self._layer(layer, x, k_cache, v_cache, meta)
+        return x
 
-    def _layer(self, layer: LayerWeights, x, residual, k_cache, v_cache, meta):
-        """One decoder layer: (x, residual) -> (x, residual), the residual add fused into the next norm."""
+    def _layer(self, layer: LayerWeights, x, k_cache, v_cache, meta):
+        """One decoder layer on the residual stream x [T, H] -> [T, H]: Hugging Face's Qwen2DecoderLayer with each
+        norm fused into the projection after it and each residual add into the projection before it."""
         be, eps = self.backend, self.config.rms_norm_eps
-        if residual is None:
-            residual = x
-            h = be.rms_norm(x, layer.input_norm, eps)
-        else:
-            h, residual = be.add_rms_norm(x, residual, layer.input_norm, eps)
-        qkv = be.linear(h, layer.qkv, layer.qkv_bias)
+        qkv = be.norm_linear(x, layer.input_norm, eps, layer.qkv, layer.qkv_bias)
         attn = be.attention(qkv, k_cache, v_cache, self.rope, meta, self.attention_shape)
-        x = be.linear(attn, layer.o)
-        h, residual = be.add_rms_norm(x, residual, layer.post_attention_norm, eps)
+        x = be.linear_residual(attn, layer.o, x)
         if isinstance(layer.mlp, MoEWeights):
-            x = be.moe(h, layer.mlp)
-        else:
-            x = be.linear(be.silu_and_mul(be.linear(h, layer.mlp.gate_up)), layer.mlp.down)
-        return x, residual
+            return be.moe_residual(x, layer.post_attention_norm, eps, layer.mlp)
+        h = be.norm_swiglu(x, layer.post_attention_norm, eps, layer.mlp.gate_up)
+        return be.linear_residual(h, layer.mlp.down, x)
 
     def named_range(self, name: str):
         """A profiler range (and NVTX range on CUDA) while profile_ranges is on; otherwise nothing."""
@@ -198,8 +190,10 @@ class Qwen2Model:
         return named_range(name, self.device.type == "cuda")
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, H] -> float32 logits [N, V]."""
-        return self.backend.linear(hidden, self.weights.lm_head).float()
+        """Rows of the residual stream [N, H] -> float32 logits [N, V] (final norm, then lm_head)."""
+        w = self.weights
+        return self.backend.norm_linear(hidden, w.final_norm, self.config.rms_norm_eps, w.lm_head,
+                                        out_dtype=torch.float32)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import DeviceType
 
+from qwen2rt.kernels import rms_norm_ref
 from qwen2rt.models.backend import Backend, MoEWeights
 from qwen2rt.models.qwen2 import named_range
 
@@ -28,7 +29,7 @@ class ProfilingBackend(Backend):
 
     def __init__(self, inner: Backend, cuda: bool, linear_names: dict[int, str] | None = None):
         self.inner = inner
-        self.linear_names = linear_names or {}  # id(weight) -> "qkv", "o", "gate_up", "down", "lm_head"
+        self.linear_names = linear_names or {}  # id(weight) -> "norm+qkv", "o+residual", ... (the fused op)
         self.name = inner.name
         self.cuda = cuda
         self.bytes: dict[str, int] = defaultdict(int)
@@ -41,19 +42,23 @@ class ProfilingBackend(Backend):
         self.bytes[op] += nbytes + _nbytes(*(out if isinstance(out, tuple) else (out,)))
         return out
 
+    def _linear_op(self, weight) -> str:
+        return f"linear.{self.linear_names.get(id(weight), 'other')}"
+
     def rms_norm(self, x, weight, eps):
         return self._run("rms_norm", _nbytes(x, weight), self.inner.rms_norm, x, weight, eps)
 
-    def add_rms_norm(self, x, residual, weight, eps):
-        return self._run("add_rms_norm", _nbytes(x, residual, weight), self.inner.add_rms_norm, x, residual, weight,
-                         eps)
+    def norm_linear(self, x, norm_weight, eps, weight, bias=None, out_dtype=None):
+        return self._run(self._linear_op(weight), _nbytes(x, norm_weight, weight, bias), self.inner.norm_linear, x,
+                         norm_weight, eps, weight, bias, out_dtype)
 
-    def silu_and_mul(self, gate_up):
-        return self._run("silu_and_mul", _nbytes(gate_up), self.inner.silu_and_mul, gate_up)
+    def norm_swiglu(self, x, norm_weight, eps, gate_up):
+        return self._run(self._linear_op(gate_up), _nbytes(x, norm_weight, gate_up), self.inner.norm_swiglu, x,
+                         norm_weight, eps, gate_up)
 
-    def linear(self, x, weight, bias=None):
-        op = f"linear.{self.linear_names.get(id(weight), 'other')}"
-        return self._run(op, _nbytes(x, weight, bias), self.inner.linear, x, weight, bias)
+    def linear_residual(self, x, weight, residual):
+        return self._run(self._linear_op(weight), _nbytes(x, weight, residual), self.inner.linear_residual, x,
+                         weight, residual)
 
     def attention(self, qkv, k_cache, v_cache, rope, meta, shape):
         row = k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size()
@@ -61,12 +66,13 @@ class ProfilingBackend(Backend):
         op = "attention.prefill" if meta.is_prefill else "attention.decode"
         return self._run(op, _nbytes(qkv) + kv_read, self.inner.attention, qkv, k_cache, v_cache, rope, meta, shape)
 
-    def moe(self, x, w: MoEWeights):
+    def moe_residual(self, x, norm_weight, eps, w: MoEWeights):
         with torch.no_grad():
-            top = torch.topk(F.linear(x, w.router), w.top_k, dim=-1).indices.unique().numel()
+            h = rms_norm_ref(x, norm_weight, eps)
+            top = torch.topk(F.linear(h, w.router), w.top_k, dim=-1).indices.unique().numel()
         per_expert = _nbytes(w.gate_up[0], w.down[0])
-        nbytes = _nbytes(x, w.router, w.shared_gate_up, w.shared_down, w.shared_gate) + top * per_expert
-        return self._run("moe", nbytes, self.inner.moe, x, w)
+        nbytes = _nbytes(x, norm_weight, w.router, w.shared_gate_up, w.shared_down, w.shared_gate) + top * per_expert
+        return self._run("moe", nbytes, self.inner.moe_residual, x, norm_weight, eps, w)
 
 
 def copy_bandwidth_GBps(device: torch.device) -> float:
@@ -188,11 +194,11 @@ def profile(llm, batch: int = 1, prompt_len: int = 128, steps: int = 8, trace_pa
     rows (also printed)."""
     cuda = llm.device.type == "cuda"
     w = llm.model.weights
-    names = {id(w.lm_head): "lm_head"}
+    names = {id(w.lm_head): "norm+lm_head"}
     for layer in w.layers:
-        names.update({id(layer.qkv): "qkv", id(layer.o): "o"})
+        names.update({id(layer.qkv): "norm+qkv", id(layer.o): "o+residual"})
         if not isinstance(layer.mlp, MoEWeights):
-            names.update({id(layer.mlp.gate_up): "gate_up", id(layer.mlp.down): "down"})
+            names.update({id(layer.mlp.gate_up): "norm+gate_up+swiglu", id(layer.mlp.down): "down+residual"})
     wrapped = ProfilingBackend(llm.model.backend, cuda, names)
     prof = _profiled_generate(llm, batch, prompt_len, steps, wrapped)
     if trace_path:

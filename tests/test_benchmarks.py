@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from benchmarks import (bench_attention, bench_decode, bench_moe, bench_prefill, bench_rmsnorm, bench_swiglu,
-                        gpu_check, report)
+from benchmarks import (bench_attention, bench_decode, bench_gemv, bench_moe, bench_prefill, bench_rmsnorm,
+                        bench_swiglu, gpu_check, report)
 
 
 def _finite(x):
@@ -21,6 +21,7 @@ def _finite(x):
     (bench_rmsnorm, ["--smoke", "--no-compile"], "kernels"),
     (bench_swiglu, ["--smoke", "--no-compile"], "kernels"),
     (bench_attention, ["--smoke"], "kernels"),
+    (bench_gemv, ["--smoke"], "kernels"),
     (bench_moe, ["--smoke"], "kernels"),
     (bench_decode, ["--smoke"], "decode"),
     (bench_prefill, ["--smoke"], "prefill"),
@@ -106,7 +107,8 @@ def test_profile_prints_a_row_per_op(tmp_path, capsys):
     trace = tmp_path / "trace.json"
     rows = profile(llm, batch=2, prompt_len=12, steps=3, trace_path=str(trace))
     ops = {r["op"] for r in rows}
-    assert {"attention.prefill", "attention.decode", "moe", "linear.qkv", "linear.lm_head", "add_rms_norm"} <= ops
+    assert {"attention.prefill", "attention.decode", "moe", "linear.norm+qkv", "linear.o+residual",
+            "linear.norm+gate_up+swiglu", "linear.down+residual", "linear.norm+lm_head"} <= ops  # layer 0 is dense
     assert all(r["MB"] > 0 and r["time_ms"] > 0 for r in rows)
     assert "qwen2rt.layer.0" in trace.read_text()
     assert llm.model.backend.name == "torch" and not llm.model.profile_ranges  # restored
