@@ -48,6 +48,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .gemv import fused_linear
+from .rmsnorm import rms_norm, rms_norm_ref
 from .swiglu import silu_and_mul, silu_and_mul_ref
 
 log = logging.getLogger("qwen2rt")
@@ -68,8 +70,16 @@ def route_ref(logits: torch.Tensor, top_k: int, renormalize: bool):
 
 
 def fused_moe_ref(x, router, gate_up, down, top_k: int, renormalize: bool, shared_gate_up=None, shared_down=None,
-                  shared_gate=None) -> torch.Tensor:
-    """The MoE block looping over experts, as Hugging Face computes it. x [T, H] -> [T, H]."""
+                  shared_gate=None, norm_weight=None, eps: float = 1e-6, residual=None) -> torch.Tensor:
+    """The MoE block looping over experts, as Hugging Face computes it. x [T, H] -> [T, H]. With norm_weight, the
+    block runs on rms_norm(x, norm_weight) (the post-attention norm); residual [T, H] is added to the output."""
+    if norm_weight is not None:
+        out = fused_moe_ref(rms_norm_ref(x, norm_weight, eps), router, gate_up, down, top_k, renormalize,
+                            shared_gate_up, shared_down, shared_gate)
+        return out if residual is None else out + residual
+    if residual is not None:
+        return fused_moe_ref(x, router, gate_up, down, top_k, renormalize, shared_gate_up, shared_down,
+                             shared_gate) + residual
     num_experts = router.shape[0]
     ids, weights = route_ref(F.linear(x, router), top_k, renormalize)
     weights = weights.to(x.dtype)
@@ -87,19 +97,42 @@ def fused_moe_ref(x, router, gate_up, down, top_k: int, renormalize: bool, share
     return out
 
 
+# ---- the post-attention norm, inside the kernels that read its output ------------------------------------------
+
+@triton.jit
+def _row_rstd(p_row, hidden, eps, BLOCK: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of one row, in fp32."""
+    b_ss = tl.zeros([BLOCK], tl.float32)
+    for h0 in range(0, hidden, BLOCK):
+        o_h = h0 + tl.arange(0, BLOCK)
+        b_x = tl.load(p_row + o_h, mask=o_h < hidden, other=0.0).to(tl.float32)
+        b_ss += b_x * b_x
+    return tl.rsqrt(tl.sum(b_ss, axis=0) / hidden + eps)
+
+
+@triton.jit
+def _normed(b_x, rstd, p_norm, o_h, m_h, HAS_NORM: tl.constexpr, dt: tl.constexpr):
+    """The chunk b_x (fp32) of a row as the unfused model sees it after RMSNorm: rounded to the dtype, scaled by the
+    norm weight, rounded again (kernels/rmsnorm.py). Unchanged without HAS_NORM."""
+    if HAS_NORM:
+        b_g = tl.load(p_norm + o_h, mask=m_h, other=0.0).to(tl.float32)
+        b_x = ((b_x * rstd).to(dt).to(tl.float32) * b_g).to(dt).to(tl.float32)
+    return b_x
+
+
 # ---- routing ----------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _route_kernel(
     # pointers
-    p_logits, p_x, p_shared_gate, p_ids, p_weights,
+    p_logits, p_x, p_shared_gate, p_norm, p_ids, p_weights,
     # sizes
-    num_experts, hidden,
+    num_experts, hidden, eps,
     # strides
     s_logits, s_x,
     # meta-parameters
-    TOP_K: tl.constexpr, SHARED_CHUNKS: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+    TOP_K: tl.constexpr, SHARED_CHUNKS: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_NORM: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
     o_e = tl.arange(0, BLOCK_E)
@@ -126,11 +159,15 @@ def _route_kernel(
     tl.store(p_row_w + o_k, b_w, mask=o_k < TOP_K)
     if SHARED_CHUNKS > 0:
         # the folded shared expert: chunks E .. E+S-1, each weighted by sigmoid(x . g)
+        rstd = 1.0
+        if HAS_NORM:
+            rstd = _row_rstd(p_x + i_t * s_x, hidden, eps, BLOCK_H)
         b_dot = tl.zeros([BLOCK_H], tl.float32)
         for h0 in range(0, hidden, BLOCK_H):
             o_h = h0 + tl.arange(0, BLOCK_H)
             m_h = o_h < hidden
             b_x = tl.load(p_x + i_t * s_x + o_h, mask=m_h, other=0.0).to(tl.float32)
+            b_x = _normed(b_x, rstd, p_norm, o_h, m_h, HAS_NORM, p_x.dtype.element_ty)
             b_dot += b_x * tl.load(p_shared_gate + o_h, mask=m_h, other=0.0).to(tl.float32)
         gate = tl.sigmoid(tl.sum(b_dot, axis=0))
         o_s = tl.arange(0, BLOCK_S)
@@ -140,11 +177,12 @@ def _route_kernel(
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool, x: torch.Tensor | None = None,
-          shared_gate: torch.Tensor | None = None, shared_chunks: int = 0):
+          shared_gate: torch.Tensor | None = None, shared_chunks: int = 0, norm_weight: torch.Tensor | None = None,
+          eps: float = 1e-6):
     """Router logits [T, E] -> (ids [T, k + S] int32, weights [T, k + S] fp32): softmax, top-k, optional
     renormalisation, in one kernel. Ties go to the lowest expert index. With shared_chunks S > 0 (the folded shared
     expert), columns k .. k+S-1 hold the ids E .. E+S-1 and the weight sigmoid(x . shared_gate) (x [T, H],
-    shared_gate [1, H])."""
+    shared_gate [1, H]; x is first normalised with norm_weight [H] when given)."""
     t, num_experts = logits.shape
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
@@ -157,12 +195,14 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool, x: torch.Tensor |
         shared_gate = shared_gate.contiguous()
     else:
         x = shared_gate = logits  # unused
+        norm_weight = None
     hidden = x.shape[1]
     ids = torch.empty((t, top_k + shared_chunks), device=logits.device, dtype=torch.int32)
     weights = torch.empty((t, top_k + shared_chunks), device=logits.device, dtype=torch.float32)
     if t:
-        _route_kernel[(t,)](logits, x, shared_gate, ids, weights, num_experts, hidden, logits.stride(0),
-                            x.stride(0), TOP_K=top_k, SHARED_CHUNKS=shared_chunks, RENORMALIZE=renormalize,
+        _route_kernel[(t,)](logits, x, shared_gate, norm_weight if norm_weight is not None else shared_gate, ids,
+                            weights, num_experts, hidden, eps, logits.stride(0), x.stride(0), TOP_K=top_k,
+                            SHARED_CHUNKS=shared_chunks, RENORMALIZE=renormalize, HAS_NORM=norm_weight is not None,
                             BLOCK_E=triton.next_power_of_2(num_experts),
                             BLOCK_K=max(2, triton.next_power_of_2(top_k)),
                             BLOCK_S=max(2, triton.next_power_of_2(shared_chunks)),
@@ -232,14 +272,16 @@ def _down_matrix(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS
 @triton.jit
 def _gemv_gate_up_kernel(
     # pointers
-    p_x, p_ids, p_w, p_ws, p_out,
+    p_x, p_ids, p_w, p_ws, p_norm, p_out,
     # sizes
-    hidden, inter, num_experts, shared_inter,
+    hidden, inter, num_experts, shared_inter, eps,
     # strides
     s_x, s_we, s_wn, s_out,
     # meta-parameters
-    PAIRS: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PAIRS: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
+    # HAS_NORM: x is the residual stream, normalised here (each program recomputes its token's norm: x is a few KB)
     i_pair = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
     i_t = i_pair // PAIRS
@@ -251,10 +293,14 @@ def _gemv_gate_up_kernel(
     p_wu = p_wg + up
     b_g = tl.zeros([BLOCK_N], tl.float32)
     b_u = tl.zeros([BLOCK_N], tl.float32)
+    rstd = 1.0
+    if HAS_NORM:
+        rstd = _row_rstd(p_x + i_t * s_x, hidden, eps, BLOCK_K)
     for k0 in range(0, hidden, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < hidden
         b_x = tl.load(p_x + i_t * s_x + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+        b_x = _normed(b_x, rstd, p_norm, o_k, m_k, HAS_NORM, p_x.dtype.element_ty)
         m_w = m_n[:, None] & m_k[None, :]
         # [BN, BK] * [1, BK] -> sum over K -> [BN]
         b_g += tl.sum(tl.load(p_wg + o_k[None, :], mask=m_w, other=0.0).to(tl.float32) * b_x[None, :], axis=1)
@@ -266,15 +312,16 @@ def _gemv_gate_up_kernel(
 @triton.jit
 def _gemv_down_kernel(
     # pointers
-    p_h, p_ids, p_weights, p_w, p_ws, p_out,
+    p_h, p_ids, p_weights, p_w, p_ws, p_res, p_out,
     # sizes
     hidden, inter, num_experts, shared_inter,
     # strides
-    s_h, s_we, s_wn, s_out,
+    s_h, s_we, s_wn, s_res, s_out,
     # meta-parameters
     PAIRS: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_PAIRS: tl.constexpr, PAIRS_PER_PROGRAM: tl.constexpr,
+    SPLIT_PAIRS: tl.constexpr, PAIRS_PER_PROGRAM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):
+    # HAS_RESIDUAL (only with SPLIT_PAIRS == 1): the layer's output rounded, plus the residual, rounded again
     # program (token t, chunk c): the pairs c * PAIRS_PER_PROGRAM ... of token t, summed in a fixed order into row
     # t * SPLIT_PAIRS + c of the output (the layer's output itself when SPLIT_PAIRS == 1, else fp32 partial sums)
     i_row = tl.program_id(0).to(tl.int64)
@@ -297,6 +344,9 @@ def _gemv_down_kernel(
                           other=0.0).to(tl.float32)  # [BN, BK]
             b_part += tl.sum(b_w * b_h[None, :], axis=1)
         b_out += tl.load(p_weights + i_pair) * b_part
+    if HAS_RESIDUAL:
+        b_res = tl.load(p_res + i_row * s_res + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_out = b_out.to(p_out.dtype.element_ty).to(tl.float32) + b_res
     tl.store(p_out + i_row * s_out + o_n, b_out.to(p_out.dtype.element_ty), mask=m_n)
 
 
@@ -558,12 +608,19 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
               renormalize: bool, shared_gate_up: torch.Tensor | None = None, shared_down: torch.Tensor | None = None,
               shared_gate: torch.Tensor | None = None, config: dict | None = None, regime: str | None = None,
-              out: torch.Tensor | None = None, fold_shared: bool | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, fold_shared: bool | None = None,
+              norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
     """The MoE block. x [T, H]; router [E, H]; gate_up [E, 2I, H] (rows [gate | up]); down [E, H, I]; optional
     shared expert gate_up [2Is, H] (rows [gate | up]), down [H, Is] and sigmoid gate [1, H]. -> [T, H] in x's dtype
     (written into `out` when given). `config` overrides the block sizes (see get_config / tune); `regime`
     ("decode" or "prefill") overrides the choice made from T; `fold_shared` overrides the config's FOLD_SHARED
-    (True needs Is to be a multiple of I)."""
+    (True needs Is to be a multiple of I).
+    norm_weight [H]: the block runs on rms_norm(x, norm_weight, eps) (the layer's post-attention norm); residual
+    [T, H]: added to the output. On the GEMV path with the shared expert folded (or absent) both are fused: the
+    router GEMV, the routing kernel (shared gate) and the gate_up GEMV normalise x as they read it, the down GEMV
+    adds the residual (unless SPLIT_PAIRS > 1): the block is 4 launches. Elsewhere the norm is one kernel before
+    and the residual one add after."""
     t, hidden = x.shape
     num_experts, two_inter, _ = gate_up.shape
     inter = two_inter // 2
@@ -593,6 +650,11 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
         if fold_shared:  # the folded chunks are read in place with the contiguous strides
             raise ValueError("fold_shared=True needs contiguous shared expert weights [2Is, H] and [H, Is]")
         chunks = 0
+    for name, t_ in (("norm_weight", norm_weight), ("residual", residual)):
+        shape = (hidden,) if name == "norm_weight" else tuple(x.shape)
+        if t_ is not None and (tuple(t_.shape) != shape or t_.dtype != x.dtype or t_.device != x.device):
+            raise ValueError(f"{name} must be a {x.dtype} tensor {list(shape)} on {x.device}, got {t_.dtype} "
+                             f"{list(t_.shape)} on {t_.device}")
     x = x if x.stride(1) == 1 else x.contiguous()
     if out is None:
         out = torch.empty_like(x)
@@ -609,26 +671,37 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
         config_key(hidden, inter, num_experts, top_k, shared_inter, x.dtype, bucket, x.device), bucket)
     fold = cfg.get("FOLD_SHARED", DEFAULT_CONFIGS[bucket]["FOLD_SHARED"]) if fold_shared is None else fold_shared
     chunks = chunks if fold else 0
-    ids, weights = route(F.linear(x, router), top_k, renormalize, x, shared_gate, chunks)
+    residual = residual if residual is None or residual.stride(1) == 1 else residual.contiguous()
+    if norm_weight is not None and not (bucket in GEMV_BUCKETS and (chunks or shared_gate_up is None)):
+        x, norm_weight = rms_norm(x, norm_weight, eps), None  # normalised once, before everything that reads it
+    if norm_weight is None:
+        logits = F.linear(x, router)
+    else:  # the router GEMV normalises x in its prologue
+        logits = fused_linear(x, router, norm_weight=norm_weight, eps=eps)
+    ids, weights = route(logits, top_k, renormalize, x, shared_gate, chunks, norm_weight, eps)
     pairs = top_k + chunks  # (token, expert) pairs per token, shared chunks included
     num_pairs = t * pairs
     h = torch.empty((num_pairs, inter), device=x.device, dtype=x.dtype)
     # the folded shared expert's weights (unused, any pointer of the right dtype, when not folding)
     p_shared_gate_up, p_shared_down = (shared_gate_up, shared_down) if chunks else (gate_up, down)
     sizes = (hidden, inter, num_experts, shared_inter)
+    residual_added = False
     if bucket in GEMV_BUCKETS:
         bn, bk, warps = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
         _gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter, bn))](
-            x, ids, gate_up, p_shared_gate_up, h, *sizes, x.stride(0), gate_up.stride(0), gate_up.stride(1),
-            h.stride(0), PAIRS=pairs, HAS_SHARED=chunks > 0, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+            x, ids, gate_up, p_shared_gate_up, norm_weight if norm_weight is not None else x, h, *sizes, eps,
+            x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), PAIRS=pairs, HAS_SHARED=chunks > 0,
+            HAS_NORM=norm_weight is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
         # SPLIT_PAIRS > 1: each token's pairs in that many programs (more programs, more bytes in flight when a
         # token's k + S experts would leave few (token, N tile) programs), fp32 partial rows summed after
         split = math.gcd(cfg.get("SPLIT_PAIRS", 1), pairs)
         target = out if split == 1 else torch.empty((t * split, hidden), device=x.device, dtype=torch.float32)
+        residual_added = residual is not None and split == 1 and (chunks or shared_gate_up is None)
         _gemv_down_kernel[(t * split, triton.cdiv(hidden, bn))](
-            h, ids, weights, down, p_shared_down, target, *sizes, h.stride(0), down.stride(0), down.stride(1),
+            h, ids, weights, down, p_shared_down, residual if residual_added else target, target, *sizes,
+            h.stride(0), down.stride(0), down.stride(1), residual.stride(0) if residual_added else 0,
             target.stride(0), PAIRS=pairs, HAS_SHARED=chunks > 0, BLOCK_N=bn, BLOCK_K=bk, SPLIT_PAIRS=split,
-            PAIRS_PER_PROGRAM=pairs // split, num_warps=warps)
+            PAIRS_PER_PROGRAM=pairs // split, HAS_RESIDUAL=residual_added, num_warps=warps)
         if split > 1:
             out.copy_(target.view(t, split, hidden).sum(dim=1))  # fixed order: deterministic, batch-invariant
     else:
@@ -650,6 +723,8 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
     if shared_gate_up is not None and not chunks:
         shared = F.linear(silu_and_mul(F.linear(x, shared_gate_up)), shared_down)
         out.add_(torch.sigmoid(F.linear(x, shared_gate)) * shared)
+    if residual is not None and not residual_added:
+        out.add_(residual)
     return out
 
 

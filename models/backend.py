@@ -140,9 +140,8 @@ class TorchBackend(Backend):
             meta.seq_lens, query_start, shape.num_heads, shape.num_kv_heads, shape.scale, self.max_score_elements)
 
     def moe_residual(self, x, norm_weight, eps, w):
-        h = kernels.rms_norm_ref(x, norm_weight, eps)
-        return x + kernels.fused_moe_ref(h, w.router, w.gate_up, w.down, w.top_k, w.norm_topk_prob,
-                                         w.shared_gate_up, w.shared_down, w.shared_gate)
+        return kernels.fused_moe_ref(x, w.router, w.gate_up, w.down, w.top_k, w.norm_topk_prob, w.shared_gate_up,
+                                     w.shared_down, w.shared_gate, norm_weight=norm_weight, eps=eps, residual=x)
 
 
 class TritonBackend(Backend):
@@ -183,10 +182,8 @@ class TritonBackend(Backend):
         return kernels.decode_attention(*args, shape.num_heads, shape.num_kv_heads, shape.scale)
 
     def moe_residual(self, x, norm_weight, eps, w):
-        h = kernels.rms_norm(x, norm_weight, eps)
-        out = kernels.fused_moe(h, w.router, w.gate_up, w.down, w.top_k, w.norm_topk_prob, w.shared_gate_up,
-                                w.shared_down, w.shared_gate)
-        return out.add_(x)
+        return kernels.fused_moe(x, w.router, w.gate_up, w.down, w.top_k, w.norm_topk_prob, w.shared_gate_up,
+                                 w.shared_down, w.shared_gate, norm_weight=norm_weight, eps=eps, residual=x)
 
     def warmup(self, layers):
         moe = next((layer.mlp for layer in layers if isinstance(layer.mlp, MoEWeights)), None)

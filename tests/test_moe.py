@@ -89,6 +89,35 @@ def test_decode_down_gemv_split_over_pairs(t, k, split, fold, dtype):
                                **MOE_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t, regime, shared, fold, split", [
+    (1, "decode", 80, True, 1),     # all fused: router GEMV, routing and gate_up normalise, down adds the residual
+    (3, "decode", 0, None, 1),      # no shared expert: fused too
+    (2, "decode", 80, True, 2),     # split down GEMV: the residual added after the fixed-order sum
+    (5, "decode", 80, False, 1),    # shared expert separate: one norm kernel before, one add after
+    (6, "prefill", 80, None, 1),    # grouped GEMMs: the same
+])
+def test_post_attention_norm_and_residual(t, regime, shared, fold, split, dtype):
+    """fused_moe(x, norm_weight=g, residual=r) == moe(rms_norm(x, g)) + r, on the residual stream of a layer (x is
+    also the residual, as the model calls it)."""
+    layer = make_layer(7, 64, 40, shared, dtype, seed=t + 17)
+    gen = torch.Generator().manual_seed(t)
+    x = (3 * torch.randn(t, 64, generator=gen)).to(dtype).to(DEVICE)
+    g = (1 + 0.3 * torch.randn(64, generator=gen)).to(dtype).to(DEVICE)
+    shared_w = [layer.get(n) for n in ("shared_gate_up", "shared_down", "shared_gate")]
+    config = dict(moe_mod.DEFAULT_CONFIGS["decode" if regime == "decode" else "prefill-small"], SPLIT_PAIRS=split)
+    got = fused_moe(x, layer["router"], layer["gate_up"], layer["down"], 2, True, *shared_w, config=config,
+                    regime=regime, fold_shared=fold, norm_weight=g, eps=1e-6, residual=x,
+                    out=poisoned(t, 64, dtype=dtype))
+    ref = fused_moe_ref(x, layer["router"], layer["gate_up"], layer["down"], 2, True, *shared_w, norm_weight=g,
+                        eps=1e-6, residual=x)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.float(), ref.float(), **MOE_TOL[dtype])
+    # the norm matters: without it the output is far off (the tolerance above would catch a dropped norm)
+    unnormed = fused_moe_ref(x, layer["router"], layer["gate_up"], layer["down"], 2, True, *shared_w) + x
+    assert (unnormed.float() - ref.float()).abs().max() > 10 * MOE_TOL[dtype]["atol"]
+
+
 @pytest.mark.parametrize("dtype, shared, fold", [(torch.float32, 40, None), (torch.float16, 112, True)])
 def test_two_hundred_tokens(dtype, shared, fold):
     layer = make_layer(61, 96, 56, shared, dtype, seed=3)
