@@ -208,22 +208,46 @@ def hash_uniform(seed: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor
     s = _mix32((seed & _M32) ^ _mix32((seed >> 32) & _M32))
     s = _mix32(s ^ ((step & 0x7FFFFFFF) * 0x9E3779B1 & _M32))
     x = _mix32(s[:, None] ^ ((token_ids * 0x85EBCA6B) & _M32))
-    return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))  # 24 bits: exact in float32, never 0 or 1
+    # 23 bits: (k + 0.5) / 2^23 is exact in float32 and lies in [2^-24, 1 - 2^-24]. (With 24 bits, k = 2^24 - 1
+    # rounded k + 0.5 up to 2^24: U = 1, E = 0, and a token the filters had dropped scored 0 / 0 = NaN, which
+    # argmax takes.)
+    return ((x >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
-def sample_tokens(logits: torch.Tensor, rows: SamplingRows, state: SamplerState, variant: str = "full") -> torch.Tensor:
+IMPLS = ("auto", "torch", "triton")
+
+
+def sample_tokens(logits: torch.Tensor, rows: SamplingRows, state: SamplerState, variant: str = "full",
+                  impl: str = "auto") -> torch.Tensor:
     """float32 logits [B, V] -> token ids [B] int64, all on the device with static shapes (capturable in a CUDA
     graph), and records each token in `state` for later penalties. `variant` (see sampler_variant): "greedy" is
     argmax alone; "topk" draws among the TOPK_CANDIDATES largest logits (exact when every sampled row's top_k is
-    at most that); "full" handles any parameters. All three give the same token for the rows they accept."""
+    at most that); "full" handles any parameters. All three give the same token for the rows they accept.
+    `impl`: "triton" (qwen2rt.kernels.sampler: two or three launches, no sort of the vocabulary), "torch" (the
+    reference, sample_tokens_ref), or "auto": triton for CUDA logits, torch otherwise."""
+    if variant not in VARIANTS:
+        raise ValueError(f"sampler variant must be one of {VARIANTS}, got {variant!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"sampler impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "triton" or (impl == "auto" and logits.is_cuda):
+        from qwen2rt.kernels import sampler
+
+        return sampler.sample(logits, rows, state.counts, state.seen, variant)
+    return sample_tokens_ref(logits, rows, state.counts, state.seen, variant)
+
+
+def sample_tokens_ref(logits: torch.Tensor, rows: SamplingRows, counts: torch.Tensor, seen: torch.Tensor,
+                      variant: str = "full") -> torch.Tensor:
+    """The PyTorch sampler (the CPU path and the Triton sampler's reference): sample_tokens on the penalties' state
+    tensors, counts [S, V] int32 and seen [S, V] bool, which it updates."""
     if variant not in VARIANTS:
         raise ValueError(f"sampler variant must be one of {VARIANTS}, got {variant!r}")
     logits = logits.float()
     if variant == "greedy":
         tokens = logits.argmax(dim=-1)
     else:
-        logits = apply_penalties(logits, state.seen[rows.slot], state.counts[rows.slot], rows.repetition,
-                                 rows.presence, rows.frequency)
+        logits = apply_penalties(logits, seen[rows.slot], counts[rows.slot], rows.repetition, rows.presence,
+                                 rows.frequency)
         hot = rows.temperature > 0
         temperature = torch.where(hot, rows.temperature, torch.ones_like(rows.temperature))
         # the candidates in a strict order (ties toward the lower token id, as argmax): every variant and batch
@@ -236,10 +260,12 @@ def sample_tokens(logits: torch.Tensor, rows: SamplingRows, state: SamplerState,
         sampled = ids.gather(1, (probs / noise).argmax(dim=-1, keepdim=True))[:, 0]
         tokens = torch.where(hot, sampled, ids[:, 0])
     # record the tokens with scatters on flat views (graph-safe; padding rows may repeat, hence the add)
-    flat = rows.slot * state.counts.shape[1] + tokens
-    state.counts.view(-1).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    state.seen.view(-1).scatter_(0, flat, True)
+    flat = rows.slot * counts.shape[1] + tokens
+    counts.view(-1).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    seen.view(-1).scatter_(0, flat, True)
     return tokens
+
+
 def ordered_candidates(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The n largest float32 logits of each row [B, V], in descending order with ties toward the lower token id
     (a strict order, so a top-k set never depends on how a sort or top-k kernel breaks ties). -> (logits [B, n],

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from benchmarks import (bench_attention, bench_decode, bench_gemv, bench_moe, bench_prefill, bench_rmsnorm,
-                        bench_swiglu, gpu_check, report)
+                        bench_sampler, bench_swiglu, gpu_check, report)
 
 
 def _finite(x):
@@ -22,6 +22,7 @@ def _finite(x):
     (bench_swiglu, ["--smoke", "--no-compile"], "kernels"),
     (bench_attention, ["--smoke"], "kernels"),
     (bench_gemv, ["--smoke"], "kernels"),
+    (bench_sampler, ["--smoke", "--no-compile"], "kernels"),
     (bench_moe, ["--smoke"], "kernels"),
     (bench_decode, ["--smoke"], "decode"),
     (bench_prefill, ["--smoke"], "prefill"),
