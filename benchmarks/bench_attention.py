@@ -1,8 +1,11 @@
 """Fused RoPE-attention: qwen2rt's paged decode and prefill kernels vs `F.scaled_dot_product_attention` on a
 contiguous cache (the best torch has; it does no RoPE and no cache append, so the comparison favours it).
 
-Decode: batch 1 and 16, context 512 / 4K / 32K, Qwen2-0.5B (14:2 heads, D 64) and Qwen2-7B (28:4, D 128) layouts;
-GB/s on the KV bytes read and % of the measured copy bandwidth. Prefill: 2048 tokens, causal; TFLOP/s.
+Decode: Qwen2-7B layout (28:4 heads, D 128) at batch 1, contexts 1K / 4K / 16K / 32K, with block tables for the
+engine's default max_seq_len (131072) as the engine allocates them, and again with tables just as long as the context
+(qwen2rt_tables_at_ctx: the split count depends only on each sequence's own length, so the two should match); batch
+16 at 4K; Qwen2-0.5B (14:2, D 64) at batch 1. GB/s on the KV bytes read and % of the measured copy bandwidth.
+Prefill: 2048 tokens, causal; TFLOP/s.
 
     python -m benchmarks.bench_attention [--smoke] [--out FILE.json]
 """
@@ -17,6 +20,10 @@ from qwen2rt.kernels import decode_attention, prefill_attention
 
 LAYOUTS = {"qwen2-0.5b": (14, 2, 64), "qwen2-7b": (28, 4, 128)}
 BLOCK_SIZE = 16
+MAX_SEQ_LEN = 131072  # the engine's default: what sizes the decode grid
+# (layout, batch, contexts): batch 1 at long contexts is where the split-KV grid matters
+DECODE_SHAPES = [("qwen2-7b", 1, [1024, 4096, 16384, 32768]), ("qwen2-7b", 16, [4096]),
+                 ("qwen2-0.5b", 1, [4096, 32768])]
 
 
 def _rope(d, max_pos, device):
@@ -25,35 +32,44 @@ def _rope(d, max_pos, device):
     return f.cos().contiguous(), f.sin().contiguous()
 
 
-def _paged(batch, ctx, hkv, d, device, dtype):
+def _paged(batch, ctx, hkv, d, device, dtype, max_seq_len=None):
+    """A cache with the blocks of `batch` sequences of ctx tokens in random order, and block tables max_seq_len wide
+    (entries past a sequence's blocks are 0: never read)."""
     blocks_per_seq = -(-ctx // BLOCK_SIZE)
     k = torch.randn(batch * blocks_per_seq, BLOCK_SIZE, hkv, d, device=device, dtype=dtype)
     v = torch.randn_like(k)
-    tables = torch.randperm(batch * blocks_per_seq, device=device).view(batch, blocks_per_seq).to(torch.int32)
+    width = max(blocks_per_seq, -(-(max_seq_len or 0) // BLOCK_SIZE))
+    tables = torch.zeros(batch, width, dtype=torch.int32, device=device)
+    tables[:, :blocks_per_seq] = torch.randperm(batch * blocks_per_seq, device=device).view(batch, blocks_per_seq)
     return k, v, tables
 
 
-def decode_rows(device, ceilings, layouts, batches, contexts, dtype):
+def decode_rows(device, ceilings, shapes, dtype, max_seq_len=MAX_SEQ_LEN):
     rows = []
-    for name, (hq, hkv, d) in layouts.items():
-        cos, sin = _rope(d, max(contexts) + 1, device)
-        for b in batches:
-            for ctx in contexts:
-                k, v, tables = _paged(b, ctx, hkv, d, device, dtype)
-                qkv = torch.randn(b, (hq + 2 * hkv) * d, device=device, dtype=dtype)
-                pos = torch.full((b,), ctx - 1, dtype=torch.long, device=device)
-                slots = (tables[:, (ctx - 1) // BLOCK_SIZE].long() * BLOCK_SIZE + (ctx - 1) % BLOCK_SIZE)
-                lens = torch.full((b,), ctx, dtype=torch.int32, device=device)
-                kv_bytes = 2 * b * ctx * hkv * d * k.element_size()
-                shape = f"{name} B={b} ctx={ctx}"
+    for name, b, contexts in shapes:
+        hq, hkv, d = LAYOUTS[name]
+        cos, sin = _rope(d, max(max_seq_len, *contexts) + 1, device)
+        for ctx in contexts:
+            qkv = torch.randn(b, (hq + 2 * hkv) * d, device=device, dtype=dtype)
+            pos = torch.full((b,), ctx - 1, dtype=torch.long, device=device)
+            lens = torch.full((b,), ctx, dtype=torch.int32, device=device)
+            kv_bytes = 2 * b * ctx * hkv * d * qkv.element_size()
+            shape = f"{name} B={b} ctx={ctx} max={max_seq_len}"
+            # the engine's tables (max_seq_len wide), and at batch 1 tables just as long as the context
+            widths = {"qwen2rt": max_seq_len}
+            if b == 1:
+                widths["qwen2rt_tables_at_ctx"] = None
+            for impl, width in widths.items():
+                k, v, tables = _paged(b, ctx, hkv, d, device, dtype, width)
+                slots = tables[:, (ctx - 1) // BLOCK_SIZE].long() * BLOCK_SIZE + (ctx - 1) % BLOCK_SIZE
                 ours = bench_ms(lambda: decode_attention(qkv, k, v, cos, sin, pos, slots, tables, lens, hq, hkv,
                                                          d ** -0.5), device)
-                rows.append(kernel_row("attention_decode", shape, "qwen2rt", ours, kv_bytes, None, ceilings))
-                q = torch.randn(b, hq, 1, d, device=device, dtype=dtype)
-                kc = torch.randn(b, hkv, ctx, d, device=device, dtype=dtype)
-                vc = torch.randn_like(kc)
-                sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True), device)
-                rows.append(kernel_row("attention_decode", shape, "torch_sdpa", sdpa, kv_bytes, None, ceilings))
+                rows.append(kernel_row("attention_decode", shape, impl, ours, kv_bytes, None, ceilings))
+            q = torch.randn(b, hq, 1, d, device=device, dtype=dtype)
+            kc = torch.randn(b, hkv, ctx, d, device=device, dtype=dtype)
+            vc = torch.randn_like(kc)
+            sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True), device)
+            rows.append(kernel_row("attention_decode", shape, "torch_sdpa", sdpa, kv_bytes, None, ceilings))
     return rows
 
 
@@ -81,11 +97,12 @@ def prefill_rows(device, ceilings, layouts, tokens, dtype):
 
 
 def run(device, ceilings, smoke=False):
-    if smoke:  # the interpreter: tiny contexts, fp32
+    if smoke:  # the interpreter: tiny contexts, fp32, a max context of a few chunks
         layouts = {"qwen2-0.5b": LAYOUTS["qwen2-0.5b"]}
-        return (decode_rows(device, ceilings, layouts, [1, 2], [40], torch.float32)
+        return (decode_rows(device, ceilings, [("qwen2-0.5b", 1, [40]), ("qwen2-0.5b", 2, [40])], torch.float32,
+                            max_seq_len=600)
                 + prefill_rows(device, ceilings, layouts, 24, torch.float32))
-    return (decode_rows(device, ceilings, LAYOUTS, [1, 16], [512, 4096, 32768], torch.bfloat16)
+    return (decode_rows(device, ceilings, DECODE_SHAPES, torch.bfloat16)
             + prefill_rows(device, ceilings, LAYOUTS, 2048, torch.bfloat16))
 
 

@@ -14,16 +14,15 @@ the attention kernels and never written back; k is rotated on its way into the c
 Prefill is two launches: (1) rotate k and write k, v of the new tokens into the cache (the pass the cache write
 needs anyway), (2) causal flash attention, q rotated as it is loaded, K/V read from the cache so that a cached
 prefix (chunked prefill, a reused prompt) and the new tokens are one loop. Decode is one attention launch plus a
-small reduction: program (b, kv head, split) holds all query heads of its KV head (K and V read once), covers
-one slice of the context, and the split that owns the newest position attends to the new token from registers
-and appends its k, v to the cache. The split count is fixed per (batch, heads) shape and lengths are read on the
-device, so decode is capturable in a CUDA graph.
+small reduction: program (b, kv head, split) holds all query heads of its KV head (K and V read once) and covers
+one fixed-size chunk of the context (KV_CHUNK); the split that owns the newest position attends to the new token
+from registers and appends its k, v to the cache. The grid is sized for the longest context the block tables hold,
+each sequence uses only the splits its own length needs (read on the device; the others exit at once), and the
+reduction reads only those: capturable in a CUDA graph, work proportional to the real context, and a sequence's
+output bitwise independent of the rest of the batch.
 """
 
 from __future__ import annotations
-
-import functools
-import math
 
 import torch
 import triton
@@ -219,15 +218,23 @@ def _prefill_attention_kernel(
 
 
 @triton.jit
+def _split_span(ctx, num_splits, CHUNK: tl.constexpr):
+    """Tokens per split of a sequence of ctx positions: one CHUNK while ceil(ctx / CHUNK) chunks fit in num_splits
+    splits, else the fewest whole chunks per split that do. A function of the sequence's own length only (and of
+    num_splits, fixed by the block-table width): the decode kernel and the reduction agree on it."""
+    return ((ctx + CHUNK - 1) // CHUNK + num_splits - 1) // num_splits * CHUNK
+
+
+@triton.jit
 def _decode_attention_kernel(
     # pointers
     p_qkv, p_cos, p_sin, p_pos, p_slot, p_k_cache, p_v_cache, p_block_tables, p_seq_lens, p_part, p_lse,
     # sizes
-    block_size, qk_scale,
+    block_size, qk_scale, num_splits,
     # strides
     s_qkv, s_cache_blk, s_cache_row, s_cache_head, s_bt,
     # meta-parameters
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -236,8 +243,16 @@ def _decode_attention_kernel(
     i_kvh = tl.program_id(1)
     i_s = tl.program_id(2)
     ctx = tl.load(p_seq_lens + i_b)
-    if ctx == 0:  # padding row: writes nothing; the reduction writes its output as 0
+    # this split's slice of the context; a split past the sequence (or any split of a padding row, ctx 0) exits
+    # before loading anything and writes nothing: the reduction reads only the live splits. A split is at least
+    # one chunk: most dead splits exit on the first test, without the divisions.
+    if i_s * CHUNK >= ctx:
         return
+    span = _split_span(ctx, num_splits, CHUNK)
+    start = i_s * span
+    if start >= ctx:
+        return
+    end = tl.minimum(start + span, ctx)
     pos = tl.load(p_pos + i_b)
     o_g = tl.arange(0, BLOCK_G)
     m_g = o_g < GROUP
@@ -246,7 +261,7 @@ def _decode_attention_kernel(
     o_d = tl.arange(0, HEAD_DIM)
     dt = p_k_cache.dtype.element_ty
 
-    # all query heads of this KV head, rotated, scaled: [BLOCK_G, HALF] x 2
+    # all query heads of this KV head, rotated, scaled: [BLOCK_G, HALF] x 2 (each K/V tile is loaded once for all)
     p_q = p_qkv + i_b * s_qkv + heads[:, None] * HEAD_DIM + o_half[None, :]
     b_q1 = tl.load(p_q, mask=m_g[:, None], other=0.0).to(tl.float32)
     b_q2 = tl.load(p_q + HALF, mask=m_g[:, None], other=0.0).to(tl.float32)
@@ -255,10 +270,6 @@ def _decode_attention_kernel(
     b_qr1 = ((b_q1 * b_cos[None, :] - b_q2 * b_sin[None, :]) * qk_scale).to(dt)
     b_qr2 = ((b_q2 * b_cos[None, :] + b_q1 * b_sin[None, :]) * qk_scale).to(dt)
 
-    # this split's slice of the context, in whole BLOCK_N tiles
-    chunk = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = i_s * chunk
-    end = tl.minimum(start + chunk, ctx)
     cached_end = tl.minimum(end, ctx - 1)  # the newest position is not in the cache yet
     b_m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_G], tl.float32)
@@ -270,9 +281,10 @@ def _decode_attention_kernel(
                                        p_block_tables, p_k_cache, p_v_cache, block_size, s_bt, s_cache_blk,
                                        s_cache_row, s_cache_head, HEAD_DIM, DOT_PRECISION)
 
-    if (ctx - 1 >= start) & (ctx - 1 < end):
-        # the new token: rotate its k, append k and v to the cache, attend to it from registers (values rounded to
-        # the cache dtype first, so it scores exactly as a cached key would)
+    if end == ctx:
+        # the last live split owns the new token (and is the only one that writes the cache): rotate its k, append
+        # k and v to the cache, attend to it from registers (values rounded to the cache dtype first, so it scores
+        # exactly as a cached key would)
         p_k = p_qkv + i_b * s_qkv + (NUM_HEADS + i_kvh) * HEAD_DIM
         b_k1 = tl.load(p_k + o_half).to(tl.float32)
         b_k2 = tl.load(p_k + HALF + o_half).to(tl.float32)
@@ -294,22 +306,23 @@ def _decode_attention_kernel(
         b_acc = b_acc * alpha[:, None] + b_p_new[:, None] * b_v.to(tl.float32)[None, :]
         b_m = m_new
 
-    # partial result of this split: normalised output and log2-sum-exp; an empty split stores lse = -inf
-    row = (i_b * NUM_HEADS + heads) * NUM_SPLITS + i_s  # [BLOCK_G]
-    b_out = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
-    b_lse = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("-inf"))
+    # partial result of this split: normalised output and log2-sum-exp (a live split holds >= 1 key: l > 0)
+    row = (i_b * NUM_HEADS + heads) * num_splits + i_s  # [BLOCK_G]
+    b_out = b_acc / b_l[:, None]
     tl.store(p_part + row[:, None] * HEAD_DIM + o_d[None, :], b_out, mask=m_g[:, None])
-    tl.store(p_lse + row, b_lse, mask=m_g)
+    tl.store(p_lse + row, b_m + tl.log2(b_l), mask=m_g)
 
 
 @triton.jit
 def _decode_reduce_kernel(
     # pointers
     p_part, p_lse, p_seq_lens, p_out,
+    # sizes
+    num_splits,
     # strides
     s_out,
     # meta-parameters
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
@@ -319,14 +332,25 @@ def _decode_reduce_kernel(
     if ctx == 0:
         tl.store(p_o, tl.zeros([HEAD_DIM], tl.float32).to(p_out.dtype.element_ty))
         return
+    # the live splits only, BLOCK_S at a time, always in the same order: a row's sum does not depend on the grid
+    span = _split_span(ctx, num_splits, CHUNK)
+    live = (ctx + span - 1) // span
+    row0 = (i_b * NUM_HEADS + i_h) * num_splits
     o_s = tl.arange(0, BLOCK_S)
-    m_s = o_s < NUM_SPLITS
-    row = (i_b * NUM_HEADS + i_h) * NUM_SPLITS + o_s
-    b_lse = tl.load(p_lse + row, mask=m_s, other=float("-inf"))
-    b_w = tl.exp2(b_lse - tl.max(b_lse, axis=0))  # the newest token is always in some split: max is finite
-    b_part = tl.load(p_part + row[:, None] * HEAD_DIM + o_d[None, :], mask=m_s[:, None], other=0.0)
-    b_out = tl.sum(b_w[:, None] * b_part, axis=0) / tl.sum(b_w, axis=0)
-    tl.store(p_o, b_out.to(p_out.dtype.element_ty))
+    b_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, live, BLOCK_S):
+        b_max = tl.maximum(b_max, tl.load(p_lse + row0 + s0 + o_s, mask=s0 + o_s < live, other=float("-inf")))
+    lse_max = tl.max(b_max, axis=0)  # finite: every live split holds a key
+    b_w_sum = tl.zeros([BLOCK_S], tl.float32)
+    b_acc = tl.zeros([HEAD_DIM], tl.float32)
+    for s0 in range(0, live, BLOCK_S):
+        m_s = s0 + o_s < live
+        b_w = tl.exp2(tl.load(p_lse + row0 + s0 + o_s, mask=m_s, other=float("-inf")) - lse_max)  # [BLOCK_S]
+        b_part = tl.load(p_part + (row0 + s0 + o_s)[:, None] * HEAD_DIM + o_d[None, :], mask=m_s[:, None],
+                         other=0.0)  # [BLOCK_S, D]
+        b_acc += tl.sum(b_w[:, None] * b_part, axis=0)
+        b_w_sum += b_w
+    tl.store(p_o, (b_acc / tl.sum(b_w_sum, axis=0)).to(p_out.dtype.element_ty))
 
 
 # ---- launchers --------------------------------------------------------------------------------------------------
@@ -406,67 +430,74 @@ def prefill_attention(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, 
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+# Decode splits the context into KV_CHUNK-token chunks, one program per (sequence, KV head, chunk), the count chosen
+# on the device from each sequence's own length. 256 tokens (4 BLOCK_N tiles): a split's fixed cost is its fp32
+# partial for G query heads, written and read back by the reduction (8 G D bytes), against 4 * 256 D bytes of bf16 K
+# and V: G / 128, ~5% at Qwen2-7B's G = 7; 4 tiles also give the loads something to pipeline. 128 would double that
+# overhead; 512 would halve the programs a short context gets (1K tokens at batch 1 on Qwen2-7B: 4 chunks x 4 KV
+# heads = 16 programs on 132 SMs).
+KV_CHUNK = 256
+# At most MAX_SPLITS splits per sequence: past MAX_SPLITS * KV_CHUNK = 32K tokens a split takes several whole chunks
+# (64K: 2, 128K: 4), so the grid and the fp32 partials stay bounded whatever max_seq_len is, and contexts up to 32K
+# keep the fine chunks. The partials are [B, Hq, splits, D] fp32: at batch 32 on Qwen2-7B (Hq 28, D 128) with
+# max_seq_len 131072, 32 x 28 x 128 x 128 x 4 B = 56 MiB (+ 0.4 MiB of lse), 1.75 MiB per row. 256 splits would
+# double that, for a 128K context at batch 1 that already has 128 x 4 = 512 programs (about two waves of the 264 that
+# fit on 132 SMs at the kernel's ~220 registers). Neither number depends on the batch: a sequence's splits, their
+# order in the reduction, the tiles and the warps are the same in any batch, so its output is bitwise the same alone
+# or beside any other rows (batch invariance).
+MAX_SPLITS = 128
+DECODE_BLOCK_N = 64
+REDUCE_BLOCK_S = 32
 
 
-MAX_SPLITS = 64
-
-
-def num_splits_for(batch: int, num_kv_heads: int, max_context: int, programs: int) -> int:
-    """Enough (batch x kv head x split) programs to reach `programs`, at most one split per 64-token tile of the
-    longest possible context, a power of two in [1, MAX_SPLITS]."""
-    splits = triton.next_power_of_2(max(1, math.ceil(programs / (batch * num_kv_heads))))
-    return max(1, min(MAX_SPLITS, splits, triton.next_power_of_2(max(1, math.ceil(max_context / 64)))))
-
-
-def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
-    """The split count for a GPU: enough programs to fill it twice over (num_splits_for). Depends on shapes only
-    (graph-safe)."""
-    if device.type == "cuda":
-        programs = 2 * _sm_count(device)
-    else:
-        programs = 8  # the interpreter: a few splits, to exercise the split path cheaply
-    return num_splits_for(batch, num_kv_heads, max_context, programs)
+def decode_splits(max_context: int, chunk: int = KV_CHUNK, max_splits: int = MAX_SPLITS) -> int:
+    """The decode grid's splits per (sequence, KV head) for block tables covering max_context positions: enough
+    chunks for the longest context, at most max_splits. Shapes only: capturable in a CUDA graph."""
+    return max(1, min(max_splits, triton.cdiv(max_context, chunk)))
 
 
 def _reduce_warps(block_s: int, head_dim: int) -> int:
     """About 32 elements of the fp32 [BLOCK_S, D] tile per thread, 1 to 8 warps: one warp holding all 64 x 128 of
-    them (256 per thread) spills on sm_90, and more warps keep more of the partial results in flight at once."""
+    them (256 per thread) spills on sm_90."""
     return min(8, triton.next_power_of_2(max(1, block_s * head_dim // 1024)))
 
 
 def decode_attention(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, block_tables, seq_lens,
-                     num_heads: int, num_kv_heads: int, scale: float, num_splits: int | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     num_heads: int, num_kv_heads: int, scale: float, chunk_size: int | None = None,
+                     max_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """One new token per sequence (row b of qkv): rotate q and k, append k and v at slot_mapping[b], attend over
     the seq_lens[b] positions of the sequence. Rows with seq_lens 0 are padding: they write nothing and return 0.
-    No host synchronisation and a grid fixed by the shapes: capturable in a CUDA graph. -> [B, Hq D]"""
+    Split-KV: sequence b uses ceil(seq_lens[b] / chunk_size) splits of chunk_size tokens, or, when that is more than
+    max_splits, at most max_splits splits of several whole chunks (defaults KV_CHUNK and MAX_SPLITS; the overrides
+    are for tests). The grid is sized for the block tables' capacity and fixed by the shapes, nothing waits on the
+    host: capturable in a CUDA graph. A sequence's output does not depend on the other rows or the batch size.
+    -> [B, Hq D]"""
     _check_inputs(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, block_tables, seq_lens, num_heads,
                   num_kv_heads)
     bsz = qkv.shape[0]
     if seq_lens.shape[0] != bsz:
         raise ValueError(f"decode takes one token per sequence: qkv has {bsz} rows, seq_lens {seq_lens.shape[0]}")
+    chunk = KV_CHUNK if chunk_size is None else chunk_size
+    if chunk < DECODE_BLOCK_N or chunk % DECODE_BLOCK_N:
+        raise ValueError(f"chunk_size must be a positive multiple of {DECODE_BLOCK_N}, got {chunk}")
+    if max_splits is not None and max_splits < 1:
+        raise ValueError(f"max_splits must be >= 1, got {max_splits}")
     _, block_size, _, d = k_cache.shape
     out = _output(out, bsz, num_heads * d, qkv)
     if bsz == 0:
         return out
-    if num_splits is None:
-        num_splits = default_num_splits(bsz, num_kv_heads, block_tables.shape[1] * block_size, qkv.device)
-    part = torch.empty((bsz, num_heads, num_splits, d), device=qkv.device, dtype=torch.float32)
-    lse = torch.empty((bsz, num_heads, num_splits), device=qkv.device, dtype=torch.float32)
+    splits = decode_splits(block_tables.shape[1] * block_size, chunk, MAX_SPLITS if max_splits is None else max_splits)
+    part = torch.empty((bsz, num_heads, splits, d), device=qkv.device, dtype=torch.float32)
+    lse = torch.empty((bsz, num_heads, splits), device=qkv.device, dtype=torch.float32)
     block_g = max(16, triton.next_power_of_2(num_heads // num_kv_heads))
-    _decode_attention_kernel[(bsz, num_kv_heads, num_splits)](
+    _decode_attention_kernel[(bsz, num_kv_heads, splits)](
         qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, block_tables, seq_lens, part, lse,
-        block_size, scale * LOG2E, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_size, scale * LOG2E, splits, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=d, NUM_SPLITS=num_splits, BLOCK_G=block_g,
-        BLOCK_N=64, DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=4)
-    block_s = max(2, triton.next_power_of_2(num_splits))
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=d, CHUNK=chunk, BLOCK_G=block_g,
+        BLOCK_N=DECODE_BLOCK_N, DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=4)
     _decode_reduce_kernel[(bsz, num_heads)](
-        part, lse, seq_lens, out, out.stride(0),
-        NUM_HEADS=num_heads, HEAD_DIM=d, NUM_SPLITS=num_splits, BLOCK_S=block_s,
-        num_warps=_reduce_warps(block_s, d))
+        part, lse, seq_lens, out, splits, out.stride(0),
+        NUM_HEADS=num_heads, HEAD_DIM=d, CHUNK=chunk, BLOCK_S=REDUCE_BLOCK_S,
+        num_warps=_reduce_warps(REDUCE_BLOCK_S, d))
     return out
-

@@ -8,11 +8,12 @@ launchers (rms_norm, decode_attention, fused_moe, ...) run on meta tensors of th
 (models.config.BUILTIN_CONFIGS), and each kernel[grid](...) call is intercepted and specialised by Triton's own JIT
 binder, as on a GPU: 16-byte divisibility of pointers and integers, integers equal to 1 as constants. Without that
 specialisation every load is scalar and the register counts are those of a kernel the GPU never runs (checked on an
-H200 with Triton 3.6: these counts equal the JIT's n_regs / n_spills). The choices enumerated: every split count
-default_num_splits picks for any batch, the MoE DEFAULT_CONFIGS and TUNING_CANDIDATES of every token bucket, the
-shared expert folded and separate, bf16 and fp16. --quick (the pytest suite): bf16, decode at batch 1 with its
-split count at the longest context, the defaults of everything else, and the MoE decode tuning candidates of the
-layer with the most registers (most pairs per token, shared expert folded).
+H200 with Triton 3.6: these counts equal the JIT's n_regs / n_spills). The choices enumerated: decode attention with
+block tables for the longest context (up to 128 splits of 256-token chunks) and for a short one (one split; the
+batch never changes what it compiles: a sequence's chunking does not depend on it), the MoE DEFAULT_CONFIGS and
+TUNING_CANDIDATES of every token bucket, the shared expert folded and separate, bf16 and fp16. --quick (the pytest
+suite): bf16, decode at the longest context, the defaults of everything else, and the MoE decode tuning candidates of
+the layer with the most registers (most pairs per token, shared expert folded).
 
 Per variant: registers per thread, spill = the stack frame in bytes per thread (ptxas -v's "bytes stack frame", read
 from the cubin by cuobjdump; what CUDA reports as CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, of which Triton's n_spills is a
@@ -51,7 +52,6 @@ from qwen2rt.kernels import moe, rmsnorm, rope_attention, swiglu  # noqa: E402
 from qwen2rt.models.config import BUILTIN_CONFIGS  # noqa: E402
 
 MAX_SHARED = 227 * 1024  # sm_90: largest dynamic shared memory per block
-SM_COUNT = 132  # H100 SXM and H200: what default_num_splits sizes the decode grid for
 BLOCK_SIZE = 16  # the KV cache block size LLM uses by default
 SHORT_CONTEXT = 208  # the benchmarks' max_seq_len: 13 blocks, a block-table stride Triton cannot specialise
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,15 +123,9 @@ def meta(*shape, dtype):
     return torch.empty(shape, device="meta", dtype=dtype)
 
 
-def split_counts(c, max_seq_len: int, batches) -> list[int]:
-    """Every split count decode_attention picks on an sm_90 GPU (default_num_splits) for these batches, with block
+def attention(c, dtype, batch: int, tokens: int, max_seq_len: int, decode: bool = False):
+    """Prefill (`batch` sequences of tokens / batch new tokens) or decode (`tokens` = `batch` sequences) with block
     tables sized for max_seq_len."""
-    return sorted({rope_attention.num_splits_for(b, c.num_key_value_heads, max_seq_len, 2 * SM_COUNT)
-                   for b in batches})
-
-
-def attention(c, dtype, batch: int, tokens: int, max_seq_len: int, decode_splits=None):
-    """Prefill (decode_splits None: `batch` sequences of tokens / batch new tokens) or decode at each split count."""
     hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     max_blocks = triton.cdiv(max_seq_len, BLOCK_SIZE)
     cache = [meta(batch * max_blocks, BLOCK_SIZE, hkv, d, dtype=dtype) for _ in range(2)]
@@ -140,15 +134,14 @@ def attention(c, dtype, batch: int, tokens: int, max_seq_len: int, decode_splits
     positions, slots = meta(tokens, dtype=torch.int64), meta(tokens, dtype=torch.int64)
     block_tables = meta(batch, max_blocks, dtype=torch.int32)
     scale = d ** -0.5
-    if decode_splits is None:  # prefill: the engine's int32 lengths and query starts
+    if not decode:  # prefill: the engine's int32 lengths and query starts
         seq_lens, query_start = meta(batch, dtype=torch.int32), meta(batch + 1, dtype=torch.int32)
         rope_attention.prefill_attention(qkv, *cache, cos, cos, positions, slots, block_tables, seq_lens,
                                          query_start, tokens // batch, hq, hkv, scale)
     else:  # decode: the decode runner's int64 rows
         seq_lens = meta(batch, dtype=torch.int64)
-        for splits in decode_splits:
-            rope_attention.decode_attention(qkv, *cache, cos, cos, positions, slots, block_tables, seq_lens, hq, hkv,
-                                            scale, num_splits=splits)
+        rope_attention.decode_attention(qkv, *cache, cos, cos, positions, slots, block_tables, seq_lens, hq, hkv,
+                                        scale)
 
 
 def norms_and_mlp(c, dtype, tokens: int):
@@ -186,19 +179,20 @@ def moe_block(c, dtype, recorder: Recorder, where: str, candidates: str):
 
 
 def record(quick: bool, recorder: Recorder):
-    """quick: bf16; decode at batch 1 (its split count at the longest context); the MoE defaults, and the decode
-    tuning candidates of the layer with the most pairs per token (the most registers); the prefill defaults. Else:
-    bf16 and fp16; every split count of every batch (DEFAULT_BUCKETS and powers of two to 512) at the longest context
-    and at a short one whose block-table stride is not a multiple of 16; every MoE default and candidate."""
-    batches = (1,) if quick else sorted(set(DEFAULT_BUCKETS) | {2 ** k for k in range(10)})
+    """quick: bf16; decode at the longest context; the MoE defaults, and the decode tuning candidates of the layer
+    with the most pairs per token (the most registers); the prefill defaults. Else: bf16 and fp16; decode at the
+    longest context and at a short one whose block-table stride is not a multiple of 16 (one split), at batch 1 and
+    at the largest bucket; every MoE default and candidate."""
+    batches = (1,) if quick else (1, max(DEFAULT_BUCKETS))
     widest = max((c for c in MODELS.values() if c.is_moe), key=moe_pairs, default=None)
     for dname in ("bf16",) if quick else tuple(DTYPES):
         dtype = DTYPES[dname]
         for name, c in MODELS.items():
             where = f"{name} {dname}"
             for max_seq_len in (c.max_position_embeddings,) if quick else (c.max_position_embeddings, SHORT_CONTEXT):
-                recorder.where = f"{where} decode max_seq_len={max_seq_len}"
-                attention(c, dtype, 1, 1, max_seq_len, decode_splits=split_counts(c, max_seq_len, batches))
+                for batch in batches:
+                    recorder.where = f"{where} decode B={batch} max_seq_len={max_seq_len}"
+                    attention(c, dtype, batch, batch, max_seq_len, decode=True)
             recorder.where = f"{where} decode"
             norms_and_mlp(c, dtype, tokens=1)
             recorder.where = f"{where} prefill"

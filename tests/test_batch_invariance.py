@@ -48,7 +48,8 @@ def _decode_logits(model, caches, tables, lengths, tokens, block_size, rows: lis
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
 def test_decode_logits_bitwise_equal_alone_and_among_others(name):
     """Bucket 1 vs a bucket of 8 (the sequence at another row, with padding rows), one long context (two attention
-    chunks) among short ones."""
+    chunks) among short ones. MoE: the 1-4 and 5-16 token buckets have equal default configs; on a GPU their
+    tuned configs (kernels.moe.tune) may differ, and then a MoE model is invariant within each bucket only."""
     model, caches, tables, lengths, tokens, bs = _setup(name, batch=8, max_len=300, seed=3)
     lengths[5] = 299
     args = (model, caches, tables, lengths, tokens, bs)

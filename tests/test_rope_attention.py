@@ -5,6 +5,8 @@ a kernel that reads anything outside a sequence's context, or leaves an output e
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import itertools
 import math
 
@@ -48,10 +50,10 @@ class Case:
         self.k_cache = torch.full(shape, float("nan"), dtype=dtype)
         self.v_cache = torch.full(shape, float("nan"), dtype=dtype)
         for b, c in enumerate(cached):  # the cached prefix: random values in the sequence's first c rows
-            for p in range(c):
-                blk, row = tables[b][p // block_size], p % block_size
-                self.k_cache[blk, row] = torch.randn(hkv, d, generator=g).to(dtype)
-                self.v_cache[blk, row] = torch.randn(hkv, d, generator=g).to(dtype)
+            p = torch.arange(c)
+            blk, row = torch.tensor(tables[b], dtype=torch.long)[p // block_size], p % block_size
+            self.k_cache[blk, row] = torch.randn(c, hkv, d, generator=g).to(dtype)
+            self.v_cache[blk, row] = torch.randn(c, hkv, d, generator=g).to(dtype)
         t = sum(new)
         self.qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(dtype).to(device)
         self.k_cache, self.v_cache = self.k_cache.to(device), self.v_cache.to(device)
@@ -91,28 +93,22 @@ def run_prefill(case: Case):
     return out, k, v
 
 
-def run_decode(case: Case, num_splits=None):
-    k, v = case.k_cache.clone(), case.v_cache.clone()
-    out = poisoned(case.qkv.shape[0], case.hq * case.d, dtype=case.dtype)
-    decode_attention(*case.args(k, v), case.hq, case.hkv, case.scale, num_splits=num_splits, out=out)
-    return out, k, v
-
-
 CPU_DTYPES = [torch.float32, torch.float16]  # bf16 tl.dot is wrong in the interpreter (triton #11584): GPU only
-HEADS = [(4, 4), (14, 2)]  # GQA 1:1 and 7:1
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("hq, hkv", HEADS)
-@pytest.mark.parametrize("d", [64, 128])
+# each pair of (head_dim, heads, dtype) once (an orthogonal array, not the full product: the interpreter is slow)
+PREFILL_LAYOUTS = [(64, 4, 4, torch.float32), (64, 14, 2, torch.float16), (128, 4, 4, torch.float16),
+                   (128, 14, 2, torch.float32)]
+
+
+@pytest.mark.parametrize("d, hq, hkv, dtype", PREFILL_LAYOUTS)
 @pytest.mark.parametrize("t", [1, 7, 63])
 def test_prefill_single_sequence(t, d, hq, hkv, dtype):
     case = Case([0], [t], hq, hkv, d, dtype, seed=t + d)
     check(case, *run_prefill(case))
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("hq, hkv", HEADS)
+@pytest.mark.parametrize("hq, hkv, dtype", [(4, 4, torch.float32), (14, 2, torch.float16)])
 def test_prefill_varlen_batch_on_cached_prefixes(hq, hkv, dtype):
     # new tokens on top of cached prefixes (chunked prefill / reused prompt), crossing block boundaries
     case = Case([0, 20, 5, 70], [37, 13, 1, 66], hq, hkv, 64, dtype, seed=1)
@@ -131,39 +127,120 @@ def test_prefill_varlen_batch_on_cached_prefixes(hq, hkv, dtype):
         torch.testing.assert_close(out_b, out[starts[b]:starts[b + 1]], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("hq, hkv", HEADS)
-@pytest.mark.parametrize("d", [64, 128])
-def test_decode_batch_with_padding(d, hq, hkv, dtype):
-    # context lengths 1 (only the new token), across block boundaries, long; two padding rows (length 0, slot -1)
-    cached = [0, 16, 99, 300, 0, 40]
-    new = [1, 1, 1, 1, 0, 1]
-    case = Case(cached, new, hq, hkv, d, dtype, seed=d)
-    # a padding row still has a qkv row: give it one at row 4, slot -1, length 0
-    qkv = case.qkv
-    case.qkv = torch.cat([qkv[:4], torch.randn(1, qkv.shape[1]).to(dtype).to(DEVICE), qkv[4:]])
-    case.positions = torch.cat([case.positions[:4], torch.zeros(1, dtype=torch.long, device=DEVICE),
-                                case.positions[4:]])
-    case.slot_mapping = torch.cat([case.slot_mapping[:4], torch.full((1,), -1, dtype=torch.long, device=DEVICE),
-                                   case.slot_mapping[4:]])
-    case.query_start = torch.arange(len(cached) + 1, dtype=torch.int32, device=DEVICE)
-    for splits in (1, 3, 8):
-        out, k, v = run_decode(case, num_splits=splits)
-        check(case, out, k, v)
-        assert torch.equal(out[4], torch.zeros_like(out[4]))
+def decode_case(lengths, hq, hkv, d, dtype, seed=0, device=DEVICE) -> Case:
+    """A decode step: sequence b has lengths[b] - 1 cached tokens and one new token; a length of 0 is a padding row
+    (a random qkv row, position 0, slot -1)."""
+    real = [b for b, n in enumerate(lengths) if n]
+    case = Case([lengths[b] - 1 for b in real], [1] * len(real), hq, hkv, d, dtype, seed=seed, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    bsz, idx = len(lengths), torch.tensor(real, device=device)
+    qkv = torch.randn(bsz, case.qkv.shape[1], generator=g).to(dtype).to(device)
+    qkv[idx] = case.qkv
+    positions = torch.zeros(bsz, dtype=torch.long, device=device)
+    slots = torch.full((bsz,), -1, dtype=torch.long, device=device)
+    positions[idx], slots[idx] = case.positions, case.slot_mapping
+    tables = torch.full((bsz, case.block_tables.shape[1]), case.block_tables[0, -1].item(), dtype=torch.int32,
+                        device=device)  # a padding row's table: an unowned (NaN) block
+    tables[idx] = case.block_tables
+    case.qkv, case.positions, case.slot_mapping, case.block_tables = qkv, positions, slots, tables
+    case.seq_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    case.query_start = torch.arange(bsz + 1, dtype=torch.int32, device=device)
+    return case
+
+
+@contextlib.contextmanager
+def nan_workspace():
+    """torch.empty hands out NaN-filled float tensors: the decode partials and log-sum-exps start poisoned, so a
+    reduction that reads a split no program wrote (a dead split past a sequence's length) fails."""
+    empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = poisoned_empty
+    try:
+        yield
+    finally:
+        torch.empty = empty
+
+
+def run_decode(case: Case, **overrides):
+    """overrides: decode_attention's chunk_size / max_splits."""
+    k, v = case.k_cache.clone(), case.v_cache.clone()
+    out = poisoned(case.qkv.shape[0], case.hq * case.d, dtype=case.dtype)
+    with nan_workspace():
+        decode_attention(*case.args(k, v), case.hq, case.hkv, case.scale, out=out, **overrides)
+    return out, k, v
+
+
+# GQA groups 1, 2 and 7, head_dim 64 and 128, each dtype twice (few heads: the interpreter's time is per program)
+DECODE_LAYOUTS = [(2, 2, 128, torch.float32), (4, 2, 64, torch.float16), (7, 1, 64, torch.float32),
+                  (14, 2, 128, torch.float16)]
+# around a tile (64) and a 128-token chunk, several chunks, two padding rows (0)
+ODD_LENGTHS = [1, 2, 63, 0, 64, 65, 127, 128, 129, 0, 401]
+# chunk 128: 401 tokens in 4 splits; chunk 64 with at most 3 splits: 401 tokens = 7 chunks, 3 per split
+SPLITTINGS = [dict(chunk_size=128), dict(chunk_size=64, max_splits=3)]
+
+
+@pytest.mark.parametrize("hq, hkv, d, dtype", DECODE_LAYOUTS)
+def test_decode_odd_lengths_with_padding(hq, hkv, d, dtype):
+    case = decode_case(ODD_LENGTHS, hq, hkv, d, dtype, seed=d + hq)
+    pad = [b for b, n in enumerate(ODD_LENGTHS) if n == 0]
+    for overrides in SPLITTINGS:
+        out, k, v = run_decode(case, **overrides)
+        check(case, out, k, v)  # padding rows: 0 from the reference too, and no cache row written
+        assert torch.equal(out[pad], torch.zeros_like(out[pad]))
+
+
+def test_decode_default_chunk_and_context_past_max_splits():
+    # the default chunk (256) around its edges; with 2 splits at most, 1100 tokens = 5 chunks, 3 per split
+    lengths = [255, 256, 0, 257, 1100]
+    case = decode_case(lengths, 4, 2, 128, torch.float32, seed=5)
+    for overrides in (dict(), dict(max_splits=2)):
+        check(case, *run_decode(case, **overrides))
+
+
+def batch_views(case: Case, rows: list[int]) -> Case:
+    """Rows `rows` of a decode case as a batch of their own (the same cache, block tables as wide)."""
+    sub = copy.copy(case)
+    idx = torch.tensor(rows, device=case.qkv.device)
+    sub.qkv, sub.positions, sub.slot_mapping = case.qkv[idx], case.positions[idx], case.slot_mapping[idx]
+    sub.block_tables, sub.seq_lens = case.block_tables[idx], case.seq_lens[idx]
+    sub.query_start = torch.arange(len(rows) + 1, dtype=torch.int32, device=case.qkv.device)
+    return sub
+
+
+def assert_batch_invariant(case: Case, target: int, **overrides) -> tuple[Case, tuple]:
+    """Row `target` of `case` alone (B=1), at row 5 among 7 others (B=8), at row 11 of 16 and at row 26 of 32:
+    bitwise the same output and the same new cache row. -> the batch of 32 and its (out, k_cache, v_cache)"""
+    others = [b for b in range(case.qkv.shape[0]) if b != target]
+    batches = {1: [target], 8: others[:5] + [target] + others[5:7], 16: others[7:18] + [target] + others[18:22],
+               32: others[:26] + [target] + others[26:31]}
+    slot = case.slot_mapping[target]
+    alone = None
+    for bsz, rows in batches.items():
+        sub = batch_views(case, rows)
+        out, k, v = run_decode(sub, **overrides)
+        row = (out[rows.index(target)], k.view(-1, case.hkv, case.d)[slot], v.view(-1, case.hkv, case.d)[slot])
+        if alone is None:
+            alone = row
+        for name, a, b in zip(("output", "k cache row", "v cache row"), row, alone):
+            assert torch.equal(a, b), f"the {name} differs between batch 1 and batch {bsz}"
+    return sub, (out, k, v)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-def test_decode_equals_per_sequence_loop(dtype):
-    cached, hq, hkv, d = [5, 47, 130], 14, 2, 64
-    case = Case(cached, [1, 1, 1], hq, hkv, d, dtype, seed=9)
-    out, _, _ = run_decode(case)
-    for b in range(3):
-        k, v = case.k_cache.clone(), case.v_cache.clone()
-        one = decode_attention(case.qkv[b:b + 1], k, v, case.cos, case.sin, case.positions[b:b + 1],
-                               case.slot_mapping[b:b + 1], case.block_tables[b:b + 1], case.seq_lens[b:b + 1],
-                               hq, hkv, case.scale, num_splits=4)
-        torch.testing.assert_close(one[0], out[b], **ATTN_TOL[dtype])
+def test_decode_batch_invariant(dtype):
+    # 32 rows of mixed lengths, two of them padding; the target spans 6 chunks of 64, the others 1 or 2
+    g = torch.Generator().manual_seed(11)
+    lengths = [int(n) for n in torch.randint(1, 129, (32,), generator=g)]
+    lengths[3] = lengths[17] = 0
+    target = 9
+    lengths[target] = 353
+    case = decode_case(lengths, 2, 1, 64, dtype, seed=11)
+    batch, result = assert_batch_invariant(case, target, chunk_size=64)
+    check(batch, *result)  # the batch of 32 against the reference too
 
 
 def test_bad_inputs():
@@ -178,6 +255,11 @@ def test_bad_inputs():
     bad_d = torch.zeros(4, 16, 2, 48)
     with pytest.raises(ValueError, match="head_dim must be a power of two"):
         decode_attention(torch.zeros(1, 8 * 48), bad_d, bad_d, *case.args(k, v)[3:], 4, 2, 1.0)
+    one = decode_case([3], 4, 2, 64, torch.float32)
+    for overrides, message in ((dict(chunk_size=100), "chunk_size must be a positive multiple of 64"),
+                               (dict(chunk_size=0), "chunk_size"), (dict(max_splits=0), "max_splits must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            decode_attention(*one.args(one.k_cache, one.v_cache), 4, 2, one.scale, **overrides)
 
 
 # ---- real Qwen2 shapes in bf16 on the GPU --------------------------------------------------------------------
@@ -265,8 +347,9 @@ def test_bf16_decode_tolerance_is_tight(hq, hkv, d, batch, context):
 @pytest.mark.parametrize("batch, context", DECODE_SHAPES)
 def test_decode_qwen2_shapes_bf16_gpu(hq, hkv, d, batch, context):
     case = bf16_decode_case(hq, hkv, d, batch, context, "cuda")
-    for splits in (None, 1):  # the launcher's split count, and one split (no reduction)
-        check_bf16(case, *run_decode(case, num_splits=splits))
+    # the launcher's chunking; one split per sequence; at most 3 splits of several chunks each
+    for overrides in (dict(), dict(max_splits=1), dict(max_splits=3)):
+        check_bf16(case, *run_decode(case, **overrides))
 
 
 @pytest.mark.gpu
@@ -274,3 +357,16 @@ def test_decode_qwen2_shapes_bf16_gpu(hq, hkv, d, batch, context):
 def test_prefill_qwen2_shapes_bf16_gpu(hq, hkv, d):
     case = bf16_prefill_case(hq, hkv, d, "cuda")
     check_bf16(case, *run_prefill(case))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq, hkv, d", GPU_LAYOUTS)
+def test_decode_batch_invariant_bf16_gpu(hq, hkv, d):
+    # the default 256-token chunk; the target (4000 tokens: 16 splits) beside rows of 1 to 20 chunks and padding
+    g = torch.Generator().manual_seed(12)
+    lengths = [int(n) for n in torch.randint(1, 5000, (32,), generator=g)]
+    lengths[3] = lengths[17] = 0
+    target = 9
+    lengths[target] = 4000
+    case = decode_case(lengths, hq, hkv, d, torch.bfloat16, seed=12, device="cuda")
+    assert_batch_invariant(case, target)
