@@ -672,7 +672,7 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
     fold = cfg.get("FOLD_SHARED", DEFAULT_CONFIGS[bucket]["FOLD_SHARED"]) if fold_shared is None else fold_shared
     chunks = chunks if fold else 0
     residual = residual if residual is None or residual.stride(1) == 1 else residual.contiguous()
-    if norm_weight is not None and not (bucket in GEMV_BUCKETS and (chunks or shared_gate_up is None)):
+    if norm_weight is not None and not (bucket in GEMV_BUCKETS and (chunks > 0 or shared_gate_up is None)):
         x, norm_weight = rms_norm(x, norm_weight, eps), None  # normalised once, before everything that reads it
     if norm_weight is None:
         logits = F.linear(x, router)
@@ -696,7 +696,7 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
         # token's k + S experts would leave few (token, N tile) programs), fp32 partial rows summed after
         split = math.gcd(cfg.get("SPLIT_PAIRS", 1), pairs)
         target = out if split == 1 else torch.empty((t * split, hidden), device=x.device, dtype=torch.float32)
-        residual_added = residual is not None and split == 1 and (chunks or shared_gate_up is None)
+        residual_added = residual is not None and split == 1 and (chunks > 0 or shared_gate_up is None)
         _gemv_down_kernel[(t * split, triton.cdiv(hidden, bn))](
             h, ids, weights, down, p_shared_down, residual if residual_added else target, target, *sizes,
             h.stride(0), down.stride(0), down.stride(1), residual.stride(0) if residual_added else 0,

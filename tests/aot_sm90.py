@@ -48,7 +48,8 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from qwen2rt.engine import DEFAULT_BUCKETS  # noqa: E402
-from qwen2rt.kernels import moe, rmsnorm, rope_attention, swiglu  # noqa: E402
+from qwen2rt.kernels import gemv, moe, rmsnorm, rope_attention, sampler, swiglu  # noqa: E402
+from qwen2rt.sampling import SamplingRows  # noqa: E402
 from qwen2rt.models.config import BUILTIN_CONFIGS  # noqa: E402
 
 MAX_SHARED = 227 * 1024  # sm_90: largest dynamic shared memory per block
@@ -57,7 +58,8 @@ SHORT_CONTEXT = 208  # the benchmarks' max_seq_len: 13 blocks, a block-table str
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # the decode path: a kernel here that spills fails the run
 DECODE_PATH = {"_decode_attention_kernel", "_decode_reduce_kernel", "_rms_norm_kernel", "_silu_and_mul_kernel",
-               "_route_kernel", "_gemv_gate_up_kernel", "_gemv_down_kernel"}
+               "_route_kernel", "_gemv_gate_up_kernel", "_gemv_down_kernel", "_fused_linear_kernel",
+               "_candidates_kernel", "_draw_kernel", "_fallback_kernel"}
 # the published shapes (the tiny built-ins are float32 shapes for the CPU tests)
 MODELS = {name: c for name, c in BUILTIN_CONFIGS.items() if not name.startswith("tiny")}
 
@@ -153,6 +155,30 @@ def norms_and_mlp(c, dtype, tokens: int):
         swiglu.silu_and_mul(meta(tokens, 2 * c.intermediate_size, dtype=dtype))
 
 
+def decode_projections(c, dtype, rows: int):
+    """Every decode GEMV as the triton backend calls it (kernels.gemv.fused_linear): norm + qkv (+ bias), o +
+    residual, norm + gate_up + SwiGLU and down + residual (dense layers), norm + lm_head into float32 logits."""
+    h, q = c.hidden_size, c.num_attention_heads * c.head_dim
+    x, g = meta(rows, h, dtype=dtype), meta(h, dtype=dtype)
+    gemv.fused_linear(x, meta(c.qkv_size, h, dtype=dtype), meta(c.qkv_size, dtype=dtype) if c.qkv_bias else None,
+                      norm_weight=g)
+    gemv.fused_linear(meta(rows, q, dtype=dtype), meta(h, q, dtype=dtype), residual=x)
+    if not all(c.is_moe_layer(i) for i in range(c.num_hidden_layers)):  # a dense MLP
+        i = c.intermediate_size
+        gemv.fused_linear(x, meta(2 * i, h, dtype=dtype), norm_weight=g, swiglu=True)
+        gemv.fused_linear(meta(rows, i, dtype=dtype), meta(h, i, dtype=dtype), residual=x)
+    gemv.fused_linear(x, meta(c.vocab_size, h, dtype=dtype), norm_weight=g, out_dtype=torch.float32)
+
+
+def sampler_forms(c, rows: int, forms=sampler.FORMS):
+    """The Triton sampler on float32 logits [rows, V] (its variants depend on the vocabulary's divisibility only)."""
+    v = c.vocab_size
+    params = SamplingRows(*(meta(rows, dtype=sampler.ROW_FIELDS[f]) for f in SamplingRows.FIELDS))
+    for form in forms:
+        sampler.sample(meta(rows, v, dtype=torch.float32), params, meta(rows + 1, v, dtype=torch.int32),
+                       meta(rows + 1, v, dtype=torch.bool), form)
+
+
 def moe_pairs(c) -> int:
     """(token, expert) pairs per token with the shared expert folded: top-k + its chunks."""
     return c.num_experts_per_tok + c.shared_expert_intermediate_size // c.moe_intermediate_size
@@ -173,9 +199,13 @@ def moe_block(c, dtype, recorder: Recorder, where: str, candidates: str):
                      for fold in (folds if candidates == "all" else folds[:1])]
         for cfg, fold in runs:
             recorder.where = f"{where} {bucket} fold={fold}"
-            moe.fused_moe(meta(tokens, h, dtype=dtype), router, gate_up, down, c.num_experts_per_tok,
-                          c.norm_topk_prob, *shared, config=cfg, regime="decode" if decode else "prefill",
-                          fold_shared=fold)
+            x = meta(tokens, h, dtype=dtype)
+            moe.fused_moe(x, router, gate_up, down, c.num_experts_per_tok, c.norm_topk_prob, *shared, config=cfg,
+                          regime="decode" if decode else "prefill", fold_shared=fold)
+            if decode:  # as the model calls it: the post-attention norm and the residual fused in
+                moe.fused_moe(x, router, gate_up, down, c.num_experts_per_tok, c.norm_topk_prob, *shared,
+                              config=cfg, regime="decode", fold_shared=fold, norm_weight=meta(h, dtype=dtype),
+                              residual=x)
 
 
 def record(quick: bool, recorder: Recorder):
@@ -195,6 +225,11 @@ def record(quick: bool, recorder: Recorder):
                     attention(c, dtype, batch, batch, max_seq_len, decode=True)
             recorder.where = f"{where} decode"
             norms_and_mlp(c, dtype, tokens=1)
+            for rows in (1,) if quick else (1, max(DEFAULT_BUCKETS)):  # M = 1 is its own JIT specialisation
+                recorder.where = f"{where} decode GEMVs M={rows}"
+                decode_projections(c, dtype, rows)
+                recorder.where = f"{where} sampler B={rows}"
+                sampler_forms(c, rows)
             recorder.where = f"{where} prefill"
             attention(c, dtype, batch=2, tokens=512, max_seq_len=c.max_position_embeddings)
             norms_and_mlp(c, dtype, tokens=512)

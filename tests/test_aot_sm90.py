@@ -14,7 +14,8 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 # aot_sm90.DECODE_PATH (not imported: importing it would turn the interpreter off in this process)
 DECODE_PATH = ("_decode_attention_kernel", "_decode_reduce_kernel", "_rms_norm_kernel", "_silu_and_mul_kernel",
-               "_route_kernel", "_gemv_gate_up_kernel", "_gemv_down_kernel")
+               "_route_kernel", "_gemv_gate_up_kernel", "_gemv_down_kernel", "_fused_linear_kernel",
+               "_candidates_kernel", "_draw_kernel", "_fallback_kernel")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton's ptxas ships for Linux")
