@@ -70,8 +70,9 @@ class LLM:
     max_seq_len = the model's max_position_embeddings; max_batch_size 16. The KV cache holds num_kv_blocks blocks
     of block_size tokens (default: enough for max_batch_size full-length sequences, capped at 85% of free GPU
     memory, or 4 GiB on CPU).
-    Decode runs as CUDA graphs (one per batch bucket in cuda_graph_buckets, plus max_batch_size) on CUDA with the
-    triton backend, captured at start-up (capture_graphs="startup") or on first use ("lazy");
+    Decode runs as CUDA graphs (per batch bucket in cuda_graph_buckets, plus max_batch_size: the forward, and each
+    sampler form as a small graph after it) on CUDA with the triton backend, captured at start-up
+    (capture_graphs="startup") or on first use ("lazy");
     enforce_eager=True runs the same step without graphs. Prompts are prefilled in chunks of at most
     max_prefill_tokens tokens per step, alternating with decode steps.
     """

@@ -1,0 +1,345 @@
+"""The model on the engine's steps: eager prefill chunks, and the decode step on static buffers with CUDA graphs.
+
+Decode rows are padded up to a batch bucket with rows that write nothing (slot -1, length 0). With graphs, each
+bucket's forward (model and logits) is captured once, and each sampler form (`sampling.VARIANTS`) once per bucket
+as a small graph that reads the forward's logits; a step replays the two back to back. All graphs share one memory
+pool.
+
+What crosses between host and device per decode step:
+- host -> device: one copy of the per-row values (positions, cache slots, lengths, sampler parameters), staged in
+  a pinned buffer (two, used in turn, so the host fills one while the other's copy may still be pending);
+- nothing else: the input ids are gathered on the device from `last_token`, the newest sampled token of each
+  sampler slot (written by the step that sampled it, prefill or decode); block tables live on the device, a row
+  per slot written at admission, gathered into the batch's rows only when the batch's sequences change;
+- device -> host: the sampled ids, into a pinned buffer with an event, read back by `Launched.token_ids` after
+  the engine has launched the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qwen2rt.models.backend import AttentionMetadata
+from qwen2rt.models.qwen2 import Qwen2Model
+
+from .kv_cache import KVCache
+from .sampling import (VARIANTS, SamplerState, SamplingParams, SamplingRows, row_values, rows_tensor, sample_tokens,
+                       sampler_variant)
+from .sequence import Sequence
+
+log = logging.getLogger("qwen2rt")
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class Launched:
+    """A step whose sampled ids are on their way to the host: one id per sequence of `seqs` (none for a prefill
+    step that completed no prompt)."""
+
+    seqs: list[Sequence]
+    host_ids: np.ndarray | None  # int64 [>= len(seqs)], pinned memory on CUDA; valid once `event` completed
+    event: torch.cuda.Event | None  # None on CPU, where every copy is done when it returns
+
+    def token_ids(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host_ids[:len(self.seqs)].tolist() if self.seqs else []
+
+
+class StepGraphs:
+    """One decode step as two CUDA graphs replayed back to back: the bucket's forward, then a sampler form."""
+
+    def __init__(self, forward: torch.cuda.CUDAGraph, sample: torch.cuda.CUDAGraph):
+        self.forward, self.sample = forward, sample
+
+    def replay(self) -> None:
+        self.forward.replay()
+        self.sample.replay()
+
+
+class ModelRunner:
+    """Runs the model for the engine: `launch_prefill` (eager) and `launch_decode` (static buffers, graphs with
+    `use_graphs`, else the same code eagerly). Both return a `Launched` without waiting for the device."""
+
+    # the first three advance by one each step (positions, lengths and sampler steps are the context plus a per-row
+    # offset), the slot mapping follows the positions, the rest stay while a sequence is in the batch
+    INT_ROWS = ("positions", "seq_lens", "step", "slot_mapping", "top_k", "seed", "slot")
+    FLOAT_ROWS = ("temperature", "top_p", "min_p", "repetition", "presence", "frequency")
+
+    def __init__(self, model: Qwen2Model, cache: KVCache, sampler: SamplerState, max_batch_size: int,
+                 max_seq_len: int, use_graphs: bool, buckets=DEFAULT_BUCKETS):
+        self.model, self.cache, self.sampler = model, cache, sampler
+        self.use_graphs = use_graphs
+        self.buckets = sorted({b for b in buckets if b < max_batch_size} | {max_batch_size})
+        self.device = dev = model.device
+        self.cuda = dev.type == "cuda"
+        n = max_batch_size
+        slots = sampler.padding_slot + 1  # one row per sampler slot and the padding row
+        self.max_blocks = -(-max_seq_len // cache.block_size)
+
+        # per-row values: int64 rows then float32 rows in one byte buffer, so that they cross in one copy
+        int_bytes = len(self.INT_ROWS) * n * 8
+        nbytes = int_bytes + len(self.FLOAT_ROWS) * n * 4
+
+        def split(raw):
+            return (raw[:int_bytes].view(torch.int64).view(len(self.INT_ROWS), n),
+                    raw[int_bytes:].view(torch.float32).view(len(self.FLOAT_ROWS), n))
+
+        self.values = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
+        self.ints, self.floats = split(self.values)
+        view = dict(zip(self.INT_ROWS, self.ints))
+        view.update(zip(self.FLOAT_ROWS, self.floats))
+        self.positions, self.slot_mapping, self.seq_lens = view["positions"], view["slot_mapping"], view["seq_lens"]
+        self.rows = SamplingRows(*(view[f] for f in SamplingRows.FIELDS))
+        self._bucket_rows = {b: SamplingRows(*(view[f][:b] for f in SamplingRows.FIELDS)) for b in self.buckets}
+        # host side: the values of the current batch (staged, unpinned), and the pinned buffers they are copied from
+        self._staged = torch.zeros(nbytes, dtype=torch.uint8)
+        self._host_ints, self._host_floats = (t.numpy() for t in split(self._staged))
+        self._pinned = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
+        self._staged_np, self._pinned_np = self._staged.numpy(), [p.numpy() for p in self._pinned]
+        self._copied = [torch.cuda.Event() for _ in range(2)] if self.cuda else None
+        self._next_pinned = 0
+
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.last_token = torch.zeros(slots, dtype=torch.long, device=dev)  # each slot's newest sampled token
+        self.slot_tables = torch.zeros(slots, self.max_blocks, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)  # the batch's rows
+        self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
+        self._host_tokens = [torch.zeros(n, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
+        self._host_tokens_np = [t.numpy() for t in self._host_tokens]
+        self._events = [torch.cuda.Event() for _ in range(2)] if self.cuda else None
+        self._turn = 0  # which of the two read-back buffers the next decode step uses
+
+        # The batch the staged values describe. Its first four int rows (positions, lengths, sampler steps, cache
+        # slots) are _base + _launches: each launch advances every row by one token, and a row's cache slot too
+        # until its newest token is the first of a block; then that row's slot is looked up in its blocks.
+        self._batch: list[Sequence] | None = None
+        self._bucket, self._variant = 0, VARIANTS[0]
+        self._base = np.zeros((4, n), dtype=np.int64)
+        self._launches = 0
+        self._new_block: dict[int, list[int]] = {}  # launch count -> rows whose newest token then starts a block
+        padding = dict(zip(SamplingRows.FIELDS, row_values(SamplingParams(temperature=0).resolved(), 0, 0,
+                                                          sampler.padding_slot)))
+        # padding rows: position 0, slot -1 and length 0 (write and read nothing), the padding sampler row
+        padding.update(positions=0, slot_mapping=-1, seq_lens=0)
+        self._padding_ints = np.array([padding[f] for f in self.INT_ROWS], dtype=np.int64)
+        self._padding_floats = np.array([padding[f] for f in self.FLOAT_ROWS], dtype=np.float32)
+
+        self.graphs: dict[tuple[int, str], StepGraphs] = {}
+        self._forward_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}  # each forward graph's output: the sampler graphs read it
+        self._pool = None
+        self._side_stream = None  # warm-up runs before each capture
+        self.capture_s: float | None = None  # set by capture_all
+        self.capture_mib: float | None = None
+
+    def bucket(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    # ---- sequences joining -----------------------------------------------------------------------------------
+    def set_blocks(self, slot: int, blocks: list[int]) -> None:
+        """A sequence took `slot` with these cache blocks (all it will use): its block-table row on the device.
+        Enqueued after every step launched before, which may still read the slot's old row."""
+        self.slot_tables[slot, :len(blocks)].copy_(self._to_device(blocks, torch.int32))
+
+    # ---- prefill ---------------------------------------------------------------------------------------------
+    def prefill_metadata(self, chunks: list[tuple[Sequence, int, int]]):
+        """(sequence, first prompt position, token count) chunks -> (token ids [T], metadata, last row of each
+        chunk [B])."""
+        bs = self.cache.block_size
+        ids, positions, slots, starts = [], [], [], [0]
+        for s, start, n in chunks:
+            ids.extend(s.prompt_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(s.blocks[p // bs] * bs + p % bs for p in range(start, start + n))
+            starts.append(starts[-1] + n)
+        width = max(len(s.blocks) for s, _, _ in chunks)
+        tables = [s.blocks + [0] * (width - len(s.blocks)) for s, _, _ in chunks]
+        put = self._to_device
+        meta = AttentionMetadata(
+            positions=put(positions, torch.long),
+            slot_mapping=put(slots, torch.long),
+            block_tables=put(tables, torch.int32),
+            seq_lens=put([start + n for _, start, n in chunks], torch.int32),
+            is_prefill=True,
+            query_start=put(starts, torch.int32),
+            query_lens_host=[n for _, _, n in chunks],
+        )
+        last = put([i - 1 for i in starts[1:]], torch.long)
+        return put(ids, torch.long), meta, last
+
+    def _to_device(self, values, dtype: torch.dtype | None) -> torch.Tensor:
+        """A host list as a device tensor. On CUDA through pinned memory: a copy from pageable memory may wait for
+        the stream, which holds the decode step launched before."""
+        host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+        if not self.cuda:
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def launch_prefill(self, ids: torch.Tensor, meta: AttentionMetadata, last: torch.Tensor,
+                       seqs: list[Sequence]) -> Launched:
+        """Run a prefill chunk; each of `seqs` (whose prompts it completes) samples its first token from the hidden
+        row `last` [len(seqs)], which also becomes its first decode step's input."""
+        hidden = self.model.forward(ids, meta, self.cache.layers)
+        if not seqs:
+            return Launched([], None, None)
+        logits = self.model.compute_logits(hidden[last])
+        rows = rows_tensor([s.sampling_row() for s in seqs], "cpu")
+        rows = SamplingRows(*(self._to_device(getattr(rows, f), None) for f in SamplingRows.FIELDS))
+        tokens = sample_tokens(logits, rows, self.sampler, sampler_variant([s.params for s in seqs]))
+        self.last_token.scatter_(0, rows.slot, tokens)
+        host = torch.empty(tokens.shape, dtype=torch.long, pin_memory=self.cuda)
+        host.copy_(tokens, non_blocking=self.cuda)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return Launched(seqs, host.numpy(), event)
+
+    # ---- decode ----------------------------------------------------------------------------------------------
+    def launch_decode(self, seqs: list[Sequence]) -> Launched:
+        """One token for each sequence (each holds `num_launched` tokens, the newest not in the cache yet and
+        possibly still on the device). Returns once the step is enqueued. The graph path runs outside inference
+        mode (entering it costs the host more than the rest of a step's Python): nothing in it records autograd
+        history, and graphs captured at start-up run outside it too."""
+        if seqs != self._batch:
+            bucket, variant = self.bucket(len(seqs)), sampler_variant([s.params for s in seqs])
+        else:
+            bucket, variant = self._bucket, self._variant
+        try:
+            if self.use_graphs:
+                # capture fills padding rows, so the real batch is filled after it
+                graph = self.graphs.get((bucket, variant)) or self.capture(bucket, variant)
+                self._fill(seqs, bucket)
+                graph.replay()
+            else:
+                self._fill(seqs, bucket)
+                with torch.inference_mode(), self.model.named_range("qwen2rt.decode_step"):  # the profiler's range
+                    self._step(bucket, variant)
+        except BaseException:
+            self._batch = None  # the staged values may be half-advanced: stage them again on the next step
+            raise
+        self._launches += 1
+        turn = self._turn
+        self._turn ^= 1
+        self._host_tokens[turn].copy_(self.tokens, non_blocking=self.cuda)  # all rows: slicing costs more
+        event = None
+        if self.cuda:
+            event = self._events[turn]
+            event.record()
+        return Launched(self._batch, self._host_tokens_np[turn], event)
+
+    def _fill(self, seqs: list[Sequence], bucket: int) -> None:
+        """Host -> the static buffers, in one copy. A batch of other sequences than the last step's (or another
+        bucket) is staged row by row and gathers its block tables on the device; the same batch only advances its
+        positions, cache slots, lengths and sampler steps, computed on all rows at once."""
+        b = len(seqs)
+        rebuilt = seqs != self._batch or bucket != self._bucket
+        if rebuilt:
+            self._stage(seqs, bucket)
+        for row in self._new_block.pop(self._launches, ()):
+            self._look_up_slot(row)
+        np.add(self._base[:, :b], self._launches, out=self._host_ints[:4, :b])
+        i = self._next_pinned
+        self._next_pinned ^= 1
+        if self.cuda:
+            self._copied[i].synchronize()  # its last copy (two steps ago) is done: the buffer may be rewritten
+        self._pinned_np[i][:] = self._staged_np
+        self.values.copy_(self._pinned[i], non_blocking=self.cuda)
+        if self.cuda:
+            self._copied[i].record()
+        if rebuilt:  # the batch's block-table rows, from the slots' rows (padding rows get the zero padding row)
+            torch.index_select(self.slot_tables, 0, self.rows.slot[:bucket], out=self.block_tables[:bucket])
+
+    def _stage(self, seqs: list[Sequence], bucket: int) -> None:
+        """A new batch: every value of every row, from the sequences."""
+        b = len(seqs)
+        ints, floats = self._host_ints, self._host_floats
+        ints[:, b:] = self._padding_ints[:, None]
+        floats[:, b:] = self._padding_floats[:, None]
+        if seqs:
+            rows = [dict(zip(SamplingRows.FIELDS, s.sampling_row())) for s in seqs]
+            ints[4:, :b] = [[r[f] for r in rows] for f in self.INT_ROWS[4:]]
+            floats[:, :b] = [[r[f] for r in rows] for f in self.FLOAT_ROWS]
+            context = [s.num_launched for s in seqs]  # = this step's seq_lens
+            self._base[:3, :b] = [[c - 1 for c in context], context,
+                                  [c - len(s.prompt_ids) for c, s in zip(context, seqs)]]
+        self._launches = 0
+        self._batch = list(seqs)
+        self._bucket, self._variant = bucket, sampler_variant([s.params for s in seqs])
+        self._new_block = {}
+        for row in range(b):
+            self._look_up_slot(row)
+
+    def _look_up_slot(self, row: int) -> None:
+        """The row's cache slot for its newest token (this step writes its k/v), and the launch at which the
+        slot stops advancing by one (the token after the block's last)."""
+        bs = self.cache.block_size
+        pos = int(self._base[0, row]) + self._launches
+        self._base[3, row] = self._batch[row].blocks[pos // bs] * bs + pos % bs - self._launches
+        self._new_block.setdefault(self._launches + bs - pos % bs, []).append(row)
+
+    def _forward(self, bucket: int) -> torch.Tensor:
+        b = bucket
+        torch.index_select(self.last_token, 0, self.rows.slot[:b], out=self.input_ids[:b])
+        meta = AttentionMetadata(positions=self.positions[:b], slot_mapping=self.slot_mapping[:b],
+                                 block_tables=self.block_tables[:b], seq_lens=self.seq_lens[:b], is_prefill=False)
+        hidden = self.model.forward(self.input_ids[:b], meta, self.cache.layers)
+        return self.model.compute_logits(hidden)
+
+    def _sample(self, logits: torch.Tensor, bucket: int, variant: str) -> None:
+        rows = self._bucket_rows[bucket]
+        tokens = sample_tokens(logits, rows, self.sampler, variant)
+        self.tokens[:bucket].copy_(tokens)
+        self.last_token.scatter_(0, rows.slot, tokens)  # the next step's inputs (padding rows: the padding slot)
+
+    def _step(self, bucket: int, variant: str) -> None:
+        self._sample(self._forward(bucket), bucket, variant)
+
+    # ---- CUDA graphs -----------------------------------------------------------------------------------------
+    def capture(self, bucket: int, variant: str) -> StepGraphs:
+        """Warm up (compiles kernels) and capture the bucket's forward (once per bucket) and the sampler form, with
+        padding-only inputs, which write nothing."""
+        self._fill([], bucket)
+        if self._side_stream is None:  # one for every capture: each new stream would get its own cuBLAS workspace
+            self._side_stream = torch.cuda.Stream()
+        stream = self._side_stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            logits = self._logits.get(bucket)
+            self._sample(self._forward(bucket) if logits is None else logits, bucket, variant)
+        torch.cuda.current_stream().wait_stream(stream)
+        if bucket not in self._forward_graphs:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._logits[bucket] = self._forward(bucket)
+            if self._pool is None:
+                self._pool = graph.pool()
+            self._forward_graphs[bucket] = graph
+        sample = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(sample, pool=self._pool):
+            self._sample(self._logits[bucket], bucket, variant)
+        self.graphs[(bucket, variant)] = StepGraphs(self._forward_graphs[bucket], sample)
+        return self.graphs[(bucket, variant)]
+
+    def capture_all(self) -> None:
+        """Capture every bucket with every sampler form, and log time and memory in one line."""
+        torch.cuda.synchronize()
+        reserved_before = torch.cuda.memory_reserved()  # the graphs' pool comes from torch's caching allocator
+        start = time.perf_counter()
+        for bucket in reversed(self.buckets):  # largest first: the smaller ones reuse its pool
+            for variant in VARIANTS:
+                if (bucket, variant) not in self.graphs:
+                    self.capture(bucket, variant)
+        torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - start
+        self.capture_mib = (torch.cuda.memory_reserved() - reserved_before) / 2 ** 20
+        log.warning("captured %d decode forward CUDA graphs (buckets %s) and %d sampler graphs (%s) in %.2f s, "
+                    "%.0f MiB", len(self._forward_graphs), self.buckets, len(self.graphs), "/".join(VARIANTS),
+                    self.capture_s, self.capture_mib)

@@ -1,0 +1,117 @@
+"""First-come-first-served admission over the paged KV cache and the sampler's slots, and the choice of the next
+step: the next chunk of admitted prompts (at most `max_prefill_tokens` tokens) or one decode token for every
+sequence whose prompt is done. While both kinds of work wait, steps alternate, so a long prompt never starves
+running decodes. A sequence reserves blocks for its prompt plus its whole token budget when admitted, so a running
+sequence never runs out of cache.
+
+The engine launches a step before it reads back the one before (see engine.py), so the scheduler plans with
+`Sequence.num_launched`: a sequence joins a decode step while its last token is still on the device, and leaves
+the decode list once its budget's last token is launched; a sequence that stopped early (a stop token or string) is
+only known to have finished one step later, and the engine drops that step's token.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+from .kv_cache import KVCache
+from .sequence import Sequence
+
+
+class Scheduler:
+    def __init__(self, cache: KVCache, max_batch_size: int, max_prefill_tokens: int, seed: int):
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        self.cache = cache
+        self.max_prefill_tokens = max_prefill_tokens
+        self.rng = random.Random(seed)  # seeds of requests that bring none
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admitted and not finished, in order of admission
+        self.prefilling: list[Sequence] = []  # running, prompt not all in the cache yet
+        self.decoding: list[Sequence] = []  # running, prompt done, tokens of its budget still to launch
+        self.free_slots = list(range(max_batch_size - 1, -1, -1))
+        self._decode_turn = False
+
+    def add(self, seq: Sequence) -> None:
+        need = self.cache.blocks_for(seq.max_len)
+        if need > self.cache.num_blocks:
+            raise ValueError(f"request needs {need} KV cache blocks ({seq.max_len} tokens) but the cache holds "
+                             f"{self.cache.num_blocks}; lower max_tokens or give the cache more blocks")
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def admit(self) -> list[Sequence]:
+        """Waiting sequences that get a slot and their blocks now, first come first served. -> the admitted ones
+        (their sampler rows and block tables are the caller's to set up)."""
+        admitted = []
+        while self.waiting and self.free_slots:
+            seq = self.waiting[0]
+            need = self.cache.blocks_for(seq.max_len)
+            if need > self.cache.num_free_blocks:
+                break  # first come, first served: later requests wait behind it
+            self.waiting.popleft()
+            seq.blocks = self.cache.allocate(need)
+            seq.slot = self.free_slots.pop()
+            if seq.seed is None:
+                seq.seed = self.rng.getrandbits(63)
+            self.running.append(seq)
+            self.prefilling.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def next_step(self) -> tuple[str, list] | None:
+        """-> ("prefill", [(sequence, first prompt position, token count)]) or ("decode", sequences) or None."""
+        if self.prefilling and (not self.decoding or not self._decode_turn):
+            self._decode_turn = True
+            chunks, budget = [], self.max_prefill_tokens
+            for s in self.prefilling:
+                n = min(len(s.prompt_ids) - s.num_prefilled, budget)
+                if n <= 0:
+                    break
+                chunks.append((s, s.num_prefilled, n))
+                budget -= n
+            return "prefill", chunks
+        if self.decoding:
+            self._decode_turn = False
+            return "decode", self.decoding
+        return None
+
+    def prefilled(self, chunks: list[tuple[Sequence, int, int]]) -> None:
+        """The chunks were launched: a sequence whose prompt is complete (it samples its first token) moves to the
+        decode list."""
+        for s, start, n in chunks:
+            s.num_prefilled = start + n
+            if s.prefill_done:
+                self.prefilling.remove(s)
+                self.decoding.append(s)
+
+    def launched(self, seqs: list[Sequence]) -> None:
+        """A token is now being sampled on the device for each of `seqs`; one that reaches its length limit with it
+        leaves the decode list (it finishes when that token is read back)."""
+        at_limit = False
+        for s in seqs:
+            s.num_launched += 1
+            if s.num_launched >= s.max_len:
+                at_limit = True
+        if at_limit:
+            self.decoding = [s for s in self.decoding if s.num_launched < s.max_len]
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is (finished or aborted) and free its blocks and slot."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        for group in (self.running, self.prefilling, self.decoding):
+            if seq in group:
+                group.remove(seq)
+        self.release(seq)
+
+    def release(self, seq: Sequence) -> None:
+        if seq.blocks:
+            self.cache.free(seq.blocks)
+            seq.blocks = []
+        if seq.slot is not None:
+            self.free_slots.append(seq.slot)
+            seq.slot = None

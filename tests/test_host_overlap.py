@@ -1,0 +1,232 @@
+"""The engine one step ahead of the host: the next step is launched before the last one's tokens are read back, its
+inputs come from the device, and a sequence that stopped has its extra token dropped. A model whose every token
+depends on the whole cached context (read through the block tables) and on the input id the runner gathered on the
+device checks that the KV cache, the per-step values and the sampler's slots stay exactly right through stops,
+aborts, slot and block reuse, and the switches between prefill and decode; the tiny real model checks seeded,
+penalised sampling of requests that share slots with stopped ones."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from benchmarks import bench_host
+from qwen2rt import LLM, SamplingParams
+from qwen2rt.engine import Engine, Sequence
+from qwen2rt.kv_cache import KVCache
+from test_parity import random_prompt
+
+VOCAB = 53
+
+
+def next_token(tokens: list[int]) -> int:
+    """What ChainModel emits after `tokens`: it depends on the newest token, its position and all the others."""
+    return (3 * tokens[-1] + len(tokens) - 1 + sum(tokens[:-1])) % VOCAB
+
+
+class ChainModel:
+    """Stands in for Qwen2Model on a one-layer cache of one value per token: writes each input id at its cache slot,
+    then reads every earlier position of the sequence back through the block tables, and emits next_token (the
+    hidden row carries it to compute_logits). Checks each decode step's rows against the engine's sequences."""
+
+    def __init__(self, engine_ref: list):
+        self.config = SimpleNamespace(vocab_size=VOCAB, num_hidden_layers=1, num_key_value_heads=1, head_dim=1)
+        self.device = torch.device("cpu")
+        self.engine_ref = engine_ref
+        self.log: list[str] = []
+
+    def named_range(self, name):
+        return contextlib.nullcontext()
+
+    def forward(self, ids, meta, kv_caches):
+        self.log.append("prefill" if meta.is_prefill else "decode")
+        cache = kv_caches[0][0].view(-1)
+        bs = kv_caches[0][0].shape[1]
+        live = meta.slot_mapping >= 0
+        cache[meta.slot_mapping[live]] = ids[live].float()
+        if meta.is_prefill:
+            row = torch.searchsorted(meta.query_start, torch.arange(ids.shape[0], dtype=torch.int32), right=True) - 1
+        else:
+            row = torch.arange(ids.shape[0])
+            self.check_decode_rows(ids, meta)
+        out = torch.zeros(ids.shape[0], 1)
+        for t in range(ids.shape[0]):
+            p, table = int(meta.positions[t]), meta.block_tables[row[t]]
+            if not meta.is_prefill and int(meta.seq_lens[t]) == 0:
+                continue  # padding
+            earlier = [int(table[q // bs]) * bs + q % bs for q in range(p)]
+            out[t] = (3 * int(ids[t]) + p + int(cache[earlier].sum())) % VOCAB
+        return out
+
+    def compute_logits(self, hidden):
+        return torch.nn.functional.one_hot(hidden[:, 0].long(), VOCAB).float()
+
+    def check_decode_rows(self, ids, meta):
+        runner = self.engine_ref[0].runner
+        bs = runner.cache.block_size
+        for i, s in enumerate(runner._batch):
+            p = s.num_launched - 1  # the newest token (the launch has not counted this step's yet)
+            assert int(meta.positions[i]) == p and int(meta.seq_lens[i]) == p + 1
+            assert meta.block_tables[i, :len(s.blocks)].tolist() == s.blocks
+            assert int(meta.slot_mapping[i]) == s.blocks[p // bs] * bs + p % bs
+            assert int(runner.rows.step[i]) == len(s.output_ids) + s.in_flight
+            assert int(runner.rows.slot[i]) == s.slot and int(runner.rows.seed[i]) == s.seed
+            if s.in_flight == 0:  # the input id is known to the host: the device gathered the right one
+                assert int(ids[i]) == s.output_ids[-1]
+        for i in range(len(runner._batch), ids.shape[0]):  # padding rows write and read nothing
+            assert int(meta.slot_mapping[i]) == -1 and int(meta.seq_lens[i]) == 0
+
+
+def chain_engine(num_blocks=40, block_size=4, max_batch=4, max_prefill_tokens=24, max_seq_len=80):
+    ref = []
+    model = ChainModel(ref)
+    cache = KVCache(model.config, num_blocks, block_size, "cpu", torch.float32)
+    engine = Engine(model, cache, max_batch, max_seq_len, seed=0, max_prefill_tokens=max_prefill_tokens)
+    ref.append(engine)
+    return engine
+
+
+def expected(prompt: list[int], max_tokens: int, stop_ids=(), max_seq_len=80) -> tuple[list[int], str]:
+    tokens, out = list(prompt), []
+    while True:
+        t = next_token(tokens)
+        tokens.append(t)
+        out.append(t)
+        if t in stop_ids:
+            return out, "stop"
+        if len(out) == max_tokens or len(tokens) >= max_seq_len:
+            return out, "length"
+
+
+def request(prompt, max_tokens, stop_ids=()):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, stop_token_ids=list(stop_ids))
+    return Sequence(prompt, params.resolved(), 80, None, frozenset())
+
+
+def check_sampler_counts(engine):
+    """Every running sequence's sampler slot has counted exactly its own tokens (read back or in flight): the extra
+    token of a stopped sequence never reaches the slot's next owner."""
+    for s in engine.running:
+        assert int(engine.sampler.counts[s.slot].sum()) == len(s.output_ids) + s.in_flight
+
+
+def test_next_step_is_launched_before_the_last_one_is_read_back(monkeypatch):
+    engine = chain_engine()
+    log = engine.model.log
+    append = Sequence.append
+    monkeypatch.setattr(Sequence, "append", lambda s, *args: (log.append("read"), append(s, *args)))
+    seq = request([5, 6, 7, 8], 4)
+    engine.add(seq)
+    assert engine.step() == [seq]  # launches the prefill and the first decode step, reads the prefill's token
+    assert log == ["prefill", "decode", "read"]
+    while not seq.finished:
+        engine.step()
+    # the last decode step is launched when the one before is read; nothing is launched past the length limit
+    assert log == ["prefill", "decode", "read", "decode", "read", "decode", "read", "read"]
+    assert (seq.output_ids, seq.finish_reason) == expected([5, 6, 7, 8], 4)
+    assert engine.step() == [] and not engine.has_work()
+
+
+def test_token_after_a_stop_is_computed_and_dropped():
+    engine = chain_engine()
+    prompt = [1, 2, 3]
+    full, _ = expected(prompt, 10)
+    stop = full[3]
+    seq = request(prompt, 10, stop_ids=[stop])
+    engine.add(seq)
+    while not seq.finished:
+        engine.step()
+    assert (seq.output_ids, seq.finish_reason) == expected(prompt, 10, [stop])
+    assert engine.model.log.count("decode") == len(seq.output_ids)  # one decode step more than it needed
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks and not engine.running
+    # the step still in flight belongs to nobody: the next request takes the slot and blocks and is unaffected
+    other = request([9, 9, 9, 9, 9], 6, stop_ids=[expected([9] * 5, 6)[0][2]])
+    engine.add(other)
+    while not other.finished:
+        engine.step()
+        check_sampler_counts(engine)
+    assert (other.output_ids, other.finish_reason) == expected([9] * 5, 6, other.params.stop_token_ids)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_many_requests_with_stops_and_aborts_are_exact(seed):
+    """Random arrivals, prompt lengths, budgets, stop tokens and aborts, with chunked prefill alternating with decode
+    and a cache small enough that requests wait: every request gets exactly its own tokens, nothing leaks."""
+    rng = random.Random(seed)
+    engine = chain_engine(num_blocks=30, max_batch=4, max_prefill_tokens=rng.choice([5, 16, 64]))
+    seqs, aborted = [], set()
+    for i in range(150):
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))]
+        full, _ = expected(prompt, 40)
+        stop_ids = [full[rng.randrange(len(full))]] if rng.random() < 0.5 else []
+        s = request(prompt, rng.randint(1, 40), stop_ids)
+        seqs.append(s)
+        engine.add(s)
+        for _ in range(rng.randint(0, 4)):
+            engine.step()
+            check_sampler_counts(engine)
+        if rng.random() < 0.1 and engine.running:
+            victim = rng.choice(engine.running)
+            engine.abort(victim)
+            aborted.add(victim.id)
+    while engine.has_work():
+        engine.step()
+        check_sampler_counts(engine)
+    assert engine.step() == []  # reads back the step still in flight (a stopped sequence's extra token)
+    for s in seqs:
+        want, reason = expected(s.prompt_ids, s.params.max_tokens, s.params.stop_token_ids)
+        if s.id in aborted:
+            assert s.finish_reason == "abort" and s.output_ids == want[:len(s.output_ids)]
+        else:
+            assert (s.output_ids, s.finish_reason) == (want, reason)
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+    assert sorted(engine.free_slots) == list(range(4))
+    assert engine._in_flight is None
+    # nothing is launched past a length limit; past a stop (or an abort), at most the one step already launched
+    assert all(s.in_flight == 0 for s in seqs if s.finish_reason == "length")
+    assert all(s.in_flight in (0, 1) for s in seqs)
+
+
+def test_stopped_requests_do_not_disturb_seeded_penalised_neighbours():
+    """Seeded sampling with penalties (which read the sampler slot's counts): each request alone, then all together
+    two at a time, where requests stop on a stop token (so an extra token is computed for them) and the next one
+    takes their slot. Every request draws exactly its tokens alone."""
+    llm = LLM("tiny", device="cpu", max_seq_len=128, max_batch_size=2)
+
+    def params(seed, stop=()):
+        return SamplingParams(max_tokens=12, temperature=0.8, top_k=0, top_p=0.95, repetition_penalty=1.3,
+                              presence_penalty=1.5, frequency_penalty=2.0, seed=seed, ignore_eos=True,
+                              stop_token_ids=list(stop))
+
+    prompts = [random_prompt(4 + i, 256, 20 + i) for i in range(6)]
+    stops = [llm.generate(p, params(i))[0].token_ids[2 + i % 3] for i, p in enumerate(prompts)]
+    alone = [llm.generate(p, params(i, [stops[i]]))[0] for i, p in enumerate(prompts)]
+    assert sum(o.finish_reason == "stop" for o in alone) >= 4
+    seqs = [llm._new_sequence(p, llm._params(params(i, [stops[i]]))) for i, p in enumerate(prompts)]
+    llm._submit(seqs)
+    while not all(s.finished for s in seqs):
+        llm._step_locked()
+    assert [s.output_ids for s in seqs] == [o.token_ids for o in alone]
+
+
+def test_abort_with_a_token_in_flight_then_the_engine_goes_on():
+    llm = LLM("tiny", device="cpu", max_seq_len=128, max_batch_size=2)
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    before = llm.generate("keep going", greedy)[0].token_ids
+    it = llm.stream("cancel me", SamplingParams(max_tokens=50, temperature=1.0, ignore_eos=True))
+    next(it)
+    next(it)
+    assert llm.engine._in_flight is not None and llm.engine._in_flight.seqs  # a decode step is on its way
+    it.close()
+    assert not llm.engine.running and len(llm.engine.free_slots) == 2
+    assert llm.generate("keep going", greedy)[0].token_ids == before
+
+
+def test_bench_host_runs(tmp_path):
+    rows = bench_host.main(["--smoke", "--out", str(tmp_path / "host.json")])
+    assert {r["mode"] for r in rows} == {"graphs", "eager"}
+    assert all(r["us_per_step"] > 0 for r in rows)
