@@ -28,12 +28,12 @@ import traceback
 
 import torch
 
-from benchmarks import (bench_attention, bench_decode, bench_gemv, bench_moe, bench_prefill, bench_rmsnorm,
-                        bench_sampler, bench_swiglu)
+from benchmarks import (bench_attention, bench_decode, bench_gemv, bench_host, bench_moe, bench_prefill,
+                        bench_rmsnorm, bench_sampler, bench_swiglu)
 from benchmarks.common import ROOT, device_default, environment, measure_ceilings
 from qwen2rt.kernels.moe import cache_path as moe_cache_path
 
-PARTS = ["tests", "decode", "kernels", "prefill", "batches"]
+PARTS = ["tests", "decode", "kernels", "host", "prefill", "batches"]
 # decode at batch 1 first (these decide the next work), the 7B and the MoE models before the small ones
 DECODE_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b-4l", "qwen2-0.5b", "qwen2-1.5b"]
 QUICK_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-0.5b"]
@@ -44,7 +44,7 @@ BATCH_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-0.5b"]
 # MoE shapes, the first-load autotuning. gpu_tests is the estimate; its time limit is GPU_TESTS_LIMIT_S.
 ESTIMATE_S = {"ceilings": 5, "gpu_tests": 60, "decode": 40, "decode_moe": 60, "hf_compiled": 70,
               "bench_gemv": 60, "bench_sampler": 60, "bench_rmsnorm": 25, "bench_swiglu": 15, "bench_attention": 15,
-              "bench_moe": 20, "prefill": 10, "batches": 70}
+              "bench_moe": 20, "host": 30, "prefill": 10, "batches": 70}
 GPU_TESTS_LIMIT_S = 150
 NOTES = ("Random weights: the router sends tokens to experts near-uniformly (max/mean expert load ~1.16 at 2048 "
          "tokens), so MoE numbers are for uniform routing. Decode rows are ms per step (one token for each sequence "
@@ -123,6 +123,13 @@ def summary_markdown(rec: dict) -> str:
                        + (f" error: {r['error']}" if r.get("error") else "")
                        + (f" skipped: {r['skipped']}" if r.get("skipped") else ""))
         out.append("")
+    if rec.get("host"):
+        out += ["## Host time per decode step (stub model: no device work but the step's copies)", "",
+                "| mode | batch | context | tokenizer | us/step | p90 |", "|---|---|---|---|---|---|"]
+        for r in rec["host"]:
+            out.append(f"| {r['mode']} | {r['batch']} | {r['context']} | {r['tokenizer'] or '-'} | "
+                       f"{_f(r.get('us_per_step'))} | {_f(r.get('us_p90'))} |")
+        out.append("")
     if rec.get("errors"):
         out += ["## Errors", ""] + [f"- {e['part']}: {e['error']}" for e in rec["errors"]] + [""]
     return "\n".join(out)
@@ -177,7 +184,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     device = device_default()
     env = environment()
-    rec = dict(env, ceilings=None, decode=[], prefill=[], kernels=[], graph_capture_s=None, gpu_tests=None,
+    rec = dict(env, ceilings=None, decode=[], prefill=[], kernels=[], host=[], graph_capture_s=None, gpu_tests=None,
                errors=[], parts={}, budget_s=args.budget_s, notes=NOTES)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, record_name(env))
@@ -251,6 +258,8 @@ def _gpu_parts(args, device, ceilings, rec, part, models, start):
         for name, mod in (("bench_attention", bench_attention), ("bench_sampler", bench_sampler),
                           ("bench_moe", bench_moe), ("bench_rmsnorm", bench_rmsnorm), ("bench_swiglu", bench_swiglu)):
             part(name, ESTIMATE_S[name], lambda mod=mod: kernels(mod.run(device, ceilings)))
+    if "host" in args.parts:  # the engine's host time per step, with a stub model (the device's copies and syncs)
+        part("host", ESTIMATE_S["host"], lambda: rec["host"].extend(bench_host.run(device=device)))
     if "prefill" in args.parts:
         for name in [m for m in PREFILL_MODELS if m in models]:
             part(f"prefill {name}", ESTIMATE_S["prefill"], lambda name=name: prefill(bench_prefill.run(
@@ -274,6 +283,9 @@ def _smoke_parts(args, device, ceilings, rec, part):
         part("bench_attention", 0, lambda: rec["kernels"].extend(bench_attention.run(device, ceilings, smoke=True)))
         part("bench_gemv", 0, lambda: rec["kernels"].extend(bench_gemv.run(
             device, ceilings, models=["tiny"], rows=[1, 3], dtype=torch.float32)))
+    if "host" in args.parts:
+        part("host", 0, lambda: rec["host"].extend(bench_host.run(batches=(1, 2), contexts=(64,), steps=20,
+                                                                  device=device)))
     if "prefill" in args.parts:
         part("prefill tiny", 0, lambda: rec["prefill"].extend(bench_prefill.run(
             device, ceilings, models=["tiny"], tokens=[16, 4096], dtype=torch.float32)))

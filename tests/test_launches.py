@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from launch_count import LaunchCounter
-from qwen2rt import LLM, SamplingParams
+from qwen2rt import LLM, SamplingParams, model_runner, sampling
 
 GREEDY = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
 
@@ -53,3 +53,52 @@ def test_moe_layer_launches():
         bound = 8 if config.is_moe_layer(i % config.num_hidden_layers) else 6
         assert len(launches) <= bound, (i, launches)
         assert not [e for e in launches if e.startswith("torch:")], launches
+
+
+
+def decode_step_launches(llm, params: SamplingParams) -> list[tuple[int, list[str]]]:
+    """(launches inside the decoder layers, all launches) of every decode step of one generation, with the Triton
+    sampler (the one CUDA runs; the CPU's default is the torch sampler). A step is everything launch_decode does:
+    the input copy, the gathers, the model, the sampler, the read-back copy."""
+    runner, model = llm.engine.decoder, llm.model
+    launch, layer_fn = runner.launch_decode, model._layer
+    steps: list[tuple[int, list[str]]] = []
+    in_layers = [0]
+
+    def counted_layer(*args):
+        start = len(counter.events)
+        out = layer_fn(*args)
+        in_layers[0] += len(counter.events) - start
+        return out
+
+    def counted_launch(seqs):
+        start, in_layers[0] = len(counter.events), 0
+        out = launch(seqs)
+        steps.append((in_layers[0], counter.events[start:]))
+        return out
+
+    def triton_sampler(*args, **kwargs):
+        return sampling.sample_tokens(*args, **kwargs, impl="triton")
+
+    with pytest.MonkeyPatch.context() as patch, LaunchCounter() as counter:
+        patch.setattr(model, "_layer", counted_layer)
+        patch.setattr(runner, "launch_decode", counted_launch)
+        patch.setattr(model_runner, "sample_tokens", triton_sampler)
+        llm.generate([[1, 2, 3], [4, 5]], params)
+    assert steps, "no decode step ran"
+    return steps
+
+
+@pytest.mark.parametrize("params, bound", [
+    (GREEDY, 10),
+    (SamplingParams(max_tokens=3, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1,
+                    presence_penalty=0.2, seed=1, ignore_eos=True), 15),
+])
+def test_decode_step_launches_besides_the_layers(params, bound):
+    """Per step, besides the layers: the values copy, the block-table gather (when the batch changes), the input
+    ids gather, embedding, norm + lm_head, the sampler (2 launches greedy or top-k, 3 full), the sampled ids into
+    the static buffer and into each slot's newest token, the read-back copy."""
+    llm = LLM("tiny", device="cpu", dtype="float32", backend="triton", max_seq_len=64, max_batch_size=2)
+    for in_layers, events in decode_step_launches(llm, params):
+        assert 0 < in_layers <= 6 * llm.model.config.num_hidden_layers
+        assert len(events) - in_layers <= bound, events
