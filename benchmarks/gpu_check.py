@@ -34,8 +34,9 @@ from benchmarks.common import ROOT, device_default, environment, measure_ceiling
 from qwen2rt.kernels.moe import cache_path as moe_cache_path
 
 PARTS = ["tests", "decode", "kernels", "host", "prefill", "batches"]
-# decode at batch 1 first (these decide the next work), the 7B and the MoE models before the small ones
-DECODE_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b-4l", "qwen2-0.5b", "qwen2-1.5b"]
+# decode at batch 1 first (these decide the next work): 0.5B (launch-bound: the fused decode path's main target),
+# 7B (bandwidth-bound), the MoE, then the rest
+DECODE_MODELS = ["qwen2-0.5b", "qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-1.5b", "qwen2-57b-a14b-4l"]
 QUICK_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-0.5b"]
 PREFILL_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-0.5b"]
 BATCH_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-0.5b"]
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
 
 def _gpu_parts(args, device, ceilings, rec, part, models, start):
     """The real run, in decision order: GPU tests, decode at batch 1 (qwen2rt, its eager run and HF eager per model),
-    the HF torch.compile baselines, the kernels, prefill, batches 4 and 16."""
+    the kernels, host time, the HF torch.compile baselines, prefill, batches 4 and 16."""
     decode, kernels, prefill = rec["decode"].extend, rec["kernels"].extend, rec["prefill"].extend
     if "tests" in args.parts:
         def tests():
@@ -245,10 +246,6 @@ def _gpu_parts(args, device, ceilings, rec, part, models, start):
             est = ESTIMATE_S["decode_moe" if "moe" in name or "a14b" in name else "decode"]
             part(f"decode bs1 {name}", est, lambda name=name: decode(bench_decode.run(
                 device, ceilings, models=[name], batches=[1], compiled_models=[])))
-        for name in [m for m in bench_decode.COMPILED_MODELS if m in models]:
-            part(f"decode bs1 {name} hf_compiled", ESTIMATE_S["hf_compiled"], lambda name=name: decode(
-                bench_decode.run(device, ceilings, models=[name], batches=[1], compiled_models=[name],
-                                 qwen2rt=False, hf_eager=False)))
     if "kernels" in args.parts:
         # the decode GEMVs: every row count on 0.5B and 7B, the ends of the range on 1.5B and 72B (time)
         part("bench_gemv", ESTIMATE_S["bench_gemv"], lambda: kernels(
@@ -260,6 +257,11 @@ def _gpu_parts(args, device, ceilings, rec, part, models, start):
             part(name, ESTIMATE_S[name], lambda mod=mod: kernels(mod.run(device, ceilings)))
     if "host" in args.parts:  # the engine's host time per step, with a stub model (the device's copies and syncs)
         part("host", ESTIMATE_S["host"], lambda: rec["host"].extend(bench_host.run(device=device)))
+    if "decode" in args.parts:  # the HF torch.compile baselines last among the decode work: the slowest to get
+        for name in [m for m in bench_decode.COMPILED_MODELS if m in models]:
+            part(f"decode bs1 {name} hf_compiled", ESTIMATE_S["hf_compiled"], lambda name=name: decode(
+                bench_decode.run(device, ceilings, models=[name], batches=[1], compiled_models=[name],
+                                 qwen2rt=False, hf_eager=False)))
     if "prefill" in args.parts:
         for name in [m for m in PREFILL_MODELS if m in models]:
             part(f"prefill {name}", ESTIMATE_S["prefill"], lambda name=name: prefill(bench_prefill.run(

@@ -108,7 +108,9 @@ class Engine:
         if kind == "prefill":
             ids, meta, last = self.prefill_metadata(work)
             done = [i for i, (s, start, n) in enumerate(work) if start + n == len(s.prompt_ids)]
-            launched = self.runner.launch_prefill(ids, meta, last[done], [work[i][0] for i in done])
+            if len(done) < len(work):  # the rows of the completed prompts (an index built on the device: a host
+                last = last.index_select(0, self.runner.to_device(done, torch.long))  # list would wait for it)
+            launched = self.runner.launch_prefill(ids, meta, last, [work[i][0] for i in done])
             self.scheduler.prefilled(work)
         else:
             launched = self.runner.launch_decode(work)

@@ -145,7 +145,7 @@ class ModelRunner:
     def set_blocks(self, slot: int, blocks: list[int]) -> None:
         """A sequence took `slot` with these cache blocks (all it will use): its block-table row on the device.
         Enqueued after every step launched before, which may still read the slot's old row."""
-        self.slot_tables[slot, :len(blocks)].copy_(self._to_device(blocks, torch.int32))
+        self.slot_tables[slot, :len(blocks)].copy_(self.to_device(blocks, torch.int32))
 
     # ---- prefill ---------------------------------------------------------------------------------------------
     def prefill_metadata(self, chunks: list[tuple[Sequence, int, int]]):
@@ -160,7 +160,7 @@ class ModelRunner:
             starts.append(starts[-1] + n)
         width = max(len(s.blocks) for s, _, _ in chunks)
         tables = [s.blocks + [0] * (width - len(s.blocks)) for s, _, _ in chunks]
-        put = self._to_device
+        put = self.to_device
         meta = AttentionMetadata(
             positions=put(positions, torch.long),
             slot_mapping=put(slots, torch.long),
@@ -173,7 +173,7 @@ class ModelRunner:
         last = put([i - 1 for i in starts[1:]], torch.long)
         return put(ids, torch.long), meta, last
 
-    def _to_device(self, values, dtype: torch.dtype | None) -> torch.Tensor:
+    def to_device(self, values, dtype: torch.dtype | None) -> torch.Tensor:
         """A host list as a device tensor. On CUDA through pinned memory: a copy from pageable memory may wait for
         the stream, which holds the decode step launched before."""
         host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
@@ -191,7 +191,7 @@ class ModelRunner:
             return Launched([], None, None)
         logits = self.model.compute_logits(hidden[last])
         rows = rows_tensor([s.sampling_row() for s in seqs], "cpu")
-        rows = SamplingRows(*(self._to_device(getattr(rows, f), None) for f in SamplingRows.FIELDS))
+        rows = SamplingRows(*(self.to_device(getattr(rows, f), None) for f in SamplingRows.FIELDS))
         tokens = sample_tokens(logits, rows, self.sampler, sampler_variant([s.params for s in seqs]))
         self.last_token.scatter_(0, rows.slot, tokens)
         host = torch.empty(tokens.shape, dtype=torch.long, pin_memory=self.cuda)

@@ -175,7 +175,10 @@ class SamplerState:
     def reset(self, slot: int, prompt_ids: list[int]) -> None:
         self.seen[slot].zero_()
         self.counts[slot].zero_()
-        self.seen[slot, torch.tensor(prompt_ids, dtype=torch.long, device=self.seen.device)] = True
+        ids = torch.tensor(prompt_ids, dtype=torch.long)
+        if self.seen.is_cuda:  # through pinned memory: a pageable copy would wait for the decode step in flight
+            ids = ids.pin_memory().to(self.seen.device, non_blocking=True)
+        self.seen[slot, ids] = True
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, repetition: torch.Tensor,

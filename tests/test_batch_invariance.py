@@ -4,6 +4,8 @@ attention, the MoE GEMVs) reduces a row in an order fixed by the model's shapes,
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -13,35 +15,38 @@ from qwen2rt.models.qwen2 import Qwen2Model, random_weights
 from qwen2rt.models.rope import RotaryTables
 
 
-def _setup(name: str, batch: int, max_len: int, seed: int):
+def _setup(name: str, batch: int, max_len: int, seed: int, device="cpu", dtype=torch.float32, layers=None):
     config = builtin_config(name)
-    model = Qwen2Model(config, random_weights(config, "cpu", torch.float32, seed=seed), get_backend("triton"),
-                       RotaryTables.build(config, max_len, "cpu"))
+    if layers is not None:
+        config = dataclasses.replace(config, num_hidden_layers=layers)
+    model = Qwen2Model(config, random_weights(config, device, dtype, seed=seed), get_backend("triton"),
+                       RotaryTables.build(config, max_len, device))
     block_size = 16
     blocks_per_seq = -(-max_len // block_size)
     gen = torch.Generator().manual_seed(seed)
     shape = (batch * blocks_per_seq, block_size, config.num_key_value_heads, config.head_dim)
     # random cached context (what earlier steps would have written); each sequence owns its own blocks
-    caches = [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
+    caches = [tuple(torch.randn(shape, generator=gen).to(device, dtype) for _ in range(2))
               for _ in range(config.num_hidden_layers)]
-    tables = torch.arange(batch * blocks_per_seq, dtype=torch.int32).view(batch, blocks_per_seq)
-    lengths = torch.randint(1, max_len, (batch,), generator=gen)
-    tokens = torch.randint(0, config.vocab_size, (batch,), generator=gen)
+    tables = torch.arange(batch * blocks_per_seq, dtype=torch.int32).view(batch, blocks_per_seq).to(device)
+    lengths = torch.randint(1, max_len, (batch,), generator=gen).to(device)
+    tokens = torch.randint(0, config.vocab_size, (batch,), generator=gen).to(device)
     return model, caches, tables, lengths, tokens, block_size
 
 
 def _decode_logits(model, caches, tables, lengths, tokens, block_size, rows: list[int], pad_to: int):
     """One decode step of the sequences `rows` (in that order), padded to `pad_to` rows like a graph bucket."""
-    rows_t = torch.tensor(rows)
+    dev = tables.device
+    rows_t = torch.tensor(rows, device=dev)
     lens, pos = lengths[rows_t], lengths[rows_t] - 1
     slots = tables[rows_t, pos // block_size].long() * block_size + pos % block_size
     pad = pad_to - len(rows)
     meta = AttentionMetadata(
-        positions=torch.cat([pos, torch.zeros(pad, dtype=torch.long)]),
-        slot_mapping=torch.cat([slots, torch.full((pad,), -1, dtype=torch.long)]),
-        block_tables=torch.cat([tables[rows_t], torch.zeros(pad, tables.shape[1], dtype=torch.int32)]),
-        seq_lens=torch.cat([lens, torch.zeros(pad, dtype=torch.long)]), is_prefill=False)
-    ids = torch.cat([tokens[rows_t], torch.zeros(pad, dtype=torch.long)])
+        positions=torch.cat([pos, torch.zeros(pad, dtype=torch.long, device=dev)]),
+        slot_mapping=torch.cat([slots, torch.full((pad,), -1, dtype=torch.long, device=dev)]),
+        block_tables=torch.cat([tables[rows_t], torch.zeros(pad, tables.shape[1], dtype=torch.int32, device=dev)]),
+        seq_lens=torch.cat([lens, torch.zeros(pad, dtype=torch.long, device=dev)]), is_prefill=False)
+    ids = torch.cat([tokens[rows_t], torch.zeros(pad, dtype=torch.long, device=dev)])
     return model.compute_logits(model.forward(ids, meta, caches))[:len(rows)]
 
 
@@ -67,3 +72,19 @@ def test_decode_logits_bitwise_equal_in_buckets_16_and_32():
     sixteen = _decode_logits(*args, rows=list(range(16)), pad_to=16)
     all32 = _decode_logits(*args, rows=list(range(32)), pad_to=32)
     assert torch.equal(sixteen, all32[:16])
+
+
+@pytest.mark.gpu
+def test_decode_logits_bitwise_equal_on_gpu():
+    """bf16 on the GPU, Qwen2-0.5B shapes (2 layers): M = 1 compiles to its own GEMV kernel there, so this is the
+    check the interpreter cannot make. Alone vs among 8 (padded), 16 vs 32, one context of several chunks."""
+    model, caches, tables, lengths, tokens, bs = _setup("qwen2-0.5b", batch=32, max_len=2000, seed=5, device="cuda",
+                                                        dtype=torch.bfloat16, layers=2)
+    lengths[5] = 1999
+    args = (model, caches, tables, lengths, tokens, bs)
+    alone = _decode_logits(*args, rows=[5], pad_to=1)[0]
+    among = _decode_logits(*args, rows=[2, 7, 5, 0, 1], pad_to=8)
+    assert torch.equal(alone, among[2])
+    sixteen = _decode_logits(*args, rows=list(range(16)), pad_to=16)
+    all32 = _decode_logits(*args, rows=list(range(32)), pad_to=32)
+    assert torch.equal(sixteen, all32[:16]) and torch.equal(alone, sixteen[5])

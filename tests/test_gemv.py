@@ -80,10 +80,23 @@ def test_batch_invariance(dtype):
     assert torch.equal(fused_linear(x[16:32], w, **kw), among32[16:])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, k, fusion", [(1152, 896, "norm+bias"), (896, 4864, "residual"),
+                                          (9728, 896, "norm+swiglu"), (151936, 896, "norm+logits")])
+def test_batch_invariance_bf16_gpu(n, k, fusion):
+    """On the GPU, where M = 1 compiles to its own kernel (the JIT specialises it), a row is bitwise the same alone,
+    among 8 and in a batch of 32."""
+    x, w, kw, _ = _inputs(32, n, k, torch.bfloat16, **FUSIONS[fusion])
+    sliced = lambda a, b: {name: (t[a:b] if name == "residual" else t) for name, t in kw.items()}  # noqa: E731
+    alone = fused_linear(x[5:6], w, **sliced(5, 6))
+    among8 = fused_linear(x[:8], w, **sliced(0, 8))
+    among32 = fused_linear(x, w, **kw)
+    assert torch.equal(alone[0], among8[5]) and torch.equal(among8, among32[:8])
+
+
 def test_tolerance_is_tight():
-    """A plausible bug in each fusion moves the output farther than the bf16 GPU tolerance: the norm's epsilon
-    inside the square root dropped (no), the norm weight ignored, the bias added twice, the residual dropped,
-    silu applied to up instead of gate."""
+    """A plausible bug in each fusion moves the output farther than the bf16 GPU tolerance: the norm left out, the
+    norm weight ignored, the bias added twice, the residual dropped, silu applied to up instead of gate."""
     x, w, kw, _ = _inputs(4, 64, 256, torch.float32, norm=True, bias=True, swiglu=True, residual=True)
     ref = fused_linear_ref(x, w, **kw)
     g, b, r = kw["norm_weight"], kw["bias"], kw["residual"]
