@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .rmsnorm import rms_norm_ref
+from .rmsnorm import rms_norm_ref, rms_normed
 from .swiglu import silu_and_mul_ref
 
 # Rows per block of the row loop. Fixed, whatever the batch: it sets the reduction's layout, so changing it with
@@ -100,7 +100,7 @@ def _fused_linear_kernel(
             b_x = tl.load(p_xm + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0).to(tl.float32)
             if HAS_NORM:
                 b_g = tl.load(p_norm + o_k, mask=m_k, other=0.0).to(tl.float32)
-                b_x = ((b_x * b_rstd[:, None]).to(dt).to(tl.float32) * b_g[None, :]).to(dt).to(tl.float32)
+                b_x = rms_normed(b_x, b_rstd[:, None], b_g[None, :], dt)
             m_w = m_n[:, None] & m_k[None, :]
             b_w = tl.load(p_wg + o_k[None, :], mask=m_w, other=0.0).to(tl.float32)  # [BN, BK]
             b_acc += b_x[:, None, :] * b_w[None, :, :]  # [BM, 1, BK] * [1, BN, BK]
@@ -140,7 +140,8 @@ def gemv_config(n: int, k: int, swiglu: bool, interpreter: bool = False) -> dict
     return dict(BLOCK_N=block_n, BLOCK_K=max(16, block_k), num_warps=4)
 
 
-def _check(name: str, t: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device) -> None:
+def check_operand(name: str, t: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device) -> None:
+    """An optional operand: absent, or `shape`, `dtype`, on `device`, with a contiguous last dimension."""
     if t is None:
         return
     if tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
@@ -170,17 +171,17 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     width = n // 2 if swiglu else n
     if x.stride(1) != 1:
         raise ValueError("x must have a contiguous last dimension")
-    _check("weight", weight, (n, k), x.dtype, x.device)
-    _check("bias", bias, (n,), x.dtype, x.device)
-    _check("norm_weight", norm_weight, (k,), x.dtype, x.device)
-    _check("residual", residual, (m, width), x.dtype, x.device)
+    check_operand("weight", weight, (n, k), x.dtype, x.device)
+    check_operand("bias", bias, (n,), x.dtype, x.device)
+    check_operand("norm_weight", norm_weight, (k,), x.dtype, x.device)
+    check_operand("residual", residual, (m, width), x.dtype, x.device)
     if out_dtype not in (None, x.dtype, torch.float32):
         raise ValueError(f"out_dtype must be None, x's dtype or float32, got {out_dtype}")
     out_dtype = out_dtype or x.dtype
     if out is None:
         out = torch.empty((m, width), device=x.device, dtype=out_dtype)
     else:
-        _check("out", out, (m, width), out_dtype, x.device)
+        check_operand("out", out, (m, width), out_dtype, x.device)
     if m == 0:
         return out
     cfg = config or gemv_config(width, k, swiglu, interpreter=x.device.type == "cpu")

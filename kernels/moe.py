@@ -48,8 +48,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .gemv import fused_linear
-from .rmsnorm import rms_norm, rms_norm_ref
+from .gemv import check_operand, fused_linear
+from .rmsnorm import rms_norm, rms_norm_ref, rms_normed
 from .swiglu import silu_and_mul, silu_and_mul_ref
 
 log = logging.getLogger("qwen2rt")
@@ -74,12 +74,7 @@ def fused_moe_ref(x, router, gate_up, down, top_k: int, renormalize: bool, share
     """The MoE block looping over experts, as Hugging Face computes it. x [T, H] -> [T, H]. With norm_weight, the
     block runs on rms_norm(x, norm_weight) (the post-attention norm); residual [T, H] is added to the output."""
     if norm_weight is not None:
-        out = fused_moe_ref(rms_norm_ref(x, norm_weight, eps), router, gate_up, down, top_k, renormalize,
-                            shared_gate_up, shared_down, shared_gate)
-        return out if residual is None else out + residual
-    if residual is not None:
-        return fused_moe_ref(x, router, gate_up, down, top_k, renormalize, shared_gate_up, shared_down,
-                             shared_gate) + residual
+        x = rms_norm_ref(x, norm_weight, eps)
     num_experts = router.shape[0]
     ids, weights = route_ref(F.linear(x, router), top_k, renormalize)
     weights = weights.to(x.dtype)
@@ -94,7 +89,7 @@ def fused_moe_ref(x, router, gate_up, down, top_k: int, renormalize: bool, share
     if shared_gate_up is not None:
         shared = F.linear(silu_and_mul_ref(F.linear(x, shared_gate_up)), shared_down)
         out = out + torch.sigmoid(F.linear(x, shared_gate)) * shared
-    return out
+    return out if residual is None else out + residual
 
 
 # ---- the post-attention norm, inside the kernels that read its output ------------------------------------------
@@ -112,11 +107,9 @@ def _row_rstd(p_row, hidden, eps, BLOCK: tl.constexpr):
 
 @triton.jit
 def _normed(b_x, rstd, p_norm, o_h, m_h, HAS_NORM: tl.constexpr, dt: tl.constexpr):
-    """The chunk b_x (fp32) of a row as the unfused model sees it after RMSNorm: rounded to the dtype, scaled by the
-    norm weight, rounded again (kernels/rmsnorm.py). Unchanged without HAS_NORM."""
+    """The chunk b_x (fp32) of a row after RMSNorm (rmsnorm.rms_normed); unchanged without HAS_NORM."""
     if HAS_NORM:
-        b_g = tl.load(p_norm + o_h, mask=m_h, other=0.0).to(tl.float32)
-        b_x = ((b_x * rstd).to(dt).to(tl.float32) * b_g).to(dt).to(tl.float32)
+        b_x = rms_normed(b_x, rstd, tl.load(p_norm + o_h, mask=m_h, other=0.0).to(tl.float32), dt)
     return b_x
 
 
@@ -650,11 +643,8 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
         if fold_shared:  # the folded chunks are read in place with the contiguous strides
             raise ValueError("fold_shared=True needs contiguous shared expert weights [2Is, H] and [H, Is]")
         chunks = 0
-    for name, t_ in (("norm_weight", norm_weight), ("residual", residual)):
-        shape = (hidden,) if name == "norm_weight" else tuple(x.shape)
-        if t_ is not None and (tuple(t_.shape) != shape or t_.dtype != x.dtype or t_.device != x.device):
-            raise ValueError(f"{name} must be a {x.dtype} tensor {list(shape)} on {x.device}, got {t_.dtype} "
-                             f"{list(t_.shape)} on {t_.device}")
+    check_operand("norm_weight", norm_weight, (hidden,), x.dtype, x.device)
+    check_operand("residual", residual, tuple(x.shape), x.dtype, x.device)
     x = x if x.stride(1) == 1 else x.contiguous()
     if out is None:
         out = torch.empty_like(x)
@@ -671,9 +661,11 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
         config_key(hidden, inter, num_experts, top_k, shared_inter, x.dtype, bucket, x.device), bucket)
     fold = cfg.get("FOLD_SHARED", DEFAULT_CONFIGS[bucket]["FOLD_SHARED"]) if fold_shared is None else fold_shared
     chunks = chunks if fold else 0
-    residual = residual if residual is None or residual.stride(1) == 1 else residual.contiguous()
-    if norm_weight is not None and not (bucket in GEMV_BUCKETS and (chunks > 0 or shared_gate_up is None)):
-        x, norm_weight = rms_norm(x, norm_weight, eps), None  # normalised once, before everything that reads it
+    # the GEMV path with no separate shared expert takes the norm in its prologues and the residual in the down
+    # GEMV's epilogue; elsewhere x is normalised once, before everything that reads it
+    fuses = bucket in GEMV_BUCKETS and (chunks > 0 or shared_gate_up is None)
+    if norm_weight is not None and not fuses:
+        x, norm_weight = rms_norm(x, norm_weight, eps), None
     if norm_weight is None:
         logits = F.linear(x, router)
     else:  # the router GEMV normalises x in its prologue
@@ -696,7 +688,7 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
         # token's k + S experts would leave few (token, N tile) programs), fp32 partial rows summed after
         split = math.gcd(cfg.get("SPLIT_PAIRS", 1), pairs)
         target = out if split == 1 else torch.empty((t * split, hidden), device=x.device, dtype=torch.float32)
-        residual_added = residual is not None and split == 1 and (chunks > 0 or shared_gate_up is None)
+        residual_added = residual is not None and split == 1 and fuses
         _gemv_down_kernel[(t * split, triton.cdiv(hidden, bn))](
             h, ids, weights, down, p_shared_down, residual if residual_added else target, target, *sizes,
             h.stride(0), down.stride(0), down.stride(1), residual.stride(0) if residual_added else 0,

@@ -31,6 +31,14 @@ def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
 # ---- kernel -----------------------------------------------------------------------------------------------------
 
 @triton.jit
+def rms_normed(b_x, rstd, b_w, dt: tl.constexpr):
+    """The normalised values as the unfused model has them, in fp32: x * rstd rounded to dt, times the weight,
+    rounded again (torch's low-precision multiply rounds the same way; the Triton interpreter cannot multiply bf16
+    values directly). b_x, rstd and b_w are fp32 and broadcast. Shared by every kernel with an RMSNorm prologue."""
+    return ((b_x * rstd).to(dt).to(tl.float32) * b_w).to(dt).to(tl.float32)
+
+
+@triton.jit
 def _rms_norm_kernel(
     # pointers
     p_x, p_res, p_w, p_y, p_res_out,
@@ -52,9 +60,7 @@ def _rms_norm_kernel(
     b_xf = b_x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(b_xf * b_xf, axis=0) / n_cols + eps)
     b_w = tl.load(p_w + o_col, mask=m_col, other=0.0).to(tl.float32)
-    # round the normalised row to the input dtype, then scale in fp32 and round again: torch's low-precision
-    # multiply does the same (and the Triton interpreter cannot multiply bf16 values directly)
-    b_y = (b_xf * rstd).to(p_x.dtype.element_ty).to(tl.float32) * b_w
+    b_y = rms_normed(b_xf, rstd, b_w, p_x.dtype.element_ty)
     tl.store(p_y + i_row * s_y + o_col, b_y.to(p_y.dtype.element_ty), mask=m_col)
 
 

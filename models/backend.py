@@ -76,9 +76,6 @@ class Backend:
     name = "abstract"
     graph_safe = False  # True when the decode step never synchronises with the host (CUDA-graph capturable)
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        raise NotImplementedError
-
     def norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                     bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """linear(rms_norm(x, norm_weight), weight, bias) -> [T, N] in x's dtype, or out_dtype (float32: logits)."""
@@ -119,9 +116,6 @@ class TorchBackend(Backend):
     # prefill attends in query chunks so that the fp32 score matrix stays ~256 MB whatever the prompt length
     max_score_elements = 1 << 26
 
-    def rms_norm(self, x, weight, eps):
-        return kernels.rms_norm_ref(x, weight, eps)
-
     def norm_linear(self, x, norm_weight, eps, weight, bias=None, out_dtype=None):
         return kernels.fused_linear_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, out_dtype=out_dtype)
 
@@ -153,9 +147,6 @@ class TritonBackend(Backend):
 
     name = "triton"
     graph_safe = True
-
-    def rms_norm(self, x, weight, eps):
-        return kernels.rms_norm(x, weight, eps)
 
     def norm_linear(self, x, norm_weight, eps, weight, bias=None, out_dtype=None):
         if x.shape[0] <= kernels.gemv.MAX_ROWS:

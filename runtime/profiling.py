@@ -45,9 +45,6 @@ class ProfilingBackend(Backend):
     def _linear_op(self, weight) -> str:
         return f"linear.{self.linear_names.get(id(weight), 'other')}"
 
-    def rms_norm(self, x, weight, eps):
-        return self._run("rms_norm", _nbytes(x, weight), self.inner.rms_norm, x, weight, eps)
-
     def norm_linear(self, x, norm_weight, eps, weight, bias=None, out_dtype=None):
         return self._run(self._linear_op(weight), _nbytes(x, norm_weight, weight, bias), self.inner.norm_linear, x,
                          norm_weight, eps, weight, bias, out_dtype)
