@@ -94,13 +94,16 @@ def allocate_weights(config: Qwen2Config, device, dtype, fill=None) -> ModelWeig
     for i in range(c.num_hidden_layers):
         if c.is_moe_layer(i):
             e, inter, shared = c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size
+            # the router's rows then the shared expert's gate row, in one tensor: the decode path computes all the
+            # gate logits with one GEMV (kernels.moe.router_with_shared_gate)
+            gates = new("weight", e + (1 if shared else 0), h)
             mlp = MoEWeights(
-                router=new("weight", e, h),
+                router=gates[:e],
                 gate_up=new("weight", e, 2 * inter, h),
                 down=new("weight", e, h, inter),
                 shared_gate_up=new("weight", 2 * shared, h) if shared else None,
                 shared_down=new("weight", h, shared) if shared else None,
-                shared_gate=new("weight", 1, h) if shared else None,
+                shared_gate=gates[e:] if shared else None,
                 top_k=c.num_experts_per_tok,
                 norm_topk_prob=c.norm_topk_prob,
             )
