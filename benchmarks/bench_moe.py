@@ -23,7 +23,7 @@ from qwen2rt.kernels.moe import DECODE_MAX_TOKENS, DEFAULT_CONFIGS, token_bucket
 from qwen2rt.models.config import builtin_config
 
 LAYERS = ["qwen1.5-moe-a2.7b", "qwen2-57b-a14b"]
-TOKENS = [1, 4, 16, 128, 2048]
+TOKENS = [1, 4, 16, 32, 128, 2048]
 BATCHED_MM_MAX_BYTES = 8e9
 
 
@@ -103,6 +103,11 @@ def run(device, ceilings, layers=LAYERS, tokens=TOKENS, dtype=torch.bfloat16, co
                 impls["qwen2rt_split4"] = lambda split=split: fused_moe(
                     x, w["router"], w["gate_up"], w["down"], k, c.norm_topk_prob, w["shared_gate_up"],
                     w["shared_down"], w["shared_gate"], config=split)
+                # the grouped GEMMs at a decode size: the measurement that says up to how many tokens the GEMVs
+                # (DECODE_MAX_TOKENS) should take the block
+                impls["qwen2rt_grouped"] = lambda: fused_moe(
+                    x, w["router"], w["gate_up"], w["down"], k, c.norm_topk_prob, w["shared_gate_up"],
+                    w["shared_down"], w["shared_gate"], regime="prefill")
             for impl, block in blocks.items():
                 impls[f"hf_{impl}"] = (lambda b=block: b(x[None]))
             gathered = t * k * per_expert  # what HF's batched_mm copies: every selected expert's weights, per pair

@@ -1,18 +1,22 @@
 """Mixture-of-experts block of Qwen2-MoE: routing, grouping and the two grouped expert GEMMs.
 
-    logits  = x @ router^T                                   [T, E]   (torch matmul)
-    route   : softmax (fp32) -> top-k ids and weights (+ renormalisation)   one kernel, one program per token
+    logits  = x @ [router; g]^T                              [T, E (+1)]   (one GEMM; g: the shared expert's gate)
+    route   : softmax (fp32) over the E experts -> top-k ids and weights (+ renormalisation)
     gemm 1  : h[p]   = silu(x[t] @ Wg[e]^T) * (x[t] @ Wu[e]^T)  for every (token t, expert e) pair p   [T k, I]
     gemm 2  : out[t] = sum_j w[t, j] * (h[t k + j] @ Wd[e_j]^T)                                         [T, H]
     shared  : out   += sigmoid(x @ g^T) * down_s(silu_and_mul(x @ gate_up_s^T))
 
 Two regimes, one launcher:
-- decode (T <= DECODE_MAX_TOKENS): each expert sees a row or two, so gemm 1 is a batched GEMV with one program per
-  (pair, N tile) and gemm 2 one program per (token, N tile) that loops over the token's k experts and sums them in
-  registers (deterministic, no atomics), or, with the config's SPLIT_PAIRS = s > 1, one program per (token, chunk
-  of its pairs, N tile) writing fp32 partial rows that are summed in a fixed order after (s times the programs,
-  for batch 1, where H / BLOCK_N programs each streaming every selected expert in turn may not keep enough bytes in
-  flight). No grouping pass at all. Bandwidth-bound.
+- decode (T <= DECODE_MAX_TOKENS, every decode bucket): each expert sees a row or two, so gemm 1 is a batched GEMV
+  with one program per (pair, N tile) and gemm 2 one program per (token, N tile) that loops over the token's k
+  experts and sums them in registers (deterministic, no atomics), or, with the config's SPLIT_PAIRS = s > 1, one
+  program per (token, chunk of its pairs, N tile) writing fp32 partial rows that are summed in a fixed order after
+  (s times the programs, for batch 1, where H / BLOCK_N programs each streaming every selected expert in turn may
+  not keep enough bytes in flight). No grouping pass and no routing launch: each program routes its token from the
+  logits itself (a softmax and a rank over E numbers, next to streaming a [BLOCK_N, H] slice of an expert). With
+  the norm in the router GEMV's and gate_up GEMV's prologues and the residual in the down GEMV's epilogue, the
+  block is 3 launches. Bandwidth-bound; at 32 tokens most experts are selected by more than one token and read
+  once per pair (from L2 when their programs run together; unmeasured: bench_moe times the grouped GEMMs beside).
 - prefill: pairs are grouped by expert into BLOCK_M-row blocks (`moe_align`, torch ops on the device with static
   shapes); gemm 1 gathers token rows inside its loads and applies SwiGLU in the epilogue; gemm 2 scales by the
   routing weight and writes per-pair rows that are summed per token. The grid is a static upper bound on the
@@ -26,7 +30,7 @@ config (`FOLD_SHARED`):
   shared expert is S = Is / I extra experts E .. E+S-1 that every token selects, all with the weight
   sigmoid(x @ g^T). Chunk c is rows [c I, (c+1) I) of the shared gate and up projections and columns [c I, (c+1) I)
   of the shared down projection, read in place from the checkpoint layout ([2Is, H], [H, Is]): no second copy of
-  the weights. The routing kernel computes the gate and writes the S extra (id, weight) pairs, and the same two
+  the weights. The routing (in the GEMVs, or the routing kernel) adds the S extra (id, weight) pairs, and the same two
   GEMM launches do the rest, summing all k + S contributions of a token in fp32.
 Which is faster depends on the GPU and the regime, so warm-up tuning times both (after choosing block sizes) and
 caches the winner. Before any measurement the defaults are: folded at decode (the layer is launch-bound there, and
@@ -54,7 +58,7 @@ from .swiglu import silu_and_mul, silu_and_mul_ref
 
 log = logging.getLogger("qwen2rt")
 
-DECODE_MAX_TOKENS = 16
+DECODE_MAX_TOKENS = 32
 
 
 # ---- reference --------------------------------------------------------------------------------------------------
@@ -114,93 +118,111 @@ def _normed(b_x, rstd, p_norm, o_h, m_h, HAS_NORM: tl.constexpr, dt: tl.constexp
 
 
 # ---- routing ----------------------------------------------------------------------------------------------------
+# The router's logits carry one more column when the layer has a shared expert: the shared expert's gate logit,
+# computed by the same GEMV (router_with_shared_gate). A token's routing is a few reductions over E numbers, so the
+# decode GEMVs redo it in every program instead of launching a routing kernel and reading its output back.
+
+@triton.jit
+def _route_ranks(p_row, num_experts, BLOCK_E: tl.constexpr):
+    """One token's routing from its router logits: (fp32 softmax probabilities [BLOCK_E], rank [BLOCK_E]). The
+    expert of rank j is the token's j-th choice: ranked by probability, ties to the lower index. Lanes past
+    num_experts have probability -1 and are ranked last."""
+    o_e = tl.arange(0, BLOCK_E)
+    m_e = o_e < num_experts
+    b_logits = tl.load(p_row + o_e, mask=m_e, other=float("-inf")).to(tl.float32)
+    b_p = tl.exp(b_logits - tl.max(b_logits, axis=0))
+    b_p = tl.where(m_e, b_p, 0.0)
+    b_probs = tl.where(m_e, b_p / tl.sum(b_p, axis=0), -1.0)  # probabilities are >= 0: padding comes last
+    # expert f is ahead of expert e when its probability is larger, or equal with a lower index: [E, E] -> [E]
+    b_pe, b_pf = b_probs[:, None], b_probs[None, :]
+    ahead = (b_pf > b_pe) | ((b_pf == b_pe) & (o_e[None, :] < o_e[:, None]))
+    return b_probs, tl.sum(ahead.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _route_choice(b_probs, b_rank, j, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(expert id, routing weight) of a token's j-th choice (j < TOP_K), from _route_ranks."""
+    is_j = b_rank == j
+    expert = tl.min(tl.where(is_j, tl.arange(0, BLOCK_E), BLOCK_E), axis=0)
+    weight = tl.sum(tl.where(is_j, b_probs, 0.0), axis=0)  # the one selected lane
+    if RENORMALIZE:
+        weight = weight / tl.sum(tl.where(b_rank < TOP_K, b_probs, 0.0), axis=0)
+    return expert, weight
+
+
+@triton.jit
+def _pair_expert(b_probs, b_rank, j, num_experts, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                 BLOCK_E: tl.constexpr):
+    """(expert id, weight before the shared gate) of a token's pair j: a routed choice for j < TOP_K, else chunk
+    j - TOP_K of the folded shared expert (id num_experts + j - TOP_K)."""
+    expert, weight = _route_choice(b_probs, b_rank, j, TOP_K, RENORMALIZE, BLOCK_E)
+    return tl.where(j < TOP_K, expert, num_experts + j - TOP_K), weight
+
 
 @triton.jit
 def _route_kernel(
     # pointers
-    p_logits, p_x, p_shared_gate, p_norm, p_ids, p_weights,
+    p_logits, p_ids, p_weights,
     # sizes
-    num_experts, hidden, eps,
+    num_experts,
     # strides
-    s_logits, s_x,
+    s_logits,
     # meta-parameters
-    TOP_K: tl.constexpr, SHARED_CHUNKS: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_NORM: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+    TOP_K: tl.constexpr, SHARED_CHUNKS: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
-    o_e = tl.arange(0, BLOCK_E)
-    m_e = o_e < num_experts
-    b_logits = tl.load(p_logits + i_t * s_logits + o_e, mask=m_e, other=float("-inf")).to(tl.float32)
-    b_p = tl.exp(b_logits - tl.max(b_logits, axis=0))
-    b_p = tl.where(m_e, b_p, 0.0)
-    b_probs = b_p / tl.sum(b_p, axis=0)
-    remaining = tl.where(m_e, b_probs, -1.0)  # probabilities are >= 0: -1 is never picked
-    o_k = tl.arange(0, BLOCK_K)
-    b_ids = tl.zeros([BLOCK_K], tl.int32)
-    b_w = tl.zeros([BLOCK_K], tl.float32)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(remaining, axis=0)
-        idx = tl.min(tl.where(remaining == best, o_e, BLOCK_E), axis=0)  # the lowest index among equals
-        b_ids = tl.where(o_k == j, idx, b_ids)
-        b_w = tl.where(o_k == j, best, b_w)
-        remaining = tl.where(o_e == idx, -1.0, remaining)
-    if RENORMALIZE:
-        b_w = b_w / tl.sum(b_w, axis=0)
+    p_row = p_logits + i_t * s_logits
+    b_probs, b_rank = _route_ranks(p_row, num_experts, BLOCK_E)
     p_row_ids = p_ids + i_t * (TOP_K + SHARED_CHUNKS)
     p_row_w = p_weights + i_t * (TOP_K + SHARED_CHUNKS)
-    tl.store(p_row_ids + o_k, b_ids, mask=o_k < TOP_K)
-    tl.store(p_row_w + o_k, b_w, mask=o_k < TOP_K)
+    for j in tl.static_range(TOP_K):
+        expert, weight = _route_choice(b_probs, b_rank, j, TOP_K, RENORMALIZE, BLOCK_E)
+        tl.store(p_row_ids + j, expert)
+        tl.store(p_row_w + j, weight)
     if SHARED_CHUNKS > 0:
-        # the folded shared expert: chunks E .. E+S-1, each weighted by sigmoid(x . g)
-        rstd = 1.0
-        if HAS_NORM:
-            rstd = _row_rstd(p_x + i_t * s_x, hidden, eps, BLOCK_H)
-        b_dot = tl.zeros([BLOCK_H], tl.float32)
-        for h0 in range(0, hidden, BLOCK_H):
-            o_h = h0 + tl.arange(0, BLOCK_H)
-            m_h = o_h < hidden
-            b_x = tl.load(p_x + i_t * s_x + o_h, mask=m_h, other=0.0).to(tl.float32)
-            b_x = _normed(b_x, rstd, p_norm, o_h, m_h, HAS_NORM, p_x.dtype.element_ty)
-            b_dot += b_x * tl.load(p_shared_gate + o_h, mask=m_h, other=0.0).to(tl.float32)
-        gate = tl.sigmoid(tl.sum(b_dot, axis=0))
+        # the folded shared expert: chunks E .. E+S-1, each weighted by sigmoid(gate logit), the column after E
+        gate = tl.sigmoid(tl.load(p_row + num_experts).to(tl.float32))
         o_s = tl.arange(0, BLOCK_S)
         m_s = o_s < SHARED_CHUNKS
         tl.store(p_row_ids + TOP_K + o_s, num_experts + o_s, mask=m_s)
         tl.store(p_row_w + TOP_K + o_s, tl.zeros([BLOCK_S], tl.float32) + gate, mask=m_s)
 
 
-def route(logits: torch.Tensor, top_k: int, renormalize: bool, x: torch.Tensor | None = None,
-          shared_gate: torch.Tensor | None = None, shared_chunks: int = 0, norm_weight: torch.Tensor | None = None,
-          eps: float = 1e-6):
-    """Router logits [T, E] -> (ids [T, k + S] int32, weights [T, k + S] fp32): softmax, top-k, optional
-    renormalisation, in one kernel. Ties go to the lowest expert index. With shared_chunks S > 0 (the folded shared
-    expert), columns k .. k+S-1 hold the ids E .. E+S-1 and the weight sigmoid(x . shared_gate) (x [T, H],
-    shared_gate [1, H]; x is first normalised with norm_weight [H] when given)."""
-    t, num_experts = logits.shape
+def route(logits: torch.Tensor, num_experts: int, top_k: int, renormalize: bool, shared_chunks: int = 0):
+    """Router logits [T, E], or [T, E + 1] with the shared expert's gate logit last -> (ids [T, k + S] int32,
+    weights [T, k + S] fp32): softmax over the E experts, top-k, optional renormalisation, in one kernel. Ties go
+    to the lowest expert index. With shared_chunks S > 0 (the folded shared expert; needs the gate column),
+    columns k .. k+S-1 hold the ids E .. E+S-1 and the weight sigmoid(gate logit)."""
+    t, columns = logits.shape
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
-    if shared_chunks and (x is None or shared_gate is None or x.shape[0] != t or shared_gate.numel() != x.shape[1]):
-        raise ValueError("a folded shared expert needs x [T, H] and shared_gate [1, H]")
+    if columns not in (num_experts, num_experts + 1) or (shared_chunks and columns != num_experts + 1):
+        raise ValueError(f"logits must have {num_experts} columns, or {num_experts + 1} with the shared expert's "
+                         f"gate (needed when shared_chunks > 0), got {columns}")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    if shared_chunks:
-        x = x if x.stride(1) == 1 else x.contiguous()
-        shared_gate = shared_gate.contiguous()
-    else:
-        x = shared_gate = logits  # unused
-        norm_weight = None
-    hidden = x.shape[1]
     ids = torch.empty((t, top_k + shared_chunks), device=logits.device, dtype=torch.int32)
     weights = torch.empty((t, top_k + shared_chunks), device=logits.device, dtype=torch.float32)
     if t:
-        _route_kernel[(t,)](logits, x, shared_gate, norm_weight if norm_weight is not None else shared_gate, ids,
-                            weights, num_experts, hidden, eps, logits.stride(0), x.stride(0), TOP_K=top_k,
-                            SHARED_CHUNKS=shared_chunks, RENORMALIZE=renormalize, HAS_NORM=norm_weight is not None,
+        _route_kernel[(t,)](logits, ids, weights, num_experts, logits.stride(0), TOP_K=top_k,
+                            SHARED_CHUNKS=shared_chunks, RENORMALIZE=renormalize,
                             BLOCK_E=triton.next_power_of_2(num_experts),
-                            BLOCK_K=max(2, triton.next_power_of_2(top_k)),
-                            BLOCK_S=max(2, triton.next_power_of_2(shared_chunks)),
-                            BLOCK_H=min(1024, triton.next_power_of_2(hidden)), num_warps=1)
+                            BLOCK_S=max(2, triton.next_power_of_2(shared_chunks)), num_warps=1)
     return ids, weights
+
+
+def router_with_shared_gate(router: torch.Tensor, shared_gate: torch.Tensor | None) -> torch.Tensor:
+    """[E, H] router, or [E + 1, H]: the router's rows then the shared expert's gate row, so that one GEMM gives
+    every gate logit. A view when the two are adjacent rows of one tensor (as the model allocates them), else a
+    copy (one more launch)."""
+    if shared_gate is None:
+        return router
+    e, h = router.shape
+    if (router._base is not None and router._base is shared_gate._base and router.is_contiguous()
+            and shared_gate.is_contiguous() and shared_gate.storage_offset() == router.storage_offset() + e * h):
+        return router.as_strided((e + 1, h), (h, 1), router.storage_offset())
+    return torch.cat([router, shared_gate])
 
 
 # ---- grouping ---------------------------------------------------------------------------------------------------
@@ -265,20 +287,24 @@ def _down_matrix(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS
 @triton.jit
 def _gemv_gate_up_kernel(
     # pointers
-    p_x, p_ids, p_w, p_ws, p_norm, p_out,
+    p_x, p_logits, p_w, p_ws, p_norm, p_out,
     # sizes
     hidden, inter, num_experts, shared_inter, eps,
     # strides
-    s_x, s_we, s_wn, s_out,
+    s_x, s_logits, s_we, s_wn, s_out,
     # meta-parameters
-    PAIRS: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, PAIRS: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_NORM: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # HAS_NORM: x is the residual stream, normalised here (each program recomputes its token's norm: x is a few KB)
+    # program (pair, N tile): pair j of token t is its j-th routed expert, or a chunk of the folded shared expert,
+    # routed here from the token's logits. HAS_NORM: x is the residual stream, normalised here (each program
+    # recomputes its token's norm: x is a few KB)
     i_pair = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
     i_t = i_pair // PAIRS
-    e = tl.load(p_ids + i_pair).to(tl.int64)
+    b_probs, b_rank = _route_ranks(p_logits + i_t * s_logits, num_experts, BLOCK_E)
+    e, _ = _pair_expert(b_probs, b_rank, i_pair % PAIRS, num_experts, TOP_K, False, BLOCK_E)
+    e = e.to(tl.int64)
     p_e, up = _gate_up_rows(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS_SHARED)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < inter
@@ -305,28 +331,37 @@ def _gemv_gate_up_kernel(
 @triton.jit
 def _gemv_down_kernel(
     # pointers
-    p_h, p_ids, p_weights, p_w, p_ws, p_res, p_out,
+    p_h, p_logits, p_w, p_ws, p_res, p_out,
     # sizes
     hidden, inter, num_experts, shared_inter,
     # strides
-    s_h, s_we, s_wn, s_res, s_out,
+    s_h, s_logits, s_we, s_wn, s_res, s_out,
     # meta-parameters
-    PAIRS: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_PAIRS: tl.constexpr, PAIRS_PER_PROGRAM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, PAIRS: tl.constexpr, HAS_SHARED: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
+    PAIRS_PER_PROGRAM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):
     # HAS_RESIDUAL (only with SPLIT_PAIRS == 1): the layer's output rounded, plus the residual, rounded again
     # program (token t, chunk c): the pairs c * PAIRS_PER_PROGRAM ... of token t, summed in a fixed order into row
-    # t * SPLIT_PAIRS + c of the output (the layer's output itself when SPLIT_PAIRS == 1, else fp32 partial sums)
+    # t * SPLIT_PAIRS + c of the output (the layer's output itself when SPLIT_PAIRS == 1, else fp32 partial sums);
+    # each pair's expert and weight routed here from the token's logits, as the gate_up GEMV did
     i_row = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
     i_t = i_row // SPLIT_PAIRS
     first = (i_row % SPLIT_PAIRS) * PAIRS_PER_PROGRAM
+    p_row = p_logits + i_t * s_logits
+    b_probs, b_rank = _route_ranks(p_row, num_experts, BLOCK_E)
+    shared_weight = 0.0
+    if HAS_SHARED:
+        shared_weight = tl.sigmoid(tl.load(p_row + num_experts).to(tl.float32))
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < hidden
     b_out = tl.zeros([BLOCK_N], tl.float32)
     for j in tl.static_range(PAIRS_PER_PROGRAM):
         i_pair = i_t * PAIRS + first + j
-        e = tl.load(p_ids + i_pair).to(tl.int64)
+        e, weight = _pair_expert(b_probs, b_rank, first + j, num_experts, TOP_K, RENORMALIZE, BLOCK_E)
+        weight = tl.where(first + j < TOP_K, weight, shared_weight)
+        e = e.to(tl.int64)
         p_e, s_row = _down_matrix(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS_SHARED)
         b_part = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, inter, BLOCK_K):
@@ -336,7 +371,7 @@ def _gemv_down_kernel(
             b_w = tl.load(p_e + o_n[:, None] * s_row + o_k[None, :], mask=m_n[:, None] & m_k[None, :],
                           other=0.0).to(tl.float32)  # [BN, BK]
             b_part += tl.sum(b_w * b_h[None, :], axis=1)
-        b_out += tl.load(p_weights + i_pair) * b_part
+        b_out += weight * b_part
     if HAS_RESIDUAL:
         b_res = tl.load(p_res + i_row * s_res + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_out = b_out.to(p_out.dtype.element_ty).to(tl.float32) + b_res
@@ -426,7 +461,7 @@ def _grouped_down_kernel(
 # ---- configs ----------------------------------------------------------------------------------------------------
 
 def token_bucket(tokens: int) -> str:
-    """Configs are tuned per bucket of token counts: two GEMV buckets (1-4 and 5-16 rows: the GEMVs read a selected
+    """Configs are tuned per bucket of token counts: two GEMV buckets (1-4 and 5-32 rows: the GEMVs read a selected
     expert's weights once per row, so the best tiles, and whether folding the shared expert pays, can differ) and
     two grouped-GEMM ones."""
     if tokens <= 4:
@@ -449,6 +484,8 @@ DEFAULT_CONFIGS = {
     "prefill-large": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
                       "FOLD_SHARED": False},
 }
+# On CPU (the Triton interpreter, ~10 ms per program whatever its size): few large programs, as gemv_config does
+INTERPRETER_GEMV_TILES = {"BLOCK_N": 64, "BLOCK_K": 128}
 # Kept small: every candidate is a Triton compile (about a second) at the first warm-up of a model shape. Block sizes
 # are tuned with the bucket's default FOLD_SHARED; the best one is then also timed with the other choice.
 TUNING_CANDIDATES = {
@@ -514,7 +551,10 @@ def get_config(key: str, bucket: str) -> dict:
     memo = (key, bucket, pinned, cache_path())
     if memo not in _resolved:
         chosen = json.loads(pinned) if pinned else _tuned.get(key) or _load_cache().get(key, {})
-        _resolved[memo] = dict(DEFAULT_CONFIGS[bucket], **chosen)
+        base = DEFAULT_CONFIGS[bucket]
+        if key.startswith("cpu|") and bucket in GEMV_BUCKETS:  # the interpreter runs programs one after another
+            base = dict(base, **INTERPRETER_GEMV_TILES)
+        _resolved[memo] = dict(base, **chosen)
     return _resolved[memo]
 
 
@@ -611,9 +651,10 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
     (True needs Is to be a multiple of I).
     norm_weight [H]: the block runs on rms_norm(x, norm_weight, eps) (the layer's post-attention norm); residual
     [T, H]: added to the output. On the GEMV path with the shared expert folded (or absent) both are fused: the
-    router GEMV, the routing kernel (shared gate) and the gate_up GEMV normalise x as they read it, the down GEMV
-    adds the residual (unless SPLIT_PAIRS > 1): the block is 4 launches. Elsewhere the norm is one kernel before
-    and the residual one add after."""
+    router GEMV (router and shared gate rows) and the gate_up GEMV normalise x as they read it, the down GEMV adds
+    the residual (unless SPLIT_PAIRS > 1): the block is 3 launches when the shared gate is the row after the
+    router's in memory (router_with_shared_gate), 4 otherwise. Elsewhere the norm is one kernel before and the
+    residual one add after."""
     t, hidden = x.shape
     num_experts, two_inter, _ = gate_up.shape
     inter = two_inter // 2
@@ -633,6 +674,8 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
                              f"{_shape(shared_gate_up)}, down {_shape(shared_down)}, gate {_shape(shared_gate)}")
         if not (shared_gate_up.dtype == shared_down.dtype == shared_gate.dtype == x.dtype):
             raise ValueError("the shared expert's weights must have x's dtype")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
     if regime not in (None, "decode", "prefill"):
         raise ValueError(f"regime must be 'decode' or 'prefill', got {regime!r}")
     chunks = shared_chunks(inter, shared_gate_up)
@@ -666,11 +709,12 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
     fuses = bucket in GEMV_BUCKETS and (chunks > 0 or shared_gate_up is None)
     if norm_weight is not None and not fuses:
         x, norm_weight = rms_norm(x, norm_weight, eps), None
+    # every gate logit in one GEMM: the router's E columns, then the shared expert's gate when there is one
+    gates = router_with_shared_gate(router, shared_gate)
     if norm_weight is None:
-        logits = F.linear(x, router)
+        logits = F.linear(x, gates)
     else:  # the router GEMV normalises x in its prologue
-        logits = fused_linear(x, router, norm_weight=norm_weight, eps=eps)
-    ids, weights = route(logits, top_k, renormalize, x, shared_gate, chunks, norm_weight, eps)
+        logits = fused_linear(x, gates, norm_weight=norm_weight, eps=eps)
     pairs = top_k + chunks  # (token, expert) pairs per token, shared chunks included
     num_pairs = t * pairs
     h = torch.empty((num_pairs, inter), device=x.device, dtype=x.dtype)
@@ -678,27 +722,31 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
     p_shared_gate_up, p_shared_down = (shared_gate_up, shared_down) if chunks else (gate_up, down)
     sizes = (hidden, inter, num_experts, shared_inter)
     residual_added = False
-    if bucket in GEMV_BUCKETS:
+    if bucket in GEMV_BUCKETS:  # both GEMVs route each token from its logits: no routing launch
         bn, bk, warps = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
+        block_e = triton.next_power_of_2(num_experts)
         _gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter, bn))](
-            x, ids, gate_up, p_shared_gate_up, norm_weight if norm_weight is not None else x, h, *sizes, eps,
-            x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), PAIRS=pairs, HAS_SHARED=chunks > 0,
-            HAS_NORM=norm_weight is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+            x, logits, gate_up, p_shared_gate_up, norm_weight if norm_weight is not None else x, h, *sizes, eps,
+            x.stride(0), logits.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), TOP_K=top_k,
+            PAIRS=pairs, HAS_SHARED=chunks > 0, HAS_NORM=norm_weight is not None, BLOCK_E=block_e, BLOCK_N=bn,
+            BLOCK_K=bk, num_warps=warps)
         # SPLIT_PAIRS > 1: each token's pairs in that many programs (more programs, more bytes in flight when a
         # token's k + S experts would leave few (token, N tile) programs), fp32 partial rows summed after
         split = math.gcd(cfg.get("SPLIT_PAIRS", 1), pairs)
         target = out if split == 1 else torch.empty((t * split, hidden), device=x.device, dtype=torch.float32)
         residual_added = residual is not None and split == 1 and fuses
         _gemv_down_kernel[(t * split, triton.cdiv(hidden, bn))](
-            h, ids, weights, down, p_shared_down, residual if residual_added else target, target, *sizes,
-            h.stride(0), down.stride(0), down.stride(1), residual.stride(0) if residual_added else 0,
-            target.stride(0), PAIRS=pairs, HAS_SHARED=chunks > 0, BLOCK_N=bn, BLOCK_K=bk, SPLIT_PAIRS=split,
+            h, logits, down, p_shared_down, residual if residual_added else target, target, *sizes,
+            h.stride(0), logits.stride(0), down.stride(0), down.stride(1),
+            residual.stride(0) if residual_added else 0, target.stride(0), TOP_K=top_k, RENORMALIZE=renormalize,
+            PAIRS=pairs, HAS_SHARED=chunks > 0, BLOCK_E=block_e, BLOCK_N=bn, BLOCK_K=bk, SPLIT_PAIRS=split,
             PAIRS_PER_PROGRAM=pairs // split, HAS_RESIDUAL=residual_added, num_warps=warps)
         if split > 1:
             out.copy_(target.view(t, split, hidden).sum(dim=1))  # fixed order: deterministic, batch-invariant
     else:
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        ids, weights = route(logits, num_experts, top_k, renormalize, chunks)
         sorted_pairs, block_experts, num_rows = moe_align(ids, num_experts + chunks, bm)
         num_blocks = sorted_pairs.numel() // bm
         precision = _dot_precision(x.dtype)
@@ -714,7 +762,7 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
         out.copy_(per_pair.view(t, pairs, hidden).sum(dim=1))  # fp32 sum of each token's rows
     if shared_gate_up is not None and not chunks:
         shared = F.linear(silu_and_mul(F.linear(x, shared_gate_up)), shared_down)
-        out.add_(torch.sigmoid(F.linear(x, shared_gate)) * shared)
+        out.add_(torch.sigmoid(logits[:, num_experts:]) * shared)  # x was normalised first: the gate logit fits
     if residual is not None and not residual_added:
         out.add_(residual)
     return out

@@ -139,24 +139,77 @@ def test_all_tokens_on_one_expert(regime):
 @pytest.mark.parametrize("e, k, renorm", [(7, 2, False), (61, 4, True), (64, 8, False), (5, 5, True)])
 def test_routing_kernel(e, k, renorm):
     logits = torch.randn(37, e, device=DEVICE)
-    ids, w = route(logits, k, renorm)
+    ids, w = route(logits, e, k, renorm)
     ref_ids, ref_w = route_ref(logits, k, renorm)
     assert torch.equal(ids.long(), ref_ids)
     torch.testing.assert_close(w, ref_w)
 
 
+def test_routing_ties_go_to_the_lower_expert():
+    # equal logits (bf16 routers give them): the choice is the lowest index, as in the decode GEMVs' routing
+    logits = torch.tensor([[0.5, 2.0, 1.0, 2.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0, 3.0, 1.0]], device=DEVICE)
+    ids, w = route(logits, 6, 3, False)
+    assert ids.tolist() == [[1, 3, 4], [4, 0, 1]]
+    torch.testing.assert_close(w, torch.softmax(logits, -1).gather(1, ids.long()))
+
+
 @pytest.mark.parametrize("k, chunks", [(2, 1), (4, 3)])
 def test_routing_kernel_writes_the_folded_shared_expert(k, chunks):
-    e, h = 7, 1500  # the gate's dot product takes two BLOCK_H (1024) steps
-    x = torch.randn(9, h, device=DEVICE)
-    logits, gate = torch.randn(9, e, device=DEVICE), torch.randn(1, h, device=DEVICE) * h ** -0.5
-    ids, w = route(logits, k, True, x, gate, chunks)
-    ref_ids, ref_w = route_ref(logits, k, True)
+    e = 7
+    logits = torch.randn(9, e + 1, device=DEVICE)  # the last column: the shared expert's gate logit
+    ids, w = route(logits, e, k, True, chunks)
+    ref_ids, ref_w = route_ref(logits[:, :e], k, True)
     assert ids.shape == w.shape == (9, k + chunks)
     assert torch.equal(ids[:, :k].long(), ref_ids)
     torch.testing.assert_close(w[:, :k], ref_w)
     assert (ids[:, k:] == torch.arange(e, e + chunks, device=DEVICE)).all()
-    torch.testing.assert_close(w[:, k:], torch.sigmoid(x @ gate.T).expand(9, chunks))
+    torch.testing.assert_close(w[:, k:], torch.sigmoid(logits[:, e:]).expand(9, chunks))
+    with pytest.raises(ValueError, match="gate"):
+        route(logits[:, :e], e, k, True, chunks)  # a folded shared expert needs the gate column
+
+
+def test_router_and_shared_gate_in_one_gemm():
+    router, gate = torch.randn(7, 32, device=DEVICE), torch.randn(1, 32, device=DEVICE)
+    assert torch.equal(moe_mod.router_with_shared_gate(router, gate), torch.cat([router, gate]))  # a copy
+    gates = torch.randn(8, 32, device=DEVICE)
+    joined = moe_mod.router_with_shared_gate(gates[:7], gates[7:])  # adjacent rows, as the model allocates them
+    assert joined.data_ptr() == gates.data_ptr() and torch.equal(joined, gates)
+    assert moe_mod.router_with_shared_gate(router, None) is router
+
+
+def test_decode_gemvs_route_like_the_routing_kernel():
+    """The decode GEMVs route each token themselves: 32 tokens (the largest decode bucket) on the GEMV path equal the
+    grouped path, which routes with the routing kernel, on tied router logits (duplicate router rows)."""
+    layer = make_layer(9, 64, 24, 48, torch.float32, seed=21)
+    layer["router"][5] = layer["router"][2]
+    layer["router"][7] = layer["router"][2]
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    assert moe_mod.token_bucket(32) == "decode-wide"
+    wide = dict(moe_mod.DEFAULT_CONFIGS["decode-wide"], BLOCK_N=64, BLOCK_K=64)  # few programs: the interpreter
+    gemv = run(x, layer, 3, True, "decode", config=wide, fold=True)
+    grouped = run(x, layer, 3, True, "prefill", config=dict(moe_mod.DEFAULT_CONFIGS["prefill-small"], BLOCK_M=32),
+                  fold=True)
+    torch.testing.assert_close(gemv, grouped, **MOE_TOL[torch.float32])
+    # fp32_moe routes with a stable sort (ties to the lower index); torch.topk in fused_moe_ref may not
+    torch.testing.assert_close(gemv, fp32_moe(x, layer, 3, True), **MOE_TOL[torch.float32])
+
+
+def test_decode_block_is_three_launches():
+    """norm + router/shared-gate GEMV, gate_up GEMV (norm, routing), down GEMV (routing, + residual) at 32 tokens."""
+    from launch_count import LaunchCounter
+
+    layer = make_layer(5, 32, 16, 32, torch.float32, seed=8)
+    gates = torch.cat([layer["router"], layer["shared_gate"]])  # adjacent, as the model allocates them
+    x = torch.randn(32, 32, device=DEVICE)
+    g = 1 + 0.1 * torch.randn(32, device=DEVICE)
+    with LaunchCounter() as counter:
+        got = fused_moe(x, gates[:5], layer["gate_up"], layer["down"], 2, False, layer["shared_gate_up"],
+                        layer["shared_down"], gates[5:], fold_shared=True, norm_weight=g, residual=x)
+    assert counter.events == ["triton:_fused_linear_kernel", "triton:_gemv_gate_up_kernel",
+                              "triton:_gemv_down_kernel"], counter.events
+    ref = fused_moe_ref(x, layer["router"], layer["gate_up"], layer["down"], 2, False, layer["shared_gate_up"],
+                        layer["shared_down"], layer["shared_gate"], norm_weight=g, residual=x)
+    torch.testing.assert_close(got, ref, **MOE_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("t, e, k, bm", [(1, 7, 2, 16), (50, 61, 4, 16), (200, 5, 5, 64), (9, 3, 1, 4)])
@@ -189,18 +242,18 @@ def test_the_config_decides_whether_the_shared_expert_folds(t, pin, folds, monke
         monkeypatch.setenv("QWEN2RT_MOE_CONFIG", json.dumps(pin))
     else:
         monkeypatch.delenv("QWEN2RT_MOE_CONFIG", raising=False)
-    chunks_seen = []
-    real_route = moe_mod.route
+    separate_calls = []  # silu_and_mul runs only for a shared expert that is not folded
+    real_silu_and_mul = moe_mod.silu_and_mul
 
     def spy(*args):
-        chunks_seen.append(args[5])  # route(logits, top_k, renormalize, x, shared_gate, shared_chunks, ...)
-        return real_route(*args)
+        separate_calls.append(1)
+        return real_silu_and_mul(*args)
 
-    monkeypatch.setattr(moe_mod, "route", spy)
+    monkeypatch.setattr(moe_mod, "silu_and_mul", spy)
     layer = make_layer(5, 32, 16, 32, torch.float32, seed=4)  # shared width 32 = 2 expert widths
     x = torch.randn(t, 32, device=DEVICE)
     check(x, layer, 2, False, None, torch.float32)
-    assert chunks_seen == [2 if folds else 0]
+    assert bool(separate_calls) != folds
     assert moe_mod.token_bucket(t) == {1: "decode", 9: "decode-wide", 40: "prefill-small"}[t]
 
 
