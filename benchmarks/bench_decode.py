@@ -8,9 +8,11 @@ with graphs captured at start-up vs lazily, sampled decoding (top-k and full sam
 the model's full context (max_seq_len 131072, as users get it) beside the short benchmark context.
 The floor is the bytes a step must read (weights; in MoE layers the experts the batch's tokens select under uniform
 routing; each sequence's K/V) over the measured copy bandwidth. Random weights route near-uniformly.
+With --quantization (int8, int4, fp8) qwen2rt's decoder linears are random quantized weights and the floor counts
+their quantized bytes; the Hugging Face baselines stay in the float dtype.
 
     python -m benchmarks.bench_decode [--models M ...] [--batches 1 4 16] [--steps 32] [--compiled-models M ...]
-                                      [--smoke] [--out FILE.json]
+                                      [--quantization int4] [--smoke] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from benchmarks.common import device_default, free_device_memory, measure_ceilin
 from benchmarks.hf_baseline import decode_ms_per_token, hf_model, time_generate
 from qwen2rt import LLM, SamplingParams
 from qwen2rt.models.config import builtin_config
+from qwen2rt.models.quant import at_load_config, weight_bytes
 from qwen2rt.profiling import decode_step_ms
 
 MODELS = ["qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b-4l"]
@@ -43,12 +46,14 @@ def _prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[lis
     return torch.randint(0, min(vocab, 32000), (batch, prompt_len), generator=g).tolist()
 
 
-def decode_bytes(config, batch: int, context: int, dtype_bytes: int) -> float:
-    """Bytes one decode step of `batch` sequences at `context` tokens each must read: the weights, where in MoE
-    layers a batch reads every expert that at least one of its tokens selects (under uniform routing, which random
-    weights give, E * (1 - (1 - k/E)^B) experts: 16 tokens touch ~40 of Qwen1.5-MoE's 60), plus each sequence's
-    K and V."""
-    nbytes = float(config.bytes_per_token(dtype_bytes))
+def decode_bytes(config, batch: int, context: int, dtype_bytes: int, quantization: str | None = None) -> float:
+    """Bytes one decode step of `batch` sequences at `context` tokens each must read: the weights (the decoder linears
+    quantized when `quantization` says so), where in MoE layers a batch reads every expert that at least one of its
+    tokens selects (under uniform routing, which random weights give, E * (1 - (1 - k/E)^B) experts: 16 tokens touch
+    ~40 of Qwen1.5-MoE's 60), plus each sequence's K and V."""
+    # MoE models cannot be quantized yet (LLM says so, and the row records its error): their floor stays the float one
+    quant = at_load_config(quantization) if quantization and not config.is_moe else None
+    nbytes = float(weight_bytes(config, dtype_bytes, quant)[1])
     if config.is_moe and batch > 1:
         e, k = config.num_experts, config.num_experts_per_tok
         per_expert = 3 * config.hidden_size * config.moe_intermediate_size * dtype_bytes
@@ -104,9 +109,10 @@ def graph_replay_ms(llm: LLM, batch: int, replays: int = 50) -> float | None:
 def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, steps=32, dtype=torch.bfloat16,
         compiled_models=COMPILED_MODELS, compiled_batches=(1,), hf=True, eager_baseline=True,
         lazy_models=LAZY_MODELS, sampled_models=SAMPLED_MODELS, maxctx_models=MAXCTX_MODELS, repeats=3,
-        qwen2rt=True, hf_eager=True):
+        qwen2rt=True, hf_eager=True, quantization=None):
     """-> decode rows. `qwen2rt`, `hf_eager` and `hf` (all HF rows) switch parts off, so that a caller can run the
-    costly torch.compile baseline separately."""
+    costly torch.compile baseline separately. `quantization` (None, "int8", "int4", "fp8") is passed to qwen2rt's
+    LLM; the floor of every row then counts the quantized weight bytes (the HF rows stay in `dtype`)."""
     rows = []
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     context = prompt_len + steps // 2  # the mean context of the timed steps
@@ -115,10 +121,11 @@ def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, ste
         config = builtin_config(name)
 
         def row(batch, impl, ms, **extra):
-            nbytes = decode_bytes(config, batch or 1, context, dtype_bytes)
+            nbytes = decode_bytes(config, batch or 1, context, dtype_bytes, quantization)
             floor_ms = nbytes / ceilings["copy_GBps"] / 1e6
             r = {"model": name, "batch": batch, "impl": impl, "ms_per_token": ms, "floor_ms": floor_ms,
-                 "bytes_per_step": nbytes, "context": context, "pct_of_floor": 100 * floor_ms / ms if ms else None}
+                 "bytes_per_step": nbytes, "context": context, "pct_of_floor": 100 * floor_ms / ms if ms else None,
+                 "quantization": quantization}
             if batch and batch > 1:  # every sequence of the batch gets one token per step
                 r["ms_per_step"] = ms
                 r["unit"] = "ms per step (one token for each of the batch's sequences)"
@@ -138,7 +145,8 @@ def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, ste
             try:
                 t0 = time.perf_counter()
                 llm = LLM(name, device=device, dtype=dtype, max_seq_len=max_seq_len,
-                          max_batch_size=max(impl_batches), enforce_eager=eager, capture_graphs=capture)
+                          max_batch_size=max(impl_batches), enforce_eager=eager, capture_graphs=capture,
+                          quantization=quantization)
                 load_s = time.perf_counter() - t0
                 dec = llm.engine.decoder
                 for b in impl_batches:
@@ -216,6 +224,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--compiled-models", nargs="*", default=COMPILED_MODELS)
+    ap.add_argument("--quantization", default=None, choices=["int8", "int4", "fp8"],
+                    help="qwen2rt with its decoder linears quantized (random quantized weights)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script runs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -224,10 +234,10 @@ def main(argv=None):
     if args.smoke:
         rows = run(device, ceilings, models=["tiny", "tiny-moe"], batches=[1, 2], prompt_len=8, steps=4,
                    dtype=torch.float32, compiled_models=[], lazy_models=["tiny"], sampled_models=["tiny"],
-                   maxctx_models=["tiny"], repeats=1)
+                   maxctx_models=["tiny"], repeats=1, quantization=args.quantization)
     else:
         rows = run(device, ceilings, models=args.models, batches=args.batches, prompt_len=args.prompt_len,
-                   steps=args.steps, compiled_models=args.compiled_models)
+                   steps=args.steps, compiled_models=args.compiled_models, quantization=args.quantization)
     print_rows(rows, ["model", "batch", "impl", "ms_per_token", "floor_ms", "pct_of_floor"])
     write_json(args.out, {"ceilings": ceilings, "decode": rows})
     return rows

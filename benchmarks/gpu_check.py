@@ -6,7 +6,7 @@ end-to-end benchmarks one part per model), and the record is rewritten after eac
 keeps the results of the parts before it; each part's time is recorded. The MoE block sizes tuned during the run
 are copied beside the record (<record>-moe-configs.json).
 
-    python -m benchmarks.gpu_check --out DIR [--parts tests decode kernels prefill batches] [--quick]
+    python -m benchmarks.gpu_check --out DIR [--parts tests decode kernels host prefill batches quantized] [--quick]
                                    [--budget-s 420]
 
 Run it through benchmarks/gpu_check.sh on the lent GPU machine; copy DIR/<record>.json and .md into
@@ -29,23 +29,29 @@ import traceback
 import torch
 
 from benchmarks import (bench_attention, bench_decode, bench_gemv, bench_host, bench_moe, bench_prefill,
-                        bench_rmsnorm, bench_sampler, bench_swiglu)
+                        bench_quant, bench_rmsnorm, bench_sampler, bench_swiglu)
 from benchmarks.common import ROOT, device_default, environment, measure_ceilings
 from qwen2rt.kernels.moe import cache_path as moe_cache_path
 
-PARTS = ["tests", "decode", "kernels", "host", "prefill", "batches"]
+PARTS = ["tests", "decode", "kernels", "host", "prefill", "batches", "quantized"]
 # decode at batch 1 first (these decide the next work): 0.5B (launch-bound: the fused decode path's main target),
 # 7B (bandwidth-bound), the MoE, then the rest
 DECODE_MODELS = ["qwen2-0.5b", "qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-1.5b", "qwen2-57b-a14b-4l"]
 QUICK_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-0.5b"]
 PREFILL_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-0.5b"]
 BATCH_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-0.5b"]
+# weight-only quantized decode at batch 1, after the dense parts: (model, quantization)
+QUANT_DECODE = [("qwen2-7b", "int4"), ("qwen2-7b", "int8"), ("qwen2-72b", "int4")]
 # Estimated seconds per part (a part is skipped if it would end past the budget), from the first run on an H200
 # (2026-11-27) with some margin. Model parts include loading, graph capture, the eager baseline, HF eager and, for
 # MoE shapes, the first-load autotuning. gpu_tests is the estimate; its time limit is GPU_TESTS_LIMIT_S.
 ESTIMATE_S = {"ceilings": 5, "gpu_tests": 150, "decode": 40, "decode_moe": 60, "hf_compiled": 70,
               "bench_gemv": 60, "bench_sampler": 60, "bench_rmsnorm": 25, "bench_swiglu": 15, "bench_attention": 15,
-              "bench_moe": 20, "host": 30, "prefill": 10, "batches": 70}
+              "bench_moe": 20, "host": 30, "prefill": 10, "batches": 70,
+              # not measured yet (no GPU run of these parts so far): bench_quant is ~170 timings plus ~40 JIT compiles
+              # of the quantized GEMV; a quantized model's load includes quantizing its random weights, and 72B int4
+              # fills ~40 GB of weights
+              "bench_quant": 240, "decode_quant": 120, "decode_quant_72b": 420}
 # 68 tests took 29 s on the H200 (8 workers); since then the decode GEMV, sampler and batch-invariance tests, and the
 # sampler's JIT compile (20-55 s per variant for sm_90, measured ahead of time on the CPU) in each worker that needs it
 GPU_TESTS_LIMIT_S = 240
@@ -236,7 +242,8 @@ def main(argv=None) -> int:
 
 def _gpu_parts(args, device, ceilings, rec, part, models, start):
     """The real run, in decision order: GPU tests, decode at batch 1 (qwen2rt, its eager run and HF eager per model),
-    the kernels, host time, the HF torch.compile baselines, prefill, batches 4 and 16."""
+    the kernels (the quantized GEMVs last among them), host time, the HF torch.compile baselines, prefill, batches 4
+    and 16, then weight-only quantized decode at batch 1 (7B int4 and int8, 72B int4)."""
     decode, kernels, prefill = rec["decode"].extend, rec["kernels"].extend, rec["prefill"].extend
     if "tests" in args.parts:
         def tests():
@@ -257,6 +264,10 @@ def _gpu_parts(args, device, ceilings, rec, part, models, start):
         for name, mod in (("bench_attention", bench_attention), ("bench_sampler", bench_sampler),
                           ("bench_moe", bench_moe), ("bench_rmsnorm", bench_rmsnorm), ("bench_swiglu", bench_swiglu)):
             part(name, ESTIMATE_S[name], lambda mod=mod: kernels(mod.run(device, ceilings)))
+        # the quantized GEMVs: every row count on 7B, the ends of the range on 72B (time)
+        part("bench_quant", ESTIMATE_S["bench_quant"], lambda: kernels(
+            bench_quant.run(device, ceilings, models=["qwen2-7b"])
+            + bench_quant.run(device, ceilings, models=["qwen2-72b"], rows=[1, 16])))
     if "host" in args.parts:  # the engine's host time per step, with a stub model (the device's copies and syncs)
         part("host", ESTIMATE_S["host"], lambda: rec["host"].extend(bench_host.run(device=device)))
     if "decode" in args.parts:  # the HF torch.compile baselines last among the decode work: the slowest to get
@@ -275,6 +286,25 @@ def _gpu_parts(args, device, ceilings, rec, part, models, start):
                 sampled_models=[])))
 
 
+    if "quantized" in args.parts:  # last: weight-only quantized decode at batch 1 (its baseline: the dense rows)
+        for name, quantization in QUANT_DECODE:
+            est = ESTIMATE_S["decode_quant_72b" if "72b" in name else "decode_quant"]
+            # the 72B loads once (its ~40 GB of random weights are quantized at load): no eager run beside it
+            part(f"decode bs1 {name} {quantization}", est, lambda name=name, q=quantization: decode(quant_decode(
+                device, ceilings, name, q, eager_baseline="72b" not in name)))
+
+
+def quant_decode(device, ceilings, name: str, quantization: str, **kwargs) -> list[dict]:
+    """bench_decode's qwen2rt rows (graphs, and eager beside them) for a model loaded with `quantization`, marked
+    with it; no Hugging Face rows (the dense model's rows are the baseline: a 72B in bf16 does not fit one GPU)."""
+    rows = bench_decode.run(device, ceilings, models=[name], batches=[1], compiled_models=[], lazy_models=[],
+                            sampled_models=[], maxctx_models=[], hf=False, quantization=quantization, **kwargs)
+    for r in rows:
+        r["quantization"] = quantization
+        r["impl"] = f"{r['impl']}_{quantization}"
+    return rows
+
+
 def _smoke_parts(args, device, ceilings, rec, part):
     """Tiny shapes on the CPU: every kind of part once, to check the driver end to end."""
     if "decode" in args.parts:
@@ -287,9 +317,14 @@ def _smoke_parts(args, device, ceilings, rec, part):
         part("bench_attention", 0, lambda: rec["kernels"].extend(bench_attention.run(device, ceilings, smoke=True)))
         part("bench_gemv", 0, lambda: rec["kernels"].extend(bench_gemv.run(
             device, ceilings, models=["tiny"], rows=[1, 3], dtype=torch.float32)))
+        part("bench_quant", 0, lambda: rec["kernels"].extend(bench_quant.run(
+            device, ceilings, models=["tiny"], rows=[3], dtype=torch.float32, projs=["down"])))
     if "host" in args.parts:
         part("host", 0, lambda: rec["host"].extend(bench_host.run(batches=(1, 2), contexts=(64,), steps=20,
                                                                   device=device)))
+    if "quantized" in args.parts:
+        part("decode bs1 tiny int4", 0, lambda: rec["decode"].extend(quant_decode(
+            device, ceilings, "tiny", "int4", prompt_len=8, steps=4, dtype=torch.float32, repeats=1)))
     if "prefill" in args.parts:
         part("prefill tiny", 0, lambda: rec["prefill"].extend(bench_prefill.run(
             device, ceilings, models=["tiny"], tokens=[16, 4096], dtype=torch.float32)))

@@ -14,9 +14,11 @@ if not torch.cuda.is_available():
 from .gemv import fused_linear, fused_linear_ref  # noqa: E402
 from .moe import fused_moe, fused_moe_ref, moe_align, route, route_ref  # noqa: E402
 from .rmsnorm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
+from .quant import QuantizedWeight, dequantize, dequantize_weight, quant_linear, quant_linear_gemm  # noqa: E402
 from .rope_attention import decode_attention, paged_attention_ref, prefill_attention  # noqa: E402
 from .swiglu import silu_and_mul, silu_and_mul_ref  # noqa: E402
 
 __all__ = ["rms_norm", "rms_norm_ref", "add_rms_norm", "add_rms_norm_ref", "silu_and_mul", "silu_and_mul_ref",
            "prefill_attention", "decode_attention", "paged_attention_ref", "fused_moe", "fused_moe_ref", "moe_align",
-           "route", "route_ref", "fused_linear", "fused_linear_ref"]
+           "route", "route_ref", "fused_linear", "fused_linear_ref", "QuantizedWeight", "dequantize",
+           "dequantize_weight", "quant_linear", "quant_linear_gemm"]

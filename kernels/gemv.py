@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .quant import QuantizedWeight, dequantize
 from .rmsnorm import rms_norm_ref, rms_normed
 from .swiglu import silu_and_mul_ref
 
@@ -46,7 +47,10 @@ def fused_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                      residual: torch.Tensor | None = None, swiglu: bool = False,
                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
     h = x if norm_weight is None else rms_norm_ref(x, norm_weight, eps)
-    y = F.linear(h, weight, bias)
+    if isinstance(weight, QuantizedWeight):  # fp32 products of the exact dequantized weight, rounded once
+        y = F.linear(h.float(), dequantize(weight, torch.float32), None if bias is None else bias.float()).to(x.dtype)
+    else:
+        y = F.linear(h, weight, bias)
     if swiglu:
         y = silu_and_mul_ref(y)
     if residual is not None:

@@ -19,6 +19,12 @@ for the decode GEMV, which streams each output row's K inputs contiguously:
 
 The dequantized weight of the reference (`dequantize`) is in input order, so F.linear(x, dequantize(w)) is the
 projection whatever the layout.
+
+The kernels below (the layout's consumers):
+    quant_linear(x, w, ...)       decode, 1-32 rows: fused_linear's contract and fusions with a quantized weight, one
+                                  Triton GEMV that unpacks the words in registers
+    dequantize_weight(w, dtype)   the weight [N, K] in input order, in `dtype`, by a Triton kernel
+    quant_linear_gemm(x, w, bias) prefill, more rows: dequantize_weight into a scratch buffer, then cuBLAS F.linear
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .rmsnorm import rms_normed
 
 KINDS = {"int4": 4, "int8": 8, "fp8": 8}
 
@@ -131,3 +142,390 @@ def dequantize(w: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Te
         out[:, w.perm.long()] = stored
         stored = out
     return stored.to(dtype or w.dtype)
+
+
+# ---- decode GEMV: the weight unpacked in registers ---------------------------------------------------------------
+#
+# Words, not weights, are the unit of a tile: a program loads [BLOCK_N, BLOCK_KW] int32 words (or fp8 bytes) and
+# visits the PER_WORD positions of each word in an unrolled loop, position j holding stored column word * PER_WORD + j.
+# Each position is a [BLOCK_N, BLOCK_KW] tile of weights with the same layout as the words, so unpacking is a shift
+# and a mask per weight, with no reshape (no shuffle through shared memory), and x is loaded at the matching columns
+# (strided by PER_WORD: x is a few KB read from L1, the weight streams from HBM once). Each row's fp32 accumulator has
+# one entry per word, so int4 keeps 8x fewer partial sums per weight than a bf16 GEMV of the same tile.
+#
+# Integer to float: (q | 0x4B000000) read as a float is exactly 2^23 + q, so w = (that - (2^23 + zero)) * scale costs a
+# logic op and two float ops, and no I2F conversion (a quarter-rate instruction on sm_90, too slow to keep up with
+# 4-bit weights at HBM speed). The subtraction is exact for integer zeros below 2^22, so w is the reference's
+# (q - zero) * scale in fp32 bit for bit. Per-channel weights (one group, fp8 always) apply the scale once to the
+# row's sum instead of to every weight: the same value up to fp32 rounding of the sum.
+
+MAGIC = tl.constexpr(0x4B000000)  # the bits of 2^23 as a float32
+MAGIC_VALUE = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def _weights(b_q, b_zb, b_s, J: tl.constexpr, BITS: tl.constexpr, IS_FP8: tl.constexpr, SCALED: tl.constexpr):
+    """Position J of each word of b_q as fp32 weights: (q - zero) (b_zb = 2^23 + zero), times b_s when SCALED."""
+    if IS_FP8:
+        b_w = b_q.to(tl.float32)
+    else:
+        b_bits = ((b_q >> (J * BITS)) & ((1 << BITS) - 1)) | MAGIC
+        b_w = b_bits.to(tl.float32, bitcast=True) - b_zb
+    if SCALED:
+        b_w = b_w * b_s
+    return b_w
+
+
+@triton.jit
+def _row_product(p_x, o_k, m_k, b_g, rstd, b_w, HAS_NORM: tl.constexpr, dt: tl.constexpr):
+    """x[o_k] of one row (normalised when HAS_NORM) times the weights: [1, BKW] * [BN, BKW]."""
+    b_x = tl.load(p_x + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BKW]
+    if HAS_NORM:
+        b_x = rms_normed(b_x, rstd, b_g, dt)
+    return b_x[None, :] * b_w
+
+
+@triton.jit
+def _pick(b_v, i: tl.constexpr):
+    """Element i of a [4] vector, as a scalar (exact: a sum of zeros and one value)."""
+    return tl.sum(tl.where(tl.arange(0, 4) == i, b_v, 0.0), axis=0)
+
+
+@triton.jit
+def _row_epilogue(b_acc, b_acc_up, b_s, b_su, b_bias, b_bias_up, p_res, p_out, o_n, m_n, rows_left, s_res, s_out,
+                  R: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                  SWIGLU: tl.constexpr, dt: tl.constexpr):
+    """Row R of the block (written if R < rows_left) from its [BN, BKW] accumulators: the row scale, bias,
+    rounding, SwiGLU, residual, store."""
+    b_y = tl.sum(b_acc, axis=1)  # [BN]
+    if PER_CHANNEL:
+        b_y = b_y * b_s
+    if HAS_BIAS:
+        b_y += b_bias
+    b_y = b_y.to(dt).to(tl.float32)
+    if SWIGLU:
+        b_up = tl.sum(b_acc_up, axis=1)
+        if PER_CHANNEL:
+            b_up = b_up * b_su
+        if HAS_BIAS:
+            b_up += b_bias_up
+        b_y = b_y * tl.sigmoid(b_y) * b_up.to(dt).to(tl.float32)
+        b_y = b_y.to(dt).to(tl.float32)
+    m_out = m_n & (tl.full([o_n.shape[0]], R, tl.int32) < rows_left)
+    p_res += R * s_res
+    p_out += R * s_out
+    if HAS_RESIDUAL:
+        b_y = (b_y + tl.load(p_res + o_n, mask=m_out, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+    tl.store(p_out + o_n, b_y.to(p_out.dtype.element_ty), mask=m_out)
+
+
+@triton.jit
+def _quant_linear_kernel(
+    # pointers
+    p_x, p_qw, p_scales, p_zeros, p_perm, p_bias, p_norm, p_res, p_out,
+    # sizes: M rows, N output columns (gate rows when SWIGLU), K inputs, KW words per weight row
+    M, N, K, KW, eps,
+    # strides (rows; columns are contiguous)
+    s_x, s_qw, s_scales, s_zeros, s_res, s_out,
+    # meta-parameters
+    BITS: tl.constexpr, IS_FP8: tl.constexpr, GROUP_WORDS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, NORM_BLOCK: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    # Rows 4 at a time, each with its own [BN, BKW] accumulator (not one [4, BN, BKW] block as in fused_linear): a
+    # row's sums have the same layout and order whatever M is (batch invariance), and rows past M skip their
+    # products (a uniform branch), so M = 1 does 1 FMA per weight, not 4. At 4 bits the unpacking (~4 operations
+    # per weight) plus 4 FMAs would exceed an H100's FP32 issue rate at copy bandwidth (~25 weights per cycle per
+    # SM); plus 1 it fits.
+    PER_WORD: tl.constexpr = 1 if IS_FP8 else 32 // BITS
+    i_n = tl.program_id(0).to(tl.int64)
+    dt = p_x.dtype.element_ty
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    p_qg = p_qw + o_n[:, None] * s_qw  # [BN, 1] gate rows (all rows without SwiGLU)
+    p_qu = p_qw + (N + o_n)[:, None] * s_qw  # [BN, 1] up rows
+    b_sg = tl.zeros([BLOCK_N], tl.float32)
+    b_su = tl.zeros([BLOCK_N], tl.float32)
+    b_zg = MAGIC_VALUE
+    b_zu = MAGIC_VALUE
+    if PER_CHANNEL:  # one scale (and zero) per row, applied to the row's sum
+        b_sg = tl.load(p_scales + o_n * s_scales, mask=m_n, other=0.0).to(tl.float32)  # [BN]
+        if not IS_FP8:
+            b_zg = tl.load(p_zeros + o_n * s_zeros, mask=m_n, other=0.0).to(tl.float32)[:, None] + MAGIC_VALUE
+        if SWIGLU:
+            b_su = tl.load(p_scales + (N + o_n) * s_scales, mask=m_n, other=0.0).to(tl.float32)
+            if not IS_FP8:
+                b_zu = tl.load(p_zeros + (N + o_n) * s_zeros, mask=m_n, other=0.0).to(tl.float32)[:, None] \
+                    + MAGIC_VALUE
+    b_bias = tl.zeros([BLOCK_N], tl.float32)
+    b_bias_up = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_BIAS:
+        b_bias = tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)
+        if SWIGLU:
+            b_bias_up = tl.load(p_bias + N + o_n, mask=m_n, other=0.0).to(tl.float32)
+    for m0 in range(0, M, 4):
+        o_m = m0 + tl.arange(0, 4)
+        m_m = o_m < M
+        has1, has2, has3 = m0 + 1 < M, m0 + 2 < M, m0 + 3 < M
+        p_x0 = p_x + tl.cast(m0, tl.int64) * s_x
+        p_x1, p_x2, p_x3 = p_x0 + s_x, p_x0 + 2 * s_x, p_x0 + 3 * s_x
+        b_rstd = tl.zeros([4], tl.float32)
+        if HAS_NORM:  # row statistics in input order: they do not depend on the order of the columns
+            b_ss = tl.zeros([4], tl.float32)
+            for k0 in range(0, K, NORM_BLOCK):
+                o_k = k0 + tl.arange(0, NORM_BLOCK)
+                b_x = tl.load(p_x0 + tl.arange(0, 4).to(tl.int64)[:, None] * s_x + o_k[None, :],
+                              mask=m_m[:, None] & (o_k < K)[None, :], other=0.0)
+                b_xf = b_x.to(tl.float32)
+                b_ss += tl.sum(b_xf * b_xf, axis=1)
+            b_rstd = tl.rsqrt(b_ss / K + eps)  # [4]
+        rstd0, rstd1, rstd2, rstd3 = _pick(b_rstd, 0), _pick(b_rstd, 1), _pick(b_rstd, 2), _pick(b_rstd, 3)
+        # per row, [BN, BKW] products accumulated across K (one entry per word), reduced once at the end
+        b_acc0 = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+        b_acc1 = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+        b_acc2 = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+        b_acc3 = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+        b_up0 = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+        b_up1 = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+        b_up2 = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+        b_up3 = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+        for w0 in tl.range(0, KW, BLOCK_KW, num_stages=NUM_STAGES):  # the words' loads pipelined
+            o_w = w0 + tl.arange(0, BLOCK_KW)
+            m_w = o_w < KW
+            m_nw = m_n[:, None] & m_w[None, :]
+            b_q = tl.load(p_qg + o_w[None, :], mask=m_nw, other=0.0)  # [BN, BKW] words
+            if SWIGLU:
+                b_qu = tl.load(p_qu + o_w[None, :], mask=m_nw, other=0.0)
+            b_tsg, b_tzg, b_tsu, b_tzu = b_sg, b_zg, b_su, b_zu  # per channel: the rows' (scales unused here)
+            if not PER_CHANNEL:  # words never straddle groups: one scale and zero per word
+                o_sg = o_n[:, None] * s_scales + (o_w // GROUP_WORDS)[None, :]
+                o_zg = o_n[:, None] * s_zeros + (o_w // GROUP_WORDS)[None, :]
+                b_tsg = tl.load(p_scales + o_sg, mask=m_nw, other=0.0).to(tl.float32)
+                b_tzg = tl.load(p_zeros + o_zg, mask=m_nw, other=0.0).to(tl.float32) + MAGIC_VALUE
+                if SWIGLU:
+                    b_tsu = tl.load(p_scales + N * s_scales + o_sg, mask=m_nw, other=0.0).to(tl.float32)
+                    b_tzu = tl.load(p_zeros + N * s_zeros + o_zg, mask=m_nw, other=0.0).to(tl.float32) + MAGIC_VALUE
+            for j in tl.static_range(PER_WORD):
+                o_k = o_w * PER_WORD + j  # [BKW] stored columns
+                if HAS_PERM:  # act-order: stored column i multiplies input perm[i]
+                    o_k = tl.load(p_perm + o_k, mask=m_w, other=0)
+                b_g = tl.zeros([BLOCK_KW], tl.float32)
+                if HAS_NORM:
+                    b_g = tl.load(p_norm + o_k, mask=m_w, other=0.0).to(tl.float32)
+                b_w = _weights(b_q, b_tzg, b_tsg, j, BITS, IS_FP8, not PER_CHANNEL)  # [BN, BKW]
+                b_acc0 += _row_product(p_x0, o_k, m_w, b_g, rstd0, b_w, HAS_NORM, dt)
+                if has1:
+                    b_acc1 += _row_product(p_x1, o_k, m_w, b_g, rstd1, b_w, HAS_NORM, dt)
+                if has2:
+                    b_acc2 += _row_product(p_x2, o_k, m_w, b_g, rstd2, b_w, HAS_NORM, dt)
+                if has3:
+                    b_acc3 += _row_product(p_x3, o_k, m_w, b_g, rstd3, b_w, HAS_NORM, dt)
+                if SWIGLU:
+                    b_wu = _weights(b_qu, b_tzu, b_tsu, j, BITS, IS_FP8, not PER_CHANNEL)
+                    b_up0 += _row_product(p_x0, o_k, m_w, b_g, rstd0, b_wu, HAS_NORM, dt)
+                    if has1:
+                        b_up1 += _row_product(p_x1, o_k, m_w, b_g, rstd1, b_wu, HAS_NORM, dt)
+                    if has2:
+                        b_up2 += _row_product(p_x2, o_k, m_w, b_g, rstd2, b_wu, HAS_NORM, dt)
+                    if has3:
+                        b_up3 += _row_product(p_x3, o_k, m_w, b_g, rstd3, b_wu, HAS_NORM, dt)
+        p_r = p_res + tl.cast(m0, tl.int64) * s_res
+        p_o = p_out + tl.cast(m0, tl.int64) * s_out
+        rows_left = M - m0
+        _row_epilogue(b_acc0, b_up0, b_sg, b_su, b_bias, b_bias_up, p_r, p_o, o_n, m_n, rows_left, s_res, s_out, 0,
+                      PER_CHANNEL, HAS_BIAS, HAS_RESIDUAL, SWIGLU, dt)
+        _row_epilogue(b_acc1, b_up1, b_sg, b_su, b_bias, b_bias_up, p_r, p_o, o_n, m_n, rows_left, s_res, s_out, 1,
+                      PER_CHANNEL, HAS_BIAS, HAS_RESIDUAL, SWIGLU, dt)
+        _row_epilogue(b_acc2, b_up2, b_sg, b_su, b_bias, b_bias_up, p_r, p_o, o_n, m_n, rows_left, s_res, s_out, 2,
+                      PER_CHANNEL, HAS_BIAS, HAS_RESIDUAL, SWIGLU, dt)
+        _row_epilogue(b_acc3, b_up3, b_sg, b_su, b_bias, b_bias_up, p_r, p_o, o_n, m_n, rows_left, s_res, s_out, 3,
+                      PER_CHANNEL, HAS_BIAS, HAS_RESIDUAL, SWIGLU, dt)
+
+
+# ---- prefill: dequantize once, then cuBLAS ------------------------------------------------------------------------
+
+@triton.jit
+def _dequantize_kernel(
+    # pointers
+    p_qw, p_scales, p_zeros, p_perm, p_out,
+    # sizes: N rows, KW words per row
+    N, KW,
+    # strides (rows; columns are contiguous)
+    s_qw, s_scales, s_zeros, s_out,
+    # meta-parameters
+    BITS: tl.constexpr, IS_FP8: tl.constexpr, GROUP_WORDS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+):
+    PER_WORD: tl.constexpr = 1 if IS_FP8 else 32 // BITS
+    i_n, i_w = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_w = i_w * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    m_w = o_w < KW
+    m_nw = (o_n < N)[:, None] & m_w[None, :]
+    b_q = tl.load(p_qw + o_n[:, None] * s_qw + o_w[None, :], mask=m_nw, other=0.0)  # [BN, BKW]
+    o_g = (o_w * 0 if PER_CHANNEL else o_w // GROUP_WORDS)[None, :]
+    b_s = tl.load(p_scales + o_n[:, None] * s_scales + o_g, mask=m_nw, other=0.0).to(tl.float32)
+    b_zb = MAGIC_VALUE
+    if not IS_FP8:
+        b_zb = tl.load(p_zeros + o_n[:, None] * s_zeros + o_g, mask=m_nw, other=0.0).to(tl.float32) + MAGIC_VALUE
+    for j in tl.static_range(PER_WORD):
+        o_k = o_w * PER_WORD + j  # [BKW] stored columns
+        if HAS_PERM:
+            o_k = tl.load(p_perm + o_k, mask=m_w, other=0)
+        b_w = _weights(b_q, b_zb, b_s, j, BITS, IS_FP8, True)
+        tl.store(p_out + o_n[:, None] * s_out + o_k[None, :], b_w.to(p_out.dtype.element_ty), mask=m_nw)
+
+
+# ---- launchers ----------------------------------------------------------------------------------------------------
+
+def per_word(w: QuantizedWeight) -> int:
+    """Weights per stored element of qweight: 8 (int4), 4 (int8), 1 (fp8 bytes)."""
+    return 1 if w.kind == "fp8" else 32 // w.bits
+
+
+def quant_config(n: int, k: int, kind: str, group_size: int, swiglu: bool, interpreter: bool = False) -> dict:
+    """Block sizes of quant_linear from the weight alone (shape, kind, group size; never the row count: batch
+    invariance). Nothing here is measured on a GPU yet; the reasoning, from gemv_config's measured bf16 choices:
+    - BLOCK_N as in gemv_config (4 rows per program with SwiGLU or N < 4096, else 8): at M = 1 it gives 448-3700
+      programs on the Qwen2-7B / 72B projections, 3-28 per SM of an H100's 132.
+    - BLOCK_KW: 1024 words (4 KB) of weight per program per iteration, halved with SwiGLU (two weight tiles): 8
+      words (two 16-byte loads) per thread at 4 warps, and 4 row accumulators [BN, BKW] of 8 fp32 registers per
+      thread each (fp8 counts bytes: 2048 per iteration, an accumulator entry per weight, 16 registers each).
+    - NUM_STAGES 3: the word loop is software-pipelined (tl.range num_stages: the next tiles' words go through
+      shared memory by cp.async while this one is unpacked; 5-26 KB of shared memory per program), so a program
+      keeps two tiles in flight, not one: at M = 1 (52-110 registers, 4+ programs per SM) that is 32+ KB in flight
+      per SM, above the ~16 KB that 3 TB/s at ~700 ns of latency needs. NUM_STAGES 1 is the plain loop
+      (fused_linear's); the benchmark times both.
+    - The group size only sets GROUP_WORDS (a shift for power-of-two groups); it is part of the key so that a
+      measured rule can use it.
+    sm_90 compile (tests/aot_sm90.py): 52-110 registers per thread at M = 1 (the JIT's own specialisation, rows 1-3
+    compiled out), 113-236 for M > 1 (int4 with act-order the most), no spills.
+    The interpreter runs programs one after another: there, few large ones."""
+    pw = 1 if kind == "fp8" else 32 // KINDS[kind]
+    words = k // pw
+    if interpreter:
+        return dict(BLOCK_N=min(64, triton.next_power_of_2(n)), BLOCK_KW=min(128, triton.next_power_of_2(words)),
+                    NUM_STAGES=1, num_warps=4)
+    block_n = 4 if swiglu or n < 4096 else 8
+    tile = (2048 if kind == "fp8" else 1024) // (2 if swiglu else 1)
+    return dict(BLOCK_N=block_n, BLOCK_KW=max(16, min(tile // block_n, triton.next_power_of_2(words))), NUM_STAGES=3,
+                num_warps=4)
+
+
+def _check_weight(w, device) -> None:
+    if not isinstance(w, QuantizedWeight):
+        raise ValueError(f"expected a QuantizedWeight, got {type(w).__name__}")
+    w.validate()
+    if w.device != device:
+        raise ValueError(f"the quantized weight is on {w.device}, x on {device}")
+    if w.kind != "fp8" and w.group_size % per_word(w):
+        raise ValueError(f"group_size {w.group_size} is not a multiple of the {per_word(w)} {w.kind} weights of a "
+                         f"word: a word would straddle two groups")
+    for name, t in (("qweight", w.qweight), ("scales", w.scales), ("zeros", w.zeros), ("perm", w.perm)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"the quantized weight's {name} must have a contiguous last dimension")
+
+
+def _launch_meta(w: QuantizedWeight) -> tuple[dict, int]:
+    """(the kernels' weight meta-parameters, groups per row)"""
+    groups = w.scales.shape[1]
+    return dict(BITS=w.bits, IS_FP8=w.kind == "fp8", GROUP_WORDS=1 if groups == 1 else w.group_size // per_word(w),
+                PER_CHANNEL=groups == 1, HAS_PERM=w.perm is not None), groups
+
+
+def quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None, *,
+                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
+                 swiglu: bool = False, out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+                 config: dict | None = None) -> torch.Tensor:
+    """fused_linear with a quantized weight: x [M, K] (float32 / float16 / bfloat16; M up to
+    kernels.gemv.MAX_ROWS at decode, any M works), w a QuantizedWeight standing for [N, K] (int4 / int8 with group
+    scales and zeros, fp8 with row scales; any float dtype of scales, read as fp32; act-order perm gathered inside
+    the kernel), optional bias [N], norm weight [K] (RMSNorm of x first), residual [M, N'] added last; swiglu: w packs
+    [gate | up] rows and the output is silu(gate) * up, N' = N / 2, else N' = N. Operands in x's dtype. -> [M, N']
+    in x's dtype or `out_dtype` (float32 only), into `out` when given (it may be `residual`). Numerics:
+    fused_linear_ref's: fp32 products of the exact dequantized weight, rounded once, then the same epilogues (zeros
+    must hold integers, as the layout says: the kernel's exact integer-to-float trick relies on it).
+    `config` overrides quant_config (BLOCK_N, BLOCK_KW, NUM_STAGES, num_warps). One launch, no host synchronisation."""
+    from .gemv import check_operand
+
+    if x.ndim != 2:
+        raise ValueError(f"x must be [M, K], got {list(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    _check_weight(w, x.device)
+    m, k = x.shape
+    n, wk = w.shape
+    if wk != k:
+        raise ValueError(f"x has {k} inputs, the quantized weight {wk}")
+    if swiglu and n % 2:
+        raise ValueError(f"swiglu needs an even number of weight rows [gate | up], got {n}")
+    width = n // 2 if swiglu else n
+    if x.stride(1) != 1:
+        raise ValueError("x must have a contiguous last dimension")
+    check_operand("bias", bias, (n,), x.dtype, x.device)
+    check_operand("norm_weight", norm_weight, (k,), x.dtype, x.device)
+    check_operand("residual", residual, (m, width), x.dtype, x.device)
+    if out_dtype not in (None, x.dtype, torch.float32):
+        raise ValueError(f"out_dtype must be None, x's dtype or float32, got {out_dtype}")
+    out_dtype = out_dtype or x.dtype
+    if out is None:
+        out = torch.empty((m, width), device=x.device, dtype=out_dtype)
+    else:
+        check_operand("out", out, (m, width), out_dtype, x.device)
+    if m == 0:
+        return out
+    cfg = config or quant_config(width, k, w.kind, w.group_size, swiglu, interpreter=x.device.type == "cpu")
+    meta, groups = _launch_meta(w)
+    zeros = w.zeros if w.zeros is not None else w.scales
+    _quant_linear_kernel[(triton.cdiv(width, cfg["BLOCK_N"]),)](
+        x, w.qweight, w.scales, zeros, w.perm if w.perm is not None else w.qweight,
+        bias if bias is not None else x, norm_weight if norm_weight is not None else x,
+        residual if residual is not None else out, out,
+        m, width, k, w.qweight.shape[1], eps,
+        x.stride(0), w.qweight.stride(0), w.scales.stride(0), zeros.stride(0),
+        residual.stride(0) if residual is not None else 0, out.stride(0),
+        HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None,
+        HAS_RESIDUAL=residual is not None, SWIGLU=swiglu, BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_KW=cfg["BLOCK_KW"], NORM_BLOCK=min(1024, triton.next_power_of_2(k)),
+        NUM_STAGES=cfg.get("NUM_STAGES", 1), num_warps=cfg["num_warps"],
+        **meta)
+    return out
+
+
+def dequantize_weight(w: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton counterpart of `dequantize`: the weight [N, K] in input order, (q - zero) * scale computed in fp32
+    and rounded once to `dtype` (bitwise equal to dequantize(w, dtype)), into `out` ([N, K], contiguous rows) when
+    given. One launch over [16, 64-word] tiles (not tuned: prefill reads the weight once and the GEMM dominates)."""
+    _check_weight(w, w.device)
+    n, k = w.shape
+    if out is None:
+        out = torch.empty((n, k), device=w.device, dtype=dtype)
+    elif tuple(out.shape) != (n, k) or out.dtype != dtype or out.device != w.device or out.stride(1) != 1:
+        raise ValueError(f"out must be a {dtype} tensor [{n}, {k}] on {w.device} with contiguous rows")
+    if n == 0 or k == 0:
+        return out
+    interpreter = w.device.type == "cpu"
+    words = w.qweight.shape[1]
+    block_n = min(64, triton.next_power_of_2(n)) if interpreter else 16
+    block_kw = min(128 if interpreter else 64, triton.next_power_of_2(words))
+    meta, _ = _launch_meta(w)
+    zeros = w.zeros if w.zeros is not None else w.scales
+    _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(words, block_kw))](
+        w.qweight, w.scales, zeros, w.perm if w.perm is not None else w.qweight, out,
+        n, words, w.qweight.stride(0), w.scales.stride(0), zeros.stride(0), out.stride(0),
+        BLOCK_N=block_n, BLOCK_KW=block_kw, num_warps=4, **meta)
+    return out
+
+
+def quant_linear_gemm(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The prefill path (more than kernels.gemv.MAX_ROWS rows): dequantize_weight into a scratch [N, K] buffer in
+    x's dtype, then cuBLAS F.linear. x [M, K] -> [M, N] in x's dtype. The one departure from fused_linear_ref: the
+    dequantized weight is rounded to x's dtype before the GEMM (exact in float32; bf16 weights otherwise), as every
+    dequantize-then-GEMM path does. The scratch buffer comes from torch's caching allocator, so layers of one shape
+    reuse one block. A fused dequantize-GEMM (the weight unpacked in the GEMM's prologue) is future work."""
+    if x.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"x must be [M, {w.shape[1]}], got {list(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    return F.linear(x, dequantize_weight(w, x.dtype), bias)

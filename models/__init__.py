@@ -3,6 +3,7 @@
 from .backend import AttentionMetadata, Backend, TorchBackend, get_backend, register_backend
 from .config import BUILTIN_CONFIGS, ConfigError, Qwen2Config, builtin_config, config_from_dict, load_config
 from .loader import CheckpointError, load_weights
+from .quant import QuantConfig, QuantizationError
 from .qwen2 import ModelWeights, Qwen2Model, random_weights
 from .rope import RotaryTables
 
@@ -10,4 +11,5 @@ __all__ = [
     "AttentionMetadata", "Backend", "TorchBackend", "get_backend", "register_backend",
     "BUILTIN_CONFIGS", "ConfigError", "Qwen2Config", "builtin_config", "config_from_dict", "load_config",
     "CheckpointError", "load_weights", "ModelWeights", "Qwen2Model", "random_weights", "RotaryTables",
+    "QuantConfig", "QuantizationError",
 ]

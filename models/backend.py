@@ -68,25 +68,28 @@ class MoEWeights:
     norm_topk_prob: bool
 
 
+Weight = torch.Tensor | kernels.QuantizedWeight  # a projection's weight: dense [out, in], or weight-only quantized
+
+
 class Backend:
-    """The ops the model needs. Shapes: x is [T, H]; weights are in `nn.Linear` layout [out, in]. The residual
-    stream x is carried between ops un-normalised; each norm is fused into the op that consumes it and each residual
-    add into the op that produces it."""
+    """The ops the model needs. Shapes: x is [T, H]; weights are in `nn.Linear` layout [out, in], dense tensors or
+    `kernels.QuantizedWeight`s standing for one (int4 / int8 / fp8, kernels/quant.py). The residual stream x is
+    carried between ops un-normalised; each norm is fused into the op that consumes it and each residual add into the
+    op that produces it."""
 
     name = "abstract"
     graph_safe = False  # True when the decode step never synchronises with the host (CUDA-graph capturable)
 
-    def norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+    def norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: Weight,
                     bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """linear(rms_norm(x, norm_weight), weight, bias) -> [T, N] in x's dtype, or out_dtype (float32: logits)."""
         raise NotImplementedError
 
-    def norm_swiglu(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                    gate_up: torch.Tensor) -> torch.Tensor:
+    def norm_swiglu(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up: Weight) -> torch.Tensor:
         """silu(gate) * up of linear(rms_norm(x, norm_weight), gate_up), gate_up packing rows [gate | up] -> [T, I]"""
         raise NotImplementedError
 
-    def linear_residual(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def linear_residual(self, x: torch.Tensor, weight: Weight, residual: torch.Tensor) -> torch.Tensor:
         """linear(x, weight) + residual"""
         raise NotImplementedError
 
@@ -110,7 +113,8 @@ class Backend:
 
 class TorchBackend(Backend):
     """Pure PyTorch, CPU or GPU: the kernels' references (qwen2rt.kernels.*_ref), fp32 accumulation where it
-    matters. Reads host copies of lengths, so it is never captured in a CUDA graph."""
+    matters (a quantized weight: fused_linear_ref dequantizes it to fp32 on every call). Reads host copies of
+    lengths, so it is never captured in a CUDA graph."""
 
     name = "torch"
     # prefill attends in query chunks so that the fp32 score matrix stays ~256 MB whatever the prompt length
@@ -143,26 +147,43 @@ class TritonBackend(Backend):
     kernels.gemv.MAX_ROWS rows (every decode bucket, short prefill chunks) a projection is one fused GEMV with its
     norm, bias, SwiGLU or residual add inside. Longer inputs are GEMMs: the projection is cuBLAS (`F.linear`, the
     one torch op by choice: it runs near the GEMM rate at prefill sizes), the norm and SwiGLU the Triton kernels,
-    the residual add an in-place torch add. On CPU the kernels run through the Triton interpreter."""
+    the residual add an in-place torch add. A quantized weight (kernels.QuantizedWeight) takes the same two roads:
+    up to MAX_ROWS rows kernels.quant_linear, the fused GEMV that unpacks the weight in registers; longer inputs
+    kernels.quant_linear_gemm, which dequantizes the weight into a scratch buffer in x's dtype (a Triton kernel) for
+    cuBLAS, with the same norm / SwiGLU kernels and residual add around it. On CPU the kernels run through the
+    Triton interpreter."""
 
     name = "triton"
     graph_safe = True
 
+    @staticmethod
+    def _gemv(x, weight, *args, **kwargs):
+        """The fused decode GEMV for the weight's kind."""
+        fn = kernels.quant_linear if isinstance(weight, kernels.QuantizedWeight) else kernels.fused_linear
+        return fn(x, weight, *args, **kwargs)
+
+    @staticmethod
+    def _gemm(x, weight, bias=None):
+        """The prefill projection: cuBLAS, after dequantizing a quantized weight."""
+        if isinstance(weight, kernels.QuantizedWeight):
+            return kernels.quant_linear_gemm(x, weight, bias)
+        return F.linear(x, weight, bias)
+
     def norm_linear(self, x, norm_weight, eps, weight, bias=None, out_dtype=None):
         if x.shape[0] <= kernels.gemv.MAX_ROWS:
-            return kernels.fused_linear(x, weight, bias, norm_weight=norm_weight, eps=eps, out_dtype=out_dtype)
-        y = F.linear(kernels.rms_norm(x, norm_weight, eps), weight, bias)
+            return self._gemv(x, weight, bias, norm_weight=norm_weight, eps=eps, out_dtype=out_dtype)
+        y = self._gemm(kernels.rms_norm(x, norm_weight, eps), weight, bias)
         return y if out_dtype is None else y.to(out_dtype)
 
     def norm_swiglu(self, x, norm_weight, eps, gate_up):
         if x.shape[0] <= kernels.gemv.MAX_ROWS:
-            return kernels.fused_linear(x, gate_up, norm_weight=norm_weight, eps=eps, swiglu=True)
-        return kernels.silu_and_mul(F.linear(kernels.rms_norm(x, norm_weight, eps), gate_up))
+            return self._gemv(x, gate_up, norm_weight=norm_weight, eps=eps, swiglu=True)
+        return kernels.silu_and_mul(self._gemm(kernels.rms_norm(x, norm_weight, eps), gate_up))
 
     def linear_residual(self, x, weight, residual):
         if x.shape[0] <= kernels.gemv.MAX_ROWS:
-            return kernels.fused_linear(x, weight, residual=residual)
-        return F.linear(x, weight).add_(residual)
+            return self._gemv(x, weight, residual=residual)
+        return self._gemm(x, weight).add_(residual)
 
     def attention(self, qkv, k_cache, v_cache, rope, meta, shape):
         args = (qkv, k_cache, v_cache, rope.cos, rope.sin, meta.positions, meta.slot_mapping, meta.block_tables,

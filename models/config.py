@@ -13,6 +13,10 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .quant import QuantConfig
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2_moe"}
 ROPE_TYPES = ("default", "linear", "yarn")
@@ -68,6 +72,8 @@ class Qwen2Config:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # a quantized checkpoint (config.json's quantization_config: GPTQ or AWQ); None for floating-point weights
+    quantization: QuantConfig | None = None
 
     def __post_init__(self):
         _validate(self)
@@ -178,6 +184,9 @@ def _validate(c: Qwen2Config) -> None:
         bad = [i for i in c.mlp_only_layers if not (isinstance(i, int) and 0 <= i < c.num_hidden_layers)]
         if bad:
             _fail("mlp_only_layers", list(c.mlp_only_layers), f"layer indices {bad} are out of range")
+    if c.quantization is not None and c.is_moe:
+        _fail("quantization_config.quant_method", c.quantization.method,
+              "quantized MoE checkpoints are not supported yet")
     has_dense = any(not c.is_moe_layer(i) for i in range(c.num_hidden_layers))
     if has_dense and c.intermediate_size <= 0:
         _fail("intermediate_size", c.intermediate_size, "must be positive: the model has dense MLP layers")
@@ -258,6 +267,14 @@ def config_from_dict(d: dict) -> Qwen2Config:
             _fail("layer_types", bad, "only full_attention layers are supported")
     heads = d["num_attention_heads"]
     theta, scaling = _parse_rope(d)
+    quantization = None
+    if d.get("quantization_config") is not None:
+        from .quant import QuantizationError, parse_quantization_config  # torch: only for quantized checkpoints
+
+        try:
+            quantization = parse_quantization_config(d["quantization_config"])
+        except QuantizationError as e:
+            raise ConfigError(str(e)) from None
     eos = d.get("eos_token_id")
     eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
     mlp_only = d.get("mlp_only_layers") or []
@@ -290,6 +307,7 @@ def config_from_dict(d: dict) -> Qwen2Config:
         norm_topk_prob=bool(d.get("norm_topk_prob", False)),
         decoder_sparse_step=d.get("decoder_sparse_step", 1) if moe else 1,
         mlp_only_layers=tuple(mlp_only),
+        quantization=quantization,
     )
 
 

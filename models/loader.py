@@ -5,21 +5,31 @@ Each destination tensor is allocated once on the target device in the target dty
 one at a time from the memory-mapped file and copied (cast on the way) into their slice of the destination, so the
 host never holds a second full copy of the model. The set of tensors consumed must equal the set the model
 needs: a missing, unexpected or mis-shaped tensor, or an unreadable file, is a `CheckpointError` naming it.
+
+Quantized checkpoints (GPTQ, AWQ: see `models.quant`) hold .qweight, .qzeros, .scales (and GPTQ's .g_idx) in place
+of each decoder linear's .weight; the same checks apply to them, and each linear is re-packed on the target device
+into its rows of the fused QuantizedWeight. A floating-point checkpoint can be quantized while it is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
 
+from qwen2rt.kernels.quant import QuantizedWeight
+
 from .backend import MoEWeights
 from .config import Qwen2Config
+from .quant import (QuantConfig, QuantizationError, awq_to_layout, checkpoint_shapes, copy_into, gptq_to_layout,
+                    quantize)
 from .qwen2 import ModelWeights, allocate_weights, weight_shapes
 
 log = logging.getLogger("qwen2rt")
@@ -27,6 +37,8 @@ log = logging.getLogger("qwen2rt")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 class CheckpointError(ValueError):
@@ -62,9 +74,19 @@ def _open(path: str):
         raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
 
 
-def _destinations(config: Qwen2Config, w: ModelWeights) -> dict[str, torch.Tensor]:
+@dataclass
+class LinearPart:
+    """Rows [start, stop) of a fused quantized projection, filled from one checkpoint linear."""
+
+    fused: QuantizedWeight
+    start: int
+    stop: int
+
+
+def _destinations(config: Qwen2Config, w: ModelWeights) -> dict[str, torch.Tensor | LinearPart]:
     """checkpoint tensor name -> the view of the fused weights it fills. The views partition every allocated
-    tensor, so filling all of them leaves nothing uninitialised."""
+    tensor, so filling all of them leaves nothing uninitialised. A quantized decoder linear is one entry, under its
+    module name (e.g. model.layers.0.self_attn.q_proj), whatever tensors the checkpoint stores it as."""
     c = config
     d = c.head_dim
     q_rows, kv_rows = c.num_attention_heads * d, c.num_key_value_heads * d
@@ -75,12 +97,12 @@ def _destinations(config: Qwen2Config, w: ModelWeights) -> dict[str, torch.Tenso
         p = f"model.layers.{i}."
         dst[p + "input_layernorm.weight"] = layer.input_norm
         dst[p + "post_attention_layernorm.weight"] = layer.post_attention_norm
-        parts = {"q": slice(0, q_rows), "k": slice(q_rows, q_rows + kv_rows), "v": slice(q_rows + kv_rows, None)}
-        for name, rows in parts.items():
-            dst[p + f"self_attn.{name}_proj.weight"] = layer.qkv[rows]
+        parts = {"q": (0, q_rows), "k": (q_rows, q_rows + kv_rows), "v": (q_rows + kv_rows, c.qkv_size)}
+        for name, (start, stop) in parts.items():
+            _linear(dst, p + f"self_attn.{name}_proj", layer.qkv, start, stop)
             if layer.qkv_bias is not None:
-                dst[p + f"self_attn.{name}_proj.bias"] = layer.qkv_bias[rows]
-        dst[p + "self_attn.o_proj.weight"] = layer.o
+                dst[p + f"self_attn.{name}_proj.bias"] = layer.qkv_bias[start:stop]
+        _linear(dst, p + "self_attn.o_proj", layer.o, 0, c.hidden_size)
         mlp = layer.mlp
         if isinstance(mlp, MoEWeights):
             dst[p + "mlp.gate.weight"] = mlp.router
@@ -94,11 +116,36 @@ def _destinations(config: Qwen2Config, w: ModelWeights) -> dict[str, torch.Tenso
     return dst
 
 
+def _linear(dst, module, fused, start, stop):
+    if isinstance(fused, QuantizedWeight):
+        dst[module] = LinearPart(fused, start, stop)
+    else:
+        dst[module + ".weight"] = fused[start:stop]
+
+
 def _mlp_destinations(dst, prefix, gate_up, down):
     inter = gate_up.shape[0] // 2
-    dst[prefix + "gate_proj.weight"] = gate_up[:inter]
-    dst[prefix + "up_proj.weight"] = gate_up[inter:]
-    dst[prefix + "down_proj.weight"] = down
+    _linear(dst, prefix + "gate_proj", gate_up, 0, inter)
+    _linear(dst, prefix + "up_proj", gate_up, inter, 2 * inter)
+    _linear(dst, prefix + "down_proj", down, 0, down.shape[0])
+
+
+def expected_tensors(config: Qwen2Config) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """name -> (shape, is floating point) of every tensor the checkpoint must hold: `weight_shapes`, with each
+    decoder linear's .weight replaced by its GPTQ / AWQ tensors when config.json says the checkpoint is quantized."""
+    q = config.quantization
+    expected = {}
+    for name, shape in weight_shapes(config).items():
+        module, _, suffix = name.rpartition(".")
+        if q is not None and suffix == "weight" and module.rpartition(".")[2] in _LINEARS:
+            try:
+                parts = checkpoint_shapes(q, module, *shape)
+            except QuantizationError as e:
+                raise CheckpointError(str(e)) from None
+            expected.update({n: (s, n.endswith(".scales")) for n, s in parts.items()})
+        else:
+            expected[name] = (shape, True)
+    return expected
 
 
 def _scan(files: dict[str, list[str] | None]) -> dict[str, tuple[str, tuple[int, ...], str]]:
@@ -120,11 +167,18 @@ def _scan(files: dict[str, list[str] | None]) -> dict[str, tuple[str, tuple[int,
 
 
 def load_weights(model_dir: str, config: Qwen2Config, device, dtype: torch.dtype,
-                 show_progress: bool | None = None) -> ModelWeights:
-    """Read, check, fuse, cast and place every tensor of the checkpoint in `model_dir`."""
+                 show_progress: bool | None = None, quantization: QuantConfig | None = None) -> ModelWeights:
+    """Read, check, fuse, cast and place every tensor of the checkpoint in `model_dir`.
+
+    A GPTQ / AWQ checkpoint (config.quantization) is re-packed into QuantizedWeights, one linear at a time.
+    `quantization` (int8 / int4 / fp8, floating-point checkpoints only) quantizes each fused projection as it is
+    read: at most one projection is held in floating point at a time."""
+    if config.quantization is not None and quantization is not None:
+        raise CheckpointError(f"{model_dir} is already quantized ({config.quantization.describe()}): "
+                              f"quantization={quantization.method!r} applies to floating-point checkpoints only")
     files = checkpoint_files(model_dir)
     found = _scan(files)
-    expected = weight_shapes(config)
+    expected = expected_tensors(config)
     missing = sorted(set(expected) - set(found))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -135,12 +189,14 @@ def load_weights(model_dir: str, config: Qwen2Config, device, dtype: torch.dtype
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise CheckpointError(f"{model_dir}: unexpected tensor {unexpected[0]!r}{more} in {found[unexpected[0]][0]}"
                               " (does config.json match the checkpoint?)")
-    for name, shape in expected.items():
+    for name, (shape, is_float) in expected.items():
         path, got, st_dtype = found[name]
         if got != shape:
             raise CheckpointError(f"tensor {name!r} in {path} has shape {list(got)}, expected {list(shape)}")
-        if st_dtype not in _FLOAT_DTYPES:
+        if is_float and st_dtype not in _FLOAT_DTYPES:
             raise CheckpointError(f"tensor {name!r} in {path} has dtype {st_dtype}, expected a float type")
+        if not is_float and st_dtype != "I32":
+            raise CheckpointError(f"tensor {name!r} in {path} has dtype {st_dtype}, expected I32 (packed int32)")
     if "lm_head.weight" in found and config.tie_word_embeddings:
         path, got, _ = found["lm_head.weight"]
         if got != (config.vocab_size, config.hidden_size):
@@ -148,27 +204,113 @@ def load_weights(model_dir: str, config: Qwen2Config, device, dtype: torch.dtype
                                   f"{[config.vocab_size, config.hidden_size]}")
         log.info("tied embeddings: ignoring the checkpoint's lm_head.weight, as Hugging Face does")
 
-    weights = allocate_weights(config, device, dtype)
+    scale_dtype = dtype
+    if config.quantization is not None:  # keep the checkpoint's scales dtype (fp16): exact, whatever the model dtype
+        scale_dtypes = {found[n][2] for n in expected if n.endswith(".scales")}
+        if len(scale_dtypes) != 1:
+            raise CheckpointError(f"{model_dir}: the .scales tensors mix dtypes {sorted(scale_dtypes)}")
+        scale_dtype = _TORCH_DTYPES[scale_dtypes.pop()]
+    try:
+        weights = allocate_weights(config, device, dtype, quantization=config.quantization or quantization,
+                                   scale_dtype=scale_dtype)
+    except QuantizationError as e:
+        raise CheckpointError(f"{model_dir}: {e}") from None
     destinations = _destinations(config, weights)
+    plain = {n: t for n, t in destinations.items() if not isinstance(t, LinearPart)}
+    linears = {n: t for n, t in destinations.items() if isinstance(t, LinearPart)}
     total = sum(os.path.getsize(p) for p in files)
     if show_progress is None:
         show_progress = total > (1 << 30)
-    done, start = 0, time.perf_counter()
-    for n, path in enumerate(files, 1):
-        with _open(path) as f:
-            for name in f.keys():
-                if name not in destinations:
-                    continue
-                try:
-                    tensor = f.get_tensor(name)
-                except Exception as e:
-                    raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from None
-                destinations.pop(name).copy_(tensor)
-        done += os.path.getsize(path)
-        if show_progress:
-            print(f"\rloading weights: {n}/{len(files)} files, {done / 1e9:.2f}/{total / 1e9:.2f} GB, "
-                  f"{time.perf_counter() - start:.1f} s", end="" if n < len(files) else "\n", file=sys.stderr,
-                  flush=True)
-    if destinations:  # unreachable after the checks above; kept so a logic error can never leave weights empty
-        raise CheckpointError(f"tensor {sorted(destinations)[0]!r} was never loaded")
+    progress = _Progress(total, show_progress)
+    with contextlib.ExitStack() as stack:
+        handles = {path: stack.enter_context(_open(path)) for path in files}
+
+        def read(name: str) -> torch.Tensor:
+            path = found[name][0]
+            try:
+                tensor = handles[path].get_tensor(name)
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from None
+            progress.add(tensor.numel() * tensor.element_size())
+            return tensor
+
+        for name in sorted(plain, key=lambda n: found[n][0]):  # file by file
+            plain.pop(name).copy_(read(name))
+        fused = [part.fused for part in linears.values()]
+        try:
+            if config.quantization is not None:
+                _load_quantized_linears(linears, config.quantization, read, device)
+            else:
+                _quantize_linears(linears, quantization, read, device, dtype)
+            for w in fused:
+                w.validate()
+        except QuantizationError as e:
+            raise CheckpointError(str(e)) from None
+    progress.done()
+    if plain or linears:  # unreachable after the checks above; kept so a logic error can never leave weights empty
+        raise CheckpointError(f"tensor {(sorted(plain) + sorted(linears))[0]!r} was never loaded")
     return weights
+
+
+def _by_fused(linears: dict[str, LinearPart]) -> list[list[tuple[str, LinearPart]]]:
+    """The linear parts grouped by the fused projection they fill (q, k, v together; gate, up together)."""
+    groups: dict[int, list[tuple[str, LinearPart]]] = {}
+    for name, part in linears.items():
+        groups.setdefault(id(part.fused), []).append((name, part))
+    return list(groups.values())
+
+
+def _load_quantized_linears(linears: dict[str, LinearPart], q: QuantConfig, read, device) -> None:
+    """GPTQ / AWQ tensors -> the fused QuantizedWeights, one checkpoint linear at a time (converted on `device`).
+    The parts of one fused projection must share their g_idx (one act-order permutation for the fused weight)."""
+    for group in _by_fused(linears):
+        first_g_idx = None
+        for name, part in group:
+            if q.method == "gptq":
+                g_idx = read(name + ".g_idx").to(device)
+                converted = gptq_to_layout(q, read(name + ".qweight").to(device), read(name + ".qzeros").to(device),
+                                           read(name + ".scales").to(device), g_idx, name)
+                if first_g_idx is None:
+                    first_g_idx = (name, g_idx)
+                    part.fused.perm = converted.perm
+                elif not torch.equal(g_idx, first_g_idx[1]):
+                    raise QuantizationError(f"tensor {name + '.g_idx'!r} differs from {first_g_idx[0] + '.g_idx'!r}: "
+                                            "the projections fused into one weight (q, k, v; gate, up) must share "
+                                            "their act-order g_idx")
+            else:
+                converted = awq_to_layout(q, read(name + ".qweight").to(device), read(name + ".qzeros").to(device),
+                                          read(name + ".scales").to(device), name)
+            copy_into(part.fused.rows(part.start, part.stop), converted, name)
+            del linears[name]
+
+
+def _quantize_linears(linears: dict[str, LinearPart], q: QuantConfig, read, device, dtype) -> None:
+    """Floating-point linears -> the fused QuantizedWeights: each fused projection is assembled in `dtype` on
+    `device`, quantized, and freed before the next one is read."""
+    for group in _by_fused(linears):
+        fused = group[0][1].fused
+        staging = torch.empty(fused.shape, device=device, dtype=dtype)
+        for name, part in group:
+            staging[part.start:part.stop].copy_(read(name + ".weight"))
+        copy_into(fused, quantize(staging, q, fused.dtype), group[0][0])
+        del staging
+        for name, _ in group:
+            del linears[name]
+
+
+class _Progress:
+    def __init__(self, total: int, show: bool):
+        self.total, self.show, self.read, self.start, self.last = total, show, 0, time.perf_counter(), 0.0
+
+    def add(self, nbytes: int) -> None:
+        self.read += nbytes
+        now = time.perf_counter()
+        if self.show and now - self.last > 0.5:
+            self.last = now
+            print(f"\rloading weights: {self.read / 1e9:.2f}/{self.total / 1e9:.2f} GB, {now - self.start:.1f} s",
+                  end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.show:
+            print(f"\rloading weights: {self.read / 1e9:.2f} GB, {time.perf_counter() - self.start:.1f} s",
+                  file=sys.stderr, flush=True)

@@ -13,22 +13,29 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qwen2rt.kernels.quant import QuantizedWeight
+
 from .backend import AttentionMetadata, AttentionShape, Backend, MoEWeights
 from .config import Qwen2Config
+from .quant import QuantConfig, QuantizationError
+from .quant import allocate as allocate_quantized
+from .quant import fill_random as fill_random_quantized
 from .rope import RotaryTables
+
+Linear = torch.Tensor | QuantizedWeight  # a decoder linear's weight [N, K]: floating point, or quantized
 
 @dataclass
 class DenseMLPWeights:
-    gate_up: torch.Tensor  # [2I, H]  rows [gate | up]
-    down: torch.Tensor  # [H, I]
+    gate_up: Linear  # [2I, H]  rows [gate | up]
+    down: Linear  # [H, I]
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [H]
-    qkv: torch.Tensor  # [(Hq + 2 Hkv) D, H]
+    qkv: Linear  # [(Hq + 2 Hkv) D, H]
     qkv_bias: torch.Tensor | None  # [(Hq + 2 Hkv) D]
-    o: torch.Tensor  # [H, Hq D]
+    o: Linear  # [H, Hq D]
     post_attention_norm: torch.Tensor  # [H]
     mlp: DenseMLPWeights | MoEWeights
 
@@ -39,6 +46,28 @@ class ModelWeights:
     layers: list[LayerWeights]
     final_norm: torch.Tensor  # [H]
     lm_head: torch.Tensor  # [V, H]; the same tensor as embed when tied
+
+    def nbytes(self) -> int:
+        """Bytes of every weight held (a tied lm_head counted once)."""
+        seen, total = set(), 0
+
+        def add(t):
+            nonlocal total
+            if isinstance(t, QuantizedWeight):
+                for part in (t.qweight, t.scales, t.zeros, t.perm):
+                    add(part)
+            elif isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
+
+        for t in (self.embed, self.final_norm, self.lm_head):
+            add(t)
+        for layer in self.layers:
+            for t in (layer.input_norm, layer.qkv, layer.qkv_bias, layer.o, layer.post_attention_norm):
+                add(t)
+            for t in vars(layer.mlp).values():
+                add(t)
+        return total
 
 
 def weight_shapes(config: Qwen2Config) -> dict[str, tuple[int, ...]]:
@@ -75,11 +104,16 @@ def _mlp_shapes(shapes, prefix, h, inter):
     shapes[prefix + "down_proj.weight"] = (h, inter)
 
 
-def allocate_weights(config: Qwen2Config, device, dtype, fill=None) -> ModelWeights:
+def allocate_weights(config: Qwen2Config, device, dtype, fill=None, quantization: QuantConfig | None = None,
+                     scale_dtype: torch.dtype | None = None) -> ModelWeights:
     """Uninitialised weights in the fused layout (the loader and `random_weights` fill every element).
-    `fill(tensor, kind)` is called on each new tensor, kind in {"norm", "bias", "weight"}."""
+    `fill(tensor, kind)` is called on each new tensor, kind in {"norm", "bias", "weight", "quantized"} ("quantized":
+    a QuantizedWeight). With `quantization`, the decoder linears (qkv, o, gate_up, down) are QuantizedWeights with
+    scales in `scale_dtype` (default: the model dtype); embeddings, norms, biases and lm_head stay in `dtype`."""
     c = config
     h, d = c.hidden_size, c.head_dim
+    if quantization is not None and c.is_moe:
+        raise QuantizationError("quantized MoE checkpoints are not supported yet, nor is quantizing a MoE model")
 
     def new(kind, *shape):
         t = torch.empty(shape, device=device, dtype=dtype)
@@ -87,8 +121,16 @@ def allocate_weights(config: Qwen2Config, device, dtype, fill=None) -> ModelWeig
             fill(t, kind)
         return t
 
+    def linear(n, k) -> Linear:
+        if quantization is None:
+            return new("weight", n, k)
+        w = allocate_quantized(quantization, n, k, device, scale_dtype or dtype)
+        if fill is not None:
+            fill(w, "quantized")
+        return w
+
     def dense_mlp(inter):
-        return DenseMLPWeights(gate_up=new("weight", 2 * inter, h), down=new("weight", h, inter))
+        return DenseMLPWeights(gate_up=linear(2 * inter, h), down=linear(h, inter))
 
     layers = []
     for i in range(c.num_hidden_layers):
@@ -111,9 +153,9 @@ def allocate_weights(config: Qwen2Config, device, dtype, fill=None) -> ModelWeig
             mlp = dense_mlp(c.intermediate_size)
         layers.append(LayerWeights(
             input_norm=new("norm", h),
-            qkv=new("weight", c.qkv_size, h),
+            qkv=linear(c.qkv_size, h),
             qkv_bias=new("bias", c.qkv_size) if c.qkv_bias else None,
-            o=new("weight", h, c.num_attention_heads * d),
+            o=linear(h, c.num_attention_heads * d),
             post_attention_norm=new("norm", h),
             mlp=mlp,
         ))
@@ -122,21 +164,25 @@ def allocate_weights(config: Qwen2Config, device, dtype, fill=None) -> ModelWeig
     return ModelWeights(embed=embed, layers=layers, final_norm=new("norm", h), lm_head=lm_head)
 
 
-def random_weights(config: Qwen2Config, device, dtype, seed: int = 0, std: float = 0.02) -> ModelWeights:
+def random_weights(config: Qwen2Config, device, dtype, seed: int = 0, std: float = 0.02,
+                   quantization: QuantConfig | None = None) -> ModelWeights:
     """Deterministic random weights made straight on `device` (no host copy): N(0, std) matrices, norms near
-    1 and biases near 0 (perturbed so that they matter)."""
+    1 and biases near 0 (perturbed so that they matter). With `quantization`, the decoder linears are random
+    quantized values made in place, layer by layer: no floating-point copy of them exists at any time."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
 
     def fill(t, kind):
-        if kind == "weight":
+        if kind == "quantized":
+            fill_random_quantized(t, gen, std)
+        elif kind == "weight":
             t.normal_(0.0, std, generator=gen)
         elif kind == "norm":
             t.normal_(1.0, 0.1, generator=gen)
         else:
             t.normal_(0.0, 0.1, generator=gen)
 
-    return allocate_weights(config, device, dtype, fill)
+    return allocate_weights(config, device, dtype, fill, quantization)
 
 
 class Qwen2Model:

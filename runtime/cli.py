@@ -11,6 +11,10 @@ import time
 
 DEFAULT_MODEL = "tiny"
 DEFAULT_PROMPT = "The quick brown fox"
+QUANTIZATIONS = ("int8", "int4", "fp8")
+# `info`'s decode floor: bytes read per token over this bandwidth (GB/s); default: the device copy bandwidth measured on
+# one H100 80GB (DESIGN.md, "Where the time goes")
+DEFAULT_BANDWIDTH_GBPS = 3020.0
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +25,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, help="torch or triton (default: triton on CUDA, torch on CPU)")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=None, help="seed for random weights and sampling")
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="quantize a floating-point model's decoder linears at load (GPTQ / AWQ checkpoints load "
+                        "quantized as they are)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +61,7 @@ def _load(args):
     # With no --model this is the built-in default shape; LLM logs the one line saying its weights are random.
     model = args.model or DEFAULT_MODEL
     return LLM(model, device=args.device, dtype=args.dtype, backend=args.backend, max_seq_len=args.max_seq_len,
-               seed=args.seed)
+               seed=args.seed, quantization=args.quantization)
 
 
 def cmd_generate(args) -> int:
@@ -113,6 +120,13 @@ def cmd_info(args) -> int:
         print(f"error: {model!r} is neither a checkpoint folder nor a built-in name "
               f"({', '.join(sorted(BUILTIN_CONFIGS))})", file=sys.stderr)
         return 2
+    from qwen2rt.models.quant import at_load_config, weight_bytes
+
+    if args.quantization is not None and config.quantization is not None:
+        print(f"error: {model} is already quantized ({config.quantization.describe()}): --quantization applies to "
+              "floating-point models", file=sys.stderr)
+        return 2
+    quant = config.quantization or (at_load_config(args.quantization) if args.quantization else None)
     params = config.parameter_count()
     info = {
         "model": model,
@@ -121,6 +135,15 @@ def cmd_info(args) -> int:
         "bytes_read_per_token_bf16": config.bytes_per_token(2),
         "bytes_read_per_token_fp32": config.bytes_per_token(4),
     }
+    if quant is not None:  # the decoder linears quantized, everything else (embeddings, norms, lm_head) in bf16
+        total, per_token = weight_bytes(config, 2, quant)
+        info["quantization"] = quant.describe()
+        info["weight_bytes"] = total
+        info["bytes_read_per_token"] = per_token
+    else:
+        info["weight_bytes"], info["bytes_read_per_token"] = weight_bytes(config, 2, None)
+    info["bandwidth_GBps"] = args.bandwidth
+    info["decode_floor_ms"] = info["bytes_read_per_token"] / (args.bandwidth * 1e9) * 1e3
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -130,6 +153,10 @@ def cmd_info(args) -> int:
     print(f"parameters: {params:,} ({params / 1e9:.2f} B)")
     print(f"bytes read per decoded token (batch 1): bf16 {info['bytes_read_per_token_bf16'] / 1e9:.3f} GB, "
           f"fp32 {info['bytes_read_per_token_fp32'] / 1e9:.3f} GB")
+    label = f"{quant.describe()} linears, the rest bf16" if quant is not None else "bf16"
+    print(f"weights ({label}): {info['weight_bytes'] / 1e9:.3f} GB; read per decoded token "
+          f"{info['bytes_read_per_token'] / 1e9:.3f} GB; decode floor {info['decode_floor_ms']:.3f} ms at "
+          f"{args.bandwidth:.0f} GB/s")
     return 0
 
 
@@ -154,8 +181,13 @@ def main(argv=None) -> int:
     _add_sampling_args(c)
     c.add_argument("--system", default=None, help="system message")
     c.set_defaults(func=cmd_chat)
-    i = sub.add_parser("info", help="config, parameter count and bytes read per decoded token")
+    i = sub.add_parser("info", help="config, parameter count, weight bytes, bytes read per decoded token and the "
+                                   "decode floor")
     i.add_argument("--model", default=None)
+    i.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="weight bytes and decode floor with the decoder linears quantized at load")
+    i.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH_GBPS,
+                   help=f"GB/s for the decode floor (default {DEFAULT_BANDWIDTH_GBPS:.0f}: H100 copy bandwidth)")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
     pr = sub.add_parser("profile", help="torch.profiler trace of a prefill and decode steps, per-op table")

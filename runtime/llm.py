@@ -15,6 +15,7 @@ import torch
 from qwen2rt.models.backend import default_backend_name, get_backend
 from qwen2rt.models.config import BUILTIN_CONFIGS, Qwen2Config, builtin_config, load_config
 from qwen2rt.models.loader import load_weights
+from qwen2rt.models.quant import QuantConfig, at_load_config, check_fp8_device
 from qwen2rt.models.qwen2 import Qwen2Model, random_weights
 from qwen2rt.models.rope import RotaryTables
 
@@ -75,13 +76,17 @@ class LLM:
     (capture_graphs="startup") or on first use ("lazy");
     enforce_eager=True runs the same step without graphs. Prompts are prefilled in chunks of at most
     max_prefill_tokens tokens per step, alternating with decode steps.
+    quantization: None, "int8" (per output channel), "int4" (groups of 128, asymmetric) or "fp8" (e4m3, per output
+    channel; CUDA needs sm_89+) quantizes a floating-point model's decoder linears at load, built-in shapes included
+    (their random weights are made quantized). GPTQ and AWQ checkpoints load quantized as they are (config.json's
+    quantization_config) and take no `quantization`.
     """
 
     def __init__(self, model: str, *, device=None, dtype=None, backend: str | None = None,
                  max_seq_len: int | None = None, max_batch_size: int | None = None, seed: int | None = None,
                  num_kv_blocks: int | None = None, block_size: int = 16, enforce_eager: bool = False,
                  cuda_graph_buckets=DEFAULT_BUCKETS, capture_graphs: str = "startup",
-                 max_prefill_tokens: int = 2048):
+                 max_prefill_tokens: int = 2048, quantization: str | None = None):
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -104,6 +109,10 @@ class LLM:
         if not (isinstance(max_prefill_tokens, int) and max_prefill_tokens >= 1):
             raise ValueError(f"max_prefill_tokens = {max_prefill_tokens!r}: must be an integer >= 1")
 
+        at_load = None if quantization is None else at_load_config(quantization)
+        if at_load is not None and at_load.method == "fp8":
+            check_fp8_device(self.device)
+
         self.generation_defaults: dict = {}
         generation_eos = None
         builtin = model in BUILTIN_CONFIGS
@@ -116,15 +125,22 @@ class LLM:
         if not (isinstance(self.max_seq_len, int) and 2 <= self.max_seq_len <= cfg.max_position_embeddings):
             raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer in "
                              f"[2, max_position_embeddings={cfg.max_position_embeddings}]")
+        if at_load is not None and cfg.quantization is not None:
+            raise ValueError(f"quantization = {quantization!r}: {model} is already quantized "
+                             f"({cfg.quantization.describe()}); it loads as it is, without quantization=")
+        if at_load is not None and cfg.is_moe:
+            raise ValueError(f"quantization = {quantization!r}: quantizing MoE models is not supported yet")
+        # the decoder linears' quantization: the checkpoint's (GPTQ, AWQ), the one asked for, or None
+        self.quantization: QuantConfig | None = cfg.quantization or at_load
         if builtin:
             if model not in _warned_builtin:
                 _warned_builtin.add(model)
                 log.warning("built-in shape %r with random weights (seed %d): the generated text is noise",
                             model, self.seed)
-            weights = random_weights(cfg, self.device, self.dtype, seed=self.seed)
+            weights = random_weights(cfg, self.device, self.dtype, seed=self.seed, quantization=at_load)
             self.tokenizer: Tokenizer | None = ByteTokenizer(cfg.vocab_size)
         else:
-            weights = load_weights(model, cfg, self.device, self.dtype)
+            weights = load_weights(model, cfg, self.device, self.dtype, quantization=at_load)
             self.tokenizer = load_tokenizer(model)
             gc_path = os.path.join(model, "generation_config.json")
             if os.path.isfile(gc_path):
@@ -134,6 +150,8 @@ class LLM:
                 generation_eos = gc.get("eos_token_id")
         self.model_name = model
         self.eos_token_ids = self._collect_eos(generation_eos)
+        if self.device.type == "cuda":  # quantizing at load leaves freed staging blocks cached; the KV budget below
+            torch.cuda.empty_cache()  # is the driver's free memory after the weights, so hand them back first
         if num_kv_blocks is None:
             num_kv_blocks = self._default_kv_blocks(block_size)
 

@@ -22,6 +22,7 @@ compile seconds. Exit 1 if a kernel fails to compile, needs more shared memory t
 kernel spills (DECODE_PATH); a prefill kernel that spills is printed as a warning.
 
     python tests/aot_sm90.py [--quick] [--capability 90] [--jobs N (default: all cores)]
+                             [--only NAME (the kernels whose name contains NAME)]
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from qwen2rt.engine import DEFAULT_BUCKETS  # noqa: E402
-from qwen2rt.kernels import gemv, moe, rmsnorm, rope_attention, sampler, swiglu  # noqa: E402
+from qwen2rt.kernels import gemv, moe, quant, rmsnorm, rope_attention, sampler, swiglu  # noqa: E402
 from qwen2rt.sampling import SamplingRows  # noqa: E402
 from qwen2rt.models.config import BUILTIN_CONFIGS  # noqa: E402
 
@@ -59,7 +60,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # the decode path: a kernel here that spills fails the run
 DECODE_PATH = {"_decode_attention_kernel", "_decode_reduce_kernel", "_rms_norm_kernel", "_silu_and_mul_kernel",
                "_route_kernel", "_gemv_gate_up_kernel", "_gemv_down_kernel", "_fused_linear_kernel",
-               "_candidates_kernel", "_draw_kernel", "_fallback_kernel"}
+               "_candidates_kernel", "_draw_kernel", "_fallback_kernel", "_quant_linear_kernel"}
 # the published shapes (the tiny built-ins are float32 shapes for the CPU tests)
 MODELS = {name: c for name, c in BUILTIN_CONFIGS.items() if not name.startswith("tiny")}
 
@@ -170,6 +171,42 @@ def decode_projections(c, dtype, rows: int):
     gemv.fused_linear(x, meta(c.vocab_size, h, dtype=dtype), norm_weight=g, out_dtype=torch.float32)
 
 
+# the weight-only quantized layouts compiled (kernels.quant): (kind, group size; None = per channel, act-order perm)
+QUANT_FORMS = {"int4-g128": ("int4", 128, False), "int4-g128-actorder": ("int4", 128, True),
+               "int8-channel": ("int8", None, False), "fp8-channel": ("fp8", None, False)}
+QUANT_MODELS = ("qwen2-7b", "qwen2-72b")
+
+
+def quantized(n: int, k: int, form: str) -> quant.QuantizedWeight:
+    kind, group, act_order = QUANT_FORMS[form]
+    group = group or k
+    if kind == "fp8":
+        return quant.QuantizedWeight("fp8", meta(n, k, dtype=torch.float8_e4m3fn), meta(n, 1, dtype=torch.float16),
+                                     None, k)
+    words, groups = k * quant.KINDS[kind] // 32, k // group
+    return quant.QuantizedWeight(kind, meta(n, words, dtype=torch.int32), meta(n, groups, dtype=torch.float16),
+                                 meta(n, groups, dtype=torch.float16), group,
+                                 meta(k, dtype=torch.int32) if act_order else None)
+
+
+def quant_projections(c, dtype, rows: int, form: str):
+    """The decode GEMVs of a quantized model as the triton backend calls them (kernels.quant.quant_linear): norm +
+    qkv (+ bias), o + residual, norm + gate_up + SwiGLU, down + residual; and, per channel, a quantized lm_head into
+    float32 logits. Then the prefill path's dequantize kernel for each weight."""
+    h, q, i = c.hidden_size, c.num_attention_heads * c.head_dim, c.intermediate_size
+    x, g = meta(rows, h, dtype=dtype), meta(h, dtype=dtype)
+    weights = [quantized(c.qkv_size, h, form), quantized(h, q, form), quantized(2 * i, h, form),
+               quantized(h, i, form)]
+    quant.quant_linear(x, weights[0], meta(c.qkv_size, dtype=dtype) if c.qkv_bias else None, norm_weight=g)
+    quant.quant_linear(meta(rows, q, dtype=dtype), weights[1], residual=x)
+    quant.quant_linear(x, weights[2], norm_weight=g, swiglu=True)
+    quant.quant_linear(meta(rows, i, dtype=dtype), weights[3], residual=x)
+    if QUANT_FORMS[form][1] is None:
+        quant.quant_linear(x, quantized(c.vocab_size, h, form), norm_weight=g, out_dtype=torch.float32)
+    for w in weights:
+        quant.dequantize_weight(w, dtype)
+
+
 def sampler_forms(c, rows: int, forms=sampler.FORMS):
     """The Triton sampler on float32 logits [rows, V] (its variants depend on the vocabulary's divisibility only)."""
     v = c.vocab_size
@@ -230,6 +267,10 @@ def record(quick: bool, recorder: Recorder):
                 decode_projections(c, dtype, rows)
                 recorder.where = f"{where} sampler B={rows}"
                 sampler_forms(c, rows)
+            for form in QUANT_FORMS if name in QUANT_MODELS else ():
+                for rows in (1,) if quick else (1, max(DEFAULT_BUCKETS)):
+                    recorder.where = f"{where} {form} GEMVs M={rows}"
+                    quant_projections(c, dtype, rows, form)
             recorder.where = f"{where} prefill"
             attention(c, dtype, batch=2, tokens=512, max_seq_len=c.max_position_embeddings)
             norms_and_mlp(c, dtype, tokens=512)
@@ -287,8 +328,9 @@ def main() -> int:
     recorder = Recorder(_TARGET)
     with recorder.recording():
         record("--quick" in args, recorder)
-    _VARIANTS[:] = sorted(recorder.variants.values(), key=lambda v: (v.kernel not in DECODE_PATH, v.kernel,
-                                                                     v.describe()))
+    only = args[args.index("--only") + 1] if "--only" in args else ""
+    _VARIANTS[:] = sorted((v for v in recorder.variants.values() if only in v.kernel),
+                          key=lambda v: (v.kernel not in DECODE_PATH, v.kernel, v.describe()))
     # fork: the workers inherit the recorded variants; each compile is independent
     with multiprocessing.get_context("fork").Pool(max(1, jobs)) as pool:
         results = pool.map(_compile, range(len(_VARIANTS)), chunksize=1)

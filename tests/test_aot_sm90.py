@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # aot_sm90.DECODE_PATH (not imported: importing it would turn the interpreter off in this process)
 DECODE_PATH = ("_decode_attention_kernel", "_decode_reduce_kernel", "_rms_norm_kernel", "_silu_and_mul_kernel",
                "_route_kernel", "_gemv_gate_up_kernel", "_gemv_down_kernel", "_fused_linear_kernel",
-               "_candidates_kernel", "_draw_kernel", "_fallback_kernel")
+               "_candidates_kernel", "_draw_kernel", "_fallback_kernel", "_quant_linear_kernel")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton's ptxas ships for Linux")
@@ -31,3 +31,9 @@ def test_all_kernels_compile_for_sm90_and_decode_path_does_not_spill():
     for kernel in DECODE_PATH:
         assert any(name == kernel for name, _ in rows), f"{kernel} is missing from the quick subset"
     assert any(name == "_decode_attention_kernel" and "HEAD_DIM=128" in rest for name, rest in rows)
+    # the quantized GEMV in every weight form (int4 grouped, act-order, int8 and fp8 per channel) and the prefill path
+    quant = [rest for name, rest in rows if name == "_quant_linear_kernel"]
+    for form in ("BITS=4, IS_FP8=False, GROUP_WORDS=16, PER_CHANNEL=False, HAS_PERM=True",
+                 "BITS=8, IS_FP8=False, GROUP_WORDS=1, PER_CHANNEL=True", "IS_FP8=True"):
+        assert any(form in rest for rest in quant), form
+    assert any(name == "_dequantize_kernel" for name, _ in rows)

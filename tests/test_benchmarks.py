@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from benchmarks import (bench_attention, bench_decode, bench_gemv, bench_moe, bench_prefill, bench_rmsnorm,
-                        bench_sampler, bench_swiglu, gpu_check, report)
+from benchmarks import (bench_attention, bench_decode, bench_gemv, bench_moe, bench_prefill, bench_quant,
+                        bench_rmsnorm, bench_sampler, bench_swiglu, gpu_check, report)
 
 
 def _finite(x):
@@ -22,6 +22,7 @@ def _finite(x):
     (bench_swiglu, ["--smoke", "--no-compile"], "kernels"),
     (bench_attention, ["--smoke"], "kernels"),
     (bench_gemv, ["--smoke"], "kernels"),
+    (bench_quant, ["--smoke"], "kernels"),
     (bench_sampler, ["--smoke", "--no-compile"], "kernels"),
     (bench_moe, ["--smoke"], "kernels"),
     (bench_decode, ["--smoke"], "decode"),
@@ -44,6 +45,10 @@ def test_bench_scripts_run(module, args, key, tmp_path):
                    if r["impl"] in ("qwen2rt", "qwen2rt_eager", "qwen2rt_lazy"))
     if module is bench_moe:  # the shared expert folded into the grouped launches vs run separately
         assert {"qwen2rt_fold", "qwen2rt_separate"} <= impls
+    if module is bench_quant:  # pipelined vs plain word loop, bf16 cuBLAS and the prefill path; the copy floor
+        assert {"qwen2rt_nopipe", "cublas_bf16", "dequant+cublas"} <= impls
+        assert all(_finite(r["floor_ms"]) and {"w4a16-g128", "w8a16-channel"} & set(r["shape"].split())
+                   for r in rows)
 
 
 def test_gpu_check_driver_writes_the_record(tmp_path):
@@ -55,7 +60,8 @@ def test_gpu_check_driver_writes_the_record(tmp_path):
         assert key in rec, key
     assert not rec["errors"], rec["errors"]
     assert {r["impl"] for r in rec["decode"]} == {"qwen2rt", "qwen2rt_eager", "qwen2rt_lazy", "qwen2rt_sampled_topk",
-                                                  "qwen2rt_sampled_full", "hf_eager"}
+                                                  "qwen2rt_sampled_full", "hf_eager", "qwen2rt_int4",
+                                                  "qwen2rt_eager_int4"}
     assert all(p.startswith("ok") for p in rec["parts"].values()), rec["parts"]
     assert all(r["floor_ms"] > 0 for r in rec["decode"])
     assert "## Decode" in open(tmp_path / record.replace(".json", ".md")).read()

@@ -1,0 +1,94 @@
+"""Weight-only quantized decode projections: qwen2rt's quant_linear (W4A16 with group-128 scales and zeros, W8A16
+per channel) at M = 1..32 rows on the Qwen2-7B / 72B projections (qkv, o, gate_up, down; the projection alone, no
+fusions), with its word loop pipelined (the default) and not, against bf16 cuBLAS (F.linear on the dense bf16
+weight of the same shape: what quantization must beat) and the dequantize + cuBLAS prefill path at the largest M.
+Every row has the copy floor beside it: the bytes the kernel must move (packed weight, scales, zeros, x, output)
+over the copy bandwidth measured in the same run. Each call reads a different copy of the weights (enough copies to
+overflow L2), so no timing is served from cache.
+
+    python -m benchmarks.bench_quant [--smoke] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import bench_ms, kernel_bench_main, kernel_row
+from qwen2rt.kernels.quant import KINDS, QuantizedWeight, quant_config, quant_linear, quant_linear_gemm
+from qwen2rt.models.config import builtin_config
+
+MODELS = ["qwen2-7b", "qwen2-72b"]
+ROWS = [1, 2, 4, 8, 16, 32]
+FORMS = {"w4a16-g128": ("int4", 128), "w8a16-channel": ("int8", None)}  # (kind, group size; None: per channel)
+L2_BYTES = 128 << 20  # more than any current GPU's L2 (H100 50 MB, H200 60 MB)
+
+
+def projections(config) -> list[tuple[str, int, int]]:
+    """(name, N rows of the weight, K) of each quantized decode projection."""
+    c = config
+    return [("qkv", c.qkv_size, c.hidden_size), ("o", c.hidden_size, c.num_attention_heads * c.head_dim),
+            ("gate_up", 2 * c.intermediate_size, c.hidden_size), ("down", c.hidden_size, c.intermediate_size)]
+
+
+def random_weight(n: int, k: int, form: str, device) -> QuantizedWeight:
+    """Random words (any bit pattern is a valid weight), fp16 scales, integer zeros; per channel where the group size
+    does not divide K (the smoke shapes)."""
+    kind, group = FORMS[form]
+    group = group if group and k % group == 0 else k
+    words = k * KINDS[kind] // 32
+    groups = k // group
+    qweight = torch.randint(-2 ** 31, 2 ** 31 - 1, (n, words), device=device, dtype=torch.int32)
+    scales = (torch.rand(n, groups, device=device) / (8 * k ** 0.5)).half()
+    zeros = torch.randint(0, 2 ** KINDS[kind], (n, groups), device=device).half()
+    return QuantizedWeight(kind, qweight, scales, zeros, group)
+
+
+def run(device, ceilings, models=MODELS, rows=ROWS, dtype=torch.bfloat16, forms=tuple(FORMS), projs=None, rep_ms=60):
+    out = []
+    act_bytes = torch.finfo(dtype).bits // 8
+    for name in models:
+        config = builtin_config(name)
+        for proj, n, k in [p for p in projections(config) if projs is None or p[0] in projs]:
+            dense_bytes = n * k * act_bytes
+            dense_copies = max(1, -(-L2_BYTES // dense_bytes)) if device.type == "cuda" else 1
+            dense = itertools.cycle([torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
+                                     for _ in range(dense_copies)])
+            for form in forms:
+                w0 = random_weight(n, k, form, device)
+                copies = max(1, -(-L2_BYTES // w0.nbytes())) if device.type == "cuda" else 1
+                weights = itertools.cycle([w0] + [random_weight(n, k, form, device) for _ in range(copies - 1)])
+                nopipe = dict(quant_config(n, k, w0.kind, w0.group_size, False, device.type == "cpu"), NUM_STAGES=1)
+                for m in rows:
+                    x = torch.randn(m, k, device=device, dtype=dtype)
+                    io_bytes = (m * k + m * n) * act_bytes
+                    shape = f"{name} {proj} {form} M={m} N={n} K={k}"
+                    impls = {"qwen2rt": (lambda: quant_linear(x, next(weights)), w0.nbytes()),
+                             "qwen2rt_nopipe": (lambda: quant_linear(x, next(weights), config=nopipe), w0.nbytes()),
+                             "cublas_bf16": (lambda: F.linear(x, next(dense)), dense_bytes)}
+                    if m == max(rows):  # the prefill path, for scale: what the same rows cost through it
+                        impls["dequant+cublas"] = (lambda: quant_linear_gemm(x, next(weights)), w0.nbytes())
+                    for impl, (fn, weight_bytes) in impls.items():
+                        try:
+                            r = kernel_row("quant_gemv", shape, impl, bench_ms(fn, device, rep_ms=rep_ms),
+                                           weight_bytes + io_bytes, None, ceilings)
+                            # the floor of this projection is the packed weight's: the same for every impl
+                            r["floor_ms"] = (w0.nbytes() + io_bytes) / ceilings["copy_GBps"] / 1e6
+                            r["pct_of_floor"] = 100 * r["floor_ms"] / r["ms"]
+                            out.append(r)
+                        except Exception as e:  # noqa: BLE001 - record why, keep going
+                            out.append({"kernel": "quant_gemv", "shape": shape, "impl": impl, "error": repr(e)[:200]})
+                weights = w0 = None  # free this form's copies before the next one allocates
+            dense = None
+    return out
+
+
+def main(argv=None):
+    smoke = dict(models=["tiny"], rows=[3], dtype=torch.float32, projs=["down"])
+    return kernel_bench_main(__doc__, argv, run, smoke)
+
+
+if __name__ == "__main__":
+    main()
