@@ -14,13 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import DeviceType
 
-from qwen2rt.kernels import rms_norm_ref
+from qwen2rt.kernels import QuantizedWeight, rms_norm_ref
 from qwen2rt.models.backend import Backend, MoEWeights
 from qwen2rt.models.qwen2 import named_range
 
 
 def _nbytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    """Bytes of the tensors and quantized weights given (None skipped)."""
+    return sum(t.nbytes() if isinstance(t, QuantizedWeight) else t.numel() * t.element_size()
+               for t in tensors if t is not None)
 
 
 class ProfilingBackend(Backend):
@@ -67,7 +69,7 @@ class ProfilingBackend(Backend):
         with torch.no_grad():
             h = rms_norm_ref(x, norm_weight, eps)
             top = torch.topk(F.linear(h, w.router), w.top_k, dim=-1).indices.unique().numel()
-        per_expert = _nbytes(w.gate_up[0], w.down[0])
+        per_expert = _nbytes(w.gate_up, w.down) // w.router.shape[0]  # every expert the same size
         nbytes = _nbytes(x, norm_weight, w.router, w.shared_gate_up, w.shared_down, w.shared_gate) + top * per_expert
         return self._run("moe", nbytes, self.inner.moe_residual, x, norm_weight, eps, w)
 
