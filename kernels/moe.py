@@ -53,6 +53,8 @@ import triton
 import triton.language as tl
 
 from .gemv import check_operand, fused_linear
+from .quant import (MAGIC_VALUE, QuantizedWeight, _check_weight, _weights, dequantize, dequantize_weight, per_word,
+                    quant_linear, quant_linear_gemm)
 from .rmsnorm import rms_norm, rms_norm_ref, rms_normed
 from .swiglu import silu_and_mul, silu_and_mul_ref
 
@@ -76,7 +78,9 @@ def route_ref(logits: torch.Tensor, top_k: int, renormalize: bool):
 def fused_moe_ref(x, router, gate_up, down, top_k: int, renormalize: bool, shared_gate_up=None, shared_down=None,
                   shared_gate=None, norm_weight=None, eps: float = 1e-6, residual=None) -> torch.Tensor:
     """The MoE block looping over experts, as Hugging Face computes it. x [T, H] -> [T, H]. With norm_weight, the
-    block runs on rms_norm(x, norm_weight) (the post-attention norm); residual [T, H] is added to the output."""
+    block runs on rms_norm(x, norm_weight) (the post-attention norm); residual [T, H] is added to the output.
+    Quantized experts (QuantizedWeights gate_up [E 2I, H], down [E H, I], shared ones [2Is, H], [H, Is]): each
+    projection is fp32 products of the exact dequantized weight, rounded once to x's dtype (fused_linear_ref's)."""
     if norm_weight is not None:
         x = rms_norm_ref(x, norm_weight, eps)
     num_experts = router.shape[0]
@@ -88,12 +92,26 @@ def fused_moe_ref(x, router, gate_up, down, top_k: int, renormalize: bool, share
         if counts[e] == 0:
             continue
         token, slot = torch.where(ids == e)
-        h = silu_and_mul_ref(F.linear(x[token], gate_up[e]))
-        out.index_add_(0, token, F.linear(h, down[e]) * weights[token, slot, None])
+        h = silu_and_mul_ref(_linear_ref(x[token], _expert(gate_up, e, num_experts)))
+        out.index_add_(0, token, _linear_ref(h, _expert(down, e, num_experts)) * weights[token, slot, None])
     if shared_gate_up is not None:
-        shared = F.linear(silu_and_mul_ref(F.linear(x, shared_gate_up)), shared_down)
+        shared = _linear_ref(silu_and_mul_ref(_linear_ref(x, shared_gate_up)), shared_down)
         out = out + torch.sigmoid(F.linear(x, shared_gate)) * shared
     return out if residual is None else out + residual
+
+
+def _expert(w, e: int, num_experts: int):
+    """Expert e's matrix of stacked float weights [E, N, K], or its rows of flattened quantized ones [E N, K]."""
+    if isinstance(w, QuantizedWeight):
+        n = w.shape[0] // num_experts
+        return w.rows(e * n, (e + 1) * n)
+    return w[e]
+
+
+def _linear_ref(x, w):
+    if isinstance(w, QuantizedWeight):  # fp32 products of the exact dequantized weight, rounded once
+        return F.linear(x.float(), dequantize(w, torch.float32)).to(x.dtype)
+    return F.linear(x, w)
 
 
 # ---- the post-attention norm, inside the kernels that read its output ------------------------------------------
@@ -282,19 +300,68 @@ def _down_matrix(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS
     return p_e, s_row
 
 
+# Quantized experts (kernels.quant's layout; QUANT): the routed experts are one QuantizedWeight each, the experts'
+# rows flattened (gate_up [E 2I, H]: expert e's gate rows e 2I + n, up rows e 2I + I + n; down [E H, I]: expert e's
+# rows e H + n), the shared expert's two QuantizedWeights keep the checkpoint layout. Folded chunk c reads shared
+# gate_up rows c I + n (up: Is + c I + n) and the shared down's words [c I / PER_WORD, (c+1) I / PER_WORD) of every
+# row, with the shared down's own groups (a group index from the word's position in the whole shared row, so the
+# chunk width need not be a multiple of the group size: I a multiple of PER_WORD is enough, and words never straddle
+# groups). Qweight, scales and zeros are contiguous: their row strides are words and groups per row.
+
+@triton.jit
+def _quant_gate_up_rows(e, num_experts, inter, shared_inter, HAS_SHARED: tl.constexpr):
+    """-> (expert e's first gate row, rows from there to its first up row, whether it is a shared chunk)."""
+    first = e * 2 * inter
+    up = inter
+    is_shared = e < 0  # False, as a tensor
+    if HAS_SHARED:
+        is_shared = e >= num_experts
+        if is_shared:
+            first = (e - num_experts) * inter
+            up = shared_inter
+    return first, up, is_shared
+
+
+@triton.jit
+def _quant_down_rows(e, num_experts, hidden, inter, PER_WORD: tl.constexpr, HAS_SHARED: tl.constexpr):
+    """-> (expert e's first row, its first word in each row, whether it is a shared chunk)."""
+    first = e * hidden
+    word = e * 0
+    is_shared = e < 0
+    if HAS_SHARED:
+        is_shared = e >= num_experts
+        if is_shared:
+            first = e * 0
+            word = (e - num_experts) * (inter // PER_WORD)
+    return first, word, is_shared
+
+
+@triton.jit
+def _quant_tile(p_q, p_s, p_z, o_row, o_w, o_g, m_nw, s_q, s_g, IS_FP8: tl.constexpr):
+    """The [BN, BKW] words of rows o_row at words o_w, with each word's scale and 2^23 + zero (fp32)."""
+    b_q = tl.load(p_q + o_row[:, None] * s_q + o_w[None, :], mask=m_nw, other=0.0)
+    o_sg = o_row[:, None] * s_g + o_g[None, :]
+    b_s = tl.load(p_s + o_sg, mask=m_nw, other=0.0).to(tl.float32)
+    b_zb = tl.zeros_like(b_s) + MAGIC_VALUE
+    if not IS_FP8:
+        b_zb += tl.load(p_z + o_sg, mask=m_nw, other=0.0).to(tl.float32)
+    return b_q, b_s, b_zb
+
+
 # ---- decode: batched GEMV -----------------------------------------------------------------------------------------
 
 @triton.jit
 def _gemv_gate_up_kernel(
-    # pointers
-    p_x, p_logits, p_w, p_ws, p_norm, p_out,
-    # sizes
-    hidden, inter, num_experts, shared_inter, eps,
+    # pointers (QUANT: p_w and p_ws are the routed and shared qweights, with their scales and zeros)
+    p_x, p_logits, p_w, p_ws, p_scales, p_zeros, p_shared_scales, p_shared_zeros, p_norm, p_out,
+    # sizes (QUANT: words and groups per weight row, hidden / PER_WORD and hidden / group size)
+    hidden, inter, num_experts, shared_inter, words, groups, eps,
     # strides
     s_x, s_logits, s_we, s_wn, s_out,
     # meta-parameters
     TOP_K: tl.constexpr, PAIRS: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_NORM: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QUANT: tl.constexpr, BITS: tl.constexpr, IS_FP8: tl.constexpr, GROUP_WORDS: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     # program (pair, N tile): pair j of token t is its j-th routed expert, or a chunk of the folded shared expert,
     # routed here from the token's logits. HAS_NORM: x is the residual stream, normalised here (each program
@@ -305,46 +372,77 @@ def _gemv_gate_up_kernel(
     b_probs, b_rank = _route_ranks(p_logits + i_t * s_logits, num_experts, BLOCK_E)
     e, _ = _pair_expert(b_probs, b_rank, i_pair % PAIRS, num_experts, TOP_K, False, BLOCK_E)
     e = e.to(tl.int64)
-    p_e, up = _gate_up_rows(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS_SHARED)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < inter
-    p_wg = p_e + o_n[:, None] * s_wn
-    p_wu = p_wg + up
-    b_g = tl.zeros([BLOCK_N], tl.float32)
-    b_u = tl.zeros([BLOCK_N], tl.float32)
     rstd = 1.0
     if HAS_NORM:
         rstd = _row_rstd(p_x + i_t * s_x, hidden, eps, BLOCK_K)
-    for k0 in range(0, hidden, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < hidden
-        b_x = tl.load(p_x + i_t * s_x + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
-        b_x = _normed(b_x, rstd, p_norm, o_k, m_k, HAS_NORM, p_x.dtype.element_ty)
-        m_w = m_n[:, None] & m_k[None, :]
-        # [BN, BK] * [1, BK] -> sum over K -> [BN]
-        b_g += tl.sum(tl.load(p_wg + o_k[None, :], mask=m_w, other=0.0).to(tl.float32) * b_x[None, :], axis=1)
-        b_u += tl.sum(tl.load(p_wu + o_k[None, :], mask=m_w, other=0.0).to(tl.float32) * b_x[None, :], axis=1)
+    if QUANT:
+        # words as in kernels.quant's GEMV: position j of each word is stored column word * PER_WORD + j, x read at
+        # those columns; [BN, BKW] fp32 sums (one entry per word) reduced once at the end
+        PER_WORD: tl.constexpr = 1 if IS_FP8 else 32 // BITS
+        first, up, is_shared = _quant_gate_up_rows(e, num_experts, inter, shared_inter, HAS_SHARED)
+        p_q, p_s, p_z = p_w, p_scales, p_zeros
+        if is_shared:
+            p_q, p_s, p_z = p_ws, p_shared_scales, p_shared_zeros
+        o_rg = first + o_n  # [BN] gate rows
+        o_ru = o_rg + up
+        b_accg = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+        b_accu = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+        for w0 in range(0, words, BLOCK_KW):
+            o_w = w0 + tl.arange(0, BLOCK_KW)
+            m_w = o_w < words
+            m_nw = m_n[:, None] & m_w[None, :]
+            b_qg, b_sg, b_zg = _quant_tile(p_q, p_s, p_z, o_rg, o_w, o_w // GROUP_WORDS, m_nw, words, groups, IS_FP8)
+            b_qu, b_su, b_zu = _quant_tile(p_q, p_s, p_z, o_ru, o_w, o_w // GROUP_WORDS, m_nw, words, groups, IS_FP8)
+            for j in tl.static_range(PER_WORD):
+                o_k = o_w * PER_WORD + j  # [BKW] columns
+                b_x = tl.load(p_x + i_t * s_x + o_k, mask=m_w, other=0.0).to(tl.float32)
+                b_x = _normed(b_x, rstd, p_norm, o_k, m_w, HAS_NORM, p_x.dtype.element_ty)
+                # [BN, BKW] * [1, BKW]
+                b_accg += _weights(b_qg, b_zg, b_sg, j, BITS, IS_FP8, True) * b_x[None, :]
+                b_accu += _weights(b_qu, b_zu, b_su, j, BITS, IS_FP8, True) * b_x[None, :]
+        b_g = tl.sum(b_accg, axis=1)
+        b_u = tl.sum(b_accu, axis=1)
+    else:
+        p_e, up = _gate_up_rows(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS_SHARED)
+        p_wg = p_e + o_n[:, None] * s_wn
+        p_wu = p_wg + up
+        b_g = tl.zeros([BLOCK_N], tl.float32)
+        b_u = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < hidden
+            b_x = tl.load(p_x + i_t * s_x + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+            b_x = _normed(b_x, rstd, p_norm, o_k, m_k, HAS_NORM, p_x.dtype.element_ty)
+            m_w = m_n[:, None] & m_k[None, :]
+            # [BN, BK] * [1, BK] -> sum over K -> [BN]
+            b_g += tl.sum(tl.load(p_wg + o_k[None, :], mask=m_w, other=0.0).to(tl.float32) * b_x[None, :], axis=1)
+            b_u += tl.sum(tl.load(p_wu + o_k[None, :], mask=m_w, other=0.0).to(tl.float32) * b_x[None, :], axis=1)
     b_h = b_g * tl.sigmoid(b_g) * b_u
     tl.store(p_out + i_pair * s_out + o_n, b_h.to(p_out.dtype.element_ty), mask=m_n)
 
 
 @triton.jit
 def _gemv_down_kernel(
-    # pointers
-    p_h, p_logits, p_w, p_ws, p_res, p_out,
-    # sizes
-    hidden, inter, num_experts, shared_inter,
+    # pointers (QUANT: p_w and p_ws are the routed and shared qweights, with their scales and zeros)
+    p_h, p_logits, p_w, p_ws, p_scales, p_zeros, p_shared_scales, p_shared_zeros, p_res, p_out,
+    # sizes (QUANT: words and groups per row of the routed down, then of the shared down)
+    hidden, inter, num_experts, shared_inter, words, groups, shared_words, shared_groups,
     # strides
     s_h, s_logits, s_we, s_wn, s_res, s_out,
     # meta-parameters
     TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, PAIRS: tl.constexpr, HAS_SHARED: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
     PAIRS_PER_PROGRAM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    QUANT: tl.constexpr, BITS: tl.constexpr, IS_FP8: tl.constexpr, GROUP_WORDS: tl.constexpr,
+    SHARED_GROUP_WORDS: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     # HAS_RESIDUAL (only with SPLIT_PAIRS == 1): the layer's output rounded, plus the residual, rounded again
     # program (token t, chunk c): the pairs c * PAIRS_PER_PROGRAM ... of token t, summed in a fixed order into row
     # t * SPLIT_PAIRS + c of the output (the layer's output itself when SPLIT_PAIRS == 1, else fp32 partial sums);
     # each pair's expert and weight routed here from the token's logits, as the gate_up GEMV did
+    PER_WORD: tl.constexpr = 1 if IS_FP8 else 32 // BITS  # QUANT: weights per stored word
     i_row = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
     i_t = i_row // SPLIT_PAIRS
@@ -362,15 +460,34 @@ def _gemv_down_kernel(
         e, weight = _pair_expert(b_probs, b_rank, first + j, num_experts, TOP_K, RENORMALIZE, BLOCK_E)
         weight = tl.where(first + j < TOP_K, weight, shared_weight)
         e = e.to(tl.int64)
-        p_e, s_row = _down_matrix(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS_SHARED)
-        b_part = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(0, inter, BLOCK_K):
-            o_k = k0 + tl.arange(0, BLOCK_K)
-            m_k = o_k < inter
-            b_h = tl.load(p_h + i_pair * s_h + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
-            b_w = tl.load(p_e + o_n[:, None] * s_row + o_k[None, :], mask=m_n[:, None] & m_k[None, :],
-                          other=0.0).to(tl.float32)  # [BN, BK]
-            b_part += tl.sum(b_w * b_h[None, :], axis=1)
+        if QUANT:
+            first_row, first_word, is_shared = _quant_down_rows(e, num_experts, hidden, inter, PER_WORD, HAS_SHARED)
+            p_q, p_s, p_z, s_q, s_g = p_w, p_scales, p_zeros, words, groups
+            if is_shared:
+                p_q, p_s, p_z, s_q, s_g = p_ws, p_shared_scales, p_shared_zeros, shared_words, shared_groups
+            o_row = first_row + o_n  # [BN]
+            b_acc = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
+            for w0 in range(0, inter // PER_WORD, BLOCK_KW):
+                o_w = w0 + tl.arange(0, BLOCK_KW)  # [BKW] words of the expert (the chunk)
+                m_w = o_w < inter // PER_WORD
+                o_wr = first_word + o_w  # words of the stored row
+                o_g = tl.where(is_shared, o_wr // SHARED_GROUP_WORDS, o_wr // GROUP_WORDS)
+                b_q, b_s, b_zb = _quant_tile(p_q, p_s, p_z, o_row, o_wr, o_g, m_n[:, None] & m_w[None, :], s_q,
+                                             s_g, IS_FP8)
+                for jw in tl.static_range(PER_WORD):
+                    b_h = tl.load(p_h + i_pair * s_h + o_w * PER_WORD + jw, mask=m_w, other=0.0).to(tl.float32)
+                    b_acc += _weights(b_q, b_zb, b_s, jw, BITS, IS_FP8, True) * b_h[None, :]  # [BN, BKW]
+            b_part = tl.sum(b_acc, axis=1)
+        else:
+            p_e, s_row = _down_matrix(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS_SHARED)
+            b_part = tl.zeros([BLOCK_N], tl.float32)
+            for k0 in range(0, inter, BLOCK_K):
+                o_k = k0 + tl.arange(0, BLOCK_K)
+                m_k = o_k < inter
+                b_h = tl.load(p_h + i_pair * s_h + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+                b_w = tl.load(p_e + o_n[:, None] * s_row + o_k[None, :], mask=m_n[:, None] & m_k[None, :],
+                              other=0.0).to(tl.float32)  # [BN, BK]
+                b_part += tl.sum(b_w * b_h[None, :], axis=1)
         b_out += weight * b_part
     if HAS_RESIDUAL:
         b_res = tl.load(p_res + i_row * s_res + o_n, mask=m_n, other=0.0).to(tl.float32)
@@ -510,10 +627,11 @@ def _device_name(device: torch.device) -> str:
 
 
 def config_key(hidden: int, inter: int, num_experts: int, top_k: int, shared_inter: int, dtype: torch.dtype,
-               bucket: str, device: torch.device) -> str:
+               bucket: str, device: torch.device, weights: str = "") -> str:
+    """weights: weight_tag of the experts ("" for float weights, the key of the float kernels)."""
     gpu = _device_name(device)
     return (f"{gpu}|H{hidden}|I{inter}|E{num_experts}|k{top_k}|S{shared_inter}|{str(dtype).replace('torch.', '')}"
-            f"|{bucket}")
+            f"{'|' + weights if weights else ''}|{bucket}")
 
 
 def shared_width(shared_gate_up: torch.Tensor | None) -> int:
@@ -566,9 +684,10 @@ def tune(x_like: torch.Tensor, router, gate_up, down, top_k: int, renormalize: b
     defaults to triton.testing.do_bench (GPU)."""
     bucket = token_bucket(tokens)
     shared_inter = shared_width(shared_gate_up)
-    key = config_key(gate_up.shape[2], down.shape[2], gate_up.shape[0], top_k, shared_inter, x_like.dtype, bucket,
-                     x_like.device)
-    x = torch.randn(tokens, gate_up.shape[2], device=x_like.device, dtype=x_like.dtype)
+    hidden, inter, num_experts = moe_sizes(router, gate_up)
+    key = config_key(hidden, inter, num_experts, top_k, shared_inter, x_like.dtype, bucket, x_like.device,
+                     weight_tag(gate_up))
+    x = torch.randn(tokens, hidden, device=x_like.device, dtype=x_like.dtype)
     if bench is None:
         from triton.testing import do_bench as bench
     fold_default = DEFAULT_CONFIGS[bucket]["FOLD_SHARED"]
@@ -589,7 +708,7 @@ def tune(x_like: torch.Tensor, router, gate_up, down, top_k: int, renormalize: b
             best, best_ms = cfg, ms
     if best is None:
         raise RuntimeError(f"no MoE config ran for {key}")
-    if shared_chunks(down.shape[2], shared_gate_up):
+    if shared_chunks(inter, shared_gate_up):
         flipped = dict(best, FOLD_SHARED=not best["FOLD_SHARED"])
         ms = timed(flipped)
         log.info("moe: %s shared expert folded %.4f ms, separate %.4f ms", key,
@@ -618,18 +737,19 @@ def warmup(router, gate_up, down, top_k: int, renormalize: bool, shared_gate_up=
     device = gate_up.device
     if device.type != "cuda" or os.environ.get("QWEN2RT_MOE_CONFIG"):
         return
-    hidden, inter, num_experts = gate_up.shape[2], down.shape[2], gate_up.shape[0]
+    hidden, inter, num_experts = moe_sizes(router, gate_up)
     shared_inter = shared_width(shared_gate_up)
     cache = _load_cache()
     for bucket, tokens in TUNING_TOKENS.items():
-        key = config_key(hidden, inter, num_experts, top_k, shared_inter, gate_up.dtype, bucket, device)
+        key = config_key(hidden, inter, num_experts, top_k, shared_inter, router.dtype, bucket, device,
+                         weight_tag(gate_up))
         if key in cache or key in _tuned:
             continue
         if os.environ.get("QWEN2RT_MOE_TUNE", "1") == "0":
             log.warning("moe: no tuned config for %s (QWEN2RT_MOE_TUNE=0): using the defaults %s", key,
                         DEFAULT_CONFIGS[bucket])
             continue
-        tune(gate_up, router, gate_up, down, top_k, renormalize, tokens, shared_gate_up, shared_down, shared_gate)
+        tune(router, router, gate_up, down, top_k, renormalize, tokens, shared_gate_up, shared_down, shared_gate)
 
 
 # ---- launcher ---------------------------------------------------------------------------------------------------
@@ -638,11 +758,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
-              renormalize: bool, shared_gate_up: torch.Tensor | None = None, shared_down: torch.Tensor | None = None,
-              shared_gate: torch.Tensor | None = None, config: dict | None = None, regime: str | None = None,
-              out: torch.Tensor | None = None, fold_shared: bool | None = None,
-              norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, renormalize: bool,
+              shared_gate_up=None, shared_down=None, shared_gate: torch.Tensor | None = None,
+              config: dict | None = None, regime: str | None = None, out: torch.Tensor | None = None,
+              fold_shared: bool | None = None, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
               residual: torch.Tensor | None = None) -> torch.Tensor:
     """The MoE block. x [T, H]; router [E, H]; gate_up [E, 2I, H] (rows [gate | up]); down [E, H, I]; optional
     shared expert gate_up [2Is, H] (rows [gate | up]), down [H, Is] and sigmoid gate [1, H]. -> [T, H] in x's dtype
@@ -654,25 +773,40 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
     router GEMV (router and shared gate rows) and the gate_up GEMV normalise x as they read it, the down GEMV adds
     the residual (unless SPLIT_PAIRS > 1): the block is 3 launches when the shared gate is the row after the
     router's in memory (router_with_shared_gate), 4 otherwise. Elsewhere the norm is one kernel before and the
-    residual one add after."""
+    residual one add after.
+
+    Quantized experts (kernels.quant.QuantizedWeight, one kind for all four; router and shared gate stay in x's
+    dtype): gate_up is one QuantizedWeight [E 2I, H] (expert e's rows [e 2I, (e+1) 2I), gate then up), down one
+    [E H, I] (expert e's rows [e H, (e+1) H)), the shared expert's [2Is, H] and [H, Is]; no act-order perm. Numerics:
+    fused_moe_ref's on the same weights. Decode: the two GEMVs unpack the words in registers (the QUANT path),
+    folded shared chunks included (they need the shared gate_up's group size to equal gate_up's), 3 launches as with
+    float weights. Prefill (the chosen path for now): the layer's experts are dequantized by
+    kernels.quant.dequantize_weight into scratch buffers in x's dtype ([E, 2I, H] and [E, H, I]: ~3.5 GB for one
+    Qwen2-57B-A14B layer in bf16, reused layer after layer by the caching allocator) and the float grouped GEMMs run
+    on them; the separate shared expert is quant_linear_gemm. A grouped GEMM that dequantizes in its prologue is
+    future work."""
     t, hidden = x.shape
-    num_experts, two_inter, _ = gate_up.shape
-    inter = two_inter // 2
-    if router.shape != (num_experts, hidden) or gate_up.shape[2] != hidden or down.shape != (num_experts, hidden,
-                                                                                              inter):
-        raise ValueError(f"MoE shapes disagree: x {list(x.shape)}, router {list(router.shape)}, gate_up "
-                         f"{list(gate_up.shape)}, down {list(down.shape)}")
-    if not (gate_up.dtype == down.dtype == x.dtype):
-        raise ValueError(f"x, gate_up and down must share a dtype, got {x.dtype}, {gate_up.dtype}, {down.dtype}")
-    if gate_up.stride(2) != 1 or down.stride(2) != 1 or gate_up.stride(1) != hidden or down.stride(1) != inter:
-        raise ValueError("expert weights must be contiguous [E, 2I, H] and [E, H, I]")
+    quantized = isinstance(gate_up, QuantizedWeight)
+    num_experts, inter = router.shape[0], moe_sizes(router, gate_up)[1]
     shared_inter = shared_width(shared_gate_up)
+    if quantized:
+        _check_quantized(x, router, gate_up, down, shared_gate_up, shared_down)
+    else:
+        if (router.shape != (num_experts, hidden) or gate_up.shape[::2] != (num_experts, hidden)
+                or down.shape != (num_experts, hidden, inter)):
+            raise ValueError(f"MoE shapes disagree: x {list(x.shape)}, router {list(router.shape)}, gate_up "
+                             f"{list(gate_up.shape)}, down {list(down.shape)}")
+        if not (gate_up.dtype == down.dtype == x.dtype):
+            raise ValueError(f"x, gate_up and down must share a dtype, got {x.dtype}, {gate_up.dtype}, {down.dtype}")
+        if gate_up.stride(2) != 1 or down.stride(2) != 1 or gate_up.stride(1) != hidden or down.stride(1) != inter:
+            raise ValueError("expert weights must be contiguous [E, 2I, H] and [E, H, I]")
     if shared_gate_up is not None:
-        if (shared_down is None or shared_gate is None or shared_gate_up.shape != (2 * shared_inter, hidden)
-                or shared_down.shape != (hidden, shared_inter) or shared_gate.shape != (1, hidden)):
+        if (shared_down is None or shared_gate is None or tuple(shared_gate_up.shape) != (2 * shared_inter, hidden)
+                or tuple(shared_down.shape) != (hidden, shared_inter) or shared_gate.shape != (1, hidden)):
             raise ValueError(f"shared expert shapes disagree with H={hidden}: gate_up "
                              f"{_shape(shared_gate_up)}, down {_shape(shared_down)}, gate {_shape(shared_gate)}")
-        if not (shared_gate_up.dtype == shared_down.dtype == shared_gate.dtype == x.dtype):
+        floats = (shared_gate,) if quantized else (shared_gate, shared_gate_up, shared_down)
+        if any(w.dtype != x.dtype for w in floats):
             raise ValueError("the shared expert's weights must have x's dtype")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
@@ -682,9 +816,10 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
     if fold_shared and not chunks:
         raise ValueError(f"fold_shared=True needs a shared expert whose width is a multiple of the expert width "
                          f"{inter}, got {shared_inter or 'none'}")
-    if chunks and not (shared_gate_up.is_contiguous() and shared_down.is_contiguous()):
+    if chunks and not _foldable(gate_up, shared_gate_up, shared_down):
         if fold_shared:  # the folded chunks are read in place with the contiguous strides
-            raise ValueError("fold_shared=True needs contiguous shared expert weights [2Is, H] and [H, Is]")
+            raise ValueError("fold_shared=True needs contiguous shared expert weights [2Is, H] and [H, Is] (quantized: "
+                             "the shared gate_up's group size equal to gate_up's)")
         chunks = 0
     check_operand("norm_weight", norm_weight, (hidden,), x.dtype, x.device)
     check_operand("residual", residual, tuple(x.shape), x.dtype, x.device)
@@ -700,8 +835,8 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
         bucket = "decode-wide"
     elif regime == "prefill" and bucket in GEMV_BUCKETS:
         bucket = "prefill-small"
-    cfg = config or get_config(
-        config_key(hidden, inter, num_experts, top_k, shared_inter, x.dtype, bucket, x.device), bucket)
+    cfg = config or get_config(config_key(hidden, inter, num_experts, top_k, shared_inter, x.dtype, bucket, x.device,
+                                          weight_tag(gate_up)), bucket)
     fold = cfg.get("FOLD_SHARED", DEFAULT_CONFIGS[bucket]["FOLD_SHARED"]) if fold_shared is None else fold_shared
     chunks = chunks if fold else 0
     # the GEMV path with no separate shared expert takes the norm in its prologues and the residual in the down
@@ -718,32 +853,41 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
     pairs = top_k + chunks  # (token, expert) pairs per token, shared chunks included
     num_pairs = t * pairs
     h = torch.empty((num_pairs, inter), device=x.device, dtype=x.dtype)
-    # the folded shared expert's weights (unused, any pointer of the right dtype, when not folding)
-    p_shared_gate_up, p_shared_down = (shared_gate_up, shared_down) if chunks else (gate_up, down)
     sizes = (hidden, inter, num_experts, shared_inter)
     residual_added = False
     if bucket in GEMV_BUCKETS:  # both GEMVs route each token from its logits: no routing launch
         bn, bk, warps = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
         block_e = triton.next_power_of_2(num_experts)
+        gate_up_args, down_args = _gemv_weight_args(gate_up, down, shared_gate_up if chunks else None,
+                                                    shared_down if chunks else None, x, cfg)
         _gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter, bn))](
-            x, logits, gate_up, p_shared_gate_up, norm_weight if norm_weight is not None else x, h, *sizes, eps,
-            x.stride(0), logits.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), TOP_K=top_k,
-            PAIRS=pairs, HAS_SHARED=chunks > 0, HAS_NORM=norm_weight is not None, BLOCK_E=block_e, BLOCK_N=bn,
-            BLOCK_K=bk, num_warps=warps)
+            x, logits, *gate_up_args["pointers"], norm_weight if norm_weight is not None else x, h, *sizes,
+            *gate_up_args["sizes"], eps, x.stride(0), logits.stride(0), *gate_up_args["strides"], h.stride(0),
+            TOP_K=top_k, PAIRS=pairs, HAS_SHARED=chunks > 0, HAS_NORM=norm_weight is not None, BLOCK_E=block_e,
+            BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **gate_up_args["meta"])
         # SPLIT_PAIRS > 1: each token's pairs in that many programs (more programs, more bytes in flight when a
         # token's k + S experts would leave few (token, N tile) programs), fp32 partial rows summed after
         split = math.gcd(cfg.get("SPLIT_PAIRS", 1), pairs)
         target = out if split == 1 else torch.empty((t * split, hidden), device=x.device, dtype=torch.float32)
         residual_added = residual is not None and split == 1 and fuses
         _gemv_down_kernel[(t * split, triton.cdiv(hidden, bn))](
-            h, logits, down, p_shared_down, residual if residual_added else target, target, *sizes,
-            h.stride(0), logits.stride(0), down.stride(0), down.stride(1),
+            h, logits, *down_args["pointers"], residual if residual_added else target, target, *sizes,
+            *down_args["sizes"], h.stride(0), logits.stride(0), *down_args["strides"],
             residual.stride(0) if residual_added else 0, target.stride(0), TOP_K=top_k, RENORMALIZE=renormalize,
             PAIRS=pairs, HAS_SHARED=chunks > 0, BLOCK_E=block_e, BLOCK_N=bn, BLOCK_K=bk, SPLIT_PAIRS=split,
-            PAIRS_PER_PROGRAM=pairs // split, HAS_RESIDUAL=residual_added, num_warps=warps)
+            PAIRS_PER_PROGRAM=pairs // split, HAS_RESIDUAL=residual_added, num_warps=warps, **down_args["meta"])
         if split > 1:
             out.copy_(target.view(t, split, hidden).sum(dim=1))  # fixed order: deterministic, batch-invariant
     else:
+        p_shared_gate_up, p_shared_down = shared_gate_up, shared_down
+        if quantized:  # prefill: the layer's experts dequantized into scratch buffers, then the float kernels
+            gate_up = dequantize_weight(gate_up, x.dtype).view(num_experts, 2 * inter, hidden)
+            down = dequantize_weight(down, x.dtype).view(num_experts, hidden, inter)
+            if chunks:
+                p_shared_gate_up = dequantize_weight(shared_gate_up, x.dtype)
+                p_shared_down = dequantize_weight(shared_down, x.dtype)
+        if not chunks:  # the folded shared expert's weights: unused, any pointer of the right dtype
+            p_shared_gate_up, p_shared_down = gate_up, down
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         ids, weights = route(logits, num_experts, top_k, renormalize, chunks)
@@ -761,11 +905,103 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down
             BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION=precision, **launch)
         out.copy_(per_pair.view(t, pairs, hidden).sum(dim=1))  # fp32 sum of each token's rows
     if shared_gate_up is not None and not chunks:
-        shared = F.linear(silu_and_mul(F.linear(x, shared_gate_up)), shared_down)
+        shared = _shared_expert(x, shared_gate_up, shared_down)
         out.add_(torch.sigmoid(logits[:, num_experts:]) * shared)  # x was normalised first: the gate logit fits
     if residual is not None and not residual_added:
         out.add_(residual)
     return out
+
+
+def moe_sizes(router: torch.Tensor, gate_up) -> tuple[int, int, int]:
+    """(H, I, E) of a MoE layer from its router and gate_up (float [E, 2I, H] or quantized [E 2I, H])."""
+    num_experts, hidden = router.shape
+    rows = gate_up.shape[0] // num_experts if isinstance(gate_up, QuantizedWeight) else gate_up.shape[1]
+    return hidden, rows // 2, num_experts
+
+
+def weight_tag(gate_up) -> str:
+    """The expert weights' form in a config key: "" for float weights, e.g. "int4g128" for quantized ones."""
+    return f"{gate_up.kind}g{gate_up.group_size}" if isinstance(gate_up, QuantizedWeight) else ""
+
+
+def _check_quantized(x, router, gate_up, down, shared_gate_up, shared_down) -> None:
+    """Quantized experts: the layout fused_moe's docstring gives, one kind throughout, no act-order."""
+    hidden, inter, num_experts = moe_sizes(router, gate_up)
+    if router.shape != (num_experts, x.shape[1]) or router.dtype != x.dtype:
+        raise ValueError(f"router must be a {x.dtype} tensor [E, {x.shape[1]}], got {router.dtype} "
+                         f"{list(router.shape)}")
+    expected = [("gate_up", gate_up, (num_experts * 2 * inter, hidden)), ("down", down, (num_experts * hidden, inter))]
+    if shared_gate_up is not None:
+        s = shared_width(shared_gate_up)
+        expected += [("shared_gate_up", shared_gate_up, (2 * s, hidden)), ("shared_down", shared_down, (hidden, s))]
+    for name, w, shape in expected:
+        if not isinstance(w, QuantizedWeight):
+            raise ValueError(f"{name}: quantized experts need every expert weight quantized (the shared expert's "
+                             f"too), got {type(w).__name__}")
+        _check_weight(w, x.device)
+        if w.kind != gate_up.kind or w.perm is not None:
+            raise ValueError(f"{name}: every expert weight must be {gate_up.kind} without act-order, got {w.kind}"
+                             f"{' with a perm' if w.perm is not None else ''}")
+        if tuple(w.shape) != shape:
+            raise ValueError(f"{name}: expected a quantized [{shape[0]}, {shape[1]}] weight (experts flattened into "
+                             f"rows), got {list(w.shape)}")
+        if not all(t is None or t.is_contiguous() for t in (w.qweight, w.scales, w.zeros)):
+            raise ValueError(f"{name}: qweight, scales and zeros must be contiguous")
+        if w.dtype != gate_up.dtype:
+            raise ValueError(f"{name}: scales must be {gate_up.dtype} like gate_up's, got {w.dtype}")
+
+
+def _foldable(gate_up, shared_gate_up, shared_down) -> bool:
+    """Whether the shared expert's chunks can be read in place by the expert kernels."""
+    if isinstance(gate_up, QuantizedWeight):  # one group size for the two gate_up weights (one GROUP_WORDS)
+        return shared_gate_up.group_size == gate_up.group_size
+    return shared_gate_up.is_contiguous() and shared_down.is_contiguous()
+
+
+def _gemv_weight_args(gate_up, down, shared_gate_up, shared_down, x, cfg) -> tuple[dict, dict]:
+    """The expert weights' arguments of the two decode GEMVs (pointers, sizes, strides, meta-parameters): float
+    weights, or the QUANT path's words, scales and zeros (the folded shared expert's beside; the routed ones
+    again, unused, when there is none)."""
+    if not isinstance(gate_up, QuantizedWeight):
+        shared_gate_up = gate_up if shared_gate_up is None else shared_gate_up
+        shared_down = down if shared_down is None else shared_down
+        meta = dict(QUANT=False, BITS=8, IS_FP8=False, GROUP_WORDS=1, BLOCK_KW=16)
+        return (dict(pointers=(gate_up, shared_gate_up, x, x, x, x), sizes=(0, 0),
+                     strides=(gate_up.stride(0), gate_up.stride(1)), meta=meta),
+                dict(pointers=(down, shared_down, x, x, x, x), sizes=(0, 0, 0, 0),
+                     strides=(down.stride(0), down.stride(1)), meta=dict(meta, SHARED_GROUP_WORDS=1)))
+    shared_gate_up = gate_up if shared_gate_up is None else shared_gate_up
+    shared_down = down if shared_down is None else shared_down
+    pw = per_word(gate_up)
+    # words per iteration: BLOCK_K / 4 (int8: BLOCK_K columns, int4: twice that), fp8 bytes BLOCK_K / 2. Each word
+    # carries its own scale and zero ([BN, BKW] fp32 tiles beside the words): wider tiles spill on sm_90
+    block_kw = cfg.get("BLOCK_KW", max(16, cfg["BLOCK_K"] // (2 if gate_up.kind == "fp8" else 4)))
+
+    def parts(w, shared):
+        return (w.qweight, shared.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, shared.scales,
+                shared.zeros if shared.zeros is not None else shared.scales)
+
+    meta = dict(QUANT=True, BITS=gate_up.bits, IS_FP8=gate_up.kind == "fp8")
+    hidden_words, inter_words = gate_up.qweight.shape[1], down.qweight.shape[1]
+    return (dict(pointers=parts(gate_up, shared_gate_up), sizes=(hidden_words, gate_up.scales.shape[1]),
+                 strides=(0, hidden_words),
+                 meta=dict(meta, GROUP_WORDS=gate_up.group_size // pw,
+                           BLOCK_KW=min(block_kw, triton.next_power_of_2(hidden_words)))),
+            dict(pointers=parts(down, shared_down),
+                 sizes=(inter_words, down.scales.shape[1], shared_down.qweight.shape[1], shared_down.scales.shape[1]),
+                 strides=(0, inter_words),
+                 meta=dict(meta, GROUP_WORDS=down.group_size // pw, SHARED_GROUP_WORDS=shared_down.group_size // pw,
+                           BLOCK_KW=min(block_kw, triton.next_power_of_2(inter_words)))))
+
+
+def _shared_expert(x: torch.Tensor, gate_up, down) -> torch.Tensor:
+    """The shared expert run on its own (before its sigmoid gate): cuBLAS + SwiGLU for float weights; quantized, the
+    fused GEMV at decode sizes, else dequantize + cuBLAS."""
+    if not isinstance(gate_up, QuantizedWeight):
+        return F.linear(silu_and_mul(F.linear(x, gate_up)), down)
+    if x.shape[0] <= DECODE_MAX_TOKENS:
+        return quant_linear(quant_linear(x, gate_up, swiglu=True), down)
+    return quant_linear_gemm(silu_and_mul(quant_linear_gemm(x, gate_up)), down)
 
 
 def _shape(t: torch.Tensor | None):

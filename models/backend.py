@@ -56,13 +56,18 @@ class AttentionShape:
 
 @dataclass
 class MoEWeights:
-    """One sparse MoE block. E experts of width I, shared expert of width Is (absent when Is == 0)."""
+    """One sparse MoE block. E experts of width I, shared expert of width Is (absent when Is == 0).
+
+    Quantized (kernels.QuantizedWeight, one kind for the four expert weights; router and shared gate stay in the
+    model dtype): the experts are flattened into rows, gate_up one QuantizedWeight [E 2I, H] (expert e's rows
+    [e 2I, (e+1) 2I), gate rows then up rows), down one [E H, I] (expert e's rows [e H, (e+1) H)); shared_gate_up
+    [2Is, H] and shared_down [H, Is] keep their float shapes. `QuantizedWeight.rows` gives one expert's slice."""
 
     router: torch.Tensor  # [E, H]
-    gate_up: torch.Tensor  # [E, 2I, H]  rows [gate | up]
-    down: torch.Tensor  # [E, H, I]
-    shared_gate_up: torch.Tensor | None  # [2Is, H]
-    shared_down: torch.Tensor | None  # [H, Is]
+    gate_up: torch.Tensor | kernels.QuantizedWeight  # [E, 2I, H]  rows [gate | up]; quantized: [E 2I, H]
+    down: torch.Tensor | kernels.QuantizedWeight  # [E, H, I]; quantized: [E H, I]
+    shared_gate_up: torch.Tensor | kernels.QuantizedWeight | None  # [2Is, H]
+    shared_down: torch.Tensor | kernels.QuantizedWeight | None  # [H, Is]
     shared_gate: torch.Tensor | None  # [1, H]  sigmoid gate of the shared expert
     top_k: int
     norm_topk_prob: bool

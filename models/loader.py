@@ -106,8 +106,14 @@ def _destinations(config: Qwen2Config, w: ModelWeights) -> dict[str, torch.Tenso
         mlp = layer.mlp
         if isinstance(mlp, MoEWeights):
             dst[p + "mlp.gate.weight"] = mlp.router
-            for e in range(mlp.gate_up.shape[0]):
-                _mlp_destinations(dst, p + f"mlp.experts.{e}.", mlp.gate_up[e], mlp.down[e])
+            for e in range(mlp.router.shape[0]):
+                if isinstance(mlp.gate_up, QuantizedWeight):  # flattened experts: expert e's rows (views)
+                    two_inter, hidden = 2 * c.moe_intermediate_size, c.hidden_size
+                    gate_up = mlp.gate_up.rows(e * two_inter, (e + 1) * two_inter)
+                    down = mlp.down.rows(e * hidden, (e + 1) * hidden)
+                else:
+                    gate_up, down = mlp.gate_up[e], mlp.down[e]
+                _mlp_destinations(dst, p + f"mlp.experts.{e}.", gate_up, down)
             if mlp.shared_gate_up is not None:
                 _mlp_destinations(dst, p + "mlp.shared_expert.", mlp.shared_gate_up, mlp.shared_down)
                 dst[p + "mlp.shared_expert_gate.weight"] = mlp.shared_gate

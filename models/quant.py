@@ -2,13 +2,16 @@
 `qwen2rt.kernels.quant.QuantizedWeight`, quantizing floating-point weights at load (round to nearest), and random
 quantized weights for the built-in shapes.
 
-Supported (dense models; every decoder linear q, k, v, o, gate, up, down quantized; embeddings, norms and lm_head
-stay floating point, biases stay float and are cast to the model dtype):
+Supported (every decoder linear q, k, v, o, gate, up, down quantized, in MoE layers every expert's and the shared
+expert's; embeddings, norms, lm_head, the MoE router and shared expert gate stay floating point, biases stay float
+and are cast to the model dtype):
 - GPTQ checkpoints (AutoGPTQ v1 format, `checkpoint_format: "gptq"`): bits 4 or 8, group_size 128 (any size that
   divides K) or -1, sym true or false, desc_act true or false;
 - AWQ GEMM checkpoints (`version: "gemm"`): 4 bits, zero_point true, any group size that divides K;
 - at load, `LLM(..., quantization=)`: "int8" (per output channel, symmetric), "int4" (groups of 128 inputs,
-  asymmetric: min/max with 0 kept exact) and "fp8" (e4m3, per output channel).
+  asymmetric: min/max with 0 kept exact) and "fp8" (e4m3, per output channel); dense and MoE (MoE: built-in shapes;
+  a MoE checkpoint quantized at load needs the loader's per-expert destinations, not there yet).
+GPTQ / AWQ checkpoints are dense models only (quantized MoE checkpoints are refused).
 Scales keep the checkpoint's dtype (fp16 for every published GPTQ / AWQ checkpoint: bf16 would round them, and the
 fp32 reference dequantizes them exactly); at-load quantization stores scales and zeros in the model dtype.
 """
@@ -136,11 +139,21 @@ def check_fp8_device(device: torch.device) -> None:
 
 # ---- sizes -----------------------------------------------------------------------------------------------------
 
-def linear_shapes(config) -> list[tuple[int, int]]:
-    """(N, K) of the fused decoder linears of one dense layer: qkv, o, gate_up, down."""
-    h = config.hidden_size
-    return [(config.qkv_size, h), (h, config.num_attention_heads * config.head_dim),
-            (2 * config.intermediate_size, h), (h, config.intermediate_size)]
+def linear_shapes(config, layer: int = 0) -> list[tuple[int, int, int, int]]:
+    """(N, K, how many the layer holds, how many one decoded token reads) of the decoder linears of one layer: qkv,
+    o, then gate_up and down (dense), or in a MoE layer each expert's gate_up and down (E held, top-k read) and the
+    shared expert's (the router and shared gate stay floating point)."""
+    c = config
+    h = c.hidden_size
+    shapes = [(c.qkv_size, h, 1, 1), (h, c.num_attention_heads * c.head_dim, 1, 1)]
+    if not c.is_moe_layer(layer):
+        return shapes + [(2 * c.intermediate_size, h, 1, 1), (h, c.intermediate_size, 1, 1)]
+    e, k, inter, shared = c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, \
+        c.shared_expert_intermediate_size
+    shapes += [(2 * inter, h, e, k), (h, inter, e, k)]
+    if shared:
+        shapes += [(2 * shared, h, 1, 1), (h, shared, 1, 1)]
+    return shapes
 
 
 def linear_bytes(q: QuantConfig, n: int, k: int, scale_bytes: int) -> int:
@@ -153,16 +166,20 @@ def linear_bytes(q: QuantConfig, n: int, k: int, scale_bytes: int) -> int:
 
 def weight_bytes(config, dtype_bytes: int, q: QuantConfig | None) -> tuple[int, int]:
     """-> (bytes of all weights, bytes one decode step at batch 1 reads) with the decoder linears quantized by `q`
-    (None: all in the model dtype). Scales: fp16 for a quantized checkpoint, the model dtype at load."""
+    (None: all in the model dtype; MoE layers: every expert held, top-k experts and the shared expert read per
+    token). Scales: fp16 for a quantized checkpoint, the model dtype at load."""
     total, per_token = config.parameter_count() * dtype_bytes, config.bytes_per_token(dtype_bytes)
     if q is None:
         return total, per_token
-    if config.is_moe:
-        raise QuantizationError("quantized MoE models are not supported yet")
+    if config.is_moe and q.from_checkpoint:
+        raise QuantizationError("quantized MoE checkpoints are not supported yet")
     scale_bytes = 2 if q.from_checkpoint else dtype_bytes
-    delta = sum(linear_bytes(q, n, k, scale_bytes) - n * k * dtype_bytes for n, k in linear_shapes(config))
-    delta *= config.num_hidden_layers
-    return total + delta, per_token + delta
+    for layer in range(config.num_hidden_layers):
+        for n, k, held, read in linear_shapes(config, layer):
+            delta = linear_bytes(q, n, k, scale_bytes) - n * k * dtype_bytes
+            total += held * delta
+            per_token += read * delta
+    return total, per_token
 
 
 # ---- allocation and random weights -----------------------------------------------------------------------------

@@ -108,12 +108,14 @@ def allocate_weights(config: Qwen2Config, device, dtype, fill=None, quantization
                      scale_dtype: torch.dtype | None = None) -> ModelWeights:
     """Uninitialised weights in the fused layout (the loader and `random_weights` fill every element).
     `fill(tensor, kind)` is called on each new tensor, kind in {"norm", "bias", "weight", "quantized"} ("quantized":
-    a QuantizedWeight). With `quantization`, the decoder linears (qkv, o, gate_up, down) are QuantizedWeights with
-    scales in `scale_dtype` (default: the model dtype); embeddings, norms, biases and lm_head stay in `dtype`."""
+    a QuantizedWeight). With `quantization`, the decoder linears (qkv, o, gate_up, down; in MoE layers the experts,
+    flattened into the rows of one QuantizedWeight each, and the shared expert) are QuantizedWeights with scales in
+    `scale_dtype` (default: the model dtype); embeddings, norms, biases, lm_head, the router and the shared expert's
+    gate stay in `dtype`."""
     c = config
     h, d = c.hidden_size, c.head_dim
-    if quantization is not None and c.is_moe:
-        raise QuantizationError("quantized MoE checkpoints are not supported yet, nor is quantizing a MoE model")
+    if quantization is not None and c.is_moe and quantization.from_checkpoint:
+        raise QuantizationError("quantized MoE checkpoints are not supported yet")
 
     def new(kind, *shape):
         t = torch.empty(shape, device=device, dtype=dtype)
@@ -139,12 +141,16 @@ def allocate_weights(config: Qwen2Config, device, dtype, fill=None, quantization
             # the router's rows then the shared expert's gate row, in one tensor: the decode path computes all the
             # gate logits with one GEMV (kernels.moe.router_with_shared_gate)
             gates = new("weight", e + (1 if shared else 0), h)
+            if quantization is None:
+                gate_up, down = new("weight", e, 2 * inter, h), new("weight", e, h, inter)
+            else:  # the experts flattened into the rows of one quantized weight each (MoEWeights)
+                gate_up, down = linear(e * 2 * inter, h), linear(e * h, inter)
             mlp = MoEWeights(
                 router=gates[:e],
-                gate_up=new("weight", e, 2 * inter, h),
-                down=new("weight", e, h, inter),
-                shared_gate_up=new("weight", 2 * shared, h) if shared else None,
-                shared_down=new("weight", h, shared) if shared else None,
+                gate_up=gate_up,
+                down=down,
+                shared_gate_up=linear(2 * shared, h) if shared else None,
+                shared_down=linear(h, shared) if shared else None,
                 shared_gate=gates[e:] if shared else None,
                 top_k=c.num_experts_per_tok,
                 norm_topk_prob=c.norm_topk_prob,

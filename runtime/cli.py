@@ -1,4 +1,4 @@
-"""Command line: `python -m qwen2rt generate | chat | info`."""
+"""Command line: `python -m qwen2rt generate | chat | info | profile | serve`."""
 
 from __future__ import annotations
 
@@ -168,6 +168,16 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from qwen2rt.server import serve
+
+    try:
+        return serve(args, args.model or DEFAULT_MODEL)
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qwen2rt", description="Qwen2 inference runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +207,13 @@ def main(argv=None) -> int:
     pr.add_argument("--steps", type=int, default=8, help="decode steps")
     pr.add_argument("--trace", default="qwen2rt_trace.json", help="Chrome trace path ('' for none)")
     pr.set_defaults(func=cmd_profile)
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, "
+                                      "/v1/models, /health, /metrics (needs the serve extra)")
+    _add_model_args(sv)
+    from qwen2rt.server import add_arguments
+
+    add_arguments(sv)
+    sv.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
     try:

@@ -13,7 +13,9 @@ advance) still computes one token in step N+1, which is dropped when read back. 
 cache slot past its end, its sampler slot's counts, its newest-token entry) belongs to a sequence that is being
 released, and the next owner of those blocks and that slot is admitted in a later call: its sampler row is reset,
 its block-table row and newest token written, and each of its cache slots written before it is read, all in work
-enqueued after step N+1, so stream order keeps every other request's state intact. On CPU every launch runs to
+enqueued after step N+1, so stream order keeps every other request's state intact. Blocks shared through the
+prefix cache hold only full prompt blocks whose prefill step was launched before any reader's, and are never
+written again (scheduler.py). On CPU every launch runs to
 completion before it returns; the code path is the same.
 """
 
@@ -36,13 +38,14 @@ __all__ = ["DEFAULT_BUCKETS", "Engine", "Sequence"]
 
 class Engine:
     def __init__(self, model: Qwen2Model, kv_cache: KVCache, max_batch_size: int, max_seq_len: int, seed: int,
-                 max_prefill_tokens: int = 2048, use_graphs: bool = False, graph_buckets=DEFAULT_BUCKETS):
+                 max_prefill_tokens: int = 2048, use_graphs: bool = False, graph_buckets=DEFAULT_BUCKETS,
+                 enable_prefix_caching: bool = True):
         self.model = model
         self.cache = kv_cache
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.device = model.device
-        self.scheduler = Scheduler(kv_cache, max_batch_size, max_prefill_tokens, seed)
+        self.scheduler = Scheduler(kv_cache, max_batch_size, max_prefill_tokens, seed, enable_prefix_caching)
         self.sampler = SamplerState(max_batch_size, model.config.vocab_size, self.device)
         self.runner = ModelRunner(model, kv_cache, self.sampler, max_batch_size, max_seq_len, use_graphs,
                                   graph_buckets)
@@ -64,6 +67,20 @@ class Engine:
     @property
     def free_slots(self) -> list[int]:
         return self.scheduler.free_slots
+
+    @property
+    def enable_prefix_caching(self) -> bool:
+        return self.scheduler.enable_prefix_caching
+
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """Counters for metrics: queried_tokens (prompt tokens of admitted requests, looked up in the prefix cache),
+        hit_tokens (of those, found there: not prefilled), cached_blocks (blocks holding a cache entry, in use or
+        not), evictable_blocks (cached blocks no request holds), free_blocks (blocks a request may take: never
+        cached or evictable), evictions (cache entries dropped to make room), block_size."""
+        cache = self.cache
+        return dict(queried_tokens=self.scheduler.queried_tokens, hit_tokens=self.scheduler.hit_tokens,
+                    cached_blocks=cache.num_cached_blocks, evictable_blocks=cache.num_evictable_blocks,
+                    free_blocks=cache.num_free_blocks, evictions=cache.evictions, block_size=cache.block_size)
 
     # ---- requests ---------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -121,9 +138,11 @@ class Engine:
         """Wait for a launched step's ids and append them; a sequence that finished (or was aborted) since the
         launch drops its token."""
         received, now = [], time.perf_counter()
-        for seq, token in zip(launched.seqs, launched.token_ids()):
+        for seq, token, logprobs in zip(launched.seqs, launched.token_ids(), launched.logprobs()):
             if seq.finish_reason is not None:
                 continue
+            if logprobs is not None:
+                seq.logprobs.append(logprobs)
             seq.append(token, now)
             received.append(seq)
             if seq.finish_reason is not None:

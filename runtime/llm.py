@@ -44,6 +44,10 @@ class RequestOutput:
     finish_reason: str
     time_to_first_token_s: float
     decode_tokens_per_s: float | None  # None with fewer than 2 generated tokens
+    num_cached_tokens: int = 0  # prompt tokens whose k/v came from the prefix cache (not prefilled)
+    # SamplingParams.logprobs = N: per generated token, (its log-probability, [(token id, log-probability)] of the N
+    # most likely tokens at that step), from the model's distribution before any sampling transform; else None
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -76,17 +80,20 @@ class LLM:
     (capture_graphs="startup") or on first use ("lazy");
     enforce_eager=True runs the same step without graphs. Prompts are prefilled in chunks of at most
     max_prefill_tokens tokens per step, alternating with decode steps.
+    enable_prefix_caching (default True): full blocks of prompt tokens stay in the KV cache after their request
+    (until their memory is needed), and a prompt that starts with the same blocks reuses them instead of prefilling
+    them (RequestOutput.num_cached_tokens; counters in `engine.prefix_cache_stats()`).
     quantization: None, "int8" (per output channel), "int4" (groups of 128, asymmetric) or "fp8" (e4m3, per output
     channel; CUDA needs sm_89+) quantizes a floating-point model's decoder linears at load, built-in shapes included
-    (their random weights are made quantized). GPTQ and AWQ checkpoints load quantized as they are (config.json's
-    quantization_config) and take no `quantization`.
+    (their random weights are made quantized; MoE experts too, for the built-in MoE shapes only as yet). GPTQ and
+    AWQ checkpoints load quantized as they are (config.json's quantization_config) and take no `quantization`.
     """
 
     def __init__(self, model: str, *, device=None, dtype=None, backend: str | None = None,
                  max_seq_len: int | None = None, max_batch_size: int | None = None, seed: int | None = None,
                  num_kv_blocks: int | None = None, block_size: int = 16, enforce_eager: bool = False,
                  cuda_graph_buckets=DEFAULT_BUCKETS, capture_graphs: str = "startup",
-                 max_prefill_tokens: int = 2048, quantization: str | None = None):
+                 max_prefill_tokens: int = 2048, quantization: str | None = None, enable_prefix_caching: bool = True):
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -128,8 +135,6 @@ class LLM:
         if at_load is not None and cfg.quantization is not None:
             raise ValueError(f"quantization = {quantization!r}: {model} is already quantized "
                              f"({cfg.quantization.describe()}); it loads as it is, without quantization=")
-        if at_load is not None and cfg.is_moe:
-            raise ValueError(f"quantization = {quantization!r}: quantizing MoE models is not supported yet")
         # the decoder linears' quantization: the checkpoint's (GPTQ, AWQ), the one asked for, or None
         self.quantization: QuantConfig | None = cfg.quantization or at_load
         if builtin:
@@ -162,10 +167,11 @@ class LLM:
         # graphs need a backend whose decode step never synchronises (the torch reference reads lengths on the host)
         self.use_graphs = self.device.type == "cuda" and self.backend.graph_safe and not enforce_eager
         self.engine = Engine(self.model, self.kv_cache, self.max_batch_size, self.max_seq_len, self.seed,
-                             max_prefill_tokens, self.use_graphs, cuda_graph_buckets)
+                             max_prefill_tokens, self.use_graphs, cuda_graph_buckets, enable_prefix_caching)
         if self.device.type == "cuda":
-            # compile the prefill kernels now rather than on the first request (32 tokens: past the MoE decode regime)
-            self.engine.prompt_logits([0] * min(32, self.max_seq_len - 1, num_kv_blocks * block_size))
+            # compile the prefill kernels now rather than on the first request (33 tokens: past the decode GEMVs and
+            # the MoE decode regime, kernels.gemv.MAX_ROWS and kernels.moe.DECODE_MAX_TOKENS)
+            self.engine.prompt_logits([0] * min(33, self.max_seq_len - 1, num_kv_blocks * block_size))
         if self.use_graphs and capture_graphs == "startup":
             try:
                 self.engine.decoder.capture_all()
@@ -369,4 +375,6 @@ class LLM:
             finish_reason=s.finish_reason,
             time_to_first_token_s=s.first_token_time - s.arrival,
             decode_tokens_per_s=rate,
+            num_cached_tokens=s.num_cached_tokens,
+            logprobs=None if s.logprobs is None else list(s.logprobs),
         )

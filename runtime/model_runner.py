@@ -28,27 +28,44 @@ from qwen2rt.models.backend import AttentionMetadata
 from qwen2rt.models.qwen2 import Qwen2Model
 
 from .kv_cache import KVCache
-from .sampling import (VARIANTS, SamplerState, SamplingParams, SamplingRows, row_values, rows_tensor, sample_tokens,
-                       sampler_variant)
+from .sampling import (MAX_LOGPROBS, VARIANTS, SamplerState, SamplingParams, SamplingRows, row_values, rows_tensor,
+                       sample_tokens, sampler_variant, token_logprobs)
 from .sequence import Sequence
 
 log = logging.getLogger("qwen2rt")
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
+TokenLogprobs = tuple[float, list[tuple[int, float]]]  # (the chosen token's log-probability, [(id, logprob)] top-N)
+
+
 @dataclass
 class Launched:
     """A step whose sampled ids are on their way to the host: one id per sequence of `seqs` (none for a prefill
-    step that completed no prompt)."""
+    step that completed no prompt), and when some of them asked for log-probabilities, those too."""
 
     seqs: list[Sequence]
     host_ids: np.ndarray | None  # int64 [>= len(seqs)], pinned memory on CUDA; valid once `event` completed
     event: torch.cuda.Event | None  # None on CPU, where every copy is done when it returns
+    # (chosen [>= B] float32, top [>= B, MAX_LOGPROBS] float32, top ids [>= B, MAX_LOGPROBS] int64), host copies
+    host_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def token_ids(self) -> list[int]:
         if self.event is not None:
             self.event.synchronize()
         return self.host_ids[:len(self.seqs)].tolist() if self.seqs else []
+
+    def logprobs(self) -> list[TokenLogprobs | None]:
+        """Per sequence (after token_ids()): its token's log-probability and its top-N, None where it asked for
+        none."""
+        if self.host_logprobs is None:
+            return [None] * len(self.seqs)
+        chosen, top, ids = self.host_logprobs
+        out: list[TokenLogprobs | None] = []
+        for i, s in enumerate(self.seqs):
+            n = s.params.logprobs
+            out.append(None if n is None else (float(chosen[i]), list(zip(ids[i, :n].tolist(), top[i, :n].tolist()))))
+        return out
 
 
 class StepGraphs:
@@ -114,12 +131,20 @@ class ModelRunner:
         self._host_tokens_np = [t.numpy() for t in self._host_tokens]
         self._events = [torch.cuda.Event() for _ in range(2)] if self.cuda else None
         self._turn = 0  # which of the two read-back buffers the next decode step uses
+        # log-probabilities (requests with SamplingParams.logprobs): the chosen token's and the top MAX_LOGPROBS,
+        # computed after the sampler from the same logits, read back beside the ids
+        self.logprob_bufs = (torch.zeros(n, device=dev), torch.zeros(n, MAX_LOGPROBS, device=dev),
+                             torch.zeros(n, MAX_LOGPROBS, dtype=torch.long, device=dev))
+        self._host_logprobs = [tuple(torch.zeros(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+                                     for t in self.logprob_bufs) for _ in range(2)]
+        self._logprob_graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
         # The batch the staged values describe. Its first four int rows (positions, lengths, sampler steps, cache
         # slots) are _base + _launches: each launch advances every row by one token, and a row's cache slot too
         # until its newest token is the first of a block; then that row's slot is looked up in its blocks.
         self._batch: list[Sequence] | None = None
         self._bucket, self._variant = 0, VARIANTS[0]
+        self._want_logprobs = False  # some sequence of the batch asked for log-probabilities
         self._base = np.zeros((4, n), dtype=np.int64)
         self._launches = 0
         self._new_block: dict[int, list[int]] = {}  # launch count -> rows whose newest token then starts a block
@@ -196,11 +221,15 @@ class ModelRunner:
         self.last_token.scatter_(0, rows.slot, tokens)
         host = torch.empty(tokens.shape, dtype=torch.long, pin_memory=self.cuda)
         host.copy_(tokens, non_blocking=self.cuda)
+        host_logprobs = None
+        if any(s.params.logprobs is not None for s in seqs):
+            host_logprobs = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda).copy_(
+                t, non_blocking=self.cuda).numpy() for t in token_logprobs(logits, tokens))
         event = None
         if self.cuda:
             event = torch.cuda.Event()
             event.record()
-        return Launched(seqs, host.numpy(), event)
+        return Launched(seqs, host.numpy(), event, host_logprobs)
 
     # ---- decode ----------------------------------------------------------------------------------------------
     def launch_decode(self, seqs: list[Sequence]) -> Launched:
@@ -216,12 +245,19 @@ class ModelRunner:
             if self.use_graphs:
                 # capture fills padding rows, so the real batch is filled after it
                 graph = self.graphs.get((bucket, variant)) or self.capture(bucket, variant)
+                logprob_graph = None
+                if self._want_logprobs_for(seqs):
+                    logprob_graph = self._logprob_graphs.get(bucket) or self.capture_logprobs(bucket)
                 self._fill(seqs, bucket)
                 graph.replay()
+                if logprob_graph is not None:
+                    logprob_graph.replay()
             else:
                 self._fill(seqs, bucket)
                 with torch.inference_mode(), self.model.named_range("qwen2rt.decode_step"):  # the profiler's range
-                    self._step(bucket, variant)
+                    logits = self._step(bucket, variant)
+                    if self._want_logprobs:
+                        self._logprobs(logits, bucket)
         except BaseException:
             self._batch = None  # the staged values may be half-advanced: stage them again on the next step
             raise
@@ -229,11 +265,19 @@ class ModelRunner:
         turn = self._turn
         self._turn ^= 1
         self._host_tokens[turn].copy_(self.tokens, non_blocking=self.cuda)  # all rows: slicing costs more
+        host_logprobs = None
+        if self._want_logprobs:
+            for host, buf in zip(self._host_logprobs[turn], self.logprob_bufs):
+                host.copy_(buf, non_blocking=self.cuda)
+            host_logprobs = tuple(t.numpy() for t in self._host_logprobs[turn])
         event = None
         if self.cuda:
             event = self._events[turn]
             event.record()
-        return Launched(self._batch, self._host_tokens_np[turn], event)
+        return Launched(self._batch, self._host_tokens_np[turn], event, host_logprobs)
+
+    def _want_logprobs_for(self, seqs: list[Sequence]) -> bool:
+        return self._want_logprobs if seqs == self._batch else any(s.params.logprobs is not None for s in seqs)
 
     def _fill(self, seqs: list[Sequence], bucket: int) -> None:
         """Host -> the static buffers, in one copy. A batch of other sequences than the last step's (or another
@@ -273,6 +317,7 @@ class ModelRunner:
         self._launches = 0
         self._batch = list(seqs)
         self._bucket, self._variant = bucket, sampler_variant([s.params for s in seqs])
+        self._want_logprobs = any(s.params.logprobs is not None for s in seqs)
         self._new_block = {}
         for row in range(b):
             self._look_up_slot(row)
@@ -299,8 +344,16 @@ class ModelRunner:
         self.tokens[:bucket].copy_(tokens)
         self.last_token.scatter_(0, rows.slot, tokens)  # the next step's inputs (padding rows: the padding slot)
 
-    def _step(self, bucket: int, variant: str) -> None:
-        self._sample(self._forward(bucket), bucket, variant)
+    def _step(self, bucket: int, variant: str) -> torch.Tensor:
+        logits = self._forward(bucket)
+        self._sample(logits, bucket, variant)
+        return logits
+
+    def _logprobs(self, logits: torch.Tensor, bucket: int) -> None:
+        """The sampled tokens' log-probabilities and the top MAX_LOGPROBS, from the logits before any sampling
+        transform (the sampler does not modify them), into the static buffers."""
+        for buf, value in zip(self.logprob_bufs, token_logprobs(logits, self.tokens[:bucket])):
+            buf[:bucket].copy_(value)
 
     # ---- CUDA graphs -----------------------------------------------------------------------------------------
     def capture(self, bucket: int, variant: str) -> StepGraphs:
@@ -328,6 +381,22 @@ class ModelRunner:
         self.graphs[(bucket, variant)] = StepGraphs(self._forward_graphs[bucket], sample)
         return self.graphs[(bucket, variant)]
 
+    def capture_logprobs(self, bucket: int) -> torch.cuda.CUDAGraph:
+        """Capture the log-probabilities of a bucket (read the forward graph's logits and the sampled tokens), replayed
+        after the step's graphs when the batch asks for them."""
+        if bucket not in self._forward_graphs:
+            self.capture(bucket, VARIANTS[0])
+        stream = self._side_stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._logprobs(self._logits[bucket], bucket)  # warm-up
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._logprobs(self._logits[bucket], bucket)
+        self._logprob_graphs[bucket] = graph
+        return graph
+
     def capture_all(self) -> None:
         """Capture every bucket with every sampler form, and log time and memory in one line."""
         torch.cuda.synchronize()
@@ -337,6 +406,8 @@ class ModelRunner:
             for variant in VARIANTS:
                 if (bucket, variant) not in self.graphs:
                     self.capture(bucket, variant)
+            if bucket not in self._logprob_graphs:
+                self.capture_logprobs(bucket)
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - start
         self.capture_mib = (torch.cuda.memory_reserved() - reserved_before) / 2 ** 20

@@ -20,7 +20,8 @@ import torch
 # Values used when neither the caller nor the checkpoint's generation_config.json sets a field.
 DEFAULTS = dict(max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                 presence_penalty=0.0, frequency_penalty=0.0, stop=(), stop_token_ids=(), ignore_eos=False,
-                seed=None)
+                seed=None, logprobs=None)
+MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class SamplingParams:
     stop_token_ids: list[int] | tuple[int, ...] | None = None
     ignore_eos: bool | None = None
     seed: int | None = None
+    # log-probabilities of each generated token and of the `logprobs` most likely tokens at its step (0: the chosen
+    # token's alone), from the model's distribution before any sampling transform (penalties, temperature,
+    # top-k / top-p / min-p), as vLLM reports them by default; None: none
+    logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -98,6 +103,8 @@ def _validate(p: SamplingParams) -> None:
         bad("ignore_eos", "must be a bool")
     if p.seed is not None and not (_is_int(p.seed) and 0 <= p.seed < 2 ** 63):
         bad("seed", "must be an integer in [0, 2**63)")
+    if p.logprobs is not None and not (_is_int(p.logprobs) and 0 <= p.logprobs <= MAX_LOGPROBS):
+        bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
 
 
 def defaults_from_generation_config(gc: dict) -> dict:
@@ -144,6 +151,17 @@ def rows_tensor(values: list[tuple], device) -> SamplingRows:
     cols = list(zip(*values))
     return SamplingRows(*(torch.tensor(col, device=device, dtype=torch.int64 if name in SamplingRows.INT_FIELDS
                                        else torch.float32) for name, col in zip(SamplingRows.FIELDS, cols)))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = MAX_LOGPROBS):
+    """float32 logits [B, V] (before any sampling transform), chosen tokens [B] -> (their log-probabilities [B],
+    the `top` largest log-probabilities [B, top] and their token ids [B, top] int64, largest first). Device ops with
+    static shapes: capturable in a CUDA graph."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    values, ids = torch.topk(logits, min(top, logits.shape[-1]), dim=-1)
+    chosen = logits.gather(1, tokens[:, None])[:, 0] - lse
+    return chosen, values - lse[:, None], ids
 
 
 # top-k up to this many tokens samples among torch.topk candidates instead of sorting the whole vocabulary

@@ -8,6 +8,14 @@ The engine launches a step before it reads back the one before (see engine.py), 
 `Sequence.num_launched`: a sequence joins a decode step while its last token is still on the device, and leaves
 the decode list once its budget's last token is launched; a sequence that stopped early (a stop token or string) is
 only known to have finished one step later, and the engine drops that step's token.
+
+Prefix caching (kv_cache.py): at admission a sequence takes the longest cached run of its prompt's full blocks
+(shared, referenced once more) and prefills from the end of it, like a chunked prefill resumed there. At most
+prompt length - 1 tokens come from the cache, so that the prompt's last token is computed and samples the first
+output token. Once the step that writes a full prompt block is launched, the block is registered: a later
+request's step reads it after the writes (stream order). Only full prompt blocks are cached, never the blocks
+decode writes, so a shared block is never written again (an extra token of a stopped sequence lands past its
+prompt too).
 """
 
 from __future__ import annotations
@@ -20,10 +28,14 @@ from .sequence import Sequence
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, max_batch_size: int, max_prefill_tokens: int, seed: int):
+    def __init__(self, cache: KVCache, max_batch_size: int, max_prefill_tokens: int, seed: int,
+                 enable_prefix_caching: bool = True):
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         self.cache = cache
+        self.enable_prefix_caching = enable_prefix_caching
+        self.queried_tokens = 0  # prompt tokens of admitted sequences, looked up in the prefix cache
+        self.hit_tokens = 0  # of those, the ones found there (not prefilled)
         self.max_prefill_tokens = max_prefill_tokens
         self.rng = random.Random(seed)  # seeds of requests that bring none
         self.waiting: deque[Sequence] = deque()
@@ -50,10 +62,21 @@ class Scheduler:
         while self.waiting and self.free_slots:
             seq = self.waiting[0]
             need = self.cache.blocks_for(seq.max_len)
-            if need > self.cache.num_free_blocks:
+            hits, entries = [], []
+            if self.enable_prefix_caching:  # the prompt's last token is always computed: it samples the first token
+                usable = (len(seq.prompt_ids) - 1) // self.cache.block_size
+                hits, entries = self.cache.match(seq.prompt_block_tokens(self.cache.block_size)[:usable])
+            # cached blocks nobody holds count as free; taking them as hits makes them unavailable to allocate
+            if need - len(hits) > self.cache.num_free_blocks - self.cache.num_unreferenced(hits):
                 break  # first come, first served: later requests wait behind it
             self.waiting.popleft()
-            seq.blocks = self.cache.allocate(need)
+            self.cache.acquire(hits)  # before allocating, which could otherwise evict them
+            seq.blocks = hits + self.cache.allocate(need - len(hits))
+            seq.cache_entries = entries
+            seq.num_cached_tokens = seq.num_prefilled = len(hits) * self.cache.block_size
+            if self.enable_prefix_caching:
+                self.queried_tokens += len(seq.prompt_ids)
+                self.hit_tokens += seq.num_cached_tokens
             seq.slot = self.free_slots.pop()
             if seq.seed is None:
                 seq.seed = self.rng.getrandbits(63)
@@ -80,10 +103,16 @@ class Scheduler:
         return None
 
     def prefilled(self, chunks: list[tuple[Sequence, int, int]]) -> None:
-        """The chunks were launched: a sequence whose prompt is complete (it samples its first token) moves to the
-        decode list."""
+        """The chunks were launched: their full prompt blocks join the prefix cache, and a sequence whose prompt is
+        complete (it samples its first token) moves to the decode list."""
+        bs = self.cache.block_size
         for s, start, n in chunks:
             s.num_prefilled = start + n
+            if self.enable_prefix_caching:  # full prompt blocks now written (launched): cache them
+                tokens = s.prompt_block_tokens(bs)
+                for i in range(len(s.cache_entries), s.num_prefilled // bs):
+                    parent = s.cache_entries[-1] if s.cache_entries else -1
+                    s.cache_entries.append(self.cache.register(s.blocks[i], parent, tokens[i]))
             if s.prefill_done:
                 self.prefilling.remove(s)
                 self.decoding.append(s)
@@ -109,6 +138,7 @@ class Scheduler:
         self.release(seq)
 
     def release(self, seq: Sequence) -> None:
+        """Drop the sequence's references to its blocks (cached ones stay cached until evicted) and its slot."""
         if seq.blocks:
             self.cache.free(seq.blocks)
             seq.blocks = []

@@ -21,6 +21,9 @@ class Sequence:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.output_ids: list[int] = []
+        # with params.logprobs: per output token, (its log-probability, [(token id, log-probability)] of the
+        # params.logprobs most likely tokens at that step)
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.max_len = min(len(prompt_ids) + params.max_tokens, max_seq_len)
         self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_token_ids)
@@ -32,6 +35,11 @@ class Sequence:
         self.slot: int | None = None  # row in the sampler state while running
         self.seed: int | None = params.seed  # the engine draws one at admission when the request has none
         self.num_prefilled = 0  # prompt tokens whose k/v are in the cache
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission (not prefilled)
+        # prefix-cache entry ids of its leading full prompt blocks, matched at admission or registered once their
+        # prefill was launched (see kv_cache.py); a block's key chains from the entry before it
+        self.cache_entries: list[int] = []
+        self._block_tokens: list[tuple[int, ...]] | None = None
         # prompt tokens plus every output token launched on the device, read back or not: the engine launches a
         # step before it reads back the one before, so this runs one (inside a step, two) ahead of num_tokens
         self.num_launched = len(self.prompt_ids)
@@ -56,6 +64,14 @@ class Sequence:
     @property
     def prefill_done(self) -> bool:
         return self.num_prefilled == len(self.prompt_ids)
+
+    def prompt_block_tokens(self, block_size: int) -> list[tuple[int, ...]]:
+        """The token ids of each full block of the prompt, the prefix cache's keys (computed once)."""
+        if self._block_tokens is None:
+            ids = self.prompt_ids
+            self._block_tokens = [tuple(ids[i:i + block_size])
+                                  for i in range(0, len(ids) - block_size + 1, block_size)]
+        return self._block_tokens
 
     def append(self, token: int, now: float | None = None) -> None:
         """A new token (`now`: its arrival time, perf_counter, one reading for a whole step)."""

@@ -245,6 +245,32 @@ def moe_block(c, dtype, recorder: Recorder, where: str, candidates: str):
                               residual=x)
 
 
+# the quantized expert layouts compiled for the MoE decode GEMVs (no act-order: MoE experts have none)
+MOE_QUANT_FORMS = ("int4-g128", "int8-channel", "fp8-channel")
+
+
+def moe_quant_block(c, dtype, recorder: Recorder, where: str, form: str):
+    """The decode buckets of a MoE layer with quantized experts (kernels.moe's QUANT path: gate_up [E 2I, H], down
+    [E H, I] flattened), default configs, the shared expert folded and separate, plain and with the norm and the
+    residual fused in; then the prefill path (dequantize into scratch + the float grouped GEMMs) at its default."""
+    h, i, e, s = c.hidden_size, c.moe_intermediate_size, c.num_experts, c.shared_expert_intermediate_size
+    router, gate_up, down = meta(e, h, dtype=dtype), quantized(e * 2 * i, h, form), quantized(e * h, i, form)
+    shared = (quantized(2 * s, h, form), quantized(h, s, form), meta(1, h, dtype=dtype)) if s else (None,) * 3
+    folds = (True, False) if moe.shared_chunks(i, shared[0]) else (False,)
+    for bucket, tokens in moe.TUNING_TOKENS.items():
+        decode = bucket in moe.GEMV_BUCKETS
+        for fold in folds if decode else (False,):
+            recorder.where = f"{where} {form} experts {bucket} fold={fold}"
+            x = meta(tokens, h, dtype=dtype)
+            moe.fused_moe(x, router, gate_up, down, c.num_experts_per_tok, c.norm_topk_prob, *shared,
+                          config=moe.DEFAULT_CONFIGS[bucket], regime="decode" if decode else "prefill",
+                          fold_shared=fold)
+            if decode:
+                moe.fused_moe(x, router, gate_up, down, c.num_experts_per_tok, c.norm_topk_prob, *shared,
+                              config=moe.DEFAULT_CONFIGS[bucket], regime="decode", fold_shared=fold,
+                              norm_weight=meta(h, dtype=dtype), residual=x)
+
+
 def record(quick: bool, recorder: Recorder):
     """quick: bf16; decode at the longest context; the MoE defaults, and the decode tuning candidates of the layer
     with the most pairs per token (the most registers); the prefill defaults. Else: bf16 and fp16; decode at the
@@ -277,6 +303,8 @@ def record(quick: bool, recorder: Recorder):
             if c.is_moe:
                 moe_block(c, dtype, recorder, where,
                           "all" if not quick else "decode-folded" if c == widest else "defaults")
+                for form in MOE_QUANT_FORMS:
+                    moe_quant_block(c, dtype, recorder, where, form)
 
 
 # ---- compiling ----------------------------------------------------------------------------------------------------

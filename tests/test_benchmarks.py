@@ -51,6 +51,23 @@ def test_bench_scripts_run(module, args, key, tmp_path):
                    for r in rows)
 
 
+def test_bench_serving_runs(tmp_path):
+    """Prefix-cache time to first token (cold, warm, caching off) and the server's added latency, tiny model."""
+    from benchmarks import bench_serving
+
+    out = tmp_path / "s.json"
+    rows = bench_serving.main(["--smoke", "--out", str(out)])
+    assert json.load(open(out))["serving"] == rows
+    prefix = {(r["case"], r["prefix_caching"]): r for r in rows if r["bench"] == "prefix"}
+    assert set(prefix) == {("cold", True), ("warm", True), ("cold", False), ("warm", False)}
+    assert prefix[("warm", True)]["cached_tokens"] == 32  # 40 system tokens: two full blocks of 16
+    assert all(prefix[k]["cached_tokens"] == 0 for k in prefix if k != ("warm", True))
+    assert all(_finite(r["ttft_ms"]) and _finite(r["floor_ms"]) for r in prefix.values())
+    server = [r for r in rows if r["bench"] == "server"]
+    if not any("skipped" in r for r in server):  # the serve extra is installed (CI): both sides timed
+        assert all(_finite(r["api_ms"]) and _finite(r["server_ms"]) for r in server if "max_tokens" in r)
+
+
 def test_gpu_check_driver_writes_the_record(tmp_path):
     assert gpu_check.main(["--out", str(tmp_path), "--smoke"]) == 0
     (record,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
@@ -64,7 +81,9 @@ def test_gpu_check_driver_writes_the_record(tmp_path):
                                                   "qwen2rt_eager_int4"}
     assert all(p.startswith("ok") for p in rec["parts"].values()), rec["parts"]
     assert all(r["floor_ms"] > 0 for r in rec["decode"])
-    assert "## Decode" in open(tmp_path / record.replace(".json", ".md")).read()
+    assert {(r["bench"], r.get("case")) for r in rec["serving"]} >= {("prefix", "cold"), ("prefix", "warm")}
+    summary = open(tmp_path / record.replace(".json", ".md")).read()
+    assert "## Decode" in summary and "## Serving" in summary
 
 
 SAMPLE = {  # the shape of a recorded run; the numbers are made up for this test

@@ -31,31 +31,21 @@ class FakeModel:
 
     def forward(self, ids, meta, layers):
         self.steps.append("prefill" if meta.is_prefill else "decode")
-        self._next = (meta.positions + 1) % self.config.vocab_size
-        return torch.zeros(ids.shape[0], 1)
+        # each hidden row carries its token to compute_logits, whichever rows the engine picks
+        return ((meta.positions + 1) % self.config.vocab_size).float()[:, None]
 
     def named_range(self, name):
         return contextlib.nullcontext()
 
     def compute_logits(self, hidden):
-        # the rows asked for are the last of each chunk (prefill) or every row (decode)
-        nxt = self._next if hidden.shape[0] == self._next.shape[0] else self._last
-        return torch.nn.functional.one_hot(nxt, self.config.vocab_size).float()
+        return torch.nn.functional.one_hot(hidden[:, 0].long(), self.config.vocab_size).float()
 
 
-def fake_engine(num_blocks=20, block_size=4, max_batch=4, max_prefill_tokens=64):
+def fake_engine(num_blocks=20, block_size=4, max_batch=4, max_prefill_tokens=64, enable_prefix_caching=True):
     model = FakeModel()
     cache = KVCache(model.config, num_blocks, block_size, "cpu", torch.float32)
-    engine = Engine(model, cache, max_batch, 256, seed=0, max_prefill_tokens=max_prefill_tokens)
-    orig = engine.prefill_metadata
-
-    def prefill_metadata(chunks):  # remember each chunk's last position for FakeModel.compute_logits
-        ids, meta, last = orig(chunks)
-        model._last = (meta.positions[last] + 1) % model.config.vocab_size
-        return ids, meta, last
-
-    engine.prefill_metadata = prefill_metadata
-    return engine
+    return Engine(model, cache, max_batch, 256, seed=0, max_prefill_tokens=max_prefill_tokens,
+                  enable_prefix_caching=enable_prefix_caching)
 
 
 def seq(prompt_len, max_tokens):

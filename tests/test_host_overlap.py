@@ -81,11 +81,13 @@ class ChainModel:
             assert int(meta.slot_mapping[i]) == -1 and int(meta.seq_lens[i]) == 0
 
 
-def chain_engine(num_blocks=40, block_size=4, max_batch=4, max_prefill_tokens=24, max_seq_len=80):
+def chain_engine(num_blocks=40, block_size=4, max_batch=4, max_prefill_tokens=24, max_seq_len=80,
+                 enable_prefix_caching=True):
     ref = []
     model = ChainModel(ref)
     cache = KVCache(model.config, num_blocks, block_size, "cpu", torch.float32)
-    engine = Engine(model, cache, max_batch, max_seq_len, seed=0, max_prefill_tokens=max_prefill_tokens)
+    engine = Engine(model, cache, max_batch, max_seq_len, seed=0, max_prefill_tokens=max_prefill_tokens,
+                    enable_prefix_caching=enable_prefix_caching)
     ref.append(engine)
     return engine
 
@@ -152,12 +154,13 @@ def test_token_after_a_stop_is_computed_and_dropped():
     assert (other.output_ids, other.finish_reason) == expected([9] * 5, 6, other.params.stop_token_ids)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_many_requests_with_stops_and_aborts_are_exact(seed):
+@pytest.mark.parametrize("seed, caching", [(0, True), (1, True), (2, False)])
+def test_many_requests_with_stops_and_aborts_are_exact(seed, caching):
     """Random arrivals, prompt lengths, budgets, stop tokens and aborts, with chunked prefill alternating with decode
     and a cache small enough that requests wait: every request gets exactly its own tokens, nothing leaks."""
     rng = random.Random(seed)
-    engine = chain_engine(num_blocks=30, max_batch=4, max_prefill_tokens=rng.choice([5, 16, 64]))
+    engine = chain_engine(num_blocks=30, max_batch=4, max_prefill_tokens=rng.choice([5, 16, 64]),
+                          enable_prefix_caching=caching)
     seqs, aborted = [], set()
     for i in range(150):
         prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))]

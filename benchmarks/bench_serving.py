@@ -1,0 +1,181 @@
+"""Serving: time to first token with the prefix cache (a shared system prompt, cold and warm), and the OpenAI server's
+added latency over the Python API.
+
+- prefix: a 2,000-token system prompt plus a 50-token question, one request at a time, max_tokens 1. "cold": a new
+  system prompt every time (a miss: the cache's cost at a 0% hit rate), "warm": the same system prompt with a new
+  question (a hit on its full blocks), and the baseline "off": the same requests on an LLM with
+  enable_prefix_caching=False. Median time to first token (RequestOutput.time_to_first_token_s) of `repeats`,
+  beside the floor of the tokens actually prefilled: max(their FLOPs / the bf16 GEMM rate, the weights read once /
+  the copy bandwidth), both measured in the same run.
+- server: the same model behind `python -m qwen2rt serve`'s app (uvicorn in a thread on 127.0.0.1, requests by
+  httpx, one at a time) against LLM.generate on the same LLM, at max_tokens 1 (the added latency per request) and
+  `tokens` (the added latency per token, after the per-request part). Skipped (recorded as such) without the serve
+  extra or httpx, as on the lent GPU machine unless its wheels are carried.
+
+    python -m benchmarks.bench_serving [--model qwen2-7b] [--system 2000] [--question 50] [--repeats 5]
+                                       [--tokens 64] [--smoke] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import socket
+import statistics
+import threading
+import time
+
+import torch
+
+from benchmarks.bench_prefill import prefill_flops, prefill_weight_bytes
+from benchmarks.common import device_default, environment, measure_ceilings, print_rows, write_json
+from qwen2rt import LLM, SamplingParams
+
+
+def _prompts(vocab: int, length: int, count: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(count)]
+
+
+def _ttft(llm: LLM, prompt: list[int]) -> tuple[float, int]:
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))[0]
+    return out.time_to_first_token_s * 1e3, out.num_cached_tokens
+
+
+def _free(llm) -> None:
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_prefix(model: str, device, ceilings: dict, system: int = 2000, question: int = 50, repeats: int = 5,
+               **llm_args) -> list[dict]:
+    rows = []
+    results = {}
+    for caching in (True, False):
+        llm = LLM(model, device=device, enable_prefix_caching=caching, **llm_args)
+        vocab = llm.model.config.vocab_size
+        systems = _prompts(vocab, system, repeats + 2, seed=1)
+        questions = _prompts(vocab, question, repeats + 2, seed=2)
+        _ttft(llm, systems[-1] + questions[-1])  # warm-up: compiles, fills nothing that the runs below reuse
+        cold = [_ttft(llm, systems[i] + questions[i]) for i in range(repeats)]  # a new system prompt each time
+        shared = systems[-2]
+        _ttft(llm, shared + questions[-2])  # caches the shared system prompt's blocks
+        warm = [_ttft(llm, shared + questions[i]) for i in range(repeats)]
+        results[caching] = (cold, warm)
+        _free(llm)
+    config = llm_config(model)
+    dtype_bytes = 4 if llm_args.get("dtype") == "float32" else 2
+    weight_floor = prefill_weight_bytes(config, dtype_bytes) / ceilings["copy_GBps"] / 1e6
+    for caching, (cold, warm) in results.items():
+        for case, runs in (("cold", cold), ("warm", warm)):
+            cached = statistics.median(c for _, c in runs)
+            ttft = statistics.median(ms for ms, _ in runs)
+            new_tokens = int(system + question - cached)
+            floor = max(prefill_flops(config, new_tokens) / ceilings["bf16_gemm_TFLOPs"] / 1e9, weight_floor)
+            rows.append(dict(bench="prefix", model=model, prompt=f"{system}+{question}", case=case,
+                             prefix_caching=caching, ttft_ms=ttft, cached_tokens=cached, floor_ms=floor,
+                             pct_of_floor=100 * floor / ttft))
+    off_warm = next(r["ttft_ms"] for r in rows if not r["prefix_caching"] and r["case"] == "warm")
+    for r in rows:
+        r["vs_no_caching"] = r["ttft_ms"] / off_warm if off_warm else None
+    return rows
+
+
+def run_server(model: str, device, tokens: int = 64, repeats: int = 5, **llm_args) -> list[dict]:
+    try:
+        import httpx
+        import uvicorn
+
+        from qwen2rt.server import build_app
+    except ImportError as e:
+        return [dict(bench="server", model=model, skipped=f"no serve extra / httpx here ({e})")]
+    llm = LLM(model, device=device, enable_prefix_caching=False, **llm_args)
+    prompt = _prompts(llm.model.config.vocab_size, 64, 1, seed=3)[0]
+
+    def api(n):
+        start = time.perf_counter()
+        llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+        return (time.perf_counter() - start) * 1e3
+
+    api(tokens)  # warm-up
+    api_ms = {n: statistics.median(api(n) for _ in range(repeats)) for n in (1, tokens)}
+    with socket.socket() as sock:  # a free port; uvicorn binds it itself, as `qwen2rt serve` does
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(llm, model), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    client = httpx.Client(timeout=600)
+
+    def http(n):
+        body = dict(model=model, prompt=prompt, max_tokens=n, temperature=0, ignore_eos=True)
+        start = time.perf_counter()
+        r = client.post(url, content=json.dumps(body), headers={"Content-Type": "application/json"})
+        r.raise_for_status()
+        return (time.perf_counter() - start) * 1e3
+
+    try:
+        http(tokens)  # warm-up
+        server_ms = {n: statistics.median(http(n) for _ in range(repeats)) for n in (1, tokens)}
+    finally:
+        client.close()
+        server.should_exit = True
+        thread.join(timeout=30)
+        _free(llm)
+    per_request = server_ms[1] - api_ms[1]
+    per_token = (server_ms[tokens] - api_ms[tokens] - per_request) / (tokens - 1)
+    return [dict(bench="server", model=model, max_tokens=n, api_ms=api_ms[n], server_ms=server_ms[n],
+                 added_ms=server_ms[n] - api_ms[n]) for n in (1, tokens)] + [
+        dict(bench="server", model=model, added_per_request_ms=per_request, added_per_token_ms=per_token)]
+
+
+def llm_config(model: str):
+    from qwen2rt.models.config import BUILTIN_CONFIGS, load_config
+
+    return BUILTIN_CONFIGS[model] if model in BUILTIN_CONFIGS else load_config(model)
+
+
+def run(device, ceilings, model: str = "qwen2-7b", system: int = 2000, question: int = 50, repeats: int = 5,
+        tokens: int = 64, **llm_args) -> list[dict]:
+    return (run_prefix(model, device, ceilings, system, question, repeats, **llm_args)
+            + run_server(model, device, tokens, repeats, **llm_args))
+
+
+SMOKE = dict(model="tiny", system=40, question=8, repeats=2, tokens=4, dtype="float32", max_seq_len=128)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2-7b")
+    ap.add_argument("--system", type=int, default=2000)
+    ap.add_argument("--question", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--smoke", action="store_true", help="the tiny model on CPU: checks the script runs")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cpu") if args.smoke else device_default()
+    ceilings = measure_ceilings(device, small=args.smoke)
+    if args.smoke:
+        rows = run(device, ceilings, **SMOKE)
+    else:
+        rows = run(device, ceilings, args.model, args.system, args.question, args.repeats, args.tokens)
+    print_rows([r for r in rows if r["bench"] == "prefix"],
+               ["model", "prompt", "case", "prefix_caching", "ttft_ms", "cached_tokens", "vs_no_caching", "floor_ms",
+                "pct_of_floor"])
+    print_rows([r for r in rows if r["bench"] == "server"],
+               ["model", "max_tokens", "api_ms", "server_ms", "added_ms", "added_per_request_ms",
+                "added_per_token_ms", "skipped"])
+    write_json(args.out, dict(environment(), ceilings=ceilings, serving=rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

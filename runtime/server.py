@@ -1,0 +1,756 @@
+"""The OpenAI-compatible HTTP server: `python -m qwen2rt serve --model M [--host H] [--port P]`.
+
+Routes: POST /v1/completions and /v1/chat/completions (JSON, or server-sent events with `"stream": true`), GET
+/v1/models, /health and /metrics (Prometheus text). Built on Starlette and uvicorn (the `serve` extra), imported
+only when an app is built, so `import qwen2rt` never needs them.
+
+One asyncio task, the driver, owns the engine: it steps it in a worker thread while any request is unfinished, and
+between steps (on the event loop, with no step running, so the engine lock is always free there) it adds new
+requests, aborts those whose client went away, and hands each request its new text. Every engine change thus
+happens between steps and never blocks the event loop; a client that disconnects has its request aborted and its
+blocks freed right after the step in flight, if any.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+log = logging.getLogger("qwen2rt.server")
+
+# request fields each endpoint reads; anything else is a 400 naming the field
+_COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                  "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids", "seed", "n", "ignore_eos",
+                  "logprobs", "stream", "stream_options", "user"}
+_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of", "logit_bias"}
+_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "logit_bias", "tools",
+                                 "tool_choice", "response_format", "chat_template_kwargs"}
+_SAMPLING_FIELD = re.compile(r"SamplingParams\.(\w+)")
+
+# Prometheus histogram buckets, seconds
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
+_ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+_E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0)
+
+
+class RequestError(Exception):
+    """A request the server refuses: an OpenAI-style error body with this status."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.param, self.code = message, status, param, code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+# ---- requests -----------------------------------------------------------------------------------------------------
+@dataclass
+class Parsed:
+    """A validated request: what to generate and how to answer."""
+
+    prompt: str | list[int]
+    params: object  # SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def _check_fields(body: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise RequestError(f"unknown field {unknown[0]!r}", param=unknown[0])
+
+
+def _typed(body: dict, name: str, kind: str):
+    """body[name] or None, checked against kind: int, number, bool, str."""
+    value = body.get(name)
+    if value is None:
+        return None
+    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "bool": lambda v: isinstance(v, bool),
+          "str": lambda v: isinstance(v, str)}[kind]
+    if not ok(value):
+        raise RequestError(f"{name!r} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}", param=name)
+    return value
+
+
+def _unsupported(body: dict, chat: bool) -> None:
+    """Fields the OpenAI API has and this server does not implement yet: a 400 rather than a silent default."""
+    n = _typed(body, "n", "int")
+    if n is not None and n != 1:
+        raise RequestError(f"n = {n}: only n = 1 is supported", param="n")
+    if _logprobs(body, chat) is not None and _typed(body, "stream", "bool"):
+        raise RequestError("logprobs with stream = true are not supported yet", param="logprobs")
+    if body.get("logit_bias"):
+        raise RequestError("logit_bias is not supported", param="logit_bias")
+    if chat:
+        for name in ("tools", "tool_choice"):
+            if body.get(name) is not None:
+                raise RequestError(f"{name} is not supported (no tool calling)", param=name)
+        fmt = body.get("response_format")
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise RequestError("response_format other than {'type': 'text'} is not supported", param="response_format")
+    else:
+        if _typed(body, "echo", "bool"):
+            raise RequestError("echo is not supported", param="echo")
+        if body.get("suffix") is not None:
+            raise RequestError("suffix is not supported", param="suffix")
+        best_of = _typed(body, "best_of", "int")
+        if best_of is not None and best_of != 1:
+            raise RequestError("best_of > 1 is not supported", param="best_of")
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """SamplingParams.logprobs from the request: completions' `logprobs` (the number of alternatives), chat's
+    `logprobs` (bool) with `top_logprobs` (the number, which needs logprobs = true)."""
+    if not chat:
+        return _typed(body, "logprobs", "int")
+    top = _typed(body, "top_logprobs", "int")
+    if not _typed(body, "logprobs", "bool"):
+        if top is not None:
+            raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return None
+    return 0 if top is None else top
+
+
+def _sampling_params(body: dict, max_tokens, logprobs: int | None = None):
+    from .sampling import SamplingParams
+
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, (str, list)):
+        raise RequestError("'stop' must be a string or a list of strings", param="stop")
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None and not isinstance(stop_ids, list):
+        raise RequestError("'stop_token_ids' must be a list of token ids", param="stop_token_ids")
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=_typed(body, "temperature", "number"),
+            top_p=_typed(body, "top_p", "number"), top_k=_typed(body, "top_k", "int"),
+            min_p=_typed(body, "min_p", "number"), presence_penalty=_typed(body, "presence_penalty", "number"),
+            frequency_penalty=_typed(body, "frequency_penalty", "number"),
+            repetition_penalty=_typed(body, "repetition_penalty", "number"), stop=stop, stop_token_ids=stop_ids,
+            ignore_eos=_typed(body, "ignore_eos", "bool"), seed=_typed(body, "seed", "int"), logprobs=logprobs)
+    except ValueError as e:
+        field = _SAMPLING_FIELD.search(str(e))
+        raise RequestError(str(e), param=field.group(1) if field else None) from None
+
+
+def _stream_options(body: dict) -> tuple[bool, bool]:
+    stream = bool(_typed(body, "stream", "bool"))
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise RequestError("stream_options is only allowed with stream = true", param="stream_options")
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise RequestError("stream_options must be {'include_usage': bool}", param="stream_options")
+    include = options.get("include_usage")
+    if include is not None and not isinstance(include, bool):
+        raise RequestError("stream_options.include_usage must be a bool", param="stream_options")
+    return stream, bool(include)
+
+
+def parse_completion(body: dict) -> Parsed:
+    """A /v1/completions body -> Parsed. prompt: a string or a list of token ids (one prompt per request)."""
+    _check_fields(body, _COMPLETION_FIELDS)
+    _unsupported(body, chat=False)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    is_ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    if not (isinstance(prompt, str) or (is_ids and prompt)):
+        raise RequestError("'prompt' must be a string or a list of token ids (one prompt per request)",
+                           param="prompt")
+    params = _sampling_params(body, _typed(body, "max_tokens", "int"), _logprobs(body, chat=False))
+    stream, include_usage = _stream_options(body)
+    return Parsed(prompt, params, stream, include_usage)
+
+
+def _message_text(content, index: int) -> str:
+    if isinstance(content, str) or content is None:
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise RequestError(f"messages[{index}].content: only text parts are supported", param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RequestError(f"messages[{index}].content must be a string or a list of text parts", param="messages")
+
+
+def parse_chat(body: dict, tokenizer, max_seq_len: int, default_max_tokens: bool) -> Parsed:
+    """A /v1/chat/completions body -> Parsed, the prompt rendered with the checkpoint's chat template. With no
+    max_completion_tokens / max_tokens (and none in generation_config.json) the reply may fill the context."""
+    import jinja2
+
+    _check_fields(body, _CHAT_FIELDS)
+    _unsupported(body, chat=True)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list of {'role': ..., 'content': ...}", param="messages")
+    rendered = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise RequestError(f"messages[{i}] must be an object with a 'role' string", param="messages")
+        rendered.append(dict(m, content=_message_text(m.get("content"), i)))
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise RequestError("'chat_template_kwargs' must be an object", param="chat_template_kwargs")
+    if tokenizer is None or not tokenizer.chat_template:
+        raise RequestError("this model has no chat template (none in tokenizer_config.json or chat_template.jinja): "
+                           "use /v1/completions", param="messages")
+    try:
+        prompt = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, **kwargs)
+    except (ValueError, TypeError, jinja2.TemplateError) as e:
+        raise RequestError(f"the chat template failed on these messages: {e}", param="messages") from None
+    max_tokens = _typed(body, "max_completion_tokens", "int")
+    if max_tokens is None:
+        max_tokens = _typed(body, "max_tokens", "int")
+    if max_tokens is None and default_max_tokens:
+        max_tokens = max_seq_len  # a sequence stops at the end of the context: this is "the rest of the context"
+    params = _sampling_params(body, max_tokens, _logprobs(body, chat=True))
+    stream, include_usage = _stream_options(body)
+    return Parsed(prompt, params, stream, include_usage)
+
+
+# ---- responses ----------------------------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability and its most likely alternatives, for the `logprobs` fields of the
+    responses (from RequestOutput / Sequence.logprobs: the model's distribution before sampling transforms)."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+def token_logprobs(tokenizer, token_ids: list[int], logprobs: list) -> list[TokenLogprob]:
+    """A sequence's output ids and Sequence.logprobs entries -> TokenLogprob per token (each id decoded alone)."""
+    def text(token_id):
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+
+    return [TokenLogprob(text(t), lp, [(text(a), alp) for a, alp in top])
+            for t, (lp, top) in zip(token_ids, logprobs)]
+
+
+def completion_logprobs(entries: list[TokenLogprob], text_offset: int = 0) -> dict:
+    """/v1/completions choices[].logprobs."""
+    offsets, at = [], text_offset
+    for e in entries:
+        offsets.append(at)
+        at += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+    """/v1/chat/completions choices[].logprobs."""
+    def one(token, logprob):
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [dict(one(e.token, e.logprob), top_logprobs=[one(t, lp) for t, lp in e.top])
+                        for e in entries]}
+
+
+# ---- the engine driver --------------------------------------------------------------------------------------------
+class ServerRequest:
+    """One request in flight: its sequence, the text the driver has handed it and not yet sent, and its end."""
+
+    def __init__(self, seq, endpoint: str):
+        self.seq = seq
+        self.endpoint = endpoint
+        self.pending: list[str] = []  # text pieces not yet sent
+        self.changed = asyncio.Event()  # new text, or the end
+        self.done = asyncio.Event()
+        self.error: str | None = None
+        self.num_seen = 0  # output tokens the driver has accounted for
+        self.last_token_time: float | None = None
+        self.released = False
+
+    def take(self) -> str:
+        piece = "".join(self.pending)
+        self.pending.clear()
+        self.changed.clear()
+        return piece
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return getattr(self.seq, "num_cached_tokens", 0) or 0
+
+    def usage(self) -> dict:
+        return usage(len(self.seq.prompt_ids), len(self.seq.output_ids), self.num_cached_tokens)
+
+
+class EngineDriver:
+    """Steps the engine while requests are unfinished; adds and aborts requests between steps (see the module
+    docstring)."""
+
+    def __init__(self, llm, metrics: "Metrics"):
+        self.llm = llm
+        self.metrics = metrics
+        self.active: set[ServerRequest] = set()
+        self._to_add: list[tuple[ServerRequest, asyncio.Future]] = []
+        self._to_abort: list[ServerRequest] = []
+        self._stepping = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for req in list(self.active):
+            self.release(req)
+        self._apply_pending()
+
+    async def submit(self, seq, endpoint: str) -> ServerRequest:
+        """Queue a validated sequence for the engine. Raises RequestError when the engine refuses it (e.g. it can
+        never fit the KV cache)."""
+        req = ServerRequest(seq, endpoint)
+        future = asyncio.get_running_loop().create_future()
+        self._to_add.append((req, future))
+        self._wake.set()
+        await future  # cancelled with its caller: the driver then skips the request
+        return req
+
+    def release(self, req: ServerRequest) -> None:
+        """The caller is done with the request (finished, or its client went away): abort it if it is still running,
+        now if no step is running, else right after the step."""
+        if req.released:
+            return
+        req.released = True
+        if req in self.active:
+            self.active.discard(req)
+            self.metrics.finished(req, "abort")
+            self._to_abort.append(req)
+            if not self._stepping:
+                self._apply_pending()
+            self._wake.set()
+
+    def _apply_pending(self) -> None:
+        """Between steps only: aborts, then additions."""
+        aborts, self._to_abort = self._to_abort, []
+        if aborts:
+            self.llm._abort_unfinished([r.seq for r in aborts])
+        adds, self._to_add = self._to_add, []
+        for req, future in adds:
+            if future.done():  # its caller is gone
+                continue
+            try:
+                self.llm._submit([req.seq])
+            except ValueError as e:
+                future.set_exception(RequestError(str(e)))
+                continue
+            self.active.add(req)
+            future.set_result(None)
+
+    async def _run(self) -> None:
+        while True:
+            self._apply_pending()
+            if not self.llm.engine.has_work():
+                self._wake.clear()
+                if not (self._to_add or self._to_abort):
+                    await self._wake.wait()
+                continue
+            self._stepping = True
+            try:
+                await asyncio.to_thread(self.llm._step_locked)
+            except Exception as e:  # fail the requests in flight, keep serving
+                log.exception("engine step failed")
+                self._fail_all(f"engine step failed: {e!r}")
+            finally:
+                self._stepping = False
+            self._deliver()
+
+    def _deliver(self) -> None:
+        now = time.perf_counter()
+        for req in list(self.active):
+            seq = req.seq
+            new = len(seq.output_ids) - req.num_seen
+            if new > 0:
+                self.metrics.tokens(req, new, now)
+                req.num_seen = len(seq.output_ids)
+            piece = seq.take_new_text()
+            if piece:
+                req.pending.append(piece)
+            if seq.finished:
+                self.active.discard(req)
+                if seq.finish_reason == "abort":
+                    req.error = "the request was aborted by a failed engine step"
+                self.metrics.finished(req, "error" if req.error else seq.finish_reason)
+                req.done.set()
+            if piece or seq.finished:
+                req.changed.set()
+
+    def _fail_all(self, message: str) -> None:
+        failed = list(self.active)
+        self.active.clear()
+        self.llm._abort_unfinished([r.seq for r in failed])
+        for req in failed:
+            req.error = message
+            self.metrics.finished(req, "error")
+            req.done.set()
+            req.changed.set()
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------------
+class Metrics:
+    """Prometheus metrics in a registry of the app's own (so several apps can live in one process)."""
+
+    def __init__(self, llm, model_name: str):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        labels = {"model_name": model_name}
+        self._labels = labels
+        self.requests = Counter("qwen2rt_requests", "Requests ended, by endpoint and finish reason (stop, length, "
+                                "abort: the client went away, error)", ["model_name", "endpoint", "finish_reason"],
+                                registry=self.registry)
+        self.rejected = Counter("qwen2rt_rejected_requests", "Requests refused with an error status",
+                                ["model_name", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("qwen2rt_prompt_tokens", "Prompt tokens of ended requests", ["model_name"],
+                                     registry=self.registry).labels(**labels)
+        self.generation_tokens = Counter("qwen2rt_generation_tokens", "Generated tokens", ["model_name"],
+                                         registry=self.registry).labels(**labels)
+        self.ttft = Histogram("qwen2rt_time_to_first_token_seconds", "Arrival to first generated token",
+                              ["model_name"], buckets=_TTFT_BUCKETS, registry=self.registry).labels(**labels)
+        self.itl = Histogram("qwen2rt_inter_token_latency_seconds", "Time between generated tokens",
+                             ["model_name"], buckets=_ITL_BUCKETS, registry=self.registry).labels(**labels)
+        self.e2e = Histogram("qwen2rt_e2e_request_latency_seconds", "Arrival to last token", ["model_name"],
+                             buckets=_E2E_BUCKETS, registry=self.registry).labels(**labels)
+        self.registry.register(_EngineCollector(llm, model_name))
+
+    def tokens(self, req: ServerRequest, new: int, now: float) -> None:
+        """`new` tokens arrived for req in one step, at perf_counter `now`."""
+        seq = req.seq
+        self.generation_tokens.inc(new)
+        gaps = new
+        if req.last_token_time is None:
+            self.ttft.observe((seq.first_token_time or now) - seq.arrival)
+            req.last_token_time = seq.first_token_time or now
+            gaps -= 1
+        if gaps > 0:
+            gap = (now - req.last_token_time) / gaps
+            for _ in range(gaps):
+                self.itl.observe(gap)
+        req.last_token_time = now
+
+    def finished(self, req: ServerRequest, reason: str) -> None:
+        self.requests.labels(endpoint=req.endpoint, finish_reason=reason, **self._labels).inc()
+        self.prompt_tokens.inc(len(req.seq.prompt_ids))
+        self.e2e.observe(time.perf_counter() - req.seq.arrival)
+
+    def reject(self, status: int) -> None:
+        self.rejected.labels(status=str(status), **self._labels).inc()
+
+
+class _EngineCollector:
+    """Engine state read at scrape time: running / waiting requests, KV cache blocks, prefix cache counters."""
+
+    def __init__(self, llm, model_name: str):
+        self.llm = llm
+        self.model_name = model_name
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        engine, cache, name = self.llm.engine, self.llm.kv_cache, self.model_name
+
+        def gauge(metric, doc, value):
+            g = GaugeMetricFamily(metric, doc, labels=["model_name"])
+            g.add_metric([name], value)
+            return g
+
+        yield gauge("qwen2rt_requests_running", "Requests admitted to the engine", len(engine.running))
+        yield gauge("qwen2rt_requests_waiting", "Requests waiting for a slot or cache blocks", len(engine.waiting))
+        yield gauge("qwen2rt_kv_cache_blocks_total", "KV cache blocks", cache.num_blocks)
+        yield gauge("qwen2rt_kv_cache_blocks_free", "KV cache blocks a request may take (free, or cached and "
+                    "unreferenced)", cache.num_free_blocks)
+        yield gauge("qwen2rt_kv_cache_usage_ratio", "Fraction of KV cache blocks held by requests",
+                    1.0 - cache.num_free_blocks / cache.num_blocks)
+        stats_of = getattr(engine, "prefix_cache_stats", None)
+        stats = stats_of() if stats_of is not None else {}
+        queried, hits = stats.get("queried_tokens", 0), stats.get("hit_tokens", 0)
+        for metric, doc, value in (("qwen2rt_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix "
+                                    "cache", queried),
+                                   ("qwen2rt_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
+                                    hits)):
+            c = CounterMetricFamily(metric, doc, labels=["model_name"])
+            c.add_metric([name], value)
+            yield c
+        yield gauge("qwen2rt_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up",
+                    hits / queried if queried else 0.0)
+
+
+# ---- the app ------------------------------------------------------------------------------------------------------
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def build_app(llm, served_model_name: str | None = None):
+    """A Starlette app serving `llm` (a qwen2rt.LLM) under the model name `served_model_name` (default: the
+    model argument the LLM was built with). The app drives the engine itself: nothing else should step it while
+    the app runs."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    name = served_model_name or llm.model_name
+    created = int(time.time())
+    metrics = Metrics(llm, name)
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        driver = EngineDriver(llm, metrics)
+        driver.start()
+        state["driver"] = driver
+        try:
+            yield
+        finally:
+            await driver.stop()
+
+    def error(e: RequestError) -> JSONResponse:
+        metrics.reject(e.status)
+        return JSONResponse(e.body(), status_code=e.status)
+
+    async def read_body(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RequestError(f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        model = body.get("model")
+        if model is None:
+            raise RequestError("'model' is required", param="model")
+        if model != name:
+            raise RequestError(f"the model {model!r} does not exist (this server serves {name!r})", status=404,
+                               param="model", code="model_not_found")
+        return body
+
+    def new_sequence(parsed: Parsed):
+        try:
+            return llm._streamed(parsed.prompt, parsed.params)
+        except ValueError as e:
+            raise RequestError(str(e), param="prompt") from None
+
+    async def wait_or_disconnect(request: Request, req: ServerRequest) -> bool:
+        """Wait for the request's end; False (and the request aborted) if the client disconnects first."""
+        async def disconnected():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        listener = asyncio.ensure_future(disconnected())
+        finished = asyncio.ensure_future(req.done.wait())
+        try:
+            await asyncio.wait({listener, finished}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            listener.cancel()
+            finished.cancel()
+        return req.done.is_set()
+
+    async def generate(request: Request, chat: bool) -> Response:
+        try:
+            body = await read_body(request)
+            if chat:
+                parsed = parse_chat(body, llm.tokenizer, llm.max_seq_len, "max_tokens" not in llm.generation_defaults)
+            else:
+                parsed = parse_completion(body)
+            seq = new_sequence(parsed)
+            req = await state["driver"].submit(seq, "chat" if chat else "completions")
+        except RequestError as e:
+            return error(e)
+        driver: EngineDriver = state["driver"]
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        now = int(time.time())
+        if parsed.stream:
+            return _EventStream(_events(req, rid, now, name, chat, parsed.include_usage), lambda: driver.release(req))
+        try:
+            if not await wait_or_disconnect(request, req):
+                return Response(status_code=499)  # nobody reads it
+        finally:
+            driver.release(req)
+        if req.error:
+            return error(RequestError(req.error, status=500))
+        text = req.seq.text
+        logprobs = None
+        if req.seq.logprobs is not None:
+            entries = token_logprobs(llm.tokenizer, req.seq.output_ids, req.seq.logprobs)
+            logprobs = chat_logprobs(entries) if chat else completion_logprobs(entries)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                      "finish_reason": req.seq.finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": req.seq.finish_reason}
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
+                             "model": name, "choices": [choice], "usage": req.usage()})
+
+    class _EventStream(StreamingResponse):
+        """Server-sent events; the request is released however the response ends (done, client gone, error)."""
+
+        def __init__(self, events, on_close):
+            super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            self._on_close = on_close
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self._on_close()
+
+    async def completions(request: Request) -> Response:
+        return await generate(request, chat=False)
+
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, chat=True)
+
+    def model_card() -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "qwen2rt",
+                "max_model_len": llm.max_seq_len}
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model(request: Request) -> Response:
+        wanted = request.path_params["model"]
+        if wanted != name:
+            return error(RequestError(f"the model {wanted!r} does not exist", status=404, param="model",
+                                      code="model_not_found"))
+        return JSONResponse(model_card())
+
+    async def health(request: Request) -> Response:
+        driver = state.get("driver")
+        if driver is None or not driver.alive:
+            return JSONResponse({"status": "engine not running"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return error(RequestError(str(exc.detail), status=exc.status_code))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("request failed", exc_info=exc)
+        return error(RequestError(f"internal error: {exc!r}", status=500))
+
+    routes = [Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/v1/models", models, methods=["GET"]),
+              Route("/v1/models/{model:path}", model, methods=["GET"]),
+              Route("/health", health, methods=["GET"]),
+              Route("/metrics", prometheus, methods=["GET"])]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error, Exception: server_error})
+    app.state.llm = llm
+    app.state.metrics = metrics
+    return app
+
+
+async def _events(req: ServerRequest, rid: str, created: int, model: str, chat: bool, include_usage: bool):
+    """The SSE body of a streamed request: a chunk per batch of new text, a last chunk with the finish reason,
+    then (include_usage) a chunk with the usage and no choices, then `data: [DONE]`."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta_text: str | None, finish_reason: str | None, role: bool = False) -> dict:
+        if chat:
+            delta = {} if delta_text is None else {"content": delta_text}
+            if role:
+                delta["role"] = "assistant"
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish_reason}
+        out = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    if chat:
+        yield _sse(chunk("", None, role=True))
+    while True:
+        await req.changed.wait()
+        piece = req.take()
+        if piece:
+            yield _sse(chunk(piece, None))
+        if req.done.is_set():
+            break
+    if req.error:
+        yield _sse(RequestError(req.error, status=500).body())
+    else:
+        yield _sse(chunk(None, req.seq.finish_reason))
+        if include_usage:
+            yield _sse({"id": rid, "object": kind, "created": created, "model": model, "choices": [],
+                        "usage": req.usage()})
+    yield "data: [DONE]\n\n"
+
+
+# ---- the command --------------------------------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    """`serve`'s own options (the model options come from the cli)."""
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    p.add_argument("--max-batch-size", type=int, default=None)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-prefill-tokens", type=int, default=2048)
+    p.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def serve(args, model_name: str) -> int:
+    """Build the LLM from the parsed command line and serve it until interrupted."""
+    import inspect
+
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise ImportError(f"`qwen2rt serve` needs the serve extra ({e}): pip install -e \".[serve]\"") from e
+    from . import LLM
+
+    kwargs = dict(device=args.device, dtype=args.dtype, backend=args.backend, max_seq_len=args.max_seq_len,
+                  seed=args.seed, quantization=args.quantization, max_batch_size=args.max_batch_size,
+                  num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
+                  max_prefill_tokens=args.max_prefill_tokens, enforce_eager=args.enforce_eager)
+    if args.no_prefix_caching:
+        if "enable_prefix_caching" not in inspect.signature(LLM).parameters:
+            raise ValueError("--no-prefix-caching: this build has no prefix cache")
+        kwargs["enable_prefix_caching"] = False
+    llm = LLM(model_name, **kwargs)
+    app = build_app(llm, args.served_model_name or model_name)
+    log.warning("serving %s as %r on http://%s:%d", model_name, args.served_model_name or model_name, args.host,
+                args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

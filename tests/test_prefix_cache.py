@@ -1,0 +1,259 @@
+"""Automatic prefix caching: the allocator's reference counts, keys and LRU (kv_cache.py), hits, misses and partial
+hits on the tiny model, logits equal with and without a hit, eviction under memory pressure, blocks shared by running
+requests, and thousands of random requests with shared prefixes and aborts (fake models) that leak nothing."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from qwen2rt import LLM, SamplingParams
+from qwen2rt.kv_cache import KVCache
+from qwen2rt.models.config import builtin_config
+from test_engine import drain, fake_engine
+from test_host_overlap import VOCAB, chain_engine, check_sampler_counts, expected, request
+from test_parity import generate_recording_logits, random_prompt, rel_err
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+BS = 16
+
+
+def check_engine(engine):
+    """The allocator's invariants, with the running sequences as the only holders of blocks."""
+    engine.cache.check([s.blocks for s in engine.running])
+
+
+# ---- the allocator ---------------------------------------------------------------------------------------------
+def test_allocator_refcounts_keys_and_lru():
+    cache = KVCache(builtin_config("tiny"), 4, 2, "cpu", torch.float32)
+    a = cache.allocate(3)
+    assert a == [0, 1, 2] and cache.num_free_blocks == 1
+    e0 = cache.register(a[0], -1, (5, 6))
+    e1 = cache.register(a[1], e0, (7, 8))
+    assert cache.match([(5, 6), (7, 8), (9, 9)]) == ([0, 1], [e0, e1])
+    assert cache.match([(5, 6), (7, 9)]) == ([0], [e0])
+    assert cache.match([(7, 8)]) == ([], [])  # the same tokens under another parent are another key
+    # a block already cached under the same key: the duplicate stays uncached, its sequence chains on the other
+    dup = cache.allocate(1)
+    assert cache.register(dup[0], -1, (5, 6)) == e0 and cache.num_cached_blocks == 2
+    cache.free(dup)
+    cache.free(a)  # blocks 1 and 0 go to the LRU (later blocks first), 2 to the free list
+    assert cache.num_free_blocks == 4 and cache.num_evictable_blocks == 2
+    cache.check([])
+    hits, _ = cache.match([(5, 6)])
+    assert cache.num_unreferenced(hits) == 1
+    cache.acquire(hits)  # a hit leaves the LRU
+    assert cache.num_free_blocks == 3
+    b = cache.allocate(3)  # the free blocks, then the least recently released cached block (1): its entry goes
+    assert sorted(b) == [1, 2, 3] and cache.evictions == 1 and cache.match([(5, 6), (7, 8)]) == ([0], [e0])
+    cache.check([hits, b])
+    with pytest.raises(RuntimeError, match="0 free"):
+        cache.allocate(1)
+    cache.free(b)
+    cache.free(hits)
+    with pytest.raises(RuntimeError, match="double free"):
+        cache.free(hits)
+    cache.check([])
+
+
+# ---- the tiny model ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llms():
+    """The same tiny model with and without prefix caching."""
+    kwargs = dict(device="cpu", max_seq_len=256, max_batch_size=4, block_size=BS)
+    return LLM("tiny", **kwargs), LLM("tiny", enable_prefix_caching=False, **kwargs)
+
+
+def test_hit_miss_and_partial_hit(llms):
+    llm, _ = llms
+    base = random_prompt(50, 256, 100)  # 3 full blocks and 2 tokens
+    assert llm.generate([base], GREEDY)[0].num_cached_tokens == 0  # miss
+    stats = llm.engine.prefix_cache_stats()
+    assert llm.generate([base], GREEDY)[0].num_cached_tokens == 48  # hit: every full block
+    after = llm.engine.prefix_cache_stats()
+    assert after["queried_tokens"] - stats["queried_tokens"] == 50 and after["hit_tokens"] - stats["hit_tokens"] == 48
+    assert llm.generate([base[:40] + random_prompt(9, 256, 101)], GREEDY)[0].num_cached_tokens == 32  # partial
+    assert llm.generate([base[:15] + random_prompt(30, 256, 102)], GREEDY)[0].num_cached_tokens == 0  # < a block
+    assert llm.generate([random_prompt(50, 256, 103)], GREEDY)[0].num_cached_tokens == 0
+    # a prompt that is exactly its cached blocks still computes its last token: its last block is prefilled again
+    assert llm.generate([base[:48]], GREEDY)[0].num_cached_tokens == 32
+    assert llm.generate([base[:17]], GREEDY)[0].num_cached_tokens == 16
+    assert llm.generate([base[:16]], GREEDY)[0].num_cached_tokens == 0
+    assert llm.kv_cache.num_free_blocks == llm.kv_cache.num_blocks
+    check_engine(llm.engine)
+
+
+@pytest.mark.parametrize("length, shared", [(64, 64), (64, 40), (83, 83), (83, 35)])
+def test_logits_equal_with_and_without_a_hit(llms, length, shared):
+    """A prompt after another with the same first `shared` tokens: its prefill starts past the cached blocks, and
+    the logits of its prefill and of every decode step equal those of a full prefill without caching."""
+    llm, plain = llms
+    prompt = random_prompt(length, 256, 200 + length + shared)
+    llm.generate([prompt[:shared] + random_prompt(20, 256, 300 + shared)], GREEDY)  # caches the shared blocks
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    out, logits = generate_recording_logits(llm, prompt, params)
+    assert out.num_cached_tokens == min(shared, length - 1) // BS * BS > 0
+    ref, ref_logits = generate_recording_logits(plain, prompt, params)
+    assert ref.num_cached_tokens == 0
+    assert out.token_ids == ref.token_ids
+    assert rel_err(logits, ref_logits) < 1e-5
+
+
+def test_running_requests_share_blocks(llms):
+    llm, plain = llms
+    prefix = random_prompt(64, 256, 400)
+    prompts = [prefix + random_prompt(6, 256, 401), prefix + random_prompt(9, 256, 402)]
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    first, second = (llm._new_sequence(p, llm._params(params)) for p in prompts)
+    llm._submit([first])
+    llm._step_locked()  # the prefill of `first` is launched: its four full blocks are cached
+    assert first.prefill_done and not first.finished
+    llm._submit([second])
+    llm._step_locked()
+    assert second.num_cached_tokens == 64 and second.blocks[:4] == first.blocks[:4]
+    assert [llm.kv_cache._refs[b] for b in first.blocks[:5]] == [2, 2, 2, 2, 1]
+    check_engine(llm.engine)
+    while not (first.finished and second.finished):
+        llm._step_locked()
+    assert [first.output_ids, second.output_ids] == [o.token_ids for o in plain.generate(prompts, params)]
+    assert llm.kv_cache.num_free_blocks == llm.kv_cache.num_blocks
+    check_engine(llm.engine)
+
+
+def test_same_prompt_in_one_batch_then_a_hit(llms):
+    """Requests admitted together compute the same blocks twice: one copy is cached, the other freed normally."""
+    llm, plain = llms
+    prompt = random_prompt(40, 256, 500)
+    outs = llm.generate([prompt, prompt, prompt], GREEDY)
+    assert [o.num_cached_tokens for o in outs] == [0, 0, 0]
+    assert llm.generate([prompt], GREEDY)[0].num_cached_tokens == 32
+    want = plain.generate(prompt, GREEDY)[0].token_ids
+    assert [o.token_ids for o in outs] == [want] * 3
+    check_engine(llm.engine)
+
+
+def test_eviction_under_memory_pressure():
+    llm = LLM("tiny", device="cpu", max_seq_len=128, max_batch_size=2, block_size=BS, num_kv_blocks=6)
+    a, b = random_prompt(40, 256, 600), random_prompt(70, 256, 601)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)  # a: 3 blocks, b: 5 blocks
+    want_a = llm.generate([a], params)[0].token_ids
+    assert llm.kv_cache.num_cached_blocks == 2 and llm.kv_cache.num_free_blocks == 6  # cached, still allocatable
+    assert llm.generate([a], params)[0].num_cached_tokens == 32
+    out_b = llm.generate([b], params)[0]  # needs 5 blocks of 6: the LRU's oldest cached block goes
+    assert out_b.num_cached_tokens == 0 and llm.engine.prefix_cache_stats()["evictions"] == 1
+    # a's second block was evicted first (later blocks first); its first block survives
+    again = llm.generate([a], params)[0]
+    assert again.num_cached_tokens == 16 and again.token_ids == want_a
+    assert llm.generate([b], params)[0].token_ids == out_b.token_ids
+    stats = llm.engine.prefix_cache_stats()
+    assert stats["free_blocks"] == 6 and stats["cached_blocks"] <= 6
+    check_engine(llm.engine)
+
+
+def test_aborted_mid_prefill_keeps_only_launched_blocks():
+    """A prompt aborted between prefill chunks leaves exactly its written (launched) full blocks cached."""
+    engine = chain_engine(block_size=4, max_prefill_tokens=5)
+    prompt = [(7 * i + 3) % VOCAB for i in range(30)]
+    first = request(prompt, 5)
+    engine.add(first)
+    engine.step()  # two prefill chunks launched (nothing decodes yet): 10 tokens, 2 full blocks
+    assert first.num_prefilled == 10 and engine.cache.num_cached_blocks == 2
+    engine.abort(first)
+    check_engine(engine)
+    again = request(prompt, 5)
+    engine.add(again)
+    while not again.finished:
+        engine.step()
+    assert again.num_cached_tokens == 8 and (again.output_ids, again.finish_reason) == expected(prompt, 5)
+    engine.step()
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_disabled_caches_nothing():
+    engine = chain_engine(enable_prefix_caching=False)
+    prompt = list(range(1, 30))
+    for _ in range(2):
+        s = request(prompt, 5)
+        engine.add(s)
+        while not s.finished:
+            engine.step()
+        assert s.num_cached_tokens == 0 and (s.output_ids, s.finish_reason) == expected(prompt, 5)
+    engine.step()
+    assert engine.cache.num_cached_blocks == 0 and engine.cache._free == list(range(39, -1, -1))
+    assert engine.prefix_cache_stats()["queried_tokens"] == 0
+
+
+# ---- thousands of requests on fake models ----------------------------------------------------------------------
+def shared_prefix_prompt(rng, documents, vocab, max_len):
+    doc = rng.choice(documents)
+    prompt = doc[:rng.randint(0, len(doc))] + [rng.randrange(vocab) for _ in range(rng.randint(0, 8))]
+    return (prompt or [rng.randrange(vocab)])[:max_len]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shared_prefixes_with_stops_and_aborts_are_exact(seed):
+    """A model that reads every earlier token's cache entry through the block tables: requests that share prefixes
+    with finished, running and aborted ones, under memory pressure (evictions), chunked prefill and stops, each get
+    exactly their own tokens; the allocator's invariants hold after every step and nothing leaks."""
+    rng = random.Random(seed)
+    engine = chain_engine(num_blocks=24, max_batch=4, max_prefill_tokens=rng.choice([5, 16, 64]))
+    documents = [[rng.randrange(VOCAB) for _ in range(40)] for _ in range(4)]
+    seqs, aborted = [], set()
+    for _ in range(400):
+        prompt = shared_prefix_prompt(rng, documents, VOCAB, 45)
+        full, _ = expected(prompt, 20)
+        stop_ids = [full[rng.randrange(len(full))]] if rng.random() < 0.3 else []
+        s = request(prompt, rng.randint(1, 20), stop_ids)
+        seqs.append(s)
+        engine.add(s)
+        for _ in range(rng.randint(0, 3)):
+            engine.step()
+            check_engine(engine)
+            check_sampler_counts(engine)
+        if rng.random() < 0.1 and engine.running:
+            victim = rng.choice(engine.running)
+            engine.abort(victim)
+            aborted.add(victim.id)
+    while engine.has_work():
+        engine.step()
+        check_engine(engine)
+    engine.step()
+    for s in seqs:
+        want, reason = expected(s.prompt_ids, s.params.max_tokens, s.params.stop_token_ids)
+        if s.id in aborted:
+            assert s.finish_reason == "abort" and s.output_ids == want[:len(s.output_ids)]
+        else:
+            assert (s.output_ids, s.finish_reason) == (want, reason)
+    stats = engine.prefix_cache_stats()
+    assert stats["hit_tokens"] > stats["queried_tokens"] // 8 and stats["evictions"] > 0
+    assert sum(s.num_cached_tokens for s in seqs) == stats["hit_tokens"]
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+    engine.cache.check([])
+
+
+def test_thousands_of_requests_with_shared_prefixes_leak_nothing():
+    rng = random.Random(7)
+    engine = fake_engine(num_blocks=30, block_size=4, max_batch=4, max_prefill_tokens=rng.choice([8, 64]))
+    documents = [[rng.randrange(50) for _ in range(60)] for _ in range(6)]
+    seqs = []
+    for i in range(3000):
+        s = request(shared_prefix_prompt(rng, documents, 50, 60), rng.randint(1, 12))
+        seqs.append(s)
+        engine.add(s)
+        if rng.random() < 0.4:
+            engine.step()
+        if rng.random() < 0.05 and engine.running:
+            engine.abort(rng.choice(engine.running))
+        if i % 50 == 0:
+            check_engine(engine)
+    drain(engine)
+    engine.step()
+    for s in seqs:  # FakeModel emits position + 1: a prefill from the wrong offset shows in the first token
+        n = len(s.prompt_ids)
+        assert s.output_ids == [(n + i) % 50 for i in range(len(s.output_ids))]
+    stats = engine.prefix_cache_stats()
+    assert stats["hit_tokens"] > 0 and stats["evictions"] > 0
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks and sorted(engine.free_slots) == list(range(4))
+    engine.cache.check([])
