@@ -86,8 +86,6 @@ def _unsupported(body: dict, chat: bool) -> None:
     n = _typed(body, "n", "int")
     if n is not None and n != 1:
         raise RequestError(f"n = {n}: only n = 1 is supported", param="n")
-    if _logprobs(body, chat) is not None and _typed(body, "stream", "bool"):
-        raise RequestError("logprobs with stream = true are not supported yet", param="logprobs")
     if body.get("logit_bias"):
         raise RequestError("logit_bias is not supported", param="logit_bias")
     if chat:
@@ -595,7 +593,8 @@ def build_app(llm, served_model_name: str | None = None):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         now = int(time.time())
         if parsed.stream:
-            return _EventStream(_events(req, rid, now, name, chat, parsed.include_usage), lambda: driver.release(req))
+            return _EventStream(_events(req, rid, now, name, chat, parsed.include_usage, llm.tokenizer),
+                                lambda: driver.release(req))
         try:
             if not await wait_or_disconnect(request, req):
                 return Response(status_code=499)  # nobody reads it
@@ -678,19 +677,34 @@ def build_app(llm, served_model_name: str | None = None):
     return app
 
 
-async def _events(req: ServerRequest, rid: str, created: int, model: str, chat: bool, include_usage: bool):
+async def _events(req: ServerRequest, rid: str, created: int, model: str, chat: bool, include_usage: bool,
+                  tokenizer=None):
     """The SSE body of a streamed request: a chunk per batch of new text, a last chunk with the finish reason,
-    then (include_usage) a chunk with the usage and no choices, then `data: [DONE]`."""
+    then (include_usage) a chunk with the usage and no choices, then `data: [DONE]`. With logprobs, each text chunk
+    and the last one carry the log-probabilities of the tokens generated since the previous chunk (text held back
+    for a possible stop string does not hold back its tokens' log-probabilities)."""
     kind = "chat.completion.chunk" if chat else "text_completion"
+    sent = {"logprobs": 0, "text": 0}  # log-probability entries and characters already sent
+
+    def new_logprobs():
+        seq = req.seq
+        if seq.logprobs is None:
+            return None
+        upto = min(len(seq.logprobs), len(seq.output_ids))  # a step may be appending in the driver's thread
+        entries = token_logprobs(tokenizer, seq.output_ids[sent["logprobs"]:upto], seq.logprobs[sent["logprobs"]:upto])
+        sent["logprobs"] = upto
+        return chat_logprobs(entries) if chat else completion_logprobs(entries, sent["text"])
 
     def chunk(delta_text: str | None, finish_reason: str | None, role: bool = False) -> dict:
+        logprobs = None if role else new_logprobs()
         if chat:
             delta = {} if delta_text is None else {"content": delta_text}
             if role:
                 delta["role"] = "assistant"
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": delta_text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+        sent["text"] += len(delta_text or "")
         out = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
         if include_usage:
             out["usage"] = None

@@ -196,8 +196,18 @@ def test_logprobs_equal_the_offline_api(live, offline):
     none = live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                                max_tokens=2, temperature=0)
     assert none.choices[0].logprobs is None
-    with pytest.raises(openai.BadRequestError, match="stream = true are not supported yet"):
-        live.client.completions.create(model=MODEL, prompt="a", max_tokens=2, logprobs=1, stream=True)
+    # streamed: every token's entry arrives once, across the chunks, equal to the non-streamed response's
+    chunks = list(live.client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0.8, seed=3,
+                                                 logprobs=2, stream=True, extra_body={"ignore_eos": True}))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs is not None]
+    assert sum((lp.tokens for lp in streamed), []) == got.tokens
+    assert sum((lp.token_logprobs for lp in streamed), []) == pytest.approx(got.token_logprobs, abs=1e-6)
+    chat_chunks = list(live.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0, logprobs=True,
+        top_logprobs=3, stream=True))
+    streamed_chat = sum((c.choices[0].logprobs.content for c in chat_chunks
+                         if c.choices and c.choices[0].logprobs is not None), [])
+    assert [c.logprob for c in streamed_chat] == pytest.approx([c.logprob for c in content], abs=1e-6)
     # the response fields parse as the client's types
     from openai.types.chat.chat_completion import ChoiceLogprobs
     from openai.types.completion_choice import Logprobs
