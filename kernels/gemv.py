@@ -155,6 +155,30 @@ def check_operand(name: str, t: torch.Tensor | None, shape: tuple, dtype: torch.
         raise ValueError(f"{name} must have a contiguous last dimension")
 
 
+def gemv_operands(x: torch.Tensor, n: int, bias, norm_weight, residual, swiglu: bool, out_dtype, out):
+    """The checks every decode GEMV (fused_linear, quant.quant_linear) makes of x [M, K] and the optional operands
+    of a weight with n rows, and its output -> (output width N', out [M, N'], allocated when not given)."""
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    m, k = x.shape
+    if swiglu and n % 2:
+        raise ValueError(f"swiglu needs an even number of weight rows [gate | up], got {n}")
+    width = n // 2 if swiglu else n
+    if x.stride(1) != 1:
+        raise ValueError("x must have a contiguous last dimension")
+    check_operand("bias", bias, (n,), x.dtype, x.device)
+    check_operand("norm_weight", norm_weight, (k,), x.dtype, x.device)
+    check_operand("residual", residual, (m, width), x.dtype, x.device)
+    if out_dtype not in (None, x.dtype, torch.float32):
+        raise ValueError(f"out_dtype must be None, x's dtype or float32, got {out_dtype}")
+    out_dtype = out_dtype or x.dtype
+    if out is None:
+        out = torch.empty((m, width), device=x.device, dtype=out_dtype)
+    else:
+        check_operand("out", out, (m, width), out_dtype, x.device)
+    return width, out
+
+
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
                  swiglu: bool = False, out_dtype: torch.dtype | None = None,
@@ -166,26 +190,10 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     `residual` itself). `config` overrides gemv_config (BLOCK_N, BLOCK_K, num_warps). No host synchronisation."""
     if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x must be [M, K] and weight [N, K], got {list(x.shape)} and {list(weight.shape)}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     m, k = x.shape
     n = weight.shape[0]
-    if swiglu and n % 2:
-        raise ValueError(f"swiglu needs an even number of weight rows [gate | up], got {n}")
-    width = n // 2 if swiglu else n
-    if x.stride(1) != 1:
-        raise ValueError("x must have a contiguous last dimension")
+    width, out = gemv_operands(x, n, bias, norm_weight, residual, swiglu, out_dtype, out)
     check_operand("weight", weight, (n, k), x.dtype, x.device)
-    check_operand("bias", bias, (n,), x.dtype, x.device)
-    check_operand("norm_weight", norm_weight, (k,), x.dtype, x.device)
-    check_operand("residual", residual, (m, width), x.dtype, x.device)
-    if out_dtype not in (None, x.dtype, torch.float32):
-        raise ValueError(f"out_dtype must be None, x's dtype or float32, got {out_dtype}")
-    out_dtype = out_dtype or x.dtype
-    if out is None:
-        out = torch.empty((m, width), device=x.device, dtype=out_dtype)
-    else:
-        check_operand("out", out, (m, width), out_dtype, x.device)
     if m == 0:
         return out
     cfg = config or gemv_config(width, k, swiglu, interpreter=x.device.type == "cpu")

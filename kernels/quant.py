@@ -447,32 +447,16 @@ def quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None 
     fused_linear_ref's: fp32 products of the exact dequantized weight, rounded once, then the same epilogues (zeros
     must hold integers, as the layout says: the kernel's exact integer-to-float trick relies on it).
     `config` overrides quant_config (BLOCK_N, BLOCK_KW, NUM_STAGES, num_warps). One launch, no host synchronisation."""
-    from .gemv import check_operand
+    from .gemv import gemv_operands
 
     if x.ndim != 2:
         raise ValueError(f"x must be [M, K], got {list(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     _check_weight(w, x.device)
     m, k = x.shape
     n, wk = w.shape
     if wk != k:
         raise ValueError(f"x has {k} inputs, the quantized weight {wk}")
-    if swiglu and n % 2:
-        raise ValueError(f"swiglu needs an even number of weight rows [gate | up], got {n}")
-    width = n // 2 if swiglu else n
-    if x.stride(1) != 1:
-        raise ValueError("x must have a contiguous last dimension")
-    check_operand("bias", bias, (n,), x.dtype, x.device)
-    check_operand("norm_weight", norm_weight, (k,), x.dtype, x.device)
-    check_operand("residual", residual, (m, width), x.dtype, x.device)
-    if out_dtype not in (None, x.dtype, torch.float32):
-        raise ValueError(f"out_dtype must be None, x's dtype or float32, got {out_dtype}")
-    out_dtype = out_dtype or x.dtype
-    if out is None:
-        out = torch.empty((m, width), device=x.device, dtype=out_dtype)
-    else:
-        check_operand("out", out, (m, width), out_dtype, x.device)
+    width, out = gemv_operands(x, n, bias, norm_weight, residual, swiglu, out_dtype, out)
     if m == 0:
         return out
     cfg = config or quant_config(width, k, w.kind, w.group_size, swiglu, interpreter=x.device.type == "cpu")

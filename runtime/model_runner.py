@@ -239,14 +239,15 @@ class ModelRunner:
         history, and graphs captured at start-up run outside it too."""
         if seqs != self._batch:
             bucket, variant = self.bucket(len(seqs)), sampler_variant([s.params for s in seqs])
+            want_logprobs = any(s.params.logprobs is not None for s in seqs)
         else:
-            bucket, variant = self._bucket, self._variant
+            bucket, variant, want_logprobs = self._bucket, self._variant, self._want_logprobs
         try:
             if self.use_graphs:
                 # capture fills padding rows, so the real batch is filled after it
                 graph = self.graphs.get((bucket, variant)) or self.capture(bucket, variant)
                 logprob_graph = None
-                if self._want_logprobs_for(seqs):
+                if want_logprobs:
                     logprob_graph = self._logprob_graphs.get(bucket) or self.capture_logprobs(bucket)
                 self._fill(seqs, bucket)
                 graph.replay()
@@ -256,7 +257,7 @@ class ModelRunner:
                 self._fill(seqs, bucket)
                 with torch.inference_mode(), self.model.named_range("qwen2rt.decode_step"):  # the profiler's range
                     logits = self._step(bucket, variant)
-                    if self._want_logprobs:
+                    if want_logprobs:
                         self._logprobs(logits, bucket)
         except BaseException:
             self._batch = None  # the staged values may be half-advanced: stage them again on the next step
@@ -266,7 +267,7 @@ class ModelRunner:
         self._turn ^= 1
         self._host_tokens[turn].copy_(self.tokens, non_blocking=self.cuda)  # all rows: slicing costs more
         host_logprobs = None
-        if self._want_logprobs:
+        if want_logprobs:
             for host, buf in zip(self._host_logprobs[turn], self.logprob_bufs):
                 host.copy_(buf, non_blocking=self.cuda)
             host_logprobs = tuple(t.numpy() for t in self._host_logprobs[turn])
@@ -275,9 +276,6 @@ class ModelRunner:
             event = self._events[turn]
             event.record()
         return Launched(self._batch, self._host_tokens_np[turn], event, host_logprobs)
-
-    def _want_logprobs_for(self, seqs: list[Sequence]) -> bool:
-        return self._want_logprobs if seqs == self._batch else any(s.params.logprobs is not None for s in seqs)
 
     def _fill(self, seqs: list[Sequence], bucket: int) -> None:
         """Host -> the static buffers, in one copy. A batch of other sequences than the last step's (or another

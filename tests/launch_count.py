@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # ops that launch nothing: allocations (a GPU allocation is no kernel) and metadata
@@ -60,3 +61,24 @@ class LaunchCounter(TorchDispatchMode):
             return super().__exit__(*exc)
         finally:
             self._stack.close()
+
+
+def decode_layer_launches(llm, prompt: list[int], params) -> list[list[str]]:
+    """The launches of every decoder layer during the decode steps of generating `prompt` with `params` (one list
+    per layer and step, in order)."""
+    model = llm.model
+    layer_fn = model._layer
+    per_layer: list[list[str]] = []
+
+    def counted(layer, x, k_cache, v_cache, meta):
+        start = len(counter.events)
+        out = layer_fn(layer, x, k_cache, v_cache, meta)
+        if not meta.is_prefill:
+            per_layer.append(counter.events[start:])
+        return out
+
+    with pytest.MonkeyPatch.context() as patch, LaunchCounter() as counter:
+        patch.setattr(model, "_layer", counted)
+        llm.generate([prompt], params)
+    assert per_layer, "no decode step ran"
+    return per_layer

@@ -7,37 +7,17 @@ from __future__ import annotations
 
 import pytest
 
-from launch_count import LaunchCounter
+from launch_count import LaunchCounter, decode_layer_launches
 from qwen2rt import LLM, SamplingParams, model_runner, sampling
 
 GREEDY = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-
-
-def decode_layer_launches(llm) -> list[list[str]]:
-    """The launches of every decoder layer during the decode steps of one short greedy generation."""
-    model = llm.model
-    layer_fn = model._layer
-    per_layer: list[list[str]] = []
-
-    def counted(layer, x, k_cache, v_cache, meta):
-        start = len(counter.events)
-        out = layer_fn(layer, x, k_cache, v_cache, meta)
-        if not meta.is_prefill:
-            per_layer.append(counter.events[start:])
-        return out
-
-    with pytest.MonkeyPatch.context() as patch, LaunchCounter() as counter:
-        patch.setattr(model, "_layer", counted)
-        llm.generate([[1, 2, 3]], GREEDY)
-    assert per_layer, "no decode step ran"
-    return per_layer
 
 
 def test_dense_layer_launches():
     """norm+qkv GEMV, attention (split-KV + its reduction), o GEMV + residual, norm+gate_up+SwiGLU GEMV, down GEMV +
     residual: 6, and nothing from torch."""
     llm = LLM("tiny", device="cpu", dtype="float32", backend="triton", max_seq_len=64, max_batch_size=2)
-    for launches in decode_layer_launches(llm):
+    for launches in decode_layer_launches(llm, [1, 2, 3], GREEDY):
         assert len(launches) <= 6, launches
         assert not [e for e in launches if e.startswith("torch:")], launches
 
@@ -48,7 +28,7 @@ def test_moe_layer_launches():
     from the logits), the down GEMV (routing again, + residual): 7, none of them torch."""
     llm = LLM("tiny-moe", device="cpu", dtype="float32", backend="triton", max_seq_len=64, max_batch_size=2)
     config = llm.model.config
-    layers = decode_layer_launches(llm)
+    layers = decode_layer_launches(llm, [1, 2, 3], GREEDY)
     for i, launches in enumerate(layers):
         bound = 7 if config.is_moe_layer(i % config.num_hidden_layers) else 6
         assert len(launches) <= bound, (i, launches)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernel_utils import DEVICE, assert_tight, poisoned, rel_err
-from launch_count import LaunchCounter
+from launch_count import decode_layer_launches
 from qwen2rt import LLM, SamplingParams
 from qwen2rt.kernels import fused_moe, fused_moe_ref
 from qwen2rt.kernels.quant import QuantizedWeight, dequantize
@@ -186,20 +186,8 @@ def test_tiny_moe_int4_weight_bytes(tiny_moe_int4):
 def test_quantized_moe_layer_is_still_seven_launches(tiny_moe_int4):
     """As tests/test_launches.py counts a float MoE layer: one decode step of a one-token prompt."""
     llm = tiny_moe_int4[1]
-    model, config = llm.model, llm.model.config
-    layer_fn = model._layer
-    per_layer = []
-
-    def counted(layer, x, k_cache, v_cache, meta):
-        start = len(counter.events)
-        out = layer_fn(layer, x, k_cache, v_cache, meta)
-        if not meta.is_prefill:
-            per_layer.append(counter.events[start:])
-        return out
-
-    with pytest.MonkeyPatch.context() as patch, LaunchCounter() as counter:
-        patch.setattr(model, "_layer", counted)
-        llm.generate([[1]], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    config = llm.model.config
+    per_layer = decode_layer_launches(llm, [1], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
     assert len(per_layer) == config.num_hidden_layers
     for i, launches in enumerate(per_layer):
         bound = 7 if config.is_moe_layer(i) else 6
