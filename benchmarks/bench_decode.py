@@ -27,7 +27,7 @@ from benchmarks.common import device_default, free_device_memory, measure_ceilin
 from benchmarks.hf_baseline import decode_ms_per_token, hf_model, time_generate
 from qwen2rt import LLM, SamplingParams
 from qwen2rt.models.config import builtin_config
-from qwen2rt.models.quant import at_load_config, weight_bytes
+from qwen2rt.models.quant import at_load_config, linear_bytes, weight_bytes
 from qwen2rt.profiling import decode_step_ms
 
 MODELS = ["qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b-4l"]
@@ -51,12 +51,13 @@ def decode_bytes(config, batch: int, context: int, dtype_bytes: int, quantizatio
     quantized when `quantization` says so), where in MoE layers a batch reads every expert that at least one of its
     tokens selects (under uniform routing, which random weights give, E * (1 - (1 - k/E)^B) experts: 16 tokens touch
     ~40 of Qwen1.5-MoE's 60), plus each sequence's K and V."""
-    # MoE models cannot be quantized yet (LLM says so, and the row records its error): their floor stays the float one
-    quant = at_load_config(quantization) if quantization and not config.is_moe else None
+    quant = at_load_config(quantization) if quantization else None
     nbytes = float(weight_bytes(config, dtype_bytes, quant)[1])
     if config.is_moe and batch > 1:
         e, k = config.num_experts, config.num_experts_per_tok
-        per_expert = 3 * config.hidden_size * config.moe_intermediate_size * dtype_bytes
+        h, inter = config.hidden_size, config.moe_intermediate_size
+        per_expert = (3 * h * inter * dtype_bytes if quant is None else
+                      linear_bytes(quant, 2 * inter, h, dtype_bytes) + linear_bytes(quant, h, inter, dtype_bytes))
         moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
         nbytes += moe_layers * (e * (1 - (1 - k / e) ** batch) - k) * per_expert
     kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes

@@ -6,12 +6,12 @@ Supported (every decoder linear q, k, v, o, gate, up, down quantized, in MoE lay
 expert's; embeddings, norms, lm_head, the MoE router and shared expert gate stay floating point, biases stay float
 and are cast to the model dtype):
 - GPTQ checkpoints (AutoGPTQ v1 format, `checkpoint_format: "gptq"`): bits 4 or 8, group_size 128 (any size that
-  divides K) or -1, sym true or false, desc_act true or false;
+  divides K) or -1, sym true or false, desc_act true or false (MoE models: desc_act false only, as every published
+  Qwen MoE GPTQ checkpoint has it: the expert kernels take no act-order permutation);
 - AWQ GEMM checkpoints (`version: "gemm"`): 4 bits, zero_point true, any group size that divides K;
 - at load, `LLM(..., quantization=)`: "int8" (per output channel, symmetric), "int4" (groups of 128 inputs,
-  asymmetric: min/max with 0 kept exact) and "fp8" (e4m3, per output channel); dense and MoE (MoE: built-in shapes;
-  a MoE checkpoint quantized at load needs the loader's per-expert destinations, not there yet).
-GPTQ / AWQ checkpoints are dense models only (quantized MoE checkpoints are refused).
+  asymmetric: min/max with 0 kept exact) and "fp8" (e4m3, per output channel).
+Dense and MoE models alike: a MoE layer's experts fill their rows of the layer's flattened expert weights.
 Scales keep the checkpoint's dtype (fp16 for every published GPTQ / AWQ checkpoint: bf16 would round them, and the
 fp32 reference dequantizes them exactly); at-load quantization stores scales and zeros in the model dtype.
 """
@@ -171,8 +171,6 @@ def weight_bytes(config, dtype_bytes: int, q: QuantConfig | None) -> tuple[int, 
     total, per_token = config.parameter_count() * dtype_bytes, config.bytes_per_token(dtype_bytes)
     if q is None:
         return total, per_token
-    if config.is_moe and q.from_checkpoint:
-        raise QuantizationError("quantized MoE checkpoints are not supported yet")
     scale_bytes = 2 if q.from_checkpoint else dtype_bytes
     for layer in range(config.num_hidden_layers):
         for n, k, held, read in linear_shapes(config, layer):

@@ -17,7 +17,7 @@ from qwen2rt.kernels.quant import QuantizedWeight
 
 from .backend import AttentionMetadata, AttentionShape, Backend, MoEWeights
 from .config import Qwen2Config
-from .quant import QuantConfig, QuantizationError
+from .quant import QuantConfig
 from .quant import allocate as allocate_quantized
 from .quant import fill_random as fill_random_quantized
 from .rope import RotaryTables
@@ -114,8 +114,6 @@ def allocate_weights(config: Qwen2Config, device, dtype, fill=None, quantization
     gate stay in `dtype`."""
     c = config
     h, d = c.hidden_size, c.head_dim
-    if quantization is not None and c.is_moe and quantization.from_checkpoint:
-        raise QuantizationError("quantized MoE checkpoints are not supported yet")
 
     def new(kind, *shape):
         t = torch.empty(shape, device=device, dtype=dtype)

@@ -140,3 +140,21 @@ def test_profile_prints_a_row_per_op(tmp_path, capsys):
     assert llm.model.backend.name == "torch" and not llm.model.profile_ranges  # restored
     printed = capsys.readouterr().out
     assert "attention.decode" in printed and "decode step:" in printed
+
+
+def test_decode_floor_counts_quantized_experts():
+    """The quantized MoE floor counts the quantized expert bytes (int4: ~1/3.7 of bf16 per expert), at batch 1 and
+    for the experts a batch of 16 touches; Qwen2-57B-A14B int4 at batch 1 is the issue's ~2.6 ms at 3.02 TB/s."""
+    from benchmarks.bench_decode import decode_bytes
+    from qwen2rt.models.config import builtin_config
+    from qwen2rt.models.quant import at_load_config, linear_bytes
+
+    config = builtin_config("qwen2-57b-a14b")
+    q = at_load_config("int4")
+    assert 2.5 < decode_bytes(config, 1, 0, 2, "int4") / 3.02e9 < 2.8
+    h, inter = config.hidden_size, config.moe_intermediate_size
+    per_expert = linear_bytes(q, 2 * inter, h, 2) + linear_bytes(q, h, inter, 2)
+    e, k = config.num_experts, config.num_experts_per_tok
+    extra = config.num_hidden_layers * (e * (1 - (1 - k / e) ** 16) - k) * per_expert
+    assert decode_bytes(config, 16, 0, 2, "int4") == pytest.approx(decode_bytes(config, 1, 0, 2, "int4") + extra)
+    assert 3.5 < decode_bytes(config, 16, 0, 2, None) / decode_bytes(config, 16, 0, 2, "int4") < 3.9

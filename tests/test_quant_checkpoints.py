@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import build_hf_model, save_hf_model
 from qwen2rt import LLM, SamplingParams
-from qwen2rt.kernels.quant import dequantize, pack_rows, unpack_rows
+from qwen2rt.kernels.quant import QuantizedWeight, dequantize, pack_rows, unpack_rows
 from qwen2rt.models import CheckpointError, ConfigError
 from qwen2rt.models.config import builtin_config
 from qwen2rt.models.quant import (QuantConfig, at_load_config, awq_to_layout, gptq_to_layout, quantize,
@@ -130,6 +130,49 @@ def write_quantized(path, method="gptq", bits=4, group=128, sym=True, desc_act=F
               "modules_to_not_convert": None}
     qc.update(extra_config or {})
     edit_config(path, lambda c: c.update(quantization_config=qc))
+    return hf
+
+
+# A MoE model every size of which a group of 32 divides: hidden 128, experts 64 wide, the shared expert 128 (a
+# multiple of the expert width: the triton backend folds it into the expert GEMVs) and the dense layer (layer 2) 96
+MOE_SHAPE = dict(moe_intermediate_size=64, shared_expert_intermediate_size=128, intermediate_size=96)
+
+
+def write_quantized_moe(path, float_path, method="gptq", bits=4, group=32, sym=True, seed=0, **overrides):
+    """A tiny HF MoE checkpoint in `path` whose decoder linears (attention, every expert, the shared expert, the dense
+    layer's MLP) are GPTQ / AWQ tensors of known integers, and in `float_path` the same model with the exact
+    dequantized weights as ordinary float tensors. Works on the saved tensors (per-expert names), so it needs nothing
+    of how transformers holds experts in memory. -> the transformers model loaded from `float_path`."""
+    import transformers
+
+    save_hf_model(build_hf_model("moe", seed=seed, **dict(MOE_SHAPE, **overrides)), path)
+    save_hf_model(build_hf_model("moe", seed=seed, **dict(MOE_SHAPE, **overrides)), float_path)
+    gen = torch.Generator().manual_seed(seed + 200)
+    state = load_file(os.path.join(path, "model.safetensors"))
+    quantized, exact = {}, {}
+    for name, t in state.items():
+        module, _, suffix = name.rpartition(".")
+        if suffix != "weight" or module.rpartition(".")[2] not in LINEARS:
+            quantized[name] = exact[name] = t
+            continue
+        n, k = t.shape
+        g = k if group == -1 else group
+        g_idx = torch.arange(k) // g
+        q, zero, scale, exact[name] = random_linear(n, k, bits, g, sym, g_idx, gen,
+                                                    zero_low=0 if method == "awq" else 1)
+        parts = gptq_tensors(q, zero, scale, g_idx, bits) if method == "gptq" else awq_tensors(q, zero, scale)
+        quantized.update({f"{module}.{suffix}": t for suffix, t in parts.items()})
+    save_file(quantized, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    save_file(exact, os.path.join(float_path, "model.safetensors"), metadata={"format": "pt"})
+    if method == "gptq":
+        qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym, "desc_act": False,
+              "checkpoint_format": "gptq"}
+    else:
+        qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
+    edit_config(path, lambda c: c.update(quantization_config=qc))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(float_path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
     return hf
 
 
@@ -251,6 +294,49 @@ def test_gptq_loads_into_bf16_with_fp16_scales(tmp_path):
     assert llm.logits(PROMPT[:4]).isfinite().all()
 
 
+MOE_FORMATS = {
+    "gptq4_sym_g32": dict(method="gptq", bits=4, group=32, sym=True),
+    "gptq4_asym_per_channel": dict(method="gptq", bits=4, group=-1, sym=False),
+    "gptq8_asym_g32": dict(method="gptq", bits=8, group=32, sym=False),
+    "awq4_g32": dict(method="awq", bits=4, group=32, sym=False),
+}
+
+
+@pytest.mark.parametrize("name", list(MOE_FORMATS))
+def test_quantized_moe_checkpoint_matches_hf(name, tmp_path):
+    """Every expert, the shared expert and the dense layer's MLP quantized (the router and shared gate float)."""
+    hf = write_quantized_moe(tmp_path / "q", tmp_path / "f", **MOE_FORMATS[name])
+    llm = LLM(str(tmp_path / "q"), device="cpu", dtype="float32", max_seq_len=64, max_batch_size=2)
+    mlp = llm.model.weights.layers[0].mlp
+    assert isinstance(mlp.gate_up, QuantizedWeight) and isinstance(mlp.shared_down, QuantizedWeight)
+    assert not isinstance(mlp.router, QuantizedWeight) and mlp.gate_up.scales.dtype == torch.float16
+    assert rel_err(llm.logits(PROMPT), hf_logits(hf, PROMPT)) < 1e-4
+    assert llm.generate([PROMPT], GREEDY)[0].token_ids == hf_greedy(hf, PROMPT, GREEDY.max_tokens)
+    total, _ = weight_bytes(llm.config, 4, llm.quantization)
+    assert llm.model.weights.nbytes() == total < llm.config.parameter_count() * 4
+
+
+def test_quantized_moe_checkpoint_triton_matches_hf(tmp_path):
+    """The triton backend (interpreter) on a GPTQ MoE checkpoint: the decode GEMVs' QUANT path with the shared
+    expert folded in, fp16 scales beside fp32 activations; a 3-token prompt and two greedy steps."""
+    hf = write_quantized_moe(tmp_path / "q", tmp_path / "f", method="gptq", bits=4, group=32, sym=False)
+    llm = LLM(str(tmp_path / "q"), device="cpu", dtype="float32", max_seq_len=32, max_batch_size=1,
+              backend="triton")
+    assert rel_err(llm.logits(PROMPT[:3]), hf_logits(hf, PROMPT[:3])) < 1e-4
+    greedy = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    assert llm.generate([PROMPT[:3]], greedy)[0].token_ids == hf_greedy(hf, PROMPT[:3], 2)
+
+
+def test_moe_tolerance_is_tight(tmp_path):
+    """The 1e-4 bound above catches one expert's scales 1% off (a plausible bug: a wrong group or a rounded scale)."""
+    hf = write_quantized_moe(tmp_path / "q", tmp_path / "f", method="gptq", bits=4, group=32, sym=True)
+    llm = LLM(str(tmp_path / "q"), device="cpu", dtype="float32", max_seq_len=64, max_batch_size=2)
+    mlp = llm.model.weights.layers[1].mlp
+    rows = mlp.gate_up.shape[0] // llm.config.num_experts
+    mlp.gate_up.scales[3 * rows:4 * rows].mul_(1.01)
+    assert rel_err(llm.logits(PROMPT), hf_logits(hf, PROMPT)) > 1e-4
+
+
 # ---- clear errors ------------------------------------------------------------------------------------------------
 
 def _drop(name):
@@ -323,8 +409,9 @@ def test_quantization_argument_errors(tmp_path, hf_checkpoints):
         LLM("tiny", device="cpu", quantization="int3")
     moe = tmp_path / "moe"
     save_hf_model(build_hf_model("moe"), moe)
-    edit_config(moe, lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128}))
-    with pytest.raises(ConfigError, match=r"quantized MoE checkpoints are not supported yet"):
+    edit_config(moe, lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128,
+                                                             "desc_act": True}))
+    with pytest.raises(ConfigError, match=r"'quantization_config\.desc_act' = True: act-order .* MoE"):
         LLM(str(moe), device="cpu")
 
 
