@@ -1,7 +1,8 @@
 """Weight-only quantized decode projections: qwen2rt's quant_linear (W4A16 with group-128 scales and zeros, W8A16
 per channel) at M = 1..32 rows on the Qwen2-7B / 72B projections (qkv, o, gate_up, down; the projection alone, no
 fusions), with its word loop pipelined (the default) and not, against bf16 cuBLAS (F.linear on the dense bf16
-weight of the same shape: what quantization must beat) and the dequantize + cuBLAS prefill path at the largest M.
+weight of the same shape: what quantization must beat) and the two prefill paths at the largest M. Then prefill
+(128-2048 rows, Qwen2-7B): the fused dequantize-GEMM against dequantize + cuBLAS and bf16 cuBLAS.
 Every row has the copy floor beside it: the bytes the kernel must move (packed weight, scales, zeros, x, output)
 over the copy bandwidth measured in the same run. Each call reads a different copy of the weights (enough copies to
 overflow L2), so no timing is served from cache.
@@ -22,6 +23,8 @@ from qwen2rt.models.config import builtin_config
 
 MODELS = ["qwen2-7b", "qwen2-72b"]
 ROWS = [1, 2, 4, 8, 16, 32]
+PREFILL_MODELS = ["qwen2-7b"]
+PREFILL_ROWS = [128, 512, 2048]  # prompt tokens: FUSED_GEMM_MAX_ROWS (1024) lies between the last two
 FORMS = {"w4a16-g128": ("int4", 128), "w8a16-channel": ("int8", None)}  # (kind, group size; None: per channel)
 L2_BYTES = 128 << 20  # more than any current GPU's L2 (H100 50 MB, H200 60 MB)
 
@@ -46,7 +49,8 @@ def random_weight(n: int, k: int, form: str, device) -> QuantizedWeight:
     return QuantizedWeight(kind, qweight, scales, zeros, group)
 
 
-def run(device, ceilings, models=MODELS, rows=ROWS, dtype=torch.bfloat16, forms=tuple(FORMS), projs=None, rep_ms=60):
+def run(device, ceilings, models=MODELS, rows=ROWS, dtype=torch.bfloat16, forms=tuple(FORMS), projs=None, rep_ms=60,
+        prefill_models=PREFILL_MODELS, prefill_rows=PREFILL_ROWS):
     out = []
     act_bytes = torch.finfo(dtype).bits // 8
     for name in models:
@@ -68,8 +72,11 @@ def run(device, ceilings, models=MODELS, rows=ROWS, dtype=torch.bfloat16, forms=
                     impls = {"qwen2rt": (lambda: quant_linear(x, next(weights)), w0.nbytes()),
                              "qwen2rt_nopipe": (lambda: quant_linear(x, next(weights), config=nopipe), w0.nbytes()),
                              "cublas_bf16": (lambda: F.linear(x, next(dense)), dense_bytes)}
-                    if m == max(rows):  # the prefill path, for scale: what the same rows cost through it
-                        impls["dequant+cublas"] = (lambda: quant_linear_gemm(x, next(weights)), w0.nbytes())
+                    if m == max(rows):  # the prefill paths, for scale: what the same rows cost through them
+                        impls["dequant+cublas"] = (lambda: quant_linear_gemm(x, next(weights), path="dequant"),
+                                                   w0.nbytes())
+                        impls["qwen2rt_fused_gemm"] = (lambda: quant_linear_gemm(x, next(weights), path="fused"),
+                                                       w0.nbytes())
                     for impl, (fn, weight_bytes) in impls.items():
                         try:
                             r = kernel_row("quant_gemv", shape, impl, bench_ms(fn, device, rep_ms=rep_ms),
@@ -82,11 +89,48 @@ def run(device, ceilings, models=MODELS, rows=ROWS, dtype=torch.bfloat16, forms=
                             out.append({"kernel": "quant_gemv", "shape": shape, "impl": impl, "error": repr(e)[:200]})
                 weights = w0 = None  # free this form's copies before the next one allocates
             dense = None
+    for name in prefill_models:
+        out += prefill(device, ceilings, builtin_config(name), name, prefill_rows, dtype, forms, projs, rep_ms)
+    return out
+
+
+def prefill(device, ceilings, config, name, rows, dtype, forms, projs, rep_ms) -> list[dict]:
+    """The prefill projection at `rows` prompt tokens: the fused dequantize-GEMM and dequantize + cuBLAS (the two
+    paths quant_linear_gemm chooses between at FUSED_GEMM_MAX_ROWS: these rows say where they cross) against bf16
+    cuBLAS on a dense weight of the same shape. The floor is the larger of the FLOP floor (2 M N K at the measured
+    bf16 GEMM rate) and the byte floor (packed weight, x and the output at the copy bandwidth). One weight copy: at
+    these sizes the GEMM reads it from memory once per wave of output tiles either way."""
+    out = []
+    act_bytes = torch.finfo(dtype).bits // 8
+    for proj, n, k in [p for p in projections(config) if projs is None or p[0] in projs]:
+        dense = torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
+        for form in forms:
+            w = random_weight(n, k, form, device)
+            for m in rows:
+                x = torch.randn(m, k, device=device, dtype=dtype)
+                io_bytes = (m * k + m * n) * act_bytes
+                flops = 2 * m * n * k
+                floor_ms = max(flops / ceilings["bf16_gemm_TFLOPs"] / 1e9,
+                               (w.nbytes() + io_bytes) / ceilings["copy_GBps"] / 1e6)
+                shape = f"{name} {proj} {form} M={m} N={n} K={k}"
+                impls = {"qwen2rt_fused_gemm": lambda: quant_linear_gemm(x, w, path="fused"),
+                         "dequant+cublas": lambda: quant_linear_gemm(x, w, path="dequant"),
+                         "cublas_bf16": lambda: F.linear(x, dense)}
+                for impl, fn in impls.items():
+                    try:
+                        r = kernel_row("quant_gemm", shape, impl, bench_ms(fn, device, rep_ms=rep_ms), None, flops,
+                                       ceilings)
+                        r.update(floor_ms=floor_ms, pct_of_floor=100 * floor_ms / r["ms"])
+                        out.append(r)
+                    except Exception as e:  # noqa: BLE001 - record why, keep going
+                        out.append({"kernel": "quant_gemm", "shape": shape, "impl": impl, "error": repr(e)[:200]})
+        dense = w = None
     return out
 
 
 def main(argv=None):
-    smoke = dict(models=["tiny"], rows=[3], dtype=torch.float32, projs=["down"])
+    smoke = dict(models=["tiny"], rows=[3], dtype=torch.float32, projs=["down"], prefill_models=["tiny"],
+                 prefill_rows=[40])
     return kernel_bench_main(__doc__, argv, run, smoke)
 
 

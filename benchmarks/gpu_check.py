@@ -54,10 +54,10 @@ WHOLE_ONLY = ("qwen2-72b", "qwen2-57b-a14b")  # loaded once, no eager run beside
 ESTIMATE_S = {"ceilings": 5, "gpu_tests": 200, "decode": 40, "decode_moe": 60, "hf_compiled": 70,
               "bench_gemv": 60, "bench_sampler": 60, "bench_rmsnorm": 25, "bench_swiglu": 15, "bench_attention": 15,
               "bench_moe": 20, "host": 30, "prefill": 10, "batches": 70,
-              # not measured yet (no GPU run of these parts so far): bench_quant is ~170 timings plus ~40 JIT compiles
-              # of the quantized GEMV; a quantized model's load includes quantizing its random weights, and 72B int4
-              # fills ~40 GB of weights
-              "bench_quant": 240, "decode_quant": 120, "decode_quant_72b": 420,
+              # not measured yet (no GPU run of these parts so far): bench_quant is ~240 timings plus ~40 JIT compiles
+              # of the quantized GEMV and 4 of the fused dequantize-GEMM; a quantized model's load includes
+              # quantizing its random weights, and 72B int4 fills ~40 GB of weights
+              "bench_quant": 280, "decode_quant": 120, "decode_quant_72b": 420,
               # two 7B loads (prefix caching on and off) and ~25 prefills of 2,050 tokens; the server part is
               # skipped there unless the serve extra's wheels are carried
               "serving": 120,
@@ -351,7 +351,8 @@ def _smoke_parts(args, device, ceilings, rec, part):
         part("bench_gemv", 0, lambda: rec["kernels"].extend(bench_gemv.run(
             device, ceilings, models=["tiny"], rows=[1, 3], dtype=torch.float32)))
         part("bench_quant", 0, lambda: rec["kernels"].extend(bench_quant.run(
-            device, ceilings, models=["tiny"], rows=[3], dtype=torch.float32, projs=["down"])))
+            device, ceilings, models=["tiny"], rows=[3], dtype=torch.float32, projs=["down"], prefill_models=["tiny"],
+            prefill_rows=[40])))
     if "host" in args.parts:
         part("host", 0, lambda: rec["host"].extend(bench_host.run(batches=(1, 2), contexts=(64,), steps=20,
                                                                   device=device)))

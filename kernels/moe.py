@@ -783,8 +783,8 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, 
     float weights. Prefill (the chosen path for now): the layer's experts are dequantized by
     kernels.quant.dequantize_weight into scratch buffers in x's dtype ([E, 2I, H] and [E, H, I]: ~3.5 GB for one
     Qwen2-57B-A14B layer in bf16, reused layer after layer by the caching allocator) and the float grouped GEMMs run
-    on them; the separate shared expert is quant_linear_gemm. A grouped GEMM that dequantizes in its prologue is
-    future work."""
+    on them; the separate shared expert is quant_linear_gemm (its fused dequantize-GEMM up to FUSED_GEMM_MAX_ROWS
+    rows). A grouped GEMM that dequantizes in its K loop, as quant_linear_gemm does for one weight, is future work."""
     t, hidden = x.shape
     quantized = isinstance(gate_up, QuantizedWeight)
     num_experts, inter = router.shape[0], moe_sizes(router, gate_up)[1]

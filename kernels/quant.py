@@ -24,7 +24,8 @@ The kernels below (the layout's consumers):
     quant_linear(x, w, ...)       decode, 1-32 rows: fused_linear's contract and fusions with a quantized weight, one
                                   Triton GEMV that unpacks the words in registers
     dequantize_weight(w, dtype)   the weight [N, K] in input order, in `dtype`, by a Triton kernel
-    quant_linear_gemm(x, w, bias) prefill, more rows: dequantize_weight into a scratch buffer, then cuBLAS F.linear
+    quant_linear_gemm(x, w, bias) prefill, more rows: a Triton GEMM that dequantizes the weight in its K loop (up to
+                                  FUSED_GEMM_MAX_ROWS rows), or dequantize_weight into a scratch buffer + cuBLAS
 """
 
 from __future__ import annotations
@@ -377,6 +378,72 @@ def _dequantize_kernel(
         tl.store(p_out + o_n[:, None] * s_out + o_k[None, :], b_w.to(p_out.dtype.element_ty), mask=m_nw)
 
 
+# ---- prefill: the weight dequantized inside the GEMM's K loop --------------------------------------------------------
+#
+# A [BLOCK_M, BLOCK_N] output tile walks K in steps of BLOCK_K stored columns. Each step loads the step's words
+# transposed, [BLOCK_K / PER_WORD, BLOCK_N], spreads each word's PER_WORD fields along a new axis and reshapes to the
+# [BLOCK_K, BLOCK_N] weight tile (stored column word * PER_WORD + j is row (word - first) * PER_WORD + j: a row-major
+# reshape), dequantizes it with the step's scales and zeros ((q - zero) * scale in fp32, the 2^23 trick, rounded to
+# x's dtype as the dequantize-then-GEMM path rounds it) and feeds tl.dot with the x tile of the same columns (gathered
+# through the act-order perm when there is one). BLOCK_K divides the group size, so a step has one group: its scales
+# and zeros are one [BLOCK_N] vector each. The weight is read from memory once per BLOCK_M rows instead of being
+# unpacked to a bf16 copy (4x / 2x the bytes of int4 / int8) and read back.
+
+@triton.jit
+def _quant_gemm_kernel(
+    # pointers
+    p_x, p_qw, p_scales, p_zeros, p_perm, p_bias, p_out,
+    # sizes: M rows, N outputs, K inputs
+    M, N, K,
+    # strides (rows; columns are contiguous)
+    s_x, s_qw, s_scales, s_zeros, s_out,
+    # meta-parameters
+    BITS: tl.constexpr, IS_FP8: tl.constexpr, GROUP_STEPS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    PER_WORD: tl.constexpr = 1 if IS_FP8 else 32 // BITS
+    BLOCK_KW: tl.constexpr = BLOCK_K // PER_WORD
+    dt = p_x.dtype.element_ty
+    # the M blocks of one N block are neighbours in launch order: they run together and share the weight tile in L2
+    i_m, i_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_m, m_n = o_m < M, o_n < N
+    p_xm = p_x + o_m[:, None] * s_x  # [BM, 1]
+    p_qwn = p_qw + o_n[None, :] * s_qw  # [1, BN]
+    o_j = tl.arange(0, PER_WORD)
+    if PER_CHANNEL:
+        b_s = tl.load(p_scales + o_n * s_scales, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        if not IS_FP8:
+            b_zb = tl.load(p_zeros + o_n * s_zeros, mask=m_n, other=0.0).to(tl.float32)[None, :] + MAGIC_VALUE
+    b_acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for i_k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=NUM_STAGES):
+        o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)  # stored columns
+        m_k = o_k < K
+        o_kx = tl.load(p_perm + o_k, mask=m_k, other=0) if HAS_PERM else o_k
+        b_x = tl.load(p_xm + o_kx[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
+        if IS_FP8:
+            b_w = tl.load(p_qwn + o_k[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+        else:
+            o_w = i_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
+            m_w = (o_w * PER_WORD < K)[:, None] & m_n[None, :]
+            b_q = tl.load(p_qwn + o_w[:, None], mask=m_w, other=0)  # [BKW, BN] words
+            b_v = (b_q[:, None, :] >> (o_j * BITS)[None, :, None]) & ((1 << BITS) - 1)  # [BKW, PER_WORD, BN]
+            b_v = tl.reshape(b_v | MAGIC, (BLOCK_K, BLOCK_N)).to(tl.float32, bitcast=True)  # 2^23 + q
+            if not PER_CHANNEL:
+                o_g = i_k // GROUP_STEPS
+                b_s = tl.load(p_scales + o_n * s_scales + o_g, mask=m_n, other=0.0).to(tl.float32)[None, :]
+                b_zb = tl.load(p_zeros + o_n * s_zeros + o_g, mask=m_n, other=0.0).to(tl.float32)[None, :] + MAGIC_VALUE
+            b_w = b_v - b_zb
+        b_w = (b_w * b_s).to(dt)  # [BK, BN] the dequantized weight, rounded to x's dtype
+        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(p_out + o_m[:, None] * s_out + o_n[None, :], b_acc.to(p_out.dtype.element_ty),
+             mask=m_m[:, None] & m_n[None, :])
+
+
 # ---- launchers ----------------------------------------------------------------------------------------------------
 
 def per_word(w: QuantizedWeight) -> int:
@@ -502,14 +569,84 @@ def dequantize_weight(w: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor 
     return out
 
 
-def quant_linear_gemm(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The prefill path (more than kernels.gemv.MAX_ROWS rows): dequantize_weight into a scratch [N, K] buffer in
-    x's dtype, then cuBLAS F.linear. x [M, K] -> [M, N] in x's dtype. The one departure from fused_linear_ref: the
-    dequantized weight is rounded to x's dtype before the GEMM (exact in float32; bf16 weights otherwise), as every
-    dequantize-then-GEMM path does. The scratch buffer comes from torch's caching allocator, so layers of one shape
-    reuse one block. A fused dequantize-GEMM (the weight unpacked in the GEMM's prologue) is future work."""
+# Rows up to which the prefill path is the fused dequantize-GEMM; above it, dequantize_weight + cuBLAS. Not measured
+# yet (bench_quant times both at 128-4096 rows): from the H100 ceilings, the scratch path costs the weight's
+# dequantized bytes written and read back (4.5 bytes per int4 weight, ~10 ms for all of Qwen2-7B) while a Triton GEMM
+# without warp specialisation reaches perhaps 60-75% of cuBLAS's rate; the two meet near 1-2K rows.
+FUSED_GEMM_MAX_ROWS = 1024
+
+
+def quant_gemm_config(m: int, n: int, k: int, kind: str, group_size: int, interpreter: bool = False) -> dict | None:
+    """Tile sizes of the fused dequantize-GEMM, or None where it does not apply (a group size that no BLOCK_K of at
+    least 16 divides: dequantize_weight + cuBLAS then). BLOCK_K: up to 64 stored columns, dividing the group size
+    (one group per step) and a multiple of the weights per word. Not tuned on a GPU yet: 64 x 128 tiles with 4 warps
+    up to 64 rows, 128 x 128 with 8 warps above, 3 stages (at most 48 KB of shared memory per program); the
+    interpreter gets small tiles (it runs programs one after another, and tl.dot there is a numpy matmul)."""
+    pw = 1 if kind == "fp8" else 32 // KINDS[kind]
+    per_channel = kind == "fp8" or group_size >= k
+    block_k = 32 if interpreter else 64
+    while block_k >= 16 and not per_channel and group_size % block_k:
+        block_k //= 2
+    if block_k < max(16, pw):
+        return None
+    if interpreter:
+        return dict(BLOCK_M=min(32, max(16, triton.next_power_of_2(m))), BLOCK_N=32, BLOCK_K=block_k, NUM_STAGES=1,
+                    num_warps=4)
+    big = m > 64
+    return dict(BLOCK_M=128 if big else 64, BLOCK_N=128, BLOCK_K=block_k, NUM_STAGES=3, num_warps=8 if big else 4)
+
+
+def quant_linear_gemm(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None, *,
+                      path: str | None = None, config: dict | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """The prefill projection (more than kernels.gemv.MAX_ROWS rows). x [M, K] -> [M, N] in x's dtype, plus bias [N].
+    Two paths, with the same numerics (the dequantized weight rounded to x's dtype, as every dequantize-then-GEMM
+    path rounds it (exact in float32), products accumulated in fp32):
+        "fused":   one Triton GEMM that unpacks and dequantizes the weight tile by tile in its K loop
+                   (_quant_gemm_kernel): the packed weight is read once per BLOCK_M rows;
+        "dequant": dequantize_weight into a scratch [N, K] buffer in x's dtype (torch's caching allocator keeps one
+                   block per shape), then cuBLAS F.linear.
+    path None picks "fused" up to FUSED_GEMM_MAX_ROWS rows (where the scratch copy's bytes weigh most), "dequant"
+    above it or where the fused kernel does not apply (quant_gemm_config). `config` overrides quant_gemm_config.
+    `out` [M, N] (x's dtype, contiguous rows): written in place of a new tensor."""
     if x.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x must be [M, {w.shape[1]}], got {list(x.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    return F.linear(x, dequantize_weight(w, x.dtype), bias)
+    if path not in (None, "fused", "dequant"):
+        raise ValueError(f"path must be None, 'fused' or 'dequant', got {path!r}")
+    _check_weight(w, x.device)
+    from .gemv import check_operand
+
+    m, k = x.shape
+    n = w.shape[0]
+    check_operand("bias", bias, (n,), x.dtype, x.device)
+    check_operand("out", out, (m, n), x.dtype, x.device)
+    cfg = config or quant_gemm_config(m, n, k, w.kind, w.group_size, interpreter=x.device.type == "cpu")
+    if path is None:
+        path = "fused" if cfg is not None and m <= FUSED_GEMM_MAX_ROWS else "dequant"
+    if path == "dequant":
+        y = F.linear(x, dequantize_weight(w, x.dtype), bias)
+        return y if out is None else out.copy_(y)
+    if cfg is None:
+        raise ValueError(f"the fused dequantize-GEMM needs a group size divisible by 16 and by the weights per word, "
+                         f"got {w.group_size} ({w.kind}): use path='dequant'")
+    if w.kind != "fp8" and w.group_size < k and w.group_size % cfg["BLOCK_K"]:
+        raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide the group size {w.group_size}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    if out is None:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return out
+    meta, _ = _launch_meta(w)
+    meta.pop("GROUP_WORDS")
+    zeros = w.zeros if w.zeros is not None else w.scales
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    _quant_gemm_kernel[grid](
+        x, w.qweight, w.scales, zeros, w.perm if w.perm is not None else w.qweight, bias if bias is not None else x,
+        out, m, n, k, x.stride(0), w.qweight.stride(0), w.scales.stride(0), zeros.stride(0), out.stride(0),
+        GROUP_STEPS=1 if meta["PER_CHANNEL"] else w.group_size // cfg["BLOCK_K"], HAS_BIAS=bias is not None,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
+        **meta)
+    return out

@@ -154,7 +154,8 @@ class TritonBackend(Backend):
     one torch op by choice: it runs near the GEMM rate at prefill sizes), the norm and SwiGLU the Triton kernels,
     the residual add an in-place torch add. A quantized weight (kernels.QuantizedWeight) takes the same two roads:
     up to MAX_ROWS rows kernels.quant_linear, the fused GEMV that unpacks the weight in registers; longer inputs
-    kernels.quant_linear_gemm, which dequantizes the weight into a scratch buffer in x's dtype (a Triton kernel) for
+    kernels.quant_linear_gemm, a Triton GEMM that dequantizes the weight tile by tile in its K loop (up to
+    kernels.quant.FUSED_GEMM_MAX_ROWS rows) or, for longer inputs, a scratch copy of the weight in x's dtype for
     cuBLAS, with the same norm / SwiGLU kernels and residual add around it. On CPU the kernels run through the
     Triton interpreter."""
 
@@ -169,7 +170,7 @@ class TritonBackend(Backend):
 
     @staticmethod
     def _gemm(x, weight, bias=None):
-        """The prefill projection: cuBLAS, after dequantizing a quantized weight."""
+        """The prefill projection: cuBLAS, or kernels.quant_linear_gemm for a quantized weight."""
         if isinstance(weight, kernels.QuantizedWeight):
             return kernels.quant_linear_gemm(x, weight, bias)
         return F.linear(x, weight, bias)

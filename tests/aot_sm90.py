@@ -192,7 +192,7 @@ def quantized(n: int, k: int, form: str) -> quant.QuantizedWeight:
 def quant_projections(c, dtype, rows: int, form: str):
     """The decode GEMVs of a quantized model as the triton backend calls them (kernels.quant.quant_linear): norm +
     qkv (+ bias), o + residual, norm + gate_up + SwiGLU, down + residual; and, per channel, a quantized lm_head into
-    float32 logits. Then the prefill path's dequantize kernel for each weight."""
+    float32 logits. Then the prefill paths for each weight: the dequantize kernel and the fused dequantize-GEMM."""
     h, q, i = c.hidden_size, c.num_attention_heads * c.head_dim, c.intermediate_size
     x, g = meta(rows, h, dtype=dtype), meta(h, dtype=dtype)
     weights = [quantized(c.qkv_size, h, form), quantized(h, q, form), quantized(2 * i, h, form),
@@ -205,6 +205,8 @@ def quant_projections(c, dtype, rows: int, form: str):
         quant.quant_linear(x, quantized(c.vocab_size, h, form), norm_weight=g, out_dtype=torch.float32)
     for w in weights:
         quant.dequantize_weight(w, dtype)
+        for tokens in (48, 512):  # the fused dequantize-GEMM's two tilings (up to 64 rows and above)
+            quant.quant_linear_gemm(meta(tokens, w.shape[1], dtype=dtype), w, path="fused")
 
 
 def sampler_forms(c, rows: int, forms=sampler.FORMS):

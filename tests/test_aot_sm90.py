@@ -37,3 +37,6 @@ def test_all_kernels_compile_for_sm90_and_decode_path_does_not_spill():
                  "BITS=8, IS_FP8=False, GROUP_WORDS=1, PER_CHANNEL=True", "IS_FP8=True"):
         assert any(form in rest for rest in quant), form
     assert any(name == "_dequantize_kernel" for name, _ in rows)
+    gemm = [rest for name, rest in rows if name == "_quant_gemm_kernel"]
+    for form in ("BITS=4, IS_FP8=False, GROUP_STEPS=2, PER_CHANNEL=False, HAS_PERM=True", "IS_FP8=True"):
+        assert any(form in rest for rest in gemm), form
