@@ -2,7 +2,9 @@
 per channel) at M = 1..32 rows on the Qwen2-7B / 72B projections (qkv, o, gate_up, down; the projection alone, no
 fusions), with its word loop pipelined (the default) and not, against bf16 cuBLAS (F.linear on the dense bf16
 weight of the same shape: what quantization must beat) and the two prefill paths at the largest M. Then prefill
-(128-2048 rows, Qwen2-7B): the fused dequantize-GEMM against dequantize + cuBLAS and bf16 cuBLAS.
+(128-2048 rows, Qwen2-7B): the fused dequantize-GEMM against dequantize + cuBLAS and bf16 cuBLAS; and one int4 MoE
+layer of Qwen1.5-MoE and Qwen2-57B-A14B at 128 and 2048 tokens: experts dequantized in the grouped GEMMs' K loops
+against the scratch path (bench_moe has the bf16 layer).
 Every row has the copy floor beside it: the bytes the kernel must move (packed weight, scales, zeros, x, output)
 over the copy bandwidth measured in the same run. Each call reads a different copy of the weights (enough copies to
 overflow L2), so no timing is served from cache.
@@ -25,6 +27,8 @@ MODELS = ["qwen2-7b", "qwen2-72b"]
 ROWS = [1, 2, 4, 8, 16, 32]
 PREFILL_MODELS = ["qwen2-7b"]
 PREFILL_ROWS = [128, 512, 2048]  # prompt tokens: FUSED_GEMM_MAX_ROWS (1024) lies between the last two
+MOE_LAYERS = ["qwen1.5-moe-a2.7b", "qwen2-57b-a14b"]  # one layer each (the bf16 layer is bench_moe's)
+MOE_TOKENS = [128, 2048]
 FORMS = {"w4a16-g128": ("int4", 128), "w8a16-channel": ("int8", None)}  # (kind, group size; None: per channel)
 L2_BYTES = 128 << 20  # more than any current GPU's L2 (H100 50 MB, H200 60 MB)
 
@@ -50,7 +54,7 @@ def random_weight(n: int, k: int, form: str, device) -> QuantizedWeight:
 
 
 def run(device, ceilings, models=MODELS, rows=ROWS, dtype=torch.bfloat16, forms=tuple(FORMS), projs=None, rep_ms=60,
-        prefill_models=PREFILL_MODELS, prefill_rows=PREFILL_ROWS):
+        prefill_models=PREFILL_MODELS, prefill_rows=PREFILL_ROWS, moe_layers=MOE_LAYERS, moe_tokens=MOE_TOKENS):
     out = []
     act_bytes = torch.finfo(dtype).bits // 8
     for name in models:
@@ -91,6 +95,54 @@ def run(device, ceilings, models=MODELS, rows=ROWS, dtype=torch.bfloat16, forms=
             dense = None
     for name in prefill_models:
         out += prefill(device, ceilings, builtin_config(name), name, prefill_rows, dtype, forms, projs, rep_ms)
+    for name in moe_layers:
+        out += moe_prefill(device, ceilings, builtin_config(name), name, moe_tokens, dtype, rep_ms)
+    return out
+
+
+def moe_prefill(device, ceilings, config, name, tokens, dtype, rep_ms, form="w4a16-g128") -> list[dict]:
+    """One MoE layer with int4 experts at prefill sizes: qwen2rt's grouped GEMMs dequantizing each expert tile in
+    their K loops (the shared expert separate: the prefill default) against the scratch path (every expert and the
+    shared expert dequantized by dequantize_weight, then the float grouped GEMMs: what fused_moe does with the shared
+    expert folded) and against the same layer in bf16. TFLOP/s on the routed and shared FLOPs; the floor is the
+    larger of the FLOP floor and the packed weights' bytes at the copy bandwidth."""
+    from qwen2rt.kernels import fused_moe
+    from qwen2rt.kernels.moe import DEFAULT_CONFIGS, token_bucket
+    from qwen2rt.kernels.quant import dequantize_weight
+
+    c = config
+    e, h, inter, s, k = (c.num_experts, c.hidden_size, c.moe_intermediate_size, c.shared_expert_intermediate_size,
+                         c.num_experts_per_tok)
+    gate = (torch.randn(e + 1, h, device=device) * h ** -0.5).to(dtype)
+    router, shared_gate = gate[:e], gate[e:]
+    q = dict(gate_up=random_weight(e * 2 * inter, h, form, device), down=random_weight(e * h, inter, form, device),
+             shared_gate_up=random_weight(2 * s, h, form, device), shared_down=random_weight(h, s, form, device))
+    packed = sum(w.nbytes() for w in q.values())
+    out = []
+    for t in tokens:
+        x = torch.randn(t, h, device=device).to(dtype)
+        cfg = DEFAULT_CONFIGS[token_bucket(t)]
+        flops = 2 * t * 3 * h * (k * inter + s)
+        floor_ms = max(flops / ceilings["bf16_gemm_TFLOPs"] / 1e9, packed / ceilings["copy_GBps"] / 1e6)
+
+        def scratch():
+            f = {n: dequantize_weight(w, dtype) for n, w in q.items()}
+            return fused_moe(x, router, f["gate_up"].view(e, 2 * inter, h), f["down"].view(e, h, inter), k,
+                             c.norm_topk_prob, f["shared_gate_up"], f["shared_down"], shared_gate, config=cfg,
+                             regime="prefill", fold_shared=False)
+        impls = {"qwen2rt_in_loop": lambda: fused_moe(x, router, q["gate_up"], q["down"], k, c.norm_topk_prob,
+                                                      q["shared_gate_up"], q["shared_down"], shared_gate, config=cfg,
+                                                      regime="prefill", fold_shared=False),
+                 "dequant_scratch": scratch}
+        for impl, fn in impls.items():
+            shape = f"{name} {form} T={t}"
+            try:
+                r = kernel_row("quant_moe_prefill", shape, impl, bench_ms(fn, device, rep_ms=rep_ms), None, flops,
+                               ceilings)
+                r.update(floor_ms=floor_ms, pct_of_floor=100 * floor_ms / r["ms"])
+                out.append(r)
+            except Exception as e:  # noqa: BLE001 - record why, keep going
+                out.append({"kernel": "quant_moe_prefill", "shape": shape, "impl": impl, "error": repr(e)[:200]})
     return out
 
 
@@ -130,7 +182,7 @@ def prefill(device, ceilings, config, name, rows, dtype, forms, projs, rep_ms) -
 
 def main(argv=None):
     smoke = dict(models=["tiny"], rows=[3], dtype=torch.float32, projs=["down"], prefill_models=["tiny"],
-                 prefill_rows=[40])
+                 prefill_rows=[40], moe_layers=["tiny-moe"], moe_tokens=[40])
     return kernel_bench_main(__doc__, argv, run, smoke)
 
 

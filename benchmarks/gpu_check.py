@@ -57,7 +57,7 @@ ESTIMATE_S = {"ceilings": 5, "gpu_tests": 200, "decode": 40, "decode_moe": 60, "
               # not measured yet (no GPU run of these parts so far): bench_quant is ~240 timings plus ~40 JIT compiles
               # of the quantized GEMV and 4 of the fused dequantize-GEMM; a quantized model's load includes
               # quantizing its random weights, and 72B int4 fills ~40 GB of weights
-              "bench_quant": 280, "decode_quant": 120, "decode_quant_72b": 420,
+              "bench_quant": 300, "decode_quant": 120, "decode_quant_72b": 420,
               # two 7B loads (prefix caching on and off) and ~25 prefills of 2,050 tokens; the server part is
               # skipped there unless the serve extra's wheels are carried
               "serving": 120,
@@ -352,7 +352,7 @@ def _smoke_parts(args, device, ceilings, rec, part):
             device, ceilings, models=["tiny"], rows=[1, 3], dtype=torch.float32)))
         part("bench_quant", 0, lambda: rec["kernels"].extend(bench_quant.run(
             device, ceilings, models=["tiny"], rows=[3], dtype=torch.float32, projs=["down"], prefill_models=["tiny"],
-            prefill_rows=[40])))
+            prefill_rows=[40], moe_layers=["tiny-moe"], moe_tokens=[40])))
     if "host" in args.parts:
         part("host", 0, lambda: rec["host"].extend(bench_host.run(batches=(1, 2), contexts=(64,), steps=20,
                                                                   device=device)))

@@ -53,8 +53,8 @@ import triton
 import triton.language as tl
 
 from .gemv import check_operand, fused_linear
-from .quant import (MAGIC_VALUE, QuantizedWeight, _check_weight, _weights, dequantize, dequantize_weight, per_word,
-                    quant_linear, quant_linear_gemm)
+from .quant import (MAGIC_VALUE, QuantizedWeight, _check_weight, _weights, dequant_block_k, dequant_tile, dequantize,
+                    dequantize_weight, per_word, quant_linear, quant_linear_gemm)
 from .rmsnorm import rms_norm, rms_norm_ref, rms_normed
 from .swiglu import silu_and_mul, silu_and_mul_ref
 
@@ -499,15 +499,16 @@ def _gemv_down_kernel(
 
 @triton.jit
 def _grouped_gate_up_kernel(
-    # pointers
-    p_x, p_sorted, p_block_experts, p_num_rows, p_w, p_ws, p_out,
+    # pointers (QUANT: p_w is the flattened experts' words, p_qs / p_qz their scales / zeros)
+    p_x, p_sorted, p_block_experts, p_num_rows, p_w, p_ws, p_qs, p_qz, p_out,
     # sizes
     num_pairs, hidden, inter, num_experts, shared_inter,
-    # strides
-    s_x, s_we, s_wn, s_out,
+    # strides (QUANT: s_wn is the words per row, s_qs / s_qz the groups per row)
+    s_x, s_we, s_wn, s_qs, s_qz, s_out,
     # meta-parameters
     PAIRS: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr, BITS: tl.constexpr,
+    IS_FP8: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_STEPS: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_n = tl.program_id(1)
@@ -515,6 +516,7 @@ def _grouped_gate_up_kernel(
         return  # past the last used block: the grid is a static upper bound
     e = tl.load(p_block_experts + i_b).to(tl.int64)
     p_e, up = _gate_up_rows(e, p_w, p_ws, num_experts, inter, shared_inter, s_we, s_wn, HAS_SHARED)
+    dt = p_x.dtype.element_ty
     o_m = i_b * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(p_sorted + o_m).to(tl.int64)
     m_m = pair < num_pairs
@@ -528,9 +530,17 @@ def _grouped_gate_up_kernel(
         m_k = o_k < hidden
         # token rows gathered in the load: [BM, BK]
         b_x = tl.load(p_x + token[:, None] * s_x + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
-        m_w = m_k[:, None] & m_n[None, :]
-        b_wg = tl.load(p_e + o_n[None, :] * s_wn + o_k[:, None], mask=m_w, other=0.0)  # [BK, BN]
-        b_wu = tl.load(p_e + up + o_n[None, :] * s_wn + o_k[:, None], mask=m_w, other=0.0)
+        if QUANT:  # expert e's gate rows e 2I + n and up rows e 2I + I + n, unpacked and dequantized: [BK, BN]
+            i_k = k0 // BLOCK_K
+            o_r = e * 2 * inter + o_n
+            b_wg = dequant_tile(p_w, p_qs, p_qz, o_r, m_n, i_k, hidden, s_wn, s_qs, s_qz, dt, BITS, IS_FP8,
+                                PER_CHANNEL, GROUP_STEPS, BLOCK_K, BLOCK_N)
+            b_wu = dequant_tile(p_w, p_qs, p_qz, o_r + inter, m_n, i_k, hidden, s_wn, s_qs, s_qz, dt, BITS, IS_FP8,
+                                PER_CHANNEL, GROUP_STEPS, BLOCK_K, BLOCK_N)
+        else:
+            m_w = m_k[:, None] & m_n[None, :]
+            b_wg = tl.load(p_e + o_n[None, :] * s_wn + o_k[:, None], mask=m_w, other=0.0)  # [BK, BN]
+            b_wu = tl.load(p_e + up + o_n[None, :] * s_wn + o_k[:, None], mask=m_w, other=0.0)
         # [BM, BK] @ [BK, BN] -> [BM, BN]
         b_g = tl.dot(b_x, b_wg, b_g, input_precision=DOT_PRECISION)
         b_u = tl.dot(b_x, b_wu, b_u, input_precision=DOT_PRECISION)
@@ -541,15 +551,16 @@ def _grouped_gate_up_kernel(
 
 @triton.jit
 def _grouped_down_kernel(
-    # pointers
-    p_h, p_sorted, p_block_experts, p_num_rows, p_weights, p_w, p_ws, p_out,
+    # pointers (QUANT: as in _grouped_gate_up_kernel)
+    p_h, p_sorted, p_block_experts, p_num_rows, p_weights, p_w, p_ws, p_qs, p_qz, p_out,
     # sizes
     num_pairs, hidden, inter, num_experts, shared_inter,
     # strides
-    s_h, s_we, s_wn, s_out,
+    s_h, s_we, s_wn, s_qs, s_qz, s_out,
     # meta-parameters
     HAS_SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr, BITS: tl.constexpr, IS_FP8: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, GROUP_STEPS: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_n = tl.program_id(1)
@@ -567,7 +578,11 @@ def _grouped_down_kernel(
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < inter
         b_h = tl.load(p_h + pair[:, None] * s_h + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
-        b_w = tl.load(p_e + o_n[None, :] * s_row + o_k[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0)
+        if QUANT:  # expert e's rows e H + n
+            b_w = dequant_tile(p_w, p_qs, p_qz, e * hidden + o_n, m_n, k0 // BLOCK_K, inter, s_wn, s_qs, s_qz,
+                               p_h.dtype.element_ty, BITS, IS_FP8, PER_CHANNEL, GROUP_STEPS, BLOCK_K, BLOCK_N)
+        else:
+            b_w = tl.load(p_e + o_n[None, :] * s_row + o_k[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0)
         # [BM, BK] @ [BK, BN] -> [BM, BN]
         b_acc = tl.dot(b_h, b_w, b_acc, input_precision=DOT_PRECISION)
     b_acc *= tl.load(p_weights + pair, mask=m_m, other=0.0)[:, None]
@@ -780,11 +795,13 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, 
     [E H, I] (expert e's rows [e H, (e+1) H)), the shared expert's [2Is, H] and [H, Is]; no act-order perm. Numerics:
     fused_moe_ref's on the same weights. Decode: the two GEMVs unpack the words in registers (the QUANT path),
     folded shared chunks included (they need the shared gate_up's group size to equal gate_up's), 3 launches as with
-    float weights. Prefill (the chosen path for now): the layer's experts are dequantized by
-    kernels.quant.dequantize_weight into scratch buffers in x's dtype ([E, 2I, H] and [E, H, I]: ~3.5 GB for one
-    Qwen2-57B-A14B layer in bf16, reused layer after layer by the caching allocator) and the float grouped GEMMs run
-    on them; the separate shared expert is quant_linear_gemm (its fused dequantize-GEMM up to FUSED_GEMM_MAX_ROWS
-    rows). A grouped GEMM that dequantizes in its K loop, as quant_linear_gemm does for one weight, is future work."""
+    float weights. Prefill, with the shared expert separate (FOLD_SHARED False, the prefill default): the grouped
+    GEMMs unpack and dequantize each expert tile in their K loops (kernels.quant.dequant_tile, BLOCK_K narrowed to
+    divide the group size), and the shared expert is quant_linear_gemm. With the shared expert folded in, or groups
+    no BLOCK_K of at least 16 divides: the layer's experts are dequantized by kernels.quant.dequantize_weight into
+    scratch buffers in x's dtype ([E, 2I, H] and [E, H, I]: ~3.5 GB for one Qwen2-57B-A14B layer in bf16, reused
+    layer after layer by the caching allocator) and the float grouped GEMMs run on them. Which is faster at which
+    prompt length is for the tuner to find (it times FOLD_SHARED both ways)."""
     t, hidden = x.shape
     quantized = isinstance(gate_up, QuantizedWeight)
     num_experts, inter = router.shape[0], moe_sizes(router, gate_up)[1]
@@ -879,8 +896,14 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, 
         if split > 1:
             out.copy_(target.view(t, split, hidden).sum(dim=1))  # fixed order: deterministic, batch-invariant
     else:
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         p_shared_gate_up, p_shared_down = shared_gate_up, shared_down
-        if quantized:  # prefill: the layer's experts dequantized into scratch buffers, then the float kernels
+        # quantized experts: unpacked and dequantized tile by tile in the grouped GEMMs' K loops, unless the shared
+        # expert is folded in (its own weights and groups) or no BLOCK_K fits the group sizes: then the layer's
+        # experts are dequantized into scratch buffers first and the float kernels run
+        in_loop = quantized and not chunks and all(dequant_block_k(bk, w.kind, w.group_size, w.shape[1])
+                                                   for w in (gate_up, down))
+        if quantized and not in_loop:
             gate_up = dequantize_weight(gate_up, x.dtype).view(num_experts, 2 * inter, hidden)
             down = dequantize_weight(down, x.dtype).view(num_experts, hidden, inter)
             if chunks:
@@ -888,21 +911,22 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, 
                 p_shared_down = dequantize_weight(shared_down, x.dtype)
         if not chunks:  # the folded shared expert's weights: unused, any pointer of the right dtype
             p_shared_gate_up, p_shared_down = gate_up, down
-        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        gate_up_args, down_args = (_grouped_weight_args(w, p_shared, bk)
+                                   for w, p_shared in ((gate_up, p_shared_gate_up), (down, p_shared_down)))
         launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         ids, weights = route(logits, num_experts, top_k, renormalize, chunks)
         sorted_pairs, block_experts, num_rows = moe_align(ids, num_experts + chunks, bm)
         num_blocks = sorted_pairs.numel() // bm
         precision = _dot_precision(x.dtype)
         _grouped_gate_up_kernel[(num_blocks, triton.cdiv(inter, bn))](
-            x, sorted_pairs, block_experts, num_rows, gate_up, p_shared_gate_up, h, num_pairs, *sizes, x.stride(0),
-            gate_up.stride(0), gate_up.stride(1), h.stride(0), PAIRS=pairs, HAS_SHARED=chunks > 0, BLOCK_M=bm,
-            BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION=precision, **launch)
+            x, sorted_pairs, block_experts, num_rows, *gate_up_args["pointers"], h, num_pairs, *sizes, x.stride(0),
+            *gate_up_args["strides"], h.stride(0), PAIRS=pairs, HAS_SHARED=chunks > 0, BLOCK_M=bm,
+            BLOCK_N=bn, DOT_PRECISION=precision, **gate_up_args["meta"], **launch)
         per_pair = torch.empty((num_pairs, hidden), device=x.device, dtype=torch.float32)
         _grouped_down_kernel[(num_blocks, triton.cdiv(hidden, bn))](
-            h, sorted_pairs, block_experts, num_rows, weights, down, p_shared_down, per_pair, num_pairs, *sizes,
-            h.stride(0), down.stride(0), down.stride(1), per_pair.stride(0), HAS_SHARED=chunks > 0, BLOCK_M=bm,
-            BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION=precision, **launch)
+            h, sorted_pairs, block_experts, num_rows, weights, *down_args["pointers"], per_pair, num_pairs, *sizes,
+            h.stride(0), *down_args["strides"], per_pair.stride(0), HAS_SHARED=chunks > 0, BLOCK_M=bm,
+            BLOCK_N=bn, DOT_PRECISION=precision, **down_args["meta"], **launch)
         out.copy_(per_pair.view(t, pairs, hidden).sum(dim=1))  # fp32 sum of each token's rows
     if shared_gate_up is not None and not chunks:
         shared = _shared_expert(x, shared_gate_up, shared_down)
@@ -992,6 +1016,22 @@ def _gemv_weight_args(gate_up, down, shared_gate_up, shared_down, x, cfg) -> tup
                  strides=(0, inter_words),
                  meta=dict(meta, GROUP_WORDS=down.group_size // pw, SHARED_GROUP_WORDS=shared_down.group_size // pw,
                            BLOCK_KW=min(block_kw, triton.next_power_of_2(inter_words)))))
+
+
+def _grouped_weight_args(w, p_shared, block_k: int) -> dict:
+    """A grouped GEMM's expert-weight arguments (pointers: weight, shared weight, scales, zeros; strides: expert,
+    row, scales row, zeros row; meta-parameters): float [E, N, K] weights, or a flattened QuantizedWeight [E N, K]
+    read by dequant_tile (its BLOCK_K fitted to the group size)."""
+    if not isinstance(w, QuantizedWeight):
+        return dict(pointers=(w, p_shared, w, w), strides=(w.stride(0), w.stride(1), 0, 0),
+                    meta=dict(QUANT=False, BITS=8, IS_FP8=False, PER_CHANNEL=True, GROUP_STEPS=1, BLOCK_K=block_k))
+    block_k = dequant_block_k(block_k, w.kind, w.group_size, w.shape[1])
+    zeros = w.zeros if w.zeros is not None else w.scales
+    per_channel = w.scales.shape[1] == 1
+    return dict(pointers=(w.qweight, w.qweight, w.scales, zeros),
+                strides=(0, w.qweight.stride(0), w.scales.stride(0), zeros.stride(0)),
+                meta=dict(QUANT=True, BITS=w.bits, IS_FP8=w.kind == "fp8", PER_CHANNEL=per_channel,
+                          GROUP_STEPS=1 if per_channel else w.group_size // block_k, BLOCK_K=block_k))
 
 
 def _shared_expert(x: torch.Tensor, gate_up, down) -> torch.Tensor:

@@ -390,6 +390,34 @@ def _dequantize_kernel(
 # unpacked to a bf16 copy (4x / 2x the bytes of int4 / int8) and read back.
 
 @triton.jit
+def dequant_tile(p_qw, p_s, p_z, o_r, m_r, i_k, K, s_qw, s_s, s_z, dt: tl.constexpr, BITS: tl.constexpr,
+                 IS_FP8: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_STEPS: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """[BLOCK_K, BLOCK_N]: stored columns [i_k BLOCK_K, (i_k + 1) BLOCK_K) of the rows o_r (masked by m_r) of a
+    quantized weight, dequantized and rounded to dt (rows masked off are 0; columns past K are finite garbage that the
+    caller's zero x columns cancel). BLOCK_K divides the group size (GROUP_STEPS steps per group) unless PER_CHANNEL.
+    Shared by the fused dequantize-GEMM and kernels.moe's grouped expert GEMMs."""
+    PER_WORD: tl.constexpr = 1 if IS_FP8 else 32 // BITS
+    BLOCK_KW: tl.constexpr = BLOCK_K // PER_WORD
+    o_g = i_k * 0 if PER_CHANNEL else i_k // GROUP_STEPS
+    b_s = tl.load(p_s + o_r * s_s + o_g, mask=m_r, other=0.0).to(tl.float32)[None, :]
+    if IS_FP8:
+        o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        b_w = tl.load(p_qw + o_r[None, :] * s_qw + o_k[:, None], mask=(o_k < K)[:, None] & m_r[None, :],
+                      other=0.0).to(tl.float32)
+    else:
+        o_w = i_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
+        b_q = tl.load(p_qw + o_r[None, :] * s_qw + o_w[:, None], mask=(o_w * PER_WORD < K)[:, None] & m_r[None, :],
+                      other=0)  # [BKW, BN] words
+        o_j = tl.arange(0, PER_WORD)
+        b_v = (b_q[:, None, :] >> (o_j * BITS)[None, :, None]) & ((1 << BITS) - 1)  # [BKW, PER_WORD, BN]
+        b_v = tl.reshape(b_v | MAGIC, (BLOCK_K, BLOCK_N)).to(tl.float32, bitcast=True)  # 2^23 + q
+        b_zb = tl.load(p_z + o_r * s_z + o_g, mask=m_r, other=0.0).to(tl.float32)[None, :] + MAGIC_VALUE
+        b_w = b_v - b_zb
+    return (b_w * b_s).to(dt)
+
+
+@triton.jit
 def _quant_gemm_kernel(
     # pointers
     p_x, p_qw, p_scales, p_zeros, p_perm, p_bias, p_out,
@@ -402,8 +430,6 @@ def _quant_gemm_kernel(
     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    PER_WORD: tl.constexpr = 1 if IS_FP8 else 32 // BITS
-    BLOCK_KW: tl.constexpr = BLOCK_K // PER_WORD
     dt = p_x.dtype.element_ty
     # the M blocks of one N block are neighbours in launch order: they run together and share the weight tile in L2
     i_m, i_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -411,37 +437,29 @@ def _quant_gemm_kernel(
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m, m_n = o_m < M, o_n < N
     p_xm = p_x + o_m[:, None] * s_x  # [BM, 1]
-    p_qwn = p_qw + o_n[None, :] * s_qw  # [1, BN]
-    o_j = tl.arange(0, PER_WORD)
-    if PER_CHANNEL:
-        b_s = tl.load(p_scales + o_n * s_scales, mask=m_n, other=0.0).to(tl.float32)[None, :]
-        if not IS_FP8:
-            b_zb = tl.load(p_zeros + o_n * s_zeros, mask=m_n, other=0.0).to(tl.float32)[None, :] + MAGIC_VALUE
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for i_k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=NUM_STAGES):
         o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)  # stored columns
         m_k = o_k < K
         o_kx = tl.load(p_perm + o_k, mask=m_k, other=0) if HAS_PERM else o_k
         b_x = tl.load(p_xm + o_kx[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
-        if IS_FP8:
-            b_w = tl.load(p_qwn + o_k[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0).to(tl.float32)
-        else:
-            o_w = i_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
-            m_w = (o_w * PER_WORD < K)[:, None] & m_n[None, :]
-            b_q = tl.load(p_qwn + o_w[:, None], mask=m_w, other=0)  # [BKW, BN] words
-            b_v = (b_q[:, None, :] >> (o_j * BITS)[None, :, None]) & ((1 << BITS) - 1)  # [BKW, PER_WORD, BN]
-            b_v = tl.reshape(b_v | MAGIC, (BLOCK_K, BLOCK_N)).to(tl.float32, bitcast=True)  # 2^23 + q
-            if not PER_CHANNEL:
-                o_g = i_k // GROUP_STEPS
-                b_s = tl.load(p_scales + o_n * s_scales + o_g, mask=m_n, other=0.0).to(tl.float32)[None, :]
-                b_zb = tl.load(p_zeros + o_n * s_zeros + o_g, mask=m_n, other=0.0).to(tl.float32)[None, :] + MAGIC_VALUE
-            b_w = b_v - b_zb
-        b_w = (b_w * b_s).to(dt)  # [BK, BN] the dequantized weight, rounded to x's dtype
+        b_w = dequant_tile(p_qw, p_scales, p_zeros, o_n, m_n, i_k, K, s_qw, s_scales, s_zeros, dt, BITS, IS_FP8,
+                           PER_CHANNEL, GROUP_STEPS, BLOCK_K, BLOCK_N)
         b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         b_acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     tl.store(p_out + o_m[:, None] * s_out + o_n[None, :], b_acc.to(p_out.dtype.element_ty),
              mask=m_m[:, None] & m_n[None, :])
+
+
+def dequant_block_k(block_k: int, kind: str, group_size: int, k: int) -> int | None:
+    """The largest BLOCK_K <= block_k (halving) that dequant_tile can use on this weight: dividing the group size
+    (any, per channel) and at least 16 (tl.dot) and the weights per word; None if there is none."""
+    pw = 1 if kind == "fp8" else 32 // KINDS[kind]
+    if kind != "fp8" and group_size < k:
+        while block_k >= 16 and group_size % block_k:
+            block_k //= 2
+    return block_k if block_k >= max(16, pw) else None
 
 
 # ---- launchers ----------------------------------------------------------------------------------------------------
@@ -582,12 +600,8 @@ def quant_gemm_config(m: int, n: int, k: int, kind: str, group_size: int, interp
     (one group per step) and a multiple of the weights per word. Not tuned on a GPU yet: 64 x 128 tiles with 4 warps
     up to 64 rows, 128 x 128 with 8 warps above, 3 stages (at most 48 KB of shared memory per program); the
     interpreter gets small tiles (it runs programs one after another, and tl.dot there is a numpy matmul)."""
-    pw = 1 if kind == "fp8" else 32 // KINDS[kind]
-    per_channel = kind == "fp8" or group_size >= k
-    block_k = 32 if interpreter else 64
-    while block_k >= 16 and not per_channel and group_size % block_k:
-        block_k //= 2
-    if block_k < max(16, pw):
+    block_k = dequant_block_k(32 if interpreter else 64, kind, group_size, k)
+    if block_k is None:
         return None
     if interpreter:
         return dict(BLOCK_M=min(32, max(16, triton.next_power_of_2(m))), BLOCK_N=32, BLOCK_K=block_k, NUM_STAGES=1,

@@ -254,14 +254,15 @@ MOE_QUANT_FORMS = ("int4-g128", "int8-channel", "fp8-channel")
 def moe_quant_block(c, dtype, recorder: Recorder, where: str, form: str):
     """The decode buckets of a MoE layer with quantized experts (kernels.moe's QUANT path: gate_up [E 2I, H], down
     [E H, I] flattened), default configs, the shared expert folded and separate, plain and with the norm and the
-    residual fused in; then the prefill path (dequantize into scratch + the float grouped GEMMs) at its default."""
+    residual fused in; then the prefill paths at their default: the shared expert separate (the grouped GEMMs
+    dequantize the experts in their K loops) and folded (dequantize into scratch + the float grouped GEMMs)."""
     h, i, e, s = c.hidden_size, c.moe_intermediate_size, c.num_experts, c.shared_expert_intermediate_size
     router, gate_up, down = meta(e, h, dtype=dtype), quantized(e * 2 * i, h, form), quantized(e * h, i, form)
     shared = (quantized(2 * s, h, form), quantized(h, s, form), meta(1, h, dtype=dtype)) if s else (None,) * 3
     folds = (True, False) if moe.shared_chunks(i, shared[0]) else (False,)
     for bucket, tokens in moe.TUNING_TOKENS.items():
         decode = bucket in moe.GEMV_BUCKETS
-        for fold in folds if decode else (False,):
+        for fold in folds:
             recorder.where = f"{where} {form} experts {bucket} fold={fold}"
             x = meta(tokens, h, dtype=dtype)
             moe.fused_moe(x, router, gate_up, down, c.num_experts_per_tok, c.norm_topk_prob, *shared,

@@ -95,13 +95,38 @@ def test_decode_norm_residual_and_odd_shapes(kind):
     assert rel_err(got, expected) < QUANT_MOE_TOL[torch.float32]
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("kind", ["int4", "int8", "fp8"])
 @pytest.mark.parametrize("fold", [True, False])
-def test_prefill_dequantizes_and_groups(kind, fold):
-    layer = make_layer(5, 64, 32, 64, kind, torch.float32, seed=11)
-    x = torch.randn(40, 64, device=DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_paths(kind, fold, dtype, monkeypatch):
+    """Prefill (40 tokens): with the shared expert separate, the grouped GEMMs unpack and dequantize the experts in
+    their K loops (no scratch copy of any expert weight; the shared expert is the fused dequantize-GEMM); with it
+    folded in, the layer's experts and the shared expert are dequantized into scratch buffers for the float grouped
+    GEMMs. Groups of 32 inputs for gate_up and 16 for down: BLOCK_K 64 is narrowed to fit each."""
+    import qwen2rt.kernels.moe as moe
+
+    scratch = []
+    real = moe.dequantize_weight
+    monkeypatch.setattr(moe, "dequantize_weight", lambda w, dt: scratch.append(tuple(w.shape)) or real(w, dt))
+    layer = make_layer(5, 64, 32, 64, kind, dtype, seed=11)
+    x = torch.randn(40, 64, device=DEVICE).to(dtype)
     got = run(x, layer, 2, True, PREFILL_CONFIG, fold)
-    assert rel_err(got, reference(x, layer, 2, True)) < QUANT_MOE_TOL[torch.float32]
+    assert rel_err(got, reference(x, layer, 2, True)) < QUANT_MOE_TOL[dtype]
+    assert bool(scratch) == fold, scratch
+
+
+def test_prefill_falls_back_to_scratch_for_odd_groups(monkeypatch):
+    """Groups of 24 inputs: no BLOCK_K of at least 16 divides them, so the experts go through the scratch path."""
+    import qwen2rt.kernels.moe as moe
+
+    scratch = []
+    real = moe.dequantize_weight
+    monkeypatch.setattr(moe, "dequantize_weight", lambda w, dt: scratch.append(tuple(w.shape)) or real(w, dt))
+    layer = make_layer(7, 72, 40, 0, "int4", torch.float32, seed=5, groups=(24, 8, 8))
+    x = torch.randn(37, 72, device=DEVICE)
+    got = run(x, layer, 3, False, PREFILL_CONFIG, False)
+    assert rel_err(got, reference(x, layer, 3, False)) < QUANT_MOE_TOL[torch.float32]
+    assert scratch == [(7 * 2 * 40, 72), (7 * 72, 40)]
 
 
 def test_tolerance_is_tight():
