@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from kernel_utils import DEVICE, assert_bf16_close, assert_tight, poisoned
 from qwen2rt.kernels import fused_moe, fused_moe_ref, moe_align, route, route_ref, silu_and_mul_ref
 from qwen2rt.kernels import moe as moe_mod
+from qwen2rt.kernels import moe_config
 
 MOE_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2),
            torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
@@ -235,8 +236,8 @@ def test_align_groups_every_pair_once(t, e, k, bm):
     (1, {"FOLD_SHARED": False}, False), (40, {"FOLD_SHARED": True}, True),  # a pinned choice is followed
 ])
 def test_the_config_decides_whether_the_shared_expert_folds(t, pin, folds, monkeypatch):
-    monkeypatch.setattr(moe_mod, "_tuned", {})
-    monkeypatch.setattr(moe_mod, "_resolved", {})
+    monkeypatch.setattr(moe_config, "_tuned", {})
+    monkeypatch.setattr(moe_config, "_resolved", {})
     monkeypatch.setenv("QWEN2RT_CACHE_DIR", "/nonexistent-qwen2rt-test")
     if pin:
         monkeypatch.setenv("QWEN2RT_MOE_CONFIG", json.dumps(pin))
@@ -289,8 +290,8 @@ def test_bad_inputs():
 def test_configs_tuning_cache_and_pin(tmp_path, monkeypatch):
     monkeypatch.setenv("QWEN2RT_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("QWEN2RT_MOE_CONFIG", raising=False)
-    monkeypatch.setattr(moe_mod, "_tuned", {})  # this test's tuning stays in this test
-    monkeypatch.setattr(moe_mod, "_resolved", {})
+    monkeypatch.setattr(moe_config, "_tuned", {})  # this test's tuning stays in this test
+    monkeypatch.setattr(moe_config, "_resolved", {})
     layer = make_layer(5, 64, 32, 0, torch.float32, seed=2)
     candidates = [{"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 1}, {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 1}]
     fake_ms = iter([2.0, 1.0])  # the second candidate "wins"
