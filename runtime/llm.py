@@ -251,8 +251,14 @@ class LLM:
         params = self._params(params)
         return [self._new_sequence(p, params) for p in self._normalise_prompts(prompts)]
 
-    def _streamed(self, prompt, params) -> Sequence:
-        """stream / astream: one validated sequence; streaming text needs a tokenizer."""
+    # ---- request-level API (servers, custom schedulers) -------------------------------------------------------
+    # new_request validates a prompt into a Sequence; submit queues sequences; step runs one engine step (prefill
+    # or decode of the running batch); abort frees what is left of sequences. A Sequence's output_ids, finished,
+    # finish_reason, logprobs and take_new_text() then say what happened. All of them take the engine's lock, so
+    # threads may share one LLM; generate / stream / agenerate / astream are built on them.
+    def new_request(self, prompt, params: SamplingParams | None = None) -> Sequence:
+        """One validated request (text or token ids; params resolved against the checkpoint's generation
+        defaults), not yet submitted; a ValueError names what is wrong. Needs a tokenizer (its text is streamed)."""
         params = self._params(params)
         if self.tokenizer is None:
             raise ValueError(f"{self.model_name} ships no tokenizer.json: streaming text needs one")
@@ -263,21 +269,21 @@ class LLM:
         """Generate for one or several prompts, run together as one batch (up to max_batch_size at a time).
         -> one RequestOutput per prompt, in order."""
         seqs = self._batch(prompts, params)
-        self._submit(seqs)
+        self.submit(seqs)
         try:
             while not all(s.finished for s in seqs):
-                self._step_locked()
+                self.step()
         finally:
-            self._abort_unfinished(seqs)
+            self.abort(seqs)
         return [self._output(s) for s in seqs]
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces of one prompt's generation as tokens arrive; they join to the `generate` text.
         Closing the iterator early cancels the request and frees its cache blocks."""
-        return self._stream(self._streamed(prompt, params))
+        return self._stream(self.new_request(prompt, params))
 
     def _stream(self, seq: Sequence) -> Iterator[str]:
-        self._submit([seq])
+        self.submit([seq])
         try:
             while True:
                 piece, done = self._step_and_take(seq)
@@ -286,7 +292,7 @@ class LLM:
                 if done:
                     return
         finally:
-            self._abort_unfinished([seq])
+            self.abort([seq])
 
     async def agenerate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
         """`generate` for asyncio: engine steps run in a worker thread, so the event loop stays free and
@@ -294,20 +300,20 @@ class LLM:
         import asyncio
 
         seqs = self._batch(prompts, params)
-        self._submit(seqs)
+        self.submit(seqs)
         try:
             while not all(s.finished for s in seqs):
-                await asyncio.to_thread(self._step_locked)
+                await asyncio.to_thread(self.step)
         finally:
-            self._abort_unfinished(seqs)
+            self.abort(seqs)
         return [self._output(s) for s in seqs]
 
     async def astream(self, prompt, params: SamplingParams | None = None):
         """`stream` for asyncio: an async iterator of text pieces; closing it early cancels the request."""
         import asyncio
 
-        seq = self._streamed(prompt, params)
-        self._submit([seq])
+        seq = self.new_request(prompt, params)
+        self.submit([seq])
         try:
             while True:
                 piece, done = await asyncio.to_thread(self._step_and_take, seq)
@@ -316,9 +322,10 @@ class LLM:
                 if done:
                     return
         finally:
-            self._abort_unfinished([seq])
+            self.abort([seq])
 
-    def _step_locked(self) -> None:
+    def step(self) -> None:
+        """One engine step over the submitted sequences (a no-op when there are none)."""
         with self._lock:
             self.engine.step()
 
@@ -342,8 +349,9 @@ class LLM:
         with self._lock:
             return self.engine.prompt_logits(ids)
 
-    # ---- helpers ----------------------------------------------------------------------------------------------
-    def _submit(self, seqs: list[Sequence]) -> None:
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences for the next steps, all or none: a ValueError (e.g. a request that can never fit the KV
+        cache) leaves none of them queued."""
         with self._lock:
             added = []
             try:
@@ -355,12 +363,19 @@ class LLM:
                     self.engine.abort(s)
                 raise
 
-    def _abort_unfinished(self, seqs: list[Sequence]) -> None:
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Cancel the unfinished ones and free every cache block the sequences still hold (finished ones too)."""
         with self._lock:
             for s in seqs:
                 if not s.finished or s.blocks:
                     self.engine.abort(s)
 
+    def has_unfinished(self) -> bool:
+        """Whether any submitted sequence is still waiting or running. Lock-free (a read of the scheduler's queues),
+        so an event loop may poll it while a step runs in a worker thread."""
+        return self.engine.has_work()
+
+    # ---- helpers ----------------------------------------------------------------------------------------------
     def _output(self, s: Sequence) -> RequestOutput:
         if s.finish_reason == "abort":
             raise RuntimeError("the request was aborted by a failed engine step (see the error raised there)")

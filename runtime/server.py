@@ -353,13 +353,13 @@ class EngineDriver:
         """Between steps only: aborts, then additions."""
         aborts, self._to_abort = self._to_abort, []
         if aborts:
-            self.llm._abort_unfinished([r.seq for r in aborts])
+            self.llm.abort([r.seq for r in aborts])
         adds, self._to_add = self._to_add, []
         for req, future in adds:
             if future.done():  # its caller is gone
                 continue
             try:
-                self.llm._submit([req.seq])
+                self.llm.submit([req.seq])
             except ValueError as e:
                 future.set_exception(RequestError(str(e)))
                 continue
@@ -369,14 +369,14 @@ class EngineDriver:
     async def _run(self) -> None:
         while True:
             self._apply_pending()
-            if not self.llm.engine.has_work():
+            if not self.llm.has_unfinished():
                 self._wake.clear()
                 if not (self._to_add or self._to_abort):
                     await self._wake.wait()
                 continue
             self._stepping = True
             try:
-                await asyncio.to_thread(self.llm._step_locked)
+                await asyncio.to_thread(self.llm.step)
             except Exception as e:  # fail the requests in flight, keep serving
                 log.exception("engine step failed")
                 self._fail_all(f"engine step failed: {e!r}")
@@ -407,7 +407,7 @@ class EngineDriver:
     def _fail_all(self, message: str) -> None:
         failed = list(self.active)
         self.active.clear()
-        self.llm._abort_unfinished([r.seq for r in failed])
+        self.llm.abort([r.seq for r in failed])
         for req in failed:
             req.error = message
             self.metrics.finished(req, "error")
@@ -559,7 +559,7 @@ def build_app(llm, served_model_name: str | None = None):
 
     def new_sequence(parsed: Parsed):
         try:
-            return llm._streamed(parsed.prompt, parsed.params)
+            return llm.new_request(parsed.prompt, parsed.params)
         except ValueError as e:
             raise RequestError(str(e), param="prompt") from None
 

@@ -183,6 +183,29 @@ def test_cancelling_a_stream_frees_its_blocks(tiny):
     assert len(tiny.engine.free_slots) == tiny.max_batch_size and not tiny.engine.running
 
 
+def test_request_level_api(tiny):
+    """new_request / submit / step / abort, as a server drives them: two requests stepped together give what
+    generate gives each; a bad request is a ValueError at new_request; abort frees a running request's blocks."""
+    prompts = ["request level one", "and two"]
+    expected = [tiny.generate(p, GREEDY)[0].token_ids for p in prompts]
+    seqs = [tiny.new_request(p, GREEDY) for p in prompts]
+    assert not tiny.has_unfinished()
+    tiny.submit(seqs)
+    assert tiny.has_unfinished()
+    while not all(s.finished for s in seqs):
+        tiny.step()
+    assert [list(s.output_ids) for s in seqs] == expected and not tiny.has_unfinished()
+    tiny.abort(seqs)  # finished: frees their blocks
+    assert tiny.kv_cache.num_free_blocks == tiny.kv_cache.num_blocks
+    with pytest.raises(ValueError, match="prompt has 300 tokens but the context holds 256"):
+        tiny.new_request("x" * 300, GREEDY)
+    long = tiny.new_request("abort me", SamplingParams(max_tokens=100, ignore_eos=True))
+    tiny.submit([long])
+    tiny.step()
+    tiny.abort([long])
+    assert long.finished and tiny.kv_cache.num_free_blocks == tiny.kv_cache.num_blocks and not tiny.has_unfinished()
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dtype="int8"), "dtype 'int8' is not supported"),
     (dict(backend="cuda-magic"), "unknown backend 'cuda-magic'"),

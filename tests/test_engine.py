@@ -192,9 +192,9 @@ def test_seeded_request_draws_the_same_tokens_whatever_sampler_form_its_batch_ne
     alone = llm.generate(prompt, top20)[0].token_ids  # the top-k sampler
     seq = llm._new_sequence(prompt, llm._params(top20))
     other = llm._new_sequence(random_prompt(5, 256, 4), llm._params(nucleus))
-    llm._submit([seq, other])  # one batch that needs the full sampler (top-p over the whole vocabulary)
+    llm.submit([seq, other])  # one batch that needs the full sampler (top-p over the whole vocabulary)
     while not seq.finished:
-        llm._step_locked()
+        llm.step()
     assert seq.output_ids == alone
 
 

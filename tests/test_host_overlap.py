@@ -210,9 +210,9 @@ def test_stopped_requests_do_not_disturb_seeded_penalised_neighbours():
     alone = [llm.generate(p, params(i, [stops[i]]))[0] for i, p in enumerate(prompts)]
     assert sum(o.finish_reason == "stop" for o in alone) >= 4
     seqs = [llm._new_sequence(p, llm._params(params(i, [stops[i]]))) for i, p in enumerate(prompts)]
-    llm._submit(seqs)
+    llm.submit(seqs)
     while not all(s.finished for s in seqs):
-        llm._step_locked()
+        llm.step()
     assert [s.output_ids for s in seqs] == [o.token_ids for o in alone]
 
 

@@ -68,9 +68,9 @@ def test_logprobs_change_no_token_and_other_rows_get_none(llm):
     # one batch, rows with and without logprobs (a decode step computes them for the batch, hands them to some)
     seqs = [llm._new_sequence(p, SamplingParams(**sampled, logprobs=n).resolved())
             for p, n in zip(prompts, (3, None, 1))]
-    llm._submit(seqs)
+    llm.submit(seqs)
     while not all(s.finished for s in seqs):
-        llm._step_locked()
+        llm.step()
     assert [s.output_ids for s in seqs] == [o.token_ids for o in plain]
     assert [None if s.logprobs is None else len(s.logprobs[0][1]) for s in seqs] == [3, None, 1]
 

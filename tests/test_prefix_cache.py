@@ -107,16 +107,16 @@ def test_running_requests_share_blocks(llms):
     prompts = [prefix + random_prompt(6, 256, 401), prefix + random_prompt(9, 256, 402)]
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     first, second = (llm._new_sequence(p, llm._params(params)) for p in prompts)
-    llm._submit([first])
-    llm._step_locked()  # the prefill of `first` is launched: its four full blocks are cached
+    llm.submit([first])
+    llm.step()  # the prefill of `first` is launched: its four full blocks are cached
     assert first.prefill_done and not first.finished
-    llm._submit([second])
-    llm._step_locked()
+    llm.submit([second])
+    llm.step()
     assert second.num_cached_tokens == 64 and second.blocks[:4] == first.blocks[:4]
     assert [llm.kv_cache._refs[b] for b in first.blocks[:5]] == [2, 2, 2, 2, 1]
     check_engine(llm.engine)
     while not (first.finished and second.finished):
-        llm._step_locked()
+        llm.step()
     assert [first.output_ids, second.output_ids] == [o.token_ids for o in plain.generate(prompts, params)]
     assert llm.kv_cache.num_free_blocks == llm.kv_cache.num_blocks
     check_engine(llm.engine)

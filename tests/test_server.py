@@ -325,7 +325,7 @@ def test_a_failed_engine_step_fails_its_requests_and_the_server_keeps_serving(li
     def broken():
         raise RuntimeError("injected step failure")
 
-    monkeypatch.setattr(live.llm, "_step_locked", broken)
+    monkeypatch.setattr(live.llm, "step", broken)
     r = live.post("/v1/completions", {"model": MODEL, "prompt": "doomed", "max_tokens": 4})
     assert r.status_code == 500 and "injected step failure" in r.json()["error"]["message"]
     r = live.post("/v1/completions", {"model": MODEL, "prompt": "doomed", "max_tokens": 4, "stream": True})
