@@ -26,10 +26,15 @@ def newest_record(results_dir: str) -> tuple[str, dict]:
         return path, json.load(f)
 
 
+# issue 12's goals for weight-only quantized decode at batch 1 on an H100 (ms per token)
+QUANT_GOALS_MS = {("qwen2-7b", "int4"): 2.0, ("qwen2-72b", "int4"): 16.0, ("qwen2-57b-a14b", "int4"): 3.5}
+
+
 def _decode_rows(rec: dict, batch: int) -> dict[str, dict]:
+    """model -> {impl: ms, "floor", "replay"} of the floating-point decode rows at `batch`."""
     table: dict[str, dict] = {}
     for r in rec.get("decode", []):
-        if r.get("batch") == batch and r.get("ms_per_token"):
+        if r.get("batch") == batch and r.get("ms_per_token") and not r.get("quantization"):
             t = table.setdefault(r["model"], {"floor": r["floor_ms"]})
             t[r["impl"]] = r["ms_per_token"]
             if r["impl"] == "qwen2rt":
@@ -69,6 +74,18 @@ def render_table(rec: dict, source: str) -> str:
                 ours = r.get("qwen2rt")
                 pct = f"{100 * r['floor'] / ours:.0f}%" if ours else "-"
                 lines.append(f"| {model} | {b} | {_f(ours)} | {_f(r.get('hf_eager'))} | {_f(r['floor'])} | {pct} |")
+    quant = [r for r in rec.get("decode", []) if r.get("quantization") and r.get("batch") == 1
+             and r.get("ms_per_token") and r["impl"] == f"qwen2rt_{r['quantization']}"]
+    if quant:
+        lines += ["", "Weight-only quantized decode, batch 1, ms per token (random quantized weights; floor: the "
+                  "packed weight bytes read per token / copy bandwidth; goals: for an H100):", "",
+                  "| model | weights | qwen2rt | its graph replay | floor | qwen2rt % of floor | goal |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in quant:
+            goal = QUANT_GOALS_MS.get((r["model"], r["quantization"]))
+            lines.append(f"| {r['model']} | {r['quantization']} | {_f(r['ms_per_token'])} | "
+                         f"{_f(r.get('graph_replay_ms'))} | {_f(r['floor_ms'])} | "
+                         f"{100 * r['floor_ms'] / r['ms_per_token']:.0f}% | {_f(goal)} |")
     prefill = [r for r in rec.get("prefill", []) if r.get("ms")]
     if prefill:
         lines += ["", "Prefill, time to first token in ms (batch 1; floor: the larger of FLOPs / GEMM rate and weight "

@@ -96,6 +96,10 @@ SAMPLE = {  # the shape of a recorded run; the numbers are made up for this test
         {"model": "qwen2-0.5b", "batch": 1, "impl": "hf_compiled", "ms_per_token": 2.34, "floor_ms": 0.33},
         {"model": "qwen2-7b", "batch": 1, "impl": "qwen2rt", "ms_per_token": 9.0, "floor_ms": 4.68},
         {"model": "qwen2-7b", "batch": 4, "impl": "qwen2rt", "ms_per_token": 9.5, "floor_ms": 4.68},
+        {"model": "qwen2-7b", "batch": 1, "impl": "qwen2rt_int4", "ms_per_token": 2.5, "floor_ms": 1.51,
+         "quantization": "int4", "graph_replay_ms": 2.2},
+        {"model": "qwen2-7b", "batch": 1, "impl": "qwen2rt_eager_int4", "ms_per_token": 9.9, "floor_ms": 1.51,
+         "quantization": "int4"},
     ],
     "prefill": [{"model": "qwen2-7b", "tokens": 2048, "impl": "qwen2rt", "ms": 60.0, "floor_ms": 34.8},
                 {"model": "qwen2-7b", "tokens": 2048, "impl": "hf", "ms": 56.4, "floor_ms": 34.8}],
@@ -117,6 +121,8 @@ def test_report_renders_readme_table_and_chart(tmp_path):
     assert "| qwen2-0.5b | 1.5 | 1.2 | 16.4 | 2.34 | 0.33 | 22% |" in text
     assert "| qwen2-7b | 4 | 9.5 | - | 4.68 | 49% |" in text  # batch 4: its own table, ms per step
     assert "| qwen2-7b | 2048 | 60 | 56.4 | 34.8 |" in text
+    assert "| qwen2-7b | 9 | - | - | - | 4.68 | 52% |" in text  # the dense row: the int4 rows stay out of it
+    assert "| qwen2-7b | int4 | 2.5 | 2.2 | 1.51 | 60% | 2 |" in text and "9.9" not in text
     assert png.stat().st_size > 1000 and open(png, "rb").read(4) == b"\x89PNG"
 
 
