@@ -588,7 +588,7 @@ def dequantize_weight(w: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor 
 
 
 # Rows up to which the prefill path is the fused dequantize-GEMM; above it, dequantize_weight + cuBLAS. Not measured
-# yet (bench_quant times both at 128-4096 rows): from the H100 ceilings, the scratch path costs the weight's
+# yet (bench_quant times both at 128, 512 and 2048 rows): from the H100 ceilings, the scratch path costs the weight's
 # dequantized bytes written and read back (4.5 bytes per int4 weight, ~10 ms for all of Qwen2-7B) while a Triton GEMM
 # without warp specialisation reaches perhaps 60-75% of cuBLAS's rate; the two meet near 1-2K rows.
 FUSED_GEMM_MAX_ROWS = 1024
@@ -598,8 +598,8 @@ def quant_gemm_config(m: int, n: int, k: int, kind: str, group_size: int, interp
     """Tile sizes of the fused dequantize-GEMM, or None where it does not apply (a group size that no BLOCK_K of at
     least 16 divides: dequantize_weight + cuBLAS then). BLOCK_K: up to 64 stored columns, dividing the group size
     (one group per step) and a multiple of the weights per word. Not tuned on a GPU yet: 64 x 128 tiles with 4 warps
-    up to 64 rows, 128 x 128 with 8 warps above, 3 stages (at most 48 KB of shared memory per program); the
-    interpreter gets small tiles (it runs programs one after another, and tl.dot there is a numpy matmul)."""
+    up to 64 rows, 128 x 128 with 8 warps above, 3 stages (sm_90 compile: 33-82 KB of shared memory, 114-255
+    registers, no spills); the interpreter gets small tiles (it runs programs one after another, and tl.dot there is a numpy matmul)."""
     block_k = dequant_block_k(32 if interpreter else 64, kind, group_size, k)
     if block_k is None:
         return None
