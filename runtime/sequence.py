@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import time
 
@@ -28,7 +29,10 @@ class Sequence:
         self.max_len = min(len(prompt_ids) + params.max_tokens, max_seq_len)
         self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_token_ids)
         self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
-        self.text = ""
+        # the generated text in a StringIO (appends, the stop-string scan of the newest characters and the stream's
+        # slices cost what they touch, not the text's length: a long generation stays O(1) per token on the host)
+        self._text = io.StringIO()
+        self._text_len = 0
         self.emitted = 0  # characters of self.text handed to a stream
         self.hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may still be forming
         self.blocks: list[int] = []
@@ -46,6 +50,25 @@ class Sequence:
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
+
+    @property
+    def text(self) -> str:
+        """The generated text so far (without a matched stop string)."""
+        return self._text.getvalue()
+
+    def _read_text(self, start: int, stop: int | None = None) -> str:
+        self._text.seek(start)
+        return self._text.read(-1 if stop is None else stop - start)
+
+    def _add_text(self, piece: str) -> None:
+        """Append a decoded piece, then cut the text at a stop string that ends inside it."""
+        if not piece:
+            return
+        before = self._text_len
+        self._text.seek(before)
+        self._text.write(piece)
+        self._text_len += len(piece)
+        self._check_stop_strings(before)
 
     @property
     def finished(self) -> bool:
@@ -85,28 +108,30 @@ class Sequence:
             self.finish_reason = "stop"
         else:
             if self.detok is not None:
-                self.text += self.detok.add(token)
-                if self._check_stop_strings():
+                self._add_text(self.detok.add(token))
+                if self.finish_reason is not None:  # a stop string
                     return
             if len(self.prompt_ids) + len(self.output_ids) >= self.max_len:
                 self.finish_reason = "length"
         if self.finish_reason is not None and self.detok is not None:
-            self.text += self.detok.flush()
-            self._check_stop_strings()
+            self._add_text(self.detok.flush())
 
-    def _check_stop_strings(self) -> bool:
+    def _check_stop_strings(self, before: int) -> None:
+        """A stop string that ends after character `before` (earlier ones were found earlier) cuts the text where it
+        starts and finishes the request; the stop strings are tried in their order."""
         for s in self.params.stop:
-            i = self.text.find(s)
+            start = max(0, before - len(s) + 1)
+            i = self._read_text(start).find(s)
             if i >= 0:
-                self.text = self.text[:i]
+                self._text_len = start + i
+                self._text.truncate(self._text_len)
                 self.finish_reason = "stop"
-                return True
-        return False
+                return
 
     def take_new_text(self) -> str:
         """Text not yet streamed, holding back a possible partial stop string until it is decided."""
-        end = len(self.text) if self.finished else max(self.emitted, len(self.text) - self.hold)
-        piece = self.text[self.emitted:end]
+        end = self._text_len if self.finished else max(self.emitted, self._text_len - self.hold)
+        piece = self._read_text(self.emitted, end) if end > self.emitted else ""
         self.emitted = end
         return piece
 

@@ -198,10 +198,10 @@ def test_seeded_request_draws_the_same_tokens_whatever_sampler_form_its_batch_ne
     assert seq.output_ids == alone
 
 
-def feed_bytes(text, params):
+def feed_bytes(text, params, max_seq_len=256):
     """A Sequence fed `text` one byte token at a time (the byte tokenizer), streaming as it goes: -> (sequence,
     the pieces take_new_text handed out, each taken right after its token)."""
-    s = Sequence([1, 2, 3], params.resolved(), 256, ByteTokenizer(512), frozenset())
+    s = Sequence([1, 2, 3], params.resolved(), max_seq_len, ByteTokenizer(512), frozenset())
     pieces = []
     for token in text.encode():
         s.append(token)
@@ -227,3 +227,19 @@ def test_held_back_text_is_released_when_the_stop_string_does_not_form():
     assert s.finish_reason is None and "".join(pieces) == "abXYab"
     s, pieces = feed_bytes("abXY", SamplingParams(max_tokens=4, temperature=0, stop="XYZ"))
     assert s.finish_reason == "length" and "".join(pieces) == "abXY"  # the end of the text releases the hold
+
+
+def test_stop_strings_after_a_long_text():
+    """The stop-string scan looks only at the characters that can end a new match: a stop string 5,000 characters
+    in is still found where it forms ('bS' completes before 'STOP' does), the text is cut where it starts, and the
+    streamed pieces join to exactly the text."""
+    body = "x" * 5000
+    s, pieces = feed_bytes(body + "abSTOPzzz", SamplingParams(max_tokens=6000, temperature=0, stop=["STOP", "bS"]),
+                           max_seq_len=8192)
+    assert s.finish_reason == "stop" and s.text == body + "a" and "".join(pieces) == s.text
+    assert s.output_ids == list((body + "abS").encode())
+    s, pieces = feed_bytes(body + "abSTOP", SamplingParams(max_tokens=6000, temperature=0, stop=["STOP"]),
+                           max_seq_len=8192)
+    assert s.text == body + "ab" and "".join(pieces) == s.text
+    s, pieces = feed_bytes(body, SamplingParams(max_tokens=5000, temperature=0, stop=["xxxy"]), max_seq_len=8192)
+    assert s.finish_reason == "length" and s.text == body and "".join(pieces) == body
