@@ -186,8 +186,7 @@ def _validate(c: Qwen2Config) -> None:
             _fail("mlp_only_layers", list(c.mlp_only_layers), f"layer indices {bad} are out of range")
     if c.quantization is not None and c.is_moe and c.quantization.desc_act:
         _fail("quantization_config.desc_act", True, "act-order (desc_act) GPTQ checkpoints of MoE models are not "
-              "supported: the expert kernels read each expert's inputs in order (every published Qwen MoE GPTQ "
-              "checkpoint has desc_act false)")
+              "supported: the expert kernels read each expert's inputs in order (they take no act-order permutation)")
     has_dense = any(not c.is_moe_layer(i) for i in range(c.num_hidden_layers))
     if has_dense and c.intermediate_size <= 0:
         _fail("intermediate_size", c.intermediate_size, "must be positive: the model has dense MLP layers")

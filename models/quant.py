@@ -6,8 +6,8 @@ Supported (every decoder linear q, k, v, o, gate, up, down quantized, in MoE lay
 expert's; embeddings, norms, lm_head, the MoE router and shared expert gate stay floating point, biases stay float
 and are cast to the model dtype):
 - GPTQ checkpoints (AutoGPTQ v1 format, `checkpoint_format: "gptq"`): bits 4 or 8, group_size 128 (any size that
-  divides K) or -1, sym true or false, desc_act true or false (MoE models: desc_act false only, as every published
-  Qwen MoE GPTQ checkpoint has it: the expert kernels take no act-order permutation);
+  divides K) or -1, sym true or false, desc_act true or false (MoE models: desc_act false only: the expert kernels
+  take no act-order permutation);
 - AWQ GEMM checkpoints (`version: "gemm"`): 4 bits, zero_point true, any group size that divides K;
 - at load, `LLM(..., quantization=)`: "int8" (per output channel, symmetric), "int4" (groups of 128 inputs,
   asymmetric: min/max with 0 kept exact) and "fp8" (e4m3, per output channel).
