@@ -128,7 +128,7 @@ def run(device, ceilings, layers=LAYERS, tokens=TOKENS, dtype=torch.bfloat16, co
 
 
 def main(argv=None):
-    smoke = dict(layers=["tiny-moe"], tokens=[1, 20], dtype=torch.float32,
+    smoke = dict(layers=["tiny-moe"], tokens=[3], dtype=torch.float32,
                  configs={"tiny-moe": builtin_config("tiny-moe")})
     return kernel_bench_main(__doc__, argv, run, smoke)
 
