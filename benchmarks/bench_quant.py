@@ -53,6 +53,17 @@ def random_weight(n: int, k: int, form: str, device) -> QuantizedWeight:
     return QuantizedWeight(kind, qweight, scales, zeros, group)
 
 
+def timed_row(kernel, shape, impl, fn, device, rep_ms, ceilings, floor_ms, bytes_moved=None, flops=None) -> dict:
+    """One implementation timed as a kernel_row with the floor beside it, or a row that records why it failed (the
+    run goes on)."""
+    try:
+        r = kernel_row(kernel, shape, impl, bench_ms(fn, device, rep_ms=rep_ms), bytes_moved, flops, ceilings)
+    except Exception as e:  # noqa: BLE001 - record why, keep going
+        return {"kernel": kernel, "shape": shape, "impl": impl, "error": repr(e)[:200]}
+    r.update(floor_ms=floor_ms, pct_of_floor=100 * floor_ms / r["ms"])
+    return r
+
+
 def run(device, ceilings, models=MODELS, rows=ROWS, dtype=torch.bfloat16, forms=tuple(FORMS), projs=None, rep_ms=60,
         prefill_models=PREFILL_MODELS, prefill_rows=PREFILL_ROWS, moe_layers=MOE_LAYERS, moe_tokens=MOE_TOKENS):
     out = []
@@ -81,16 +92,11 @@ def run(device, ceilings, models=MODELS, rows=ROWS, dtype=torch.bfloat16, forms=
                                                    w0.nbytes())
                         impls["qwen2rt_fused_gemm"] = (lambda: quant_linear_gemm(x, next(weights), path="fused"),
                                                        w0.nbytes())
-                    for impl, (fn, weight_bytes) in impls.items():
-                        try:
-                            r = kernel_row("quant_gemv", shape, impl, bench_ms(fn, device, rep_ms=rep_ms),
-                                           weight_bytes + io_bytes, None, ceilings)
-                            # the floor of this projection is the packed weight's: the same for every impl
-                            r["floor_ms"] = (w0.nbytes() + io_bytes) / ceilings["copy_GBps"] / 1e6
-                            r["pct_of_floor"] = 100 * r["floor_ms"] / r["ms"]
-                            out.append(r)
-                        except Exception as e:  # noqa: BLE001 - record why, keep going
-                            out.append({"kernel": "quant_gemv", "shape": shape, "impl": impl, "error": repr(e)[:200]})
+                    # the floor of this projection is the packed weight's: the same for every impl
+                    floor_ms = (w0.nbytes() + io_bytes) / ceilings["copy_GBps"] / 1e6
+                    out += [timed_row("quant_gemv", shape, impl, fn, device, rep_ms, ceilings, floor_ms,
+                                      bytes_moved=weight_bytes + io_bytes)
+                            for impl, (fn, weight_bytes) in impls.items()]
                 weights = w0 = None  # free this form's copies before the next one allocates
             dense = None
     for name in prefill_models:
@@ -134,15 +140,8 @@ def moe_prefill(device, ceilings, config, name, tokens, dtype, rep_ms, form="w4a
                                                       q["shared_gate_up"], q["shared_down"], shared_gate, config=cfg,
                                                       regime="prefill", fold_shared=False),
                  "dequant_scratch": scratch}
-        for impl, fn in impls.items():
-            shape = f"{name} {form} T={t}"
-            try:
-                r = kernel_row("quant_moe_prefill", shape, impl, bench_ms(fn, device, rep_ms=rep_ms), None, flops,
-                               ceilings)
-                r.update(floor_ms=floor_ms, pct_of_floor=100 * floor_ms / r["ms"])
-                out.append(r)
-            except Exception as e:  # noqa: BLE001 - record why, keep going
-                out.append({"kernel": "quant_moe_prefill", "shape": shape, "impl": impl, "error": repr(e)[:200]})
+        out += [timed_row("quant_moe_prefill", f"{name} {form} T={t}", impl, fn, device, rep_ms, ceilings, floor_ms,
+                          flops=flops) for impl, fn in impls.items()]
     return out
 
 
@@ -168,14 +167,8 @@ def prefill(device, ceilings, config, name, rows, dtype, forms, projs, rep_ms) -
                 impls = {"qwen2rt_fused_gemm": lambda: quant_linear_gemm(x, w, path="fused"),
                          "dequant+cublas": lambda: quant_linear_gemm(x, w, path="dequant"),
                          "cublas_bf16": lambda: F.linear(x, dense)}
-                for impl, fn in impls.items():
-                    try:
-                        r = kernel_row("quant_gemm", shape, impl, bench_ms(fn, device, rep_ms=rep_ms), None, flops,
-                                       ceilings)
-                        r.update(floor_ms=floor_ms, pct_of_floor=100 * floor_ms / r["ms"])
-                        out.append(r)
-                    except Exception as e:  # noqa: BLE001 - record why, keep going
-                        out.append({"kernel": "quant_gemm", "shape": shape, "impl": impl, "error": repr(e)[:200]})
+                out += [timed_row("quant_gemm", shape, impl, fn, device, rep_ms, ceilings, floor_ms, flops=flops)
+                        for impl, fn in impls.items()]
         dense = w = None
     return out
 

@@ -154,6 +154,41 @@ def test_token_after_a_stop_is_computed_and_dropped():
     assert (other.output_ids, other.finish_reason) == expected([9] * 5, 6, other.params.stop_token_ids)
 
 
+def random_workload(engine, rng, num_requests, new_prompt, max_tokens, stop_p, max_steps_between, check):
+    """Requests arriving between 0..max_steps_between engine steps, each with a random budget up to max_tokens and,
+    with probability stop_p, a stop token from its own expected output; after each arrival a running request is
+    aborted with probability 0.1; then drained. check(engine) after every step. -> (sequences, ids aborted)."""
+    seqs, aborted = [], set()
+    for _ in range(num_requests):
+        prompt = new_prompt()
+        full, _ = expected(prompt, max_tokens)
+        stop_ids = [full[rng.randrange(len(full))]] if rng.random() < stop_p else []
+        s = request(prompt, rng.randint(1, max_tokens), stop_ids)
+        seqs.append(s)
+        engine.add(s)
+        for _ in range(rng.randint(0, max_steps_between)):
+            engine.step()
+            check(engine)
+        if rng.random() < 0.1 and engine.running:
+            victim = rng.choice(engine.running)
+            engine.abort(victim)
+            aborted.add(victim.id)
+    while engine.has_work():
+        engine.step()
+        check(engine)
+    return seqs, aborted
+
+
+def assert_exact(seqs, aborted) -> None:
+    """Each request got exactly its own tokens (an aborted one: a prefix of them)."""
+    for s in seqs:
+        want, reason = expected(s.prompt_ids, s.params.max_tokens, s.params.stop_token_ids)
+        if s.id in aborted:
+            assert s.finish_reason == "abort" and s.output_ids == want[:len(s.output_ids)]
+        else:
+            assert (s.output_ids, s.finish_reason) == (want, reason)
+
+
 @pytest.mark.parametrize("seed, caching", [(0, True), (1, True), (2, False)])
 def test_many_requests_with_stops_and_aborts_are_exact(seed, caching):
     """Random arrivals, prompt lengths, budgets, stop tokens and aborts, with chunked prefill alternating with decode
@@ -161,31 +196,10 @@ def test_many_requests_with_stops_and_aborts_are_exact(seed, caching):
     rng = random.Random(seed)
     engine = chain_engine(num_blocks=30, max_batch=4, max_prefill_tokens=rng.choice([5, 16, 64]),
                           enable_prefix_caching=caching)
-    seqs, aborted = [], set()
-    for i in range(150):
-        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))]
-        full, _ = expected(prompt, 40)
-        stop_ids = [full[rng.randrange(len(full))]] if rng.random() < 0.5 else []
-        s = request(prompt, rng.randint(1, 40), stop_ids)
-        seqs.append(s)
-        engine.add(s)
-        for _ in range(rng.randint(0, 4)):
-            engine.step()
-            check_sampler_counts(engine)
-        if rng.random() < 0.1 and engine.running:
-            victim = rng.choice(engine.running)
-            engine.abort(victim)
-            aborted.add(victim.id)
-    while engine.has_work():
-        engine.step()
-        check_sampler_counts(engine)
+    seqs, aborted = random_workload(engine, rng, 150, lambda: [rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))],
+                                    max_tokens=40, stop_p=0.5, max_steps_between=4, check=check_sampler_counts)
     assert engine.step() == []  # reads back the step still in flight (a stopped sequence's extra token)
-    for s in seqs:
-        want, reason = expected(s.prompt_ids, s.params.max_tokens, s.params.stop_token_ids)
-        if s.id in aborted:
-            assert s.finish_reason == "abort" and s.output_ids == want[:len(s.output_ids)]
-        else:
-            assert (s.output_ids, s.finish_reason) == (want, reason)
+    assert_exact(seqs, aborted)
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
     assert sorted(engine.free_slots) == list(range(4))
     assert engine._in_flight is None

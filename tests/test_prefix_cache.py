@@ -13,7 +13,8 @@ from qwen2rt import LLM, SamplingParams
 from qwen2rt.kv_cache import KVCache
 from qwen2rt.models.config import builtin_config
 from test_engine import drain, fake_engine
-from test_host_overlap import VOCAB, chain_engine, check_sampler_counts, expected, request
+from test_host_overlap import (VOCAB, assert_exact, chain_engine, check_sampler_counts, expected,
+                               random_workload, request)
 from test_parity import generate_recording_logits, random_prompt, rel_err
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -200,32 +201,14 @@ def test_shared_prefixes_with_stops_and_aborts_are_exact(seed):
     rng = random.Random(seed)
     engine = chain_engine(num_blocks=24, max_batch=4, max_prefill_tokens=rng.choice([5, 16, 64]))
     documents = [[rng.randrange(VOCAB) for _ in range(40)] for _ in range(4)]
-    seqs, aborted = [], set()
-    for _ in range(400):
-        prompt = shared_prefix_prompt(rng, documents, VOCAB, 45)
-        full, _ = expected(prompt, 20)
-        stop_ids = [full[rng.randrange(len(full))]] if rng.random() < 0.3 else []
-        s = request(prompt, rng.randint(1, 20), stop_ids)
-        seqs.append(s)
-        engine.add(s)
-        for _ in range(rng.randint(0, 3)):
-            engine.step()
-            check_engine(engine)
-            check_sampler_counts(engine)
-        if rng.random() < 0.1 and engine.running:
-            victim = rng.choice(engine.running)
-            engine.abort(victim)
-            aborted.add(victim.id)
-    while engine.has_work():
-        engine.step()
+
+    def check(engine):
         check_engine(engine)
+        check_sampler_counts(engine)
+    seqs, aborted = random_workload(engine, rng, 400, lambda: shared_prefix_prompt(rng, documents, VOCAB, 45),
+                                    max_tokens=20, stop_p=0.3, max_steps_between=3, check=check)
     engine.step()
-    for s in seqs:
-        want, reason = expected(s.prompt_ids, s.params.max_tokens, s.params.stop_token_ids)
-        if s.id in aborted:
-            assert s.finish_reason == "abort" and s.output_ids == want[:len(s.output_ids)]
-        else:
-            assert (s.output_ids, s.finish_reason) == (want, reason)
+    assert_exact(seqs, aborted)
     stats = engine.prefix_cache_stats()
     assert stats["hit_tokens"] > stats["queried_tokens"] // 8 and stats["evictions"] > 0
     assert sum(s.num_cached_tokens for s in seqs) == stats["hit_tokens"]
