@@ -599,7 +599,8 @@ def quant_gemm_config(m: int, n: int, k: int, kind: str, group_size: int, interp
     least 16 divides: dequantize_weight + cuBLAS then). BLOCK_K: up to 64 stored columns, dividing the group size
     (one group per step) and a multiple of the weights per word. Not tuned on a GPU yet: 64 x 128 tiles with 4 warps
     up to 64 rows, 128 x 128 with 8 warps above, 3 stages (sm_90 compile: 33-82 KB of shared memory, 114-255
-    registers, no spills); the interpreter gets small tiles (it runs programs one after another, and tl.dot there is a numpy matmul)."""
+    registers, no spills); the interpreter gets small tiles (it runs programs one after another, and tl.dot there
+    is a numpy matmul)."""
     block_k = dequant_block_k(32 if interpreter else 64, kind, group_size, k)
     if block_k is None:
         return None
@@ -645,8 +646,9 @@ def quant_linear_gemm(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | 
     if cfg is None:
         raise ValueError(f"the fused dequantize-GEMM needs a group size divisible by 16 and by the weights per word, "
                          f"got {w.group_size} ({w.kind}): use path='dequant'")
-    if w.kind != "fp8" and w.group_size < k and w.group_size % cfg["BLOCK_K"]:
-        raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide the group size {w.group_size}")
+    if dequant_block_k(cfg["BLOCK_K"], w.kind, w.group_size, k) != cfg["BLOCK_K"]:
+        raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must be at least 16 and the weights per word, and divide the group "
+                         f"size {w.group_size}")
     x = x if x.stride(1) == 1 else x.contiguous()
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
