@@ -78,6 +78,20 @@ def test_same_tokens_and_records_as_torch(form, rows, vocab, chunk):
     assert torch.equal(state.counts, ref_state.counts) and torch.equal(state.seen, ref_state.seen)
 
 
+def test_merge_of_many_chunks():
+    """Step 2 merges the chunks' sorted candidates into the row's 256 (odd chunks read back to front). Eight chunks
+    of 256 (the last of 108 tokens) and near-flat logits, so the row's candidates come from every chunk, drawn with
+    top_k = all 256 at a high temperature: every candidate matters to the race, and a candidate set even a few
+    tokens wrong changes some of the 10 rows' tokens (a merge that skips the reversal, tried, does)."""
+    vocab, b = 7 * 256 + 108, 10
+    logits = torch.randn(b, vocab, device=DEVICE) * 0.5
+    rows = [P(temperature=2.0, top_k=TOPK_CANDIDATES)] * (b - 2) + [P(temperature=1.5, top_k=64)] * 2
+    assert sampler_variant([p.resolved() for p in rows]) == "topk"
+    ours, ref, state, ref_state = run_both(logits, rows, "topk", padding=0, chunk=256)
+    assert torch.equal(ours, ref), (ours, ref)
+    assert torch.equal(state.counts, ref_state.counts)
+
+
 def kept_sizes(logits, params):
     """How many tokens the torch filters keep in each row (no penalties in these rows)."""
     r = rows_of(params, [0] * len(params), [0] * len(params), [0] * len(params), logits.device)
