@@ -1,13 +1,18 @@
-"""The one-call GPU check: ceilings, the GPU tests, end-to-end decode at batch 1, the kernel benchmarks, prefill,
-then larger batches, one JSON record and a markdown summary (<date>-<gpu>-<commit>.json and .md, ready to copy into
+"""The one-call GPU check: ceilings, Triton's cache warmed in parallel (tests/aot_sm90.py --warm), the GPU tests,
+end-to-end decode at batch 1, the kernel benchmarks, prefill, then larger batches, one JSON record and a markdown
+summary (<date>-<gpu>-<commit>.json and .md, ready to copy into
 benchmarks/results/). The parts run in the order of what a decision needs first; each has an estimated cost and is
 skipped (and recorded as skipped) when it would end past the time budget. Each part runs in its own try block (the
 end-to-end benchmarks one part per model), and the record is rewritten after each part, so a failure or a kill
-keeps the results of the parts before it; each part's time is recorded. The MoE block sizes tuned during the run
+keeps the results of the parts before it; each part's time is recorded, and the Triton cache entries it added
+(the kernels it still had to compile). The MoE block sizes tuned during the run
 are copied beside the record (<record>-moe-configs.json).
 
-    python -m benchmarks.gpu_check --out DIR [--parts tests decode kernels host prefill batches quantized] [--quick]
-                                   [--budget-s 420]
+    python -m benchmarks.gpu_check --out DIR [--parts tests decode kernels host prefill batches quantized serving
+                                   big] [--quick] [--budget-s 420] [--resume [RECORD.json]]
+
+A second call with --resume (on the GPU machine, whose $OUT starts empty: --resume benchmarks/results/<record>.json
+after copying the first call's record there) runs the parts the first skipped at its budget and merges the rows.
 
 Run it through benchmarks/gpu_check.sh on the lent GPU machine; copy DIR/<record>.json and .md into
 benchmarks/results/.
@@ -35,6 +40,9 @@ from qwen2rt.kernels.moe import cache_path as moe_cache_path
 from qwen2rt.models.config import builtin_config
 
 PARTS = ["tests", "decode", "kernels", "host", "prefill", "batches", "quantized", "serving"]
+# not in the default run: loading the whole 57B-A14B and 72B in int4 (~32 and ~40 GB of random quantized weights,
+# minutes each), which would push the default parts past two calls of the lent machine's time
+OPTIONAL_PARTS = ["big"]
 # decode at batch 1 first (these decide the next work): 0.5B (launch-bound: the fused decode path's main target),
 # 7B (bandwidth-bound), the MoE, then the rest
 DECODE_MODELS = ["qwen2-0.5b", "qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-1.5b", "qwen2-57b-a14b-4l"]
@@ -46,33 +54,70 @@ BATCH_MODELS = ["qwen2-7b", "qwen1.5-moe-a2.7b", "qwen2-0.5b"]
 # then the whole 57B-A14B, which needs 114 GB in bf16 and ~32 GB in int4: the issue's one-GPU goal, after the slice
 # has tuned the expert kernels of its shapes)
 QUANT_DECODE = [("qwen2-7b", "int4"), ("qwen2-7b", "int8"), ("qwen1.5-moe-a2.7b", "int4"),
-                ("qwen2-57b-a14b-4l", "int4"), ("qwen2-57b-a14b", "int4"), ("qwen2-72b", "int4")]
+                ("qwen2-57b-a14b-4l", "int4")]
+BIG_QUANT_DECODE = [("qwen2-57b-a14b", "int4"), ("qwen2-72b", "int4")]  # the "big" part
 WHOLE_ONLY = ("qwen2-72b", "qwen2-57b-a14b")  # loaded once, no eager run beside the graphs (time)
 # Estimated seconds per part (a part is skipped if it would end past the budget), from the first run on an H200
 # (2026-11-27) with some margin. Model parts include loading, graph capture, the eager baseline, HF eager and, for
 # MoE shapes, the first-load autotuning. gpu_tests is the estimate; its time limit is GPU_TESTS_LIMIT_S.
-ESTIMATE_S = {"ceilings": 5, "gpu_tests": 200, "decode": 40, "decode_moe": 60, "hf_compiled": 70,
-              "bench_gemv": 60, "bench_sampler": 60, "bench_rmsnorm": 25, "bench_swiglu": 15, "bench_attention": 15,
+ESTIMATE_S = {"ceilings": 5, "warm": 120, "gpu_tests": 200, "decode": 40, "decode_moe": 60, "hf_compiled": 70,
+              "bench_gemv": 40, "bench_sampler": 25, "bench_rmsnorm": 25, "bench_swiglu": 15, "bench_attention": 15,
               "bench_moe": 20, "host": 30, "prefill": 10, "batches": 70,
-              # not measured yet (no GPU run of these parts so far): bench_quant is ~240 timings plus ~40 JIT compiles
-              # of the quantized GEMV and 4 of the fused dequantize-GEMM; a quantized model's load includes
+              # not measured yet (no GPU run of these parts so far), guessed with the Triton cache warmed first (which
+              # takes their JIT compiles out of them): bench_quant is ~240 timings; a quantized model's load includes
               # quantizing its random weights, and 72B int4 fills ~40 GB of weights
-              "bench_quant": 300, "decode_quant": 120, "decode_quant_72b": 420,
+              "bench_quant": 150, "decode_quant": 60, "decode_quant_72b": 420,
               # two 7B loads (prefix caching on and off) and ~25 prefills of 2,050 tokens; the server part is
               # skipped there unless the serve extra's wheels are carried
               "serving": 120,
               # quantized MoE: loading plus the first-load tuning of the quantized expert kernels (every bucket)
-              "decode_quant_moe": 180,
+              "decode_quant_moe": 100,
               # the whole 57B-A14B in int4: ~32 GB of random quantized weights, 28 MoE layers captured per bucket
               "decode_quant_57b": 240}
 # 68 tests took 29 s on the H200 (8 workers); since then the decode GEMV, sampler and batch-invariance tests, and the
-# sampler's JIT compile (20-55 s per variant for sm_90, measured ahead of time on the CPU) in each worker that needs
+# sampler's JIT compile (8-15 s per kernel for sm_90, measured ahead of time on the CPU) in each worker that needs
 # it; then the quantized GEMV, quantized MoE and logprobs GPU tests (~43 more, each quantized form its own compile)
 GPU_TESTS_LIMIT_S = 300
 NOTES = ("Random weights: the router sends tokens to experts near-uniformly (max/mean expert load ~1.16 at 2048 "
          "tokens), so MoE numbers are for uniform routing. Decode rows are ms per step (one token for each sequence "
          "of the batch); floors count the bytes a step must read (MoE: experts touched by the batch; K/V at the "
          "mean context) over the measured copy bandwidth.")
+
+
+# tests/aot_sm90.py --warm: every kernel variant the built-in shapes launch, compiled in parallel into Triton's cache
+# before the parts launch them one after another (not measured on a GPU yet; on the 2-core development machine the
+# 218 float bf16 variants take ~700 s of compiles and the quantized ones ~500 s more, here spread over the GPU
+# machine's cores); past its limit the run goes on without it
+WARM_LIMIT_S = 180
+
+
+def triton_cache_entries() -> int:
+    """Entries in Triton's on-disk cache (one per compiled kernel variant, and per launcher built): the parts' new
+    entries say how much of their time went to compiling."""
+    try:
+        from triton import knobs
+        path = knobs.cache.dir
+    except Exception:  # older Triton: the documented default
+        path = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    return len(os.listdir(path)) if os.path.isdir(path) else 0
+
+
+def warm_triton_cache(quantized: bool, timeout_s: float = WARM_LIMIT_S) -> dict:
+    """tests/aot_sm90.py --warm on every built-in shape in bf16 (and the weight-only quantized kernels when the
+    quantized parts run), in a subprocess: its summary, failures and time for the record."""
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "aot_sm90.py"), "--warm", "--dtypes", "bf16",
+           "--jobs", str(os.cpu_count() or 1)] + ([] if quantized else ["--no-quantized"])
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+        lines = r.stdout.strip().splitlines()
+        summary = next((ln for ln in lines if ln.startswith("warmed ")), f"no summary (exit {r.returncode}): "
+                       + r.stderr.strip()[-500:])
+        failed = [ln for ln in lines if ln.startswith("FAILED")]
+    except subprocess.TimeoutExpired:
+        summary, failed = f"stopped at its {timeout_s:.0f} s limit (what compiled stays cached)", []
+    return {"summary": summary, "failed": failed[:30], "seconds": time.perf_counter() - t0,
+            "command": " ".join(cmd[1:])}
 
 
 def run_gpu_tests(timeout_s: float = GPU_TESTS_LIMIT_S) -> dict:
@@ -116,11 +161,21 @@ def summary_markdown(rec: dict) -> str:
                 f"GB/s, bf16 GEMM {c['bf16_gemm_TFLOPs']:.0f} TFLOP/s.", ""]
     if rec.get("notes"):
         out += [rec["notes"], ""]
+    if rec.get("calls", 1) > 1:
+        out += [f"Built over {rec['calls']} calls (--resume: each ran only the parts not done before), "
+                f"{rec.get('total_s') or 0:.0f} s in all.", ""]
     t = rec.get("gpu_tests")
     if t:
         out += [f"GPU tests: {t.get('summary')}", ""] + [f"- {ln}" for ln in t.get("failed", [])] + [""]
+    w = rec.get("warm")
+    if w:
+        out += [f"Triton cache warmed first: {w.get('summary')}", ""] + [f"- {ln}" for ln in w.get("failed", [])]
+        out += [""]
     if rec.get("parts"):
-        out += ["Parts: " + "; ".join(f"{k}: {v}" for k, v in rec["parts"].items()), ""]
+        compiles = rec.get("compiles") or {}
+        out += ["Parts (with the Triton cache entries each added: its own compiles): " + "; ".join(
+            f"{k}: {v}" + (f", {compiles[k]} compiled" if compiles.get(k) else "") for k, v in rec["parts"].items()),
+            ""]
     if rec.get("decode"):
         out += ["## Decode (ms per step; at batch 1, per token)", "",
                 "| model | batch | impl | ms/step | floor ms | % of floor | notes |",
@@ -211,19 +266,41 @@ def short_table(rec: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for the JSON record and its markdown summary")
-    ap.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
+    ap.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS + OPTIONAL_PARTS)
     ap.add_argument("--quick", action="store_true", help=f"end-to-end on {QUICK_MODELS} only")
     ap.add_argument("--models", nargs="+", default=None, help="end-to-end models (default: all built-in shapes)")
     ap.add_argument("--budget-s", type=float, default=420, help="skip parts that would end after this")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the driver end to end")
+    ap.add_argument("--resume", nargs="?", const="", default=None, metavar="RECORD",
+                    help="go on with a record of this GPU and commit (RECORD, a .json file, or else the newest in "
+                         "--out): run only the parts it has not done (skipped, failed or missing), add their rows "
+                         "and write the whole record into --out")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     device = device_default()
     env = environment()
     rec = dict(env, ceilings=None, decode=[], prefill=[], kernels=[], host=[], serving=[], graph_capture_s=None,
-               gpu_tests=None, errors=[], parts={}, budget_s=args.budget_s, notes=NOTES)
+               warm=None, gpu_tests=None, errors=[], parts={}, compiles={}, budget_s=args.budget_s, notes=NOTES,
+               calls=1, total_s=0.0)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, record_name(env))
+    if args.resume is not None:
+        earlier = args.resume or max((os.path.join(args.out, p) for p in os.listdir(args.out) if p.endswith(".json")
+                                      and p[len("yyyy-mm-dd-"):] == os.path.basename(path)[len("yyyy-mm-dd-"):]),
+                                     default=None)
+        if not earlier or not os.path.isfile(earlier):
+            raise SystemExit(f"--resume: no record {earlier or 'of this GPU and commit in ' + args.out}")
+        with open(earlier) as f:
+            rec = dict(json.load(f), budget_s=args.budget_s)
+        if (rec.get("gpu"), rec.get("commit")) != (env["gpu"], env["commit"]):
+            raise SystemExit(f"--resume: {earlier} is of {rec.get('gpu')} at commit {rec.get('commit')}, this run "
+                             f"is {env['gpu']} at {env['commit']}")
+        path = os.path.join(args.out, os.path.basename(earlier))  # its name (and first date) stays
+        rec["calls"] = rec.get("calls", 1) + 1
+        rec.setdefault("compiles", {})
+        print(f"[gpu_check] resuming {earlier}: done before: "
+              f"{[k for k, v in rec['parts'].items() if v.startswith('ok')]}", flush=True)
+    total_before = rec.get("total_s") or 0.0
 
     def save():
         with open(path, "w") as f:
@@ -233,16 +310,21 @@ def main(argv=None) -> int:
 
     def part(name, estimate_s, fn):
         elapsed = time.perf_counter() - start
+        if rec["parts"].get(name, "").startswith("ok") and name != "warm":  # --resume: done in an earlier call
+            print(f"[gpu_check] {elapsed:6.1f} s  {name}: done in an earlier call", flush=True)
+            return
+        rec["errors"] = [e for e in rec["errors"] if e["part"] != name]  # a rerun replaces an earlier failure
         if not args.smoke and elapsed + estimate_s > args.budget_s:
             rec["parts"][name] = f"skipped: {elapsed:.0f} s spent + ~{estimate_s} s estimated > budget"
         else:
-            t0 = time.perf_counter()
+            t0, entries = time.perf_counter(), triton_cache_entries()
             try:
                 fn()
                 rec["parts"][name] = f"ok in {time.perf_counter() - t0:.1f} s"
             except Exception as e:
                 rec["parts"][name] = f"failed after {time.perf_counter() - t0:.1f} s"
                 rec["errors"].append({"part": name, "error": repr(e)[:500], "trace": traceback.format_exc()[-2000:]})
+            rec["compiles"][name] = triton_cache_entries() - entries  # new Triton cache entries during the part
         print(f"[gpu_check] {time.perf_counter() - start:6.1f} s  {name}: {rec['parts'][name]}", flush=True)
         save()
 
@@ -260,7 +342,7 @@ def main(argv=None) -> int:
         shutil.copy(tuned, path[:-len(".json")] + "-moe-configs.json")
     captures = [r["graph_capture_s"] for r in rec["decode"] if r.get("graph_capture_s")]
     rec["graph_capture_s"] = max(captures) if captures else None
-    rec["total_s"] = time.perf_counter() - start
+    rec["total_s"] = total_before + time.perf_counter() - start
     save()
     print(f"[gpu_check] record: {path}")
     print(short_table(rec))
@@ -268,11 +350,14 @@ def main(argv=None) -> int:
 
 
 def _gpu_parts(args, device, ceilings, rec, part, models, start):
-    """The real run, in decision order: GPU tests, decode at batch 1 (qwen2rt, its eager run and HF eager per model),
-    the kernels (the quantized GEMVs last among them), host time, the HF torch.compile baselines, prefill, batches 4
-    and 16, then weight-only quantized decode at batch 1 (7B int4 and int8, Qwen1.5-MoE and the 4-layer
-    Qwen2-57B-A14B slice int4, 72B int4)."""
+    """The real run, in decision order: Triton's cache warmed, GPU tests, decode at batch 1 (qwen2rt, its eager run
+    and HF eager per model), the kernels, host time, the HF torch.compile baselines, prefill, batches 4 and 16, then
+    the quantized kernels and weight-only quantized decode at batch 1 (7B int4 and int8, Qwen1.5-MoE and the 4-layer
+    Qwen2-57B-A14B slice int4), serving; the "big" part, when asked for: the whole 57B-A14B and 72B in int4."""
     decode, kernels, prefill = rec["decode"].extend, rec["kernels"].extend, rec["prefill"].extend
+    part("warm", ESTIMATE_S["warm"], lambda: rec.update(warm=warm_triton_cache(
+        quantized="quantized" in args.parts or "big" in args.parts,
+        timeout_s=max(30.0, min(WARM_LIMIT_S, args.budget_s - (time.perf_counter() - start) - 60)))))
     if "tests" in args.parts:
         def tests():
             left = args.budget_s - (time.perf_counter() - start)
@@ -288,14 +373,10 @@ def _gpu_parts(args, device, ceilings, rec, part, models, start):
         part("bench_gemv", ESTIMATE_S["bench_gemv"], lambda: kernels(
             bench_gemv.run(device, ceilings, models=["qwen2-0.5b", "qwen2-7b"])
             + bench_gemv.run(device, ceilings, models=["qwen2-1.5b", "qwen2-72b"], rows=[1, 16])))
-        # the sampler's first call per form JIT-compiles for 20-55 s (measured for sm_90 on the CPU): most of its time
+        # the sampler: 8-15 s of JIT compile per kernel of a sampled form for sm_90 (measured on the CPU), unless warmed
         for name, mod in (("bench_attention", bench_attention), ("bench_sampler", bench_sampler),
                           ("bench_moe", bench_moe), ("bench_rmsnorm", bench_rmsnorm), ("bench_swiglu", bench_swiglu)):
             part(name, ESTIMATE_S[name], lambda mod=mod: kernels(mod.run(device, ceilings)))
-        # the quantized GEMVs: every row count on 7B, the ends of the range on 72B (time)
-        part("bench_quant", ESTIMATE_S["bench_quant"], lambda: kernels(
-            bench_quant.run(device, ceilings, models=["qwen2-7b"])
-            + bench_quant.run(device, ceilings, models=["qwen2-72b"], rows=[1, 16])))
     if "host" in args.parts:  # the engine's host time per step, with a stub model (the device's copies and syncs)
         part("host", ESTIMATE_S["host"], lambda: rec["host"].extend(bench_host.run(device=device)))
     if "decode" in args.parts:  # the HF torch.compile baselines last among the decode work: the slowest to get
@@ -314,8 +395,15 @@ def _gpu_parts(args, device, ceilings, rec, part, models, start):
                 sampled_models=[])))
 
 
-    if "quantized" in args.parts:  # last: weight-only quantized decode at batch 1 (its baseline: the dense rows)
-        for name, quantization in QUANT_DECODE:
+    if "quantized" in args.parts:  # last: the quantized kernels, then weight-only quantized decode at batch 1 (its
+        # baseline: the dense rows). The quantized GEMVs: every row count on 7B, the ends of the range on 72B (time)
+        part("bench_quant", ESTIMATE_S["bench_quant"], lambda: kernels(
+            bench_quant.run(device, ceilings, models=["qwen2-7b"])
+            + bench_quant.run(device, ceilings, models=["qwen2-72b"], rows=[1, 16])))
+    quant_models = (QUANT_DECODE if "quantized" in args.parts else []) + (
+        BIG_QUANT_DECODE if "big" in args.parts else [])
+    if quant_models:
+        for name, quantization in quant_models:
             moe = builtin_config(name).is_moe
             est = ESTIMATE_S["decode_quant_72b" if name == "qwen2-72b" else "decode_quant_57b"
                              if name == "qwen2-57b-a14b" else "decode_quant_moe" if moe else "decode_quant"]
@@ -350,13 +438,13 @@ def _smoke_parts(args, device, ceilings, rec, part):
         part("bench_attention", 0, lambda: rec["kernels"].extend(bench_attention.run(device, ceilings, smoke=True)))
         part("bench_gemv", 0, lambda: rec["kernels"].extend(bench_gemv.run(
             device, ceilings, models=["tiny"], rows=[1, 3], dtype=torch.float32)))
-        part("bench_quant", 0, lambda: rec["kernels"].extend(bench_quant.run(
-            device, ceilings, models=["tiny"], rows=[3], dtype=torch.float32, projs=["down"], prefill_models=["tiny"],
-            prefill_rows=[40], moe_layers=["tiny-moe"], moe_tokens=[40])))
     if "host" in args.parts:
         part("host", 0, lambda: rec["host"].extend(bench_host.run(batches=(1, 2), contexts=(64,), steps=20,
                                                                   device=device)))
     if "quantized" in args.parts:
+        part("bench_quant", 0, lambda: rec["kernels"].extend(bench_quant.run(
+            device, ceilings, models=["tiny"], rows=[3], dtype=torch.float32, projs=["down"], prefill_models=["tiny"],
+            prefill_rows=[40], moe_layers=["tiny-moe"], moe_tokens=[40])))
         part("decode bs1 tiny int4", 0, lambda: rec["decode"].extend(quant_decode(
             device, ceilings, "tiny", "int4", prompt_len=8, steps=4, dtype=torch.float32, repeats=1)))
     if "serving" in args.parts:

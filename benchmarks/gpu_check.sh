@@ -2,7 +2,8 @@
 # The one-call GPU check (see benchmarks/gpu_check.py): install this checkout without touching the machine's
 # torch, run the GPU tests, the ceilings, the kernel and end-to-end benchmarks with their baselines; write one JSON
 # record and its markdown summary into $OUT (or the folder given as the first argument); print a short table last.
-#   bash benchmarks/gpu_check.sh [OUT_DIR] [--quick] [--parts tests kernels decode prefill] [--budget-s S]
+#   bash benchmarks/gpu_check.sh [OUT_DIR] [--quick] [--parts tests kernels decode ...] [--budget-s S]
+#                                [--resume benchmarks/results/<record>.json]  (a second call: the parts not done yet)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results/local}"

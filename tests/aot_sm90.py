@@ -21,8 +21,16 @@ quarter: these kernels keep no arrays in local memory, so a stack frame is spill
 compile seconds. Exit 1 if a kernel fails to compile, needs more shared memory than sm_90 allows, or a decode-path
 kernel spills (DECODE_PATH); a prefill kernel that spills is printed as a warning.
 
+--warm (on a GPU machine; benchmarks/gpu_check runs it first): the same variants, each compiled in parallel workers
+through its kernel's own JIT (JITFunction.warmup with the recorded launch's arguments) into Triton's on-disk cache,
+under the key a later launch of the same specialisation looks up. A fresh machine otherwise compiles every variant
+one after another on its first launch (8-15 s each for the sampled forms' two sampler kernels, on the 2-core
+development machine), and the MoE tuning compiles every candidate. Variants the recording does not cover still
+compile on their first launch.
+
     python tests/aot_sm90.py [--quick] [--capability 90] [--jobs N (default: all cores)]
                              [--only NAME (the kernels whose name contains NAME)]
+                             [--models NAME ...] [--dtypes bf16 fp16] [--no-quantized] [--warm]
 """
 
 from __future__ import annotations
@@ -37,8 +45,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+# --warm (and its spawned workers): compile through the JIT on this machine's GPU, whose cache keys include
+# TRITON_DEFAULT_FP_FUSION when it is set, so the environment is left as the later runs will have it
+_WARM = "--warm" in sys.argv or os.environ.get("QWEN2RT_AOT_WARM") == "1"
 os.environ["TRITON_INTERPRET"] = "0"
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+if not _WARM:
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -74,6 +86,7 @@ class Variant:
     constexprs: dict
     attrs: dict
     options: dict
+    launch: tuple = ((), {})  # (args, kwargs) of its first launch: --warm replays it through the JIT
     where: list[str] = field(default_factory=list)  # the launches that use it
 
     @property
@@ -107,7 +120,8 @@ class Recorder:
         constexprs = {fn.arg_names[path[0]]: value for path, value in constexprs.items()}
         src = ASTSource(fn, signature, constexprs, attrs)
         key = (src.hash(), tuple(sorted(options.items())))
-        variant = self.variants.setdefault(key, Variant(fn, signature, constexprs, attrs, dict(options)))
+        variant = self.variants.setdefault(key, Variant(fn, signature, constexprs, attrs, dict(options),
+                                                        (args, kwargs)))
         variant.where.append(self.where)
 
     @contextlib.contextmanager
@@ -274,16 +288,19 @@ def moe_quant_block(c, dtype, recorder: Recorder, where: str, form: str):
                               norm_weight=meta(h, dtype=dtype), residual=x)
 
 
-def record(quick: bool, recorder: Recorder):
+def record(quick: bool, recorder: Recorder, models=tuple(MODELS), dtypes=tuple(DTYPES), quantized_forms=True):
     """quick: bf16; decode at the longest context; the MoE defaults, and the decode tuning candidates of the layer
-    with the most pairs per token (the most registers); the prefill defaults. Else: bf16 and fp16; decode at the
-    longest context and at a short one whose block-table stride is not a multiple of 16 (one split), at batch 1 and
-    at the largest bucket; every MoE default and candidate."""
+    with the most pairs per token (the most registers); the prefill defaults. Else: `dtypes`; decode at the longest
+    context and at a short one whose block-table stride is not a multiple of 16 (one split), at batch 1 and at the
+    largest bucket; the decode GEMVs at each row count Triton compiles apart (1, one that is not a multiple of 16,
+    one that is); every MoE default and candidate. models: the built-in shapes to record; quantized_forms: also
+    the weight-only quantized kernels (QUANT_FORMS on QUANT_MODELS, MOE_QUANT_FORMS on the MoE models)."""
     batches = (1,) if quick else (1, max(DEFAULT_BUCKETS))
+    gemv_rows = (1,) if quick else (1, 2, max(DEFAULT_BUCKETS))  # Triton specialises an int equal to 1, or to 0 mod 16
     widest = max((c for c in MODELS.values() if c.is_moe), key=moe_pairs, default=None)
-    for dname in ("bf16",) if quick else tuple(DTYPES):
+    for dname in ("bf16",) if quick else dtypes:
         dtype = DTYPES[dname]
-        for name, c in MODELS.items():
+        for name, c in ((n, MODELS[n]) for n in models):
             where = f"{name} {dname}"
             for max_seq_len in (c.max_position_embeddings,) if quick else (c.max_position_embeddings, SHORT_CONTEXT):
                 for batch in batches:
@@ -291,13 +308,13 @@ def record(quick: bool, recorder: Recorder):
                     attention(c, dtype, batch, batch, max_seq_len, decode=True)
             recorder.where = f"{where} decode"
             norms_and_mlp(c, dtype, tokens=1)
-            for rows in (1,) if quick else (1, max(DEFAULT_BUCKETS)):  # M = 1 is its own JIT specialisation
+            for rows in gemv_rows:
                 recorder.where = f"{where} decode GEMVs M={rows}"
                 decode_projections(c, dtype, rows)
                 recorder.where = f"{where} sampler B={rows}"
                 sampler_forms(c, rows)
-            for form in QUANT_FORMS if name in QUANT_MODELS else ():
-                for rows in (1,) if quick else (1, max(DEFAULT_BUCKETS)):
+            for form in QUANT_FORMS if name in QUANT_MODELS and quantized_forms else ():
+                for rows in gemv_rows:
                     recorder.where = f"{where} {form} GEMVs M={rows}"
                     quant_projections(c, dtype, rows, form)
             recorder.where = f"{where} prefill"
@@ -306,7 +323,7 @@ def record(quick: bool, recorder: Recorder):
             if c.is_moe:
                 moe_block(c, dtype, recorder, where,
                           "all" if not quick else "decode-folded" if c == widest else "defaults")
-                for form in MOE_QUANT_FORMS:
+                for form in MOE_QUANT_FORMS if quantized_forms else ():
                     moe_quant_block(c, dtype, recorder, where, form)
 
 
@@ -350,18 +367,69 @@ def _compile(index: int) -> Result:
         return Result(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
+def _warm(index: int) -> Result:
+    """Variant `index` through its kernel's own JIT on this machine's GPU (JITFunction.warmup: the launch's
+    arguments, compiled, not run), so that Triton's on-disk cache holds it under the key a later launch looks up;
+    then loaded, which also builds (and caches) its launcher. Registers and spills as the driver reports them."""
+    v = _VARIANTS[index]
+    args, kwargs = v.launch
+    start = time.perf_counter()
+    try:
+        kernel = v.fn.warmup(*args, grid=(1,), **kwargs)
+        getattr(kernel, "_init_handles", lambda: None)()
+        return Result(kernel.n_regs, 4 * kernel.n_spills, kernel.metadata.shared, time.perf_counter() - start)
+    except Exception as e:
+        return Result(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def _record_variants(quick: bool, models, dtypes, quantized_forms: bool, only: str) -> None:
+    recorder = Recorder(_TARGET)
+    with recorder.recording():
+        record(quick, recorder, models, dtypes, quantized_forms)
+    _VARIANTS[:] = sorted((v for v in recorder.variants.values() if only in v.kernel),
+                          key=lambda v: (v.kernel not in DECODE_PATH, v.kernel, v.describe()))
+
+
+def _spawned_worker(*recording) -> None:
+    """--warm's workers start afresh (CUDA cannot cross a fork) and record the same variants in the same order."""
+    global _TARGET
+    _TARGET = GPUTarget("cuda", 90, 32)
+    _record_variants(*recording)
+
+
+def _list_arg(args: list[str], flag: str, default: tuple) -> tuple:
+    if flag not in args:
+        return default
+    values = []
+    for a in args[args.index(flag) + 1:]:
+        if a.startswith("--"):
+            break
+        values.append(a)
+    return tuple(values)
+
+
 def main() -> int:
     global _TARGET
     args = sys.argv[1:]
     capability = int(args[args.index("--capability") + 1]) if "--capability" in args else 90
     jobs = int(args[args.index("--jobs") + 1]) if "--jobs" in args else (os.cpu_count() or 1)
-    _TARGET = GPUTarget("cuda", capability, 32)
-    recorder = Recorder(_TARGET)
-    with recorder.recording():
-        record("--quick" in args, recorder)
+    models, dtypes = _list_arg(args, "--models", tuple(MODELS)), _list_arg(args, "--dtypes", tuple(DTYPES))
+    for name in models:
+        if name not in MODELS:
+            raise SystemExit(f"--models: unknown model {name!r}; the built-in shapes are {sorted(MODELS)}")
+    for name in dtypes:
+        if name not in DTYPES:
+            raise SystemExit(f"--dtypes: unknown dtype {name!r}; choose from {sorted(DTYPES)}")
     only = args[args.index("--only") + 1] if "--only" in args else ""
-    _VARIANTS[:] = sorted((v for v in recorder.variants.values() if only in v.kernel),
-                          key=lambda v: (v.kernel not in DECODE_PATH, v.kernel, v.describe()))
+    _TARGET = GPUTarget("cuda", capability, 32)
+    recording = ("--quick" in args, models, dtypes, "--no-quantized" not in args, only)
+    _record_variants(*recording)
+    start = time.perf_counter()
+    if _WARM:
+        os.environ["QWEN2RT_AOT_WARM"] = "1"  # the spawned workers import this file afresh: keep its environment
+        with multiprocessing.get_context("spawn").Pool(max(1, jobs), _spawned_worker, recording) as pool:
+            results = pool.map(_warm, range(len(_VARIANTS)), chunksize=1)
+        return _report_warm(results, time.perf_counter() - start, jobs)
     # fork: the workers inherit the recorded variants; each compile is independent
     with multiprocessing.get_context("fork").Pool(max(1, jobs)) as pool:
         results = pool.map(_compile, range(len(_VARIANTS)), chunksize=1)
@@ -388,6 +456,21 @@ def main() -> int:
     for line in failed:
         print("FAILED", line)
     return 1 if failed or spills else 0
+
+
+def _report_warm(results: list[Result], wall_s: float, jobs: int) -> int:
+    failed = [(v, r) for v, r in zip(_VARIANTS, results) if r.error]
+    print(f"{'regs':>4} {'spill':>6} {'smem':>6} {'s':>5}  kernel meta-parameters | options  (first launch +others)")
+    for v, r in zip(_VARIANTS, results):
+        if not r.error:
+            print(f"{r.regs:>4} {r.spill:>6} {r.shared:>6} {r.seconds:>5.1f}  {v.kernel} {v.describe()}  "
+                  f"({v.where[0]})")
+    print(f"warmed {len(_VARIANTS) - len(failed)} of {len(_VARIANTS)} kernel variants into Triton's cache through "
+          f"the JIT (triton {triton.__version__}) in {wall_s:.1f} s with {jobs} workers "
+          f"({sum(r.seconds for r in results):.0f} s of compiles)")
+    for v, r in failed:
+        print(f"FAILED {v.kernel} {v.describe()}  ({v.where[0]}): {r.error}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

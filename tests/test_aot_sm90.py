@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # aot_sm90.DECODE_PATH (not imported: importing it would turn the interpreter off in this process)
@@ -40,3 +41,38 @@ def test_all_kernels_compile_for_sm90_and_decode_path_does_not_spill():
     gemm = [rest for name, rest in rows if name == "_quant_gemm_kernel"]
     for form in ("BITS=4, IS_FP8=False, GROUP_STEPS=2, PER_CHANNEL=False, HAS_PERM=True", "IS_FP8=True"):
         assert any(form in rest for rest in gemm), form
+
+
+WARM = [sys.executable, os.path.join(HERE, "aot_sm90.py"), "--warm", "--only", "_rms_norm", "--models", "qwen2-0.5b",
+        "--dtypes", "bf16", "--no-quantized", "--jobs", "2"]
+# a fresh process launching the RMSNorm kernels as the 0.5B decode step does (one row), then counting Triton's cache
+LAUNCH = """
+import os, torch
+from qwen2rt.kernels import rmsnorm
+x, w = torch.randn(1, 896, device="cuda", dtype=torch.bfloat16), torch.randn(896, device="cuda", dtype=torch.bfloat16)
+rmsnorm.rms_norm(x, w, 1e-6)
+rmsnorm.add_rms_norm(x, x.clone(), w, 1e-6)
+torch.cuda.synchronize()
+print(len(os.listdir(os.environ["TRITON_CACHE_DIR"])))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below warms for real")
+def test_warm_without_a_gpu_says_so():
+    r = subprocess.run(WARM, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "warmed 0 of 2 kernel variants" in r.stdout
+    assert r.stdout.count("FAILED _rms_norm_kernel") == 2 and "driver" in r.stdout
+
+
+@pytest.mark.gpu
+def test_warm_fills_the_cache_a_later_launch_reads(tmp_path):
+    """--warm compiles through the JIT under the keys a real launch looks up: after it, a fresh process launching
+    the same kernels at the recorded shape adds nothing to Triton's cache (no compile, no launcher build)."""
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
+    r = subprocess.run(WARM, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "warmed 2 of 2" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    warmed = len(os.listdir(tmp_path))
+    out = subprocess.run([sys.executable, "-c", LAUNCH], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) == warmed, (warmed, out.stdout)

@@ -69,9 +69,18 @@ def test_bench_serving_runs(tmp_path):
 
 
 def test_gpu_check_driver_writes_the_record(tmp_path):
-    assert gpu_check.main(["--out", str(tmp_path), "--smoke"]) == 0
-    (record,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+    """Two calls, as on the GPU machine: the first runs some parts, the second (--resume, writing into another
+    folder as the machine's fresh $OUT) only the rest, into one record."""
+    first = ["decode", "kernels", "host", "quantized"]
+    assert gpu_check.main(["--out", str(tmp_path / "call1"), "--smoke", "--parts", *first]) == 0
+    (record,) = [p for p in os.listdir(tmp_path / "call1") if p.endswith(".json")]
+    rec1 = json.load(open(tmp_path / "call1" / record))
+    assert "serving tiny" not in rec1["parts"] and not rec1["serving"]
+    assert gpu_check.main(["--out", str(tmp_path), "--smoke", "--resume", str(tmp_path / "call1" / record)]) == 0
     rec = json.load(open(tmp_path / record))
+    assert rec["calls"] == 2 and rec["total_s"] > rec1["total_s"]
+    assert rec["decode"][:len(rec1["decode"])] == rec1["decode"]  # the first call's rows, not run again
+    assert {(r["model"], r["batch"]) for r in rec["decode"][len(rec1["decode"]):]} == {("tiny-moe", 2)}  # batches
     for key in ("gpu", "torch", "triton", "transformers", "commit", "date", "ceilings", "decode", "prefill",
                 "kernels", "graph_capture_s"):
         assert key in rec, key
