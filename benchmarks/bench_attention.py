@@ -5,7 +5,9 @@ Decode: Qwen2-7B layout (28:4 heads, D 128) at batch 1, contexts 1K / 4K / 16K /
 engine's default max_seq_len (131072) as the engine allocates them, and again with tables just as long as the context
 (qwen2rt_tables_at_ctx: the split count depends only on each sequence's own length, so the two should match); batch
 16 at 4K; Qwen2-0.5B (14:2, D 64) at batch 1. GB/s on the KV bytes read and % of the measured copy bandwidth.
-Prefill: 2048 tokens, causal; TFLOP/s.
+Prefill: 2048 tokens (and 8192 on the 7B layout), causal; TFLOP/s; the launcher's default tiles (qwen2rt) and
+each of kernels.rope_attention.PREFILL_CANDIDATES beside it (qwen2rt_m<BLOCK_M>n<BLOCK_N>w<warps>s<stages>), to
+choose the default from.
 
     python -m benchmarks.bench_attention [--smoke] [--out FILE.json]
 """
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import bench_ms, kernel_bench_main, kernel_row
 from qwen2rt.kernels import decode_attention, prefill_attention
+from qwen2rt.kernels.rope_attention import PREFILL_CANDIDATES
 
 LAYOUTS = {"qwen2-0.5b": (14, 2, 64), "qwen2-7b": (28, 4, 128)}
 BLOCK_SIZE = 16
@@ -73,7 +76,11 @@ def decode_rows(device, ceilings, shapes, dtype, max_seq_len=MAX_SEQ_LEN):
     return rows
 
 
-def prefill_rows(device, ceilings, layouts, tokens, dtype):
+def config_label(cfg: dict) -> str:
+    return f"qwen2rt_m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
+
+
+def prefill_rows(device, ceilings, layouts, tokens, dtype, candidates=PREFILL_CANDIDATES):
     rows = []
     for name, (hq, hkv, d) in layouts.items():
         cos, sin = _rope(d, tokens + 1, device)
@@ -85,9 +92,10 @@ def prefill_rows(device, ceilings, layouts, tokens, dtype):
         starts = torch.tensor([0, tokens], dtype=torch.int32, device=device)
         flops = 4 * hq * d * tokens * tokens / 2  # causal: half of QK^T and PV
         shape = f"{name} T={tokens}"
-        ours = bench_ms(lambda: prefill_attention(qkv, k, v, cos, sin, pos, slots, tables, lens, starts, tokens,
-                                                  hq, hkv, d ** -0.5), device)
-        rows.append(kernel_row("attention_prefill", shape, "qwen2rt", ours, None, flops, ceilings))
+        for impl, cfg in [("qwen2rt", None)] + [(config_label(c), c) for c in candidates]:
+            ours = bench_ms(lambda: prefill_attention(qkv, k, v, cos, sin, pos, slots, tables, lens, starts, tokens,
+                                                      hq, hkv, d ** -0.5, config=cfg), device)
+            rows.append(kernel_row("attention_prefill", shape, impl, ours, None, flops, ceilings))
         q = torch.randn(1, hq, tokens, d, device=device, dtype=dtype)
         kc = torch.randn(1, hkv, tokens, d, device=device, dtype=dtype)
         vc = torch.randn_like(kc)
@@ -101,9 +109,10 @@ def run(device, ceilings, smoke=False):
         layouts = {"qwen2-0.5b": LAYOUTS["qwen2-0.5b"]}
         return (decode_rows(device, ceilings, [("qwen2-0.5b", 1, [40]), ("qwen2-0.5b", 2, [40])], torch.float32,
                             max_seq_len=600)
-                + prefill_rows(device, ceilings, layouts, 24, torch.float32))
+                + prefill_rows(device, ceilings, layouts, 24, torch.float32, PREFILL_CANDIDATES[-1:]))
     return (decode_rows(device, ceilings, DECODE_SHAPES, torch.bfloat16)
-            + prefill_rows(device, ceilings, LAYOUTS, 2048, torch.bfloat16))
+            + prefill_rows(device, ceilings, LAYOUTS, 2048, torch.bfloat16)
+            + prefill_rows(device, ceilings, {"qwen2-7b": LAYOUTS["qwen2-7b"]}, 8192, torch.bfloat16))
 
 
 def main(argv=None):

@@ -133,10 +133,11 @@ def _attend_tile(
     # the tile: cached rows o_n (valid where m_n) of sequence i_b, KV head i_kvh
     o_n, m_n, i_b, i_kvh, p_block_tables, p_k_cache, p_v_cache,
     block_size, s_bt, s_cache_blk, s_cache_row, s_cache_head,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr = True,
 ):
     """One BLOCK_N tile of cached keys for a block of rotated, pre-scaled queries (rows of b_qr1 | b_qr2): scores,
-    masking by `visible` [rows, BN], online-softmax update in base 2. -> (b_m, b_l, b_acc)"""
+    masking by `visible` [rows, BN] (MASKED; else every row sees every key of the tile),
+    online-softmax update in base 2. -> (b_m, b_l, b_acc)"""
     HALF: tl.constexpr = HEAD_DIM // 2
     o_half = tl.arange(0, HALF)
     o_d = tl.arange(0, HEAD_DIM)
@@ -147,7 +148,8 @@ def _attend_tile(
     # [rows, HALF] @ [HALF, BN] x 2 -> [rows, BN]
     b_s = tl.dot(b_qr1, tl.trans(b_k1), input_precision=DOT_PRECISION)
     b_s += tl.dot(b_qr2, tl.trans(b_k2), input_precision=DOT_PRECISION)
-    b_s = tl.where(visible, b_s, float("-inf"))
+    if MASKED:
+        b_s = tl.where(visible, b_s, float("-inf"))
     m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
     b_p = tl.exp2(b_s - m_safe[:, None])
@@ -205,7 +207,15 @@ def _prefill_attention_kernel(
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     end = tl.minimum(ctx, prefix + (i_m + 1) * BLOCK_M)
-    for n0 in range(0, end, BLOCK_N):
+    # whole tiles every query row sees (below the block's first row's diagonal) without a mask, then the rest
+    unmasked_end = (prefix + i_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+    for n0 in range(0, unmasked_end, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < end  # all true: the loads keep the one form of _attend_tile
+        b_m, b_l, b_acc = _attend_tile(b_qr1, b_qr2, b_m, b_l, b_acc, None, o_n, m_n, i_b, i_kvh, p_block_tables,
+                                       p_k_cache, p_v_cache, block_size, s_bt, s_cache_blk, s_cache_row,
+                                       s_cache_head, HEAD_DIM, DOT_PRECISION, False)
+    for n0 in range(unmasked_end, end, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < end
         visible = (o_n[None, :] <= q_cache_pos[:, None]) & m_n[None, :]
@@ -400,13 +410,27 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is the default and only applies to fp32 inputs
 
 
+def prefill_config(head_dim: int) -> dict:
+    """The prefill kernel's tile and launch for a head size: BLOCK_M queries x BLOCK_N keys per step (the Hopper MMA
+    takes 64 rows per warpgroup). Not yet tuned on a GPU: bench_attention times PREFILL_CANDIDATES beside it."""
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+
+# timed by bench_attention (and compiled by tests/aot_sm90.py) beside prefill_config, to choose from on a GPU
+PREFILL_CANDIDATES = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+                      dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+                      dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+                      dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)]
+
+
 def prefill_attention(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, block_tables, seq_lens,
                       query_start, max_query_len: int, num_heads: int, num_kv_heads: int,
-                      scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                      scale: float, out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """Causal attention of B variable-length sequences whose new tokens are rows query_start[b]:query_start[b+1]
     of qkv, on top of whatever each sequence already has cached (seq_lens[b] - its new-token count rows). Writes
     the new tokens' rotated k and v to the cache. max_query_len: host int, the longest new-token count (sizes the
-    grid). -> [T, Hq D] in qkv's dtype (into `out` if given)."""
+    grid). config: BLOCK_M, BLOCK_N, num_warps, num_stages (default prefill_config). -> [T, Hq D] in qkv's dtype
+    (into `out` if given)."""
     _check_inputs(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, block_tables, seq_lens, num_heads,
                   num_kv_heads)
     if query_start.shape != (seq_lens.shape[0] + 1,):
@@ -420,13 +444,14 @@ def prefill_attention(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, 
     _rope_cache_write_kernel[(t, num_kv_heads)](
         qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, block_size, qkv.stride(0), *strides,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=d, num_warps=1)
-    block_m, block_n = 64, 64
-    grid = (triton.cdiv(max_query_len, block_m), num_heads, seq_lens.shape[0])
+    cfg = config or prefill_config(d)
+    if set(cfg) != {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}:
+        raise ValueError(f"config must give BLOCK_M, BLOCK_N, num_warps and num_stages, got {sorted(cfg)}")
+    grid = (triton.cdiv(max_query_len, cfg["BLOCK_M"]), num_heads, seq_lens.shape[0])
     _prefill_attention_kernel[grid](
         qkv, cos, sin, positions, k_cache, v_cache, block_tables, seq_lens, query_start, out,
         block_size, scale * LOG2E, qkv.stride(0), *strides, block_tables.stride(0), out.stride(0),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=4 if d <= 64 else 8, num_stages=2)
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=d, DOT_PRECISION=_dot_precision(qkv.dtype), **cfg)
     return out
 
 

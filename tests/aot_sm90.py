@@ -11,9 +11,10 @@ specialisation every load is scalar and the register counts are those of a kerne
 H200 with Triton 3.6: these counts equal the JIT's n_regs / n_spills). The choices enumerated: decode attention with
 block tables for the longest context (up to 128 splits of 256-token chunks) and for a short one (one split; the
 batch never changes what it compiles: a sequence's chunking does not depend on it), the MoE DEFAULT_CONFIGS and
-TUNING_CANDIDATES of every token bucket, the shared expert folded and separate, bf16 and fp16. --quick (the pytest
-suite): bf16, decode at the longest context, the defaults of everything else, and the MoE decode tuning candidates of
-the layer with the most registers (most pairs per token, shared expert folded).
+TUNING_CANDIDATES of every token bucket, the shared expert folded and separate, the prefill attention tiles of
+PREFILL_CANDIDATES, bf16 and fp16. --quick (the pytest suite): bf16, decode at the longest context, the defaults of
+everything else, and the MoE decode tuning candidates of the layer with the most registers (most pairs per token,
+shared expert folded).
 
 Per variant: registers per thread, spill = the stack frame in bytes per thread (ptxas -v's "bytes stack frame", read
 from the cubin by cuobjdump; what CUDA reports as CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, of which Triton's n_spills is a
@@ -140,9 +141,9 @@ def meta(*shape, dtype):
     return torch.empty(shape, device="meta", dtype=dtype)
 
 
-def attention(c, dtype, batch: int, tokens: int, max_seq_len: int, decode: bool = False):
-    """Prefill (`batch` sequences of tokens / batch new tokens) or decode (`tokens` = `batch` sequences) with block
-    tables sized for max_seq_len."""
+def attention(c, dtype, batch: int, tokens: int, max_seq_len: int, decode: bool = False, config=None):
+    """Prefill (`batch` sequences of tokens / batch new tokens; config: its tiles, default the launcher's) or decode
+    (`tokens` = `batch` sequences) with block tables sized for max_seq_len."""
     hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     max_blocks = triton.cdiv(max_seq_len, BLOCK_SIZE)
     cache = [meta(batch * max_blocks, BLOCK_SIZE, hkv, d, dtype=dtype) for _ in range(2)]
@@ -154,7 +155,7 @@ def attention(c, dtype, batch: int, tokens: int, max_seq_len: int, decode: bool 
     if not decode:  # prefill: the engine's int32 lengths and query starts
         seq_lens, query_start = meta(batch, dtype=torch.int32), meta(batch + 1, dtype=torch.int32)
         rope_attention.prefill_attention(qkv, *cache, cos, cos, positions, slots, block_tables, seq_lens,
-                                         query_start, tokens // batch, hq, hkv, scale)
+                                         query_start, tokens // batch, hq, hkv, scale, config=config)
     else:  # decode: the decode runner's int64 rows
         seq_lens = meta(batch, dtype=torch.int64)
         rope_attention.decode_attention(qkv, *cache, cos, cos, positions, slots, block_tables, seq_lens, hq, hkv,
@@ -318,7 +319,9 @@ def record(quick: bool, recorder: Recorder, models=tuple(MODELS), dtypes=tuple(D
                     recorder.where = f"{where} {form} GEMVs M={rows}"
                     quant_projections(c, dtype, rows, form)
             recorder.where = f"{where} prefill"
-            attention(c, dtype, batch=2, tokens=512, max_seq_len=c.max_position_embeddings)
+            for max_seq_len in (c.max_position_embeddings,) if quick else (c.max_position_embeddings, SHORT_CONTEXT):
+                for config in [None] + ([] if quick else rope_attention.PREFILL_CANDIDATES):
+                    attention(c, dtype, batch=2, tokens=512, max_seq_len=max_seq_len, config=config)
             norms_and_mlp(c, dtype, tokens=512)
             if c.is_moe:
                 moe_block(c, dtype, recorder, where,
