@@ -85,11 +85,11 @@ def check(case: Case, out, k, v):
     torch.testing.assert_close(v, ref_v, equal_nan=True, rtol=0, atol=0)
 
 
-def run_prefill(case: Case):
+def run_prefill(case: Case, config=None):
     k, v = case.k_cache.clone(), case.v_cache.clone()
     out = poisoned(case.qkv.shape[0], case.hq * case.d, dtype=case.dtype)
     prefill_attention(*case.args(k, v), case.query_start, case.max_query_len, case.hq, case.hkv, case.scale,
-                      out=out)
+                      out=out, config=config)
     return out, k, v
 
 
@@ -135,11 +135,7 @@ def test_prefill_tiles_past_the_diagonal(config):
     the first query block's first row sits 2 before a tile boundary for every BLOCK_N, where one unmasked tile too
     many would show it the next token (tried: that off-by-one fails here)."""
     case = Case([0, 126], [150, 90], 4, 2, 64, torch.float32, seed=3)
-    k, v = case.k_cache.clone(), case.v_cache.clone()
-    out = poisoned(case.qkv.shape[0], case.hq * case.d, dtype=case.dtype)
-    prefill_attention(*case.args(k, v), case.query_start, case.max_query_len, case.hq, case.hkv, case.scale,
-                      out=out, config=config)
-    check(case, out, k, v)
+    check(case, *run_prefill(case, config))
 
 
 def decode_case(lengths, hq, hkv, d, dtype, seed=0, device=DEVICE) -> Case:
@@ -370,8 +366,10 @@ def test_decode_qwen2_shapes_bf16_gpu(hq, hkv, d, batch, context):
 @pytest.mark.gpu
 @pytest.mark.parametrize("hq, hkv, d", GPU_LAYOUTS)
 def test_prefill_qwen2_shapes_bf16_gpu(hq, hkv, d):
+    """The launcher's tiles and every candidate bench_attention times (any of them may become the default)."""
     case = bf16_prefill_case(hq, hkv, d, "cuda")
-    check_bf16(case, *run_prefill(case))
+    for config in [None] + PREFILL_CANDIDATES:
+        check_bf16(case, *run_prefill(case, config))
 
 
 @pytest.mark.gpu
