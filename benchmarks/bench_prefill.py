@@ -1,8 +1,9 @@
 """End-to-end prefill: time to first token at 128, 512, 2048 and 8192 prompt tokens for the built-in shapes
 (random weights, batch 1), against one Hugging Face transformers forward over the same prompt, in the same run;
 fraction of the floor: the larger of the FLOP floor (matmul + attention FLOPs / measured bf16 GEMM rate) and the
-weight-byte floor (every weight read once / measured copy bandwidth). Prompts longer than a model's context are
-recorded as skipped.
+weight-byte floor (every weight read once / measured copy bandwidth). qwen2rt rows also carry kernel_ms: the
+device time of one prefill's kernels (profiled), against which the time to first token shows the host's share.
+Prompts longer than a model's context are recorded as skipped.
 
     python -m benchmarks.bench_prefill [--models M ...] [--tokens 128 512 2048 8192] [--smoke] [--out FILE.json]
 """
@@ -18,6 +19,7 @@ from benchmarks.common import device_default, free_device_memory, measure_ceilin
 from benchmarks.hf_baseline import hf_model, prefill_ms
 from qwen2rt import LLM, SamplingParams
 from qwen2rt.models.config import Qwen2Config, builtin_config
+from qwen2rt.profiling import prefill_kernel_ms
 
 
 def prefill_flops(config: Qwen2Config, tokens: int) -> float:
@@ -67,7 +69,9 @@ def run(device, ceilings, models=MODELS, tokens=(128, 512, 2048, 8192), dtype=to
                 params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
                 llm.generate(ids, params)  # warm-up
                 best = min(llm.generate(ids, params)[0].time_to_first_token_s for _ in range(2))
-                rows.append(row(t, "qwen2rt", 1000 * best, backend=llm.backend.name))
+                # the GPU's busy time within it: a time to first token far above it is host-bound (launches)
+                kernel_ms = prefill_kernel_ms(llm, t)
+                rows.append(row(t, "qwen2rt", 1000 * best, backend=llm.backend.name, kernel_ms=kernel_ms))
             del llm
         except Exception as e:
             rows.append(row(tokens[0], "qwen2rt", None, error=repr(e)[:300]))

@@ -61,8 +61,8 @@ WHOLE_ONLY = ("qwen2-72b", "qwen2-57b-a14b")  # loaded once, no eager run beside
 # (2026-11-27) with some margin. Model parts include loading, graph capture, the eager baseline, HF eager and, for
 # MoE shapes, the first-load autotuning. gpu_tests is the estimate; its time limit is GPU_TESTS_LIMIT_S.
 ESTIMATE_S = {"ceilings": 5, "warm": 120, "gpu_tests": 200, "decode": 40, "decode_moe": 60, "hf_compiled": 70,
-              "bench_gemv": 40, "bench_sampler": 25, "bench_rmsnorm": 25, "bench_swiglu": 15, "bench_attention": 15,
-              "bench_moe": 20, "host": 30, "prefill": 10, "batches": 70,
+              "bench_gemv": 40, "bench_sampler": 25, "bench_rmsnorm": 25, "bench_swiglu": 15, "bench_attention": 30,
+              "bench_moe": 20, "host": 30, "prefill": 20, "batches": 70,
               # not measured yet (no GPU run of these parts so far), guessed with the Triton cache warmed first (which
               # takes their JIT compiles out of them): bench_quant is ~240 timings; a quantized model's load includes
               # quantizing its random weights, and 72B int4 fills ~40 GB of weights
@@ -185,11 +185,13 @@ def summary_markdown(rec: dict) -> str:
                        f"{_f(r.get('floor_ms'))} | {_f(r.get('pct_of_floor'))} | {_decode_notes(r)} |")
         out.append("")
     if rec.get("prefill"):
-        out += ["## Prefill (time to first token, ms)", "", "| model | tokens | impl | ms | floor ms | % of floor |",
-                "|---|---|---|---|---|---|"]
+        out += ["## Prefill (time to first token, ms)", "",
+                "| model | tokens | impl | ms | its kernels ms | floor ms | % of floor |",
+                "|---|---|---|---|---|---|---|"]
         for r in rec["prefill"]:
-            out.append(f"| {r['model']} | {r['tokens']} | {r['impl']} | {_f(r.get('ms'))} | {_f(r.get('floor_ms'))} "
-                       f"| {_f(r.get('pct_of_floor'))} |" + (f" error: {r['error']}" if r.get("error") else "")
+            out.append(f"| {r['model']} | {r['tokens']} | {r['impl']} | {_f(r.get('ms'))} | {_f(r.get('kernel_ms'))} "
+                       f"| {_f(r.get('floor_ms'))} | {_f(r.get('pct_of_floor'))} |"
+                       + (f" error: {r['error']}" if r.get("error") else "")
                        + (f" skipped: {r['skipped']}" if r.get("skipped") else ""))
         out.append("")
     if rec.get("kernels"):

@@ -188,6 +188,14 @@ def decode_step_ms(llm, batch: int = 1, prompt_len: int = 128, steps: int = 8) -
     return us / count / 1e3 if count else None
 
 
+def prefill_kernel_ms(llm, prompt_len: int) -> float | None:
+    """Device time of the kernels of one prefill of a prompt_len prompt (forward, logits, first token) on CUDA, CPU
+    time elsewhere: beside the time to first token, how much of it the GPU is busy (the rest is host work)."""
+    prof = _profiled_generate(llm, 1, prompt_len, 0)
+    us, count = range_times(prof, llm.device.type == "cuda").get("qwen2rt.prefill", (0.0, 0))
+    return us / count / 1e3 if count else None
+
+
 def profile(llm, batch: int = 1, prompt_len: int = 128, steps: int = 8, trace_path: str | None = None) -> list[dict]:
     """Profile one prefill of `batch` prompts and `steps` decode steps (run eagerly: see eager_with_ranges). -> per-op
     rows (also printed)."""

@@ -43,6 +43,8 @@ def test_bench_scripts_run(module, args, key, tmp_path):
         assert {"qwen2rt_eager", "qwen2rt_lazy", "qwen2rt_sampled_topk", "qwen2rt_sampled_full"} <= impls
         assert all(_finite(r["first_request_s"]) and _finite(r["load_s"]) for r in rows
                    if r["impl"] in ("qwen2rt", "qwen2rt_eager", "qwen2rt_lazy"))
+    if module is bench_prefill:  # the profiled prefill's kernel (here CPU) time beside the time to first token
+        assert all(_finite(r["kernel_ms"]) and r["kernel_ms"] > 0 for r in rows if r["impl"] == "qwen2rt")
     if module is bench_moe:  # the shared expert folded into the grouped launches vs run separately
         assert {"qwen2rt_fold", "qwen2rt_separate"} <= impls
     if module is bench_quant:  # pipelined vs plain word loop, bf16 cuBLAS and the prefill path; the copy floor
@@ -110,7 +112,8 @@ SAMPLE = {  # the shape of a recorded run; the numbers are made up for this test
         {"model": "qwen2-7b", "batch": 1, "impl": "qwen2rt_eager_int4", "ms_per_token": 9.9, "floor_ms": 1.51,
          "quantization": "int4"},
     ],
-    "prefill": [{"model": "qwen2-7b", "tokens": 2048, "impl": "qwen2rt", "ms": 60.0, "floor_ms": 34.8},
+    "prefill": [{"model": "qwen2-7b", "tokens": 2048, "impl": "qwen2rt", "ms": 60.0, "floor_ms": 34.8,
+                 "kernel_ms": 41.5},
                 {"model": "qwen2-7b", "tokens": 2048, "impl": "hf", "ms": 56.4, "floor_ms": 34.8}],
     "kernels": [], "graph_capture_s": None,
 }
@@ -129,7 +132,7 @@ def test_report_renders_readme_table_and_chart(tmp_path):
     assert "NVIDIA H100 80GB HBM3" in text and "abc123" in text
     assert "| qwen2-0.5b | 1.5 | 1.2 | 16.4 | 2.34 | 0.33 | 22% |" in text
     assert "| qwen2-7b | 4 | 9.5 | - | 4.68 | 49% |" in text  # batch 4: its own table, ms per step
-    assert "| qwen2-7b | 2048 | 60 | 56.4 | 34.8 |" in text
+    assert "| qwen2-7b | 2048 | 60 | 41.5 | 56.4 | 34.8 |" in text
     assert "| qwen2-7b | 9 | - | - | - | 4.68 | 52% |" in text  # the dense row: the int4 rows stay out of it
     assert "| qwen2-7b | int4 | 2.5 | 2.2 | 1.51 | 60% | 2 |" in text and "9.9" not in text
     assert png.stat().st_size > 1000 and open(png, "rb").read(4) == b"\x89PNG"
