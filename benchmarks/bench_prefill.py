@@ -62,8 +62,9 @@ def run(device, ceilings, models=MODELS, tokens=(128, 512, 2048, 8192), dtype=to
                                                         f"({config.max_position_embeddings})"))
         tokens = fits
         try:
+            # no prefix caching: the timed prompts repeat the warm-up's, and would reuse all but its last block
             llm = LLM(name, device=device, dtype=dtype, max_batch_size=1,
-                      max_seq_len=min(max(tokens) + 8, config.max_position_embeddings))
+                      max_seq_len=min(max(tokens) + 8, config.max_position_embeddings), enable_prefix_caching=False)
             for t in tokens:
                 ids = _prompts(1, t, config.vocab_size)
                 params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)

@@ -1,5 +1,6 @@
-"""The one-call GPU check: ceilings, Triton's cache warmed in parallel (tests/aot_sm90.py --warm), the GPU tests,
-end-to-end decode at batch 1, the kernel benchmarks, prefill, then larger batches, one JSON record and a markdown
+"""The one-call GPU check: ceilings, Triton's cache warmed in parallel (tests/aot_sm90.py --warm), a gate of GPU
+tests (one per kernel family, model parity, graphs), end-to-end decode at batch 1, the kernel benchmarks, prefill,
+larger batches, the rest of the GPU tests, then the quantized and serving parts; one JSON record and a markdown
 summary (<date>-<gpu>-<commit>.json and .md, ready to copy into
 benchmarks/results/). The parts run in the order of what a decision needs first; each has an estimated cost and is
 skipped (and recorded as skipped) when it would end past the time budget. Each part runs in its own try block (the
@@ -12,7 +13,9 @@ are copied beside the record (<record>-moe-configs.json).
                                    big] [--quick] [--budget-s 420] [--resume [RECORD.json]]
 
 A second call with --resume (on the GPU machine, whose $OUT starts empty: --resume benchmarks/results/<record>.json
-after copying the first call's record there) runs the parts the first skipped at its budget and merges the rows.
+after copying the first call's record there, uncommitted: the record must be of the checkout's commit) runs the
+parts the first skipped at its budget and merges the rows. The MoE configs tuned beside the record are the last
+call's (all of them when the machine stayed warm between the calls: the tuning cache lives on it).
 
 Run it through benchmarks/gpu_check.sh on the lent GPU machine; copy DIR/<record>.json and .md into
 benchmarks/results/.
@@ -26,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -59,8 +63,9 @@ BIG_QUANT_DECODE = [("qwen2-57b-a14b", "int4"), ("qwen2-72b", "int4")]  # the "b
 WHOLE_ONLY = ("qwen2-72b", "qwen2-57b-a14b")  # loaded once, no eager run beside the graphs (time)
 # Estimated seconds per part (a part is skipped if it would end past the budget), from the first run on an H200
 # (2026-11-27) with some margin. Model parts include loading, graph capture, the eager baseline, HF eager and, for
-# MoE shapes, the first-load autotuning. gpu_tests is the estimate; its time limit is GPU_TESTS_LIMIT_S.
-ESTIMATE_S = {"ceilings": 5, "warm": 120, "gpu_tests": 200, "decode": 40, "decode_moe": 60, "hf_compiled": 70,
+# MoE shapes, the first-load autotuning. gpu_tests(_gate): estimates; their time limit is GPU_TESTS_LIMIT_S.
+ESTIMATE_S = {"ceilings": 5, "warm": 90, "gpu_tests_gate": 60, "gpu_tests": 200, "decode": 40, "decode_moe": 60,
+              "hf_compiled": 70,
               "bench_gemv": 40, "bench_sampler": 25, "bench_rmsnorm": 25, "bench_swiglu": 15, "bench_attention": 30,
               "bench_moe": 20, "host": 30, "prefill": 20, "batches": 70,
               # not measured yet (no GPU run of these parts so far), guessed with the Triton cache warmed first (which
@@ -70,8 +75,9 @@ ESTIMATE_S = {"ceilings": 5, "warm": 120, "gpu_tests": 200, "decode": 40, "decod
               # two 7B loads (prefix caching on and off) and ~25 prefills of 2,050 tokens; the server part is
               # skipped there unless the serve extra's wheels are carried
               "serving": 120,
-              # quantized MoE: loading plus the first-load tuning of the quantized expert kernels (every bucket)
-              "decode_quant_moe": 100,
+              # quantized MoE: loading plus the first-load tuning of the quantized expert kernels (every bucket;
+              # the warm compiles their default configs only, not the tuning candidates)
+              "decode_quant_moe": 180,
               # the whole 57B-A14B in int4: ~32 GB of random quantized weights, 28 MoE layers captured per bucket
               "decode_quant_57b": 240}
 # 68 tests took 29 s on the H200 (8 workers); since then the decode GEMV, sampler and batch-invariance tests, and the
@@ -88,7 +94,7 @@ NOTES = ("Random weights: the router sends tokens to experts near-uniformly (max
 # before the parts launch them one after another (not measured on a GPU yet; on the 2-core development machine the
 # 218 float bf16 variants take ~700 s of compiles and the quantized ones ~500 s more, here spread over the GPU
 # machine's cores); past its limit the run goes on without it
-WARM_LIMIT_S = 180
+WARM_LIMIT_S = 120
 
 
 def triton_cache_entries() -> int:
@@ -105,25 +111,31 @@ def triton_cache_entries() -> int:
 def warm_triton_cache(quantized: bool, timeout_s: float = WARM_LIMIT_S) -> dict:
     """tests/aot_sm90.py --warm on every built-in shape in bf16 (and the weight-only quantized kernels when the
     quantized parts run), in a subprocess: its summary, failures and time for the record."""
+    jobs = min(16, len(os.sched_getaffinity(0)))  # each worker imports torch and holds a CUDA context
     cmd = [sys.executable, os.path.join(ROOT, "tests", "aot_sm90.py"), "--warm", "--dtypes", "bf16",
-           "--jobs", str(os.cpu_count() or 1)] + ([] if quantized else ["--no-quantized"])
+           "--jobs", str(jobs)] + ([] if quantized else ["--no-quantized"])
     t0 = time.perf_counter()
+    # its own process group, so that a timeout stops the pool's workers too (they would compile on into the next part)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
-        lines = r.stdout.strip().splitlines()
-        summary = next((ln for ln in lines if ln.startswith("warmed ")), f"no summary (exit {r.returncode}): "
-                       + r.stderr.strip()[-500:])
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+        lines = stdout.strip().splitlines()
+        summary = next((ln for ln in lines if ln.startswith("warmed ")), f"no summary (exit {proc.returncode}): "
+                       + stderr.strip()[-500:])
         failed = [ln for ln in lines if ln.startswith("FAILED")]
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         summary, failed = f"stopped at its {timeout_s:.0f} s limit (what compiled stays cached)", []
     return {"summary": summary, "failed": failed[:30], "seconds": time.perf_counter() - t0,
             "command": " ".join(cmd[1:])}
 
 
-def run_gpu_tests(timeout_s: float = GPU_TESTS_LIMIT_S) -> dict:
-    """pytest -m gpu in a subprocess, one line per test (-v), so that a timeout still says which tests ran; spread
+def run_gpu_tests(timeout_s: float = GPU_TESTS_LIMIT_S, marker: str = "gpu") -> dict:
+    """pytest -m MARKER in a subprocess, one line per test (-v), so that a timeout still says which tests ran; spread
     over 8 workers when pytest-xdist is there (the tests are mostly Triton compiles, which use the CPU)."""
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-rfE", "--tb=short"]
+    cmd = [sys.executable, "-m", "pytest", "-m", marker, "-v", "-p", "no:cacheprovider", "-rfE", "--tb=short"]
     if importlib.util.find_spec("xdist"):
         cmd += ["-n", "8"]
     if importlib.util.find_spec("pytest_timeout"):
@@ -164,9 +176,10 @@ def summary_markdown(rec: dict) -> str:
     if rec.get("calls", 1) > 1:
         out += [f"Built over {rec['calls']} calls (--resume: each ran only the parts not done before), "
                 f"{rec.get('total_s') or 0:.0f} s in all.", ""]
-    t = rec.get("gpu_tests")
-    if t:
-        out += [f"GPU tests: {t.get('summary')}", ""] + [f"- {ln}" for ln in t.get("failed", [])] + [""]
+    for key, label in (("gpu_tests_gate", "GPU tests, the gate"), ("gpu_tests", "GPU tests, the rest")):
+        t = rec.get(key)
+        if t:
+            out += [f"{label}: {t.get('summary')}", ""] + [f"- {ln}" for ln in t.get("failed", [])] + [""]
     w = rec.get("warm")
     if w:
         out += [f"Triton cache warmed first: {w.get('summary')}", ""] + [f"- {ln}" for ln in w.get("failed", [])]
@@ -254,8 +267,10 @@ def _f(v) -> str:
 
 
 def short_table(rec: dict) -> str:
-    t = rec.get("gpu_tests") or {}
-    lines = [f"GPU tests: {t.get('summary')}"] + [f"  {ln}" for ln in t.get("failed", [])[:10]]
+    lines = []
+    for key in ("gpu_tests_gate", "gpu_tests"):
+        t = rec.get(key) or {}
+        lines += [f"{key}: {t.get('summary')}"] + [f"  {ln}" for ln in t.get("failed", [])[:10]]
     lines += [f"errors: {[e['part'] for e in rec.get('errors', [])]}",
               "model                 impl                   b  ms/step  replay   %floor"]
     for r in rec.get("decode", []):
@@ -282,8 +297,8 @@ def main(argv=None) -> int:
     device = device_default()
     env = environment()
     rec = dict(env, ceilings=None, decode=[], prefill=[], kernels=[], host=[], serving=[], graph_capture_s=None,
-               warm=None, gpu_tests=None, errors=[], parts={}, compiles={}, budget_s=args.budget_s, notes=NOTES,
-               calls=1, total_s=0.0)
+               warm=None, gpu_tests_gate=None, gpu_tests=None, errors=[], parts={}, compiles={},
+               budget_s=args.budget_s, notes=NOTES, calls=1, total_s=0.0)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, record_name(env))
     if args.resume is not None:
@@ -305,6 +320,7 @@ def main(argv=None) -> int:
     total_before = rec.get("total_s") or 0.0
 
     def save():
+        rec["total_s"] = total_before + time.perf_counter() - start  # this call's time so far, and the earlier ones'
         with open(path, "w") as f:
             json.dump(rec, f, indent=2)
         with open(path[:-len(".json")] + ".md", "w") as f:
@@ -315,10 +331,11 @@ def main(argv=None) -> int:
         if rec["parts"].get(name, "").startswith("ok") and name != "warm":  # --resume: done in an earlier call
             print(f"[gpu_check] {elapsed:6.1f} s  {name}: done in an earlier call", flush=True)
             return
-        rec["errors"] = [e for e in rec["errors"] if e["part"] != name]  # a rerun replaces an earlier failure
         if not args.smoke and elapsed + estimate_s > args.budget_s:
-            rec["parts"][name] = f"skipped: {elapsed:.0f} s spent + ~{estimate_s} s estimated > budget"
+            if name not in rec["parts"] or rec["parts"][name].startswith("skipped"):  # keep an earlier failure
+                rec["parts"][name] = f"skipped: {elapsed:.0f} s spent + ~{estimate_s} s estimated > budget"
         else:
+            rec["errors"] = [e for e in rec["errors"] if e["part"] != name]  # this run replaces an earlier failure
             t0, entries = time.perf_counter(), triton_cache_entries()
             try:
                 fn()
@@ -344,7 +361,6 @@ def main(argv=None) -> int:
         shutil.copy(tuned, path[:-len(".json")] + "-moe-configs.json")
     captures = [r["graph_capture_s"] for r in rec["decode"] if r.get("graph_capture_s")]
     rec["graph_capture_s"] = max(captures) if captures else None
-    rec["total_s"] = total_before + time.perf_counter() - start
     save()
     print(f"[gpu_check] record: {path}")
     print(short_table(rec))
@@ -352,19 +368,23 @@ def main(argv=None) -> int:
 
 
 def _gpu_parts(args, device, ceilings, rec, part, models, start):
-    """The real run, in decision order: Triton's cache warmed, GPU tests, decode at batch 1 (qwen2rt, its eager run
-    and HF eager per model), the kernels, host time, the HF torch.compile baselines, prefill, batches 4 and 16, then
-    the quantized kernels and weight-only quantized decode at batch 1 (7B int4 and int8, Qwen1.5-MoE and the 4-layer
-    Qwen2-57B-A14B slice int4), serving; the "big" part, when asked for: the whole 57B-A14B and 72B in int4."""
+    """The real run, in decision order: Triton's cache warmed, the gate of GPU tests, decode at batch 1 (qwen2rt, its
+    eager run and HF eager per model), the kernels, host time, the HF torch.compile baselines, prefill, batches 4 and
+    16, the rest of the GPU tests, then the quantized kernels and weight-only quantized decode at batch 1 (7B int4
+    and int8, Qwen1.5-MoE and the 4-layer Qwen2-57B-A14B slice int4), serving; the "big" part, when asked for: the
+    whole 57B-A14B and 72B in int4."""
     decode, kernels, prefill = rec["decode"].extend, rec["kernels"].extend, rec["prefill"].extend
     part("warm", ESTIMATE_S["warm"], lambda: rec.update(warm=warm_triton_cache(
         quantized="quantized" in args.parts or "big" in args.parts,
         timeout_s=max(30.0, min(WARM_LIMIT_S, args.budget_s - (time.perf_counter() - start) - 60)))))
-    if "tests" in args.parts:
-        def tests():
-            left = args.budget_s - (time.perf_counter() - start)
-            rec["gpu_tests"] = run_gpu_tests(timeout_s=min(GPU_TESTS_LIMIT_S, left - 20))
-        part("gpu_tests", ESTIMATE_S["gpu_tests"], tests)
+    def tests(key, marker):
+        left = args.budget_s - (time.perf_counter() - start)
+        rec[key] = run_gpu_tests(timeout_s=min(GPU_TESTS_LIMIT_S, left - 20), marker=marker)
+        if rec[key]["returncode"] != 0:  # failures fail the part (and land in errors), not only the test summary
+            raise RuntimeError(f"{marker}: {rec[key]['summary']}")
+
+    if "tests" in args.parts:  # the gate: one test per kernel family, model parity, graphs (tests/conftest.py)
+        part("gpu_tests_gate", ESTIMATE_S["gpu_tests_gate"], lambda: tests("gpu_tests_gate", "gpu and gate"))
     if "decode" in args.parts:
         for name in models:
             est = ESTIMATE_S["decode_moe" if "moe" in name or "a14b" in name else "decode"]
@@ -395,6 +415,8 @@ def _gpu_parts(args, device, ceilings, rec, part, models, start):
             part(f"decode bs4,16 {name}", ESTIMATE_S["batches"], lambda name=name: decode(bench_decode.run(
                 device, ceilings, models=[name], batches=[4, 16], compiled_models=[], lazy_models=[],
                 sampled_models=[])))
+    if "tests" in args.parts:  # the rest of the GPU suite, after the benchmarks that decide the next work
+        part("gpu_tests", ESTIMATE_S["gpu_tests"], lambda: tests("gpu_tests", "gpu and not gate"))
 
 
     if "quantized" in args.parts:  # last: the quantized kernels, then weight-only quantized decode at batch 1 (its

@@ -48,12 +48,13 @@ def _decode_bs1(rec: dict) -> dict[str, dict]:
 
 def render_table(rec: dict, source: str) -> str:
     c = rec.get("ceilings") or {}
-    t = rec.get("gpu_tests") or {}
+    tests = "; ".join((rec.get(k) or {}).get("summary", "not run").strip("= ") for k in ("gpu_tests_gate", "gpu_tests")
+                      if k in rec)  # a gate, then the rest (records before the split: one run of all of them)
     lines = [f"Measured on {rec['gpu']} on {rec['date']} at commit `{rec['commit']}` (torch {rec['torch']}, triton "
              f"{rec['triton']}, transformers {rec['transformers']}); record: `{source}`. Ceilings measured in the "
              f"same run: copy {c.get('copy_GBps', float('nan')):.0f} GB/s, bf16 GEMM "
              f"{c.get('bf16_gemm_TFLOPs', float('nan')):.0f} TFLOP/s. GPU tests in that run: "
-             f"{(t.get('summary') or 'not run').strip('= ')}.", "",
+             f"{tests or 'not run'}.", "",
              "Decode, batch 1, prompt 128, random weights (MoE: near-uniform routing), ms per token (lower is better); "
              "qwen2rt end to end through the Python API, and the device time of its CUDA-graph step alone:", "",
              "| model | qwen2rt | its graph replay | HF eager | HF static + compile | floor (bytes / copy bandwidth) "

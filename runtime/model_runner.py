@@ -211,7 +211,7 @@ class ModelRunner:
                        seqs: list[Sequence]) -> Launched:
         """Run a prefill chunk; each of `seqs` (whose prompts it completes) samples its first token from the hidden
         row `last` [len(seqs)], which also becomes its first decode step's input."""
-        with self.model.named_range("qwen2rt.prefill"):  # the profiler's range (runtime.profiling.prefill_ms)
+        with self.model.named_range("qwen2rt.prefill"):  # the profiler's range (profiling.prefill_kernel_ms)
             return self._launch_prefill(ids, meta, last, seqs)
 
     def _launch_prefill(self, ids, meta, last, seqs) -> Launched:

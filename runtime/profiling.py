@@ -189,11 +189,13 @@ def decode_step_ms(llm, batch: int = 1, prompt_len: int = 128, steps: int = 8) -
 
 
 def prefill_kernel_ms(llm, prompt_len: int) -> float | None:
-    """Device time of the kernels of one prefill of a prompt_len prompt (forward, logits, first token) on CUDA, CPU
-    time elsewhere: beside the time to first token, how much of it the GPU is busy (the rest is host work)."""
+    """Device time of the kernels of one prefill of a prompt_len prompt (forward, logits, first token; every chunk
+    of a prompt longer than max_prefill_tokens) on CUDA, CPU time elsewhere: beside the time to first token, how
+    much of it the GPU is busy (the rest is host work). With prefix caching on, a prompt seen before prefills only
+    its uncached tail: measure on an LLM without it."""
     prof = _profiled_generate(llm, 1, prompt_len, 0)
     us, count = range_times(prof, llm.device.type == "cuda").get("qwen2rt.prefill", (0.0, 0))
-    return us / count / 1e3 if count else None
+    return us / 1e3 if count else None
 
 
 def profile(llm, batch: int = 1, prompt_len: int = 128, steps: int = 8, trace_path: str | None = None) -> list[dict]:

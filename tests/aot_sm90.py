@@ -374,6 +374,8 @@ def _warm(index: int) -> Result:
     """Variant `index` through its kernel's own JIT on this machine's GPU (JITFunction.warmup: the launch's
     arguments, compiled, not run), so that Triton's on-disk cache holds it under the key a later launch looks up;
     then loaded, which also builds (and caches) its launcher. Registers and spills as the driver reports them."""
+    if _WORKER_ERROR:
+        return Result(error=_WORKER_ERROR)
     v = _VARIANTS[index]
     args, kwargs = v.launch
     start = time.perf_counter()
@@ -393,11 +395,18 @@ def _record_variants(quick: bool, models, dtypes, quantized_forms: bool, only: s
                           key=lambda v: (v.kernel not in DECODE_PATH, v.kernel, v.describe()))
 
 
-def _spawned_worker(*recording) -> None:
-    """--warm's workers start afresh (CUDA cannot cross a fork) and record the same variants in the same order."""
-    global _TARGET
-    _TARGET = GPUTarget("cuda", 90, 32)
-    _record_variants(*recording)
+_WORKER_ERROR = ""
+
+
+def _spawned_worker(capability: int, *recording) -> None:
+    """--warm's workers start afresh (CUDA cannot cross a fork) and record the same variants in the same order. A
+    failure is kept for _warm to report (an initializer that raises would have the pool start workers forever)."""
+    global _TARGET, _WORKER_ERROR
+    try:
+        _TARGET = GPUTarget("cuda", capability, 32)
+        _record_variants(*recording)
+    except Exception as e:
+        _WORKER_ERROR = f"worker start-up: {type(e).__name__}: {e}"
 
 
 def _list_arg(args: list[str], flag: str, default: tuple) -> tuple:
@@ -408,6 +417,8 @@ def _list_arg(args: list[str], flag: str, default: tuple) -> tuple:
         if a.startswith("--"):
             break
         values.append(a)
+    if not values:
+        raise SystemExit(f"{flag} needs at least one value")
     return tuple(values)
 
 
@@ -430,7 +441,8 @@ def main() -> int:
     start = time.perf_counter()
     if _WARM:
         os.environ["QWEN2RT_AOT_WARM"] = "1"  # the spawned workers import this file afresh: keep its environment
-        with multiprocessing.get_context("spawn").Pool(max(1, jobs), _spawned_worker, recording) as pool:
+        with multiprocessing.get_context("spawn").Pool(max(1, jobs), _spawned_worker,
+                                                       (capability, *recording)) as pool:
             results = pool.map(_warm, range(len(_VARIANTS)), chunksize=1)
         return _report_warm(results, time.perf_counter() - start, jobs)
     # fork: the workers inherit the recorded variants; each compile is independent
