@@ -110,10 +110,12 @@ def graph_replay_ms(llm: LLM, batch: int, replays: int = 50) -> float | None:
 def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, steps=32, dtype=torch.bfloat16,
         compiled_models=COMPILED_MODELS, compiled_batches=(1,), hf=True, eager_baseline=True,
         lazy_models=LAZY_MODELS, sampled_models=SAMPLED_MODELS, maxctx_models=MAXCTX_MODELS, repeats=3,
-        qwen2rt=True, hf_eager=True, quantization=None):
+        qwen2rt=True, hf_eager=True, quantization=None, hf_eager_repeats=None):
     """-> decode rows. `qwen2rt`, `hf_eager` and `hf` (all HF rows) switch parts off, so that a caller can run the
     costly torch.compile baseline separately. `quantization` (None, "int8", "int4", "fp8") is passed to qwen2rt's
-    LLM; the floor of every row then counts the quantized weight bytes (the HF rows stay in `dtype`)."""
+    LLM; the floor of every row then counts the quantized weight bytes (the HF rows stay in `dtype`).
+    hf_eager_repeats: the HF eager baseline's repeats (default `repeats`; each is 96 tokens at HF's 20-70 ms per
+    token on the GPU check's shapes)."""
     rows = []
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     context = prompt_len + steps // 2  # the mean context of the timed steps
@@ -184,7 +186,7 @@ def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, ste
             for b in batches if hf_eager else []:
                 ids = torch.tensor(_prompts(b, prompt_len, config.vocab_size), device=device)
                 stats = {}
-                ms = decode_ms_per_token(model, ids, steps, repeats, stats)
+                ms = decode_ms_per_token(model, ids, steps, hf_eager_repeats or repeats, stats)
                 rows.append(row(b, "hf_eager", ms, **stats, **experts))
             if name in compiled_models:
                 # transformers compiles the decode forward itself when the cache is static (on CUDA); it is only

@@ -78,7 +78,8 @@ def test_gpu_check_driver_writes_the_record(tmp_path):
     (record,) = [p for p in os.listdir(tmp_path / "call1") if p.endswith(".json")]
     rec1 = json.load(open(tmp_path / "call1" / record))
     assert "serving tiny" not in rec1["parts"] and not rec1["serving"]
-    assert gpu_check.main(["--out", str(tmp_path), "--smoke", "--resume", str(tmp_path / "call1" / record)]) == 0
+    assert gpu_check.main(["--out", str(tmp_path), "--smoke", "--resume", str(tmp_path / "call1" / record),
+                           "--parts", *gpu_check.PARTS, *gpu_check.OPTIONAL_PARTS]) == 0
     rec = json.load(open(tmp_path / record))
     assert rec["calls"] == 2 and rec["total_s"] > rec1["total_s"]
     assert rec["decode"][:len(rec1["decode"])] == rec1["decode"]  # the first call's rows, not run again
