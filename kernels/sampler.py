@@ -121,8 +121,8 @@ def _top_keys(x, LOG_N: tl.constexpr, LOG_K: tl.constexpr, SORTED: tl.constexpr)
     """The 2^LOG_K largest of the 2^LOG_N int64 keys x, in descending order (a bitonic top-k: sort blocks of 2^LOG_K,
     then halve the array by taking the larger of each pair of opposite-order blocks and merge again). SORTED: x's
     blocks of 2^LOG_K are sorted already, descending and ascending in turn (block 0 descending), so the sort is
-    skipped: for the step-2 merge of the chunks' sorted candidates, most of the work, half the sm_90 compile
-    time and 55% of the registers of sorting them again."""
+    skipped. For the step-2 merge of the chunks' sorted candidates that is most of the work; for sm_90 it halves
+    the compile time and takes the registers from ~190 to ~106."""
     if LOG_K == 0:
         top = tl.max(x, 0, keep_dims=True)
     else:
