@@ -14,8 +14,9 @@ are copied beside the record (<record>-moe-configs.json).
 
 A second call with --resume (on the GPU machine, whose $OUT starts empty: --resume benchmarks/results/<record>.json
 after copying the first call's record there, uncommitted: the record must be of the checkout's commit) runs the
-parts the first skipped at its budget and merges the rows. The MoE configs tuned beside the record are the last
-call's (all of them when the machine stayed warm between the calls: the tuning cache lives on it).
+parts the first skipped at its budget and merges the rows. The MoE configs tuned by the first call (its
+-moe-configs.json beside the record) seed this machine's tuning cache, so that they are not tuned again and the
+configs saved beside the merged record are all the calls'.
 
 Run it through benchmarks/gpu_check.sh on the lent GPU machine; copy DIR/<record>.json and .md into
 benchmarks/results/.
@@ -132,6 +133,24 @@ def warm_triton_cache(quantized: bool, timeout_s: float = WARM_LIMIT_S) -> dict:
         summary, failed = f"stopped at its {timeout_s:.0f} s limit (what compiled stays cached)", []
     return {"summary": summary, "failed": failed[:30], "seconds": time.perf_counter() - t0,
             "command": " ".join(cmd[1:])}
+
+
+def seed_moe_cache(configs_path: str) -> None:
+    """--resume: the MoE configs an earlier call tuned (the record's -moe-configs.json) into this machine's tuning
+    cache, where it has none for a key: a fresh machine does not tune them again, and the configs saved beside the
+    merged record are all the calls'."""
+    if not os.path.isfile(configs_path):
+        return
+    with open(configs_path) as f:
+        earlier = json.load(f)
+    tuned = moe_cache_path()
+    mine = {}
+    if os.path.isfile(tuned):
+        with open(tuned) as f:
+            mine = json.load(f)
+    os.makedirs(os.path.dirname(tuned), exist_ok=True)
+    with open(tuned, "w") as f:
+        json.dump({**earlier, **mine}, f, indent=1, sort_keys=True)
 
 
 def run_gpu_tests(timeout_s: float = GPU_TESTS_LIMIT_S, marker: str = "gpu") -> dict:
@@ -316,6 +335,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--resume: {earlier} is of {rec.get('gpu')} at commit {rec.get('commit')}, this run "
                              f"is {env['gpu']} at {env['commit']}")
         path = os.path.join(args.out, os.path.basename(earlier))  # its name (and first date) stays
+        seed_moe_cache(earlier[:-len(".json")] + "-moe-configs.json")
         rec["calls"] = rec.get("calls", 1) + 1
         rec.setdefault("compiles", {})
         print(f"[gpu_check] resuming {earlier}: done before: "

@@ -70,18 +70,24 @@ def test_bench_serving_runs(tmp_path):
         assert all(_finite(r["api_ms"]) and _finite(r["server_ms"]) for r in server if "max_tokens" in r)
 
 
-def test_gpu_check_driver_writes_the_record(tmp_path):
+def test_gpu_check_driver_writes_the_record(tmp_path, monkeypatch):
     """Two calls, as on the GPU machine: the first runs some parts, the second (--resume, writing into another
-    folder as the machine's fresh $OUT) only the rest, into one record."""
+    folder as the machine's fresh $OUT) only the rest, into one record; the MoE configs the first call tuned seed
+    the second's tuning cache and end up beside the merged record."""
+    monkeypatch.setenv("QWEN2RT_CACHE_DIR", str(tmp_path / "cache"))
     first = ["decode", "kernels", "host", "quantized"]
     assert gpu_check.main(["--out", str(tmp_path / "call1"), "--smoke", "--parts", *first]) == 0
     (record,) = [p for p in os.listdir(tmp_path / "call1") if p.endswith(".json")]
     rec1 = json.load(open(tmp_path / "call1" / record))
     assert "serving tiny" not in rec1["parts"] and not rec1["serving"]
+    tuned_before = {"GPU X|H64|decode": {"BLOCK_K": 64, "BLOCK_N": 16, "FOLD_SHARED": True, "num_warps": 4}}
+    json.dump(tuned_before, open(tmp_path / "call1" / record.replace(".json", "-moe-configs.json"), "w"))
     assert gpu_check.main(["--out", str(tmp_path), "--smoke", "--resume", str(tmp_path / "call1" / record),
                            "--parts", *gpu_check.PARTS, *gpu_check.OPTIONAL_PARTS]) == 0
     rec = json.load(open(tmp_path / record))
     assert rec["calls"] == 2 and rec["total_s"] > rec1["total_s"]
+    configs = json.load(open(tmp_path / record.replace(".json", "-moe-configs.json")))
+    assert configs.items() >= tuned_before.items()
     assert rec["decode"][:len(rec1["decode"])] == rec1["decode"]  # the first call's rows, not run again
     assert {(r["model"], r["batch"]) for r in rec["decode"][len(rec1["decode"]):]} == {("tiny-moe", 2)}  # batches
     for key in ("gpu", "torch", "triton", "transformers", "commit", "date", "ceilings", "decode", "prefill",
