@@ -400,6 +400,7 @@ def _gpu_parts(args, device, ceilings, rec, part, models, start):
     part("warm", ESTIMATE_S["warm"], lambda: rec.update(warm=warm_triton_cache(
         quantized="quantized" in args.parts or "big" in args.parts,
         timeout_s=max(30.0, min(WARM_LIMIT_S, args.budget_s - (time.perf_counter() - start) - 60)))))
+
     def tests(key, marker):
         left = args.budget_s - (time.perf_counter() - start)
         rec[key] = run_gpu_tests(timeout_s=min(GPU_TESTS_LIMIT_S, left - 20), marker=marker)
@@ -440,8 +441,6 @@ def _gpu_parts(args, device, ceilings, rec, part, models, start):
                 sampled_models=[], hf_eager_repeats=HF_EAGER_REPEATS)))
     if "tests" in args.parts:  # the rest of the GPU suite, after the benchmarks that decide the next work
         part("gpu_tests", ESTIMATE_S["gpu_tests"], lambda: tests("gpu_tests", "gpu and not gate"))
-
-
     if "quantized" in args.parts:  # last: the quantized kernels, then weight-only quantized decode at batch 1 (its
         # baseline: the dense rows). The quantized GEMVs: every row count on 7B, the ends of the range on 72B (time)
         part("bench_quant", ESTIMATE_S["bench_quant"], lambda: kernels(

@@ -104,6 +104,65 @@ def test_gpu_check_driver_writes_the_record(tmp_path, monkeypatch):
     assert "## Decode" in summary and "## Serving" in summary
 
 
+def test_gpu_check_real_run_order_budget_and_resume(tmp_path, monkeypatch):
+    """The GPU path of gpu_check (not --smoke) with every measurement stubbed: the parts in issue 10's order (warm,
+    the test gate, decode, kernels, host, compiled baselines, prefill, batches, the rest of the tests), a part past
+    the budget recorded as skipped, a failing test run failing its part, and a second call (--resume) running only
+    what the first did not finish."""
+    calls = []
+
+    def stub(name, rows=()):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return [dict(r) for r in rows]
+        return run
+
+    monkeypatch.setattr(gpu_check.time, "perf_counter", lambda: 0.0)  # every part takes no time
+    monkeypatch.setenv("QWEN2RT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(gpu_check, "measure_ceilings", lambda *a, **k: {"copy_GBps": 3000.0, "read_GBps": 2900.0,
+                                                                         "bf16_gemm_TFLOPs": 700.0})
+    monkeypatch.setattr(gpu_check, "warm_triton_cache", lambda **k: calls.append("warm") or {"summary": "warmed"})
+    results = {"gpu and gate": 0, "gpu and not gate": 1}
+
+    def tests(timeout_s, marker):
+        calls.append(marker)
+        return {"returncode": results[marker], "summary": f"{marker}: done", "failed": []}
+
+    monkeypatch.setattr(gpu_check, "run_gpu_tests", tests)
+    row = {"model": "qwen2-0.5b", "batch": 1, "impl": "qwen2rt", "ms_per_token": 1.0, "floor_ms": 0.3,
+           "pct_of_floor": 30.0}
+    for mod in (gpu_check.bench_decode, gpu_check.bench_gemv, gpu_check.bench_attention, gpu_check.bench_sampler,
+                gpu_check.bench_moe, gpu_check.bench_rmsnorm, gpu_check.bench_swiglu, gpu_check.bench_host,
+                gpu_check.bench_prefill):
+        monkeypatch.setattr(mod, "run", stub(mod.__name__.split(".")[-1], [row] if mod is gpu_check.bench_decode
+                                             else []))
+    monkeypatch.setattr(gpu_check, "device_default", lambda: "cpu")
+    monkeypatch.setattr(gpu_check, "triton_cache_entries", lambda: 0)
+    assert gpu_check.main(["--out", str(tmp_path / "call1"), "--models", "qwen2-0.5b"]) == 0
+    assert calls == ["warm", "gpu and gate", "bench_decode", "bench_gemv", "bench_gemv", "bench_attention",
+                     "bench_sampler", "bench_moe", "bench_rmsnorm", "bench_swiglu", "bench_host", "bench_decode",
+                     "bench_prefill", "bench_decode", "gpu and not gate"]
+    (record,) = [p for p in os.listdir(tmp_path / "call1") if p.endswith(".json")]
+    rec = json.load(open(tmp_path / "call1" / record))
+    assert rec["parts"]["gpu_tests"].startswith("failed") and [e["part"] for e in rec["errors"]] == ["gpu_tests"]
+    # the second call: the failed rest of the tests only (now passing), with the first call's rows kept
+    calls.clear()
+    results["gpu and not gate"] = 0
+    assert gpu_check.main(["--out", str(tmp_path), "--models", "qwen2-0.5b", "--resume",
+                           str(tmp_path / "call1" / record)]) == 0
+    assert calls == ["warm", "gpu and not gate"]
+    rec = json.load(open(tmp_path / record))
+    assert rec["calls"] == 2 and not rec["errors"] and all(v.startswith("ok") for v in rec["parts"].values())
+    assert len(rec["decode"]) == 3  # decode, compiled baseline, batches: one stub row each, not run again
+    # a part that would end past the budget is recorded as skipped, not run: 50 s, ~60 s for the gate
+    calls.clear()
+    assert gpu_check.main(["--out", str(tmp_path / "call3"), "--models", "qwen2-0.5b", "--budget-s", "50"]) == 0
+    (record,) = [p for p in os.listdir(tmp_path / "call3") if p.endswith(".json")]
+    rec = json.load(open(tmp_path / "call3" / record))
+    assert rec["parts"]["gpu_tests_gate"].startswith("skipped") and "gpu and gate" not in calls
+    assert rec["parts"]["decode bs1 qwen2-0.5b"].startswith("ok")
+
+
 SAMPLE = {  # the shape of a recorded run; the numbers are made up for this test
     "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "triton": "3.6.0", "transformers": "5.17.0",
     "commit": "abc123", "date": "2026-11-27", "ceilings": {"copy_GBps": 3020.0, "bf16_gemm_TFLOPs": 793.0},
