@@ -103,11 +103,9 @@ WARM_LIMIT_S = 120
 def triton_cache_entries() -> int:
     """Entries in Triton's on-disk cache (one per compiled kernel variant, and per launcher built): the parts' new
     entries say how much of their time went to compiling."""
-    try:
-        from triton import knobs
-        path = knobs.cache.dir
-    except Exception:  # older Triton: the documented default
-        path = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    from triton import knobs
+
+    path = knobs.cache.dir
     return len(os.listdir(path)) if os.path.isdir(path) else 0
 
 
@@ -446,16 +444,14 @@ def _gpu_parts(args, device, ceilings, rec, part, models, start):
         part("bench_quant", ESTIMATE_S["bench_quant"], lambda: kernels(
             bench_quant.run(device, ceilings, models=["qwen2-7b"])
             + bench_quant.run(device, ceilings, models=["qwen2-72b"], rows=[1, 16])))
-    quant_models = (QUANT_DECODE if "quantized" in args.parts else []) + (
-        BIG_QUANT_DECODE if "big" in args.parts else [])
-    if quant_models:
-        for name, quantization in quant_models:
-            moe = builtin_config(name).is_moe
-            est = ESTIMATE_S["decode_quant_72b" if name == "qwen2-72b" else "decode_quant_57b"
-                             if name == "qwen2-57b-a14b" else "decode_quant_moe" if moe else "decode_quant"]
-            # the whole 72B and 57B load once (~40 / ~32 GB of random quantized weights): no eager run beside them
-            part(f"decode bs1 {name} {quantization}", est, lambda name=name, q=quantization: decode(quant_decode(
-                device, ceilings, name, q, eager_baseline=name not in WHOLE_ONLY)))
+    for name, quantization in (QUANT_DECODE if "quantized" in args.parts else []) + (
+            BIG_QUANT_DECODE if "big" in args.parts else []):
+        moe = builtin_config(name).is_moe
+        est = ESTIMATE_S["decode_quant_72b" if name == "qwen2-72b" else "decode_quant_57b"
+                         if name == "qwen2-57b-a14b" else "decode_quant_moe" if moe else "decode_quant"]
+        # the whole 72B and 57B load once (~40 / ~32 GB of random quantized weights): no eager run beside them
+        part(f"decode bs1 {name} {quantization}", est, lambda name=name, q=quantization: decode(quant_decode(
+            device, ceilings, name, q, eager_baseline=name not in WHOLE_ONLY)))
     if "serving" in args.parts:  # prefix-cache time to first token (cold / warm / off) and the server's overhead
         part("serving qwen2-7b", ESTIMATE_S["serving"], lambda: rec["serving"].extend(bench_serving.run(
             device, ceilings, "qwen2-7b", max_batch_size=4)))

@@ -381,7 +381,7 @@ def _warm(index: int) -> Result:
     start = time.perf_counter()
     try:
         kernel = v.fn.warmup(*args, grid=(1,), **kwargs)
-        getattr(kernel, "_init_handles", lambda: None)()
+        kernel._init_handles()  # loads it (n_regs, n_spills) and builds its launcher (Triton 3.6 to 3.9)
         return Result(kernel.n_regs, 4 * kernel.n_spills, kernel.metadata.shared, time.perf_counter() - start)
     except Exception as e:
         return Result(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
