@@ -84,7 +84,11 @@ def decode_ms_per_token(model, input_ids: torch.Tensor, steps: int, repeats: int
     if stats is not None:
         stats["graphs_compiled_while_timed"] = counters["stats"]["unique_graphs"] - compiled_before
         stats["ms_spread"] = [1000 * d for d in sorted(diffs)]
-    return 1000 * statistics.median(diffs)
+    ms = 1000 * statistics.median(diffs)
+    if ms <= 0:  # noise (a loaded machine) larger than `steps` tokens' time: no number rather than a wrong one
+        raise RuntimeError(f"timing noise exceeded the difference: generate({2 * steps}) - generate({steps}) "
+                           f"gave {ms:.3g} ms per token (spread {[round(1000 * d, 3) for d in sorted(diffs)]})")
+    return ms
 
 
 @torch.inference_mode()
