@@ -161,6 +161,7 @@ def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, ste
                         extra["graph_replay_ms"] = graph_replay_ms(llm, b)
                     rows.append(row(b, impl, ms, backend=llm.backend.name, graphs=llm.use_graphs, load_s=load_s,
                                     first_request_s=first_s, graph_capture_s=dec.capture_s,
+                                    prefill_graph_capture_s=dec.prefill_capture_s,
                                     graph_mib=dec.capture_mib, max_seq_len=llm.max_seq_len, ms_spread=spread,
                                     **extra))
                 if impl == "qwen2rt" and name in sampled_models:  # the sampler's cost, at batch 1

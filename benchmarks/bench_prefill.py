@@ -3,6 +3,8 @@
 fraction of the floor: the larger of the FLOP floor (matmul + attention FLOPs / measured bf16 GEMM rate) and the
 weight-byte floor (every weight read once / measured copy bandwidth). qwen2rt rows also carry kernel_ms: the
 device time of one prefill's kernels (profiled), against which the time to first token shows the host's share.
+Prompts that fit a prefill CUDA graph (model_runner.DEFAULT_PREFILL_BUCKETS) are also timed with every prefill
+eager (impl qwen2rt_eager_prefill), in the same run.
 Prompts longer than a model's context are recorded as skipped.
 
     python -m benchmarks.bench_prefill [--models M ...] [--tokens 128 512 2048 8192] [--smoke] [--out FILE.json]
@@ -38,6 +40,13 @@ def prefill_weight_bytes(config: Qwen2Config, dtype_bytes: int) -> int:
     return (c.parameter_count() - (0 if c.tie_word_embeddings else embed)) * dtype_bytes
 
 
+def ttft_ms(llm: LLM, ids: list[list[int]]) -> float:
+    """Best of two times to first token of one greedy token, after a warm-up."""
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    llm.generate(ids, params)
+    return 1000 * min(llm.generate(ids, params)[0].time_to_first_token_s for _ in range(2))
+
+
 def run(device, ceilings, models=MODELS, tokens=(128, 512, 2048, 8192), dtype=torch.bfloat16, hf=True):
     rows = []
     for name in models:
@@ -65,14 +74,22 @@ def run(device, ceilings, models=MODELS, tokens=(128, 512, 2048, 8192), dtype=to
             # no prefix caching: the timed prompts repeat the warm-up's, and would reuse all but its last block
             llm = LLM(name, device=device, dtype=dtype, max_batch_size=1,
                       max_seq_len=min(max(tokens) + 8, config.max_position_embeddings), enable_prefix_caching=False)
+            runner = llm.engine.decoder
             for t in tokens:
                 ids = _prompts(1, t, config.vocab_size)
-                params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-                llm.generate(ids, params)  # warm-up
-                best = min(llm.generate(ids, params)[0].time_to_first_token_s for _ in range(2))
-                # the GPU's busy time within it: a time to first token far above it is host-bound (launches)
+                replays = runner.prefill_replays
+                ms = ttft_ms(llm, ids)
+                graph = runner.prefill_replays > replays  # the prompt's prefill replayed a graph
+                # the GPU's busy time within it (an eager prefill's kernels, the same ones a graph holds): a time to
+                # first token far above it is host-bound (launches)
                 kernel_ms = prefill_kernel_ms(llm, t)
-                rows.append(row(t, "qwen2rt", 1000 * best, backend=llm.backend.name, kernel_ms=kernel_ms))
+                rows.append(row(t, "qwen2rt", ms, backend=llm.backend.name, kernel_ms=kernel_ms, prefill_graph=graph))
+                if graph:  # the same prompt with every prefill eager, as before prefill graphs
+                    buckets, runner.prefill_buckets = runner.prefill_buckets, []
+                    try:
+                        rows.append(row(t, "qwen2rt_eager_prefill", ttft_ms(llm, ids), backend=llm.backend.name))
+                    finally:
+                        runner.prefill_buckets = buckets
             del llm
         except Exception as e:
             rows.append(row(tokens[0], "qwen2rt", None, error=repr(e)[:300]))

@@ -265,7 +265,10 @@ def _decode_notes(r: dict) -> str:
     if r.get("error"):
         notes.append(f"error: {r['error']}")
     if r.get("graph_capture_s") is not None and r["impl"] == "qwen2rt":
-        notes.append(f"graphs captured in {r['graph_capture_s']:.2f} s, {_f(r.get('graph_mib'))} MiB")
+        prefill = r.get("prefill_graph_capture_s")
+        notes.append(f"graphs captured in {r['graph_capture_s']:.2f} s"
+                     + (f" ({prefill:.2f} s of prefill graphs)" if prefill is not None else "")
+                     + f", {_f(r.get('graph_mib'))} MiB")
     if r.get("graph_replay_ms"):
         notes.append(f"graph replay {r['graph_replay_ms']:.3g} ms")
     if r.get("max_seq_len") and r["impl"].startswith("qwen2rt"):

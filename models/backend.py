@@ -34,7 +34,10 @@ class AttentionMetadata:
                               tokens); 0 marks a padding row
     query_start:   [B + 1] int32  prefill only: new tokens of sequence b are rows query_start[b]:query_start[b+1]
     is_prefill:    prefill (any number of new tokens per sequence) or decode (exactly one per sequence, row b)
-    query_lens_host: prefill only, host copy of the new-token counts (sizes the prefill grid)
+    query_lens_host: prefill only, host copy of the new-token counts (sizes the prefill grid; an upper bound will do)
+    padded:        prefill only: rows past query_start[B] are padding (a prefill graph's bucket), whose attention
+                   output is 0, as for a padding row of decode, so that no uninitialised value reaches the layers
+                   after it (a MoE router's top-k, for one)
     """
 
     positions: torch.Tensor
@@ -44,6 +47,7 @@ class AttentionMetadata:
     is_prefill: bool
     query_start: torch.Tensor | None = None
     query_lens_host: list[int] | None = None
+    padded: bool = False
 
 
 @dataclass(frozen=True)
@@ -195,8 +199,9 @@ class TritonBackend(Backend):
         args = (qkv, k_cache, v_cache, rope.cos, rope.sin, meta.positions, meta.slot_mapping, meta.block_tables,
                 meta.seq_lens)
         if meta.is_prefill:
+            out = qkv.new_zeros(qkv.shape[0], shape.num_heads * shape.head_dim) if meta.padded else None
             return kernels.prefill_attention(*args, meta.query_start, max(meta.query_lens_host), shape.num_heads,
-                                             shape.num_kv_heads, shape.scale)
+                                             shape.num_kv_heads, shape.scale, out=out)
         return kernels.decode_attention(*args, shape.num_heads, shape.num_kv_heads, shape.scale)
 
     def moe_residual(self, x, norm_weight, eps, w):

@@ -28,18 +28,18 @@ import torch
 from qwen2rt.models.qwen2 import Qwen2Model
 
 from .kv_cache import KVCache
-from .model_runner import DEFAULT_BUCKETS, Launched, ModelRunner
+from .model_runner import DEFAULT_BUCKETS, DEFAULT_PREFILL_BUCKETS, Launched, ModelRunner
 from .sampling import SamplerState, SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 
-__all__ = ["DEFAULT_BUCKETS", "Engine", "Sequence"]
+__all__ = ["DEFAULT_BUCKETS", "DEFAULT_PREFILL_BUCKETS", "Engine", "Sequence"]
 
 
 class Engine:
     def __init__(self, model: Qwen2Model, kv_cache: KVCache, max_batch_size: int, max_seq_len: int, seed: int,
                  max_prefill_tokens: int = 2048, use_graphs: bool = False, graph_buckets=DEFAULT_BUCKETS,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, prefill_graph_buckets=DEFAULT_PREFILL_BUCKETS):
         self.model = model
         self.cache = kv_cache
         self.max_batch_size = max_batch_size
@@ -48,7 +48,7 @@ class Engine:
         self.scheduler = Scheduler(kv_cache, max_batch_size, max_prefill_tokens, seed, enable_prefix_caching)
         self.sampler = SamplerState(max_batch_size, model.config.vocab_size, self.device)
         self.runner = ModelRunner(model, kv_cache, self.sampler, max_batch_size, max_seq_len, use_graphs,
-                                  graph_buckets)
+                                  graph_buckets, prefill_graph_buckets, max_prefill_tokens)
         self._in_flight: Launched | None = None  # launched, its ids not read back yet
 
     @property
@@ -123,11 +123,7 @@ class Engine:
             return None
         kind, work = plan
         if kind == "prefill":
-            ids, meta, last = self.prefill_metadata(work)
-            done = [i for i, (s, start, n) in enumerate(work) if start + n == len(s.prompt_ids)]
-            if len(done) < len(work):  # the rows of the completed prompts (an index built on the device: a host
-                last = last.index_select(0, self.runner.to_device(done, torch.long))  # list would wait for it)
-            launched = self.runner.launch_prefill(ids, meta, last, [work[i][0] for i in done])
+            launched = self.runner.launch_prefill(work)
             self.scheduler.prefilled(work)
         else:
             launched = self.runner.launch_decode(work)

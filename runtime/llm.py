@@ -19,7 +19,7 @@ from qwen2rt.models.quant import QuantConfig, at_load_config, check_fp8_device
 from qwen2rt.models.qwen2 import Qwen2Model, random_weights
 from qwen2rt.models.rope import RotaryTables
 
-from .engine import DEFAULT_BUCKETS, Engine, Sequence
+from .engine import DEFAULT_BUCKETS, DEFAULT_PREFILL_BUCKETS, Engine, Sequence
 from .kv_cache import KVCache, kv_bytes_per_token
 from .sampling import SamplingParams, defaults_from_generation_config
 from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -79,7 +79,10 @@ class LLM:
     sampler form as a small graph after it) on CUDA with the triton backend, captured at start-up
     (capture_graphs="startup") or on first use ("lazy");
     enforce_eager=True runs the same step without graphs. Prompts are prefilled in chunks of at most
-    max_prefill_tokens tokens per step, alternating with decode steps.
+    max_prefill_tokens tokens per step, alternating with decode steps; with graphs, a prompt's last chunk of at most
+    max(cuda_graph_prefill_tokens) tokens alone in its step (a request arriving at an idle engine, or the uncached
+    tail of a prompt) runs padded to the next of those token counts, as a graph captured with the decode ones
+    (an empty tuple: every prefill eager).
     enable_prefix_caching (default True): full blocks of prompt tokens stay in the KV cache after their request
     (until their memory is needed), and a prompt that starts with the same blocks reuses them instead of prefilling
     them (RequestOutput.num_cached_tokens; counters in `engine.prefix_cache_stats()`).
@@ -93,7 +96,8 @@ class LLM:
                  max_seq_len: int | None = None, max_batch_size: int | None = None, seed: int | None = None,
                  num_kv_blocks: int | None = None, block_size: int = 16, enforce_eager: bool = False,
                  cuda_graph_buckets=DEFAULT_BUCKETS, capture_graphs: str = "startup",
-                 max_prefill_tokens: int = 2048, quantization: str | None = None, enable_prefix_caching: bool = True):
+                 max_prefill_tokens: int = 2048, quantization: str | None = None, enable_prefix_caching: bool = True,
+                 cuda_graph_prefill_tokens=DEFAULT_PREFILL_BUCKETS):
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -115,6 +119,11 @@ class LLM:
             raise ValueError(f"capture_graphs = {capture_graphs!r}: must be 'startup' or 'lazy'")
         if not (isinstance(max_prefill_tokens, int) and max_prefill_tokens >= 1):
             raise ValueError(f"max_prefill_tokens = {max_prefill_tokens!r}: must be an integer >= 1")
+        for name, buckets in (("cuda_graph_buckets", cuda_graph_buckets),
+                              ("cuda_graph_prefill_tokens", cuda_graph_prefill_tokens)):
+            if not (isinstance(buckets, (tuple, list)) and
+                    all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in buckets)):
+                raise ValueError(f"{name} = {buckets!r}: must be a tuple of integers >= 1")
 
         at_load = None if quantization is None else at_load_config(quantization)
         if at_load is not None and at_load.method == "fp8":
@@ -167,7 +176,8 @@ class LLM:
         # graphs need a backend whose decode step never synchronises (the torch reference reads lengths on the host)
         self.use_graphs = self.device.type == "cuda" and self.backend.graph_safe and not enforce_eager
         self.engine = Engine(self.model, self.kv_cache, self.max_batch_size, self.max_seq_len, self.seed,
-                             max_prefill_tokens, self.use_graphs, cuda_graph_buckets, enable_prefix_caching)
+                             max_prefill_tokens, self.use_graphs, cuda_graph_buckets, enable_prefix_caching,
+                             cuda_graph_prefill_tokens)
         if self.device.type == "cuda":
             # compile the prefill kernels now rather than on the first request (33 tokens: past the decode GEMVs and
             # the MoE decode regime, kernels.gemv.MAX_ROWS and kernels.moe.DECODE_MAX_TOKENS)
@@ -176,9 +186,9 @@ class LLM:
             try:
                 self.engine.decoder.capture_all()
             except Exception as e:
-                raise RuntimeError(f"CUDA graph capture of the decode step failed ({e!r}); LLM(..., "
-                                   "enforce_eager=True) runs without graphs, backend='torch' without the Triton "
-                                   "kernels") from e
+                raise RuntimeError(f"CUDA graph capture failed ({e!r}); LLM(..., cuda_graph_prefill_tokens=()) "
+                                   "captures no prefill graphs, enforce_eager=True runs without graphs, "
+                                   "backend='torch' without the Triton kernels") from e
         self._lock = threading.Lock()
 
     def _collect_eos(self, generation_eos) -> frozenset[int]:

@@ -1,13 +1,19 @@
-"""The model on the engine's steps: eager prefill chunks, and the decode step on static buffers with CUDA graphs.
+"""The model on the engine's steps: prefill chunks, and the decode step on static buffers with CUDA graphs.
 
 Decode rows are padded up to a batch bucket with rows that write nothing (slot -1, length 0). With graphs, each
 bucket's forward (model and logits) is captured once, and each sampler form (`sampling.VARIANTS`) once per bucket
-as a small graph that reads the forward's logits; a step replays the two back to back. All graphs share one memory
-pool.
+as a small graph that reads the forward's logits; a step replays the two back to back.
+
+Prefill runs eagerly, except with graphs a prompt's last chunk of at most max(prefill_buckets) tokens alone in its
+step (one request arriving at an idle engine, or its uncached tail): its tokens are padded up to a token bucket with
+rows that write nothing (slot -1, position 0; attention returns 0 there) and the bucket's captured forward is
+replayed. Eagerly, a short prompt's time to first token is the host's launch time (about a dozen launches and their
+Python per layer), several times the GPU's. All graphs share one memory pool; each graph's output is consumed
+(sampled) before another graph is replayed, which is what sharing the pool needs.
 
 What crosses between host and device per decode step:
 - host -> device: one copy of the per-row values (positions, cache slots, lengths, sampler parameters), staged in
-  a pinned buffer (two, used in turn, so the host fills one while the other's copy may still be pending);
+  a pinned buffer (two, used in turn, so the host fills one while the other's copy may still be pending: `Staged`);
 - nothing else: the input ids are gathered on the device from `last_token`, the newest sampled token of each
   sampler slot (written by the step that sampled it, prefill or decode); block tables live on the device, a row
   per slot written at admission, gathered into the batch's rows only when the batch's sequences change;
@@ -18,6 +24,7 @@ What crosses between host and device per decode step:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -34,6 +41,10 @@ from .sequence import Sequence
 
 log = logging.getLogger("qwen2rt")
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
+# Prompt tokens a prefill graph is captured for. Up to 32 the projections are the decode GEMVs (kernels.gemv.MAX_ROWS);
+# past 512, Qwen2-7B's prefill takes longer on an H100 than its eager launches take on the host (~10 ms of GEMMs),
+# so a graph saves little and its padding would cost more.
+DEFAULT_PREFILL_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
 
 
 TokenLogprobs = tuple[float, list[tuple[int, float]]]  # (the chosen token's log-probability, [(id, logprob)] top-N)
@@ -68,6 +79,46 @@ class Launched:
         return out
 
 
+class Staged:
+    """Named arrays laid out in one device byte buffer, filled through host views and sent in one copy. The host
+    fills a plain staging buffer; `send` copies it into one of two pinned buffers used in turn (waiting, on CUDA,
+    for that buffer's copy two sends ago) and from there to the device, asynchronously: the host may fill the next
+    values while a copy is pending."""
+
+    def __init__(self, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], device: torch.device):
+        self.cuda = device.type == "cuda"
+        offsets, nbytes = {}, 0
+        for name, (dtype, shape) in layout.items():
+            # every array 16-byte aligned: Triton specialises a pointer argument on it (an unaligned one would be a
+            # kernel variant of its own, compiled apart and with narrower loads)
+            nbytes = -(-nbytes // 16) * 16
+            size = torch.empty((), dtype=dtype).element_size() * math.prod(shape)
+            offsets[name] = (nbytes, size, dtype, shape)
+            nbytes += size
+
+        def views(raw: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {name: raw[o:o + size].view(dtype).view(shape) for name, (o, size, dtype, shape) in offsets.items()}
+
+        self.buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self.device = views(self.buffer)
+        self._staged = torch.zeros(nbytes, dtype=torch.uint8)
+        self.host = {name: t.numpy() for name, t in views(self._staged).items()}
+        self._pinned = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
+        self._staged_np, self._pinned_np = self._staged.numpy(), [p.numpy() for p in self._pinned]
+        self._copied = [torch.cuda.Event() for _ in range(2)] if self.cuda else None
+        self._next = 0
+
+    def send(self) -> None:
+        i = self._next
+        self._next ^= 1
+        if self.cuda:
+            self._copied[i].synchronize()  # its last copy (two sends ago) is done: the buffer may be rewritten
+        self._pinned_np[i][:] = self._staged_np
+        self.buffer.copy_(self._pinned[i], non_blocking=self.cuda)
+        if self.cuda:
+            self._copied[i].record()
+
+
 class StepGraphs:
     """One decode step as two CUDA graphs replayed back to back: the bucket's forward, then a sampler form."""
 
@@ -89,7 +140,8 @@ class ModelRunner:
     FLOAT_ROWS = ("temperature", "top_p", "min_p", "repetition", "presence", "frequency")
 
     def __init__(self, model: Qwen2Model, cache: KVCache, sampler: SamplerState, max_batch_size: int,
-                 max_seq_len: int, use_graphs: bool, buckets=DEFAULT_BUCKETS):
+                 max_seq_len: int, use_graphs: bool, buckets=DEFAULT_BUCKETS, prefill_buckets=DEFAULT_PREFILL_BUCKETS,
+                 max_prefill_tokens: int | None = None):
         self.model, self.cache, self.sampler = model, cache, sampler
         self.use_graphs = use_graphs
         self.buckets = sorted({b for b in buckets if b < max_batch_size} | {max_batch_size})
@@ -100,27 +152,16 @@ class ModelRunner:
         self.max_blocks = -(-max_seq_len // cache.block_size)
 
         # per-row values: int64 rows then float32 rows in one byte buffer, so that they cross in one copy
-        int_bytes = len(self.INT_ROWS) * n * 8
-        nbytes = int_bytes + len(self.FLOAT_ROWS) * n * 4
-
-        def split(raw):
-            return (raw[:int_bytes].view(torch.int64).view(len(self.INT_ROWS), n),
-                    raw[int_bytes:].view(torch.float32).view(len(self.FLOAT_ROWS), n))
-
-        self.values = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
-        self.ints, self.floats = split(self.values)
+        self.values = Staged({"ints": (torch.int64, (len(self.INT_ROWS), n)),
+                              "floats": (torch.float32, (len(self.FLOAT_ROWS), n))}, dev)
+        self.ints, self.floats = self.values.device["ints"], self.values.device["floats"]
+        # host side: the values of the current batch
+        self._host_ints, self._host_floats = self.values.host["ints"], self.values.host["floats"]
         view = dict(zip(self.INT_ROWS, self.ints))
         view.update(zip(self.FLOAT_ROWS, self.floats))
         self.positions, self.slot_mapping, self.seq_lens = view["positions"], view["slot_mapping"], view["seq_lens"]
         self.rows = SamplingRows(*(view[f] for f in SamplingRows.FIELDS))
         self._bucket_rows = {b: SamplingRows(*(view[f][:b] for f in SamplingRows.FIELDS)) for b in self.buckets}
-        # host side: the values of the current batch (staged, unpinned), and the pinned buffers they are copied from
-        self._staged = torch.zeros(nbytes, dtype=torch.uint8)
-        self._host_ints, self._host_floats = (t.numpy() for t in split(self._staged))
-        self._pinned = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
-        self._staged_np, self._pinned_np = self._staged.numpy(), [p.numpy() for p in self._pinned]
-        self._copied = [torch.cuda.Event() for _ in range(2)] if self.cuda else None
-        self._next_pinned = 0
 
         self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.last_token = torch.zeros(slots, dtype=torch.long, device=dev)  # each slot's newest sampled token
@@ -160,8 +201,23 @@ class ModelRunner:
         self._logits: dict[int, torch.Tensor] = {}  # each forward graph's output: the sampler graphs read it
         self._pool = None
         self._side_stream = None  # warm-up runs before each capture
-        self.capture_s: float | None = None  # set by capture_all
+        self.capture_s: float | None = None  # set by capture_all: every graph
+        self.prefill_capture_s: float | None = None  # of which the prefill graphs
         self.capture_mib: float | None = None
+
+        # Prefill graphs: the buckets a chunk can use (at most max_prefill_tokens and max_seq_len - 1 tokens: the
+        # first bucket that holds that many, and those below it), static inputs for the largest, one copy per step.
+        cap = min(max_seq_len - 1, max_prefill_tokens or max_seq_len)
+        wanted = sorted({b for b in prefill_buckets if b >= 1})
+        self.prefill_buckets = [b for i, b in enumerate(wanted) if i == 0 or wanted[i - 1] < cap]
+        t = -(-max(self.prefill_buckets, default=0) // 2) * 2  # rows of 16-byte multiples (see Staged)
+        self.prefill_values = Staged({"tokens": (torch.int64, (3, t)),  # input ids, positions, cache slots
+                                      "index": (torch.int64, (2,)),  # the chunk's last row, the sequence's slot
+                                      "seq_len": (torch.int32, (1,)),  # its context after the chunk
+                                      "query_start": (torch.int32, (2,))}, dev)  # [0, the chunk's tokens]
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prefill_logits: dict[int, torch.Tensor] = {}  # each prefill graph's output [1, V] float32
+        self.prefill_replays = 0  # prefill steps that replayed a graph (the rest ran eagerly)
 
     def bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
@@ -198,6 +254,52 @@ class ModelRunner:
         last = put([i - 1 for i in starts[1:]], torch.long)
         return put(ids, torch.long), meta, last
 
+    def rows_to_device(self, values: list[tuple]) -> SamplingRows:
+        """Sampling rows (sampling.row_values tuples) as device tensors, in one copy: int64 fields, then float32."""
+        host = rows_tensor(values, "cpu")
+        ints = [getattr(host, f) for f in SamplingRows.INT_FIELDS]
+        floats = [getattr(host, f) for f in SamplingRows.FIELDS if f not in SamplingRows.INT_FIELDS]
+        raw = self.to_device(torch.cat([t.view(torch.uint8) for t in ints + floats]), None)
+        b, split = len(values), len(ints) * len(values) * 8
+        fields = dict(zip(SamplingRows.INT_FIELDS, raw[:split].view(torch.int64).view(len(ints), b)))
+        fields.update(zip([f for f in SamplingRows.FIELDS if f not in SamplingRows.INT_FIELDS],
+                          raw[split:].view(torch.float32).view(len(floats), b)))
+        return SamplingRows(*(fields[f] for f in SamplingRows.FIELDS))
+
+    def _stage_prefill(self, chunk: tuple[Sequence, int, int] | None, bucket: int) -> None:
+        """A chunk's inputs, padded to `bucket` rows, into the prefill graphs' static buffers (one copy); None
+        stages padding only (capture)."""
+        host = self.prefill_values.host
+        tokens = host["tokens"]
+        tokens[:, :bucket] = np.array([0, 0, -1])[:, None]  # padding rows: token 0 at position 0, writing nothing
+        if chunk is None:
+            host["index"][:] = (0, self.sampler.padding_slot)  # the padding slot's block-table row is zeros
+            host["seq_len"][:] = 0
+            host["query_start"][:] = 0
+        else:
+            s, start, n = chunk
+            bs = self.cache.block_size
+            pos = np.arange(start, start + n)
+            tokens[0, :n] = s.prompt_ids[start:start + n]
+            tokens[1, :n] = pos
+            tokens[2, :n] = np.asarray(s.blocks)[pos // bs] * bs + pos % bs
+            host["index"][:] = (n - 1, s.slot)
+            host["seq_len"][:] = start + n
+            host["query_start"][:] = (0, n)
+        self.prefill_values.send()
+
+    def _prefill_forward(self, bucket: int) -> torch.Tensor:
+        """The padded prefill on the static buffers -> float32 logits [1, V] of the chunk's last row."""
+        values = self.prefill_values.device
+        ids, positions, slots = values["tokens"][:, :bucket]
+        last, slot = values["index"][:1], values["index"][1:]
+        block_table = self.slot_tables.index_select(0, slot)  # the sequence's row, written at its admission
+        meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=block_table,
+                                 seq_lens=values["seq_len"], is_prefill=True, query_start=values["query_start"],
+                                 query_lens_host=[bucket], padded=True)
+        hidden = self.model.forward(ids, meta, self.cache.layers)
+        return self.model.compute_logits(hidden.index_select(0, last))
+
     def to_device(self, values, dtype: torch.dtype | None) -> torch.Tensor:
         """A host list as a device tensor. On CUDA through pinned memory: a copy from pageable memory may wait for
         the stream, which holds the decode step launched before."""
@@ -206,21 +308,45 @@ class ModelRunner:
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
 
-    @torch.inference_mode()
-    def launch_prefill(self, ids: torch.Tensor, meta: AttentionMetadata, last: torch.Tensor,
-                       seqs: list[Sequence]) -> Launched:
-        """Run a prefill chunk; each of `seqs` (whose prompts it completes) samples its first token from the hidden
-        row `last` [len(seqs)], which also becomes its first decode step's input."""
-        with self.model.named_range("qwen2rt.prefill"):  # the profiler's range (profiling.prefill_kernel_ms)
-            return self._launch_prefill(ids, meta, last, seqs)
+    def graph_prefill_bucket(self, chunks: list[tuple[Sequence, int, int]]) -> int | None:
+        """The token bucket whose graph runs this prefill step, or None (eager): with graphs, one chunk that completes
+        its prompt, within the largest bucket."""
+        if not (self.use_graphs and len(chunks) == 1):
+            return None
+        s, start, n = chunks[0]
+        if start + n != len(s.prompt_ids):
+            return None
+        return next((b for b in self.prefill_buckets if b >= n), None)
 
-    def _launch_prefill(self, ids, meta, last, seqs) -> Launched:
+    @torch.inference_mode()
+    def launch_prefill(self, chunks: list[tuple[Sequence, int, int]]) -> Launched:
+        """Run a prefill step of (sequence, first prompt position, token count) chunks; each sequence whose prompt
+        it completes samples its first token from the hidden row of its last prompt token, which also becomes its
+        first decode step's input."""
+        with self.model.named_range("qwen2rt.prefill"):  # the profiler's range (profiling.prefill_kernel_ms)
+            return self._launch_prefill(chunks)
+
+    def _launch_prefill(self, chunks: list[tuple[Sequence, int, int]]) -> Launched:
+        done = [i for i, (s, start, n) in enumerate(chunks) if start + n == len(s.prompt_ids)]
+        seqs = [chunks[i][0] for i in done]
+        bucket = self.graph_prefill_bucket(chunks)
+        if bucket is not None:
+            graph = self.prefill_graphs.get(bucket) or self.capture_prefill(bucket)
+            self._stage_prefill(chunks[0], bucket)  # after a capture, which stages padding
+            graph.replay()
+            self.prefill_replays += 1
+            return self._sample_first(self.prefill_logits[bucket], seqs)
+        ids, meta, last = self.prefill_metadata(chunks)
         hidden = self.model.forward(ids, meta, self.cache.layers)
         if not seqs:
             return Launched([], None, None)
-        logits = self.model.compute_logits(hidden[last])
-        rows = rows_tensor([s.sampling_row() for s in seqs], "cpu")
-        rows = SamplingRows(*(self.to_device(getattr(rows, f), None) for f in SamplingRows.FIELDS))
+        if len(seqs) < len(chunks):  # the rows of the completed prompts (an index built on the device: a host
+            last = last.index_select(0, self.to_device(done, torch.long))  # list would wait for it)
+        return self._sample_first(self.model.compute_logits(hidden[last]), seqs)
+
+    def _sample_first(self, logits: torch.Tensor, seqs: list[Sequence]) -> Launched:
+        """Sample the first token of each of `seqs` from its float32 logits row [len(seqs), V]."""
+        rows = self.rows_to_device([s.sampling_row() for s in seqs])
         tokens = sample_tokens(logits, rows, self.sampler, sampler_variant([s.params for s in seqs]))
         self.last_token.scatter_(0, rows.slot, tokens)
         host = torch.empty(tokens.shape, dtype=torch.long, pin_memory=self.cuda)
@@ -292,14 +418,7 @@ class ModelRunner:
         for row in self._new_block.pop(self._launches, ()):
             self._look_up_slot(row)
         np.add(self._base[:, :b], self._launches, out=self._host_ints[:4, :b])
-        i = self._next_pinned
-        self._next_pinned ^= 1
-        if self.cuda:
-            self._copied[i].synchronize()  # its last copy (two steps ago) is done: the buffer may be rewritten
-        self._pinned_np[i][:] = self._staged_np
-        self.values.copy_(self._pinned[i], non_blocking=self.cuda)
-        if self.cuda:
-            self._copied[i].record()
+        self.values.send()
         if rebuilt:  # the batch's block-table rows, from the slots' rows (padding rows get the zero padding row)
             torch.index_select(self.slot_tables, 0, self.rows.slot[:bucket], out=self.block_tables[:bucket])
 
@@ -362,9 +481,7 @@ class ModelRunner:
         """Warm up (compiles kernels) and capture the bucket's forward (once per bucket) and the sampler form, with
         padding-only inputs, which write nothing."""
         self._fill([], bucket)
-        if self._side_stream is None:  # one for every capture: each new stream would get its own cuBLAS workspace
-            self._side_stream = torch.cuda.Stream()
-        stream = self._side_stream
+        stream = self._capture_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             logits = self._logits.get(bucket)
@@ -383,12 +500,34 @@ class ModelRunner:
         self.graphs[(bucket, variant)] = StepGraphs(self._forward_graphs[bucket], sample)
         return self.graphs[(bucket, variant)]
 
+    def _capture_stream(self) -> torch.cuda.Stream:
+        if self._side_stream is None:  # one for every capture: each new stream would get its own cuBLAS workspace
+            self._side_stream = torch.cuda.Stream()
+        return self._side_stream
+
+    def capture_prefill(self, bucket: int) -> torch.cuda.CUDAGraph:
+        """Warm up (compiles kernels) and capture the padded prefill of `bucket` tokens, with padding-only inputs,
+        which write nothing."""
+        self._stage_prefill(None, bucket)
+        stream = self._capture_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            self._prefill_forward(bucket)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
+            self.prefill_logits[bucket] = self._prefill_forward(bucket)
+        if self._pool is None:
+            self._pool = graph.pool()
+        self.prefill_graphs[bucket] = graph
+        return graph
+
     def capture_logprobs(self, bucket: int) -> torch.cuda.CUDAGraph:
         """Capture the log-probabilities of a bucket (read the forward graph's logits and the sampled tokens), replayed
         after the step's graphs when the batch asks for them."""
         if bucket not in self._forward_graphs:
             self.capture(bucket, VARIANTS[0])
-        stream = self._side_stream
+        stream = self._capture_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._logprobs(self._logits[bucket], bucket)  # warm-up
@@ -400,11 +539,17 @@ class ModelRunner:
         return graph
 
     def capture_all(self) -> None:
-        """Capture every bucket with every sampler form, and log time and memory in one line."""
+        """Capture every prefill bucket, and every decode bucket with every sampler form; log time and memory in one
+        line."""
         torch.cuda.synchronize()
         reserved_before = torch.cuda.memory_reserved()  # the graphs' pool comes from torch's caching allocator
         start = time.perf_counter()
-        for bucket in reversed(self.buckets):  # largest first: the smaller ones reuse its pool
+        for bucket in reversed(self.prefill_buckets):  # largest first: the smaller ones reuse its pool
+            if bucket not in self.prefill_graphs:
+                self.capture_prefill(bucket)
+        torch.cuda.synchronize()
+        self.prefill_capture_s = time.perf_counter() - start
+        for bucket in reversed(self.buckets):
             for variant in VARIANTS:
                 if (bucket, variant) not in self.graphs:
                     self.capture(bucket, variant)
@@ -413,6 +558,7 @@ class ModelRunner:
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - start
         self.capture_mib = (torch.cuda.memory_reserved() - reserved_before) / 2 ** 20
-        log.warning("captured %d decode forward CUDA graphs (buckets %s) and %d sampler graphs (%s) in %.2f s, "
-                    "%.0f MiB", len(self._forward_graphs), self.buckets, len(self.graphs), "/".join(VARIANTS),
-                    self.capture_s, self.capture_mib)
+        log.warning("captured %d prefill CUDA graphs (tokens %s) in %.2f s, %d decode forward graphs (buckets %s) and "
+                    "%d sampler graphs (%s): %.2f s, %.0f MiB in all", len(self.prefill_graphs),
+                    self.prefill_buckets, self.prefill_capture_s, len(self._forward_graphs), self.buckets,
+                    len(self.graphs), "/".join(VARIANTS), self.capture_s, self.capture_mib)

@@ -180,7 +180,10 @@ SAMPLE = {  # the shape of a recorded run; the numbers are made up for this test
     ],
     "prefill": [{"model": "qwen2-7b", "tokens": 2048, "impl": "qwen2rt", "ms": 60.0, "floor_ms": 34.8,
                  "kernel_ms": 41.5},
-                {"model": "qwen2-7b", "tokens": 2048, "impl": "hf", "ms": 56.4, "floor_ms": 34.8}],
+                {"model": "qwen2-7b", "tokens": 2048, "impl": "hf", "ms": 56.4, "floor_ms": 34.8},
+                {"model": "qwen2-7b", "tokens": 128, "impl": "qwen2rt", "ms": 5.2, "floor_ms": 3.4,
+                 "kernel_ms": 4.1, "prefill_graph": True},
+                {"model": "qwen2-7b", "tokens": 128, "impl": "qwen2rt_eager_prefill", "ms": 19.0, "floor_ms": 3.4}],
     "kernels": [], "graph_capture_s": None,
 }
 
@@ -198,7 +201,8 @@ def test_report_renders_readme_table_and_chart(tmp_path):
     assert "NVIDIA H100 80GB HBM3" in text and "abc123" in text
     assert "| qwen2-0.5b | 1.5 | 1.2 | 16.4 | 2.34 | 0.33 | 22% |" in text
     assert "| qwen2-7b | 4 | 9.5 | - | 4.68 | 49% |" in text  # batch 4: its own table, ms per step
-    assert "| qwen2-7b | 2048 | 60 | 41.5 | 56.4 | 34.8 |" in text
+    assert "| qwen2-7b | 2048 | 60 | 41.5 | - | 56.4 | 34.8 |" in text
+    assert "| qwen2-7b | 128 | 5.2 | 4.1 | 19 | - | 3.4 |" in text
     assert "| qwen2-7b | 9 | - | - | - | 4.68 | 52% |" in text  # the dense row: the int4 rows stay out of it
     assert "| qwen2-7b | int4 | 2.5 | 2.2 | 1.51 | 60% | 2 |" in text and "9.9" not in text
     assert png.stat().st_size > 1000 and open(png, "rb").read(4) == b"\x89PNG"
@@ -242,3 +246,19 @@ def test_decode_floor_counts_quantized_experts():
     extra = config.num_hidden_layers * (e * (1 - (1 - k / e) ** 16) - k) * per_expert
     assert decode_bytes(config, 16, 0, 2, "int4") == pytest.approx(decode_bytes(config, 1, 0, 2, "int4") + extra)
     assert 3.5 < decode_bytes(config, 16, 0, 2, None) / decode_bytes(config, 16, 0, 2, "int4") < 3.9
+
+
+def test_hf_decode_timing_refuses_a_negative_difference(monkeypatch):
+    """(generate(2 steps) - generate(steps)) / steps is the time per token; when noise makes the longer generation
+    the faster one, no number is returned rather than a negative one."""
+    from benchmarks import hf_baseline
+
+    def timed(*pairs):  # the warm-up, then (short, long) per repeat
+        times = iter([9.0, *[t for pair in pairs for t in pair]])
+        monkeypatch.setattr(hf_baseline, "time_generate", lambda *args, **kwargs: next(times))
+
+    timed((0.4, 0.8), (0.4, 0.9), (0.5, 0.8))
+    assert hf_baseline.decode_ms_per_token(None, None, steps=4) == pytest.approx(100.0)  # median of 100, 125, 75
+    timed((0.5, 0.4), (0.5, 0.45), (0.4, 0.5))
+    with pytest.raises(RuntimeError, match="timing noise"):
+        hf_baseline.decode_ms_per_token(None, None, steps=4)

@@ -1,0 +1,254 @@
+"""Prefill graphs (model_runner): a prompt's last chunk, alone in its step, padded to a token bucket and run on static
+buffers, against the eager prefill. CUDA graphs need a GPU, so here (as in test_engine) a stand-in graph replays the
+same padded forward eagerly on whatever the static buffers hold when it is replayed; test_gpu replays real graphs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qwen2rt import LLM, SamplingParams
+from qwen2rt.kernels import rope_attention
+from qwen2rt.models.backend import AttentionMetadata, AttentionShape, TritonBackend
+from qwen2rt.sampling import VARIANTS
+from test_parity import random_prompt
+
+BUCKETS = (8, 16, 32)
+LOGPROBS = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=5)
+TOL = 1e-4  # logprobs, fp32 torch backend: the padded GEMMs' rows differ from the unpadded ones by ~1e-6
+
+
+class StandInGraph:
+    def __init__(self, replay):
+        self.replay = replay
+
+
+def with_stand_in_graphs(llm: LLM) -> dict:
+    """Turn graphs on for a CPU LLM: each capture runs what ModelRunner's does to the static buffers (stage
+    padding, warm up) and records a graph whose replay runs the step eagerly. -> what was captured and staged."""
+    runner = llm.engine.decoder
+    seen = {"prefill": [], "decode": [], "staged_at_capture": []}
+
+    def capture_prefill(bucket):
+        runner._stage_prefill(None, bucket)
+        host = runner.prefill_values.host
+        seen["staged_at_capture"].append(host["seq_len"].tolist() + host["query_start"].tolist())
+        runner.prefill_logits[bucket] = runner._prefill_forward(bucket)
+        seen["prefill"].append(bucket)
+
+        def replay():
+            runner.prefill_logits[bucket].copy_(runner._prefill_forward(bucket))
+
+        runner.prefill_graphs[bucket] = StandInGraph(replay)
+        return runner.prefill_graphs[bucket]
+
+    def capture(bucket, variant):
+        runner._fill([], bucket)
+        runner._step(bucket, variant)
+        seen["decode"].append((bucket, variant))
+        runner.graphs[(bucket, variant)] = StandInGraph(lambda: runner._step(bucket, variant))
+        return runner.graphs[(bucket, variant)]
+
+    def capture_logprobs(bucket):
+        runner._logprob_graphs[bucket] = StandInGraph(lambda: runner._logprobs(runner._last_logits, bucket))
+        return runner._logprob_graphs[bucket]
+
+    step = runner._step
+
+    def step_keeping_logits(bucket, variant):  # what the logprob graph reads: the forward graph's logits
+        runner._last_logits = step(bucket, variant)
+        return runner._last_logits
+
+    runner._step = step_keeping_logits
+    runner.capture_prefill, runner.capture, runner.capture_logprobs = capture_prefill, capture, capture_logprobs
+    runner.use_graphs = True
+    return seen
+
+
+def outputs(llm: LLM, prompts, params=LOGPROBS):
+    return [(o.token_ids, o.logprobs, o.num_cached_tokens) for o in llm.generate(prompts, params)]
+
+
+def assert_same(got, want, tol=TOL):
+    for (tokens, logprobs, cached), (want_tokens, want_logprobs, want_cached) in zip(got, want, strict=True):
+        assert tokens == want_tokens and cached == want_cached
+        for (lp, top), (want_lp, want_top) in zip(logprobs, want_logprobs, strict=True):
+            assert abs(lp - want_lp) < tol
+            assert [i for i, _ in top] == [i for i, _ in want_top]
+            assert max(abs(a - b) for (_, a), (_, b) in zip(top, want_top)) < tol
+
+
+def poisoned(llm: LLM) -> LLM:
+    for k, v in llm.kv_cache.layers:
+        k.fill_(math.nan)
+        v.fill_(math.nan)
+    return llm
+
+
+def assert_same_cache(a: LLM, b: LLM):
+    """Bitwise, NaN for NaN: a padding row that wrote a cache slot (or a real row written elsewhere) fails it."""
+    for (ka, va), (kb, vb) in zip(a.kv_cache.layers, b.kv_cache.layers, strict=True):
+        for x, y in ((ka, kb), (va, vb)):
+            assert torch.equal(torch.isnan(x), torch.isnan(y))
+            torch.testing.assert_close(x.nan_to_num(), y.nan_to_num(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-moe"])
+def test_padded_prefill_replays_match_eager(model):
+    """Prompts of 5 (bucket 8), 8 (exactly 8), 9 (16) and 32 tokens (the largest bucket) replay a graph; 33 tokens
+    (past it) with two more prompts in the same step run eagerly. Tokens, log-probabilities and the cache as the
+    eager run."""
+    kw = dict(device="cpu", max_batch_size=4, max_seq_len=128, cuda_graph_prefill_tokens=BUCKETS)
+    eager, padded = poisoned(LLM(model, **kw)), poisoned(LLM(model, **kw))
+    seen = with_stand_in_graphs(padded)
+    runner = padded.engine.decoder
+    assert runner.prefill_buckets == list(BUCKETS)
+    attention, prefills = padded.model.backend.attention, []
+
+    def spy(qkv, k_cache, v_cache, rope, meta, shape):
+        if meta.is_prefill:
+            prefills.append((qkv.shape[0], meta.padded))
+        return attention(qkv, k_cache, v_cache, rope, meta, shape)
+
+    padded.model.backend.attention = spy
+    for n, seed in ((5, 1), (8, 2), (9, 3), (32, 4)):
+        prompt = random_prompt(n, 256, seed)
+        replays = runner.prefill_replays
+        assert_same(outputs(padded, [prompt]), outputs(eager, [prompt]))
+        assert runner.prefill_replays == replays + 1, n
+    assert seen["prefill"] == [8, 16, 32]  # captured once each, on first use, with padding only staged
+    assert seen["staged_at_capture"] == [[0, 0, 0]] * 3
+    replays = runner.prefill_replays
+    three = [random_prompt(33, 256, 7), random_prompt(6, 256, 5), random_prompt(7, 256, 6)]  # one step, 3 chunks
+    assert_same(outputs(padded, three), outputs(eager, three))
+    assert runner.prefill_replays == replays
+    assert_same_cache(padded, eager)
+    # the padded forwards tell attention so (its padding rows must be 0: see test_triton_padded_attention_rows_are_zero)
+    assert {rows for rows, is_padded in prefills if is_padded} == set(BUCKETS)
+    assert {rows for rows, is_padded in prefills if not is_padded} == {33 + 6 + 7}  # one eager step
+
+
+def test_padded_prefill_of_a_cached_prefix_tail():
+    """With prefix caching a repeated prompt prefills only its uncached tail (start > 0): that tail replays a graph,
+    attending over the cached blocks through the sequence's block-table row."""
+    kw = dict(device="cpu", max_batch_size=2, max_seq_len=128, block_size=8, cuda_graph_prefill_tokens=BUCKETS)
+    eager, padded = LLM("tiny", **kw), LLM("tiny", **kw)
+    with_stand_in_graphs(padded)
+    prompt = random_prompt(40, 256, 8)
+    for llm in (eager, padded):
+        outputs(llm, [prompt[:36]])  # caches its 4 full blocks
+    got, want = outputs(padded, [prompt]), outputs(eager, [prompt])
+    assert got[0][2] == want[0][2] == 32  # 32 tokens from the cache, a chunk of 8 from position 32
+    assert_same(got, want)
+    assert padded.engine.decoder.prefill_replays == 1  # the tail; the first prompt (36 tokens) ran eagerly
+
+
+def test_padded_prefill_tolerance_sees_the_wrong_row():
+    """TOL is tight: the padded prefill sampling from the row before the last (a plausible off-by-one) exceeds it."""
+    kw = dict(device="cpu", max_batch_size=2, max_seq_len=64, cuda_graph_prefill_tokens=BUCKETS)
+    eager, padded = LLM("tiny", **kw), LLM("tiny", **kw)
+    with_stand_in_graphs(padded)
+    runner = padded.engine.decoder
+    stage = runner._stage_prefill
+
+    def off_by_one(chunk, bucket):
+        stage(chunk, bucket)
+        if chunk is not None:
+            runner.prefill_values.host["index"][0] -= 1
+            runner.prefill_values.send()
+
+    runner._stage_prefill = off_by_one
+    prompt = random_prompt(12, 256, 9)
+    (tokens, logprobs, _), = outputs(padded, [prompt], SamplingParams(max_tokens=1, temperature=0, logprobs=5))
+    (_, want, _), = outputs(eager, [prompt], SamplingParams(max_tokens=1, temperature=0, logprobs=5))
+    assert max(abs(a - b) for (_, a), (_, b) in zip(logprobs[0][1], want[0][1])) > 10 * TOL
+
+
+def test_prefill_buckets_follow_the_chunk_limits():
+    """Buckets past the largest chunk (max_prefill_tokens, max_seq_len - 1) are dropped, except the first that holds
+    it; invalid buckets are an error naming the argument."""
+    def buckets(**kw):
+        return LLM("tiny", device="cpu", **kw).engine.decoder.prefill_buckets
+
+    assert buckets(max_seq_len=100) == [16, 32, 64, 128]
+    assert buckets(max_seq_len=512, max_prefill_tokens=64) == [16, 32, 64]
+    assert buckets(max_seq_len=512, cuda_graph_prefill_tokens=()) == []
+    for bad in ((0, 16), (16.0,), "16", (True,)):
+        with pytest.raises(ValueError, match="cuda_graph_prefill_tokens"):
+            LLM("tiny", device="cpu", cuda_graph_prefill_tokens=bad)
+    with pytest.raises(ValueError, match="cuda_graph_buckets"):
+        LLM("tiny", device="cpu", cuda_graph_buckets=(0,))
+
+
+def test_no_prefill_graphs_run_eagerly():
+    llm = LLM("tiny", device="cpu", max_seq_len=64, cuda_graph_prefill_tokens=())
+    seen = with_stand_in_graphs(llm)
+    llm.generate([random_prompt(5, 256, 10)], SamplingParams(max_tokens=3, temperature=0))
+    assert not seen["prefill"] and llm.engine.decoder.prefill_replays == 0
+    assert seen["decode"] == [(1, "greedy")]
+    assert set(VARIANTS) >= {v for _, v in seen["decode"]}
+
+
+def test_triton_padded_attention_rows_are_zero(monkeypatch):
+    """The triton backend's prefill attention with meta.padded: rows past query_start[-1] are 0 (not whatever the
+    output buffer held: here NaN) and the real rows are those of the unpadded call (Triton interpreter)."""
+    def nan_output(out, rows, width, like):
+        return torch.full((rows, width), math.nan, dtype=like.dtype) if out is None else out
+
+    monkeypatch.setattr(rope_attention, "_output", nan_output)
+    heads, kv_heads, d, n, pad, bs = 4, 2, 32, 5, 3, 4
+    torch.manual_seed(0)
+    qkv = torch.randn(n + pad, (heads + 2 * kv_heads) * d)
+    cache = [torch.randn(6, bs, kv_heads, d) for _ in range(2)]
+    cos, sin = torch.randn(64, d // 2), torch.randn(64, d // 2)
+    shape = AttentionShape(num_heads=heads, num_kv_heads=kv_heads, head_dim=d, scale=d ** -0.5)
+    rope = type("Rope", (), {"cos": cos, "sin": sin})()
+
+    def meta(rows, padded):
+        return AttentionMetadata(positions=torch.cat([torch.arange(3, 3 + n), torch.zeros(rows - n, dtype=torch.long)]),
+                                 slot_mapping=torch.cat([torch.arange(3, 3 + n), torch.full((rows - n,), -1)]),
+                                 block_tables=torch.tensor([[1, 2, 3, 4]], dtype=torch.int32),
+                                 seq_lens=torch.tensor([3 + n], dtype=torch.int32), is_prefill=True,
+                                 query_start=torch.tensor([0, n], dtype=torch.int32), query_lens_host=[rows],
+                                 padded=padded)
+
+    backend = TritonBackend()
+    want = backend.attention(qkv[:n].clone(), *[c.clone() for c in cache], rope, meta(n, False), shape)
+    got = backend.attention(qkv, *[c.clone() for c in cache], rope, meta(n + pad, True), shape)
+    assert torch.equal(got[n:], torch.zeros_like(got[n:]))
+    torch.testing.assert_close(got[:n], want, rtol=0, atol=0)
+    unpadded = backend.attention(qkv, *[c.clone() for c in cache], rope, meta(n + pad, False), shape)
+    assert torch.isnan(unpadded[n:]).all()  # what padded=True is for
+
+
+def test_triton_backend_padded_prefill_matches_eager():
+    """The tiny model on the triton backend (interpreter): one short prompt through a stand-in prefill graph of 8
+    tokens, against the eager triton prefill."""
+    kw = dict(device="cpu", backend="triton", max_batch_size=1, max_seq_len=32, cuda_graph_prefill_tokens=(8,))
+    eager, padded = LLM("tiny", **kw), LLM("tiny", **kw)
+    with_stand_in_graphs(padded)
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=5)
+    prompt = random_prompt(5, 256, 11)
+    assert_same(outputs(padded, [prompt], params), outputs(eager, [prompt], params))
+    assert padded.engine.decoder.prefill_replays == 1
+
+
+def test_staged_values_are_aligned_and_sent_in_one_copy():
+    """Staged: every array 16-byte aligned whatever the sizes before it (Triton specialises pointers on that), and
+    send() carries what the host views hold to the device views."""
+    from qwen2rt.model_runner import Staged
+
+    staged = Staged({"a": (torch.int32, (3,)), "b": (torch.int64, (2, 5)), "c": (torch.float32, (7,)),
+                     "d": (torch.int32, (1,))}, torch.device("cpu"))
+    assert all(t.data_ptr() % 16 == 0 for t in staged.device.values())
+    staged.host["a"][:] = (1, 2, 3)
+    staged.host["b"][:] = torch.arange(10).view(2, 5).numpy()
+    staged.host["c"][:] = 0.5
+    staged.host["d"][:] = -1
+    assert staged.device["a"].tolist() == [0, 0, 0]  # nothing crosses before send()
+    staged.send()
+    assert staged.device["a"].tolist() == [1, 2, 3] and staged.device["b"].tolist() == [list(range(5)),
+                                                                                     list(range(5, 10))]
+    assert staged.device["c"].tolist() == [0.5] * 7 and staged.device["d"].tolist() == [-1]
