@@ -91,7 +91,8 @@ def host_us_per_step(batch: int, context: int, steps: int, tokenizer: bool, grap
         runner.use_graphs = True
         runner.graphs.update({(b, v): NoOpGraph() for b in runner.buckets for v in VARIANTS})
         runner.prefill_graphs.update({b: NoOpGraph() for b in runner.prefill_buckets})  # short prompts (--smoke)
-        runner.prefill_logits.update({b: model.compute_logits(model._hidden[:1]) for b in runner.prefill_buckets})
+        runner.prefill_logits.update({b: model.compute_logits(model._hidden[:runner.prefill_seqs])
+                                      for b in runner.prefill_buckets})
         runner.tokens.fill_(TOKEN)  # what the replays would sample
     with stub_sampler(batch, device):
         for s in seqs:

@@ -79,10 +79,9 @@ class LLM:
     sampler form as a small graph after it) on CUDA with the triton backend, captured at start-up
     (capture_graphs="startup") or on first use ("lazy");
     enforce_eager=True runs the same step without graphs. Prompts are prefilled in chunks of at most
-    max_prefill_tokens tokens per step, alternating with decode steps; with graphs, a prompt's last chunk of at most
-    max(cuda_graph_prefill_tokens) tokens alone in its step (a request arriving at an idle engine, or the uncached
-    tail of a prompt) runs padded to the next of those token counts, as a graph captured with the decode ones
-    (an empty tuple: every prefill eager).
+    max_prefill_tokens tokens per step, alternating with decode steps; with graphs, a prefill step of at most
+    max(cuda_graph_prefill_tokens) tokens from at most 8 prompts runs padded to the next of those token counts, as a
+    graph captured with the decode ones (an empty tuple: every prefill eager).
     enable_prefix_caching (default True): full blocks of prompt tokens stay in the KV cache after their request
     (until their memory is needed), and a prompt that starts with the same blocks reuses them instead of prefilling
     them (RequestOutput.num_cached_tokens; counters in `engine.prefix_cache_stats()`).

@@ -4,12 +4,13 @@ Decode rows are padded up to a batch bucket with rows that write nothing (slot -
 bucket's forward (model and logits) is captured once, and each sampler form (`sampling.VARIANTS`) once per bucket
 as a small graph that reads the forward's logits; a step replays the two back to back.
 
-Prefill runs eagerly, except with graphs a prompt's last chunk of at most max(prefill_buckets) tokens alone in its
-step (one request arriving at an idle engine, or its uncached tail): its tokens are padded up to a token bucket with
-rows that write nothing (slot -1, position 0; attention returns 0 there) and the bucket's captured forward is
-replayed. Eagerly, a short prompt's time to first token is the host's launch time (about a dozen launches and their
-Python per layer), several times the GPU's. All graphs share one memory pool; each graph's output is consumed
-(sampled) before another graph is replayed, which is what sharing the pool needs.
+Prefill runs eagerly, except with graphs a step of at most PREFILL_GRAPH_SEQS chunks and max(prefill_buckets) tokens
+(short prompts, a burst of them, the uncached tail of a prefix-cache hit, the last chunk of a long prompt): its
+tokens are padded up to a token bucket with rows that write nothing (slot -1, position 0; attention returns 0 there),
+its sequences up to PREFILL_GRAPH_SEQS with empty ones (length 0), and the bucket's captured forward is replayed.
+Eagerly, a short prompt's time to first token is the host's launch time (about a dozen launches and their Python per
+layer), several times the GPU's. All graphs share one memory pool; each graph's output is consumed (sampled) before
+another graph is replayed, which is what sharing the pool needs.
 
 What crosses between host and device per decode step:
 - host -> device: one copy of the per-row values (positions, cache slots, lengths, sampler parameters), staged in
@@ -45,6 +46,9 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 # past 512, Qwen2-7B's prefill takes longer on an H100 than its eager launches take on the host (~10 ms of GEMMs),
 # so a graph saves little and its padding would cost more.
 DEFAULT_PREFILL_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
+# Sequences a prefill graph takes. Each is a slice of the attention grid (empty ones exit at once) and a row of the
+# logits (the lm_head GEMV reads its weight once for all rows): cheap, and one graph per token bucket serves them all.
+PREFILL_GRAPH_SEQS = 8
 
 
 TokenLogprobs = tuple[float, list[tuple[int, float]]]  # (the chosen token's log-probability, [(id, logprob)] top-N)
@@ -205,18 +209,21 @@ class ModelRunner:
         self.prefill_capture_s: float | None = None  # of which the prefill graphs
         self.capture_mib: float | None = None
 
-        # Prefill graphs: the buckets a chunk can use (at most max_prefill_tokens and max_seq_len - 1 tokens: the
-        # first bucket that holds that many, and those below it), static inputs for the largest, one copy per step.
-        cap = min(max_seq_len - 1, max_prefill_tokens or max_seq_len)
+        # Prefill graphs: the buckets a step can use (at most max_prefill_tokens tokens, and max_seq_len - 1 per
+        # sequence: the first bucket that holds that many, and those below it), static inputs for the largest, one
+        # copy per step.
+        cap = min(max_batch_size * (max_seq_len - 1), max_prefill_tokens or max_batch_size * max_seq_len)
         wanted = sorted({b for b in prefill_buckets if b >= 1})
         self.prefill_buckets = [b for i, b in enumerate(wanted) if i == 0 or wanted[i - 1] < cap]
         t = -(-max(self.prefill_buckets, default=0) // 2) * 2  # rows of 16-byte multiples (see Staged)
+        self.prefill_seqs = p = min(PREFILL_GRAPH_SEQS, max_batch_size)
         self.prefill_values = Staged({"tokens": (torch.int64, (3, t)),  # input ids, positions, cache slots
-                                      "index": (torch.int64, (2,)),  # the chunk's last row, the sequence's slot
-                                      "seq_len": (torch.int32, (1,)),  # its context after the chunk
-                                      "query_start": (torch.int32, (2,))}, dev)  # [0, the chunk's tokens]
+                                      "last": (torch.int64, (p,)),  # the last rows of the prompts completed
+                                      "slots": (torch.int64, (p,)),  # each chunk's sequence slot (block-table row)
+                                      "seq_lens": (torch.int32, (p,)),  # each one's context after its chunk
+                                      "query_start": (torch.int32, (p + 1,))}, dev)  # the chunks' rows
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.prefill_logits: dict[int, torch.Tensor] = {}  # each prefill graph's output [1, V] float32
+        self.prefill_logits: dict[int, torch.Tensor] = {}  # each prefill graph's output [seqs, V] float32
         self.prefill_replays = 0  # prefill steps that replayed a graph (the rest ran eagerly)
 
     def bucket(self, batch: int) -> int:
@@ -266,39 +273,42 @@ class ModelRunner:
                           raw[split:].view(torch.float32).view(len(floats), b)))
         return SamplingRows(*(fields[f] for f in SamplingRows.FIELDS))
 
-    def _stage_prefill(self, chunk: tuple[Sequence, int, int] | None, bucket: int) -> None:
-        """A chunk's inputs, padded to `bucket` rows, into the prefill graphs' static buffers (one copy); None
-        stages padding only (capture)."""
+    def _stage_prefill(self, chunks: list[tuple[Sequence, int, int]], bucket: int) -> None:
+        """A prefill step's inputs, padded to `bucket` rows and PREFILL_GRAPH_SEQS sequences, into the prefill
+        graphs' static buffers (one copy); no chunks stages padding only (capture). The completed prompts' last rows
+        come first in `last`, in chunk order: their logits are the first rows of the graph's."""
         host = self.prefill_values.host
-        tokens = host["tokens"]
+        tokens, query_start = host["tokens"], host["query_start"]
         tokens[:, :bucket] = np.array([0, 0, -1])[:, None]  # padding rows: token 0 at position 0, writing nothing
-        if chunk is None:
-            host["index"][:] = (0, self.sampler.padding_slot)  # the padding slot's block-table row is zeros
-            host["seq_len"][:] = 0
-            host["query_start"][:] = 0
-        else:
-            s, start, n = chunk
-            bs = self.cache.block_size
+        host["slots"][:] = self.sampler.padding_slot  # empty sequences: the padding slot's block-table row (zeros),
+        host["seq_lens"][:] = 0  # no context and no rows
+        host["last"][:] = 0
+        bs, row, done = self.cache.block_size, 0, []
+        for i, (s, start, n) in enumerate(chunks):
             pos = np.arange(start, start + n)
-            tokens[0, :n] = s.prompt_ids[start:start + n]
-            tokens[1, :n] = pos
-            tokens[2, :n] = np.asarray(s.blocks)[pos // bs] * bs + pos % bs
-            host["index"][:] = (n - 1, s.slot)
-            host["seq_len"][:] = start + n
-            host["query_start"][:] = (0, n)
+            tokens[0, row:row + n] = s.prompt_ids[start:start + n]
+            tokens[1, row:row + n] = pos
+            tokens[2, row:row + n] = np.asarray(s.blocks)[pos // bs] * bs + pos % bs
+            query_start[i] = row
+            host["slots"][i] = s.slot
+            host["seq_lens"][i] = start + n
+            row += n
+            if start + n == len(s.prompt_ids):
+                done.append(row - 1)
+        query_start[len(chunks):] = row
+        host["last"][:len(done)] = done
         self.prefill_values.send()
 
     def _prefill_forward(self, bucket: int) -> torch.Tensor:
-        """The padded prefill on the static buffers -> float32 logits [1, V] of the chunk's last row."""
+        """The padded prefill on the static buffers -> float32 logits [PREFILL_GRAPH_SEQS, V] of the `last` rows."""
         values = self.prefill_values.device
         ids, positions, slots = values["tokens"][:, :bucket]
-        last, slot = values["index"][:1], values["index"][1:]
-        block_table = self.slot_tables.index_select(0, slot)  # the sequence's row, written at its admission
-        meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=block_table,
-                                 seq_lens=values["seq_len"], is_prefill=True, query_start=values["query_start"],
+        block_tables = self.slot_tables.index_select(0, values["slots"])  # the rows written at admission
+        meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=block_tables,
+                                 seq_lens=values["seq_lens"], is_prefill=True, query_start=values["query_start"],
                                  query_lens_host=[bucket], padded=True)
         hidden = self.model.forward(ids, meta, self.cache.layers)
-        return self.model.compute_logits(hidden.index_select(0, last))
+        return self.model.compute_logits(hidden.index_select(0, values["last"]))
 
     def to_device(self, values, dtype: torch.dtype | None) -> torch.Tensor:
         """A host list as a device tensor. On CUDA through pinned memory: a copy from pageable memory may wait for
@@ -309,14 +319,12 @@ class ModelRunner:
         return host.pin_memory().to(self.device, non_blocking=True)
 
     def graph_prefill_bucket(self, chunks: list[tuple[Sequence, int, int]]) -> int | None:
-        """The token bucket whose graph runs this prefill step, or None (eager): with graphs, one chunk that completes
-        its prompt, within the largest bucket."""
-        if not (self.use_graphs and len(chunks) == 1):
+        """The token bucket whose graph runs this prefill step, or None (eager): with graphs, up to
+        PREFILL_GRAPH_SEQS chunks within the largest bucket."""
+        if not (self.use_graphs and len(chunks) <= self.prefill_seqs):
             return None
-        s, start, n = chunks[0]
-        if start + n != len(s.prompt_ids):
-            return None
-        return next((b for b in self.prefill_buckets if b >= n), None)
+        tokens = sum(n for _, _, n in chunks)
+        return next((b for b in self.prefill_buckets if b >= tokens), None)
 
     @torch.inference_mode()
     def launch_prefill(self, chunks: list[tuple[Sequence, int, int]]) -> Launched:
@@ -332,10 +340,12 @@ class ModelRunner:
         bucket = self.graph_prefill_bucket(chunks)
         if bucket is not None:
             graph = self.prefill_graphs.get(bucket) or self.capture_prefill(bucket)
-            self._stage_prefill(chunks[0], bucket)  # after a capture, which stages padding
+            self._stage_prefill(chunks, bucket)  # after a capture, which stages padding
             graph.replay()
             self.prefill_replays += 1
-            return self._sample_first(self.prefill_logits[bucket], seqs)
+            if not seqs:
+                return Launched([], None, None)
+            return self._sample_first(self.prefill_logits[bucket][:len(seqs)], seqs)
         ids, meta, last = self.prefill_metadata(chunks)
         hidden = self.model.forward(ids, meta, self.cache.layers)
         if not seqs:
@@ -508,7 +518,7 @@ class ModelRunner:
     def capture_prefill(self, bucket: int) -> torch.cuda.CUDAGraph:
         """Warm up (compiles kernels) and capture the padded prefill of `bucket` tokens, with padding-only inputs,
         which write nothing."""
-        self._stage_prefill(None, bucket)
+        self._stage_prefill([], bucket)
         stream = self._capture_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():

@@ -160,7 +160,7 @@ def test_lazily_captured_graph_replays_the_real_batch(monkeypatch):
     """Capturing a bucket on first use runs it with padding rows; the replay right after must see the real batch.
     A stand-in graph (CUDA graphs need a GPU) replays the step on whatever the static buffers then hold."""
     eager = LLM("tiny", device="cpu", max_batch_size=8)
-    lazy = LLM("tiny", device="cpu", max_batch_size=8)
+    lazy = LLM("tiny", device="cpu", max_batch_size=8, cuda_graph_prefill_tokens=())  # decode graphs only here
     decoder = lazy.engine.decoder
     captured = []
 

@@ -46,7 +46,9 @@ def test_builtin_shape_on_gpu_is_deterministic():
 @pytest.mark.parametrize("batch", [1, 5])  # 5 runs padded in the 8 bucket
 def test_cuda_graph_decode_equals_eager(model, batch):
     kw = dict(device="cuda", seed=0, max_seq_len=256, max_batch_size=8)
-    graphs = LLM(model, **kw)
+    # prefill eager in both, so that the decode graphs alone are compared (a padded prefill of 5 prompts runs its
+    # GEMMs over 64 rows instead of 55: other bits; test_prefill_graphs_equal_eager_prefill covers prefill graphs)
+    graphs = LLM(model, cuda_graph_prefill_tokens=(), **kw)
     assert graphs.use_graphs and graphs.backend.name == "triton" and graphs.engine.decoder.graphs
     eager = LLM(model, enforce_eager=True, **kw)
     prompts = [[(7 * i + j) % 500 + 1 for j in range(5 + 3 * i)] for i in range(batch)]
@@ -78,11 +80,12 @@ def test_lazily_captured_graphs_equal_eager():
 
 @pytest.mark.parametrize("model", ["tiny-moe", "qwen2-0.5b"])
 def test_prefill_graphs_equal_eager_prefill(model):
-    """Prefill graphs, captured at start-up: a replay gives bitwise the logits of the same padded forward run
-    eagerly, and (within bf16 noise of the GEMMs' other row counts) those of the unpadded eager prefill; prompts of
-    5 (GEMV path), 40 (MoE: the grouped GEMMs) and 300 tokens, then a whole generation against an LLM whose prefill
-    is eager (short prompts)."""
-    kw = dict(device="cuda", seed=0, max_seq_len=640, max_batch_size=2)
+    """Prefill graphs, captured at start-up: a replay gives the logits of the same padded forward run eagerly
+    (bitwise where every projection is a GEMV, up to 32 tokens; cuBLAS may pick another algorithm on the capture
+    stream, so past that within 1e-3) and, within bf16 noise of the GEMMs' other row counts, those of the unpadded
+    eager prefill; prompts of 5 (GEMV path), 40 (MoE: the grouped GEMMs) and 300 tokens. Then whole generations,
+    one prompt and a burst of three in one step, against an LLM whose prefill is eager."""
+    kw = dict(device="cuda", seed=0, max_seq_len=640, max_batch_size=4)
     llm = LLM(model, **kw)
     runner = llm.engine.decoder
     assert sorted(runner.prefill_graphs) == runner.prefill_buckets and runner.prefill_buckets  # at start-up
@@ -92,25 +95,34 @@ def test_prefill_graphs_equal_eager_prefill(model):
         seq = llm._new_sequence(prompt, llm._params(params))
         llm.engine.add(seq)
         llm.engine._admit()
-        bucket = runner.graph_prefill_bucket([(seq, 0, n)])
+        chunks = [(seq, seq.num_prefilled, n - seq.num_prefilled)]
+        bucket = runner.graph_prefill_bucket(chunks)
         with torch.inference_mode():
-            runner._stage_prefill((seq, 0, n), bucket)
-            runner.prefill_graphs[bucket].replay()
-            replayed = runner.prefill_logits[bucket].clone()
-            runner._stage_prefill((seq, 0, n), bucket)
-            eager = runner._prefill_forward(bucket)
+            replays = []
+            for _ in range(2):
+                runner._stage_prefill(chunks, bucket)
+                runner.prefill_graphs[bucket].replay()
+                replays.append(runner.prefill_logits[bucket][:1].clone())
+            runner._stage_prefill(chunks, bucket)
+            eager = runner._prefill_forward(bucket)[:1]
         llm.engine.abort(seq)
-        assert torch.equal(replayed, eager), (n, bucket)
+        diff = (replays[0] - eager).abs().max().item()
+        assert torch.equal(replays[0], replays[1]), f"{n} tokens: two replays differ"
+        if n <= 32:
+            assert torch.equal(replays[0], eager), f"{n} tokens: replay vs eager max |diff| {diff:.3g}"
+        else:
+            assert rel_norm_err(replays[0], eager) < 1e-3, f"{n} tokens: replay vs eager max |diff| {diff:.3g}"
         unpadded = llm.logits(prompt)[-1:]
         # bf16 GEMMs over n rows vs the bucket's: a few ulps of the logits; the row before the last is far off
-        assert rel_norm_err(replayed, unpadded) < 1e-2, n
+        assert rel_norm_err(replays[0], unpadded) < 1e-2, n
         assert rel_norm_err(llm.logits(prompt[:-1])[-1:], unpadded) > 1e-1
     eager_prefill = LLM(model, cuda_graph_prefill_tokens=(), **kw)
     # up to 32 tokens the projections are GEMVs whose rows do not depend on the row count: the same tokens
-    prompts = [random_prompt(n, llm.config.vocab_size, 100 + n) for n in (7, 20)]
+    vocab = llm.config.vocab_size
     replays = runner.prefill_replays
-    for prompt in prompts:  # one at a time: each prefill is alone in its step
-        assert llm.generate(prompt, params)[0].token_ids == eager_prefill.generate(prompt, params)[0].token_ids
+    for prompts in ([random_prompt(20, vocab, 7)], [random_prompt(n, vocab, 100 + n) for n in (5, 7, 9)]):
+        assert [o.token_ids for o in llm.generate(prompts, params)] == \
+            [o.token_ids for o in eager_prefill.generate(prompts, params)]
     assert runner.prefill_replays == replays + 2 and eager_prefill.engine.decoder.prefill_replays == 0
 
 
@@ -148,7 +160,9 @@ def test_bf16_triton_graphs_match_fp32_torch(base, monkeypatch):
     monkeypatch.setitem(BUILTIN_CONFIGS, name, dataclasses.replace(builtin_config(base),
                                                                     num_hidden_layers=PARITY_SHAPES[base]))
     kw = dict(device="cuda", seed=3, max_seq_len=160, max_batch_size=2)
-    fast = LLM(name, dtype="bfloat16", backend="triton", **kw)
+    # prefill eager, as in the enforce_eager LLM the seeded draws are compared with below (a prefill graph pads the
+    # 57 prompt tokens to 64 rows: other bits in the GEMMs)
+    fast = LLM(name, dtype="bfloat16", backend="triton", cuda_graph_prefill_tokens=(), **kw)
     assert fast.use_graphs and fast.engine.decoder.graphs
     ref = LLM(name, dtype="float32", backend="torch", **kw)
     same_weights(ref, fast)

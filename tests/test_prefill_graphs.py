@@ -32,9 +32,9 @@ def with_stand_in_graphs(llm: LLM) -> dict:
     seen = {"prefill": [], "decode": [], "staged_at_capture": []}
 
     def capture_prefill(bucket):
-        runner._stage_prefill(None, bucket)
+        runner._stage_prefill([], bucket)
         host = runner.prefill_values.host
-        seen["staged_at_capture"].append(host["seq_len"].tolist() + host["query_start"].tolist())
+        seen["staged_at_capture"].append(host["seq_lens"].tolist() + host["query_start"].tolist())
         runner.prefill_logits[bucket] = runner._prefill_forward(bucket)
         seen["prefill"].append(bucket)
 
@@ -119,7 +119,7 @@ def test_padded_prefill_replays_match_eager(model):
         assert_same(outputs(padded, [prompt]), outputs(eager, [prompt]))
         assert runner.prefill_replays == replays + 1, n
     assert seen["prefill"] == [8, 16, 32]  # captured once each, on first use, with padding only staged
-    assert seen["staged_at_capture"] == [[0, 0, 0]] * 3
+    assert seen["staged_at_capture"] == [[0] * 9] * 3  # 4 empty sequences (max_batch_size) and query_start
     replays = runner.prefill_replays
     three = [random_prompt(33, 256, 7), random_prompt(6, 256, 5), random_prompt(7, 256, 6)]  # one step, 3 chunks
     assert_same(outputs(padded, three), outputs(eager, three))
@@ -145,6 +145,74 @@ def test_padded_prefill_of_a_cached_prefix_tail():
     assert padded.engine.decoder.prefill_replays == 1  # the tail; the first prompt (36 tokens) ran eagerly
 
 
+def test_several_prompts_and_partial_chunks_in_one_graph():
+    """A burst of short prompts is one prefill step of several chunks: one replay, each prompt's first token from its
+    own logits row (a short prompt first, then a longer one). A long prompt chunked by max_prefill_tokens replays a
+    graph for each chunk, and only its last samples."""
+    kw = dict(device="cpu", max_batch_size=4, max_seq_len=128, cuda_graph_prefill_tokens=BUCKETS)
+    eager, padded = poisoned(LLM("tiny-moe", **kw)), poisoned(LLM("tiny-moe", **kw))
+    with_stand_in_graphs(padded)
+    runner = padded.engine.decoder
+    burst = [random_prompt(n, 256, 20 + n) for n in (3, 9, 6, 11)]  # 29 tokens, 4 sequences: the 32 bucket
+    assert_same(outputs(padded, burst), outputs(eager, burst))
+    assert runner.prefill_replays == 1
+    kw.update(max_batch_size=10)  # 10 prompts of 2 tokens: more sequences than a graph takes (PREFILL_GRAPH_SEQS)
+    eager, padded = LLM("tiny", **kw), LLM("tiny", **kw)
+    with_stand_in_graphs(padded)
+    burst = [random_prompt(2, 256, 30 + i) for i in range(10)]
+    assert_same(outputs(padded, burst), outputs(eager, burst))
+    assert padded.engine.decoder.prefill_replays == 0
+    kw.update(max_batch_size=4, max_prefill_tokens=16, enable_prefix_caching=False)
+    eager, padded = poisoned(LLM("tiny", **kw)), poisoned(LLM("tiny", **kw))
+    with_stand_in_graphs(padded)
+    prompt = random_prompt(40, 256, 12)  # chunks of 16, 16 and 8 tokens, a step each
+    assert_same(outputs(padded, [prompt]), outputs(eager, [prompt]))
+    assert padded.engine.decoder.prefill_replays == 3
+    assert_same_cache(padded, eager)
+
+
+def test_a_shorter_prompt_after_a_longer_one_leaves_running_sequences_alone():
+    """The padding rows are reset at every step: a 5-token prompt after a 7-token one in the same bucket must not
+    replay the 7-token prompt's rows 5 and 6 (their cache slots may belong to a running sequence by then)."""
+    def scenario(llm):
+        greedy = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        llm.generate(random_prompt(7, 256, 1), greedy)
+        running = llm._new_sequence(random_prompt(12, 256, 2), llm._params(
+            SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=3)))
+        llm.submit([running])
+        for _ in range(3):
+            llm.step()
+        short = llm._new_sequence(random_prompt(5, 256, 3), llm._params(greedy))
+        llm.submit([short])
+        while not (running.finished and short.finished):
+            llm.step()
+        return running.output_ids, [lp for lp, _ in running.logprobs], short.output_ids
+
+    kw = dict(device="cpu", max_batch_size=4, max_seq_len=128, cuda_graph_prefill_tokens=BUCKETS,
+              enable_prefix_caching=False)
+    eager, padded = LLM("tiny", **kw), LLM("tiny", **kw)
+    with_stand_in_graphs(padded)
+    (tokens, logprobs, short), (want_tokens, want_logprobs, want_short) = scenario(padded), scenario(eager)
+    assert tokens == want_tokens and short == want_short
+    assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs, strict=True)) < TOL
+    assert padded.engine.decoder.prefill_replays == 3
+
+
+def test_sampling_rows_cross_in_one_copy_field_by_field():
+    """rows_to_device packs the int64 fields, then the float32 ones, into one copy: each field lands in its own."""
+    from qwen2rt.sampling import SamplingRows, row_values, rows_tensor
+
+    llm = LLM("tiny", device="cpu", max_seq_len=64)
+    values = [row_values(SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m, repetition_penalty=r,
+                                        presence_penalty=pp, frequency_penalty=f).resolved(), seed, step, slot)
+              for t, k, p, m, r, pp, f, seed, step, slot in ((0.7, 5, 0.8, 0.1, 1.2, 0.3, 0.4, 11, 2, 1),
+                                                             (0.9, 7, 0.6, 0.2, 1.1, 0.5, 0.6, 13, 3, 0),
+                                                             (0.5, 9, 0.7, 0.05, 1.3, 0.1, 0.2, 17, 4, 2))]
+    got, want = llm.engine.decoder.rows_to_device(values), rows_tensor(values, "cpu")
+    for field in SamplingRows.FIELDS:
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
 def test_padded_prefill_tolerance_sees_the_wrong_row():
     """TOL is tight: the padded prefill sampling from the row before the last (a plausible off-by-one) exceeds it."""
     kw = dict(device="cpu", max_batch_size=2, max_seq_len=64, cuda_graph_prefill_tokens=BUCKETS)
@@ -153,10 +221,10 @@ def test_padded_prefill_tolerance_sees_the_wrong_row():
     runner = padded.engine.decoder
     stage = runner._stage_prefill
 
-    def off_by_one(chunk, bucket):
-        stage(chunk, bucket)
-        if chunk is not None:
-            runner.prefill_values.host["index"][0] -= 1
+    def off_by_one(chunks, bucket):
+        stage(chunks, bucket)
+        if chunks:
+            runner.prefill_values.host["last"][0] -= 1
             runner.prefill_values.send()
 
     runner._stage_prefill = off_by_one
@@ -172,7 +240,8 @@ def test_prefill_buckets_follow_the_chunk_limits():
     def buckets(**kw):
         return LLM("tiny", device="cpu", **kw).engine.decoder.prefill_buckets
 
-    assert buckets(max_seq_len=100) == [16, 32, 64, 128]
+    assert buckets(max_seq_len=100, max_batch_size=1) == [16, 32, 64, 128]
+    assert buckets(max_seq_len=100, max_batch_size=4) == [16, 32, 64, 128, 256, 384, 512]
     assert buckets(max_seq_len=512, max_prefill_tokens=64) == [16, 32, 64]
     assert buckets(max_seq_len=512, cuda_graph_prefill_tokens=()) == []
     for bad in ((0, 16), (16.0,), "16", (True,)):
