@@ -90,7 +90,9 @@ GPU_TESTS_LIMIT_S = 300
 NOTES = ("Random weights: the router sends tokens to experts near-uniformly (max/mean expert load ~1.16 at 2048 "
          "tokens), so MoE numbers are for uniform routing. Decode rows are ms per step (one token for each sequence "
          "of the batch); floors count the bytes a step must read (MoE: experts touched by the batch; K/V at the "
-         "mean context) over the measured copy bandwidth.")
+         "mean context) over the measured copy bandwidth. Prefill: a prompt of up to 512 tokens replays a prefill "
+         "CUDA graph (padded to a token bucket); qwen2rt_eager_prefill rows time the same prompt with every prefill "
+         "eager.")
 
 
 # tests/aot_sm90.py --warm: every kernel variant the built-in shapes launch, compiled in parallel into Triton's cache
