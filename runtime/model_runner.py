@@ -155,12 +155,15 @@ class ModelRunner:
         slots = sampler.padding_slot + 1  # one row per sampler slot and the padding row
         self.max_blocks = -(-max_seq_len // cache.block_size)
 
-        # per-row values: int64 rows then float32 rows in one byte buffer, so that they cross in one copy
-        self.values = Staged({"ints": (torch.int64, (len(self.INT_ROWS), n)),
-                              "floats": (torch.float32, (len(self.FLOAT_ROWS), n))}, dev)
-        self.ints, self.floats = self.values.device["ints"], self.values.device["floats"]
+        # per-row values: int64 rows then float32 rows in one byte buffer, so that they cross in one copy; each row
+        # starts 16-byte aligned (rows of a multiple of 4 elements), as the kernels reading them were compiled for
+        # (see Staged)
+        width = -(-n // 4) * 4
+        self.values = Staged({"ints": (torch.int64, (len(self.INT_ROWS), width)),
+                              "floats": (torch.float32, (len(self.FLOAT_ROWS), width))}, dev)
+        self.ints, self.floats = self.values.device["ints"][:, :n], self.values.device["floats"][:, :n]
         # host side: the values of the current batch
-        self._host_ints, self._host_floats = self.values.host["ints"], self.values.host["floats"]
+        self._host_ints, self._host_floats = self.values.host["ints"][:, :n], self.values.host["floats"][:, :n]
         view = dict(zip(self.INT_ROWS, self.ints))
         view.update(zip(self.FLOAT_ROWS, self.floats))
         self.positions, self.slot_mapping, self.seq_lens = view["positions"], view["slot_mapping"], view["seq_lens"]
@@ -262,15 +265,22 @@ class ModelRunner:
         return put(ids, torch.long), meta, last
 
     def rows_to_device(self, values: list[tuple]) -> SamplingRows:
-        """Sampling rows (sampling.row_values tuples) as device tensors, in one copy: int64 fields, then float32."""
+        """Sampling rows (sampling.row_values tuples) as device tensors, in one copy: int64 fields, then float32,
+        each field 16-byte aligned (padded to a multiple of 4 rows), as the sampler kernels were compiled for."""
         host = rows_tensor(values, "cpu")
-        ints = [getattr(host, f) for f in SamplingRows.INT_FIELDS]
-        floats = [getattr(host, f) for f in SamplingRows.FIELDS if f not in SamplingRows.INT_FIELDS]
-        raw = self.to_device(torch.cat([t.view(torch.uint8) for t in ints + floats]), None)
-        b, split = len(values), len(ints) * len(values) * 8
-        fields = dict(zip(SamplingRows.INT_FIELDS, raw[:split].view(torch.int64).view(len(ints), b)))
-        fields.update(zip([f for f in SamplingRows.FIELDS if f not in SamplingRows.INT_FIELDS],
-                          raw[split:].view(torch.float32).view(len(floats), b)))
+        b = len(values)
+        width = -(-b // 4) * 4
+        float_fields = [f for f in SamplingRows.FIELDS if f not in SamplingRows.INT_FIELDS]
+        ints = torch.zeros(len(SamplingRows.INT_FIELDS), width, dtype=torch.int64)
+        floats = torch.zeros(len(float_fields), width, dtype=torch.float32)
+        for i, f in enumerate(SamplingRows.INT_FIELDS):
+            ints[i, :b] = getattr(host, f)
+        for i, f in enumerate(float_fields):
+            floats[i, :b] = getattr(host, f)
+        raw = self.to_device(torch.cat([ints.view(-1).view(torch.uint8), floats.view(-1).view(torch.uint8)]), None)
+        split = ints.numel() * 8
+        fields = dict(zip(SamplingRows.INT_FIELDS, raw[:split].view(torch.int64).view(ints.shape)[:, :b]))
+        fields.update(zip(float_fields, raw[split:].view(torch.float32).view(floats.shape)[:, :b]))
         return SamplingRows(*(fields[f] for f in SamplingRows.FIELDS))
 
     def _stage_prefill(self, chunks: list[tuple[Sequence, int, int]], bucket: int) -> None:

@@ -321,3 +321,18 @@ def test_staged_values_are_aligned_and_sent_in_one_copy():
     assert staged.device["a"].tolist() == [1, 2, 3] and staged.device["b"].tolist() == [list(range(5)),
                                                                                      list(range(5, 10))]
     assert staged.device["c"].tolist() == [0.5] * 7 and staged.device["d"].tolist() == [-1]
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 3, 5])
+def test_per_row_values_are_16_byte_aligned(max_batch_size):
+    """Every per-row array a kernel reads (the decode step's positions, lengths, slots and sampling rows; a prefill's
+    sampling rows) starts 16-byte aligned whatever the batch size: Triton specialises pointers on it, and the
+    variants aot_sm90.py compiles and warms are the aligned ones (an unaligned pointer compiles another on the GPU)."""
+    from qwen2rt.sampling import SamplingRows, row_values
+
+    runner = LLM("tiny", device="cpu", max_seq_len=64, max_batch_size=max_batch_size).engine.decoder
+    decode_rows = [runner.positions, runner.slot_mapping, runner.seq_lens] + \
+        [getattr(runner.rows, f) for f in SamplingRows.FIELDS]
+    assert all(t.data_ptr() % 16 == 0 for t in decode_rows)
+    prefill_rows = runner.rows_to_device([row_values(SamplingParams().resolved(), 1, 0, 0)] * max_batch_size)
+    assert all(getattr(prefill_rows, f).data_ptr() % 16 == 0 for f in SamplingRows.FIELDS)
