@@ -212,14 +212,14 @@ class ModelRunner:
         self.prefill_capture_s: float | None = None  # of which the prefill graphs
         self.capture_mib: float | None = None
 
-        # Prefill graphs: the buckets a step can use (at most max_prefill_tokens tokens, and max_seq_len - 1 per
-        # sequence: the first bucket that holds that many, and those below it), static inputs for the largest, one
-        # copy per step.
-        cap = min(max_batch_size * (max_seq_len - 1), max_prefill_tokens or max_batch_size * max_seq_len)
+        # Prefill graphs: the buckets a step can use (at most max_prefill_tokens tokens from prefill_seqs sequences
+        # of at most max_seq_len - 1: the first bucket that holds that many, and those below it), static inputs for
+        # the largest, one copy per step.
+        self.prefill_seqs = p = min(PREFILL_GRAPH_SEQS, max_batch_size)
+        cap = min(p * (max_seq_len - 1), max_prefill_tokens or p * max_seq_len)
         wanted = sorted({b for b in prefill_buckets if b >= 1})
         self.prefill_buckets = [b for i, b in enumerate(wanted) if i == 0 or wanted[i - 1] < cap]
         t = -(-max(self.prefill_buckets, default=0) // 2) * 2  # rows of 16-byte multiples (see Staged)
-        self.prefill_seqs = p = min(PREFILL_GRAPH_SEQS, max_batch_size)
         self.prefill_values = Staged({"tokens": (torch.int64, (3, t)),  # input ids, positions, cache slots
                                       "last": (torch.int64, (p,)),  # the last rows of the prompts completed
                                       "slots": (torch.int64, (p,)),  # each chunk's sequence slot (block-table row)
@@ -330,7 +330,8 @@ class ModelRunner:
 
     def graph_prefill_bucket(self, chunks: list[tuple[Sequence, int, int]]) -> int | None:
         """The token bucket whose graph runs this prefill step, or None (eager): with graphs, up to
-        PREFILL_GRAPH_SEQS chunks within the largest bucket."""
+        PREFILL_GRAPH_SEQS chunks within the largest bucket. (A step that completes no prompt, only with
+        max_prefill_tokens <= 512, still computes the graph's logits rows: one lm_head read the eager path skips.)"""
         if not (self.use_graphs and len(chunks) <= self.prefill_seqs):
             return None
         tokens = sum(n for _, _, n in chunks)

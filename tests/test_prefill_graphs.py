@@ -1,6 +1,7 @@
-"""Prefill graphs (model_runner): a prompt's last chunk, alone in its step, padded to a token bucket and run on static
-buffers, against the eager prefill. CUDA graphs need a GPU, so here (as in test_engine) a stand-in graph replays the
-same padded forward eagerly on whatever the static buffers hold when it is replayed; test_gpu replays real graphs."""
+"""Prefill graphs (model_runner): a prefill step of up to PREFILL_GRAPH_SEQS chunks, padded to a token bucket and run
+on static buffers, against the eager prefill. CUDA graphs need a GPU, so here (as in test_engine) a stand-in graph
+replays the same padded forward eagerly on whatever the static buffers hold when it is replayed; test_gpu replays
+real graphs."""
 
 from __future__ import annotations
 
@@ -171,6 +172,23 @@ def test_several_prompts_and_partial_chunks_in_one_graph():
     assert_same_cache(padded, eager)
 
 
+def test_a_cached_prefix_tail_behind_another_prompt():
+    """One step of two chunks, the second a prefix-cache tail (start 32): each chunk's own positions, length and
+    block-table row."""
+    kw = dict(device="cpu", max_batch_size=4, max_seq_len=128, block_size=8, cuda_graph_prefill_tokens=BUCKETS)
+    eager, padded = poisoned(LLM("tiny", **kw)), poisoned(LLM("tiny", **kw))
+    with_stand_in_graphs(padded)
+    prompt = random_prompt(40, 256, 8)
+    for llm in (eager, padded):
+        outputs(llm, [prompt[:36]])  # caches its 4 full blocks (36 tokens: eager)
+    two = [random_prompt(6, 256, 41), prompt]  # one step: (new, 0, 6), (prompt, 32, 8)
+    got, want = outputs(padded, two), outputs(eager, two)
+    assert [cached for _, _, cached in got] == [0, 32]
+    assert_same(got, want)
+    assert_same_cache(padded, eager)
+    assert padded.engine.decoder.prefill_replays == 1
+
+
 def test_a_shorter_prompt_after_a_longer_one_leaves_running_sequences_alone():
     """The padding rows are reset at every step: a 5-token prompt after a 7-token one in the same bucket must not
     replay the 7-token prompt's rows 5 and 6 (their cache slots may belong to a running sequence by then)."""
@@ -235,13 +253,14 @@ def test_padded_prefill_tolerance_sees_the_wrong_row():
 
 
 def test_prefill_buckets_follow_the_chunk_limits():
-    """Buckets past the largest chunk (max_prefill_tokens, max_seq_len - 1) are dropped, except the first that holds
-    it; invalid buckets are an error naming the argument."""
+    """Buckets past the largest step (max_prefill_tokens; PREFILL_GRAPH_SEQS sequences of max_seq_len - 1 tokens)
+    are dropped, except the first that holds it; invalid buckets are an error naming the argument."""
     def buckets(**kw):
         return LLM("tiny", device="cpu", **kw).engine.decoder.prefill_buckets
 
     assert buckets(max_seq_len=100, max_batch_size=1) == [16, 32, 64, 128]
     assert buckets(max_seq_len=100, max_batch_size=4) == [16, 32, 64, 128, 256, 384, 512]
+    assert buckets(max_seq_len=40, max_batch_size=16) == [16, 32, 64, 128, 256, 384]  # 8 sequences of 39 tokens
     assert buckets(max_seq_len=512, max_prefill_tokens=64) == [16, 32, 64]
     assert buckets(max_seq_len=512, cuda_graph_prefill_tokens=()) == []
     for bad in ((0, 16), (16.0,), "16", (True,)):
@@ -293,15 +312,18 @@ def test_triton_padded_attention_rows_are_zero(monkeypatch):
 
 
 def test_triton_backend_padded_prefill_matches_eager():
-    """The tiny model on the triton backend (interpreter): one short prompt through a stand-in prefill graph of 8
-    tokens, against the eager triton prefill."""
-    kw = dict(device="cpu", backend="triton", max_batch_size=1, max_seq_len=32, cuda_graph_prefill_tokens=(8,))
+    """The tiny model on the triton backend (interpreter), 4 sequences per graph: one short prompt (bucket 8, three
+    empty sequences), a burst of two (20 tokens, bucket 32), then a short one again, whose empty sequences must not
+    keep the burst's query rows (the kernel would read and write past the bucket); against the eager triton
+    prefill."""
+    kw = dict(device="cpu", backend="triton", max_batch_size=4, max_seq_len=64, cuda_graph_prefill_tokens=(8, 32))
     eager, padded = LLM("tiny", **kw), LLM("tiny", **kw)
     with_stand_in_graphs(padded)
-    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=5)
-    prompt = random_prompt(5, 256, 11)
-    assert_same(outputs(padded, [prompt], params), outputs(eager, [prompt], params))
-    assert padded.engine.decoder.prefill_replays == 1
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=5)
+    for prompts in ([random_prompt(6, 256, 4)], [random_prompt(3, 256, 1), random_prompt(17, 256, 2)],
+                    [random_prompt(5, 256, 3)]):
+        assert_same(outputs(padded, prompts, params), outputs(eager, prompts, params))
+    assert padded.engine.decoder.prefill_replays == 3
 
 
 def test_staged_values_are_aligned_and_sent_in_one_copy():
