@@ -120,7 +120,7 @@ class LLM:
             raise ValueError(f"max_prefill_tokens = {max_prefill_tokens!r}: must be an integer >= 1")
         for name, buckets in (("cuda_graph_buckets", cuda_graph_buckets),
                               ("cuda_graph_prefill_tokens", cuda_graph_prefill_tokens)):
-            if not (isinstance(buckets, (tuple, list)) and
+            if not (isinstance(buckets, (tuple, list, range)) and
                     all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in buckets)):
                 raise ValueError(f"{name} = {buckets!r}: must be a tuple of integers >= 1")
 

@@ -263,6 +263,7 @@ def test_prefill_buckets_follow_the_chunk_limits():
     assert buckets(max_seq_len=40, max_batch_size=16) == [16, 32, 64, 128, 256, 384]  # 8 sequences of 39 tokens
     assert buckets(max_seq_len=512, max_prefill_tokens=64) == [16, 32, 64]
     assert buckets(max_seq_len=512, cuda_graph_prefill_tokens=()) == []
+    assert buckets(max_seq_len=512, cuda_graph_prefill_tokens=range(64, 257, 64)) == [64, 128, 192, 256]
     for bad in ((0, 16), (16.0,), "16", (True,)):
         with pytest.raises(ValueError, match="cuda_graph_prefill_tokens"):
             LLM("tiny", device="cpu", cuda_graph_prefill_tokens=bad)
