@@ -36,8 +36,8 @@ from qwen2rt.models.backend import AttentionMetadata
 from qwen2rt.models.qwen2 import Qwen2Model
 
 from .kv_cache import KVCache
-from .sampling import (MAX_LOGPROBS, VARIANTS, SamplerState, SamplingParams, SamplingRows, row_values, rows_tensor,
-                       sample_tokens, sampler_variant, token_logprobs)
+from .sampling import (MAX_LOGPROBS, VARIANTS, SamplerState, SamplingParams, SamplingRows, row_values, sample_tokens,
+                       sampler_variant, token_logprobs)
 from .sequence import Sequence
 
 log = logging.getLogger("qwen2rt")
@@ -226,6 +226,9 @@ class ModelRunner:
                                       "seq_lens": (torch.int32, (p,)),  # each one's context after its chunk
                                       "query_start": (torch.int32, (p + 1,))}, dev)  # the chunks' rows
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # the sampling rows of a prefill step's completed prompts (rows_to_device), 16-byte aligned like the decode's
+        self.first_rows = Staged({"ints": (torch.int64, (len(SamplingRows.INT_FIELDS), width)),
+                                  "floats": (torch.float32, (len(self.FLOAT_ROWS), width))}, dev)
         self.prefill_logits: dict[int, torch.Tensor] = {}  # each prefill graph's output [seqs, V] float32
         self.prefill_replays = 0  # prefill steps that replayed a graph (the rest ran eagerly)
 
@@ -265,22 +268,15 @@ class ModelRunner:
         return put(ids, torch.long), meta, last
 
     def rows_to_device(self, values: list[tuple]) -> SamplingRows:
-        """Sampling rows (sampling.row_values tuples) as device tensors, in one copy: int64 fields, then float32,
-        each field 16-byte aligned (padded to a multiple of 4 rows), as the sampler kernels were compiled for."""
-        host = rows_tensor(values, "cpu")
-        b = len(values)
-        width = -(-b // 4) * 4
-        float_fields = [f for f in SamplingRows.FIELDS if f not in SamplingRows.INT_FIELDS]
-        ints = torch.zeros(len(SamplingRows.INT_FIELDS), width, dtype=torch.int64)
-        floats = torch.zeros(len(float_fields), width, dtype=torch.float32)
-        for i, f in enumerate(SamplingRows.INT_FIELDS):
-            ints[i, :b] = getattr(host, f)
-        for i, f in enumerate(float_fields):
-            floats[i, :b] = getattr(host, f)
-        raw = self.to_device(torch.cat([ints.view(-1).view(torch.uint8), floats.view(-1).view(torch.uint8)]), None)
-        split = ints.numel() * 8
-        fields = dict(zip(SamplingRows.INT_FIELDS, raw[:split].view(torch.int64).view(ints.shape)[:, :b]))
-        fields.update(zip(float_fields, raw[split:].view(torch.float32).view(floats.shape)[:, :b]))
+        """A prefill step's sampling rows (sampling.row_values tuples, at most max_batch_size) as device tensors, in
+        one copy through `first_rows`. The next step rewrites them only after this one's sampler (stream order)."""
+        b, host = len(values), self.first_rows.host
+        columns = dict(zip(SamplingRows.FIELDS, zip(*values)))
+        host["ints"][:, :b] = [columns[f] for f in SamplingRows.INT_FIELDS]
+        host["floats"][:, :b] = [columns[f] for f in self.FLOAT_ROWS]
+        self.first_rows.send()
+        fields = dict(zip(SamplingRows.INT_FIELDS, self.first_rows.device["ints"][:, :b]))
+        fields.update(zip(self.FLOAT_ROWS, self.first_rows.device["floats"][:, :b]))
         return SamplingRows(*(fields[f] for f in SamplingRows.FIELDS))
 
     def _stage_prefill(self, chunks: list[tuple[Sequence, int, int]], bucket: int) -> None:
