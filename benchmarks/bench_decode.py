@@ -70,6 +70,19 @@ SAMPLED = {"qwen2rt_sampled_topk": dict(temperature=0.7, top_k=20, top_p=0.8, re
            "qwen2rt_sampled_full": dict(temperature=0.7, top_p=0.8, seed=0)}
 
 
+def load_llm(name: str, **kwargs) -> tuple[LLM, str | None]:
+    """LLM(name, **kwargs) and None; when capturing its graphs fails with prefill graphs on, the LLM without them and
+    that error (prefill graphs are the newest: their failure must not cost the decode rows, and says so in them)."""
+    try:
+        return LLM(name, **kwargs), None
+    except RuntimeError as e:
+        if "CUDA graph capture failed" not in str(e) or kwargs.get("cuda_graph_prefill_tokens") == ():
+            raise
+        error = repr(e)[:300]
+    free_device_memory()
+    return LLM(name, **kwargs, cuda_graph_prefill_tokens=()), error
+
+
 def qwen2rt_ms_per_token(llm: LLM, batch: int, prompt_len: int, steps: int, repeats: int = 3,
                          **sampling) -> tuple[float, float, list[float]]:
     """-> (median over `repeats` requests of the ms per decode step, seconds of the first (warm-up) request at this
@@ -147,9 +160,12 @@ def run(device, ceilings, models=MODELS, batches=(1, 4, 16), prompt_len=128, ste
                 continue
             try:
                 t0 = time.perf_counter()
-                llm = LLM(name, device=device, dtype=dtype, max_seq_len=max_seq_len,
-                          max_batch_size=max(impl_batches), enforce_eager=eager, capture_graphs=capture,
-                          quantization=quantization)
+                llm, prefill_graph_error = load_llm(
+                    name, device=device, dtype=dtype, max_seq_len=max_seq_len, max_batch_size=max(impl_batches),
+                    enforce_eager=eager, capture_graphs=capture, quantization=quantization)
+                if prefill_graph_error:
+                    rows.append(row(None, impl, None, error=f"prefill graphs (the rows below have none): "
+                                                            f"{prefill_graph_error}"))
                 load_s = time.perf_counter() - t0
                 dec = llm.engine.decoder
                 for b in impl_batches:

@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from benchmarks.bench_decode import MODELS, _prompts
+from benchmarks.bench_decode import MODELS, _prompts, load_llm
 from benchmarks.common import device_default, free_device_memory, measure_ceilings, print_rows, write_json
 from benchmarks.hf_baseline import hf_model, prefill_ms
 from qwen2rt import LLM, SamplingParams
@@ -72,8 +72,11 @@ def run(device, ceilings, models=MODELS, tokens=(128, 512, 2048, 8192), dtype=to
         tokens = fits
         try:
             # no prefix caching: the timed prompts repeat the warm-up's, and would reuse all but its last block
-            llm = LLM(name, device=device, dtype=dtype, max_batch_size=1,
-                      max_seq_len=min(max(tokens) + 8, config.max_position_embeddings), enable_prefix_caching=False)
+            llm, prefill_graph_error = load_llm(name, device=device, dtype=dtype, max_batch_size=1,
+                                                max_seq_len=min(max(tokens) + 8, config.max_position_embeddings),
+                                                enable_prefix_caching=False)
+            if prefill_graph_error:  # the rows below are eager prefills
+                rows.append(row(tokens[0], "qwen2rt_prefill_graphs", None, error=prefill_graph_error))
             runner = llm.engine.decoder
             for t in tokens:
                 ids = _prompts(1, t, config.vocab_size)

@@ -6,8 +6,10 @@ benchmarks/results/). The parts run in the order of what a decision needs first;
 skipped (and recorded as skipped) when it would end past the time budget. Each part runs in its own try block (the
 end-to-end benchmarks one part per model), and the record is rewritten after each part, so a failure or a kill
 keeps the results of the parts before it; each part's time is recorded, and the Triton cache entries it added
-(the kernels it still had to compile). The MoE block sizes tuned during the run
-are copied beside the record (<record>-moe-configs.json).
+(the kernels it still had to compile). A part that leaves the CUDA context unusable (an illegal address, a
+device-side assert: every later part would fail) is recorded as failed and the check goes on in a fresh process
+(itself with --resume, at most MAX_RESTARTS times), which does not run that part again. The MoE block sizes tuned
+during the run are copied beside the record (<record>-moe-configs.json).
 
     python -m benchmarks.gpu_check --out DIR [--parts tests decode kernels host prefill batches quantized serving
                                    big] [--quick] [--budget-s 420] [--resume [RECORD.json]]
@@ -87,6 +89,9 @@ ESTIMATE_S = {"ceilings": 5, "warm": 90, "gpu_tests_gate": 60, "gpu_tests": 200,
 # sampler's JIT compile (8-15 s per kernel for sm_90, measured ahead of time on the CPU) in each worker that needs
 # it; then the quantized GEMV, quantized MoE and logprobs GPU tests (~43 more, each quantized form its own compile)
 GPU_TESTS_LIMIT_S = 300
+# restarts of one call after a part broke the CUDA context (an illegal address, a device-side assert): past them the
+# parts left run in the broken process and fail at once
+MAX_RESTARTS = 3
 NOTES = ("Random weights: the router sends tokens to experts near-uniformly (max/mean expert load ~1.16 at 2048 "
          "tokens), so MoE numbers are for uniform routing. Decode rows are ms per step (one token for each sequence "
          "of the batch); floors count the bytes a step must read (MoE: experts touched by the batch; K/V at the "
@@ -133,6 +138,30 @@ def warm_triton_cache(quantized: bool, timeout_s: float = WARM_LIMIT_S) -> dict:
         summary, failed = f"stopped at its {timeout_s:.0f} s limit (what compiled stays cached)", []
     return {"summary": summary, "failed": failed[:30], "seconds": time.perf_counter() - t0,
             "command": " ".join(cmd[1:])}
+
+
+def cuda_context_error(device) -> str | None:
+    """After a part failed: None when the device still runs work, else the error. An illegal address or a
+    device-side assert leaves the process's CUDA context unusable: every later part would fail with it."""
+    if torch.device(device).type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize()
+        torch.ones(1, device=device).add_(1).item()
+    except Exception as e:  # noqa: BLE001 - any error here means the context is gone
+        return repr(e)[:300]
+    return None
+
+
+def restart_argv(args, record: str, budget_left_s: float) -> list[str]:
+    """The command that goes on after a part broke the CUDA context: this check in a fresh process, resuming
+    `record` with what is left of the budget (see main)."""
+    argv = [sys.executable, "-m", "benchmarks.gpu_check", "--out", args.out, "--resume", record,
+            "--budget-s", f"{max(budget_left_s, 0.0):.0f}", "--parts", *args.parts,
+            "--restarted", str(args.restarted + 1)]
+    if args.models:
+        argv += ["--models", *args.models]
+    return argv + (["--quick"] if args.quick else []) + (["--smoke"] if args.smoke else [])
 
 
 def seed_moe_cache(configs_path: str) -> None:
@@ -197,6 +226,9 @@ def summary_markdown(rec: dict) -> str:
     if rec.get("calls", 1) > 1:
         out += [f"Built over {rec['calls']} calls (--resume: each ran only the parts not done before), "
                 f"{rec.get('total_s') or 0:.0f} s in all.", ""]
+    if rec.get("crashed"):
+        out += [f"Parts that left the CUDA context unusable (not run again; the check went on in a fresh process, "
+                f"{rec.get('restarts', 0)} restart(s)): {', '.join(rec['crashed'])}.", ""]
     for key, label in (("gpu_tests_gate", "GPU tests, the gate"), ("gpu_tests", "GPU tests, the rest")):
         t = rec.get(key)
         if t:
@@ -317,6 +349,8 @@ def main(argv=None) -> int:
                     help="go on with a record of this GPU and commit (RECORD, a .json file, or else the newest in "
                          "--out): run only the parts it has not done (skipped, failed or missing), add their rows "
                          "and write the whole record into --out")
+    # set by the restart after a part broke the CUDA context (restart_argv): same machine, same Triton cache
+    ap.add_argument("--restarted", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     start = time.perf_counter()
     device = device_default()
@@ -339,7 +373,10 @@ def main(argv=None) -> int:
                              f"is {env['gpu']} at {env['commit']}")
         path = os.path.join(args.out, os.path.basename(earlier))  # its name (and first date) stays
         seed_moe_cache(earlier[:-len(".json")] + "-moe-configs.json")
-        rec["calls"] = rec.get("calls", 1) + 1
+        if args.restarted:  # the same call, in a fresh process
+            rec["restarts"] = rec.get("restarts", 0) + 1
+        else:
+            rec["calls"] = rec.get("calls", 1) + 1
         rec.setdefault("compiles", {})
         print(f"[gpu_check] resuming {earlier}: done before: "
               f"{[k for k, v in rec['parts'].items() if v.startswith('ok')]}", flush=True)
@@ -354,9 +391,14 @@ def main(argv=None) -> int:
 
     def part(name, estimate_s, fn):
         elapsed = time.perf_counter() - start
-        if rec["parts"].get(name, "").startswith("ok") and name != "warm":  # --resume: done in an earlier call
+        # --resume: done in an earlier call (the warm again on a fresh machine, not after a restart on this one)
+        if rec["parts"].get(name, "").startswith("ok") and (name != "warm" or args.restarted):
             print(f"[gpu_check] {elapsed:6.1f} s  {name}: done in an earlier call", flush=True)
             return
+        if name in rec.get("crashed", []):  # it would break the context again: its failure stays in the record
+            print(f"[gpu_check] {elapsed:6.1f} s  {name}: not run again (it broke the CUDA context)", flush=True)
+            return
+        broken = None
         if not args.smoke and elapsed + estimate_s > args.budget_s:
             if name not in rec["parts"] or rec["parts"][name].startswith("skipped"):  # keep an earlier failure
                 rec["parts"][name] = f"skipped: {elapsed:.0f} s spent + ~{estimate_s} s estimated > budget"
@@ -369,9 +411,23 @@ def main(argv=None) -> int:
             except Exception as e:
                 rec["parts"][name] = f"failed after {time.perf_counter() - t0:.1f} s"
                 rec["errors"].append({"part": name, "error": repr(e)[:500], "trace": traceback.format_exc()[-2000:]})
+                broken = cuda_context_error(device)
+                if broken:
+                    rec["errors"][-1]["cuda_context"] = broken
+                    rec["crashed"] = rec.get("crashed", []) + [name]
             rec["compiles"][name] = triton_cache_entries() - entries  # new Triton cache entries during the part
         print(f"[gpu_check] {time.perf_counter() - start:6.1f} s  {name}: {rec['parts'][name]}", flush=True)
         save()
+        if broken and args.restarted < MAX_RESTARTS:
+            # every later part would fail in this process: go on in a fresh one (--resume of this record, the rest
+            # of the budget), which skips the parts done and this one (~10 s to start)
+            argv = restart_argv(args, path, args.budget_s - (time.perf_counter() - start))
+            print(f"[gpu_check] {name} left the CUDA context unusable ({broken}); restarting: "
+                  f"{' '.join(argv[1:])}", flush=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.chdir(ROOT)
+            os.execv(sys.executable, argv)
 
     part("ceilings", ESTIMATE_S["ceilings"], lambda: rec.update(ceilings=measure_ceilings(device, small=args.smoke)))
     if rec["ceilings"] is None:  # everything below needs them

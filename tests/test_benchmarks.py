@@ -104,11 +104,33 @@ def test_gpu_check_driver_writes_the_record(tmp_path, monkeypatch):
     assert "## Decode" in summary and "## Serving" in summary
 
 
-def test_gpu_check_real_run_order_budget_and_resume(tmp_path, monkeypatch):
-    """The GPU path of gpu_check (not --smoke) with every measurement stubbed: the parts in issue 10's order (warm,
-    the test gate, decode, kernels, host, compiled baselines, prefill, batches, the rest of the tests), a part past
-    the budget recorded as skipped, a failing test run failing its part, and a second call (--resume) running only
-    what the first did not finish."""
+def test_load_llm_retries_without_prefill_graphs_only_when_capture_fails(monkeypatch):
+    """A failed graph capture costs the decode rows nothing when the prefill graphs caused it: the LLM again without
+    them, and the error for the record; other errors, or a failure without prefill graphs, are raised."""
+    made = []
+
+    def fake_llm(name, **kwargs):
+        made.append(kwargs)
+        if kwargs.get("cuda_graph_prefill_tokens") != () or name == "broken":
+            raise RuntimeError("CUDA graph capture failed (boom); LLM(..., cuda_graph_prefill_tokens=()) ...")
+        return "llm"
+
+    monkeypatch.setattr(bench_decode, "LLM", fake_llm)
+    llm, error = bench_decode.load_llm("tiny", max_batch_size=2)
+    assert llm == "llm" and "boom" in error and made == [{"max_batch_size": 2},
+                                                       {"max_batch_size": 2, "cuda_graph_prefill_tokens": ()}]
+    with pytest.raises(RuntimeError, match="boom"):
+        bench_decode.load_llm("broken")
+    monkeypatch.setattr(bench_decode, "LLM", lambda name, **kw: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):
+        bench_decode.load_llm("tiny")
+    monkeypatch.setattr(bench_decode, "LLM", lambda name, **kw: ("llm", kw))
+    assert bench_decode.load_llm("tiny", device="cpu") == (("llm", {"device": "cpu"}), None)
+
+
+def stub_gpu_parts(tmp_path, monkeypatch) -> tuple[list[str], dict]:
+    """gpu_check's GPU path with every measurement stubbed: -> (the parts' calls, in order; the GPU tests' return
+    codes by marker)."""
     calls = []
 
     def stub(name, rows=()):
@@ -138,6 +160,15 @@ def test_gpu_check_real_run_order_budget_and_resume(tmp_path, monkeypatch):
                                              else []))
     monkeypatch.setattr(gpu_check, "device_default", lambda: "cpu")
     monkeypatch.setattr(gpu_check, "triton_cache_entries", lambda: 0)
+    return calls, results
+
+
+def test_gpu_check_real_run_order_budget_and_resume(tmp_path, monkeypatch):
+    """The GPU path of gpu_check (not --smoke) with every measurement stubbed: the parts in issue 10's order (warm,
+    the test gate, decode, kernels, host, compiled baselines, prefill, batches, the rest of the tests), a part past
+    the budget recorded as skipped, a failing test run failing its part, and a second call (--resume) running only
+    what the first did not finish."""
+    calls, results = stub_gpu_parts(tmp_path, monkeypatch)
     assert gpu_check.main(["--out", str(tmp_path / "call1"), "--models", "qwen2-0.5b"]) == 0
     assert calls == ["warm", "gpu and gate", "bench_decode", "bench_gemv", "bench_gemv", "bench_attention",
                      "bench_sampler", "bench_moe", "bench_rmsnorm", "bench_swiglu", "bench_host", "bench_decode",
@@ -161,6 +192,57 @@ def test_gpu_check_real_run_order_budget_and_resume(tmp_path, monkeypatch):
     rec = json.load(open(tmp_path / "call3" / record))
     assert rec["parts"]["gpu_tests_gate"].startswith("skipped") and "gpu and gate" not in calls
     assert rec["parts"]["decode bs1 qwen2-0.5b"].startswith("ok")
+
+
+def test_gpu_check_goes_on_in_a_fresh_process_after_a_part_breaks_the_cuda_context(tmp_path, monkeypatch):
+    """A part that fails and leaves the context unusable (as an illegal address does): the record is saved with the
+    part failed, and the check re-executes itself with --resume of that record and the rest of the budget; the fresh
+    process runs every part left but that one (and not the warm again: same machine), as the same call."""
+    calls, _ = stub_gpu_parts(tmp_path, monkeypatch)
+    error = "RuntimeError('CUDA error: an illegal memory access was encountered')"
+
+    def attention(*args, **kwargs):
+        calls.append("bench_attention")
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    class Exec(Exception):
+        pass
+
+    def execv(exe, argv):
+        raise Exec(argv)
+
+    monkeypatch.setattr(gpu_check.bench_attention, "run", attention)
+    broken = [error]  # the context after the attention part; fine after the failure of the rest of the tests
+    monkeypatch.setattr(gpu_check, "cuda_context_error", lambda device: broken.pop() if broken else None)
+    monkeypatch.setattr(gpu_check.os, "execv", execv)
+    monkeypatch.chdir(os.getcwd())  # restored after the test: the restart runs from the repository root
+    with pytest.raises(Exec) as restart:
+        gpu_check.main(["--out", str(tmp_path), "--models", "qwen2-0.5b", "--budget-s", "400"])
+    assert calls[-2:] == ["bench_gemv", "bench_attention"]
+    (record,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+    rec = json.load(open(tmp_path / record))
+    assert rec["parts"]["bench_attention"].startswith("failed") and rec["crashed"] == ["bench_attention"]
+    assert rec["errors"][0]["part"] == "bench_attention" and rec["errors"][0]["cuda_context"] == error
+    argv = restart.value.args[0]
+    assert argv[1:3] == ["-m", "benchmarks.gpu_check"] and os.getcwd() == gpu_check.ROOT
+    assert argv[argv.index("--resume") + 1] == str(tmp_path / record)
+    assert argv[argv.index("--budget-s") + 1] == "400"  # perf_counter is stubbed: no time spent
+    calls.clear()
+    assert gpu_check.main(argv[3:]) == 0  # the fresh process
+    assert calls == ["bench_sampler", "bench_moe", "bench_rmsnorm", "bench_swiglu", "bench_host", "bench_decode",
+                     "bench_prefill", "bench_decode", "gpu and not gate"]
+    rec = json.load(open(tmp_path / record))
+    assert rec["calls"] == 1 and rec["restarts"] == 1
+    assert [e["part"] for e in rec["errors"]] == ["bench_attention", "gpu_tests"]
+    assert "broke" not in rec["parts"]["bench_attention"] and rec["parts"]["bench_attention"].startswith("failed")
+    summary = open(tmp_path / record.replace(".json", ".md")).read()
+    assert "left the CUDA context unusable" in summary and "bench_attention" in summary
+    # past MAX_RESTARTS the broken process goes on (its parts fail at once) instead of restarting again
+    monkeypatch.setattr(gpu_check, "MAX_RESTARTS", 0)
+    broken.append(error)
+    calls.clear()
+    assert gpu_check.main(["--out", str(tmp_path / "again"), "--models", "qwen2-0.5b"]) == 0
+    assert "bench_attention" in calls and calls[-1] == "gpu and not gate"
 
 
 SAMPLE = {  # the shape of a recorded run; the numbers are made up for this test
