@@ -176,7 +176,19 @@ def gemv_operands(x: torch.Tensor, n: int, bias, norm_weight, residual, swiglu: 
         out = torch.empty((m, width), device=x.device, dtype=out_dtype)
     else:
         check_operand("out", out, (m, width), out_dtype, x.device)
+        if _overlap(out, x):  # every program reads all of x's rows while the others write their columns of out
+            raise ValueError("out must not overlap x (it may be residual)")
     return width, out
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges that two 2-D tensors with contiguous rows span intersect."""
+    def span(t):
+        start = t.data_ptr()
+        return start, start + ((t.shape[0] - 1) * t.stride(0) + t.shape[1]) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a.numel() > 0 and b.numel() > 0 and a0 < b1 and b0 < a1
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

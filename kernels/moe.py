@@ -25,7 +25,9 @@ Nothing reads a device value on the host: the whole block can be captured in a C
 
 The shared expert (width Is, scaled by sigmoid(x @ g^T)) runs in one of two ways, chosen per token bucket by the
 config (`FOLD_SHARED`):
-- separate: a dense SwiGLU MLP after the routed experts (cuBLAS matmuls + the SwiGLU kernel + the gate), 7 launches;
+- separate: a dense SwiGLU MLP after the routed experts, then its gate: at decode two fused GEMVs (SwiGLU in the
+  first's epilogue; the router is a GEMV there too, so the block stays batch invariant), at prefill cuBLAS matmuls +
+  the SwiGLU kernel;
 - folded: when Is is a multiple of I (Qwen1.5-MoE-A2.7B: 5632 = 4 x 1408; Qwen2-57B-A14B: 20480 = 8 x 2560), the
   shared expert is S = Is / I extra experts E .. E+S-1 that every token selects, all with the weight
   sigmoid(x @ g^T). Chunk c is rows [c I, (c+1) I) of the shared gate and up projections and columns [c I, (c+1) I)
@@ -139,18 +141,24 @@ def _normed(b_x, rstd, p_norm, o_h, m_h, HAS_NORM: tl.constexpr, dt: tl.constexp
 
 @triton.jit
 def _route_ranks(p_row, num_experts, BLOCK_E: tl.constexpr):
-    """One token's routing from its router logits: (fp32 softmax probabilities [BLOCK_E], rank [BLOCK_E]). The
-    expert of rank j is the token's j-th choice: ranked by probability, ties to the lower index. Lanes past
-    num_experts have probability -1 and are ranked last."""
+    """One token's routing from its router logits: (fp32 softmax probabilities [BLOCK_E], 0 past num_experts;
+    rank [BLOCK_E]). The expert of rank j is the token's j-th choice: ranked by probability, ties to the lower index;
+    lanes past num_experts last. The ranks are always a permutation, so every choice is a real expert, even for a
+    row of non-finite logits (all NaN probabilities): its choices are then the lowest ids, not an id past the end."""
     o_e = tl.arange(0, BLOCK_E)
     m_e = o_e < num_experts
     b_logits = tl.load(p_row + o_e, mask=m_e, other=float("-inf")).to(tl.float32)
     b_p = tl.exp(b_logits - tl.max(b_logits, axis=0))
     b_p = tl.where(m_e, b_p, 0.0)
-    b_probs = tl.where(m_e, b_p / tl.sum(b_p, axis=0), -1.0)  # probabilities are >= 0: padding comes last
-    # expert f is ahead of expert e when its probability is larger, or equal with a lower index: [E, E] -> [E]
-    b_pe, b_pf = b_probs[:, None], b_probs[None, :]
-    ahead = (b_pf > b_pe) | ((b_pf == b_pe) & (o_e[None, :] < o_e[:, None]))
+    b_probs = b_p / tl.sum(b_p, axis=0)
+    # Ranked on exp(logit - max), elementwise, not on the probabilities: the sum's rounding depends on each kernel's
+    # reduction layout, and both decode GEMVs rank the same token, so they must agree exactly (the division keeps the
+    # order but may round two values into a tie in one kernel only). Keys: >= 0 for experts, -0.5 for a NaN (after
+    # every number, so that the order stays total), -1 for padding lanes.
+    b_key = tl.where(m_e, tl.where(b_p == b_p, b_p, -0.5), -1.0)
+    # expert f is ahead of expert e when its key is larger, or equal with a lower index: [E, E] -> [E]
+    b_ke, b_kf = b_key[:, None], b_key[None, :]
+    ahead = (b_kf > b_ke) | ((b_kf == b_ke) & (o_e[None, :] < o_e[:, None]))
     return b_probs, tl.sum(ahead.to(tl.int32), axis=1)
 
 
@@ -683,10 +691,10 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, 
         x, norm_weight = rms_norm(x, norm_weight, eps), None
     # every gate logit in one GEMM: the router's E columns, then the shared expert's gate when there is one
     gates = router_with_shared_gate(router, shared_gate)
-    if norm_weight is None:
+    if bucket in GEMV_BUCKETS:  # a GEMV, batch invariant (cuBLAS picks its kernel by the row count), with the norm
+        logits = fused_linear(x, gates, norm_weight=norm_weight, eps=eps)  # in its prologue when not applied yet
+    else:
         logits = F.linear(x, gates)
-    else:  # the router GEMV normalises x in its prologue
-        logits = fused_linear(x, gates, norm_weight=norm_weight, eps=eps)
     pairs = top_k + chunks  # (token, expert) pairs per token, shared chunks included
     num_pairs = t * pairs
     h = torch.empty((num_pairs, inter), device=x.device, dtype=x.dtype)
@@ -749,7 +757,7 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, 
             BLOCK_N=bn, DOT_PRECISION=precision, **down_args["meta"], **launch)
         out.copy_(per_pair.view(t, pairs, hidden).sum(dim=1))  # fp32 sum of each token's rows
     if shared_gate_up is not None and not chunks:
-        shared = _shared_expert(x, shared_gate_up, shared_down)
+        shared = _shared_expert(x, shared_gate_up, shared_down, gemv=bucket in GEMV_BUCKETS)
         out.add_(torch.sigmoid(logits[:, num_experts:]) * shared)  # x was normalised first: the gate logit fits
     if residual is not None and not residual_added:
         out.add_(residual)
@@ -866,12 +874,17 @@ def _grouped_weight_args(w, p_shared, block_k: int) -> dict:
                           GROUP_STEPS=1 if per_channel else w.group_size // block_k, BLOCK_K=block_k))
 
 
-def _shared_expert(x: torch.Tensor, gate_up, down) -> torch.Tensor:
-    """The shared expert run on its own (before its sigmoid gate): cuBLAS + SwiGLU for float weights; quantized, the
-    fused GEMV at decode sizes, else dequantize + cuBLAS."""
+def _shared_expert(x: torch.Tensor, gate_up, down, gemv: bool) -> torch.Tensor:
+    """The shared expert run on its own (before its sigmoid gate). At decode sizes (`gemv`: the GEMV buckets) two
+    fused GEMVs, SwiGLU in the first's epilogue: batch invariant like the rest of the decode path (cuBLAS is not:
+    it picks its kernel by the row count); float weights with a strided last dimension, which the GEMVs do not
+    take, and larger batches: cuBLAS + SwiGLU. Quantized: the fused GEMVs up to DECODE_MAX_TOKENS rows, else
+    dequantize + cuBLAS."""
     if not isinstance(gate_up, QuantizedWeight):
+        if gemv and gate_up.stride(-1) == 1 and down.stride(-1) == 1:
+            return fused_linear(fused_linear(x, gate_up, swiglu=True), down)
         return F.linear(silu_and_mul(F.linear(x, gate_up)), down)
-    if x.shape[0] <= DECODE_MAX_TOKENS:
+    if gemv or x.shape[0] <= DECODE_MAX_TOKENS:
         return quant_linear(quant_linear(x, gate_up, swiglu=True), down)
     return quant_linear_gemm(silu_and_mul(quant_linear_gemm(x, gate_up)), down)
 

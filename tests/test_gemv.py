@@ -151,4 +151,10 @@ def test_bad_inputs():
         fused_linear(x, w, out_dtype=torch.float16)
     with pytest.raises(ValueError, match="out must be"):
         fused_linear(x, w, out=torch.empty(3, 15, device=DEVICE))
+    square = torch.randn(64, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="out must not overlap x"):  # a race on the GPU: programs read all of x
+        fused_linear(x, square, out=x)
+    rows = torch.randn(3, 128, device=DEVICE)
+    with pytest.raises(ValueError, match="out must not overlap x"):  # columns 64-95 of each row are both
+        fused_linear(rows[:, 64:], square, residual=rows[:, 32:96], out=rows[:, 32:96])
     assert fused_linear(x[:0], w).shape == (0, 16)

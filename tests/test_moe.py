@@ -243,19 +243,69 @@ def test_the_config_decides_whether_the_shared_expert_folds(t, pin, folds, monke
         monkeypatch.setenv("QWEN2RT_MOE_CONFIG", json.dumps(pin))
     else:
         monkeypatch.delenv("QWEN2RT_MOE_CONFIG", raising=False)
-    separate_calls = []  # silu_and_mul runs only for a shared expert that is not folded
-    real_silu_and_mul = moe_mod.silu_and_mul
+    separate_calls = []  # a shared expert that is not folded runs on its own
+    real_shared_expert = moe_mod._shared_expert
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         separate_calls.append(1)
-        return real_silu_and_mul(*args)
+        return real_shared_expert(*args, **kwargs)
 
-    monkeypatch.setattr(moe_mod, "silu_and_mul", spy)
+    monkeypatch.setattr(moe_mod, "_shared_expert", spy)
     layer = make_layer(5, 32, 16, 32, torch.float32, seed=4)  # shared width 32 = 2 expert widths
     x = torch.randn(t, 32, device=DEVICE)
     check(x, layer, 2, False, None, torch.float32)
     assert bool(separate_calls) != folds
     assert moe_mod.token_bucket(t) == {1: "decode", 9: "decode-wide", 40: "prefill-small"}[t]
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_decode_block_is_batch_invariant_with_the_shared_expert_folded_or_not(fold):
+    """A token's output is bitwise the same alone and among others of its token bucket (1-4, then 5-32), the shared
+    expert folded or run on its own: at decode sizes nothing goes through cuBLAS (whose kernel depends on the row
+    count): the router and the separate shared expert are GEMVs too."""
+    from launch_count import LaunchCounter
+
+    layer = make_layer(7, 64, 24, 48, torch.float32, seed=31)
+    x = torch.randn(20, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    with LaunchCounter() as counter:
+        alone = run(x[2:3], layer, 2, True, "decode", fold=fold)
+    assert not any(e.split(":")[1] in ("mm", "addmm", "linear", "matmul", "bmm") for e in counter.events), \
+        counter.events
+    assert ("triton:_fused_linear_kernel" in counter.events) and counter.events.count(
+        "triton:_fused_linear_kernel") == (1 if fold else 3), counter.events  # the router (+ the shared expert's two)
+    among = run(x[:4], layer, 2, True, "decode", fold=fold)
+    assert torch.equal(alone[0], among[2]) and not torch.equal(among[2], among[1])
+    wide = dict(moe_mod.DEFAULT_CONFIGS["decode-wide"], BLOCK_N=64, BLOCK_K=64)  # few programs: the interpreter
+    five, twenty = run(x[:5], layer, 2, True, "decode", config=wide, fold=fold), run(x, layer, 2, True, "decode",
+                                                                                      config=wide, fold=fold)
+    assert torch.equal(five, twenty[:5])
+    check(x[:4], layer, 2, True, "decode", torch.float32, fold=fold)
+
+
+def test_non_finite_router_logits_still_choose_real_experts():
+    """A row of NaN (or inf) logits gives NaN probabilities: every choice must still be an expert id < E (an id past
+    the end would read past the expert weights, or index past moe_align's counts, on the GPU), on the routing
+    kernel and on the decode GEMVs, and the other rows are unaffected."""
+    e, k = 6, 3  # E not a power of two: padding lanes in the rank
+    logits = torch.randn(4, e, device=DEVICE)
+    logits[1] = float("nan")
+    logits[2, 3] = float("inf")
+    logits[3, 0] = float("nan")
+    ids, w = route(logits, e, k, True)
+    assert ((ids >= 0) & (ids < e)).all(), ids
+    assert torch.equal(ids[0].long(), route_ref(logits[:1], k, True)[0][0])
+    for t in (1, 3):
+        x = torch.randn(t, 64, device=DEVICE)
+        x[0, 5] = float("nan")
+        for fold in (True, False):
+            layer = make_layer(e, 64, 24, 48, torch.float32, seed=32)
+            got = run(x, layer, k, True, "decode", fold=fold)
+            assert torch.isnan(got[0]).all() and not torch.isnan(got[1:]).any()
+    # the grouped path (moe_align counts per expert id) with NaN rows
+    x = torch.randn(40, 64, device=DEVICE)
+    x[7] = float("nan")
+    got = run(x, make_layer(e, 64, 24, 0, torch.float32, seed=33), k, True, "prefill")
+    assert torch.isnan(got[7]).all() and not torch.isnan(got[:7]).any() and not torch.isnan(got[8:]).any()
 
 
 def test_non_contiguous_shared_weights_run_separately():
@@ -360,6 +410,25 @@ def test_real_layer_shapes_bf16_gpu(name, t, fold):
     assert_bf16_close(run(x, layer, k, False, None, fold=fold), reference, BF16_MOE_TOL)
     assert_tight(reference, {"one selected expert dropped": fp32_moe(x, layer, k, False, drop_smallest=True)},
                  BF16_MOE_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("fold", [False, True])
+def test_decode_block_batch_invariant_bf16_gpu(name, fold):
+    """Real shapes in bf16: a token alone (M = 1 compiles kernels of its own) and among 3 others, then 5 tokens and
+    the same among 20 (the 5-32 bucket), bitwise, the shared expert folded or on its own (default configs: the
+    tuned ones may differ between the buckets)."""
+    e, k, h, inter, shared = LAYERS[name]
+    layer = make_layer(e, h, inter, shared, torch.bfloat16, seed=11, device="cuda")
+    x = torch.randn(20, h, device="cuda").bfloat16()
+    configs = {b: moe_mod.DEFAULT_CONFIGS[b] for b in moe_mod.GEMV_BUCKETS}
+    alone = run(x[2:3], layer, k, False, "decode", config=configs["decode"], fold=fold)
+    among = run(x[:4], layer, k, False, "decode", config=configs["decode"], fold=fold)
+    assert torch.equal(alone[0], among[2]) and not torch.equal(among[2], among[1])
+    five = run(x[:5], layer, k, False, "decode", config=configs["decode-wide"], fold=fold)
+    twenty = run(x, layer, k, False, "decode", config=configs["decode-wide"], fold=fold)
+    assert torch.equal(five, twenty[:5])
 
 
 @pytest.mark.gpu
