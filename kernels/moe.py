@@ -837,9 +837,10 @@ def _gemv_weight_args(gate_up, down, shared_gate_up, shared_down, x, cfg) -> tup
     shared_gate_up = gate_up if shared_gate_up is None else shared_gate_up
     shared_down = down if shared_down is None else shared_down
     pw = per_word(gate_up)
-    # words per iteration: BLOCK_K / 4 (int8: BLOCK_K columns, int4: twice that), fp8 bytes BLOCK_K / 2. Each word
-    # carries its own scale and zero ([BN, BKW] fp32 tiles beside the words): wider tiles spill on sm_90
-    block_kw = cfg.get("BLOCK_KW", max(16, cfg["BLOCK_K"] // (2 if gate_up.kind == "fp8" else 4)))
+    # words per iteration: BLOCK_K columns (int8 BLOCK_K / 4 words, int4 BLOCK_K / 8), fp8 bytes BLOCK_K / 2. Each
+    # word carries its own scale and zero ([BN, BKW] fp32 tiles beside the words): wider tiles spill on sm_90 (int4
+    # at BLOCK_K / 4 words: 80 bytes in the gate_up GEMV with the norm under Triton 3.6)
+    block_kw = cfg.get("BLOCK_KW", max(16, cfg["BLOCK_K"] // {"fp8": 2, "int8": 4}.get(gate_up.kind, 8)))
 
     def parts(w, shared):
         return (w.qweight, shared.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, shared.scales,
