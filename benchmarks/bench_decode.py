@@ -26,6 +26,7 @@ import torch
 from benchmarks.common import device_default, free_device_memory, measure_ceilings, print_rows, write_json
 from benchmarks.hf_baseline import decode_ms_per_token, hf_model, time_generate
 from qwen2rt import LLM, SamplingParams
+from qwen2rt.model_runner import PrefillGraphError
 from qwen2rt.models.config import builtin_config
 from qwen2rt.models.quant import at_load_config, linear_bytes, weight_bytes
 from qwen2rt.profiling import decode_step_ms
@@ -71,16 +72,17 @@ SAMPLED = {"qwen2rt_sampled_topk": dict(temperature=0.7, top_k=20, top_p=0.8, re
 
 
 def load_llm(name: str, **kwargs) -> tuple[LLM, str | None]:
-    """LLM(name, **kwargs) and None; when capturing its graphs fails with prefill graphs on, the LLM without them and
-    that error (prefill graphs are the newest: their failure must not cost the decode rows, and says so in them)."""
+    """LLM(name, **kwargs) and None; when capturing a prefill graph fails, the LLM without prefill graphs and that
+    error (prefill graphs are the newest: their failure must not cost the decode rows, and says so in them). Any
+    other failure, a decode graph's included, is raised."""
     try:
         return LLM(name, **kwargs), None
     except RuntimeError as e:
-        if "CUDA graph capture failed" not in str(e) or kwargs.get("cuda_graph_prefill_tokens") == ():
+        if not isinstance(e.__cause__, PrefillGraphError):
             raise
         error = repr(e)[:300]
     free_device_memory()
-    return LLM(name, **kwargs, cuda_graph_prefill_tokens=()), error
+    return LLM(name, **{**kwargs, "cuda_graph_prefill_tokens": ()}), error
 
 
 def qwen2rt_ms_per_token(llm: LLM, batch: int, prompt_len: int, steps: int, repeats: int = 3,

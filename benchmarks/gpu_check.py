@@ -8,8 +8,9 @@ end-to-end benchmarks one part per model), and the record is rewritten after eac
 keeps the results of the parts before it; each part's time is recorded, and the Triton cache entries it added
 (the kernels it still had to compile). A part that leaves the CUDA context unusable (an illegal address, a
 device-side assert: every later part would fail) is recorded as failed and the check goes on in a fresh process
-(itself with --resume, at most MAX_RESTARTS times), which does not run that part again. The MoE block sizes tuned
-during the run are copied beside the record (<record>-moe-configs.json).
+(itself with --resume, at most MAX_RESTARTS times, until the same deadline), which runs none of the parts this call
+already ran, failed ones included (a later call, --resume on a fresh machine, runs the failed ones again). The MoE
+block sizes tuned during the run are copied beside the record (<record>-moe-configs.json).
 
     python -m benchmarks.gpu_check --out DIR [--parts tests decode kernels host prefill batches quantized serving
                                    big] [--quick] [--budget-s 420] [--resume [RECORD.json]]
@@ -155,9 +156,9 @@ def cuda_context_error(device) -> str | None:
 
 def restart_argv(args, record: str, budget_left_s: float) -> list[str]:
     """The command that goes on after a part broke the CUDA context: this check in a fresh process, resuming
-    `record` with what is left of the budget (see main)."""
+    `record` until the same deadline (its start-up counts: see main)."""
     argv = [sys.executable, "-m", "benchmarks.gpu_check", "--out", args.out, "--resume", record,
-            "--budget-s", f"{max(budget_left_s, 0.0):.0f}", "--parts", *args.parts,
+            "--deadline", f"{time.time() + max(budget_left_s, 0.0):.1f}", "--parts", *args.parts,
             "--restarted", str(args.restarted + 1)]
     if args.models:
         argv += ["--models", *args.models]
@@ -227,7 +228,7 @@ def summary_markdown(rec: dict) -> str:
         out += [f"Built over {rec['calls']} calls (--resume: each ran only the parts not done before), "
                 f"{rec.get('total_s') or 0:.0f} s in all.", ""]
     if rec.get("crashed"):
-        out += [f"Parts that left the CUDA context unusable (not run again; the check went on in a fresh process, "
+        out += [f"Parts that left the CUDA context unusable (the check went on in a fresh process, "
                 f"{rec.get('restarts', 0)} restart(s)): {', '.join(rec['crashed'])}.", ""]
     for key, label in (("gpu_tests_gate", "GPU tests, the gate"), ("gpu_tests", "GPU tests, the rest")):
         t = rec.get(key)
@@ -351,13 +352,17 @@ def main(argv=None) -> int:
                          "and write the whole record into --out")
     # set by the restart after a part broke the CUDA context (restart_argv): same machine, same Triton cache
     ap.add_argument("--restarted", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # with --restarted: time.time()
     args = ap.parse_args(argv)
     start = time.perf_counter()
+    if args.deadline is not None:  # a restart: the budget left, this process's start-up counted
+        args.budget_s = max(0.0, args.deadline - time.time())
     device = device_default()
     env = environment()
     rec = dict(env, ceilings=None, decode=[], prefill=[], kernels=[], host=[], serving=[], graph_capture_s=None,
                warm=None, gpu_tests_gate=None, gpu_tests=None, errors=[], parts={}, compiles={},
-               budget_s=args.budget_s, notes=NOTES, calls=1, total_s=0.0)
+               budget_s=args.budget_s, notes=NOTES, calls=1, total_s=0.0,
+               this_call=[])  # the parts this call ran (a restart within the call runs none of them again)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, record_name(env))
     if args.resume is not None:
@@ -367,7 +372,9 @@ def main(argv=None) -> int:
         if not earlier or not os.path.isfile(earlier):
             raise SystemExit(f"--resume: no record {earlier or 'of this GPU and commit in ' + args.out}")
         with open(earlier) as f:
-            rec = dict(json.load(f), budget_s=args.budget_s)
+            rec = json.load(f)
+        if not args.restarted:  # a restart keeps its call's budget in the record
+            rec["budget_s"] = args.budget_s
         if (rec.get("gpu"), rec.get("commit")) != (env["gpu"], env["commit"]):
             raise SystemExit(f"--resume: {earlier} is of {rec.get('gpu')} at commit {rec.get('commit')}, this run "
                              f"is {env['gpu']} at {env['commit']}")
@@ -378,6 +385,8 @@ def main(argv=None) -> int:
         else:
             rec["calls"] = rec.get("calls", 1) + 1
         rec.setdefault("compiles", {})
+        if not args.restarted:
+            rec["this_call"] = []
         print(f"[gpu_check] resuming {earlier}: done before: "
               f"{[k for k, v in rec['parts'].items() if v.startswith('ok')]}", flush=True)
     total_before = rec.get("total_s") or 0.0
@@ -395,8 +404,8 @@ def main(argv=None) -> int:
         if rec["parts"].get(name, "").startswith("ok") and (name != "warm" or args.restarted):
             print(f"[gpu_check] {elapsed:6.1f} s  {name}: done in an earlier call", flush=True)
             return
-        if name in rec.get("crashed", []):  # it would break the context again: its failure stays in the record
-            print(f"[gpu_check] {elapsed:6.1f} s  {name}: not run again (it broke the CUDA context)", flush=True)
+        if args.restarted and name in rec.get("this_call", []):  # failed in this call, or broke the context
+            print(f"[gpu_check] {elapsed:6.1f} s  {name}: failed earlier in this call, not run again", flush=True)
             return
         broken = None
         if not args.smoke and elapsed + estimate_s > args.budget_s:
@@ -405,8 +414,11 @@ def main(argv=None) -> int:
         else:
             rec["errors"] = [e for e in rec["errors"] if e["part"] != name]  # this run replaces an earlier failure
             t0, entries = time.perf_counter(), triton_cache_entries()
+            rec.setdefault("this_call", []).append(name)
             try:
                 fn()
+                if torch.device(device).type == "cuda":  # a fault of its kernels is its own, not the next part's
+                    torch.cuda.synchronize()
                 rec["parts"][name] = f"ok in {time.perf_counter() - t0:.1f} s"
             except Exception as e:
                 rec["parts"][name] = f"failed after {time.perf_counter() - t0:.1f} s"
@@ -419,8 +431,8 @@ def main(argv=None) -> int:
         print(f"[gpu_check] {time.perf_counter() - start:6.1f} s  {name}: {rec['parts'][name]}", flush=True)
         save()
         if broken and args.restarted < MAX_RESTARTS:
-            # every later part would fail in this process: go on in a fresh one (--resume of this record, the rest
-            # of the budget), which skips the parts done and this one (~10 s to start)
+            # every later part would fail in this process: go on in a fresh one (--resume of this record, the same
+            # deadline), which runs none of this call's parts again (~10 s to start)
             argv = restart_argv(args, path, args.budget_s - (time.perf_counter() - start))
             print(f"[gpu_check] {name} left the CUDA context unusable ({broken}); restarting: "
                   f"{' '.join(argv[1:])}", flush=True)

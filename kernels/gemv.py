@@ -182,13 +182,24 @@ def gemv_operands(x: torch.Tensor, n: int, bias, norm_weight, residual, swiglu: 
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the byte ranges that two 2-D tensors with contiguous rows span intersect."""
+    """Whether two 2-D tensors with contiguous rows may share an element: their byte ranges intersect and, for rows
+    of one pitch (column blocks of one buffer), their columns do too; other layouts, whenever the ranges do."""
     def span(t):
         start = t.data_ptr()
         return start, start + ((t.shape[0] - 1) * t.stride(0) + t.shape[1]) * t.element_size()
 
     (a0, a1), (b0, b1) = span(a), span(b)
-    return a.numel() > 0 and b.numel() > 0 and a0 < b1 and b0 < a1
+    if a.numel() == 0 or b.numel() == 0 or a1 <= b0 or b1 <= a0:
+        return False
+    if a.shape[0] == 1 and b.shape[0] == 1:  # the ranges are the elements
+        return True
+    pitches = {t.stride(0) * t.element_size() for t in (a, b) if t.shape[0] > 1}  # a single row fits any pitch
+    if len(pitches) == 1:
+        # each row's bytes as an arc of a circle of the pitch: b's start d bytes after a's
+        pitch = pitches.pop()
+        d = (b0 - a0) % pitch
+        return d < a.shape[1] * a.element_size() or pitch - d < b.shape[1] * b.element_size()
+    return True
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

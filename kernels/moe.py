@@ -692,7 +692,8 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, 
     # every gate logit in one GEMM: the router's E columns, then the shared expert's gate when there is one
     gates = router_with_shared_gate(router, shared_gate)
     if bucket in GEMV_BUCKETS:  # a GEMV, batch invariant (cuBLAS picks its kernel by the row count), with the norm
-        logits = fused_linear(x, gates, norm_weight=norm_weight, eps=eps)  # in its prologue when not applied yet
+        gates = gates if gates.stride(-1) == 1 else gates.contiguous()  # in its prologue when not applied yet
+        logits = fused_linear(x, gates, norm_weight=norm_weight, eps=eps)
     else:
         logits = F.linear(x, gates)
     pairs = top_k + chunks  # (token, expert) pairs per token, shared chunks included
@@ -880,7 +881,7 @@ def _shared_expert(x: torch.Tensor, gate_up, down, gemv: bool) -> torch.Tensor:
     fused GEMVs, SwiGLU in the first's epilogue: batch invariant like the rest of the decode path (cuBLAS is not:
     it picks its kernel by the row count); float weights with a strided last dimension, which the GEMVs do not
     take, and larger batches: cuBLAS + SwiGLU. Quantized: the fused GEMVs up to DECODE_MAX_TOKENS rows, else
-    dequantize + cuBLAS."""
+    quant_linear_gemm (which dequantizes tile by tile) + SwiGLU."""
     if not isinstance(gate_up, QuantizedWeight):
         if gemv and gate_up.stride(-1) == 1 and down.stride(-1) == 1:
             return fused_linear(fused_linear(x, gate_up, swiglu=True), down)

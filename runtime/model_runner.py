@@ -123,6 +123,10 @@ class Staged:
             self._copied[i].record()
 
 
+class PrefillGraphError(RuntimeError):
+    """Capturing a prefill CUDA graph failed (LLM(..., cuda_graph_prefill_tokens=()) keeps every prefill eager)."""
+
+
 class StepGraphs:
     """One decode step as two CUDA graphs replayed back to back: the bucket's forward, then a sampler form."""
 
@@ -563,7 +567,10 @@ class ModelRunner:
         start = time.perf_counter()
         for bucket in reversed(self.prefill_buckets):  # largest first: the smaller ones reuse its pool
             if bucket not in self.prefill_graphs:
-                self.capture_prefill(bucket)
+                try:
+                    self.capture_prefill(bucket)
+                except Exception as e:
+                    raise PrefillGraphError(f"capturing the prefill graph of {bucket} tokens failed: {e!r}") from e
         torch.cuda.synchronize()
         self.prefill_capture_s = time.perf_counter() - start
         for bucket in reversed(self.buckets):

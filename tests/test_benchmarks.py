@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import pytest
 
@@ -107,20 +108,34 @@ def test_gpu_check_driver_writes_the_record(tmp_path, monkeypatch):
 def test_load_llm_retries_without_prefill_graphs_only_when_capture_fails(monkeypatch):
     """A failed graph capture costs the decode rows nothing when the prefill graphs caused it: the LLM again without
     them, and the error for the record; other errors, or a failure without prefill graphs, are raised."""
+    from qwen2rt.model_runner import PrefillGraphError
+
     made = []
+
+    def capture_failed(cause: Exception):  # as LLM raises it (runtime/llm.py)
+        error = RuntimeError(f"CUDA graph capture failed ({cause!r}); LLM(..., cuda_graph_prefill_tokens=()) ...")
+        error.__cause__ = cause
+        return error
 
     def fake_llm(name, **kwargs):
         made.append(kwargs)
+        if name == "decode-broken":
+            raise capture_failed(RuntimeError("decode graph boom"))
         if kwargs.get("cuda_graph_prefill_tokens") != () or name == "broken":
-            raise RuntimeError("CUDA graph capture failed (boom); LLM(..., cuda_graph_prefill_tokens=()) ...")
+            raise capture_failed(PrefillGraphError("prefill graph boom"))
         return "llm"
 
     monkeypatch.setattr(bench_decode, "LLM", fake_llm)
-    llm, error = bench_decode.load_llm("tiny", max_batch_size=2)
-    assert llm == "llm" and "boom" in error and made == [{"max_batch_size": 2},
-                                                       {"max_batch_size": 2, "cuda_graph_prefill_tokens": ()}]
-    with pytest.raises(RuntimeError, match="boom"):
+    llm, error = bench_decode.load_llm("tiny", max_batch_size=2, cuda_graph_prefill_tokens=(16, 32))
+    assert llm == "llm" and "prefill graph boom" in error
+    assert made == [{"max_batch_size": 2, "cuda_graph_prefill_tokens": (16, 32)},
+                    {"max_batch_size": 2, "cuda_graph_prefill_tokens": ()}]
+    with pytest.raises(RuntimeError, match="prefill graph boom"):  # no prefill graphs and still failing
         bench_decode.load_llm("broken")
+    made.clear()
+    with pytest.raises(RuntimeError, match="decode graph boom"):  # a decode graph: no second load
+        bench_decode.load_llm("decode-broken")
+    assert len(made) == 1
     monkeypatch.setattr(bench_decode, "LLM", lambda name, **kw: (_ for _ in ()).throw(RuntimeError("other")))
     with pytest.raises(RuntimeError, match="other"):
         bench_decode.load_llm("tiny")
@@ -196,14 +211,19 @@ def test_gpu_check_real_run_order_budget_and_resume(tmp_path, monkeypatch):
 
 def test_gpu_check_goes_on_in_a_fresh_process_after_a_part_breaks_the_cuda_context(tmp_path, monkeypatch):
     """A part that fails and leaves the context unusable (as an illegal address does): the record is saved with the
-    part failed, and the check re-executes itself with --resume of that record and the rest of the budget; the fresh
-    process runs every part left but that one (and not the warm again: same machine), as the same call."""
-    calls, _ = stub_gpu_parts(tmp_path, monkeypatch)
+    part failed, and the check re-executes itself with --resume of that record until the same deadline; the fresh
+    process runs every part left but the ones this call already ran: not the crashed one, not one that failed
+    normally before it (bench_gemv here), not the warm (same machine); the same call, its budget kept."""
+    calls, results = stub_gpu_parts(tmp_path, monkeypatch)
     error = "RuntimeError('CUDA error: an illegal memory access was encountered')"
 
     def attention(*args, **kwargs):
         calls.append("bench_attention")
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def gemv(*args, **kwargs):
+        calls.append("bench_gemv")
+        raise ValueError("a plain failure")
 
     class Exec(Exception):
         pass
@@ -212,34 +232,48 @@ def test_gpu_check_goes_on_in_a_fresh_process_after_a_part_breaks_the_cuda_conte
         raise Exec(argv)
 
     monkeypatch.setattr(gpu_check.bench_attention, "run", attention)
-    broken = [error]  # the context after the attention part; fine after the failure of the rest of the tests
+    monkeypatch.setattr(gpu_check.bench_gemv, "run", gemv)
+    # the context: fine after bench_gemv's failure, broken after the attention part's, fine after the rest
+    broken = [None, error][::-1]
     monkeypatch.setattr(gpu_check, "cuda_context_error", lambda device: broken.pop() if broken else None)
     monkeypatch.setattr(gpu_check.os, "execv", execv)
     monkeypatch.chdir(os.getcwd())  # restored after the test: the restart runs from the repository root
     with pytest.raises(Exec) as restart:
-        gpu_check.main(["--out", str(tmp_path), "--models", "qwen2-0.5b", "--budget-s", "400"])
+        gpu_check.main(["--out", str(tmp_path), "--models", "qwen2-0.5b", "--budget-s", "400", "--quick"])
     assert calls[-2:] == ["bench_gemv", "bench_attention"]
     (record,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
     rec = json.load(open(tmp_path / record))
     assert rec["parts"]["bench_attention"].startswith("failed") and rec["crashed"] == ["bench_attention"]
-    assert rec["errors"][0]["part"] == "bench_attention" and rec["errors"][0]["cuda_context"] == error
+    assert [e["part"] for e in rec["errors"]] == ["bench_gemv", "bench_attention"]
+    assert "cuda_context" not in rec["errors"][0] and rec["errors"][1]["cuda_context"] == error
     argv = restart.value.args[0]
     assert argv[1:3] == ["-m", "benchmarks.gpu_check"] and os.getcwd() == gpu_check.ROOT
-    assert argv[argv.index("--resume") + 1] == str(tmp_path / record)
-    assert argv[argv.index("--budget-s") + 1] == "400"  # perf_counter is stubbed: no time spent
+    assert argv[argv.index("--resume") + 1] == str(tmp_path / record) and "--quick" in argv
+    assert argv[argv.index("--models") + 1:argv.index("--models") + 2] == ["qwen2-0.5b"]
+    # the same deadline: perf_counter is stubbed (no time spent), so 400 s from the restart command's making
+    assert abs(float(argv[argv.index("--deadline") + 1]) - time.time() - 400) < 5
     calls.clear()
     assert gpu_check.main(argv[3:]) == 0  # the fresh process
     assert calls == ["bench_sampler", "bench_moe", "bench_rmsnorm", "bench_swiglu", "bench_host", "bench_decode",
                      "bench_prefill", "bench_decode", "gpu and not gate"]
     rec = json.load(open(tmp_path / record))
-    assert rec["calls"] == 1 and rec["restarts"] == 1
-    assert [e["part"] for e in rec["errors"]] == ["bench_attention", "gpu_tests"]
-    assert "broke" not in rec["parts"]["bench_attention"] and rec["parts"]["bench_attention"].startswith("failed")
+    assert rec["calls"] == 1 and rec["restarts"] == 1 and rec["budget_s"] == 400
+    assert [e["part"] for e in rec["errors"]] == ["bench_gemv", "bench_attention", "gpu_tests"]
+    # a later call (--resume on a fresh machine) runs the failed parts again, the crashed one included
+    calls.clear()
+    results["gpu and not gate"] = 0
+    monkeypatch.setattr(gpu_check.bench_attention, "run", lambda *a, **k: calls.append("bench_attention") or [])
+    assert gpu_check.main(["--out", str(tmp_path), "--models", "qwen2-0.5b", "--resume", str(tmp_path / record),
+                           "--quick"]) == 0
+    assert calls == ["warm", "bench_gemv", "bench_attention", "gpu and not gate"]
+    rec = json.load(open(tmp_path / record))
+    assert rec["calls"] == 2 and [e["part"] for e in rec["errors"]] == ["bench_gemv"]
     summary = open(tmp_path / record.replace(".json", ".md")).read()
     assert "left the CUDA context unusable" in summary and "bench_attention" in summary
     # past MAX_RESTARTS the broken process goes on (its parts fail at once) instead of restarting again
     monkeypatch.setattr(gpu_check, "MAX_RESTARTS", 0)
-    broken.append(error)
+    monkeypatch.setattr(gpu_check.bench_attention, "run", attention)
+    broken[:] = [None, error][::-1]
     calls.clear()
     assert gpu_check.main(["--out", str(tmp_path / "again"), "--models", "qwen2-0.5b"]) == 0
     assert "bench_attention" in calls and calls[-1] == "gpu and not gate"

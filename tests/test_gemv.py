@@ -157,4 +157,11 @@ def test_bad_inputs():
     rows = torch.randn(3, 128, device=DEVICE)
     with pytest.raises(ValueError, match="out must not overlap x"):  # columns 64-95 of each row are both
         fused_linear(rows[:, 64:], square, residual=rows[:, 32:96], out=rows[:, 32:96])
+    with pytest.raises(ValueError, match="out must not overlap x"):  # x's first row is out's last
+        fused_linear(rows.view(6, 64)[2:5], square, out=rows.view(6, 64)[:3])
+    # column blocks of one buffer that share nothing are fine, either way round
+    for r in (slice(0, 3), slice(1, 2)):  # three rows, and one (whose pitch is out's)
+        for x_cols, out_cols in ((slice(0, 64), slice(64, 128)), (slice(64, 128), slice(0, 64))):
+            expected = fused_linear_ref(rows[r, x_cols], square)
+            assert_close(fused_linear(rows[r, x_cols], square, out=rows[:, out_cols][r]), expected, torch.float32)
     assert fused_linear(x[:0], w).shape == (0, 16)

@@ -267,6 +267,13 @@ def test_decode_block_is_batch_invariant_with_the_shared_expert_folded_or_not(fo
 
     layer = make_layer(7, 64, 24, 48, torch.float32, seed=31)
     x = torch.randn(20, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    g = 1 + 0.1 * torch.randn(64, device=DEVICE)
+
+    def block(rows, config=None):  # as the model calls it: the post-attention norm and the residual
+        return fused_moe(rows, layer["router"], layer["gate_up"], layer["down"], 2, True, layer["shared_gate_up"],
+                         layer["shared_down"], layer["shared_gate"], config=config, regime="decode",
+                         fold_shared=fold, norm_weight=g, residual=rows)
+
     with LaunchCounter() as counter:
         alone = run(x[2:3], layer, 2, True, "decode", fold=fold)
     assert not any(e.split(":")[1] in ("mm", "addmm", "linear", "matmul", "bmm") for e in counter.events), \
@@ -275,10 +282,12 @@ def test_decode_block_is_batch_invariant_with_the_shared_expert_folded_or_not(fo
         "triton:_fused_linear_kernel") == (1 if fold else 3), counter.events  # the router (+ the shared expert's two)
     among = run(x[:4], layer, 2, True, "decode", fold=fold)
     assert torch.equal(alone[0], among[2]) and not torch.equal(among[2], among[1])
+    assert torch.equal(block(x[2:3])[0], block(x[:4])[2])
     wide = dict(moe_mod.DEFAULT_CONFIGS["decode-wide"], BLOCK_N=64, BLOCK_K=64)  # few programs: the interpreter
     five, twenty = run(x[:5], layer, 2, True, "decode", config=wide, fold=fold), run(x, layer, 2, True, "decode",
                                                                                       config=wide, fold=fold)
     assert torch.equal(five, twenty[:5])
+    assert torch.equal(block(x[:5], wide), block(x, wide)[:5])
     check(x[:4], layer, 2, True, "decode", torch.float32, fold=fold)
 
 
@@ -293,14 +302,16 @@ def test_non_finite_router_logits_still_choose_real_experts():
     logits[3, 0] = float("nan")
     ids, w = route(logits, e, k, True)
     assert ((ids >= 0) & (ids < e)).all(), ids
+    assert all(len(set(row)) == k for row in ids.tolist())  # k different experts per row
     assert torch.equal(ids[0].long(), route_ref(logits[:1], k, True)[0][0])
     for t in (1, 3):
-        x = torch.randn(t, 64, device=DEVICE)
-        x[0, 5] = float("nan")
-        for fold in (True, False):
-            layer = make_layer(e, 64, 24, 48, torch.float32, seed=32)
-            got = run(x, layer, k, True, "decode", fold=fold)
-            assert torch.isnan(got[0]).all() and not torch.isnan(got[1:]).any()
+        for bad in (float("nan"), float("inf")):
+            x = torch.randn(t, 64, device=DEVICE)
+            x[0, 5] = bad
+            for fold in (True, False):
+                layer = make_layer(e, 64, 24, 48, torch.float32, seed=32)
+                got = run(x, layer, k, True, "decode", fold=fold)
+                assert torch.isnan(got[0]).all() and not torch.isnan(got[1:]).any()
     # the grouped path (moe_align counts per expert id) with NaN rows
     x = torch.randn(40, 64, device=DEVICE)
     x[7] = float("nan")

@@ -327,6 +327,24 @@ def test_triton_backend_padded_prefill_matches_eager():
     assert padded.engine.decoder.prefill_replays == 3
 
 
+def test_a_failed_prefill_capture_says_so(monkeypatch):
+    """capture_all raises a prefill graph's failure as PrefillGraphError (the benchmarks then load the model again
+    without prefill graphs, and only then: benchmarks.bench_decode.load_llm), naming the bucket."""
+    from qwen2rt.model_runner import PrefillGraphError
+
+    llm = LLM("tiny", device="cpu", max_batch_size=2, max_seq_len=64, cuda_graph_prefill_tokens=(8, 32))
+    runner = llm.engine.decoder
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)  # capture_all's CUDA bookkeeping, on CPU
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 0)
+
+    def fail(bucket):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(runner, "capture_prefill", fail)
+    with pytest.raises(PrefillGraphError, match="prefill graph of 32 tokens.*not permitted"):
+        runner.capture_all()
+
+
 def test_staged_values_are_aligned_and_sent_in_one_copy():
     """Staged: every array 16-byte aligned whatever the sizes before it (Triton specialises pointers on that), and
     send() carries what the host views hold to the device views."""
