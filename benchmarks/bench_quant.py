@@ -2,9 +2,10 @@
 per channel) at M = 1..32 rows on the Qwen2-7B / 72B projections (qkv, o, gate_up, down; the projection alone, no
 fusions), with its word loop pipelined (the default) and not, against bf16 cuBLAS (F.linear on the dense bf16
 weight of the same shape: what quantization must beat) and the two prefill paths at the largest M. Then prefill
-(128-2048 rows, Qwen2-7B): the fused dequantize-GEMM against dequantize + cuBLAS and bf16 cuBLAS; and one int4 MoE
+(128-2048 rows, Qwen2-7B): the fused dequantize-GEMM against dequantize + cuBLAS and bf16 cuBLAS; one int4 MoE
 layer of Qwen1.5-MoE and Qwen2-57B-A14B at 128 and 2048 tokens: experts dequantized in the grouped GEMMs' K loops
-against the scratch path (bench_moe has the bf16 layer).
+against the scratch path (bench_moe has the bf16 layer); on a GPU, the fp16 int4 GEMV with the residual at M = 2
+and 16 with ptxas's register choice and capped at 255 (register_cap).
 Every row has the copy floor beside it: the bytes the kernel must move (packed weight, scales, zeros, x, output)
 over the copy bandwidth measured in the same run. Each call reads a different copy of the weights (enough copies to
 overflow L2), so no timing is served from cache.
@@ -65,7 +66,8 @@ def timed_row(kernel, shape, impl, fn, device, rep_ms, ceilings, floor_ms, bytes
 
 
 def run(device, ceilings, models=MODELS, rows=ROWS, dtype=torch.bfloat16, forms=tuple(FORMS), projs=None, rep_ms=60,
-        prefill_models=PREFILL_MODELS, prefill_rows=PREFILL_ROWS, moe_layers=MOE_LAYERS, moe_tokens=MOE_TOKENS):
+        prefill_models=PREFILL_MODELS, prefill_rows=PREFILL_ROWS, moe_layers=MOE_LAYERS, moe_tokens=MOE_TOKENS,
+        cap_rows=(2, 16)):
     out = []
     act_bytes = torch.finfo(dtype).bits // 8
     for name in models:
@@ -101,8 +103,35 @@ def run(device, ceilings, models=MODELS, rows=ROWS, dtype=torch.bfloat16, forms=
             dense = None
     for name in prefill_models:
         out += prefill(device, ceilings, builtin_config(name), name, prefill_rows, dtype, forms, projs, rep_ms)
+    if device.type == "cuda" and cap_rows:  # the compiled kernel only: the interpreter has no registers
+        out += register_cap(device, ceilings, rep_ms, rows=cap_rows)
     for name in moe_layers:
         out += moe_prefill(device, ceilings, builtin_config(name), name, moe_tokens, dtype, rep_ms)
+    return out
+
+
+def register_cap(device, ceilings, rep_ms, name="qwen2-7b", rows=(2, 16), form="w4a16-g128") -> list[dict]:
+    """ptxas's own register choice against a cap of 255 (maxnreg) for the int4 GEMV in fp16 (GPTQ / AWQ checkpoints
+    are fp16) on the projections that add the residual (o, down), at M > 1: the variants that Triton 3.6's ptxas
+    caps at 168 registers, keeping 4-8 values in local memory outside the weight loop (3 blocks per SM), where the
+    cap of 255 takes 203 registers and spills nothing (2 blocks per SM). Measured, not argued: see quant_config."""
+    config = builtin_config(name)
+    out = []
+    for proj, n, k in [p for p in projections(config) if p[0] in ("o", "down")]:
+        w0 = random_weight(n, k, form, device)
+        copies = max(1, -(-L2_BYTES // w0.nbytes()))
+        weights = itertools.cycle([w0] + [random_weight(n, k, form, device) for _ in range(copies - 1)])
+        cfg = quant_config(n, k, w0.kind, w0.group_size, False)
+        for m in rows:
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            res = torch.randn(m, n, device=device, dtype=torch.float16)
+            floor_ms = (w0.nbytes() + (m * k + 2 * m * n) * 2) / ceilings["copy_GBps"] / 1e6
+            shape = f"{name} {proj}+residual {form} fp16 M={m} N={n} K={k}"
+            for impl, c in (("qwen2rt", cfg), ("qwen2rt_maxnreg255", dict(cfg, maxnreg=255))):
+                out.append(timed_row("quant_gemv_regcap", shape, impl,
+                                     lambda c=c: quant_linear(x, next(weights), residual=res, config=c), device,
+                                     rep_ms, ceilings, floor_ms, bytes_moved=w0.nbytes() + (m * k + 2 * m * n) * 2))
+        weights = w0 = None
     return out
 
 

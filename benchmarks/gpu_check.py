@@ -75,9 +75,10 @@ ESTIMATE_S = {"ceilings": 5, "warm": 90, "gpu_tests_gate": 60, "gpu_tests": 200,
               "bench_gemv": 40, "bench_sampler": 25, "bench_rmsnorm": 25, "bench_swiglu": 15, "bench_attention": 30,
               "bench_moe": 20, "host": 30, "prefill": 20, "batches": 70,
               # not measured yet (no GPU run of these parts so far), guessed with the Triton cache warmed first (which
-              # takes their JIT compiles out of them): bench_quant is ~240 timings; a quantized model's load includes
-              # quantizing its random weights, and 72B int4 fills ~40 GB of weights
-              "bench_quant": 150, "decode_quant": 60, "decode_quant_72b": 420,
+              # takes their JIT compiles out of them): bench_quant is ~250 timings (its fp16 register-cap rows
+              # compile 4 variants the warm does not); a quantized model's load includes quantizing its random
+              # weights, and 72B int4 fills ~40 GB of weights
+              "bench_quant": 170, "decode_quant": 60, "decode_quant_72b": 420,
               # two 7B loads (prefix caching on and off) and ~25 prefills of 2,050 tokens; the server part is
               # skipped there unless the serve extra's wheels are carried
               "serving": 120,
@@ -516,7 +517,8 @@ def _gpu_parts(args, device, ceilings, rec, part, models, start):
         # baseline: the dense rows). The quantized GEMVs: every row count on 7B, the ends of the range on 72B (time)
         part("bench_quant", ESTIMATE_S["bench_quant"], lambda: kernels(
             bench_quant.run(device, ceilings, models=["qwen2-7b"])
-            + bench_quant.run(device, ceilings, models=["qwen2-72b"], rows=[1, 16])))
+            + bench_quant.run(device, ceilings, models=["qwen2-72b"], rows=[1, 16], prefill_models=[], moe_layers=[],
+                              cap_rows=())))  # the prefill, MoE and register-cap rows once (the first call's)
     for name, quantization in (QUANT_DECODE if "quantized" in args.parts else []) + (
             BIG_QUANT_DECODE if "big" in args.parts else []):
         moe = builtin_config(name).is_moe

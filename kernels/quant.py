@@ -485,7 +485,11 @@ def quant_config(n: int, k: int, kind: str, group_size: int, swiglu: bool, inter
     - The group size only sets GROUP_WORDS (a shift for power-of-two groups); it is part of the key so that a
       measured rule can use it.
     sm_90 compile (tests/aot_sm90.py): 52-110 registers per thread at M = 1 (the JIT's own specialisation, rows 1-3
-    compiled out), 113-236 for M > 1 (int4 with act-order the most), no spills.
+    compiled out), 113-236 for M > 1 (int4 with act-order the most), no spills with Triton 3.9. Triton 3.6's ptxas
+    caps the fp16 int4 variants without act-order at BLOCK_KW 256 and M > 1 at 168 registers (3 blocks per SM) and
+    keeps 4-8 values in local memory, stored before the weight loop and loaded after it (none in the loop); capped
+    at 255 (maxnreg) it takes 203 registers (2 blocks per SM) and spills nothing. Halving BLOCK_KW moved the spill to
+    the bf16 act-order variant (capped at 128). Left to ptxas's trade until a GPU times both.
     The interpreter runs programs one after another: there, few large ones."""
     pw = 1 if kind == "fp8" else 32 // KINDS[kind]
     words = k // pw
@@ -531,7 +535,8 @@ def quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None 
     in x's dtype or `out_dtype` (float32 only), into `out` when given (it may be `residual`). Numerics:
     fused_linear_ref's: fp32 products of the exact dequantized weight, rounded once, then the same epilogues (zeros
     must hold integers, as the layout says: the kernel's exact integer-to-float trick relies on it).
-    `config` overrides quant_config (BLOCK_N, BLOCK_KW, NUM_STAGES, num_warps). One launch, no host synchronisation."""
+    `config` overrides quant_config (BLOCK_N, BLOCK_KW, NUM_STAGES, num_warps; maxnreg, a register cap for ptxas, on
+    a GPU only). One launch, no host synchronisation."""
     from .gemv import gemv_operands
 
     if x.ndim != 2:
@@ -558,7 +563,7 @@ def quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None 
         HAS_RESIDUAL=residual is not None, SWIGLU=swiglu, BLOCK_N=cfg["BLOCK_N"],
         BLOCK_KW=cfg["BLOCK_KW"], NORM_BLOCK=min(1024, triton.next_power_of_2(k)),
         NUM_STAGES=cfg.get("NUM_STAGES", 1), num_warps=cfg["num_warps"],
-        **meta)
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}), **meta)
     return out
 
 

@@ -284,6 +284,22 @@ def test_batch_invariance_and_prefill_bf16_gpu(form):
         torch.testing.assert_close(quant_linear_gemm(xs, w, path=path), F.linear(xs, dequantize(w, torch.bfloat16)))
 
 
+@pytest.mark.gpu
+def test_register_cap_changes_no_bit_fp16_gpu():
+    """The int4 GEMV in fp16 with the residual at M = 2 and 32 (the variant Triton 3.6's ptxas caps at 168 registers,
+    spilling outside the weight loop): capped at 255 registers through `maxnreg` (bench_quant times both) the output
+    is bitwise the same, and matches the fp32 function."""
+    w = quantized(3584, 3584, "int4-g128")
+    for m in (2, 32):
+        x, kw, width = _operands(m, 3584, 3584, torch.float16, residual=True)
+        cfg = quant_config(width, 3584, w.kind, w.group_size, False)
+        y = quant_linear(x, w, out=poisoned(m, width, dtype=torch.float16), **kw)
+        capped = quant_linear(x, w, out=poisoned(m, width, dtype=torch.float16), config=dict(cfg, maxnreg=255), **kw)
+        assert torch.equal(y, capped)
+        fp32 = dict(kw, residual=kw["residual"].float())
+        assert_bf16_close(y, fused_linear_ref(x.float(), w, **fp32), GPU_TOL)
+
+
 def test_config_depends_on_the_weight_only():
     for n, k, kind, group, swiglu in ((4608, 3584, "int4", 128, False), (18944, 3584, "int8", 3584, True),
                                       (3584, 18944, "fp8", 18944, False), (8192, 29568, "int4", 128, False)):
