@@ -81,7 +81,8 @@ class LLM:
     enforce_eager=True runs the same step without graphs. Prompts are prefilled in chunks of at most
     max_prefill_tokens tokens per step, alternating with decode steps; with graphs, a prefill step of at most
     max(cuda_graph_prefill_tokens) tokens from at most 8 prompts runs padded to the next of those token counts, as a
-    graph captured with the decode ones (an empty tuple: every prefill eager).
+    graph captured with the decode ones (an empty tuple: every prefill eager; a prefill graph whose capture on first
+    use fails is dropped with a warning, its prefills eager).
     enable_prefix_caching (default True): full blocks of prompt tokens stay in the KV cache after their request
     (until their memory is needed), and a prompt that starts with the same blocks reuses them instead of prefilling
     them (RequestOutput.num_cached_tokens; counters in `engine.prefix_cache_stats()`).

@@ -235,6 +235,7 @@ class ModelRunner:
                                   "floats": (torch.float32, (len(self.FLOAT_ROWS), width))}, dev)
         self.prefill_logits: dict[int, torch.Tensor] = {}  # each prefill graph's output [seqs, V] float32
         self.prefill_replays = 0  # prefill steps that replayed a graph (the rest ran eagerly)
+        self.prefill_capture_errors: dict[int, str] = {}  # buckets dropped when their capture on first use failed
 
     def bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
@@ -349,8 +350,10 @@ class ModelRunner:
         done = [i for i, (s, start, n) in enumerate(chunks) if start + n == len(s.prompt_ids)]
         seqs = [chunks[i][0] for i in done]
         bucket = self.graph_prefill_bucket(chunks)
+        graph = None
         if bucket is not None:
-            graph = self.prefill_graphs.get(bucket) or self.capture_prefill(bucket)
+            graph = self.prefill_graphs.get(bucket) or self._capture_prefill_on_first_use(bucket)
+        if graph is not None:
             self._stage_prefill(chunks, bucket)  # after a capture, which stages padding
             graph.replay()
             self.prefill_replays += 1
@@ -542,6 +545,21 @@ class ModelRunner:
             self._pool = graph.pool()
         self.prefill_graphs[bucket] = graph
         return graph
+
+    def _capture_prefill_on_first_use(self, bucket: int) -> torch.cuda.CUDAGraph | None:
+        """capture_prefill at a bucket's first prefill (capture_graphs="lazy"). A prefill graph only saves launch
+        time, so when its capture fails the request goes on: the bucket is dropped (this step runs eagerly, later ones
+        take the next larger bucket or run eagerly, none tries this capture again), and the error is logged and kept
+        in prefill_capture_errors. At start-up capture_all raises instead (PrefillGraphError)."""
+        try:
+            return self.capture_prefill(bucket)
+        except Exception as e:
+            self.prefill_buckets = [b for b in self.prefill_buckets if b != bucket]
+            self.prefill_graphs.pop(bucket, None)
+            self.prefill_logits.pop(bucket, None)
+            self.prefill_capture_errors[bucket] = repr(e)
+            log.warning("capturing the prefill graph of %d tokens failed (%r): its prefills run eagerly", bucket, e)
+            return None
 
     def capture_logprobs(self, bucket: int) -> torch.cuda.CUDAGraph:
         """Capture the log-probabilities of a bucket (read the forward graph's logits and the sampled tokens), replayed

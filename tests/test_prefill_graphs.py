@@ -5,6 +5,7 @@ real graphs."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -343,6 +344,33 @@ def test_a_failed_prefill_capture_says_so(monkeypatch):
     monkeypatch.setattr(runner, "capture_prefill", fail)
     with pytest.raises(PrefillGraphError, match="prefill graph of 32 tokens.*not permitted"):
         runner.capture_all()
+
+
+def test_a_failed_capture_on_first_use_runs_the_prefill_eagerly(monkeypatch, caplog):
+    """capture_graphs="lazy": the 32-token bucket's capture fails at its first prefill. That request still gets the
+    eager engine's tokens, the bucket is dropped with a warning naming the error, and the next prompt of that size
+    runs eagerly without trying the capture again; the 8-token bucket keeps its graph."""
+    kw = dict(device="cpu", max_batch_size=4, max_seq_len=64, cuda_graph_prefill_tokens=(8, 32), capture_graphs="lazy")
+    eager, lazy = LLM("tiny", **kw), LLM("tiny", **kw)
+    seen = with_stand_in_graphs(lazy)
+    runner = lazy.engine.decoder
+    stand_in, tries = runner.capture_prefill, []
+
+    def capture_prefill(bucket):
+        tries.append(bucket)
+        if bucket == 32:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return stand_in(bucket)
+
+    monkeypatch.setattr(runner, "capture_prefill", capture_prefill)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=2)
+    with caplog.at_level(logging.WARNING, logger="qwen2rt"):
+        for prompts in ([random_prompt(20, 256, 1)], [random_prompt(5, 256, 2)], [random_prompt(25, 256, 3)]):
+            assert_same(outputs(lazy, prompts, params), outputs(eager, prompts, params))
+    assert tries == [32, 8] and seen["prefill"] == [8]
+    assert runner.prefill_buckets == [8] and runner.prefill_replays == 1
+    assert "not permitted" in runner.prefill_capture_errors[32] and 32 not in runner.prefill_logits
+    assert "prefill graph of 32 tokens failed" in caplog.text and "not permitted" in caplog.text
 
 
 def test_staged_values_are_aligned_and_sent_in_one_copy():
