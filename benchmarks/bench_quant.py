@@ -125,12 +125,12 @@ def register_cap(device, ceilings, rep_ms, name="qwen2-7b", rows=(2, 16), form="
         for m in rows:
             x = torch.randn(m, k, device=device, dtype=torch.float16)
             res = torch.randn(m, n, device=device, dtype=torch.float16)
-            floor_ms = (w0.nbytes() + (m * k + 2 * m * n) * 2) / ceilings["copy_GBps"] / 1e6
+            moved = w0.nbytes() + (m * k + 2 * m * n) * 2  # packed weight, x, residual, output
             shape = f"{name} {proj}+residual {form} fp16 M={m} N={n} K={k}"
             for impl, c in (("qwen2rt", cfg), ("qwen2rt_maxnreg255", dict(cfg, maxnreg=255))):
                 out.append(timed_row("quant_gemv_regcap", shape, impl,
                                      lambda c=c: quant_linear(x, next(weights), residual=res, config=c), device,
-                                     rep_ms, ceilings, floor_ms, bytes_moved=w0.nbytes() + (m * k + 2 * m * n) * 2))
+                                     rep_ms, ceilings, moved / ceilings["copy_GBps"] / 1e6, bytes_moved=moved))
         weights = w0 = None
     return out
 

@@ -555,8 +555,7 @@ class ModelRunner:
             return self.capture_prefill(bucket)
         except Exception as e:
             self.prefill_buckets = [b for b in self.prefill_buckets if b != bucket]
-            self.prefill_graphs.pop(bucket, None)
-            self.prefill_logits.pop(bucket, None)
+            self.prefill_logits.pop(bucket, None)  # set inside the capture (the graph is stored only on success)
             self.prefill_capture_errors[bucket] = repr(e)
             log.warning("capturing the prefill graph of %d tokens failed (%r): its prefills run eagerly", bucket, e)
             return None
