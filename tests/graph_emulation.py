@@ -1,0 +1,189 @@
+"""CUDA graphs emulated on CPU, so that ModelRunner's real capture code (capture, capture_prefill, capture_logprobs,
+capture_all) runs in the CPU suite with a graph's semantics, not a re-run of the Python:
+
+- capture records every kernel the code launches: each Triton launch (through the interpreter) with its arguments
+  as they were (tensors by identity, Python numbers frozen), and each torch op that is a kernel with its input and
+  output tensors;
+- replay runs those kernels again on the same tensors, in order, and nothing else: a value the Python computed on
+  the host at capture stays what it was then, a host-side effect inside the capture is not repeated, a tensor
+  allocated inside the capture keeps its identity (as its address in the graph's pool);
+- inside a capture, whatever would fail or silently break a real one fails at once: reading a device value on the
+  host (.item(), bool(), int(), .tolist(), .numpy(), torch.equal), ops whose output size depends on the data
+  (nonzero, boolean-mask indexing, unique, repeat_interleave without output_size, bincount), building a tensor from
+  host data (torch.tensor: a copy the stream would wait for), torch.cuda.synchronize.
+
+What it cannot see: cross-device copies (everything is on the CPU here) and the graph pool's reuse of memory freed
+inside a capture. tests/test_gpu.py captures real graphs.
+
+    with EmulatedCudaGraphs(runner) as graphs:   # runner: a CPU ModelRunner; use_graphs turned on
+        runner.capture_all() / llm.generate(...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from launch_count import NO_KERNEL
+
+# ops that read a device value on the host or whose output size depends on the data: a sync, illegal in a capture
+HOST_SYNC = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "argwhere", "masked_select", "unique",
+             "_unique", "_unique2", "unique_consecutive", "unique_dim", "bincount", "masked_scatter", "allclose",
+             "lift_fresh", "lift_fresh_copy"}
+
+
+class CaptureError(AssertionError):
+    """The code inside an emulated capture did what a real CUDA graph capture cannot do."""
+
+
+def _capture_violation(func, args, kwargs) -> str | None:
+    name = func.overloadpacket.__name__
+    if name in HOST_SYNC:
+        return f"{name} reads device data on the host (or builds a tensor from host data)"
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ()):
+            return f"{name} with a boolean mask: its size depends on the data"
+    if name == "repeat_interleave" and kwargs.get("output_size") is None and (len(args) < 4 or args[3] is None) \
+            and any(isinstance(a, torch.Tensor) and a.dim() > 0 for a in args[1:2]):
+        return "repeat_interleave with tensor repeats and no output_size"
+    return None
+
+
+def _tensors(value) -> list[torch.Tensor] | None:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value):
+        return list(value)
+    return None
+
+
+def _aliases(out, args) -> bool:
+    """Whether every tensor of `out` lies in the storage of a tensor argument: a view. An op whose schema may alias
+    (Tensor.to, reshape; seen undecomposed under inference mode) returns its input or a copy, which is a kernel."""
+    storages = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+    outs = _tensors(out)
+    return outs is not None and all(o.untyped_storage().data_ptr() in storages for o in outs)
+
+
+class RecordingGraph:
+    """Stands in for torch.cuda.CUDAGraph: the kernels recorded by its capture, replayed in order."""
+
+    def __init__(self):
+        self.kernels: list = []  # ("torch", func, args, kwargs, outputs) or ("triton", run, fn, args, kwargs)
+        self.captured = False
+
+    def pool(self):
+        return ("emulated pool", id(self))
+
+    def replay(self) -> None:
+        assert self.captured, "replay of a graph that was never captured"
+        with torch.inference_mode():  # a real replay ignores autograd; inference tensors may be written here
+            for kernel in self.kernels:
+                if kernel[0] == "triton":
+                    _, run, fn, args, kwargs = kernel
+                    run(fn, *args, **kwargs)
+                    continue
+                _, func, args, kwargs, outputs = kernel
+                new = _tensors(func(*args, **kwargs))
+                for old, value in zip(outputs, new, strict=True):
+                    if value is not old and value.data_ptr() != old.data_ptr():
+                        old.copy_(value)  # the kernel's output goes where the captured one went
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, emulator: "EmulatedCudaGraphs", graph: RecordingGraph):
+        super().__init__()
+        self.emulator, self.graph = emulator, graph
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.emulator.inside_triton:
+            return func(*args, **kwargs)
+        problem = _capture_violation(func, args, kwargs)
+        if problem:
+            raise CaptureError(f"inside a CUDA graph capture: {func} -- {problem}")
+        out = func(*args, **kwargs)
+        if func.overloadpacket.__name__ in NO_KERNEL or (func.is_view and _aliases(out, args)):
+            return out  # metadata, a view or an allocation: nothing to run again
+        outputs = _tensors(out)
+        if outputs is None:
+            raise CaptureError(f"inside a CUDA graph capture: {func} returned {type(out).__name__}, a host value")
+        self.graph.kernels.append(("torch", func, args, kwargs, outputs))
+        return out
+
+
+class EmulatedCudaGraphs:
+    """Patches torch.cuda's graph and stream API (and `runner`'s capture stream) so that ModelRunner captures
+    RecordingGraphs on CPU. `graphs`: every graph captured, in order."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.graphs: list[RecordingGraph] = []
+        self.capturing: RecordingGraph | None = None
+        self.inside_triton = 0
+        self._stack = contextlib.ExitStack()
+
+    @contextlib.contextmanager
+    def _graph(self, graph: RecordingGraph, pool=None, stream=None, **_):
+        assert isinstance(graph, RecordingGraph) and not graph.captured and self.capturing is None
+        self.capturing = graph
+        try:
+            with _Recorder(self, graph):
+                yield graph
+        finally:
+            self.capturing = None
+        graph.captured = True
+        self.graphs.append(graph)
+
+    def _host_read(self, name, original):
+        emulator = self
+
+        def read(tensor, *args, **kwargs):
+            if emulator.capturing is not None and not emulator.inside_triton:
+                raise CaptureError(f"inside a CUDA graph capture: Tensor.{name}() reads device data on the host")
+            return original(tensor, *args, **kwargs)
+        return read
+
+    def _synchronize(self, *_):
+        if self.capturing is not None:
+            raise CaptureError("inside a CUDA graph capture: torch.cuda.synchronize()")
+
+    def __enter__(self):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        emulator, run = self, InterpretedFunction.run
+
+        def recorded_run(fn, *args, grid, warmup, **kwargs):
+            graph = emulator.capturing
+            if graph is not None and not emulator.inside_triton and not warmup:
+                graph.kernels.append(("triton", run, fn, args, dict(kwargs, grid=grid, warmup=warmup)))
+            emulator.inside_triton += 1
+            try:
+                return run(fn, *args, grid=grid, warmup=warmup, **kwargs)
+            finally:
+                emulator.inside_triton -= 1
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        patch = self._stack.enter_context(pytest.MonkeyPatch.context())
+        patch.setattr(InterpretedFunction, "run", recorded_run)
+        patch.setattr(torch.cuda, "CUDAGraph", RecordingGraph)
+        patch.setattr(torch.cuda, "graph", self._graph)
+        patch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+        patch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+        patch.setattr(torch.cuda, "synchronize", self._synchronize)
+        patch.setattr(torch.cuda, "memory_reserved", lambda *a: 0)
+        patch.setattr(self.runner, "_capture_stream", Stream)
+        for name in ("tolist", "numpy", "item"):
+            patch.setattr(torch.Tensor, name, self._host_read(name, getattr(torch.Tensor, name)))
+        self.runner.use_graphs = True
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()

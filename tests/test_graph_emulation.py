@@ -1,0 +1,139 @@
+"""ModelRunner's real capture code under CUDA-graph semantics, on CPU (tests/graph_emulation.py): the triton backend
+and the Triton sampler (what CUDA runs) captured into recorded graphs, whose replays run only the recorded kernels
+on the recorded tensors. Generation through them must equal the eager engine's, and nothing inside a capture may
+read device data on the host. test_prefill_graphs' stand-in graphs re-run the Python at every replay; these do not,
+so a value the host computed at capture and a kernel argument frozen there show up here."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from graph_emulation import CaptureError, EmulatedCudaGraphs, RecordingGraph
+from qwen2rt import LLM, SamplingParams, model_runner, sampling
+from qwen2rt.kernels import rms_norm
+from qwen2rt.models.config import BUILTIN_CONFIGS
+from test_parity import random_prompt
+
+GREEDY = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=3)  # 2 decode steps: one advances
+TOP_K = SamplingParams(max_tokens=2, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1,
+                       presence_penalty=0.2, seed=3, ignore_eos=True)
+FULL = SamplingParams(max_tokens=2, temperature=0.9, top_p=0.95, min_p=0.01, frequency_penalty=0.1, seed=4,
+                      ignore_eos=True)
+TOL = 1e-4  # logprobs: a padded prefill's GEMM rows differ from the unpadded ones by ~1e-6 (test_prefill_graphs)
+
+
+@pytest.fixture
+def triton_sampler(monkeypatch):
+    """The Triton sampler, as on CUDA (the CPU's default is the torch one)."""
+    def sample(*args, **kwargs):
+        return sampling.sample_tokens(*args, **kwargs, impl="triton")
+    monkeypatch.setattr(model_runner, "sample_tokens", sample)
+
+
+@pytest.fixture(autouse=True)
+def short_models(monkeypatch):
+    """The tiny shapes with fewer layers (the interpreter's time goes into the layers): one dense layer; a dense and
+    a MoE layer."""
+    monkeypatch.setitem(BUILTIN_CONFIGS, "tiny-1l", dataclasses.replace(BUILTIN_CONFIGS["tiny"], num_hidden_layers=1))
+    moe = BUILTIN_CONFIGS["tiny-moe"]
+    assert moe.mlp_only_layers == (0,)
+    monkeypatch.setitem(BUILTIN_CONFIGS, "tiny-moe-2l", dataclasses.replace(moe, num_hidden_layers=2))
+
+
+def engine(model: str, prefill_tokens: int = 16, quantization: str | None = None) -> LLM:
+    return LLM(model, device="cpu", dtype="float32", backend="triton", max_seq_len=64, max_batch_size=2,
+               cuda_graph_prefill_tokens=(prefill_tokens,), quantization=quantization)
+
+
+def run(llm: LLM, lengths=(5, 11, 12, 17, 9)):
+    """Each sampler form in a batch of its own: greedy with log-probabilities on 2 prompts (bucket 2, two decode
+    steps; a prefill step of 2 chunks that fills the prefill graph's tokens), top-k on the next 2 (an eager
+    prefill, past the graph; only with 5 prompts), the full sampler on the last prompt alone (bucket 1, the prefill
+    graph). -> tokens and log-probabilities of every request."""
+    prompts = [random_prompt(n, 256, 20 + n) for n in lengths]
+    outs = llm.generate(prompts[:2], GREEDY)
+    if len(prompts) == 5:
+        outs += llm.generate(prompts[2:4], TOP_K)
+    outs += llm.generate(prompts[-1:], FULL)
+    return [(o.token_ids, o.logprobs) for o in outs]
+
+
+def assert_same(got, want):
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, want, strict=True):
+        assert tokens == want_tokens
+        for (lp, top), (want_lp, want_top) in zip(logprobs or [], want_logprobs or [], strict=True):
+            assert abs(lp - want_lp) < TOL and [t for t, _ in top] == [t for t, _ in want_top]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, quantization, capture, prefill_tokens, lengths", [
+    ("tiny-1l", None, "startup", 16, (5, 11, 12, 17, 9)),
+    # past kernels.gemv.MAX_ROWS tokens: the prefill graph holds the GEMM paths (cuBLAS, the grouped MoE, the
+    # dequantizing GEMM); in the interpreter they are also faster than the GEMVs at 8-32 rows. 3 prompts: no top-k
+    # batch (its sampler graph is the dense model's)
+    ("tiny-moe-2l", None, "lazy", 64, (20, 30, 40)),
+    ("tiny-1l", "int4", "lazy", 64, (20, 30, 40)),
+])
+def test_generation_through_emulated_graphs_equals_eager(model, quantization, capture, prefill_tokens, lengths,
+                                                         triton_sampler):
+    """Every graph captured at start-up (capture_all: each bucket, sampler form and log-probabilities graph, the
+    prefill graph), or each on its first use; then the batches of `run` through them."""
+    want = run(engine(model, prefill_tokens, quantization), lengths)
+    llm = engine(model, prefill_tokens, quantization)
+    runner = llm.engine.decoder
+    with EmulatedCudaGraphs(runner) as emulated:
+        replays = []
+        real_replay = RecordingGraph.replay
+
+        def counted_replay(graph):
+            replays.append(graph)
+            real_replay(graph)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(RecordingGraph, "replay", counted_replay)
+            if capture == "startup":
+                runner.capture_all()
+                assert len(runner.graphs) == len(runner.buckets) * len(sampling.VARIANTS)
+                assert list(runner.prefill_graphs) == [prefill_tokens]
+            got = run(llm, lengths)
+    assert_same(got, want)
+    assert runner.prefill_replays == 2 and not runner.prefill_capture_errors
+    # the prefill graph (the first and last batches); forward and sampler graphs at each decode step (2 + 1 + 1, no
+    # top-k batch: 2 + 1); the log-probabilities graph at the greedy batch's
+    steps = 4 if len(lengths) == 5 else 3
+    assert set(replays) <= set(emulated.graphs) and len(replays) == 2 + 2 * steps + 2
+    assert {(2, "greedy"), (1, "full")} <= set(runner.graphs)
+
+
+def test_emulated_capture_rejects_host_reads_and_replays_frozen_values():
+    """The emulation itself: inside a capture a host read fails; a replay runs the recorded kernels on the recorded
+    tensors with the arguments of the capture, whatever the host holds by then."""
+    runner = engine("tiny-1l").engine.decoder
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    w = torch.rand(40, generator=torch.Generator().manual_seed(1)) + 0.5
+    with EmulatedCudaGraphs(runner):
+        for bad in (lambda: x.sum().item(), lambda: x.tolist(), lambda: bool(x[0, 0] > 0), lambda: x[x > 0],
+                    lambda: torch.tensor([1, 2]), lambda: x.nonzero(), lambda: torch.cuda.synchronize()):
+            graph = torch.cuda.CUDAGraph()
+            with pytest.raises(CaptureError), torch.cuda.graph(graph):
+                bad()
+        host = {"eps": 1e-6}
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            y = rms_norm(x, w, host["eps"])  # a Triton launch (eps frozen)
+            z = (y * 2.0).add_(x)  # torch ops: out of place, in place
+            c = x.to(torch.float64)  # an op that may alias, seen whole under inference mode: here a copy
+            v = x.to(torch.float32)[1:]  # ... and here a view, as is the slice
+        x.copy_(torch.randn(3, 40, generator=torch.Generator().manual_seed(2)))
+        host["eps"] = 10.0  # a re-run of the Python would read this; a replay does not
+        with torch.inference_mode():  # the outputs are inference tensors
+            for out in (y, z, c):
+                out.fill_(float("nan"))
+        graph.replay()
+    want = rms_norm(x, w, 1e-6)
+    assert torch.equal(y, want)
+    assert torch.equal(z, (want * 2.0) + x)
+    assert torch.equal(c, x.double()) and v.data_ptr() == x[1:].data_ptr()
