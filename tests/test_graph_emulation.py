@@ -17,7 +17,7 @@ from qwen2rt.kernels import rms_norm
 from qwen2rt.models.config import BUILTIN_CONFIGS
 from test_parity import random_prompt
 
-GREEDY = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=3)  # 2 decode steps: one advances
+GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=3)
 TOP_K = SamplingParams(max_tokens=2, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1,
                        presence_penalty=0.2, seed=3, ignore_eos=True)
 FULL = SamplingParams(max_tokens=2, temperature=0.9, top_p=0.95, min_p=0.01, frequency_penalty=0.1, seed=4,
@@ -49,12 +49,18 @@ def engine(model: str, prefill_tokens: int = 16, quantization: str | None = None
 
 
 def run(llm: LLM, lengths=(5, 11, 12, 17, 9)):
-    """Each sampler form in a batch of its own: greedy with log-probabilities on 2 prompts (bucket 2, two decode
-    steps; a prefill step of 2 chunks that fills the prefill graph's tokens), top-k on the next 2 (an eager
-    prefill, past the graph; only with 5 prompts), the full sampler on the last prompt alone (bucket 1, the prefill
-    graph). -> tokens and log-probabilities of every request."""
+    """Each sampler form in a batch of its own: greedy with log-probabilities on 2 prompts, 4 and 2 tokens (a
+    decode step at bucket 2, then 2 at bucket 1 once the short one has finished; a prefill step of 2 chunks that
+    fills the prefill graph's tokens), top-k on the next 2 (an eager prefill, past the graph; only with 5
+    prompts), the full sampler on the last prompt alone (bucket 1, the prefill graph). -> tokens and
+    log-probabilities of every request."""
     prompts = [random_prompt(n, 256, 20 + n) for n in lengths]
-    outs = llm.generate(prompts[:2], GREEDY)
+    seqs = [llm._new_sequence(p, llm._params(params))
+            for p, params in zip(prompts, (GREEDY, dataclasses.replace(GREEDY, max_tokens=2)))]
+    llm.submit(seqs)
+    while not all(s.finished for s in seqs):
+        llm.step()
+    outs = [llm._output(s) for s in seqs]
     if len(prompts) == 5:
         outs += llm.generate(prompts[2:4], TOP_K)
     outs += llm.generate(prompts[-1:], FULL)
@@ -84,6 +90,12 @@ def test_generation_through_emulated_graphs_equals_eager(model, quantization, ca
     want = run(engine(model, prefill_tokens, quantization), lengths)
     llm = engine(model, prefill_tokens, quantization)
     runner = llm.engine.decoder
+    launches, launch = [], runner.launch_decode
+
+    def counted_launch(seqs):  # each decode step: the forward and sampler graphs, the log-probabilities graph
+        launches.append(3 if any(s.params.logprobs is not None for s in seqs) else 2)
+        return launch(seqs)
+
     with EmulatedCudaGraphs(runner) as emulated:
         replays = []
         real_replay = RecordingGraph.replay
@@ -94,18 +106,20 @@ def test_generation_through_emulated_graphs_equals_eager(model, quantization, ca
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(RecordingGraph, "replay", counted_replay)
+            patch.setattr(runner, "launch_decode", counted_launch)
             if capture == "startup":
                 runner.capture_all()
                 assert len(runner.graphs) == len(runner.buckets) * len(sampling.VARIANTS)
                 assert list(runner.prefill_graphs) == [prefill_tokens]
             got = run(llm, lengths)
     assert_same(got, want)
+    # the prefill graph (the first and last batches), every decode step through graphs (none eager)
     assert runner.prefill_replays == 2 and not runner.prefill_capture_errors
-    # the prefill graph (the first and last batches); forward and sampler graphs at each decode step (2 + 1 + 1, no
-    # top-k batch: 2 + 1); the log-probabilities graph at the greedy batch's
-    steps = 4 if len(lengths) == 5 else 3
-    assert set(replays) <= set(emulated.graphs) and len(replays) == 2 + 2 * steps + 2
-    assert {(2, "greedy"), (1, "full")} <= set(runner.graphs)
+    assert set(replays) <= set(emulated.graphs) and len(replays) == 2 + sum(launches)
+    # decode steps: greedy 1 at bucket 2 and 2 at bucket 1 (the short request's second step is never launched: it
+    # finished at its first), top-k 1, full 1
+    assert len(launches) == (5 if len(lengths) == 5 else 4)
+    assert {(2, "greedy"), (1, "greedy"), (1, "full")} <= set(runner.graphs)
 
 
 def test_emulated_capture_rejects_host_reads_and_replays_frozen_values():
