@@ -12,8 +12,10 @@ capture_all) runs in the CPU suite with a graph's semantics, not a re-run of the
   (nonzero, boolean-mask indexing, unique, repeat_interleave without output_size, bincount), building a tensor from
   host data (torch.tensor: a copy the stream would wait for), torch.cuda.synchronize.
 
-What it cannot see: cross-device copies (everything is on the CPU here) and the graph pool's reuse of memory freed
-inside a capture. tests/test_gpu.py captures real graphs.
+What it cannot see: cross-device copies (everything is on the CPU here), the graph pool's reuse of memory freed
+inside a capture, and that a real capture runs no kernel (here they run, on the capture's inputs: the runner
+captures with padding-only inputs, which write nothing, after a warm-up run that does the same). tests/test_gpu.py
+captures real graphs.
 
     with EmulatedCudaGraphs(runner) as graphs:   # runner: a CPU ModelRunner; use_graphs turned on
         runner.capture_all() / llm.generate(...)
@@ -109,7 +111,7 @@ class _Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func.overloadpacket.__name__ in NO_KERNEL or (func.is_view and _aliases(out, args)):
             return out  # metadata, a view or an allocation: nothing to run again
-        outputs = _tensors(out)
+        outputs = [] if out is None else _tensors(out)  # None: an in-place op with no result (its effect replays)
         if outputs is None:
             raise CaptureError(f"inside a CUDA graph capture: {func} returned {type(out).__name__}, a host value")
         self.graph.kernels.append(("torch", func, args, kwargs, outputs))
