@@ -90,7 +90,7 @@ class RecordingGraph:
                     run(fn, *args, **kwargs)
                     continue
                 _, func, args, kwargs, outputs = kernel
-                new = _tensors(func(*args, **kwargs))
+                new = _tensors(func(*args, **kwargs)) or []  # None: an in-place op with no result
                 for old, value in zip(outputs, new, strict=True):
                     if value is not old and value.data_ptr() != old.data_ptr():
                         old.copy_(value)  # the kernel's output goes where the captured one went
@@ -184,8 +184,9 @@ class EmulatedCudaGraphs:
         patch.setattr(self.runner, "_capture_stream", Stream)
         for name in ("tolist", "numpy", "item"):
             patch.setattr(torch.Tensor, name, self._host_read(name, getattr(torch.Tensor, name)))
-        self.runner.use_graphs = True
+        self._use_graphs, self.runner.use_graphs = self.runner.use_graphs, True
         return self
 
     def __exit__(self, *exc):
+        self.runner.use_graphs = self._use_graphs
         self._stack.close()
