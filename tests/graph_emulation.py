@@ -10,9 +10,11 @@ capture_all) runs in the CPU suite with a graph's semantics, not a re-run of the
 - inside a capture, whatever would fail or silently break a real one fails at once: reading a device value on the
   host (.item(), bool(), int(), .tolist(), .numpy(), torch.equal), ops whose output size depends on the data
   (nonzero, boolean-mask indexing, unique, repeat_interleave without output_size, bincount), building a tensor from
-  host data (torch.tensor: a copy the stream would wait for), torch.cuda.synchronize.
+  host data (torch.tensor: a copy the stream would wait for), torch.cuda.synchronize, and any kernel or op reading
+  or writing the runner's host memory (its staging and pinned buffers, numpy arrays, read-back buffers: on a GPU a
+  kernel cannot address them, and a copy from them inside a capture is frozen or illegal).
 
-What it cannot see: cross-device copies (everything is on the CPU here), the graph pool's reuse of memory freed
+What it cannot see: other cross-device copies (everything is on the CPU here), the graph pool's reuse of memory freed
 inside a capture, and that a real capture runs no kernel (here they run, on the capture's inputs: the runner
 captures with padding-only inputs, which write nothing, after a warm-up run that does the same). tests/test_gpu.py
 captures real graphs.
@@ -71,6 +73,44 @@ def _aliases(out, args) -> bool:
     return outs is not None and all(o.untyped_storage().data_ptr() in storages for o in outs)
 
 
+def host_ranges(runner) -> list[tuple[int, int, str]]:
+    """The memory the runner keeps on the host, as (start, end, name): every numpy array it (or one of its Staged
+    buffers) holds, and its tensors named _host*, _staged*, _pinned* (on a GPU machine the pinned and pageable
+    buffers; here every tensor is on the CPU, so the names tell them from the device's)."""
+    import numpy as np
+
+    ranges = []
+
+    def visit(value, name):
+        if isinstance(value, np.ndarray) and value.nbytes:
+            ranges.append((value.ctypes.data, value.ctypes.data + value.nbytes, name))
+        elif isinstance(value, torch.Tensor):
+            if name.split(".")[-1].split("[")[0].startswith(("_host", "_staged", "_pinned")) and value.numel():
+                ranges.append((value.data_ptr(), value.data_ptr() + value.numel() * value.element_size(), name))
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                visit(v, f"{name}[{i}]")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                visit(v, f"{name}[{k!r}]")
+
+    for attr, value in vars(runner).items():
+        if type(value).__name__ == "Staged":
+            for sub, v in vars(value).items():
+                visit(v if sub != "host" else list(v.values()), f"{attr}.{sub if sub != 'host' else '_host'}")
+        else:
+            visit(value, attr)
+    return ranges
+
+
+def _flat_tensors(values):
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from _flat_tensors(v)
+
+
 class RecordingGraph:
     """Stands in for torch.cuda.CUDAGraph: the kernels recorded by its capture, replayed in order."""
 
@@ -105,7 +145,7 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if self.emulator.inside_triton:
             return func(*args, **kwargs)
-        problem = _capture_violation(func, args, kwargs)
+        problem = _capture_violation(func, args, kwargs) or self.emulator.host_access(args, kwargs.values())
         if problem:
             raise CaptureError(f"inside a CUDA graph capture: {func} -- {problem}")
         out = func(*args, **kwargs)
@@ -150,6 +190,15 @@ class EmulatedCudaGraphs:
             return original(tensor, *args, **kwargs)
         return read
 
+    def host_access(self, *arg_lists) -> str | None:
+        """What a kernel's tensor arguments touch of the runner's host memory, or None."""
+        for t in _flat_tensors([a for args in arg_lists for a in args]):
+            start = t.data_ptr()
+            for lo, hi, name in self._host:
+                if lo <= start < hi:
+                    return f"a tensor argument lies in the runner's host memory ({name})"
+        return None
+
     def _synchronize(self, *_):
         if self.capturing is not None:
             raise CaptureError("inside a CUDA graph capture: torch.cuda.synchronize()")
@@ -162,6 +211,9 @@ class EmulatedCudaGraphs:
         def recorded_run(fn, *args, grid, warmup, **kwargs):
             graph = emulator.capturing
             if graph is not None and not emulator.inside_triton and not warmup:
+                problem = emulator.host_access(args, kwargs.values())
+                if problem:
+                    raise CaptureError(f"inside a CUDA graph capture: Triton kernel {fn.fn.__name__} -- {problem}")
                 graph.kernels.append(("triton", run, fn, args, dict(kwargs, grid=grid, warmup=warmup)))
             emulator.inside_triton += 1
             try:
@@ -184,6 +236,7 @@ class EmulatedCudaGraphs:
         patch.setattr(self.runner, "_capture_stream", Stream)
         for name in ("tolist", "numpy", "item"):
             patch.setattr(torch.Tensor, name, self._host_read(name, getattr(torch.Tensor, name)))
+        self._host = host_ranges(self.runner)
         self._use_graphs, self.runner.use_graphs = self.runner.use_graphs, True
         return self
 

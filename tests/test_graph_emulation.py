@@ -123,14 +123,17 @@ def test_generation_through_emulated_graphs_equals_eager(model, quantization, ca
 
 
 def test_emulated_capture_rejects_host_reads_and_replays_frozen_values():
-    """The emulation itself: inside a capture a host read fails; a replay runs the recorded kernels on the recorded
-    tensors with the arguments of the capture, whatever the host holds by then."""
+    """The emulation itself: inside a capture a host read fails, as do a copy from the runner's host memory and a
+    kernel on it; a replay runs the recorded kernels on the recorded tensors with the arguments of the capture,
+    whatever the host holds by then."""
     runner = engine("tiny-1l").engine.decoder
     x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
     w = torch.rand(40, generator=torch.Generator().manual_seed(1)) + 0.5
     with EmulatedCudaGraphs(runner):
         for bad in (lambda: x.sum().item(), lambda: x.tolist(), lambda: bool(x[0, 0] > 0), lambda: x[x > 0],
-                    lambda: torch.tensor([1, 2]), lambda: x.nonzero(), lambda: torch.cuda.synchronize()):
+                    lambda: torch.tensor([1, 2]), lambda: x.nonzero(), lambda: torch.cuda.synchronize(),
+                    lambda: runner.values.device["ints"].copy_(torch.from_numpy(runner.values.host["ints"])),
+                    lambda: rms_norm(torch.from_numpy(runner.values.host["floats"]), w[:4], 1e-6)):
             graph = torch.cuda.CUDAGraph()
             with pytest.raises(CaptureError), torch.cuda.graph(graph):
                 bad()
