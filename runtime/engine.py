@@ -133,8 +133,9 @@ class Engine:
     def _receive(self, launched: Launched) -> list[Sequence]:
         """Wait for a launched step's ids and append them; a sequence that finished (or was aborted) since the
         launch drops its token."""
-        received, now = [], time.perf_counter()
-        for seq, token, logprobs in zip(launched.seqs, launched.token_ids(), launched.logprobs()):
+        token_ids = launched.token_ids()  # waits for the step (its event, on CUDA)
+        received, now = [], time.perf_counter()  # so a token's time is its arrival, not the start of the wait
+        for seq, token, logprobs in zip(launched.seqs, token_ids, launched.logprobs()):
             if seq.finish_reason is not None:
                 continue
             if logprobs is not None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from benchmarks import bench_host
-from qwen2rt import LLM, SamplingParams
+from qwen2rt import LLM, SamplingParams, model_runner
 from qwen2rt.engine import Engine, Sequence
 from qwen2rt.kv_cache import KVCache
 from test_parity import random_prompt
@@ -131,6 +132,27 @@ def test_next_step_is_launched_before_the_last_one_is_read_back(monkeypatch):
     assert log == ["prefill", "decode", "read", "decode", "read", "decode", "read", "read"]
     assert (seq.output_ids, seq.finish_reason) == expected([5, 6, 7, 8], 4)
     assert engine.step() == [] and not engine.has_work()
+
+
+def test_a_token_arrives_when_its_step_is_read_back_not_before(monkeypatch):
+    """Launched.token_ids waits for the step (on CUDA its event: a prefill's whole device time). A token's time
+    (time to first token, the per-token rate) is read after that wait, never before it."""
+    engine = chain_engine()
+    waited = []
+    token_ids = model_runner.Launched.token_ids
+
+    def slow_device(launched):
+        time.sleep(0.01)  # the device still at work
+        waited.append(time.perf_counter())
+        return token_ids(launched)
+
+    monkeypatch.setattr(model_runner.Launched, "token_ids", slow_device)
+    seq = request([5, 6, 7, 8], 3)
+    engine.add(seq)
+    while not seq.finished:
+        engine.step()
+    assert len(waited) == 3  # the prefill and two decode steps, each read back once
+    assert seq.first_token_time >= waited[0] and seq.last_token_time >= waited[-1]
 
 
 def test_token_after_a_stop_is_computed_and_dropped():
