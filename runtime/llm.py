@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import numbers
@@ -102,6 +103,12 @@ class LLM:
             "cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        # Streams, events, CUDA graphs and Triton launches use the calling thread's current device, and a thread
+        # starts on device 0 (the server steps the engine in worker threads): all device work of this LLM runs with
+        # its device made current (the engine lock serialises the uses of this one guard). On one GPU, a no-op.
+        self._on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         self.dtype = _resolve_dtype(dtype, self.device)
         self.backend = get_backend(backend or default_backend_name(self.device))
         self.seed = 0 if seed is None else seed
@@ -146,49 +153,51 @@ class LLM:
                              f"({cfg.quantization.describe()}); it loads as it is, without quantization=")
         # the decoder linears' quantization: the checkpoint's (GPTQ, AWQ), the one asked for, or None
         self.quantization: QuantConfig | None = cfg.quantization or at_load
-        if builtin:
-            if model not in _warned_builtin:
-                _warned_builtin.add(model)
-                log.warning("built-in shape %r with random weights (seed %d): the generated text is noise",
-                            model, self.seed)
-            weights = random_weights(cfg, self.device, self.dtype, seed=self.seed, quantization=at_load)
-            self.tokenizer: Tokenizer | None = ByteTokenizer(cfg.vocab_size)
-        else:
-            weights = load_weights(model, cfg, self.device, self.dtype, quantization=at_load)
-            self.tokenizer = load_tokenizer(model)
-            gc_path = os.path.join(model, "generation_config.json")
-            if os.path.isfile(gc_path):
-                with open(gc_path, encoding="utf-8") as f:
-                    gc = json.load(f)
-                self.generation_defaults = defaults_from_generation_config(gc)
-                generation_eos = gc.get("eos_token_id")
-        self.model_name = model
-        self.eos_token_ids = self._collect_eos(generation_eos)
-        if self.device.type == "cuda":  # quantizing at load leaves freed staging blocks cached; the KV budget below
-            torch.cuda.empty_cache()  # is the driver's free memory after the weights, so hand them back first
-        if num_kv_blocks is None:
-            num_kv_blocks = self._default_kv_blocks(block_size)
+        with self._on_device:  # loading (quantizing at load), warm-up, capture: on this LLM's device
+            if builtin:
+                if model not in _warned_builtin:
+                    _warned_builtin.add(model)
+                    log.warning("built-in shape %r with random weights (seed %d): the generated text is noise",
+                                model, self.seed)
+                weights = random_weights(cfg, self.device, self.dtype, seed=self.seed, quantization=at_load)
+                self.tokenizer: Tokenizer | None = ByteTokenizer(cfg.vocab_size)
+            else:
+                weights = load_weights(model, cfg, self.device, self.dtype, quantization=at_load)
+                self.tokenizer = load_tokenizer(model)
+                gc_path = os.path.join(model, "generation_config.json")
+                if os.path.isfile(gc_path):
+                    with open(gc_path, encoding="utf-8") as f:
+                        gc = json.load(f)
+                    self.generation_defaults = defaults_from_generation_config(gc)
+                    generation_eos = gc.get("eos_token_id")
+            self.model_name = model
+            self.eos_token_ids = self._collect_eos(generation_eos)
+            if self.device.type == "cuda":  # quantizing at load leaves freed staging blocks cached; the KV budget
+                torch.cuda.empty_cache()  # below is the driver's free memory after the weights: hand them back first
+            if num_kv_blocks is None:
+                num_kv_blocks = self._default_kv_blocks(block_size)
 
-        self.rope = RotaryTables.build(cfg, self.max_seq_len, self.device)
-        self.model = Qwen2Model(cfg, weights, self.backend, self.rope)
-        self.backend.warmup(weights.layers)
-        self.kv_cache = KVCache(cfg, num_kv_blocks, block_size, self.device, self.dtype)
-        # graphs need a backend whose decode step never synchronises (the torch reference reads lengths on the host)
-        self.use_graphs = self.device.type == "cuda" and self.backend.graph_safe and not enforce_eager
-        self.engine = Engine(self.model, self.kv_cache, self.max_batch_size, self.max_seq_len, self.seed,
-                             max_prefill_tokens, self.use_graphs, cuda_graph_buckets, enable_prefix_caching,
-                             cuda_graph_prefill_tokens)
-        if self.device.type == "cuda":
-            # compile the prefill kernels now rather than on the first request (33 tokens: past the decode GEMVs and
-            # the MoE decode regime, kernels.gemv.MAX_ROWS and kernels.moe.DECODE_MAX_TOKENS)
-            self.engine.prompt_logits([0] * min(33, self.max_seq_len - 1, num_kv_blocks * block_size))
-        if self.use_graphs and capture_graphs == "startup":
-            try:
-                self.engine.decoder.capture_all()
-            except Exception as e:
-                raise RuntimeError(f"CUDA graph capture failed ({e!r}); LLM(..., cuda_graph_prefill_tokens=()) "
-                                   "captures no prefill graphs, enforce_eager=True runs without graphs, "
-                                   "backend='torch' without the Triton kernels") from e
+            self.rope = RotaryTables.build(cfg, self.max_seq_len, self.device)
+            self.model = Qwen2Model(cfg, weights, self.backend, self.rope)
+            self.backend.warmup(weights.layers)
+            self.kv_cache = KVCache(cfg, num_kv_blocks, block_size, self.device, self.dtype)
+            # graphs need a backend whose decode step never synchronises (the torch reference reads lengths on the
+            # host)
+            self.use_graphs = self.device.type == "cuda" and self.backend.graph_safe and not enforce_eager
+            self.engine = Engine(self.model, self.kv_cache, self.max_batch_size, self.max_seq_len, self.seed,
+                                 max_prefill_tokens, self.use_graphs, cuda_graph_buckets, enable_prefix_caching,
+                                 cuda_graph_prefill_tokens)
+            if self.device.type == "cuda":
+                # compile the prefill kernels now rather than on the first request (33 tokens: past the decode GEMVs
+                # and the MoE decode regime, kernels.gemv.MAX_ROWS and kernels.moe.DECODE_MAX_TOKENS)
+                self.engine.prompt_logits([0] * min(33, self.max_seq_len - 1, num_kv_blocks * block_size))
+            if self.use_graphs and capture_graphs == "startup":
+                try:
+                    self.engine.decoder.capture_all()
+                except Exception as e:
+                    raise RuntimeError(f"CUDA graph capture failed ({e!r}); LLM(..., cuda_graph_prefill_tokens=()) "
+                                       "captures no prefill graphs, enforce_eager=True runs without graphs, "
+                                       "backend='torch' without the Triton kernels") from e
         self._lock = threading.Lock()
 
     def _collect_eos(self, generation_eos) -> frozenset[int]:
@@ -336,11 +345,11 @@ class LLM:
 
     def step(self) -> None:
         """One engine step over the submitted sequences (a no-op when there are none)."""
-        with self._lock:
+        with self._lock, self._on_device:
             self.engine.step()
 
     def _step_and_take(self, seq: Sequence) -> tuple[str, bool]:
-        with self._lock:
+        with self._lock, self._on_device:
             if not seq.finished:
                 self.engine.step()
             return seq.take_new_text(), seq.finished
@@ -356,13 +365,13 @@ class LLM:
     def logits(self, token_ids) -> torch.Tensor:
         """Full-sequence logits of one token-id list: float32 [len(token_ids), vocab]."""
         _, ids = self._encode(list(token_ids) if not isinstance(token_ids, str) else token_ids)
-        with self._lock:
+        with self._lock, self._on_device:
             return self.engine.prompt_logits(ids)
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue sequences for the next steps, all or none: a ValueError (e.g. a request that can never fit the KV
         cache) leaves none of them queued."""
-        with self._lock:
+        with self._lock, self._on_device:
             added = []
             try:
                 for s in seqs:
@@ -375,7 +384,7 @@ class LLM:
 
     def abort(self, seqs: list[Sequence]) -> None:
         """Cancel the unfinished ones and free every cache block the sequences still hold (finished ones too)."""
-        with self._lock:
+        with self._lock, self._on_device:
             for s in seqs:
                 if not s.finished or s.blocks:
                     self.engine.abort(s)
