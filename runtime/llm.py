@@ -103,6 +103,9 @@ class LLM:
             "cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+        if self.device.type == "cuda" and self.device.index is not None and \
+                not 0 <= self.device.index < torch.cuda.device_count():
+            raise ValueError(f"device {str(self.device)!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         # Streams, events, CUDA graphs and Triton launches use the calling thread's current device, and a thread

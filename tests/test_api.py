@@ -219,6 +219,14 @@ def test_bad_constructor_arguments(kwargs, match):
         LLM("tiny", device="cpu", **kwargs)
 
 
+def test_cuda_device_index_past_the_devices_is_an_error(monkeypatch):
+    """Checked before anything touches CUDA (here CUDA is faked present with one device)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device 'cuda:3': torch sees 1 CUDA device"):
+        LLM("tiny", device="cuda:3")
+
+
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="neither a checkpoint folder nor a built-in name"):
         LLM("qwen9-1t", device="cpu")
