@@ -101,17 +101,18 @@ class LLM:
                  cuda_graph_prefill_tokens=DEFAULT_PREFILL_BUCKETS):
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but torch sees no CUDA device")
-        if self.device.type == "cuda" and self.device.index is not None and \
-                not 0 <= self.device.index < torch.cuda.device_count():
-            raise ValueError(f"device {str(self.device)!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
         # Streams, events, CUDA graphs and Triton launches use the calling thread's current device, and a thread
         # starts on device 0 (the server steps the engine in worker threads): all device work of this LLM runs with
         # its device made current (the engine lock serialises the uses of this one guard). On one GPU, a no-op.
-        self._on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        self._on_device = contextlib.nullcontext()
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+            count, index = torch.cuda.device_count(), self.device.index
+            if index is not None and not 0 <= index < count:
+                raise ValueError(f"device {str(self.device)!r}: torch sees {count} CUDA device(s)")
+            self.device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+            self._on_device = torch.cuda.device(self.device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.backend = get_backend(backend or default_backend_name(self.device))
         self.seed = 0 if seed is None else seed

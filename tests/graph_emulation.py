@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from launch_count import NO_KERNEL
+from qwen2rt.model_runner import Staged
 
 # ops that read a device value on the host or whose output size depends on the data: a sync, illegal in a capture
 HOST_SYNC = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "argwhere", "masked_select", "unique",
@@ -77,8 +79,6 @@ def host_ranges(runner) -> list[tuple[int, int, str]]:
     """The memory the runner keeps on the host, as (start, end, name): every numpy array it (or one of its Staged
     buffers) holds, and its tensors named _host*, _staged*, _pinned* (on a GPU machine the pinned and pageable
     buffers; here every tensor is on the CPU, so the names tell them from the device's)."""
-    import numpy as np
-
     ranges = []
 
     def visit(value, name):
@@ -95,9 +95,9 @@ def host_ranges(runner) -> list[tuple[int, int, str]]:
                 visit(v, f"{name}[{k!r}]")
 
     for attr, value in vars(runner).items():
-        if type(value).__name__ == "Staged":
+        if isinstance(value, Staged):
             for sub, v in vars(value).items():
-                visit(v if sub != "host" else list(v.values()), f"{attr}.{sub if sub != 'host' else '_host'}")
+                visit(v, f"{attr}.{sub}")
         else:
             visit(value, attr)
     return ranges
