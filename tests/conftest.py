@@ -10,6 +10,8 @@ import shutil
 import pytest
 import torch
 
+import benchmarks  # noqa: F401  (makes `kernels` Hugging Face's, not our directory: benchmarks/hub_kernels.py)
+
 
 # The GPU check's first gate (pytest -m "gpu and gate", before its benchmarks; the other GPU tests run after them):
 # the first case of one test per kernel family, the full model's bf16 parity and graph == eager on one model, and the
