@@ -336,8 +336,15 @@ def test_a_failed_engine_step_fails_its_requests_and_the_server_keeps_serving(li
     assert httpx.get(live.url + "/health").status_code == 200
 
 
-def test_client_disconnect_aborts_and_frees_blocks(live):
+def test_client_disconnect_aborts_and_frees_blocks(live, monkeypatch):
     assert live.idle()
+    step = live.llm.step
+
+    def slow_step():  # 30 ms a token at least: a request left running would hold the engine past idle's 5 s
+        time.sleep(0.03)
+        return step()
+
+    monkeypatch.setattr(live.llm, "step", slow_step)
     aborted = live.metric("qwen2rt_requests_total", finish_reason="abort")
     body = {"model": MODEL, "prompt": "never finish", "max_tokens": 200, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60) as r:
