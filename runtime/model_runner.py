@@ -505,10 +505,12 @@ class ModelRunner:
         """Warm up (compiles kernels) and capture the bucket's forward (once per bucket) and the sampler form, with
         padding-only inputs, which write nothing."""
         self._fill([], bucket)
+        logits = self._logits.get(bucket)
+        if logits is not None:  # the forward graph's output, which no kernel writes but its replays: the warm-up
+            self._forward_graphs[bucket].replay()  # reads it (a garbage token would index the sampler's state)
         stream = self._capture_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            logits = self._logits.get(bucket)
             self._sample(self._forward(bucket) if logits is None else logits, bucket, variant)
         torch.cuda.current_stream().wait_stream(stream)
         if bucket not in self._forward_graphs:
@@ -565,6 +567,8 @@ class ModelRunner:
         after the step's graphs when the batch asks for them."""
         if bucket not in self._forward_graphs:
             self.capture(bucket, VARIANTS[0])
+        self._fill([], bucket)
+        self._forward_graphs[bucket].replay()  # on padding: the warm-up reads its logits
         stream = self._capture_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -1,12 +1,15 @@
 """CUDA graphs emulated on CPU, so that ModelRunner's real capture code (capture, capture_prefill, capture_logprobs,
 capture_all) runs in the CPU suite with a graph's semantics, not a re-run of the Python:
 
-- capture records every kernel the code launches: each Triton launch (through the interpreter) with its arguments
-  as they were (tensors by identity, Python numbers frozen), and each torch op that is a kernel with its input and
-  output tensors;
-- replay runs those kernels again on the same tensors, in order, and nothing else: a value the Python computed on
-  the host at capture stays what it was then, a host-side effect inside the capture is not repeated, a tensor
-  allocated inside the capture keeps its identity (as its address in the graph's pool);
+- capture records every kernel the code launches and runs none of them, as on a GPU: each Triton launch (through the
+  interpreter) with its arguments as they were (tensors by identity, Python numbers frozen), and each torch op that
+  is a kernel with its input and output tensors. An op's outputs are sized from its meta kernel and allocated
+  unwritten, like everything allocated inside a capture: NaN (integers: their minimum, or maximum if unsigned), and
+  an in-place op leaves its tensor as it was. So code that reads what a capture computed without a replay, or counts
+  on a capture's side effect, reads garbage here too;
+- replay runs those kernels on the same tensors, in order, and nothing else: a value the Python computed on the host
+  at capture stays what it was then, a host-side effect inside the capture is not repeated, a tensor allocated inside
+  the capture keeps its identity (as its address in the graph's pool);
 - inside a capture, whatever would fail or silently break a real one fails at once: reading a device value on the
   host (.item(), bool(), int(), .tolist(), .numpy(), torch.equal), ops whose output size depends on the data
   (nonzero, boolean-mask indexing, unique, repeat_interleave without output_size, bincount), building a tensor from
@@ -14,10 +17,8 @@ capture_all) runs in the CPU suite with a graph's semantics, not a re-run of the
   or writing the runner's host memory (its staging and pinned buffers, numpy arrays, read-back buffers: on a GPU a
   kernel cannot address them, and a copy from them inside a capture is frozen or illegal).
 
-What it cannot see: other cross-device copies (everything is on the CPU here), the graph pool's reuse of memory freed
-inside a capture, and that a real capture runs no kernel (here they run, on the capture's inputs: the runner
-captures with padding-only inputs, which write nothing, after a warm-up run that does the same). tests/test_gpu.py
-captures real graphs.
+What it cannot see: other cross-device copies (everything is on the CPU here), and the graph pool's reuse of memory
+freed inside a capture (every recorded tensor stays alive). tests/test_gpu.py captures real graphs.
 
     with EmulatedCudaGraphs(runner) as graphs:   # runner: a CPU ModelRunner; use_graphs turned on
         runner.capture_all() / llm.generate(...)
@@ -31,8 +32,9 @@ import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
-from launch_count import NO_KERNEL
+from launch_count import NO_KERNEL, interpreter_launches
 from qwen2rt.model_runner import Staged
 
 # ops that read a device value on the host or whose output size depends on the data: a sync, illegal in a capture
@@ -111,6 +113,52 @@ def _flat_tensors(values):
             yield from _flat_tensors(v)
 
 
+def poison(t: torch.Tensor) -> None:
+    """Fill `t` as memory that a capture allocated and no kernel has written yet: NaN; integers their minimum (their
+    maximum if unsigned), which no index, length or token id can be; booleans True."""
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        t.fill_(float("nan"))
+    elif t.dtype == torch.bool:
+        t.fill_(True)
+    else:
+        info = torch.iinfo(t.dtype)
+        t.fill_(info.min if info.min < 0 else info.max)
+
+
+def _not_run(func, args, kwargs):
+    """What `func` returns inside a capture, without running it: its outputs sized by its meta kernel and allocated
+    poisoned; an output that is one of its arguments (an in-place or out= op) is that argument, unchanged."""
+    real, device = {}, kwargs.get("device")
+
+    def to_meta(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        m = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+        real[id(m)] = a
+        return m
+
+    meta_args, meta_kwargs = tree_map(to_meta, args), tree_map(to_meta, kwargs)
+    if device is not None:
+        meta_kwargs["device"] = "meta"
+    elif real:
+        device = next(iter(real.values())).device
+    try:
+        out = func(*meta_args, **meta_kwargs)
+    except NotImplementedError as e:
+        raise NotImplementedError(f"the emulated capture sizes each op's outputs with its meta kernel: {func} has "
+                                  f"none ({e})") from e
+
+    def allocated(m):
+        if not isinstance(m, torch.Tensor):
+            return m
+        if id(m) in real:
+            return real[id(m)]
+        t = torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device=device)
+        poison(t)
+        return t
+    return tree_map(allocated, out)
+
+
 class RecordingGraph:
     """Stands in for torch.cuda.CUDAGraph: the kernels recorded by its capture, replayed in order."""
 
@@ -143,14 +191,25 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.emulator.inside_triton:
+        if self.emulator.inside_triton:  # the interpreter's own ops (no launch runs inside a capture)
             return func(*args, **kwargs)
         problem = _capture_violation(func, args, kwargs) or self.emulator.host_access(args, kwargs.values())
         if problem:
             raise CaptureError(f"inside a CUDA graph capture: {func} -- {problem}")
-        out = func(*args, **kwargs)
-        if func.overloadpacket.__name__ in NO_KERNEL or (func.is_view and _aliases(out, args)):
-            return out  # metadata, a view or an allocation: nothing to run again
+        name = func.overloadpacket.__name__
+        if name in NO_KERNEL:  # metadata or an allocation, which a capture does: unwritten memory
+            out = func(*args, **kwargs)
+            if name.startswith("empty"):
+                poison(out)
+            return out
+        if func.is_view:
+            out = func(*args, **kwargs)
+            if _aliases(out, args):
+                return out  # a view: nothing to run again
+            for t in _tensors(out) or ():  # an op that may alias made a copy: a kernel, which the capture does not run
+                poison(t)
+        else:
+            out = _not_run(func, args, kwargs)
         outputs = [] if out is None else _tensors(out)  # None: an in-place op with no result (its effect replays)
         if outputs is None:
             raise CaptureError(f"inside a CUDA graph capture: {func} returned {type(out).__name__}, a host value")
@@ -166,7 +225,7 @@ class EmulatedCudaGraphs:
         self.runner = runner
         self.graphs: list[RecordingGraph] = []
         self.capturing: RecordingGraph | None = None
-        self.inside_triton = 0
+        self.inside_triton: list = []  # the Triton launches running now
         self._stack = contextlib.ExitStack()
 
     @contextlib.contextmanager
@@ -203,30 +262,24 @@ class EmulatedCudaGraphs:
         if self.capturing is not None:
             raise CaptureError("inside a CUDA graph capture: torch.cuda.synchronize()")
 
+    def _launched(self, run, fn, args, kwargs) -> bool:
+        """A Triton launch: inside a capture recorded, not run."""
+        graph = self.capturing
+        if graph is None:
+            return True
+        problem = self.host_access(args, kwargs.values())
+        if problem:
+            raise CaptureError(f"inside a CUDA graph capture: Triton kernel {fn.fn.__name__} -- {problem}")
+        graph.kernels.append(("triton", run, fn, args, kwargs))
+        return False
+
     def __enter__(self):
-        from triton.runtime.interpreter import InterpretedFunction
-
-        emulator, run = self, InterpretedFunction.run
-
-        def recorded_run(fn, *args, grid, warmup, **kwargs):
-            graph = emulator.capturing
-            if graph is not None and not emulator.inside_triton and not warmup:
-                problem = emulator.host_access(args, kwargs.values())
-                if problem:
-                    raise CaptureError(f"inside a CUDA graph capture: Triton kernel {fn.fn.__name__} -- {problem}")
-                graph.kernels.append(("triton", run, fn, args, dict(kwargs, grid=grid, warmup=warmup)))
-            emulator.inside_triton += 1
-            try:
-                return run(fn, *args, grid=grid, warmup=warmup, **kwargs)
-            finally:
-                emulator.inside_triton -= 1
-
         class Stream:
             def wait_stream(self, other):
                 pass
 
+        self.inside_triton = self._stack.enter_context(interpreter_launches(self._launched))
         patch = self._stack.enter_context(pytest.MonkeyPatch.context())
-        patch.setattr(InterpretedFunction, "run", recorded_run)
         patch.setattr(torch.cuda, "CUDAGraph", RecordingGraph)
         patch.setattr(torch.cuda, "graph", self._graph)
         patch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())

@@ -14,6 +14,30 @@ NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "lift_fresh_c
              "sym_numel", "sym_storage_offset", "is_same_size", "_local_scalar_dense", "set_", "resize_", "detach_"}
 
 
+@contextlib.contextmanager
+def interpreter_launches(on_launch):
+    """Patch the Triton interpreter's launch: `on_launch(run, fn, args, kwargs)` sees each launch (not a warm-up, not
+    one inside another launch) before it runs, and returns whether to run it (`run` is the unpatched launch, kwargs
+    hold grid and warmup). Yields a list whose length is the number of launches running now: torch ops dispatched
+    meanwhile are the interpreter's, not kernels."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    run, inside = InterpretedFunction.run, []
+
+    def hooked_run(fn, *args, grid, warmup, **kwargs):
+        if not inside and not warmup and not on_launch(run, fn, args, dict(kwargs, grid=grid, warmup=warmup)):
+            return None
+        inside.append(fn)
+        try:
+            return run(fn, *args, grid=grid, warmup=warmup, **kwargs)
+        finally:
+            inside.pop()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InterpretedFunction, "run", hooked_run)
+        yield inside
+
+
 class LaunchCounter(TorchDispatchMode):
     """`with LaunchCounter() as c:` ... then c.events is the list of launches in order: "triton:<kernel>" or
     "torch:<op>"."""
@@ -21,7 +45,7 @@ class LaunchCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.events: list[str] = []
-        self._inside_triton = 0
+        self._inside_triton: list = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -29,31 +53,13 @@ class LaunchCounter(TorchDispatchMode):
             self.events.append(f"torch:{name}")
         return func(*args, **(kwargs or {}))
 
-    @contextlib.contextmanager
-    def _patched_triton(self):
-        from triton.runtime.interpreter import InterpretedFunction
-
-        run = InterpretedFunction.run
-        counter = self
-
-        def counted_run(fn, *args, grid, warmup, **kwargs):
-            if not warmup:
-                counter.events.append(f"triton:{fn.fn.__name__}")
-            counter._inside_triton += 1
-            try:
-                return run(fn, *args, grid=grid, warmup=warmup, **kwargs)
-            finally:
-                counter._inside_triton -= 1
-
-        InterpretedFunction.run = counted_run
-        try:
-            yield
-        finally:
-            InterpretedFunction.run = run
+    def _launched(self, run, fn, args, kwargs) -> bool:
+        self.events.append(f"triton:{fn.fn.__name__}")
+        return True
 
     def __enter__(self):
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(self._patched_triton())
+        self._inside_triton = self._stack.enter_context(interpreter_launches(self._launched))
         return super().__enter__()
 
     def __exit__(self, *exc):

@@ -97,16 +97,28 @@ def test_generation_through_emulated_graphs_equals_eager(model, quantization, ca
         return launch(seqs)
 
     with EmulatedCudaGraphs(runner) as emulated:
-        replays = []
+        replays, capturing = [], []
         real_replay = RecordingGraph.replay
 
-        def counted_replay(graph):
-            replays.append(graph)
+        def counted_replay(graph):  # a step's, not a capture's (which replays the forward before a warm-up)
+            if not capturing:
+                replays.append(graph)
             real_replay(graph)
+
+        def flagged(capture):
+            def call(*args):
+                capturing.append(args)
+                try:
+                    return capture(*args)
+                finally:
+                    capturing.pop()
+            return call
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(RecordingGraph, "replay", counted_replay)
             patch.setattr(runner, "launch_decode", counted_launch)
+            for name in ("capture", "capture_logprobs", "capture_prefill"):
+                patch.setattr(runner, name, flagged(getattr(runner, name)))
             if capture == "startup":
                 runner.capture_all()
                 assert len(runner.graphs) == len(runner.buckets) * len(sampling.VARIANTS)
@@ -122,10 +134,11 @@ def test_generation_through_emulated_graphs_equals_eager(model, quantization, ca
     assert {(2, "greedy"), (1, "greedy"), (1, "full")} <= set(runner.graphs)
 
 
-def test_emulated_capture_rejects_host_reads_and_replays_frozen_values():
+def test_emulated_capture_rejects_host_reads_runs_nothing_and_replays_frozen_values():
     """The emulation itself: inside a capture a host read fails, as do a copy from the runner's host memory and a
-    kernel on it; a replay runs the recorded kernels on the recorded tensors with the arguments of the capture,
-    whatever the host holds by then."""
+    kernel on it; a capture runs no kernel (its outputs are unwritten, a tensor it updates in place keeps its values);
+    a replay runs the recorded kernels on the recorded tensors with the arguments of the capture, whatever the host
+    holds by then."""
     runner = engine("tiny-1l").engine.decoder
     x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
     w = torch.rand(40, generator=torch.Generator().manual_seed(1)) + 0.5
@@ -138,19 +151,22 @@ def test_emulated_capture_rejects_host_reads_and_replays_frozen_values():
             with pytest.raises(CaptureError), torch.cuda.graph(graph):
                 bad()
         host = {"eps": 1e-6}
+        acc = torch.ones(3, 40)
+        rows = torch.tensor([2, 0])
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.inference_mode():
             y = rms_norm(x, w, host["eps"])  # a Triton launch (eps frozen)
             z = (y * 2.0).add_(x)  # torch ops: out of place, in place
             c = x.to(torch.float64)  # an op that may alias, seen whole under inference mode: here a copy
             v = x.to(torch.float32)[1:]  # ... and here a view, as is the slice
+            acc.add_(x)  # in place on a tensor from before the capture
+            picked = rows.index_select(0, torch.zeros(1, dtype=torch.long))  # an integer output
+        assert all(t.isnan().all() for t in (y, z, c)) and picked.tolist() == [torch.iinfo(torch.long).min]
+        assert torch.equal(acc, torch.ones(3, 40)) and v.data_ptr() == x[1:].data_ptr()
         x.copy_(torch.randn(3, 40, generator=torch.Generator().manual_seed(2)))
         host["eps"] = 10.0  # a re-run of the Python would read this; a replay does not
-        with torch.inference_mode():  # the outputs are inference tensors
-            for out in (y, z, c):
-                out.fill_(float("nan"))
         graph.replay()
     want = rms_norm(x, w, 1e-6)
     assert torch.equal(y, want)
     assert torch.equal(z, (want * 2.0) + x)
-    assert torch.equal(c, x.double()) and v.data_ptr() == x[1:].data_ptr()
+    assert torch.equal(c, x.double()) and torch.equal(acc, 1 + x) and torch.equal(picked, torch.tensor([2]))
