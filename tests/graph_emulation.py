@@ -17,8 +17,13 @@ capture_all) runs in the CPU suite with a graph's semantics, not a re-run of the
   or writing the runner's host memory (its staging and pinned buffers, numpy arrays, read-back buffers: on a GPU a
   kernel cannot address them, and a copy from them inside a capture is frozen or illegal).
 
-What it cannot see: other cross-device copies (everything is on the CPU here), and the graph pool's reuse of memory
-freed inside a capture (every recorded tensor stays alive). tests/test_gpu.py captures real graphs.
+The runner's graphs share one memory pool. A tensor that one capture allocates and another graph reads (the
+forward's logits, read by the sampler graphs) must stay referenced by the runner: on a GPU, once its last reference
+goes, the pool may hand its memory to a later capture while both graphs still use it. Here every recorded tensor
+stays alive, so leaving the emulation checks each such tensor against what the runner's attributes reference, through
+dicts, lists, tuples and qwen2rt objects (`unheld_outputs`).
+
+What it cannot see: other cross-device copies (everything is on the CPU here). tests/test_gpu.py captures real graphs.
 
     with EmulatedCudaGraphs(runner) as graphs:   # runner: a CPU ModelRunner; use_graphs turned on
         runner.capture_all() / llm.generate(...)
@@ -125,6 +130,10 @@ def poison(t: torch.Tensor) -> None:
         t.fill_(info.min if info.min < 0 else info.max)
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
 def _not_run(func, args, kwargs):
     """What `func` returns inside a capture, without running it: its outputs sized by its meta kernel and allocated
     poisoned; an output that is one of its arguments (an in-place or out= op) is that argument, unchanged."""
@@ -201,6 +210,7 @@ class _Recorder(TorchDispatchMode):
             out = func(*args, **kwargs)
             if name.startswith("empty"):
                 poison(out)
+                self.emulator.allocated(out)
             return out
         if func.is_view:
             out = func(*args, **kwargs)
@@ -208,11 +218,16 @@ class _Recorder(TorchDispatchMode):
                 return out  # a view: nothing to run again
             for t in _tensors(out) or ():  # an op that may alias made a copy: a kernel, which the capture does not run
                 poison(t)
+                self.emulator.allocated(t)
         else:
             out = _not_run(func, args, kwargs)
         outputs = [] if out is None else _tensors(out)  # None: an in-place op with no result (its effect replays)
         if outputs is None:
             raise CaptureError(f"inside a CUDA graph capture: {func} returned {type(out).__name__}, a host value")
+        for t in outputs:
+            if not any(t is a for a in _flat_tensors([args, kwargs.values()])):
+                self.emulator.allocated(t)
+        self.emulator.reads(func, args, kwargs.values())
         self.graph.kernels.append(("torch", func, args, kwargs, outputs))
         return out
 
@@ -226,7 +241,47 @@ class EmulatedCudaGraphs:
         self.graphs: list[RecordingGraph] = []
         self.capturing: RecordingGraph | None = None
         self.inside_triton: list = []  # the Triton launches running now
+        self.owner: dict[int, RecordingGraph] = {}  # storage -> the graph whose capture allocated it
+        self.shared: dict[int, tuple] = {}  # storage one capture allocated -> (what, the other graph) reading it
+        self._pool: list[torch.Tensor] = []
         self._stack = contextlib.ExitStack()
+
+    def allocated(self, t: torch.Tensor) -> None:
+        """`t` was allocated inside the current capture (in the graphs' pool). Kept alive, as the pool keeps its
+        memory: no later tensor gets its address."""
+        self.owner.setdefault(_storage(t), self.capturing)
+        self._pool.append(t)
+
+    def reads(self, what, *arg_lists) -> None:
+        """A kernel of the current capture takes these arguments: note those another capture allocated."""
+        for t in _flat_tensors([a for args in arg_lists for a in args]):
+            owner = self.owner.get(_storage(t))
+            if owner is not None and owner is not self.capturing:
+                self.shared.setdefault(_storage(t), (f"{list(t.shape)} {t.dtype} read by {what}", self.capturing))
+
+    def unheld_outputs(self) -> list[str]:
+        """Each tensor one capture allocated and a graph the runner still holds reads, which the runner itself no
+        longer references (its attributes, and their dicts, lists, tuples and qwen2rt objects)."""
+        held, graphs, seen = set(), set(), set()
+
+        def visit(value, depth):
+            if isinstance(value, torch.Tensor):
+                held.add(_storage(value))
+            elif isinstance(value, RecordingGraph):
+                graphs.add(value)
+            elif depth > 4 or id(value) in seen:
+                return
+            elif isinstance(value, (list, tuple, dict)):
+                seen.add(id(value))
+                for v in value.values() if isinstance(value, dict) else value:
+                    visit(v, depth + 1)
+            elif type(value).__module__.startswith("qwen2rt") and not isinstance(value, torch.nn.Module) \
+                    and hasattr(value, "__dict__"):
+                seen.add(id(value))
+                visit(vars(value), depth + 1)
+
+        visit(vars(self.runner), 0)
+        return [what for storage, (what, reader) in self.shared.items() if reader in graphs and storage not in held]
 
     @contextlib.contextmanager
     def _graph(self, graph: RecordingGraph, pool=None, stream=None, **_):
@@ -270,6 +325,7 @@ class EmulatedCudaGraphs:
         problem = self.host_access(args, kwargs.values())
         if problem:
             raise CaptureError(f"inside a CUDA graph capture: Triton kernel {fn.fn.__name__} -- {problem}")
+        self.reads(f"Triton kernel {fn.fn.__name__}", args, kwargs.values())
         graph.kernels.append(("triton", run, fn, args, kwargs))
         return False
 
@@ -293,6 +349,10 @@ class EmulatedCudaGraphs:
         self._use_graphs, self.runner.use_graphs = self.runner.use_graphs, True
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self.runner.use_graphs = self._use_graphs
         self._stack.close()
+        unheld = self.unheld_outputs() if exc_type is None else []
+        if unheld:
+            raise CaptureError("a graph reads memory another capture allocated that the runner no longer references "
+                               "(on a GPU the pool may give it to a later capture): " + "; ".join(unheld))

@@ -1,8 +1,9 @@
 """ModelRunner's real capture code under CUDA-graph semantics, on CPU (tests/graph_emulation.py): the triton backend
 and the Triton sampler (what CUDA runs) captured into recorded graphs, whose replays run only the recorded kernels
-on the recorded tensors. Generation through them must equal the eager engine's, and nothing inside a capture may
-read device data on the host. test_prefill_graphs' stand-in graphs re-run the Python at every replay; these do not,
-so a value the host computed at capture and a kernel argument frozen there show up here."""
+on the recorded tensors. Generation through them must equal the eager engine's, nothing inside a capture may read
+device data on the host, and the runner must hold every tensor one capture allocates and another graph reads.
+test_prefill_graphs' stand-in graphs re-run the Python at every replay; these do not, so a value the host computed
+at capture and a kernel argument frozen there show up here."""
 
 from __future__ import annotations
 
@@ -125,6 +126,9 @@ def test_generation_through_emulated_graphs_equals_eager(model, quantization, ca
                 assert list(runner.prefill_graphs) == [prefill_tokens]
             got = run(llm, lengths)
     assert_same(got, want)
+    # leaving the emulation found every tensor a graph reads from another capture (the forward's logits, read by the
+    # sampler and log-probabilities graphs) still held by the runner
+    assert emulated.shared and not emulated.unheld_outputs()
     # the prefill graph (the first and last batches), every decode step through graphs (none eager)
     assert runner.prefill_replays == 2 and not runner.prefill_capture_errors
     assert set(replays) <= set(emulated.graphs) and len(replays) == 2 + sum(launches)
