@@ -840,8 +840,14 @@ def _gemv_weight_args(gate_up, down, shared_gate_up, shared_down, x, cfg) -> tup
     pw = per_word(gate_up)
     # words per iteration: BLOCK_K columns (int8 BLOCK_K / 4 words, int4 BLOCK_K / 8), fp8 bytes BLOCK_K / 2. Each
     # word carries its own scale and zero ([BN, BKW] fp32 tiles beside the words): wider tiles spill on sm_90 (int4
-    # at BLOCK_K / 4 words: 80 bytes in the gate_up GEMV with the norm under Triton 3.6)
-    block_kw = cfg.get("BLOCK_KW", max(16, cfg["BLOCK_K"] // {"fp8": 2, "int8": 4}.get(gate_up.kind, 8)))
+    # at BLOCK_K / 4 words: 80 bytes in the gate_up GEMV with the norm under Triton 3.6). Packed words: at most 8
+    # per thread in a tile (int8 at BLOCK_N x BLOCK_K / 4 = 16 per thread, tuning candidates (16, 256, 2 warps) and
+    # (32, 256, 4 warps): 112-488 bytes spilled inside the gate_up GEMV's loop under Triton 3.9, tests/aot_sm90.py)
+    block_kw = cfg.get("BLOCK_KW")
+    if block_kw is None:
+        block_kw = max(16, cfg["BLOCK_K"] // {"fp8": 2, "int8": 4}.get(gate_up.kind, 8))
+        if gate_up.kind != "fp8":
+            block_kw = min(block_kw, max(16, 8 * 32 * cfg["num_warps"] // cfg["BLOCK_N"]))
 
     def parts(w, shared):
         return (w.qweight, shared.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, shared.scales,

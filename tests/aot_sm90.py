@@ -11,10 +11,10 @@ specialisation every load is scalar and the register counts are those of a kerne
 H200 with Triton 3.6: these counts equal the JIT's n_regs / n_spills). The choices enumerated: decode attention with
 block tables for the longest context (up to 128 splits of 256-token chunks) and for a short one (one split; the
 batch never changes what it compiles: a sequence's chunking does not depend on it), the MoE DEFAULT_CONFIGS and
-TUNING_CANDIDATES of every token bucket, the shared expert folded and separate, the prefill attention tiles of
-PREFILL_CANDIDATES, bf16 and fp16. --quick (the pytest suite): bf16, decode at the longest context, the defaults of
-everything else, and the MoE decode tuning candidates of the layer with the most registers (most pairs per token,
-shared expert folded).
+TUNING_CANDIDATES of every token bucket (float and quantized experts), the shared expert folded and separate, the
+prefill attention tiles of PREFILL_CANDIDATES, bf16 and fp16. --quick (the pytest suite): bf16, decode at the
+longest context, the defaults of everything else, and the MoE decode tuning candidates of the layer with the most
+registers (most pairs per token, shared expert folded).
 
 Per variant: registers per thread, spill = the stack frame in bytes per thread (ptxas -v's "bytes stack frame", read
 from the cubin by cuobjdump; what CUDA reports as CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, of which Triton's n_spills is a
@@ -272,27 +272,31 @@ def moe_block(c, dtype, recorder: Recorder, where: str, candidates: str):
 MOE_QUANT_FORMS = ("int4-g128", "int8-channel", "fp8-channel")
 
 
-def moe_quant_block(c, dtype, recorder: Recorder, where: str, form: str):
-    """The decode buckets of a MoE layer with quantized experts (kernels.moe's QUANT path: gate_up [E 2I, H], down
-    [E H, I] flattened), default configs, the shared expert folded and separate, plain and with the norm and the
-    residual fused in; then the prefill paths at their default: the shared expert separate (the grouped GEMMs
-    dequantize the experts in their K loops) and folded (dequantize into scratch + the float grouped GEMMs)."""
+def moe_quant_block(c, dtype, recorder: Recorder, where: str, form: str, candidates: bool):
+    """The token buckets of a MoE layer with quantized experts (kernels.moe's QUANT path: gate_up [E 2I, H], down
+    [E H, I] flattened), default configs, the shared expert folded and separate: decode plain and with the norm and
+    the residual fused in; prefill with the shared expert separate (the grouped GEMMs dequantize the experts in their
+    K loops) and folded (dequantize into scratch + the float grouped GEMMs). candidates: also every tuning candidate
+    (kernels.moe_config.tune times them at a CUDA model load, with the bucket's default FOLD_SHARED and then the
+    best one with the other)."""
     h, i, e, s = c.hidden_size, c.moe_intermediate_size, c.num_experts, c.shared_expert_intermediate_size
     router, gate_up, down = meta(e, h, dtype=dtype), quantized(e * 2 * i, h, form), quantized(e * h, i, form)
     shared = (quantized(2 * s, h, form), quantized(h, s, form), meta(1, h, dtype=dtype)) if s else (None,) * 3
     folds = (True, False) if moe.shared_chunks(i, shared[0]) else (False,)
     for bucket, tokens in moe.TUNING_TOKENS.items():
         decode = bucket in moe.GEMV_BUCKETS
-        for fold in folds:
+        runs = [(moe.DEFAULT_CONFIGS[bucket], fold) for fold in folds]
+        if candidates:
+            runs += [(cfg, fold) for cfg in moe.TUNING_CANDIDATES[bucket] for fold in folds]
+        for cfg, fold in runs:
             recorder.where = f"{where} {form} experts {bucket} fold={fold}"
             x = meta(tokens, h, dtype=dtype)
             moe.fused_moe(x, router, gate_up, down, c.num_experts_per_tok, c.norm_topk_prob, *shared,
-                          config=moe.DEFAULT_CONFIGS[bucket], regime="decode" if decode else "prefill",
-                          fold_shared=fold)
+                          config=cfg, regime="decode" if decode else "prefill", fold_shared=fold)
             if decode:
                 moe.fused_moe(x, router, gate_up, down, c.num_experts_per_tok, c.norm_topk_prob, *shared,
-                              config=moe.DEFAULT_CONFIGS[bucket], regime="decode", fold_shared=fold,
-                              norm_weight=meta(h, dtype=dtype), residual=x)
+                              config=cfg, regime="decode", fold_shared=fold, norm_weight=meta(h, dtype=dtype),
+                              residual=x)
 
 
 def record(quick: bool, recorder: Recorder, models=tuple(MODELS), dtypes=tuple(DTYPES), quantized_forms=True):
@@ -333,7 +337,7 @@ def record(quick: bool, recorder: Recorder, models=tuple(MODELS), dtypes=tuple(D
                 moe_block(c, dtype, recorder, where,
                           "all" if not quick else "decode-folded" if c == widest else "defaults")
                 for form in MOE_QUANT_FORMS if quantized_forms else ():
-                    moe_quant_block(c, dtype, recorder, where, form)
+                    moe_quant_block(c, dtype, recorder, where, form, candidates=not quick)
 
 
 # ---- compiling ----------------------------------------------------------------------------------------------------

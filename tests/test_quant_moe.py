@@ -243,3 +243,19 @@ def test_real_layer_shapes_bf16_gpu(name, kind, t, fold):
     expected = reference(x.float(), dict(layer, router=layer["router"].float(),
                                          shared_gate=layer["shared_gate"].float()), k, False)
     assert rel_err(got, expected) < QUANT_MOE_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("kind, block_n, block_k, warps, words", [
+    ("int8", 32, 256, 4, 32), ("int8", 16, 256, 2, 32),  # BLOCK_K / 4 = 64 words: 16 a thread, capped to 8
+    ("int8", 16, 256, 4, 64), ("int8", 8, 256, 2, 64),  # 8 a thread: as derived
+    ("int4", 32, 256, 4, 32), ("fp8", 16, 256, 2, 128)])  # int4 BLOCK_K / 8; fp8 bytes, not capped
+def test_decode_gemv_word_tiles_hold_at_most_8_words_a_thread(kind, block_n, block_k, warps, words):
+    """The decode GEMVs' [BLOCK_N, BLOCK_KW] tiles of packed words (each with an fp32 scale and zero beside it): int8
+    at BLOCK_K / 4 words spilled inside the gate_up GEMV's loop on sm_90 above 8 words a thread (tests/aot_sm90.py),
+    so the launcher narrows them."""
+    from qwen2rt.kernels.moe import _gemv_weight_args
+
+    layer = make_layer(2, 512, 512, 0, kind, torch.float32, seed=0, groups=(128, 128, 128))  # >= 64 words a row
+    cfg = {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps}
+    gate_up, down = _gemv_weight_args(layer["gate_up"], layer["down"], None, None, torch.empty(0), cfg)
+    assert gate_up["meta"]["BLOCK_KW"] == down["meta"]["BLOCK_KW"] == words
