@@ -21,13 +21,21 @@ def _in_root(path: str) -> bool:
         return False
 
 
+def _ours(module) -> bool:
+    file = getattr(module, "__file__", None)
+    return bool(file) and Path(file).resolve().is_relative_to(ROOT / "kernels")
+
+
 def import_hub_kernels() -> None:
-    """Make `kernels` the installed distribution, if there is one (else leave it unimported)."""
+    """Make `kernels` the installed distribution, if there is one (else leave it unimported). Any other error in
+    importing the distribution is raised: transformers would fail on it anyway."""
     module = sys.modules.get("kernels")
     if module is not None:
-        if not str(getattr(module, "__file__", "") or "").startswith(str(ROOT / "kernels")):
+        if not _ours(module):
             return  # already the distribution
-        del sys.modules["kernels"]  # our directory, imported under the wrong name
+        for name in [n for n in sys.modules if n == "kernels" or n.startswith("kernels.")]:
+            if _ours(sys.modules[name]):
+                del sys.modules[name]  # our directory and its modules, imported under the wrong name
     saved = sys.path[:]
     sys.path[:] = [p for p in saved if not _in_root(p)]
     try:

@@ -505,9 +505,11 @@ class ModelRunner:
         """Warm up (compiles kernels) and capture the bucket's forward (once per bucket) and the sampler form, with
         padding-only inputs, which write nothing."""
         self._fill([], bucket)
-        logits = self._logits.get(bucket)
-        if logits is not None:  # the forward graph's output, which no kernel writes but its replays: the warm-up
-            self._forward_graphs[bucket].replay()  # reads it (a garbage token would index the sampler's state)
+        # the forward graph's output (set inside its capture: kept only with the graph), which no kernel writes but
+        # the graph's replays: the warm-up reads it (a garbage token would index the sampler's state)
+        logits = self._logits.get(bucket) if bucket in self._forward_graphs else None
+        if logits is not None:
+            self._forward_graphs[bucket].replay()
         stream = self._capture_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -23,7 +23,9 @@ goes, the pool may hand its memory to a later capture while both graphs still us
 stays alive, so leaving the emulation checks each such tensor against what the runner's attributes reference, through
 dicts, lists, tuples and qwen2rt objects (`unheld_outputs`).
 
-What it cannot see: other cross-device copies (everything is on the CPU here). tests/test_gpu.py captures real graphs.
+What it cannot see: other cross-device copies (everything is on the CPU here), and the pool's reuse itself: no two
+graphs share memory here, so a graph replayed out of order over memory another graph's temporaries reuse shows
+nothing. tests/test_gpu.py captures real graphs.
 
     with EmulatedCudaGraphs(runner) as graphs:   # runner: a CPU ModelRunner; use_graphs turned on
         runner.capture_all() / llm.generate(...)
@@ -130,8 +132,10 @@ def poison(t: torch.Tensor) -> None:
         t.fill_(info.min if info.min < 0 else info.max)
 
 
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+def _storage(t: torch.Tensor) -> int | None:
+    """Its storage's address; None when it has no bytes (every empty storage is at 0)."""
+    storage = t.untyped_storage()
+    return storage.data_ptr() if storage.nbytes() else None
 
 
 def _not_run(func, args, kwargs):
@@ -161,7 +165,11 @@ def _not_run(func, args, kwargs):
         if not isinstance(m, torch.Tensor):
             return m
         if id(m) in real:
-            return real[id(m)]
+            a = real[id(m)]
+            if a.shape != m.shape or a.stride() != m.stride():  # an out= argument the op would resize: reallocate
+                raise CaptureError(f"inside a CUDA graph capture: {func} resizes its output {list(a.shape)} -> "
+                                   f"{list(m.shape)} (a new allocation, at every replay)")
+            return a
         t = torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device=device)
         poison(t)
         return t
@@ -208,7 +216,7 @@ class _Recorder(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in NO_KERNEL:  # metadata or an allocation, which a capture does: unwritten memory
             out = func(*args, **kwargs)
-            if name.startswith("empty"):
+            if name.startswith("empty") and not any(out is a for a in _flat_tensors([args, kwargs.values()])):
                 poison(out)
                 self.emulator.allocated(out)
             return out
@@ -242,22 +250,24 @@ class EmulatedCudaGraphs:
         self.capturing: RecordingGraph | None = None
         self.inside_triton: list = []  # the Triton launches running now
         self.owner: dict[int, RecordingGraph] = {}  # storage -> the graph whose capture allocated it
-        self.shared: dict[int, tuple] = {}  # storage one capture allocated -> (what, the other graph) reading it
+        self.shared: dict[int, tuple[str, set]] = {}  # storage one capture allocated -> (what, other graphs reading it)
+        self._reads: dict[int, str] = {}  # the current capture's reads of them, kept if it succeeds
         self._pool: list[torch.Tensor] = []
         self._stack = contextlib.ExitStack()
 
     def allocated(self, t: torch.Tensor) -> None:
         """`t` was allocated inside the current capture (in the graphs' pool). Kept alive, as the pool keeps its
         memory: no later tensor gets its address."""
-        self.owner.setdefault(_storage(t), self.capturing)
-        self._pool.append(t)
+        if _storage(t) is not None:
+            self.owner.setdefault(_storage(t), self.capturing)
+            self._pool.append(t)
 
     def reads(self, what, *arg_lists) -> None:
         """A kernel of the current capture takes these arguments: note those another capture allocated."""
         for t in _flat_tensors([a for args in arg_lists for a in args]):
             owner = self.owner.get(_storage(t))
             if owner is not None and owner is not self.capturing:
-                self.shared.setdefault(_storage(t), (f"{list(t.shape)} {t.dtype} read by {what}", self.capturing))
+                self._reads.setdefault(_storage(t), f"{list(t.shape)} {t.dtype} read by {what}")
 
     def unheld_outputs(self) -> list[str]:
         """Each tensor one capture allocated and a graph the runner still holds reads, which the runner itself no
@@ -281,12 +291,12 @@ class EmulatedCudaGraphs:
                 visit(vars(value), depth + 1)
 
         visit(vars(self.runner), 0)
-        return [what for storage, (what, reader) in self.shared.items() if reader in graphs and storage not in held]
+        return [what for storage, (what, readers) in self.shared.items() if readers & graphs and storage not in held]
 
     @contextlib.contextmanager
     def _graph(self, graph: RecordingGraph, pool=None, stream=None, **_):
         assert isinstance(graph, RecordingGraph) and not graph.captured and self.capturing is None
-        self.capturing = graph
+        self.capturing, self._reads = graph, {}
         try:
             with _Recorder(self, graph):
                 yield graph
@@ -294,6 +304,8 @@ class EmulatedCudaGraphs:
             self.capturing = None
         graph.captured = True
         self.graphs.append(graph)
+        for storage, what in self._reads.items():  # a failed capture's reads do not count: its graph is not kept
+            self.shared.setdefault(storage, (what, set()))[1].add(graph)
 
     def _host_read(self, name, original):
         emulator = self

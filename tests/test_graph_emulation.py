@@ -7,6 +7,7 @@ at capture and a kernel argument frozen there show up here."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -174,3 +175,27 @@ def test_emulated_capture_rejects_host_reads_runs_nothing_and_replays_frozen_val
     assert torch.equal(y, want)
     assert torch.equal(z, (want * 2.0) + x)
     assert torch.equal(c, x.double()) and torch.equal(acc, 1 + x) and torch.equal(picked, torch.tensor([2]))
+
+
+def test_a_forward_capture_that_fails_as_it_ends_is_captured_again():
+    """A capture can fail as it ends (an invalidated capture), after the forward's logits were set inside it: no graph
+    is kept, and the bucket's next capture warms up and captures the forward again (it does not replay a graph
+    that does not exist)."""
+    runner = engine("tiny-1l").engine.decoder
+    with EmulatedCudaGraphs(runner) as emulated, pytest.MonkeyPatch.context() as patch:
+        real, failed = emulated._graph, []
+
+        @contextlib.contextmanager
+        def fails_once(graph, **kwargs):
+            with real(graph, **kwargs) as g:
+                yield g
+            if not failed:
+                failed.append(graph)
+                raise RuntimeError("operation not permitted when stream is capturing (injected)")
+
+        patch.setattr(torch.cuda, "graph", fails_once)
+        with pytest.raises(RuntimeError, match="injected"):
+            runner.capture(1, "greedy")
+        assert 1 in runner._logits and 1 not in runner._forward_graphs
+        graphs = runner.capture(1, "greedy")
+    assert runner.graphs[(1, "greedy")] is graphs and graphs.forward is not failed[0]

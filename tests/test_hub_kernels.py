@@ -14,8 +14,12 @@ def test_kernels_is_the_installed_distribution_not_our_directory(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     ours = types.ModuleType("kernels")
     ours.__file__ = str(ROOT / "kernels" / "__init__.py")  # our directory, imported under the top-level name
+    ours_moe = types.ModuleType("kernels.moe")  # ... with its modules
+    ours_moe.__file__ = str(ROOT / "kernels" / "moe.py")
     monkeypatch.setitem(sys.modules, "kernels", ours)
+    monkeypatch.setitem(sys.modules, "kernels.moe", ours_moe)
     import_hub_kernels()
+    assert sys.modules.get("kernels.moe") is not ours_moe
     try:
         importlib.metadata.version("kernels")
     except importlib.metadata.PackageNotFoundError:  # not installed (transformers < 5.25): left unimported
