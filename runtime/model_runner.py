@@ -504,12 +504,7 @@ class ModelRunner:
     def capture(self, bucket: int, variant: str) -> StepGraphs:
         """Warm up (compiles kernels) and capture the bucket's forward (once per bucket) and the sampler form, with
         padding-only inputs, which write nothing."""
-        self._fill([], bucket)
-        # the forward graph's output (set inside its capture: kept only with the graph), which no kernel writes but
-        # the graph's replays: the warm-up reads it (a garbage token would index the sampler's state)
-        logits = self._logits.get(bucket) if bucket in self._forward_graphs else None
-        if logits is not None:
-            self._forward_graphs[bucket].replay()
+        logits = self._padded_logits(bucket)
         stream = self._capture_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -527,6 +522,17 @@ class ModelRunner:
             self._sample(self._logits[bucket], bucket, variant)
         self.graphs[(bucket, variant)] = StepGraphs(self._forward_graphs[bucket], sample)
         return self.graphs[(bucket, variant)]
+
+    def _padded_logits(self, bucket: int) -> torch.Tensor | None:
+        """Stage padding-only inputs and return the bucket's forward-graph logits after a replay on them, for a
+        warm-up that reads them (no kernel writes them but the graph's replays: unreplayed, they are unwritten pool
+        memory, and a garbage token would index the sampler's state); None while the forward is not captured (its
+        logits are set inside the capture, so one that failed leaves them without a graph)."""
+        self._fill([], bucket)
+        if bucket not in self._forward_graphs:
+            return None
+        self._forward_graphs[bucket].replay()
+        return self._logits[bucket]
 
     def _capture_stream(self) -> torch.cuda.Stream:
         if self._side_stream is None:  # one for every capture: each new stream would get its own cuBLAS workspace
@@ -569,12 +575,11 @@ class ModelRunner:
         after the step's graphs when the batch asks for them."""
         if bucket not in self._forward_graphs:
             self.capture(bucket, VARIANTS[0])
-        self._fill([], bucket)
-        self._forward_graphs[bucket].replay()  # on padding: the warm-up reads its logits
+        logits = self._padded_logits(bucket)
         stream = self._capture_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._logprobs(self._logits[bucket], bucket)  # warm-up
+            self._logprobs(logits, bucket)  # warm-up
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):

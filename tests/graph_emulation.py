@@ -214,9 +214,10 @@ class _Recorder(TorchDispatchMode):
         if problem:
             raise CaptureError(f"inside a CUDA graph capture: {func} -- {problem}")
         name = func.overloadpacket.__name__
+        inputs = list(_flat_tensors([args, kwargs.values()]))
         if name in NO_KERNEL:  # metadata or an allocation, which a capture does: unwritten memory
             out = func(*args, **kwargs)
-            if name.startswith("empty") and not any(out is a for a in _flat_tensors([args, kwargs.values()])):
+            if name.startswith("empty") and not any(out is a for a in inputs):
                 poison(out)
                 self.emulator.allocated(out)
             return out
@@ -226,14 +227,13 @@ class _Recorder(TorchDispatchMode):
                 return out  # a view: nothing to run again
             for t in _tensors(out) or ():  # an op that may alias made a copy: a kernel, which the capture does not run
                 poison(t)
-                self.emulator.allocated(t)
         else:
             out = _not_run(func, args, kwargs)
         outputs = [] if out is None else _tensors(out)  # None: an in-place op with no result (its effect replays)
         if outputs is None:
             raise CaptureError(f"inside a CUDA graph capture: {func} returned {type(out).__name__}, a host value")
         for t in outputs:
-            if not any(t is a for a in _flat_tensors([args, kwargs.values()])):
+            if not any(t is a for a in inputs):
                 self.emulator.allocated(t)
         self.emulator.reads(func, args, kwargs.values())
         self.graph.kernels.append(("torch", func, args, kwargs, outputs))
