@@ -1,11 +1,13 @@
 """Configs of the MoE kernels (kernels/moe.py): the token buckets, the default block sizes per bucket, the tuning
-candidates, warm-up tuning on the GPU and its on-disk cache. A config is keyed on the layer's dimensions, dtype, GPU
-and expert weight form, never on the token count (the bucket stands for it); everything is resolved at warm-up,
-before graph capture, and QWEN2RT_MOE_CONFIG (a JSON object) pins one config for every bucket."""
+candidates, warm-up tuning on the GPU and its on-disk cache. A config is keyed on the layer's dimensions, dtype, GPU,
+expert weight form and kernels_version() (Triton's version and the kernels' source), never on the token count (the
+bucket stands for it); everything is resolved at warm-up, before graph capture, and QWEN2RT_MOE_CONFIG (a JSON
+object) pins one config for every bucket."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -68,12 +70,37 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+# the modules whose source the MoE kernels and their launcher are built from (kernels/, beside this file)
+KERNEL_SOURCES = ("moe.py", "moe_config.py", "quant.py", "gemv.py", "rmsnorm.py", "swiglu.py")
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_version() -> str:
+    """The Triton version and a hash of KERNEL_SOURCES: a config was timed against these kernels by this compiler, so
+    an edit of either makes a new key (tuned again at the next warm-up) instead of reusing a choice timed against
+    other code (the same reason Triton's own cache keys hold the kernel's source)."""
+    import triton
+
+    digest = hashlib.sha256()
+    for name in KERNEL_SOURCES:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+            digest.update(f.read())
+    return f"triton{triton.__version__}-{digest.hexdigest()[:12]}"
+
+
 def config_key(hidden: int, inter: int, num_experts: int, top_k: int, shared_inter: int, dtype: torch.dtype,
                bucket: str, device: torch.device, weights: str = "") -> str:
-    """weights: weight_tag of the experts ("" for float weights, the key of the float kernels)."""
+    """weights: weight_tag of the experts ("" for float weights, the key of the float kernels). The second field is
+    kernels_version()."""
     gpu = _device_name(device)
-    return (f"{gpu}|H{hidden}|I{inter}|E{num_experts}|k{top_k}|S{shared_inter}|{str(dtype).replace('torch.', '')}"
-            f"{'|' + weights if weights else ''}|{bucket}")
+    return (f"{gpu}|{kernels_version()}|H{hidden}|I{inter}|E{num_experts}|k{top_k}|S{shared_inter}|"
+            f"{str(dtype).replace('torch.', '')}{'|' + weights if weights else ''}|{bucket}")
+
+
+def _same_layer(a: str, b: str) -> bool:
+    """Two cache keys of the same GPU and layer form, whatever their kernels_version."""
+    fa, fb = a.split("|"), b.split("|")
+    return fa[:1] + fa[2:] == fb[:1] + fb[2:]
 
 
 def cache_path() -> str:
@@ -150,7 +177,8 @@ def tune(x_like: torch.Tensor, router, gate_up, down, top_k: int, renormalize: b
     _tuned[key] = best
     _resolved.clear()
     try:
-        cache = _load_cache()
+        # entries of this layer timed against other kernels are dropped: the file keeps one per GPU and layer form
+        cache = {k: v for k, v in _load_cache().items() if not _same_layer(k, key)}
         cache[key] = best
         os.makedirs(os.path.dirname(cache_path()), exist_ok=True)
         with open(cache_path(), "w") as f:

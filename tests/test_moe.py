@@ -354,13 +354,21 @@ def test_configs_tuning_cache_and_pin(tmp_path, monkeypatch):
     monkeypatch.setattr(moe_config, "_tuned", {})  # this test's tuning stays in this test
     monkeypatch.setattr(moe_config, "_resolved", {})
     layer = make_layer(5, 64, 32, 0, torch.float32, seed=2)
+    key = moe_mod.config_key(64, 32, 5, 2, 0, torch.float32, "decode", DEVICE)
+    assert key.split("|")[1] == moe_config.kernels_version()
+    # a config of this layer timed against other kernels (another Triton or kernel source): not used, and replaced
+    # when the layer is tuned; another layer's entry is kept
+    stale = key.replace(moe_config.kernels_version(), "triton0.0.0-000000000000")
+    other = moe_mod.config_key(64, 48, 5, 2, 0, torch.float32, "decode", DEVICE)
+    (tmp_path / "moe_configs.json").write_text(json.dumps({stale: {"BLOCK_K": 512}, other: {"BLOCK_K": 16}}))
+    assert moe_mod.get_config(key, "decode")["BLOCK_K"] != 512
+    assert moe_mod.get_config(other, "decode")["BLOCK_K"] == 16
     candidates = [{"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 1}, {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 1}]
     fake_ms = iter([2.0, 1.0])  # the second candidate "wins"
     best = moe_mod.tune(torch.empty(1, 64, device=DEVICE), layer["router"], layer["gate_up"], layer["down"], 2,
                         False, tokens=3, candidates=candidates, bench=lambda fn: (fn(), next(fake_ms))[1])
     assert best == dict(candidates[1], FOLD_SHARED=True)  # the decode default: no shared expert, nothing to flip
-    key = moe_mod.config_key(64, 32, 5, 2, 0, torch.float32, "decode", DEVICE)
-    assert json.load(open(tmp_path / "moe_configs.json"))[key] == best
+    assert json.load(open(tmp_path / "moe_configs.json")) == {key: best, other: {"BLOCK_K": 16}}
     assert moe_mod.get_config(key, "decode") == dict(moe_mod.DEFAULT_CONFIGS["decode"], **best)
     # a foldable shared expert: the best block sizes are timed again with the shared expert separate, which "wins"
     shared = make_layer(5, 64, 32, 64, torch.float32, seed=2)
@@ -373,6 +381,13 @@ def test_configs_tuning_cache_and_pin(tmp_path, monkeypatch):
     assert json.load(open(tmp_path / "moe_configs.json"))[shared_key] == tuned
     monkeypatch.setenv("QWEN2RT_MOE_CONFIG", json.dumps({"BLOCK_K": 128}))
     assert moe_mod.get_config(key, "decode")["BLOCK_K"] == 128
+    # the version hashes the kernels' sources: one file fewer is another version
+    monkeypatch.setattr(moe_config, "KERNEL_SOURCES", moe_config.KERNEL_SOURCES[:-1])
+    moe_config.kernels_version.cache_clear()
+    try:
+        assert moe_config.kernels_version() != key.split("|")[1]
+    finally:
+        moe_config.kernels_version.cache_clear()
     # a tuned config gives the same result as the default one
     x = torch.randn(3, 64, device=DEVICE)
     check(x, layer, 2, False, None, torch.float32, config=candidates[1])
