@@ -81,6 +81,7 @@ class LinearPart:
     fused: QuantizedWeight
     start: int
     stop: int
+    takes_perm: bool = True  # False for an expert's rows of the flattened MoE weights: one layout for all experts
 
 
 def _destinations(config: Qwen2Config, w: ModelWeights) -> dict[str, torch.Tensor | LinearPart]:
@@ -113,7 +114,7 @@ def _destinations(config: Qwen2Config, w: ModelWeights) -> dict[str, torch.Tenso
                     down = mlp.down.rows(e * hidden, (e + 1) * hidden)
                 else:
                     gate_up, down = mlp.gate_up[e], mlp.down[e]
-                _mlp_destinations(dst, p + f"mlp.experts.{e}.", gate_up, down)
+                _mlp_destinations(dst, p + f"mlp.experts.{e}.", gate_up, down, takes_perm=False)
             if mlp.shared_gate_up is not None:
                 _mlp_destinations(dst, p + "mlp.shared_expert.", mlp.shared_gate_up, mlp.shared_down)
                 dst[p + "mlp.shared_expert_gate.weight"] = mlp.shared_gate
@@ -122,18 +123,18 @@ def _destinations(config: Qwen2Config, w: ModelWeights) -> dict[str, torch.Tenso
     return dst
 
 
-def _linear(dst, module, fused, start, stop):
+def _linear(dst, module, fused, start, stop, takes_perm=True):
     if isinstance(fused, QuantizedWeight):
-        dst[module] = LinearPart(fused, start, stop)
+        dst[module] = LinearPart(fused, start, stop, takes_perm)
     else:
         dst[module + ".weight"] = fused[start:stop]
 
 
-def _mlp_destinations(dst, prefix, gate_up, down):
+def _mlp_destinations(dst, prefix, gate_up, down, takes_perm=True):
     inter = gate_up.shape[0] // 2
-    _linear(dst, prefix + "gate_proj", gate_up, 0, inter)
-    _linear(dst, prefix + "up_proj", gate_up, inter, 2 * inter)
-    _linear(dst, prefix + "down_proj", down, 0, down.shape[0])
+    _linear(dst, prefix + "gate_proj", gate_up, 0, inter, takes_perm)
+    _linear(dst, prefix + "up_proj", gate_up, inter, 2 * inter, takes_perm)
+    _linear(dst, prefix + "down_proj", down, 0, down.shape[0], takes_perm)
 
 
 def expected_tensors(config: Qwen2Config) -> dict[str, tuple[tuple[int, ...], bool]]:
@@ -276,6 +277,9 @@ def _load_quantized_linears(linears: dict[str, LinearPart], q: QuantConfig, read
                 g_idx = read(name + ".g_idx").to(device)
                 converted = gptq_to_layout(q, read(name + ".qweight").to(device), read(name + ".qzeros").to(device),
                                            read(name + ".scales").to(device), g_idx, name)
+                if converted.perm is not None and not part.takes_perm:
+                    raise QuantizationError(f"tensor {name + '.g_idx'!r} orders the inputs by act-order groups (not "
+                                            "input order): MoE experts take GPTQ weights without act-order only")
                 if first_g_idx is None:
                     first_g_idx = (name, g_idx)
                     part.fused.perm = converted.perm

@@ -412,6 +412,20 @@ def test_bad_g_idx(tmp_path):
         LLM(str(tmp_path), device="cpu")
 
 
+def test_moe_expert_with_act_order_g_idx_is_an_error(tmp_path):
+    """The flattened expert weights have one input order for every expert: an expert whose g_idx is an act-order
+    permutation (desc_act false in config.json notwithstanding) is an error naming it, not a lost permutation (the
+    same checkpoint with input-order g_idx loads: test_quantized_moe_checkpoint_matches_hf)."""
+    write_quantized_moe(tmp_path / "q", tmp_path / "f", method="gptq", bits=4, group=32)
+
+    def act_order(t):
+        t["model.layers.0.mlp.experts.1.down_proj.g_idx"] = t["model.layers.0.mlp.experts.1.down_proj.g_idx"].flip(0)
+    edit_tensors(tmp_path / "q", act_order)
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.mlp\.experts\.1\.down_proj\.g_idx' orders the "
+                                              r"inputs by act-order groups"):
+        LLM(str(tmp_path / "q"), device="cpu")
+
+
 def test_quantization_argument_errors(tmp_path, hf_checkpoints):
     write_quantized(tmp_path, method="awq")
     with pytest.raises(ValueError, match=r"quantization = 'int8'.*already quantized \(awq 4-bit"):
