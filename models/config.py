@@ -195,18 +195,17 @@ def _validate(c: Qwen2Config) -> None:
 # ---- parsing config.json ---------------------------------------------------------------------------------------
 
 def _parse_rope(d: dict) -> tuple[float, RopeScaling]:
-    """rope theta and scaling from either spelling."""
-    params = d.get("rope_parameters")
-    source = "rope_parameters"
-    if params is None:
-        params = d.get("rope_scaling")
-        source = "rope_scaling"
-    params = dict(params or {})
-    if not isinstance(params, dict):
-        _fail(source, params, "must be an object")
+    """rope theta and scaling from either spelling. As in transformers 5 (`rope_scaling or rope_parameters`), a
+    non-empty rope_scaling wins over rope_parameters: Qwen2.5's model cards tell users to add a YaRN rope_scaling to
+    config.json, which transformers 5 saves with a rope_parameters of its own."""
+    for source in ("rope_scaling", "rope_parameters"):
+        if d.get(source) is not None and not isinstance(d[source], dict):
+            _fail(source, d[source], "must be an object")
+    source = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    params = dict(d.get(source) or {})
     if params and all(isinstance(v, dict) for v in params.values()):
         _fail(source, params, "per-layer-type rope parameters are not supported")
-    theta = params.pop("rope_theta", d.get("rope_theta", 10000.0))
+    theta = params.pop("rope_theta", d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     if rope_type not in ROPE_TYPES:

@@ -46,6 +46,12 @@ def test_both_spellings_give_the_same_config():
     # "type" spelled as "rope_type" inside rope_scaling works too
     c = dict(HUB_2024, rope_scaling={"factor": 4.0, "original_max_position_embeddings": 32768, "rope_type": "yarn"})
     assert config_from_dict(c) == a
+    # a transformers-5 folder to which the model card's YaRN rope_scaling was added: rope_scaling wins, as in
+    # transformers 5; theta stays the model's (rope_parameters'), where transformers 5.25 falls back to 10000
+    tf5_default = dict(TF5, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    assert config_from_dict(tf5_default).rope_scaling.rope_type == "default"
+    assert config_from_dict(dict(tf5_default, rope_scaling=HUB_2024["rope_scaling"])) == a
+    assert config_from_dict(dict(tf5_default, rope_scaling=None)) == config_from_dict(tf5_default)
 
 
 def test_moe_config_and_builtin_matches_published():
@@ -102,6 +108,7 @@ def test_rope_frequencies_match_hf(rope):
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type"),
     ({"rope_scaling": {"type": "linear"}}, "rope_scaling.factor"),
     ({"rope_scaling": {"type": "yarn", "factor": 4.0, "low_freq_factor": 1}}, "rope_scaling.low_freq_factor"),
+    ({"rope_scaling": [4.0, "yarn"]}, "rope_scaling"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"num_key_value_heads": 5}, "num_key_value_heads"),
     ({"torch_dtype": "int8"}, "dtype"),
