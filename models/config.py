@@ -93,6 +93,20 @@ class Qwen2Config:
         )
 
     @property
+    def max_context(self) -> int:
+        """The longest sequence the model takes: max_position_embeddings, or the length its rope scaling extends to
+        when longer (vLLM's rule: YaRN original_max_position_embeddings x factor, linear max_position_embeddings x
+        factor). Qwen2.5's model cards add YaRN factor 4 over 32768 positions for 131072-token contexts."""
+        rs = self.rope_scaling
+        if rs.rope_type == "yarn":
+            scaled = rs.original_max_position_embeddings * rs.factor
+        elif rs.rope_type == "linear":
+            scaled = self.max_position_embeddings * rs.factor
+        else:
+            scaled = 0
+        return max(self.max_position_embeddings, int(scaled))
+
+    @property
     def qkv_size(self) -> int:
         return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
 

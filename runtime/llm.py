@@ -73,7 +73,8 @@ class LLM:
     model: a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json, ...) or a built-in
     shape name (random weights): see `qwen2rt.models.BUILTIN_CONFIGS`.
     Defaults: CUDA if present else CPU; bf16 on GPU, fp32 on CPU; backend `triton` on CUDA, `torch` on CPU;
-    max_seq_len = the model's max_position_embeddings; max_batch_size 16. The KV cache holds num_kv_blocks blocks
+    max_seq_len = the model's context (Qwen2Config.max_context: max_position_embeddings, or longer with a YaRN or
+    linear rope scaling in config.json); max_batch_size 16. The KV cache holds num_kv_blocks blocks
     of block_size tokens (default: enough for max_batch_size full-length sequences, capped at 85% of free GPU
     memory, or 4 GiB on CPU).
     Decode runs as CUDA graphs (per batch bucket in cuda_graph_buckets, plus max_batch_size: the forward, and each
@@ -148,10 +149,11 @@ class LLM:
                              f"({', '.join(sorted(BUILTIN_CONFIGS))})")
         self.config: Qwen2Config = builtin_config(model) if builtin else load_config(model)
         cfg = self.config
-        self.max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
-        if not (isinstance(self.max_seq_len, int) and 2 <= self.max_seq_len <= cfg.max_position_embeddings):
-            raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer in "
-                             f"[2, max_position_embeddings={cfg.max_position_embeddings}]")
+        self.max_seq_len = cfg.max_context if max_seq_len is None else max_seq_len
+        if not (isinstance(self.max_seq_len, int) and 2 <= self.max_seq_len <= cfg.max_context):
+            scaled = " (with its rope scaling)" if cfg.max_context != cfg.max_position_embeddings else ""
+            raise ValueError(f"max_seq_len = {max_seq_len!r}: must be an integer in [2, {cfg.max_context}], the "
+                             f"model's context{scaled}")
         if at_load is not None and cfg.quantization is not None:
             raise ValueError(f"quantization = {quantization!r}: {model} is already quantized "
                              f"({cfg.quantization.describe()}); it loads as it is, without quantization=")

@@ -43,6 +43,8 @@ def test_both_spellings_give_the_same_config():
     assert a == b
     assert a.rope_scaling.rope_type == "yarn" and a.rope_scaling.factor == 4.0
     assert a.rope_theta == 1e6 and a.dtype == "bfloat16" and a.head_dim == 128 and a.eos_token_id == (151645,)
+    assert a.max_context == 131072 and a.max_position_embeddings == 32768  # YaRN factor 4 over 32768 positions
+    assert config_from_dict(dict(HUB_2024, rope_scaling=None)).max_context == 32768
     # "type" spelled as "rope_type" inside rope_scaling works too
     c = dict(HUB_2024, rope_scaling={"factor": 4.0, "original_max_position_embeddings": 32768, "rope_type": "yarn"})
     assert config_from_dict(c) == a

@@ -159,6 +159,20 @@ def test_scaled_rope_matches_hf(rope_extra, max_pos, tmp_path):
     assert rel_err(llm.logits(ids), hf_logits(hf, ids)) < 1e-4
 
 
+def test_yarn_extends_the_context_past_max_position_embeddings(tmp_path):
+    """Qwen2.5's model-card setup: max_position_embeddings stays the trained length and YaRN factor 4 over it is
+    added; the context (the default max_seq_len) is 4x that, and a prompt past max_position_embeddings matches HF."""
+    hf = build_hf_model("dense", seed=6, max_position_embeddings=32,
+                        rope_extra={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
+    path = save_hf_model(hf, tmp_path / "ckpt")
+    llm = LLM(path, device="cpu", dtype="float32", max_batch_size=1)
+    assert llm.max_seq_len == llm.config.max_context == 128
+    ids = random_prompt(100, hf.config.vocab_size, 7)
+    assert rel_err(llm.logits(ids), hf_logits(hf, ids)) < 1e-4
+    with pytest.raises(ValueError, match=r"must be an integer in \[2, 128\], the model's context \(with its rope"):
+        LLM(path, device="cpu", dtype="float32", max_seq_len=129)
+
+
 def test_triton_backend_padded_decode_batch(hf_checkpoints):
     """Three prompts decode padded into the 4-row bucket (the rows a CUDA graph replays), each equal to HF."""
     path, hf = hf_checkpoints["moe_sparse_step_sharded"]
