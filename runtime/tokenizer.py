@@ -80,7 +80,7 @@ class HFTokenizer(Tokenizer):
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
             template = {t.get("name"): t.get("template") for t in template}.get("default")
         jinja_path = os.path.join(model_dir, "chat_template.jinja")
-        if template is None and os.path.isfile(jinja_path):
+        if os.path.isfile(jinja_path):  # the file takes priority over tokenizer_config.json's, as in transformers
             with open(jinja_path, encoding="utf-8") as f:
                 template = f.read()
         self.chat_template = template

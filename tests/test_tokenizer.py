@@ -107,3 +107,21 @@ def test_chat_template_input_errors(tokenizers):
         ours.apply_chat_template([])
     with pytest.raises(ValueError, match=r"messages\[1\]"):
         ours.apply_chat_template([{"role": "user", "content": "a"}, {"content": "b"}])
+
+
+def test_chat_template_file_takes_priority_over_tokenizer_config(qwen_tokenizer_dir, tmp_path):
+    """A chat_template.jinja beside a tokenizer_config.json that has a template of its own: the file wins, as in
+    transformers (and the config's template is used when there is no file)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(qwen_tokenizer_dir, tmp_path, dirs_exist_ok=True)
+    messages = [{"role": "user", "content": "hi"}]
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    config_rendered = HFTokenizer(str(tmp_path)).apply_chat_template(messages, add_generation_prompt=True)
+    assert "hi" in config_rendered
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}FILE:{{ m['content'] }}{% endfor %}")
+    ours = HFTokenizer(str(tmp_path)).apply_chat_template(messages, add_generation_prompt=True)
+    assert ours == "FILE:hi" == AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False)
