@@ -14,6 +14,7 @@ into its rows of the fused QuantizedWeight. A floating-point checkpoint can be q
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -60,11 +61,36 @@ def checkpoint_files(model_dir: str) -> dict[str, list[str] | None]:
         for path in files:
             if not os.path.isfile(path):
                 raise CheckpointError(f"{index_path} lists shard {os.path.basename(path)}, which does not exist")
+        if os.path.isfile(os.path.join(model_dir, SINGLE_FILE)) and os.path.join(model_dir, SINGLE_FILE) not in files:
+            # vLLM reads what the index lists too; transformers reads the single file instead
+            log.warning("%s: both %s and %s are present; loading the shards the index lists and ignoring %s",
+                        model_dir, INDEX_FILE, SINGLE_FILE, SINGLE_FILE)
         return files
     single = os.path.join(model_dir, SINGLE_FILE)
     if os.path.isfile(single):
         return {single: None}
     raise CheckpointError(f"{model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+
+
+def untie_distinct_lm_head(model_dir: str, config: Qwen2Config) -> Qwen2Config:
+    """config.json ties the lm_head to the embeddings, yet the checkpoint holds an lm_head.weight with other values:
+    -> the config untied (a warning says so), as transformers 5 loads such a folder (vLLM drops the tensor). An
+    lm_head.weight equal to the embeddings (what exports that ship one hold) keeps the model tied."""
+    if not config.tie_word_embeddings:
+        return config
+    found = _scan(checkpoint_files(model_dir))
+    names = ("model.embed_tokens.weight", "lm_head.weight")
+    if not all(n in found for n in names) or found[names[0]][1] != found[names[1]][1]:
+        return config  # nothing to compare: load_weights names what is missing or mis-shaped
+    tensors = []
+    for name in names:
+        with _open(found[name][0]) as f:
+            tensors.append(f.get_tensor(name))
+    if torch.equal(*tensors):
+        return config
+    log.warning("%s: config.json ties the embeddings, but the checkpoint's lm_head.weight differs from them: loading "
+                "it as an untied lm_head, as transformers does", model_dir)
+    return dataclasses.replace(config, tie_word_embeddings=False)
 
 
 def _open(path: str):
@@ -204,12 +230,13 @@ def load_weights(model_dir: str, config: Qwen2Config, device, dtype: torch.dtype
             raise CheckpointError(f"tensor {name!r} in {path} has dtype {st_dtype}, expected a float type")
         if not is_float and st_dtype != "I32":
             raise CheckpointError(f"tensor {name!r} in {path} has dtype {st_dtype}, expected I32 (packed int32)")
+    tied_head = False
     if "lm_head.weight" in found and config.tie_word_embeddings:
         path, got, _ = found["lm_head.weight"]
         if got != (config.vocab_size, config.hidden_size):
             raise CheckpointError(f"tensor 'lm_head.weight' in {path} has shape {list(got)}, expected "
                                   f"{[config.vocab_size, config.hidden_size]}")
-        log.info("tied embeddings: ignoring the checkpoint's lm_head.weight, as Hugging Face does")
+        tied_head = True  # compared with the embeddings once they are read
 
     scale_dtype = dtype
     if config.quantization is not None:  # keep the checkpoint's scales dtype (fp16): exact, whatever the model dtype
@@ -243,6 +270,10 @@ def load_weights(model_dir: str, config: Qwen2Config, device, dtype: torch.dtype
 
         for name in sorted(plain, key=lambda n: found[n][0]):  # file by file
             plain.pop(name).copy_(read(name))
+        if tied_head and not torch.equal(read("lm_head.weight").to(weights.embed), weights.embed):
+            raise CheckpointError(f"{model_dir}: config.json ties the embeddings, but the checkpoint's lm_head.weight "
+                                  "differs from them (untie_distinct_lm_head(model_dir, config) first loads it as "
+                                  "transformers does, untied)")
         fused = [part.fused for part in linears.values()]
         try:
             if config.quantization is not None:

@@ -15,7 +15,7 @@ import torch
 
 from qwen2rt.models.backend import default_backend_name, get_backend
 from qwen2rt.models.config import BUILTIN_CONFIGS, Qwen2Config, builtin_config, load_config
-from qwen2rt.models.loader import load_weights
+from qwen2rt.models.loader import load_weights, untie_distinct_lm_head
 from qwen2rt.models.quant import QuantConfig, at_load_config, check_fp8_device
 from qwen2rt.models.qwen2 import Qwen2Model, random_weights
 from qwen2rt.models.rope import RotaryTables
@@ -168,6 +168,7 @@ class LLM:
                 weights = random_weights(cfg, self.device, self.dtype, seed=self.seed, quantization=at_load)
                 self.tokenizer: Tokenizer | None = ByteTokenizer(cfg.vocab_size)
             else:
+                cfg = self.config = untie_distinct_lm_head(model, cfg)
                 weights = load_weights(model, cfg, self.device, self.dtype, quantization=at_load)
                 self.tokenizer = load_tokenizer(model)
                 gc_path = os.path.join(model, "generation_config.json")

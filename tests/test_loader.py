@@ -134,6 +134,19 @@ def test_sharded_missing_shard_and_bad_index(hf_checkpoints, tmp_path):
         LLM(path, device="cpu")
 
 
+def test_index_beside_a_single_file_is_read_and_the_file_named(hf_checkpoints, tmp_path, caplog):
+    """A sharded folder with a stray model.safetensors (an older download): the index's shards are read, as vLLM
+    does, and a warning names the file left unread (transformers would read that one instead)."""
+    path = copy(hf_checkpoints["dense_tied_mha_sharded"][0], tmp_path / "c")
+    first = load_weights(path, load_config(path), "cpu", torch.float32)
+    stray = {n: torch.full_like(t, 7.0) for n, t in load_file(os.path.join(
+        path, sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))[0])).items()}
+    save_file(stray, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    w = load_weights(path, load_config(path), "cpu", torch.float32)
+    assert torch.equal(w.embed, first.embed) and torch.equal(w.final_norm, first.final_norm)
+    assert "ignoring model.safetensors" in caplog.text
+
+
 def test_no_weights(hf_checkpoints, tmp_path):
     os.makedirs(tmp_path / "c")
     shutil.copy(os.path.join(hf_checkpoints["dense_gqa"][0], "config.json"), tmp_path / "c")
@@ -141,12 +154,29 @@ def test_no_weights(hf_checkpoints, tmp_path):
         LLM(str(tmp_path / "c"), device="cpu")
 
 
-def test_tied_checkpoint_that_still_ships_lm_head(hf_checkpoints, tmp_path):
-    """Some exports of tied models keep lm_head.weight; like HF we ignore it (and check its shape)."""
-    src, hf = hf_checkpoints["dense_gqa"]
+def test_tied_checkpoint_that_still_ships_lm_head(hf_checkpoints, tmp_path, caplog):
+    """Some exports of tied models keep lm_head.weight: equal to the embeddings, the model stays tied (one tensor);
+    different, it is loaded untied, as transformers 5 does (with a warning), never dropped silently."""
+    import transformers
+
+    src, _ = hf_checkpoints["dense_gqa"]
     path = copy(src, tmp_path / "c")
     cfg = json.load(open(os.path.join(path, "config.json")))
     cfg["tie_word_embeddings"] = True
     json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    # a distinct lm_head: load_weights with the tied config refuses; LLM unties, and matches transformers
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from them"):
+        load_weights(path, load_config(path), "cpu", torch.float32)
+    llm = LLM(path, device="cpu", dtype="float32")
+    assert not llm.config.tie_word_embeddings and llm.model.weights.lm_head is not llm.model.weights.embed
+    assert "differs from them: loading it as an untied lm_head" in caplog.text
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = list(range(3, 40))
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0]
+    assert ((llm.logits(ids) - expected).abs().max() / expected.abs().max()).item() < 1e-4
+    # the same values as the embeddings: tied, one tensor
+    rewrite_single(path, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
     w = load_weights(path, load_config(path), "cpu", torch.float32)
     assert w.lm_head is w.embed
+    assert LLM(path, device="cpu", dtype="float32").config.tie_word_embeddings
