@@ -122,11 +122,17 @@ class Engine:
         if plan is None:
             return None
         kind, work = plan
+        seqs = [s for s, _, _ in work] if kind == "prefill" else list(work)
+        try:
+            launched = self.runner.launch_prefill(work) if kind == "prefill" else self.runner.launch_decode(work)
+        except BaseException:
+            # a launch that fails part-way may already have sampled (the slots' penalty counts and next input ids
+            # written) with the host none the wiser: its sequences cannot go on consistently, so they end here
+            for seq in seqs:
+                self.abort(seq)
+            raise
         if kind == "prefill":
-            launched = self.runner.launch_prefill(work)
             self.scheduler.prefilled(work)
-        else:
-            launched = self.runner.launch_decode(work)
         self.scheduler.launched(launched.seqs)
         return launched
 

@@ -266,6 +266,9 @@ class LLM:
             params = SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"SamplingParams.stop = {params.stop!r}: stop strings match the generated text, and "
+                             f"{self.model_name} ships no tokenizer.json (stop_token_ids work without one)")
         return params.resolved(self.generation_defaults)
 
     def _new_sequence(self, prompt, params: SamplingParams) -> Sequence:
@@ -371,7 +374,7 @@ class LLM:
 
     def logits(self, token_ids) -> torch.Tensor:
         """Full-sequence logits of one token-id list: float32 [len(token_ids), vocab]."""
-        _, ids = self._encode(list(token_ids) if not isinstance(token_ids, str) else token_ids)
+        _, ids = self._encode(token_ids if isinstance(token_ids, (str, torch.Tensor)) else list(token_ids))
         with self._lock, self._on_device:
             return self.engine.prompt_logits(ids)
 

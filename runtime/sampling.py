@@ -83,8 +83,8 @@ def _validate(p: SamplingParams) -> None:
         bad("max_tokens", "must be an integer >= 1")
     if p.temperature is not None and not (_is_num(p.temperature) and p.temperature >= 0):
         bad("temperature", "must be a number >= 0 (0 is greedy)")
-    if p.top_k is not None and not (_is_int(p.top_k) and p.top_k >= -1):
-        bad("top_k", "must be an integer >= 1, or 0 / -1 to disable")
+    if p.top_k is not None and not (_is_int(p.top_k) and -1 <= p.top_k < 2 ** 31):
+        bad("top_k", "must be an integer in [1, 2**31), or 0 / -1 to disable")  # an int64 row of the sampler
     if p.top_p is not None and not (_is_num(p.top_p) and 0 < p.top_p <= 1):
         bad("top_p", "must be in (0, 1]")
     if p.min_p is not None and not (_is_num(p.min_p) and 0 <= p.min_p <= 1):

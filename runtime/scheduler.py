@@ -46,10 +46,15 @@ class Scheduler:
         self._decode_turn = False
 
     def add(self, seq: Sequence) -> None:
+        if seq.submitted:
+            state = f"finished ({seq.finish_reason})" if seq.finished else "queued or running"
+            raise ValueError(f"sequence {seq.id} was already submitted and is {state}: a sequence runs once; make a "
+                             "new request for another run")
         need = self.cache.blocks_for(seq.max_len)
         if need > self.cache.num_blocks:
             raise ValueError(f"request needs {need} KV cache blocks ({seq.max_len} tokens) but the cache holds "
                              f"{self.cache.num_blocks}; lower max_tokens or give the cache more blocks")
+        seq.submitted = True
         self.waiting.append(seq)
 
     def has_work(self) -> bool:

@@ -35,6 +35,7 @@ class Sequence:
         self._text_len = 0
         self.emitted = 0  # characters of self.text handed to a stream
         self.hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may still be forming
+        self.submitted = False  # queued once (Scheduler.add): a sequence runs once
         self.blocks: list[int] = []
         self.slot: int | None = None  # row in the sampler state while running
         self.seed: int | None = params.seed  # the engine draws one at admission when the request has none

@@ -71,6 +71,10 @@ class HFTokenizer(Tokenizer):
         from tokenizers import Tokenizer as _Tok
 
         self._tok = _Tok.from_file(os.path.join(model_dir, "tokenizer.json"))
+        # a tokenizer.json saved after a truncating or padding call keeps those settings: transformers (and so
+        # vLLM) turn them off for a plain encode, and a prompt must never be cut or padded silently
+        self._tok.no_truncation()
+        self._tok.no_padding()
         cfg = {}
         cfg_path = os.path.join(model_dir, "tokenizer_config.json")
         if os.path.isfile(cfg_path):

@@ -206,6 +206,52 @@ def test_request_level_api(tiny):
     assert long.finished and tiny.kv_cache.num_free_blocks == tiny.kv_cache.num_blocks and not tiny.has_unfinished()
 
 
+def test_a_sequence_runs_once(tiny):
+    """Submitting a sequence again (queued, running, finished or aborted) is an error that leaks nothing: it would
+    otherwise be admitted twice, holding a slot and blocks for ever."""
+    seq = tiny.new_request("once", GREEDY)
+    tiny.submit([seq])
+    with pytest.raises(ValueError, match="already submitted and is queued or running"):
+        tiny.submit([seq])
+    while not seq.finished:
+        tiny.step()
+    with pytest.raises(ValueError, match=r"already submitted and is finished \(length\)"):
+        tiny.submit([seq])
+    twice = tiny.new_request("twice", GREEDY)
+    with pytest.raises(ValueError, match="already submitted"):
+        tiny.submit([twice, twice])  # all or none: the first is aborted too
+    assert twice.finish_reason == "abort"
+    tiny.abort([seq])
+    assert not tiny.has_unfinished() and tiny.kv_cache.num_free_blocks == tiny.kv_cache.num_blocks
+    assert len(tiny.engine.free_slots) == tiny.max_batch_size
+
+
+def test_a_step_that_fails_after_sampling_ends_its_sequences(tiny, monkeypatch):
+    """A launch that raises after the sampler ran (here the log-probabilities: an out-of-memory error, say) has
+    already advanced its sequences' sampler state: they are aborted, not continued from a state the host does not
+    know (which gave wrong tokens, silently). Another caller's request in that step ends too; the LLM stays usable
+    and its next requests are unaffected."""
+    import qwen2rt.model_runner as runner
+
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, repetition_penalty=1.3)
+    want = tiny.generate("the other request", params)[0].token_ids
+    real, calls = runner.token_logprobs, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (injected)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(runner, "token_logprobs", failing)
+    other = tiny.new_request("the other request", params)
+    tiny.submit([other])
+    with pytest.raises(RuntimeError, match="injected"):
+        tiny.generate("asks for logprobs", SamplingParams(max_tokens=8, temperature=0, logprobs=1))
+    assert other.finish_reason == "abort"
+    assert not tiny.has_unfinished() and tiny.kv_cache.num_free_blocks == tiny.kv_cache.num_blocks
+    assert tiny.generate("the other request", params)[0].token_ids == want
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dtype="int8"), "dtype 'int8' is not supported"),
     (dict(backend="cuda-magic"), "unknown backend 'cuda-magic'"),
@@ -239,6 +285,12 @@ def test_folder_without_tokenizer(hf_checkpoints):
         m.generate("text")
     out = m.generate([[1, 2, 3]], GREEDY)[0]
     assert out.text is None and len(out.token_ids) == 24
+    # stop strings match text: without a tokenizer they would be ignored, so they are an error
+    with pytest.raises(ValueError, match=r"SamplingParams.stop = \('x',\): .*ships no tokenizer.json"):
+        m.generate([[1, 2, 3]], SamplingParams(max_tokens=4, stop="x"))
+    assert m.generate([[1, 2, 3]], GREEDY)[0].token_ids == out.token_ids
+    # token ids as a tensor: the same logits as a list
+    assert torch.equal(m.logits(torch.tensor([1, 2, 3])), m.logits([1, 2, 3]))
 
 
 def test_builtin_weights_are_deterministic_per_seed():

@@ -16,7 +16,7 @@ from qwen2rt.sampling import (TOPK_CANDIDATES, SamplerState, apply_penalties, de
 
 @pytest.mark.parametrize("field, value", [
     ("max_tokens", 0), ("max_tokens", 2.5), ("temperature", -0.1), ("temperature", float("nan")),
-    ("top_k", -2), ("top_k", 1.5), ("top_p", 0.0), ("top_p", 1.01), ("min_p", -0.1), ("min_p", 2),
+    ("top_k", -2), ("top_k", 1.5), ("top_k", 2 ** 63), ("top_p", 0.0), ("top_p", 1.01), ("min_p", -0.1), ("min_p", 2),
     ("repetition_penalty", 0.0), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("stop", ""),
     ("stop", ["ok", ""]), ("stop_token_ids", [-1]), ("stop_token_ids", ["a"]), ("ignore_eos", 1),
     ("seed", -5), ("seed", "x"),

@@ -256,6 +256,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "a", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "top_p": 1.5}, 400, "top_p"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "top_k": -2}, 400, "top_k"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "top_k": 2 ** 63}, 400, "top_k"),  # not the whole batch's 500
     ("/v1/completions", {"model": MODEL, "prompt": "a", "min_p": 2}, 400, "min_p"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "presence_penalty": 3}, 400, "presence_penalty"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "frequency_penalty": -3}, 400, "frequency_penalty"),

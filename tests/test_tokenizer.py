@@ -125,3 +125,23 @@ def test_chat_template_file_takes_priority_over_tokenizer_config(qwen_tokenizer_
     ours = HFTokenizer(str(tmp_path)).apply_chat_template(messages, add_generation_prompt=True)
     assert ours == "FILE:hi" == AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(
         messages, add_generation_prompt=True, tokenize=False)
+
+
+def test_truncation_and_padding_saved_in_tokenizer_json_are_off(qwen_tokenizer_dir, tmp_path):
+    """A tokenizer.json saved after a truncating / padding call keeps those settings; transformers turns them off
+    for a plain encode, and so must we: a prompt is never cut or padded silently."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(qwen_tokenizer_dir, tmp_path, dirs_exist_ok=True)
+    text = "The quick brown fox jumps over the lazy dog and keeps running far away."
+    f = tmp_path / "tokenizer.json"
+    d = json.loads(f.read_text())
+    d["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    d["padding"] = {"strategy": {"Fixed": 24}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 151643,
+                    "pad_type_id": 0, "pad_token": "<|endoftext|>"}
+    f.write_text(json.dumps(d))
+    ids = HFTokenizer(str(tmp_path)).encode(text)
+    assert len(ids) == 15 and ids == AutoTokenizer.from_pretrained(str(tmp_path))(text)["input_ids"]
