@@ -59,6 +59,7 @@ class Parsed:
     params: object  # SamplingParams
     stream: bool
     include_usage: bool
+    max_tokens_field: str | None = None  # the request field that set max_tokens; None: a default did
 
 
 def _check_fields(body: dict, allowed: set[str]) -> None:
@@ -88,10 +89,12 @@ def _unsupported(body: dict, chat: bool) -> None:
         raise RequestError(f"n = {n}: only n = 1 is supported", param="n")
     if body.get("logit_bias"):
         raise RequestError("logit_bias is not supported", param="logit_bias")
-    if chat:
-        for name in ("tools", "tool_choice"):
-            if body.get(name) is not None:
-                raise RequestError(f"{name} is not supported (no tool calling)", param=name)
+    if chat:  # no tool calling: tools absent or empty, and a tool_choice that calls none
+        if body.get("tools"):
+            raise RequestError("tools is not supported (no tool calling)", param="tools")
+        if body.get("tool_choice") not in (None, "none", "auto"):
+            raise RequestError(f"tool_choice = {body['tool_choice']!r} is not supported (no tool calling)",
+                               param="tool_choice")
         fmt = body.get("response_format")
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise RequestError("response_format other than {'type': 'text'} is not supported", param="response_format")
@@ -118,7 +121,9 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return 0 if top is None else top
 
 
-def _sampling_params(body: dict, max_tokens, logprobs: int | None = None):
+def _sampling_params(body: dict, max_tokens, logprobs: int | None = None, fields: dict | None = None):
+    """fields: SamplingParams field -> the request field that set it, where the names differ (errors name the
+    request's)."""
     from .sampling import SamplingParams
 
     stop = body.get("stop")
@@ -137,7 +142,10 @@ def _sampling_params(body: dict, max_tokens, logprobs: int | None = None):
             ignore_eos=_typed(body, "ignore_eos", "bool"), seed=_typed(body, "seed", "int"), logprobs=logprobs)
     except ValueError as e:
         field = _SAMPLING_FIELD.search(str(e))
-        raise RequestError(str(e), param=field.group(1) if field else None) from None
+        if field is None:
+            raise RequestError(str(e)) from None
+        name = (fields or {}).get(field.group(1), field.group(1))
+        raise RequestError(str(e).replace(field.group(0), name), param=name) from None
 
 
 def _stream_options(body: dict) -> tuple[bool, bool]:
@@ -166,9 +174,10 @@ def parse_completion(body: dict) -> Parsed:
     if not (isinstance(prompt, str) or (is_ids and prompt)):
         raise RequestError("'prompt' must be a string or a list of token ids (one prompt per request)",
                            param="prompt")
-    params = _sampling_params(body, _typed(body, "max_tokens", "int"), _logprobs(body, chat=False))
+    max_tokens = _typed(body, "max_tokens", "int")
+    params = _sampling_params(body, max_tokens, _logprobs(body, chat=False))
     stream, include_usage = _stream_options(body)
-    return Parsed(prompt, params, stream, include_usage)
+    return Parsed(prompt, params, stream, include_usage, None if max_tokens is None else "max_tokens")
 
 
 def _message_text(content, index: int) -> str:
@@ -186,7 +195,8 @@ def _message_text(content, index: int) -> str:
 
 def parse_chat(body: dict, tokenizer, max_seq_len: int, default_max_tokens: bool) -> Parsed:
     """A /v1/chat/completions body -> Parsed, the prompt rendered with the checkpoint's chat template. With no
-    max_completion_tokens / max_tokens (and none in generation_config.json) the reply may fill the context."""
+    max_completion_tokens / max_tokens (and none in generation_config.json) the reply may fill the context (the
+    server caps that default to what the KV cache can hold)."""
     import jinja2
 
     _check_fields(body, _CHAT_FIELDS)
@@ -209,14 +219,15 @@ def parse_chat(body: dict, tokenizer, max_seq_len: int, default_max_tokens: bool
         prompt = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, **kwargs)
     except (ValueError, TypeError, jinja2.TemplateError) as e:
         raise RequestError(f"the chat template failed on these messages: {e}", param="messages") from None
-    max_tokens = _typed(body, "max_completion_tokens", "int")
-    if max_tokens is None:
-        max_tokens = _typed(body, "max_tokens", "int")
+    field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _typed(body, field, "int")
+    explicit = max_tokens is not None
     if max_tokens is None and default_max_tokens:
         max_tokens = max_seq_len  # a sequence stops at the end of the context: this is "the rest of the context"
-    params = _sampling_params(body, max_tokens, _logprobs(body, chat=True))
+    params = _sampling_params(body, max_tokens, _logprobs(body, chat=True),
+                              {"max_tokens": field, "logprobs": "top_logprobs"})
     stream, include_usage = _stream_options(body)
-    return Parsed(prompt, params, stream, include_usage)
+    return Parsed(prompt, params, stream, include_usage, field if explicit else None)
 
 
 # ---- responses ----------------------------------------------------------------------------------------------------
@@ -557,11 +568,25 @@ def build_app(llm, served_model_name: str | None = None):
                                param="model", code="model_not_found")
         return body
 
-    def new_sequence(parsed: Parsed):
+    # the most tokens one request may reserve: the context, or all of the KV cache when that is smaller
+    reservable = min(llm.max_seq_len, llm.kv_cache.num_blocks * llm.kv_cache.block_size)
+
+    def new_sequence(parsed: Parsed, chat: bool):
         try:
-            return llm.new_request(parsed.prompt, parsed.params)
+            seq = llm.new_request(parsed.prompt, parsed.params)
         except ValueError as e:
-            raise RequestError(str(e), param="prompt") from None
+            raise RequestError(str(e), param="messages" if chat else "prompt") from None
+        prompt_len, asked = len(seq.prompt_ids), seq.params.max_tokens
+        if parsed.max_tokens_field is not None and prompt_len + asked > llm.max_seq_len:
+            # as OpenAI and vLLM answer it; a default max_tokens is capped by the context instead
+            raise RequestError(f"This model's maximum context length is {llm.max_seq_len} tokens. However, you "
+                               f"requested {prompt_len + asked} tokens ({prompt_len} in the "
+                               f"{'messages' if chat else 'prompt'}, {asked} in the completion). Please reduce the "
+                               f"length of the {'messages' if chat else 'prompt'} or completion.",
+                               param=parsed.max_tokens_field, code="context_length_exceeded")
+        if parsed.max_tokens_field is None:  # a default: never more than the cache can hold
+            seq.max_len = min(seq.max_len, max(reservable, prompt_len + 1))
+        return seq
 
     async def wait_or_disconnect(request: Request, req: ServerRequest) -> bool:
         """Wait for the request's end; False (and the request aborted) if the client disconnects first."""
@@ -585,7 +610,7 @@ def build_app(llm, served_model_name: str | None = None):
                 parsed = parse_chat(body, llm.tokenizer, llm.max_seq_len, "max_tokens" not in llm.generation_defaults)
             else:
                 parsed = parse_completion(body)
-            seq = new_sequence(parsed)
+            seq = new_sequence(parsed, chat)
             req = await state["driver"].submit(seq, "chat" if chat else "completions")
         except RequestError as e:
             return error(e)

@@ -65,7 +65,11 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live():
-    llm = LLM(MODEL, **LLM_ARGS)
+    yield from serve(LLM(MODEL, **LLM_ARGS))
+
+
+def serve(llm):
+    """A uvicorn server of `llm` on a free port for the generator's life -> Live."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -284,11 +288,17 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "logprobs": 1}, 400, "logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "top_logprobs": 1}, 400, "needs 'logprobs'"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "logprobs": True, "top_logprobs": 30}, 400,
-     "logprobs"),
+     "top_logprobs = 30"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tools": [{}]}, 400, "tool"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "response_format": {"type": "json_object"}}, 400,
      "response_format"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "max_completion_tokens": -1}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "max_completion_tokens": -1}, 400,
+     "max_completion_tokens = -1"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x" * 200, "max_tokens": 100}, 400,
+     "maximum context length is 256 tokens. However, you requested 300 tokens (200 in the prompt, 100 in the "
+     "completion)"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "max_tokens": 250}, 400, "maximum context length"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "chat_template_kwargs": 3}, 400,
      "chat_template_kwargs"),
 ]
@@ -300,6 +310,38 @@ def test_bad_requests_get_openai_errors(live, route, body, status, words):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert words in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_error_params_and_codes_name_what_the_request_sent(live):
+    cases = [({"prompt": "x" * 200, "max_tokens": 100}, "max_tokens", "context_length_exceeded"),
+             ({"messages": USER, "max_completion_tokens": 250}, "max_completion_tokens", "context_length_exceeded"),
+             ({"messages": USER, "max_completion_tokens": -1}, "max_completion_tokens", None),
+             ({"messages": USER, "logprobs": True, "top_logprobs": 30}, "top_logprobs", None),
+             ({"messages": [{"role": "user", "content": "x" * 300}]}, "messages", None)]
+    for body, param, code in cases:
+        route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        error = live.post(route, dict(body, model=MODEL)).json()["error"]
+        assert (error["param"], error["code"]) == (param, code), error
+    # a default max_tokens is capped by the context, not refused: the reply ends at it
+    r = live.post("/v1/completions", {"model": MODEL, "prompt": "x" * 250, "ignore_eos": True}).json()
+    assert r["usage"]["completion_tokens"] == 6 and r["choices"][0]["finish_reason"] == "length"
+    # "no tools", spelled the ways clients send it
+    for extra in ({"tools": []}, {"tool_choice": "none"}, {"tools": [], "tool_choice": "auto"}):
+        r = live.post("/v1/chat/completions", dict(model=MODEL, messages=USER, max_tokens=2, **extra))
+        assert r.status_code == 200, r.text
+    assert live.idle()
+
+
+def test_chat_without_max_tokens_fits_a_cache_smaller_than_the_context():
+    """The chat default (the rest of the context) is capped to what the KV cache holds: a server whose cache is
+    smaller than one context still answers, and the reply ends at the cache's end."""
+    llm = LLM(MODEL, **dict(LLM_ARGS, num_kv_blocks=4, block_size=16))  # 64 tokens of cache, a 256-token context
+    for live in serve(llm):
+        r = live.post("/v1/chat/completions", {"model": MODEL, "messages": USER, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 64
+        assert r.json()["choices"][0]["finish_reason"] == "length" and live.idle()
 
 
 def test_errors_through_the_client_and_the_server_keeps_serving(live):
