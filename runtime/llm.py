@@ -227,12 +227,16 @@ class LLM:
         return max(1, min(wanted, budget // per_block))
 
     # ---- inputs -----------------------------------------------------------------------------------------------
-    def _encode(self, prompt) -> tuple[str | None, list[int]]:
+    def _encode(self, prompt, generating: bool = True) -> tuple[str | None, list[int]]:
+        """-> (text or None, token ids), checked; generating: room for one more token is needed too."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"{self.model_name} ships no tokenizer.json: pass token ids instead of text")
             ids = self.tokenizer.encode(prompt)
             text = prompt
+            if ids and max(ids) >= self.config.vocab_size:  # an embedding lookup past the table: a device assert
+                raise ValueError(f"the tokenizer encodes this text to id {max(ids)}, outside the model's vocabulary "
+                                 f"[0, {self.config.vocab_size}): tokenizer.json does not match config.json")
         else:
             if isinstance(prompt, torch.Tensor):
                 prompt = prompt.tolist()
@@ -244,9 +248,9 @@ class LLM:
             ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("prompt is empty (0 tokens)")
-        if len(ids) >= self.max_seq_len:
+        if len(ids) > self.max_seq_len or (generating and len(ids) == self.max_seq_len):
             raise ValueError(f"prompt has {len(ids)} tokens but the context holds {self.max_seq_len} "
-                             f"(max_seq_len), leaving no room to generate")
+                             f"(max_seq_len){', leaving no room to generate' if generating else ''}")
         return text, ids
 
     def _normalise_prompts(self, prompts) -> list:
@@ -374,7 +378,8 @@ class LLM:
 
     def logits(self, token_ids) -> torch.Tensor:
         """Full-sequence logits of one token-id list: float32 [len(token_ids), vocab]."""
-        _, ids = self._encode(token_ids if isinstance(token_ids, (str, torch.Tensor)) else list(token_ids))
+        _, ids = self._encode(token_ids if isinstance(token_ids, (str, torch.Tensor)) else list(token_ids),
+                              generating=False)
         with self._lock, self._on_device:
             return self.engine.prompt_logits(ids)
 

@@ -105,6 +105,10 @@ def test_context_limit(tiny):
         tiny.generate([[1] * 256], GREEDY)
     out = tiny.generate([[1] * 250], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 6  # stopped by the context, not max_tokens
+    # logits generate nothing: a whole context of tokens is fine, one more is not
+    assert tiny.logits([1] * 256).shape == (256, tiny.config.vocab_size)
+    with pytest.raises(ValueError, match=r"prompt has 257 tokens but the context holds 256 \(max_seq_len\)$"):
+        tiny.logits([1] * 257)
 
 
 def test_seeded_sampling_is_reproducible_in_any_batch(tiny):
@@ -138,6 +142,16 @@ def test_bad_input_then_engine_still_works(tiny, call, match):
             call(tiny)
     assert tiny.kv_cache.num_free_blocks == free
     assert tiny.generate("abc", GREEDY)[0].token_ids == before
+
+
+def test_text_encoded_past_the_vocabulary_is_an_error(tiny, monkeypatch):
+    """A tokenizer.json with more ids than config.json's vocabulary: a clear error, not an embedding lookup past
+    the table (on a GPU, a device-side assert that ends the process's CUDA context)."""
+    monkeypatch.setattr(tiny.tokenizer, "encode", lambda text: [1, tiny.config.vocab_size])
+    with pytest.raises(ValueError, match=f"id {tiny.config.vocab_size}, outside the model's vocabulary"):
+        tiny.generate("x", GREEDY)
+    monkeypatch.undo()
+    assert len(tiny.generate("x", GREEDY)[0].token_ids) == GREEDY.max_tokens
 
 
 def test_request_larger_than_the_cache_is_an_error():
