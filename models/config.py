@@ -253,6 +253,25 @@ def _parse_rope(d: dict) -> tuple[float, RopeScaling]:
     return float(theta), RopeScaling(**kwargs)
 
 
+def _sliding_layers(d: dict, moe: bool) -> tuple[list[int], str]:
+    """(the layers transformers runs with sliding-window attention, the config field that decides): config.json's
+    layer_types when it has them, else transformers' rules from use_sliding_window and max_window_layers (dense:
+    the layers from max_window_layers on, when sliding_window is set; MoE: the even layers below it). Qwen2-7B's
+    use_sliding_window true with max_window_layers 28 of 28 layers slides none."""
+    layer_types = d.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list):
+            _fail("layer_types", layer_types, "must be a list of attention types, one per layer")
+        return [i for i, t in enumerate(layer_types) if t != "full_attention"], "layer_types"
+    if not d.get("use_sliding_window", False):
+        return [], "use_sliding_window"
+    first = d.get("max_window_layers", 28)
+    layers = range(d.get("num_hidden_layers", 0))
+    if moe:
+        return [i for i in layers if i % 2 == 0 and i < first], "use_sliding_window"
+    return [i for i in layers if d.get("sliding_window") is not None and i >= first], "use_sliding_window"
+
+
 def config_from_dict(d: dict) -> Qwen2Config:
     """Build a validated config from the contents of a Hugging Face `config.json`."""
     archs = d.get("architectures")
@@ -273,11 +292,11 @@ def config_from_dict(d: dict) -> Qwen2Config:
     hidden_act = d.get("hidden_act", "silu")
     if hidden_act != "silu":
         _fail("hidden_act", hidden_act, "only silu is supported")
-    layer_types = d.get("layer_types")
-    if layer_types is not None and any(t != "full_attention" for t in layer_types):
-        if not d.get("use_sliding_window", False):
-            bad = sorted(set(layer_types) - {"full_attention"})
-            _fail("layer_types", bad, "only full_attention layers are supported")
+    moe = arch == "Qwen2MoeForCausalLM"
+    sliding, field = _sliding_layers(d, moe)
+    if sliding:
+        _fail(field, d.get(field), f"layers {sliding[:8]}{' ...' if len(sliding) > 8 else ''} would use sliding-window "
+              "attention, which is not supported yet")
     heads = d["num_attention_heads"]
     theta, scaling = _parse_rope(d)
     quantization = None
@@ -293,7 +312,6 @@ def config_from_dict(d: dict) -> Qwen2Config:
     mlp_only = d.get("mlp_only_layers") or []
     if not isinstance(mlp_only, list):
         _fail("mlp_only_layers", mlp_only, "must be a list of layer indices")
-    moe = arch == "Qwen2MoeForCausalLM"
     return Qwen2Config(
         architecture=arch,
         vocab_size=d["vocab_size"],
@@ -308,11 +326,11 @@ def config_from_dict(d: dict) -> Qwen2Config:
         rope_scaling=scaling,
         max_position_embeddings=d.get("max_position_embeddings", 32768),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        qkv_bias=bool(d.get("qkv_bias", True)),
+        qkv_bias=bool(d.get("qkv_bias", True)) if moe else True,  # dense Qwen2 always has them (transformers)
         dtype=d.get("dtype") or d.get("torch_dtype"),
         eos_token_id=eos,
-        use_sliding_window=bool(d.get("use_sliding_window", False)),
-        sliding_window=d.get("sliding_window"),
+        use_sliding_window=False,  # no layer slides (checked above), whatever the flag says
+        sliding_window=None,  # no layer slides: a window of none
         num_experts=d.get("num_experts", 60) if moe else 0,
         num_experts_per_tok=d.get("num_experts_per_tok", 4) if moe else 0,
         moe_intermediate_size=d.get("moe_intermediate_size", 1408) if moe else 0,

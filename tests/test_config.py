@@ -56,6 +56,24 @@ def test_both_spellings_give_the_same_config():
     assert config_from_dict(dict(tf5_default, rope_scaling=None)) == config_from_dict(tf5_default)
 
 
+def test_sliding_window_flags_that_slide_no_layer_are_accepted():
+    """transformers' rules: Qwen2-7B's use_sliding_window true with max_window_layers 28 of 28 layers (or no
+    sliding_window) slides no layer, so the model is the full-attention one; Qwen2-MoE slides its even layers
+    below max_window_layers (none when it is 0); explicit layer_types decide alone. Dense Qwen2 always has qkv
+    biases, whatever a qkv_bias key says (transformers reads it for MoE only)."""
+    base = config_from_dict(HUB_2024)
+    for change in ({"use_sliding_window": True}, {"use_sliding_window": True, "max_window_layers": 0,
+                                                  "sliding_window": None},
+                   {"use_sliding_window": True, "max_window_layers": 0, "layer_types": ["full_attention"] * 28},
+                   {"qkv_bias": False}):
+        assert config_from_dict(dict(HUB_2024, **change)) == base, change
+    moe = config_from_dict(MOE_2024)
+    assert config_from_dict(dict(MOE_2024, use_sliding_window=True, max_window_layers=0)) == moe
+    with pytest.raises(ConfigError, match=r"'use_sliding_window'.*layers \[0, 2\]"):
+        config_from_dict(dict(MOE_2024, use_sliding_window=True, max_window_layers=3))
+    assert not config_from_dict(dict(MOE_2024, qkv_bias=False)).qkv_bias
+
+
 def test_moe_config_and_builtin_matches_published():
     c = config_from_dict(MOE_2024)
     assert c.is_moe and all(c.is_moe_layer(i) for i in range(24))
@@ -106,7 +124,8 @@ def test_rope_frequencies_match_hf(rope):
 
 @pytest.mark.parametrize("change, field", [
     ({"architectures": ["LlamaForCausalLM"]}, "architectures"),
-    ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"use_sliding_window": True, "max_window_layers": 20}, "use_sliding_window"),  # layers 20-27 would slide
+    ({"layer_types": ["full_attention"] * 27 + ["sliding_attention"]}, "layer_types"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type"),
     ({"rope_scaling": {"type": "linear"}}, "rope_scaling.factor"),
     ({"rope_scaling": {"type": "yarn", "factor": 4.0, "low_freq_factor": 1}}, "rope_scaling.low_freq_factor"),
