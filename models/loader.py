@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_EMPTY_SHARED_EXPERT = re.compile(r"model\.layers\.\d+\.mlp\.shared_expert\.(gate|up|down)_proj\.weight")
 _LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
@@ -217,6 +219,13 @@ def load_weights(model_dir: str, config: Qwen2Config, device, dtype: torch.dtype
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{model_dir}: tensor {missing[0]!r}{more} is missing from the checkpoint")
     ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()  # tied: some exports still ship it
+    if config.is_moe and not config.shared_expert_intermediate_size:
+        # transformers saves a MoE without a shared expert with one of width 0 (empty weights) and its gate, whose
+        # output it multiplies by that expert's zeros: nothing to load
+        for name, (_, shape, _) in found.items():
+            if _EMPTY_SHARED_EXPERT.fullmatch(name) and 0 in shape:
+                ignorable.add(name)
+                ignorable.add(name.split(".shared_expert.")[0] + ".shared_expert_gate.weight")
     unexpected = sorted(set(found) - set(expected) - ignorable)
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""

@@ -173,6 +173,17 @@ def test_yarn_extends_the_context_past_max_position_embeddings(tmp_path):
         LLM(path, device="cpu", dtype="float32", max_seq_len=129)
 
 
+def test_moe_without_a_shared_expert_matches_hf(tmp_path):
+    """shared_expert_intermediate_size 0: transformers saves a shared expert of width 0 (empty weights) and its
+    gate, which contribute nothing; the checkpoint loads as a MoE without a shared expert."""
+    hf = build_hf_model("moe", seed=8, shared_expert_intermediate_size=0)
+    path = save_hf_model(hf, tmp_path / "ckpt")
+    llm = LLM(path, device="cpu", dtype="float32", max_seq_len=64, max_batch_size=1)
+    assert llm.model.weights.layers[0].mlp.shared_gate_up is None
+    ids = random_prompt(20, hf.config.vocab_size, 8)
+    assert rel_err(llm.logits(ids), hf_logits(hf, ids)) < 1e-4
+
+
 def test_triton_backend_padded_decode_batch(hf_checkpoints):
     """Three prompts decode padded into the 4-row bucket (the rows a CUDA graph replays), each equal to HF."""
     path, hf = hf_checkpoints["moe_sparse_step_sharded"]
