@@ -1,7 +1,8 @@
 """Sampling parameters and the sampler.
 
-Order of the logits transforms (Hugging Face's and vLLM's): repetition / presence / frequency penalties, then
-temperature (0 = greedy), top-k, top-p, min-p, then one draw. The draw is an exponential race (argmax of p / E
+Order of the logits transforms (Hugging Face's and vLLM V0's; vLLM V1 applies min-p before top-k / top-p, which
+keeps fewer tokens when min-p and top-p both cut): repetition / presence / frequency penalties, then temperature
+(below GREEDY_TEMPERATURE: greedy), top-k, top-p, min-p, then one draw. The draw is an exponential race (argmax of p / E
 with E ~ Exp(1)), which samples from p exactly; the uniforms behind E are a hash of (request seed, step, token id),
 so a seeded request gets the same tokens whatever else is in the batch, and the whole sampler runs on the device
 with static shapes and no generator state: it is captured inside the decode CUDA graph. Three forms of it
@@ -22,12 +23,14 @@ DEFAULTS = dict(max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, r
                 presence_penalty=0.0, frequency_penalty=0.0, stop=(), stop_token_ids=(), ignore_eos=False,
                 seed=None, logprobs=None)
 MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's top_logprobs limit)
+# a temperature below this is greedy (vLLM's _SAMPLING_EPS): logits divided by a subnormal temperature overflow
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to generate. A field left as None takes the checkpoint's generation_config.json value, else the
-    default in `DEFAULTS`. temperature 0 is greedy; top_k 0 (or -1) disables top-k."""
+    default in `DEFAULTS`. temperature 0 (or below GREEDY_TEMPERATURE) is greedy; top_k 0 (or -1) disables top-k."""
 
     max_tokens: int | None = None
     temperature: float | None = None
@@ -64,7 +67,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature is not None and self.temperature < GREEDY_TEMPERATURE
 
 
 def _is_int(x) -> bool:
@@ -143,7 +146,7 @@ class SamplingRows:
 
 def row_values(p: SamplingParams, seed: int, step: int, slot: int) -> tuple:
     """One row of SamplingRows, in FIELDS order."""
-    return (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+    return (0.0 if p.greedy else p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
             p.frequency_penalty, seed, step, slot)
 
 

@@ -111,6 +111,12 @@ def test_context_limit(tiny):
         tiny.logits([1] * 257)
 
 
+def test_a_subnormal_temperature_decodes_greedily(tiny):
+    want = tiny.generate("abc", GREEDY)[0].token_ids
+    tiny_t = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=1e-40, ignore_eos=True)
+    assert tiny.generate("abc", tiny_t)[0].token_ids == want
+
+
 def test_seeded_sampling_is_reproducible_in_any_batch(tiny):
     p = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
     alone = tiny.generate("abc", p)[0].token_ids

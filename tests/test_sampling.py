@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from qwen2rt import SamplingParams
-from qwen2rt.sampling import (TOPK_CANDIDATES, SamplerState, apply_penalties, defaults_from_generation_config,
-                              filter_sorted_logits, hash_uniform, ordered_candidates, row_values, rows_tensor,
-                              sample_tokens, sampler_variant)
+from qwen2rt.sampling import (GREEDY_TEMPERATURE, TOPK_CANDIDATES, SamplerState, apply_penalties,
+                              defaults_from_generation_config, filter_sorted_logits, hash_uniform, ordered_candidates,
+                              row_values, rows_tensor, sample_tokens, sampler_variant)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -300,3 +300,13 @@ def test_seeds_give_different_draws_at_later_steps():
     assert len(set(by_seed.tolist())) > n - 8 and len(set(by_step.tolist())) > n - 8
     again = sample_tokens(logits[:2], rows_for([p] * 2, [0, 1], [5, 5], [state.padding_slot] * 2), state)
     assert torch.equal(again, by_seed[:2])
+
+
+def test_a_temperature_below_greedy_temperature_is_greedy():
+    """Logits divided by a subnormal temperature overflow (the Triton sampler then drew garbage): below 1e-5, as in
+    vLLM, a request is greedy, and its sampler row says temperature 0."""
+    for t in (0.0, 1e-40, GREEDY_TEMPERATURE / 2):
+        p = SamplingParams(temperature=t).resolved()
+        assert p.greedy and row_values(p, 0, 0, 0)[0] == 0.0
+    p = SamplingParams(temperature=GREEDY_TEMPERATURE).resolved()
+    assert not p.greedy and row_values(p, 0, 0, 0)[0] == GREEDY_TEMPERATURE
