@@ -109,7 +109,7 @@ class LinearPart:
     fused: QuantizedWeight
     start: int
     stop: int
-    takes_perm: bool = True  # False for an expert's rows of the flattened MoE weights: one layout for all experts
+    takes_perm: bool = True  # False for MoE experts (the flattened routed ones, the shared one): no act-order
 
 
 def _destinations(config: Qwen2Config, w: ModelWeights) -> dict[str, torch.Tensor | LinearPart]:
@@ -144,7 +144,8 @@ def _destinations(config: Qwen2Config, w: ModelWeights) -> dict[str, torch.Tenso
                     gate_up, down = mlp.gate_up[e], mlp.down[e]
                 _mlp_destinations(dst, p + f"mlp.experts.{e}.", gate_up, down, takes_perm=False)
             if mlp.shared_gate_up is not None:
-                _mlp_destinations(dst, p + "mlp.shared_expert.", mlp.shared_gate_up, mlp.shared_down)
+                _mlp_destinations(dst, p + "mlp.shared_expert.", mlp.shared_gate_up, mlp.shared_down,
+                                  takes_perm=False)  # the expert kernels read it in input order too
                 dst[p + "mlp.shared_expert_gate.weight"] = mlp.shared_gate
         else:
             _mlp_destinations(dst, p + "mlp.", mlp.gate_up, mlp.down)
@@ -319,7 +320,8 @@ def _load_quantized_linears(linears: dict[str, LinearPart], q: QuantConfig, read
                                            read(name + ".scales").to(device), g_idx, name)
                 if converted.perm is not None and not part.takes_perm:
                     raise QuantizationError(f"tensor {name + '.g_idx'!r} orders the inputs by act-order groups (not "
-                                            "input order): MoE experts take GPTQ weights without act-order only")
+                                            "input order): MoE experts (the shared one too) take GPTQ weights "
+                                            "without act-order only")
                 if first_g_idx is None:
                     first_g_idx = (name, g_idx)
                     part.fused.perm = converted.perm

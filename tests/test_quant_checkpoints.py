@@ -424,6 +424,12 @@ def test_moe_expert_with_act_order_g_idx_is_an_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.mlp\.experts\.1\.down_proj\.g_idx' orders the "
                                               r"inputs by act-order groups"):
         LLM(str(tmp_path / "q"), device="cpu")
+    # the shared expert too: the expert kernels read it in place, in input order (it failed at the first forward)
+    write_quantized_moe(tmp_path / "q", tmp_path / "f", method="gptq", bits=4, group=32)
+    shared = "model.layers.0.mlp.shared_expert.down_proj.g_idx"
+    edit_tensors(tmp_path / "q", lambda t: t.update({shared: t[shared].flip(0)}))
+    with pytest.raises(CheckpointError, match=rf"'{shared.replace('.', '[.]')}' orders the inputs"):
+        LLM(str(tmp_path / "q"), device="cpu")
 
 
 def test_quantization_argument_errors(tmp_path, hf_checkpoints):
