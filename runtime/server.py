@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -248,11 +249,16 @@ class TokenLogprob:
 
 
 def token_logprobs(tokenizer, token_ids: list[int], logprobs: list) -> list[TokenLogprob]:
-    """A sequence's output ids and Sequence.logprobs entries -> TokenLogprob per token (each id decoded alone)."""
+    """A sequence's output ids and Sequence.logprobs entries -> TokenLogprob per token (each id decoded alone).
+    A non-finite log-probability (logits that overflowed) is reported as -9999.0, as vLLM does: JSON has no NaN or
+    infinity, and the response must stay valid."""
     def text(token_id):
         return tokenizer.decode([token_id], skip_special_tokens=False)
 
-    return [TokenLogprob(text(t), lp, [(text(a), alp) for a, alp in top])
+    def finite(lp):
+        return lp if math.isfinite(lp) else -9999.0
+
+    return [TokenLogprob(text(t), finite(lp), [(text(a), finite(alp)) for a, alp in top])
             for t, (lp, top) in zip(token_ids, logprobs)]
 
 

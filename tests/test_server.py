@@ -221,6 +221,13 @@ def test_logprobs_equal_the_offline_api(live, offline):
     assert c.tokens == ["He", "llo"] and c.text_offset == [0, 2] and c.top_logprobs[0] == {"He": -0.5, "A": -1.5}
     ch = ChoiceLogprobs(**chat_logprobs(entries))
     assert ch.content[0].top_logprobs[1].token == "A" and ch.content[1].bytes == list(b"llo")
+    # non-finite log-probabilities (overflowed logits) become vLLM's -9999.0: the body stays valid JSON
+    from qwen2rt.server import token_logprobs
+    from qwen2rt.tokenizer import ByteTokenizer
+
+    odd = token_logprobs(ByteTokenizer(300), [104, 105], [(float("-inf"), [(104, float("nan"))]), (-0.25, [])])
+    assert [(e.logprob, e.top) for e in odd] == [(-9999.0, [("h", -9999.0)]), (-0.25, [])]
+    json.dumps(completion_logprobs(odd), allow_nan=False)
 
 
 @pytest.mark.skipif(not HAS_PREFIX_CACHE, reason="this LLM has no prefix caching (enable_prefix_caching) yet")
