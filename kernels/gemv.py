@@ -161,6 +161,8 @@ def gemv_operands(x: torch.Tensor, n: int, bias, norm_weight, residual, swiglu: 
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     m, k = x.shape
+    if k == 0:
+        raise ValueError("x has no columns (K = 0)")
     if swiglu and n % 2:
         raise ValueError(f"swiglu needs an even number of weight rows [gate | up], got {n}")
     width = n // 2 if swiglu else n
@@ -176,9 +178,25 @@ def gemv_operands(x: torch.Tensor, n: int, bias, norm_weight, residual, swiglu: 
         out = torch.empty((m, width), device=x.device, dtype=out_dtype)
     else:
         check_operand("out", out, (m, width), out_dtype, x.device)
-        if _overlap(out, x):  # every program reads all of x's rows while the others write their columns of out
-            raise ValueError("out must not overlap x (it may be residual)")
+        # every program reads all of x's rows (and the bias and norm weight) while the others write their columns
+        # of out; a residual element is read by the program that then writes it: out may be residual itself
+        check_out(out, {"x": x, "bias": bias, "norm_weight": norm_weight, "residual": residual}, may_be=residual)
     return width, out
+
+
+def check_out(out: torch.Tensor, inputs: dict, may_be: torch.Tensor | None = None) -> None:
+    """out [M, N] with a contiguous last dimension: a ValueError if its rows overlap one another or it shares memory
+    with any of `inputs` (name -> tensor with a contiguous last dimension, or None; a 1-D one as one row), except
+    that it may be `may_be` exactly (the same elements in the same places)."""
+    if out.shape[0] > 1 and out.shape[1] and out.stride(0) < out.shape[1]:
+        raise ValueError(f"out's rows overlap one another (row stride {out.stride(0)}, {out.shape[1]} columns)")
+    for name, t in inputs.items():
+        if t is None or (t is may_be and (t.data_ptr(), t.shape, t.stride()) == (out.data_ptr(), out.shape,
+                                                                                  out.stride())):
+            continue
+        if _overlap(out, t if t.ndim == 2 else t.reshape(1, -1)):
+            raise ValueError(f"out must not overlap {name}" + (" (it may be residual itself)" if may_be is not None
+                                                               else ""))
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -188,13 +206,15 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
         start = t.data_ptr()
         return start, start + ((t.shape[0] - 1) * t.stride(0) + t.shape[1]) * t.element_size()
 
+    if a.device.type == "meta" or b.device.type == "meta":  # no memory (tests/aot_sm90.py's launches)
+        return False
     (a0, a1), (b0, b1) = span(a), span(b)
     if a.numel() == 0 or b.numel() == 0 or a1 <= b0 or b1 <= a0:
         return False
     if a.shape[0] == 1 and b.shape[0] == 1:  # the ranges are the elements
         return True
     pitches = {t.stride(0) * t.element_size() for t in (a, b) if t.shape[0] > 1}  # a single row fits any pitch
-    if len(pitches) == 1:
+    if len(pitches) == 1 and 0 not in pitches:
         # each row's bytes as an arc of a circle of the pitch: b's start d bytes after a's
         pitch = pitches.pop()
         d = (b0 - a0) % pitch
@@ -217,7 +237,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     n = weight.shape[0]
     width, out = gemv_operands(x, n, bias, norm_weight, residual, swiglu, out_dtype, out)
     check_operand("weight", weight, (n, k), x.dtype, x.device)
-    if m == 0:
+    check_out(out, {"weight": weight})
+    if m == 0 or width == 0:
         return out
     cfg = config or gemv_config(width, k, swiglu, interpreter=x.device.type == "cpu")
     grid = (triton.cdiv(width, cfg["BLOCK_N"]),)

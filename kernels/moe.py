@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .gemv import check_operand, fused_linear
+from .gemv import check_operand, check_out, fused_linear
 from .moe_config import (DECODE_MAX_TOKENS, DEFAULT_CONFIGS, GEMV_BUCKETS, INTERPRETER_GEMV_TILES,  # noqa: F401
                          TUNING_CANDIDATES, TUNING_TOKENS, cache_path, config_key, get_config, token_bucket, tune,
                          warmup)
@@ -633,6 +633,8 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, 
     scratch buffers in x's dtype ([E, 2I, H] and [E, H, I]: ~3.5 GB for one Qwen2-57B-A14B layer in bf16, reused
     layer after layer by the caching allocator) and the float grouped GEMMs run on them. Which is faster at which
     prompt length is for the tuner to find (it times FOLD_SHARED both ways)."""
+    if x.ndim != 2 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be a float32, float16 or bfloat16 tensor [T, H], got {x.dtype} {list(x.shape)}")
     t, hidden = x.shape
     quantized = isinstance(gate_up, QuantizedWeight)
     num_experts, inter = router.shape[0], moe_sizes(router, gate_up)[1]
@@ -676,6 +678,8 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, 
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {x.dtype} tensor {list(x.shape)} on {x.device}")
+    else:  # out is written before x is last read (the separate shared expert) and the residual added
+        check_out(out, {"x": x, "residual": residual})
     if t == 0:
         return out
     bucket = token_bucket(t)

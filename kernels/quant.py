@@ -547,7 +547,7 @@ def quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None 
     if wk != k:
         raise ValueError(f"x has {k} inputs, the quantized weight {wk}")
     width, out = gemv_operands(x, n, bias, norm_weight, residual, swiglu, out_dtype, out)
-    if m == 0:
+    if m == 0 or width == 0:
         return out
     cfg = config or quant_config(width, k, w.kind, w.group_size, swiglu, interpreter=x.device.type == "cpu")
     meta, groups = _launch_meta(w)
@@ -636,12 +636,16 @@ def quant_linear_gemm(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | 
     if path not in (None, "fused", "dequant"):
         raise ValueError(f"path must be None, 'fused' or 'dequant', got {path!r}")
     _check_weight(w, x.device)
-    from .gemv import check_operand
+    from .gemv import check_operand, check_out
 
     m, k = x.shape
     n = w.shape[0]
+    if k == 0:
+        raise ValueError("x has no columns (K = 0)")
     check_operand("bias", bias, (n,), x.dtype, x.device)
     check_operand("out", out, (m, n), x.dtype, x.device)
+    if out is not None:  # the fused GEMM reads x's rows while other programs write out's
+        check_out(out, {"x": x if x.stride(1) == 1 else None, "bias": bias})
     cfg = config or quant_gemm_config(m, n, k, w.kind, w.group_size, interpreter=x.device.type == "cpu")
     if path is None:
         path = "fused" if cfg is not None and m <= FUSED_GEMM_MAX_ROWS else "dequant"

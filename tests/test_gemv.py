@@ -165,3 +165,38 @@ def test_bad_inputs():
             expected = fused_linear_ref(rows[r, x_cols], square)
             assert_close(fused_linear(rows[r, x_cols], square, out=rows[:, out_cols][r]), expected, torch.float32)
     assert fused_linear(x[:0], w).shape == (0, 16)
+
+
+def test_out_overlapping_any_operand_is_an_error():
+    """out may be the residual itself, element for element; any other overlap with an operand, or rows of out that
+    overlap one another, is a race on the GPU (programs read whole operands while others write out) and gave wrong
+    numbers in the interpreter: a ValueError naming the operand."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 13, generator=g).to(DEVICE)
+    w = (torch.randn(7, 13, generator=g) * 0.3).to(DEVICE)
+    buf = torch.randn(6, 7, generator=g).to(DEVICE)
+    with pytest.raises(ValueError, match=r"out must not overlap residual \(it may be residual itself\)"):
+        fused_linear(x, w, residual=buf[:5], out=buf[1:])  # the residual one row ahead of out
+    norm = torch.randn(13, generator=g).to(DEVICE)
+    with pytest.raises(ValueError, match="out must not overlap norm_weight"):
+        fused_linear(x[:1], w, norm_weight=norm, out=norm[:7].view(1, 7))
+    bias = torch.randn(7, generator=g).to(DEVICE)
+    with pytest.raises(ValueError, match="out must not overlap bias"):
+        fused_linear(x[:1], w, bias, out=bias.view(1, 7))
+    wide = torch.randn(7, 13, generator=g).to(DEVICE)
+    with pytest.raises(ValueError, match="out must not overlap weight"):
+        fused_linear(x[:1], wide, out=wide[0, :7].view(1, 7))
+    with pytest.raises(ValueError, match=r"out's rows overlap one another \(row stride 0, 7 columns\)"):
+        fused_linear(x, w, out=torch.zeros(1, 7, device=DEVICE).expand(5, 7))
+    # the exact alias still works, and x expanded over one row (stride 0) with a separate out too
+    res = buf[:5].clone()
+    expected = fused_linear_ref(x, w, residual=res)
+    assert_close(fused_linear(x, w, residual=res, out=res), expected, torch.float32)
+    assert_close(fused_linear(x[:1].expand(4, 13), w), fused_linear_ref(x[:1].expand(4, 13), w), torch.float32)
+
+
+def test_empty_weight_and_no_columns():
+    x = torch.randn(3, 13, device=DEVICE)
+    assert fused_linear(x, torch.empty(0, 13, device=DEVICE)).shape == (3, 0)
+    with pytest.raises(ValueError, match=r"x has no columns \(K = 0\)"):
+        fused_linear(x[:, :0], torch.empty(7, 0, device=DEVICE))

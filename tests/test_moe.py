@@ -348,6 +348,27 @@ def test_bad_inputs():
                   shared["shared_down"][:, :20], shared["shared_gate"])
 
 
+def test_out_overlapping_x_or_residual_and_bad_dtypes_are_errors():
+    """out is written before x is last read (the separate shared expert) and before the residual is added: out=x
+    or out=residual gave wrong numbers; x's dtype is checked before any path (float64 prefill ran, wrongly)."""
+    layer = make_layer(5, 32, 16, 32, torch.float32, seed=4)
+    args = [layer[n] for n in ("router", "gate_up", "down")] + [2, False, layer["shared_gate_up"],
+                                                               layer["shared_down"], layer["shared_gate"]]
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    res = torch.randn(6, 32, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        fused_moe(x, *args, out=x)
+    with pytest.raises(ValueError, match="out must not overlap residual"):
+        fused_moe(x, *args, residual=res, out=res)
+    for bad in (x.double(), x.int()):
+        with pytest.raises(ValueError, match=f"x must be a float32, float16 or bfloat16 tensor .*got {bad.dtype}"):
+            fused_moe(bad, *args, regime="prefill")
+    out = poisoned(6, 32, dtype=torch.float32)
+    got = fused_moe(x, *args, residual=res, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, fused_moe_ref(x, *args, residual=res), **MOE_TOL[torch.float32])
+
+
 def test_configs_tuning_cache_and_pin(tmp_path, monkeypatch):
     monkeypatch.setenv("QWEN2RT_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("QWEN2RT_MOE_CONFIG", raising=False)

@@ -340,3 +340,17 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="contiguous last dimension"):
         quant_linear(x, QuantizedWeight("int4", w.qweight, w.scales.t().contiguous().t(), w.zeros, 32))
     assert quant_linear(x[:0], w).shape == (0, 16)
+    # out overlapping an operand (but for the residual itself), or rows of out on one another: a race on the GPU
+    buf = torch.randn(4, 16, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with pytest.raises(ValueError, match="out must not overlap residual"):
+        quant_linear(x, w, residual=buf[:3], out=buf[1:])
+    with pytest.raises(ValueError, match="out's rows overlap one another"):
+        quant_linear(x, w, out=torch.zeros(1, 16, device=DEVICE).expand(3, 16))
+    square = quantized(64, 64, "int4-g32")
+    with pytest.raises(ValueError, match="out must not overlap x"):  # the fused GEMM's programs read all of x
+        quant_linear_gemm(x, square, path="fused", out=x)
+    with pytest.raises(ValueError, match="out's rows overlap one another"):
+        quant_linear_gemm(x, square, out=torch.zeros(1, 64, device=DEVICE).expand(3, 64))
+    with pytest.raises(ValueError, match=r"x has no columns \(K = 0\)"):
+        empty = torch.empty(16, 0, device=DEVICE)
+        quant_linear(x[:, :0], QuantizedWeight("int4", empty.to(torch.int32), empty.half(), empty.half(), 32))
