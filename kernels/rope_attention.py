@@ -3,11 +3,14 @@ prefix) and decode (one new token per sequence, split-KV "flash-decoding").
 
 Inputs shared by both:
     qkv          [T, (Hq + 2 Hkv) D]  the packed q/k/v projection output (before RoPE)
-    k_cache, v_cache  [num_blocks, block_size, Hkv, D]
-    cos, sin     [max_positions, D/2] float32 (qwen2rt.models.rope.RotaryTables)
+    k_cache, v_cache  [num_blocks, block_size, Hkv, D]  of qkv's dtype, one shape and strides
+    cos, sin     [max_positions, D/2] float32, contiguous (qwen2rt.models.rope.RotaryTables)
     positions    [T] int64   rotary position of each new token
     slot_mapping [T] int64   cache slot (block * block_size + row) for each new token's k/v; -1 writes nothing
     block_tables [B, max_blocks] int32;  seq_lens [B] int32, the context after this step (0 = padding row)
+The index tensors (positions, slot_mapping, block_tables, seq_lens, prefill's query_start) may be int32 or int64
+and must have unit stride along their last dimension: the kernels index them without a stride. The launchers check
+shapes, dtypes, strides and devices only, never values (they run inside CUDA graphs).
 RoPE is the "rotate half" form: for x = [x1 | x2], x' = [x1 cos - x2 sin | x2 cos + x1 sin]. q is rotated inside
 the attention kernels and never written back; k is rotated on its way into the cache.
 
@@ -365,11 +368,28 @@ def _decode_reduce_kernel(
 
 # ---- launchers --------------------------------------------------------------------------------------------------
 
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_index(name: str, t: torch.Tensor, shape: tuple) -> None:
+    """An index tensor the kernels read at base + i (no stride): `shape`, int32 or int64, unit stride along its last
+    dimension. Shapes, dtypes and strides only (no value is read: the launchers run inside CUDA graphs)."""
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must be {list(shape)}, got {list(t.shape)}")
+    if t.dtype not in INDEX_DTYPES:
+        raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride along its last dimension, got strides {list(t.stride())}")
+
+
 def _check_inputs(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, block_tables, seq_lens, num_heads,
                   num_kv_heads):
     if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must both be [num_blocks, block_size, Hkv, D], got "
                          f"{list(k_cache.shape)} and {list(v_cache.shape)}")
+    if v_cache.dtype != k_cache.dtype or v_cache.device != k_cache.device:
+        raise ValueError(f"v_cache must match k_cache ({k_cache.dtype} on {k_cache.device}), got {v_cache.dtype} on "
+                         f"{v_cache.device}")
     _, _, hkv, d = k_cache.shape
     if hkv != num_kv_heads or num_heads % num_kv_heads:
         raise ValueError(f"cache has {hkv} KV heads; expected num_kv_heads={num_kv_heads} dividing "
@@ -383,14 +403,21 @@ def _check_inputs(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, bloc
                          f"{list(qkv.shape)}")
     if qkv.dtype != k_cache.dtype or qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"qkv ({qkv.dtype}) and the cache ({k_cache.dtype}) must share a float dtype")
-    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.shape != sin.shape or \
-            cos.shape[-1] != d // 2 or not (cos.is_contiguous() and sin.is_contiguous()):
-        raise ValueError(f"cos and sin must be contiguous float32 [max_positions, {d // 2}]")
+    # the kernels read cos[p, i] at p * D/2 + i: a whole contiguous [max_positions, D/2] table
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.dtype != torch.float32 or table.ndim != 2 or table.shape[1] != d // 2 or \
+                not table.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 [max_positions, {d // 2}] table, got "
+                             f"{table.dtype} {list(table.shape)} with strides {list(table.stride())}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos {list(cos.shape)} and sin {list(sin.shape)} must have the same shape")
     t = qkv.shape[0]
-    if positions.shape != (t,) or slot_mapping.shape != (t,):
-        raise ValueError(f"positions and slot_mapping must be [{t}]")
-    if block_tables.ndim != 2 or block_tables.stride(1) != 1 or seq_lens.shape != (block_tables.shape[0],):
-        raise ValueError("block_tables must be [B, max_blocks] with contiguous rows and seq_lens [B]")
+    _check_index("positions", positions, (t,))
+    _check_index("slot_mapping", slot_mapping, (t,))
+    if block_tables.ndim != 2:
+        raise ValueError(f"block_tables must be [B, max_blocks], got {list(block_tables.shape)}")
+    _check_index("block_tables", block_tables, tuple(block_tables.shape))
+    _check_index("seq_lens", seq_lens, (block_tables.shape[0],))
     for name, tensor in (("k_cache", k_cache), ("v_cache", v_cache), ("cos", cos), ("sin", sin),
                          ("positions", positions), ("slot_mapping", slot_mapping), ("block_tables", block_tables),
                          ("seq_lens", seq_lens)):
@@ -433,9 +460,12 @@ def prefill_attention(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, 
     (into `out` if given)."""
     _check_inputs(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, block_tables, seq_lens, num_heads,
                   num_kv_heads)
-    if query_start.shape != (seq_lens.shape[0] + 1,):
-        raise ValueError(f"query_start must be [{seq_lens.shape[0] + 1}]")
+    _check_index("query_start", query_start, (seq_lens.shape[0] + 1,))
+    if query_start.device != qkv.device:
+        raise ValueError(f"query_start is on {query_start.device}, qkv on {qkv.device}")
     t = qkv.shape[0]
+    if t and max_query_len < 1:  # a host int: the grid would be empty and `out` left unwritten
+        raise ValueError(f"max_query_len must be >= 1 for {t} new tokens, got {max_query_len}")
     _, block_size, _, d = k_cache.shape
     out = _output(out, t, num_heads * d, qkv)
     if t == 0:

@@ -454,6 +454,8 @@ def sample(logits: torch.Tensor, rows, counts: torch.Tensor, seen: torch.Tensor,
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     batch, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError(f"logits must hold at least one token (V >= 1), got shape {tuple(logits.shape)}")
     if vocab >= 2 ** 31:
         raise ValueError(f"vocabulary of {vocab} tokens: token ids must fit in 31 bits")
     for name, t, dtype in (("counts", counts, torch.int32), ("seen", seen, torch.bool)):

@@ -38,11 +38,13 @@ def _silu_and_mul_kernel(
 
 
 def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """gate_up [..., 2I] (fp32 / fp16 / bf16) -> [..., I] in the same dtype (into `out` if given)."""
+    """gate_up [..., 2I] (fp32 / fp16 / bf16) -> [..., I] in the same dtype (into `out` if given: contiguous, and
+    sharing no memory with gate_up, whose rows other programs may still be reading)."""
     if gate_up.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"gate_up must be float32, float16 or bfloat16, got {gate_up.dtype}")
-    if gate_up.shape[-1] % 2:
-        raise ValueError(f"gate_up's last dimension must be even ([gate | up]), got {gate_up.shape[-1]}")
+    if gate_up.ndim == 0 or gate_up.shape[-1] == 0 or gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up's last dimension must be even and positive ([gate | up]), got shape "
+                         f"{list(gate_up.shape)}")
     inter = gate_up.shape[-1] // 2
     x = gate_up.reshape(-1, gate_up.shape[-1])
     if x.stride(-1) != 1:
@@ -53,6 +55,10 @@ def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torc
             not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {x.dtype} tensor of {x.shape[0] * inter} elements")
     out = out.view(x.shape[0], inter)
+    from .gemv import _overlap  # gemv imports this module
+
+    if _overlap(out, x):
+        raise ValueError("out must not overlap gate_up")
     if x.shape[0] and inter:
         block = min(1024, triton.next_power_of_2(inter))
         grid = (x.shape[0], triton.cdiv(inter, block))

@@ -103,3 +103,106 @@ def test_qwen2_shapes_bf16_gpu(hidden, tokens):
                          "weight applied as 1 + w": add_rms_norm_ref(xf, resf, 1 + wf, eps)[0]}, BF16_NORM_TOL)
     y_alone = rms_norm(x, w, eps, out=poisoned(tokens, hidden, dtype=torch.bfloat16))
     assert_bf16_close(y_alone, rms_norm_ref(xf, wf, eps), BF16_NORM_TOL)
+
+
+# ---- operand checks: what the kernel cannot honour is a ValueError naming the operand ------------------------------
+
+def test_weight_must_be_contiguous_and_of_x_dtype():
+    # the kernel reads weight[i] at p_w + i and multiplies in x's dtype: a strided weight read every other element
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 13, generator=gen).to(DEVICE)
+    res = torch.randn(5, 13, generator=gen).to(DEVICE)
+    w_strided = torch.randn(26, generator=gen).to(DEVICE)[::2]
+    with pytest.raises(ValueError, match=r"weight must be contiguous \(stride 1\), got stride 2"):
+        rms_norm(x, w_strided, 1e-6)
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        add_rms_norm(x, res, w_strided, 1e-6)
+    assert_close(rms_norm(x, w_strided.contiguous(), 1e-6), rms_norm_ref(x, w_strided, 1e-6), torch.float32)
+    xh = x.half()
+    for w in (w_strided.contiguous(), w_strided.contiguous().bfloat16(), torch.ones(13, dtype=torch.bool,
+                                                                                      device=DEVICE)):
+        with pytest.raises(ValueError, match=f"weight must have x's dtype torch.float16, got {w.dtype}"):
+            rms_norm(xh, w, 1e-6)
+        with pytest.raises(ValueError, match=f"weight must have x's dtype torch.float16, got {w.dtype}"):
+            add_rms_norm(xh, res.half(), w, 1e-6)
+
+
+def test_x_needs_a_hidden_dimension():
+    w = torch.rand(1, device=DEVICE) + 0.5
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., H\] with at least one dimension, got a 0-d tensor"):
+        rms_norm(torch.randn((), device=DEVICE), w, 1e-6)
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., H\]"):
+        add_rms_norm(torch.randn((), device=DEVICE), torch.randn((), device=DEVICE), w, 1e-6)
+    with pytest.raises(ValueError, match=r"x must have a hidden size H >= 1, got shape \[5, 0\]"):
+        rms_norm(torch.randn(5, 0, device=DEVICE), torch.randn(0, device=DEVICE), 1e-6)
+
+
+def test_out_exactly_in_place_is_allowed():
+    # each program reads its whole row before it writes it: out (and residual_out) may be exactly x or residual
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 13, generator=gen).to(DEVICE)
+    res = torch.randn(5, 13, generator=gen).to(DEVICE)
+    w = (1 + 0.3 * torch.randn(13, generator=gen)).to(DEVICE)
+    y_ref = rms_norm_ref(x, w, 1e-6)
+    xc = x.clone()
+    y = rms_norm(xc, w, 1e-6, out=xc)
+    assert y.data_ptr() == xc.data_ptr()
+    assert_close(y, y_ref, torch.float32)
+    # a row-strided x as its own output would need a strided out, which the launcher refuses anyway
+    base = torch.randn(5, 26, generator=gen).to(DEVICE)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        rms_norm(base[:, :13], w, 1e-6, out=base[:, :13])
+    ref = add_rms_norm_ref(x, res, w, 1e-6)
+    for out_of, res_out_of in (("x", "residual"), ("residual", "x")):
+        xc, rc = x.clone(), res.clone()
+        inputs = {"x": xc, "residual": rc}
+        y, r = add_rms_norm(xc, rc, w, 1e-6, out=inputs[out_of], residual_out=inputs[res_out_of])
+        assert y.data_ptr() == inputs[out_of].data_ptr() and r.data_ptr() == inputs[res_out_of].data_ptr()
+        assert_close(y, ref[0], torch.float32)
+        assert_close(r, ref[1], torch.float32)
+
+
+def test_out_overlapping_an_operand_otherwise_is_refused():
+    gen = torch.Generator().manual_seed(5)
+    h = 13
+    w = (1 + 0.3 * torch.randn(h, generator=gen)).to(DEVICE)
+    buf = torch.randn(6, h, generator=gen).to(DEVICE)
+    # out one row past x on one buffer: program i would write row i + 1 of x before program i + 1 reads it
+    with pytest.raises(ValueError, match="out overlaps x without being exactly x"):
+        rms_norm(buf[:5], w, 1e-6, out=buf[1:])
+    with pytest.raises(ValueError, match="out overlaps x without being exactly x"):
+        rms_norm(buf[1:], w, 1e-6, out=buf[:5])
+    # a row-strided x and an out inside its span
+    wide = torch.randn(4, 2 * h, generator=gen).to(DEVICE)
+    with pytest.raises(ValueError, match="out overlaps x"):
+        rms_norm(wide[:, :h], w, 1e-6, out=wide.view(-1)[h:5 * h].view(4, h))
+    # out over the weight, which every program reads
+    flat = torch.randn(6 * h, generator=gen).to(DEVICE)
+    x = torch.randn(5, h, generator=gen).to(DEVICE)
+    with pytest.raises(ValueError, match="out must not overlap weight"):
+        rms_norm(x, flat[:h], 1e-6, out=flat[h - 1:6 * h - 1].view(5, h))
+
+    res = torch.randn(5, h, generator=gen).to(DEVICE)
+    o = torch.empty(5, h, device=DEVICE)
+    with pytest.raises(ValueError, match="out must not overlap residual_out"):
+        add_rms_norm(x, res, w, 1e-6, out=o, residual_out=o)
+    with pytest.raises(ValueError, match="out must not overlap residual_out"):  # four rows in common
+        add_rms_norm(x, res, w, 1e-6, out=buf[:5], residual_out=buf[1:])
+    for name, shifted in (("x", dict(x=buf[:5], residual=res)), ("residual", dict(x=x, residual=buf[:5]))):
+        with pytest.raises(ValueError, match=f"out overlaps {name} without being exactly {name}"):
+            add_rms_norm(shifted["x"], shifted["residual"], w, 1e-6, out=buf[1:])
+        with pytest.raises(ValueError, match=f"residual_out overlaps {name} without being exactly {name}"):
+            add_rms_norm(shifted["x"], shifted["residual"], w, 1e-6, residual_out=buf[1:])
+    # exactly x for out, but row-shifted over residual: program i + 1 would read residual after program i wrote it
+    with pytest.raises(ValueError, match="out overlaps residual without being exactly residual"):
+        add_rms_norm(buf[1:], buf[:5], w, 1e-6, out=buf[1:])
+    with pytest.raises(ValueError, match="residual_out must not overlap weight"):
+        add_rms_norm(x, res, flat[:h], 1e-6, residual_out=flat[h - 1:6 * h - 1].view(5, h))
+
+
+def test_aliasing_check_skips_meta_tensors():
+    # tests/aot_sm90.py launches on meta tensors, which all report data pointer 0: they hold no memory to share
+    from qwen2rt.kernels.rmsnorm import _check_aliasing
+
+    x, out, w = (torch.empty(*shape, device="meta") for shape in ((4, 8), (4, 8), (8,)))
+    _check_aliasing("out", out, {"x": x}, w, {"residual_out": torch.empty(4, 8, device="meta")})

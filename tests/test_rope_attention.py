@@ -273,6 +273,117 @@ def test_bad_inputs():
             decode_attention(*one.args(one.k_cache, one.v_cache), 4, 2, one.scale, **overrides)
 
 
+def strided(t: torch.Tensor, fill) -> torch.Tensor:
+    """t's values as every other element of a buffer twice as long (the gaps `fill`): equal values, stride 2."""
+    buf = torch.full((2 * t.shape[0], *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+    buf[::2] = t
+    return buf[::2]
+
+
+def prefill_call(case: Case, **changes):
+    """prefill_attention on the case with some of its arguments replaced (by name)."""
+    a = dict(qkv=case.qkv, k_cache=case.k_cache.clone(), v_cache=case.v_cache.clone(), cos=case.cos, sin=case.sin,
+             positions=case.positions, slot_mapping=case.slot_mapping, block_tables=case.block_tables,
+             seq_lens=case.seq_lens, query_start=case.query_start, max_query_len=case.max_query_len)
+    a.update(changes)
+    return prefill_attention(a.pop("qkv"), a.pop("k_cache"), a.pop("v_cache"), a.pop("cos"), a.pop("sin"),
+                             a.pop("positions"), a.pop("slot_mapping"), a.pop("block_tables"), a.pop("seq_lens"),
+                             a.pop("query_start"), a.pop("max_query_len"), case.hq, case.hkv, case.scale, **a)
+
+
+def decode_call(case: Case, **changes):
+    a = dict(qkv=case.qkv, k_cache=case.k_cache.clone(), v_cache=case.v_cache.clone(), cos=case.cos, sin=case.sin,
+             positions=case.positions, slot_mapping=case.slot_mapping, block_tables=case.block_tables,
+             seq_lens=case.seq_lens)
+    a.update(changes)
+    return decode_attention(*a.values(), case.hq, case.hkv, case.scale)
+
+
+# the index tensors the kernels read at base + i, and the value a strided copy's gaps hold (a padding slot: -1)
+INDEX_FILL = {"positions": 0, "slot_mapping": -1, "seq_lens": 0, "query_start": 0}
+
+
+@pytest.mark.parametrize("kind, name", [("prefill", n) for n in INDEX_FILL] +
+                         [("decode", n) for n in INDEX_FILL if n != "query_start"])
+def test_index_tensors_must_be_unit_stride_integers(kind, name):
+    """A strided index tensor read as contiguous gave wrong rows, NaN or out-of-bounds accesses; a float one failed
+    deep inside Triton. Both are ValueErrors naming the tensor (shapes, dtypes and strides only: no value is read)."""
+    case = Case([5, 0], [3, 4], 4, 2, 32, torch.float32, seed=21) if kind == "prefill" else \
+        decode_case([3, 0, 7], 4, 2, 32, torch.float32, seed=21)
+    call = prefill_call if kind == "prefill" else decode_call
+    t = getattr(case, name)
+    with pytest.raises(ValueError, match=f"{name} must have unit stride along its last dimension"):
+        call(case, **{name: strided(t, INDEX_FILL[name])})
+    for dtype in (torch.float32, torch.int16, torch.bool):
+        with pytest.raises(ValueError, match=f"{name} must be int32 or int64, got {dtype}"):
+            call(case, **{name: t.to(dtype)})
+    with pytest.raises(ValueError, match=rf"{name} must be \[{t.shape[0]}\], got \[1, {t.shape[0]}\]"):
+        call(case, **{name: t[None]})
+
+
+def test_block_tables_must_be_unit_stride_integers():
+    case = Case([5, 0], [3, 4], 4, 2, 32, torch.float32, seed=22)
+    bt = case.block_tables
+    with pytest.raises(ValueError, match="block_tables must be int32 or int64, got torch.float32"):
+        prefill_call(case, block_tables=bt.float())
+    with pytest.raises(ValueError, match="block_tables must have unit stride along its last dimension"):
+        prefill_call(case, block_tables=bt.t().contiguous().t())  # column-major: entries of a row 2 apart
+    with pytest.raises(ValueError, match=r"block_tables must be \[B, max_blocks\]"):
+        decode_call(decode_case([3, 5], 4, 2, 32, torch.float32), block_tables=bt[0])
+
+
+def test_other_integer_index_dtypes_and_strided_rows_are_accepted():
+    """int32 where the engine passes int64 and the reverse, and block tables with a row pitch past their width: the
+    same output and cache as the reference."""
+    case = Case([5, 0, 20], [3, 4, 2], 4, 2, 32, torch.float32, seed=23)
+    wide = torch.zeros(case.block_tables.shape[0], 2 * case.block_tables.shape[1], dtype=torch.int64,
+                       device=DEVICE)
+    wide[:, :case.block_tables.shape[1]] = case.block_tables
+    k, v = case.k_cache.clone(), case.v_cache.clone()
+    out = poisoned(case.qkv.shape[0], case.hq * case.d, dtype=case.dtype)
+    prefill_attention(case.qkv, k, v, case.cos, case.sin, case.positions.int(), case.slot_mapping.int(),
+                      wide[:, :case.block_tables.shape[1]], case.seq_lens.long(), case.query_start.long(),
+                      case.max_query_len, case.hq, case.hkv, case.scale, out=out)
+    check(case, out, k, v)
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_v_cache_must_match_k_cache(kind):
+    case = Case([5, 0], [3, 4], 4, 2, 32, torch.float16, seed=24) if kind == "prefill" else \
+        decode_case([3, 0, 7], 4, 2, 32, torch.float16, seed=24)
+    call = prefill_call if kind == "prefill" else decode_call
+    for dtype in (torch.bfloat16, torch.float32, torch.int16):
+        with pytest.raises(ValueError, match=f"v_cache must match k_cache \\(torch.float16 on .*\\), got {dtype}"):
+            call(case, v_cache=case.v_cache.to(dtype))
+    with pytest.raises(ValueError, match="k_cache and v_cache must both be"):
+        call(case, v_cache=case.v_cache[:-1].clone())
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_rope_tables_must_be_contiguous_2d(kind):
+    """A 1-D [D/2] table was read at position * D/2, past its end; a strided one at the wrong rows."""
+    case = Case([5, 0], [3, 4], 4, 2, 32, torch.float32, seed=25) if kind == "prefill" else \
+        decode_case([3, 0, 7], 4, 2, 32, torch.float32, seed=25)
+    call = prefill_call if kind == "prefill" else decode_call
+    for name in ("cos", "sin"):
+        table = getattr(case, name)
+        for bad in (table[0].contiguous(), strided(table, 0.0), table[:, None, :].contiguous(),
+                    torch.cat([table, table], 1)[:, :table.shape[1]]):
+            with pytest.raises(ValueError, match=rf"{name} must be a contiguous float32 \[max_positions, 16\] table"):
+                call(case, **{name: bad})
+        with pytest.raises(ValueError, match=rf"{name} must be a contiguous float32 \[max_positions, 16\] table"):
+            call(case, **{name: torch.cat([table, table], 1).contiguous()})  # [P, D]
+    with pytest.raises(ValueError, match="cos .* and sin .* must have the same shape"):
+        call(case, sin=case.sin[:-1].contiguous())
+
+
+def test_prefill_max_query_len_must_cover_a_token():
+    # a grid of 0 query blocks would leave `out` unwritten
+    case = Case([5, 0], [3, 4], 4, 2, 32, torch.float32, seed=26)
+    with pytest.raises(ValueError, match="max_query_len must be >= 1 for 7 new tokens, got 0"):
+        prefill_call(case, max_query_len=0)
+
+
 # ---- real Qwen2 shapes in bf16 on the GPU --------------------------------------------------------------------
 # The kernels' bf16 output is compared with the fp32 function on the same bf16 inputs, by relative error. The
 # tolerance is proven tight on the same data: the fp32 function with one plausible bug (10% of the context dropped,

@@ -206,6 +206,16 @@ def test_bad_inputs():
         sampler.sample(torch.randn(2, 100, device=DEVICE), rows, counts, seen, "topk", chunk=300)
 
 
+@pytest.mark.parametrize("form", ["greedy", "topk", "full"])
+def test_empty_vocabulary_is_an_error(form):
+    # V = 0 failed inside the launch ("negative shift count", or torch's random_ in the reference)
+    counts, seen = state_tensors(2, 0)
+    rows = rows_of([P(temperature=0), P(temperature=1.0)], [1, 2], [0, 0], [0, 1])
+    logits = torch.randn(2, 0, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    with pytest.raises(ValueError, match=r"logits must hold at least one token \(V >= 1\), got shape \(2, 0\)"):
+        sampler.sample(logits, rows, counts, seen, form)
+
+
 # ---- GPU: the full vocabulary, CUDA graphs -----------------------------------------------------------------------
 
 QWEN_VOCAB = 151936

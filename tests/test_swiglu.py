@@ -23,6 +23,15 @@ def test_bad_inputs():
         silu_and_mul(torch.randn(3, 7, device=DEVICE))
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         silu_and_mul(torch.randn(3, 8, device=DEVICE).double())
+    for shape in ((), (3, 0)):  # a 0-d tensor, an empty last dimension: errors, not IndexError / RuntimeError
+        with pytest.raises(ValueError, match="even and positive"):
+            silu_and_mul(torch.zeros(shape, device=DEVICE))
+    # out over gate_up's memory: rows other programs still read (the second row of out is the first's up half)
+    buf = torch.randn(4, 8, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with pytest.raises(ValueError, match="out must not overlap gate_up"):
+        silu_and_mul(buf, out=buf.view(-1)[:16])
+    expected = silu_and_mul_ref(buf)
+    assert_close(silu_and_mul(buf, out=torch.empty(16, device=DEVICE)).view(4, 4), expected, torch.float32)
 
 
 BF16_SWIGLU_TOL = 1e-2  # bf16 rounding of the output gives ~1.5e-3 against fp32
