@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -13,8 +14,22 @@ DEFAULT_MODEL = "tiny"
 DEFAULT_PROMPT = "The quick brown fox"
 QUANTIZATIONS = ("int8", "int4", "fp8")
 # `info`'s decode floor: bytes read per token over this bandwidth (GB/s); default: the device copy bandwidth measured on
-# one H100 80GB (DESIGN.md, "Where the time goes")
+# one H100 80GB
 DEFAULT_BANDWIDTH_GBPS = 3020.0
+
+
+def number_in(kind, low, high=None):
+    """An argparse type: `kind` (int / float) in [low, high] (high None: no bound), else a usage error naming the
+    range."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is outside [{low}, {high if high is not None else 'inf'}]")
+        return value
+    return parse
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -68,11 +83,13 @@ def cmd_generate(args) -> int:
     params = _sampling_params(args)
     llm = _load(args)
     prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
+    start = time.perf_counter()
+    stream = llm.stream(prompt, params)
+    first = next(stream, "")  # a bad prompt or parameter fails here, before the prompt is echoed
     sys.stdout.write(prompt)
     sys.stdout.flush()
-    start = time.perf_counter()
     pieces = 0
-    for piece in llm.stream(prompt, params):
+    for piece in itertools.chain([first], stream):
         sys.stdout.write(piece)
         sys.stdout.flush()
         pieces += 1
@@ -85,6 +102,9 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     params = _sampling_params(args)
     llm = _load(args)
+    if llm.tokenizer is None or not llm.tokenizer.chat_template:
+        raise ValueError(f"{llm.model_name} has no {'tokenizer.json' if llm.tokenizer is None else 'chat template'}: "
+                         "chat needs one (generate takes plain text)")
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -163,6 +183,9 @@ def cmd_info(args) -> int:
 def cmd_profile(args) -> int:
     from qwen2rt.profiling import profile
 
+    if args.trace and not os.path.isdir(os.path.dirname(os.path.abspath(args.trace))):
+        raise ValueError(f"--trace {args.trace}: the folder {os.path.dirname(os.path.abspath(args.trace))} does "
+                         "not exist")
     llm = _load(args)
     profile(llm, batch=args.batch, prompt_len=args.prompt_len, steps=args.steps, trace_path=args.trace)
     return 0
@@ -196,15 +219,15 @@ def main(argv=None) -> int:
     i.add_argument("--model", default=None)
     i.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="weight bytes and decode floor with the decoder linears quantized at load")
-    i.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH_GBPS,
+    i.add_argument("--bandwidth", type=number_in(float, 1e-9), default=DEFAULT_BANDWIDTH_GBPS,
                    help=f"GB/s for the decode floor (default {DEFAULT_BANDWIDTH_GBPS:.0f}: H100 copy bandwidth)")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
     pr = sub.add_parser("profile", help="torch.profiler trace of a prefill and decode steps, per-op table")
     _add_model_args(pr)
-    pr.add_argument("--batch", type=int, default=1)
-    pr.add_argument("--prompt-len", type=int, default=128)
-    pr.add_argument("--steps", type=int, default=8, help="decode steps")
+    pr.add_argument("--batch", type=number_in(int, 1), default=1)
+    pr.add_argument("--prompt-len", type=number_in(int, 1), default=128)
+    pr.add_argument("--steps", type=number_in(int, 0), default=8, help="decode steps")
     pr.add_argument("--trace", default="qwen2rt_trace.json", help="Chrome trace path ('' for none)")
     pr.set_defaults(func=cmd_profile)
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, "
@@ -223,3 +246,6 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader left (`... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import numbers
 import os
@@ -23,7 +22,7 @@ from qwen2rt.models.rope import RotaryTables
 from .engine import DEFAULT_BUCKETS, DEFAULT_PREFILL_BUCKETS, Engine, Sequence
 from .kv_cache import KVCache, kv_bytes_per_token
 from .sampling import SamplingParams, defaults_from_generation_config
-from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, read_json
 
 log = logging.getLogger("qwen2rt")
 
@@ -100,15 +99,18 @@ class LLM:
                  cuda_graph_buckets=DEFAULT_BUCKETS, capture_graphs: str = "startup",
                  max_prefill_tokens: int = 2048, quantization: str | None = None, enable_prefix_caching: bool = True,
                  cuda_graph_prefill_tokens=DEFAULT_PREFILL_BUCKETS):
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            self.device = torch.device(device) if device is not None else torch.device(
+                "cuda" if torch.cuda.is_available() else "cpu")
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device {device!r}: not a device torch knows ({e})") from None
         # Streams, events, CUDA graphs and Triton launches use the calling thread's current device, and a thread
         # starts on device 0 (the server steps the engine in worker threads): all device work of this LLM runs with
         # its device made current (the engine lock serialises the uses of this one guard). On one GPU, a no-op.
         self._on_device = contextlib.nullcontext()
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
-                raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+                raise ValueError(f"device {str(self.device)!r} requested but torch sees no CUDA device")
             count, index = torch.cuda.device_count(), self.device.index
             if index is not None and not 0 <= index < count:
                 raise ValueError(f"device {str(self.device)!r}: torch sees {count} CUDA device(s)")
@@ -173,8 +175,7 @@ class LLM:
                 self.tokenizer = load_tokenizer(model)
                 gc_path = os.path.join(model, "generation_config.json")
                 if os.path.isfile(gc_path):
-                    with open(gc_path, encoding="utf-8") as f:
-                        gc = json.load(f)
+                    gc = read_json(gc_path)
                     self.generation_defaults = defaults_from_generation_config(gc)
                     generation_eos = gc.get("eos_token_id")
             self.model_name = model

@@ -764,7 +764,9 @@ async def _events(req: ServerRequest, rid: str, created: int, model: str, chat: 
 def add_arguments(p) -> None:
     """`serve`'s own options (the model options come from the cli)."""
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    from .cli import number_in
+
+    p.add_argument("--port", type=number_in(int, 0, 65535), default=8000)
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=None)

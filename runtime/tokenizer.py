@@ -64,13 +64,26 @@ def _compile_template(source: str) -> jinja2.Template:
     return _TEMPLATE_CACHE[source]
 
 
+def read_json(path: str) -> dict:
+    """A checkpoint's JSON file -> its object; a ValueError naming the file when it is not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 class HFTokenizer(Tokenizer):
     """A checkpoint folder's tokenizer.json (+ tokenizer_config.json for the chat template and eos token)."""
 
     def __init__(self, model_dir: str):
         from tokenizers import Tokenizer as _Tok
 
-        self._tok = _Tok.from_file(os.path.join(model_dir, "tokenizer.json"))
+        path = os.path.join(model_dir, "tokenizer.json")
+        try:
+            self._tok = _Tok.from_file(path)
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise ValueError(f"{path}: cannot read tokenizer.json ({e})") from None
         # a tokenizer.json saved after a truncating or padding call keeps those settings: transformers (and so
         # vLLM) turn them off for a plain encode, and a prompt must never be cut or padded silently
         self._tok.no_truncation()
@@ -78,8 +91,7 @@ class HFTokenizer(Tokenizer):
         cfg = {}
         cfg_path = os.path.join(model_dir, "tokenizer_config.json")
         if os.path.isfile(cfg_path):
-            with open(cfg_path, encoding="utf-8") as f:
-                cfg = json.load(f)
+            cfg = read_json(cfg_path)
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
             template = {t.get("name"): t.get("template") for t in template}.get("default")

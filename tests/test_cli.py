@@ -67,3 +67,38 @@ def test_chat_reads_turns_from_stdin():
     r = run("chat", "--max-tokens", "8", "--temperature", "0", stdin="hello\nsecond turn\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("assistant> ") == 2
+
+
+def test_bad_flags_and_files_are_one_line_errors(hf_checkpoints, real_tok_dir, tmp_path):
+    """Each a message and exit code 2, never a traceback; and generate echoes no prompt before an error."""
+    import shutil
+
+    no_tokenizer, _ = hf_checkpoints["dense_gqa"]
+    broken = tmp_path / "broken"
+    shutil.copytree(real_tok_dir, broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    cases = [
+        (("chat", "--model", no_tokenizer), "has no tokenizer.json: chat needs one"),
+        (("generate", "--device", "gpu"), "device 'gpu': not a device torch knows"),
+        (("info", "--bandwidth", "0"), "outside [1e-09, inf]"),
+        (("serve", "--port", "99999"), "99999 is outside [0, 65535]"),
+        (("profile", "--batch", "0"), "0 is outside [1, inf]"),
+        (("profile", "--trace", str(tmp_path / "no" / "such" / "t.json")), "does not exist"),
+        (("generate", "--model", str(broken)), "cannot read tokenizer.json"),
+        (("generate", "--max-seq-len", "8", "--prompt", "a prompt longer than eight bytes"), "context holds 8"),
+    ]
+    for args, words in cases:
+        r = run(*args, stdin="")
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert r.stdout == "", (args, r.stdout)
+
+
+def test_a_reader_that_leaves_early_is_no_error():
+    """`qwen2rt generate ... | head -c 10`: the closed pipe ends the command quietly, as Unix tools do (the pieces
+    streamed after the reader left hit the closed pipe)."""
+    p = subprocess.Popen([sys.executable, "-m", "qwen2rt", "generate", "--max-tokens", "300", "--ignore-eos"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(10)
+    p.stdout.close()
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err
