@@ -235,9 +235,11 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"x must be [M, K] and weight [N, K], got {list(x.shape)} and {list(weight.shape)}")
     m, k = x.shape
     n = weight.shape[0]
+    given = out is not None
     width, out = gemv_operands(x, n, bias, norm_weight, residual, swiglu, out_dtype, out)
     check_operand("weight", weight, (n, k), x.dtype, x.device)
-    check_out(out, {"weight": weight})
+    if given:
+        check_out(out, {"weight": weight})
     if m == 0 or width == 0:
         return out
     cfg = config or gemv_config(width, k, swiglu, interpreter=x.device.type == "cpu")
