@@ -108,6 +108,13 @@ class Engine:
         done, self._in_flight = self._in_flight, None
         try:
             return self._receive(done)
+        except BaseException:
+            # the step's tokens are lost (an interrupt, or a device error surfacing at the read-back): its sequences
+            # were planned as if they had them, so they could never finish; they end here instead
+            for seq in done.seqs:
+                if seq.finish_reason is None:
+                    self.abort(seq)
+            raise
         finally:
             self._in_flight = ahead
 

@@ -207,6 +207,22 @@ class LLM:
                                        "captures no prefill graphs, enforce_eager=True runs without graphs, "
                                        "backend='torch' without the Triton kernels") from e
         self._lock = threading.Lock()
+        self._lock_owner: int | None = None  # the thread holding _lock
+        self._deferred_aborts: list[Sequence] = []  # aborts asked for by the holder itself, run as it lets go
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """The engine lock and this LLM's device. Aborts the holding thread asks for meanwhile (a stream generator
+        finalised by the garbage collector inside a step: its `finally` aborts its request) run as it lets go:
+        re-taking the lock would deadlock, and freeing a request's blocks in the middle of a step is not safe."""
+        with self._lock, self._on_device:
+            self._lock_owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                while self._deferred_aborts:
+                    self._abort_now(self._deferred_aborts.pop())
+                self._lock_owner = None
 
     def _collect_eos(self, generation_eos) -> frozenset[int]:
         """eos ids of config.json, generation_config.json and the tokenizer, together (as vLLM does)."""
@@ -324,6 +340,7 @@ class LLM:
                 if piece:
                     yield piece
                 if done:
+                    _check_not_aborted(seq)
                     return
         finally:
             self.abort([seq])
@@ -334,12 +351,12 @@ class LLM:
         import asyncio
 
         seqs = self._batch(prompts, params)
-        self.submit(seqs)
         try:
+            await _in_worker(self.submit, seqs)  # the lock may be held for a step: never wait for it on the loop
             while not all(s.finished for s in seqs):
                 await asyncio.to_thread(self.step)
         finally:
-            self.abort(seqs)
+            await _in_worker(self.abort, seqs)
         return [self._output(s) for s in seqs]
 
     async def astream(self, prompt, params: SamplingParams | None = None):
@@ -347,24 +364,25 @@ class LLM:
         import asyncio
 
         seq = self.new_request(prompt, params)
-        self.submit([seq])
         try:
+            await _in_worker(self.submit, [seq])
             while True:
                 piece, done = await asyncio.to_thread(self._step_and_take, seq)
                 if piece:
                     yield piece
                 if done:
+                    _check_not_aborted(seq)
                     return
         finally:
-            self.abort([seq])
+            await _in_worker(self.abort, [seq])
 
     def step(self) -> None:
         """One engine step over the submitted sequences (a no-op when there are none)."""
-        with self._lock, self._on_device:
+        with self._locked():
             self.engine.step()
 
     def _step_and_take(self, seq: Sequence) -> tuple[str, bool]:
-        with self._lock, self._on_device:
+        with self._locked():
             if not seq.finished:
                 self.engine.step()
             return seq.take_new_text(), seq.finished
@@ -381,13 +399,13 @@ class LLM:
         """Full-sequence logits of one token-id list: float32 [len(token_ids), vocab]."""
         _, ids = self._encode(token_ids if isinstance(token_ids, (str, torch.Tensor)) else list(token_ids),
                               generating=False)
-        with self._lock, self._on_device:
+        with self._locked():
             return self.engine.prompt_logits(ids)
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue sequences for the next steps, all or none: a ValueError (e.g. a request that can never fit the KV
         cache) leaves none of them queued."""
-        with self._lock, self._on_device:
+        with self._locked():
             added = []
             try:
                 for s in seqs:
@@ -399,11 +417,19 @@ class LLM:
                 raise
 
     def abort(self, seqs: list[Sequence]) -> None:
-        """Cancel the unfinished ones and free every cache block the sequences still hold (finished ones too)."""
-        with self._lock, self._on_device:
+        """Cancel the unfinished ones and free every cache block the sequences still hold (finished ones too). A
+        sequence not submitted yet is marked aborted (it cannot be submitted after). From the thread that holds the
+        engine lock (inside a step), the aborts run as it lets go of it."""
+        if self._lock_owner == threading.get_ident():
+            self._deferred_aborts.extend(seqs)
+            return
+        with self._locked():
             for s in seqs:
-                if not s.finished or s.blocks:
-                    self.engine.abort(s)
+                self._abort_now(s)
+
+    def _abort_now(self, s: Sequence) -> None:
+        if not s.finished or s.blocks:
+            self.engine.abort(s)
 
     def has_unfinished(self) -> bool:
         """Whether any submitted sequence is still waiting or running. Lock-free (a read of the scheduler's queues),
@@ -412,8 +438,7 @@ class LLM:
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     def _output(self, s: Sequence) -> RequestOutput:
-        if s.finish_reason == "abort":
-            raise RuntimeError("the request was aborted by a failed engine step (see the error raised there)")
+        _check_not_aborted(s)
         rate = None
         if len(s.output_ids) > 1 and s.last_token_time > s.first_token_time:
             rate = (len(s.output_ids) - 1) / (s.last_token_time - s.first_token_time)
@@ -428,3 +453,26 @@ class LLM:
             num_cached_tokens=s.num_cached_tokens,
             logprobs=None if s.logprobs is None else list(s.logprobs),
         )
+
+
+def _check_not_aborted(s: Sequence) -> None:
+    """A request of generate / stream that ended as aborted while its caller was still waiting for it was ended by
+    a failed engine step (its own caller's aborts come after it stops waiting): an error, not a short output."""
+    if s.finish_reason == "abort":
+        raise RuntimeError("the request was aborted by a failed engine step (see the error raised there)")
+
+
+async def _in_worker(fn, *args):
+    """fn(*args), which takes the engine lock, in a worker thread: the event loop never waits on the lock (held for
+    whole steps). If the awaiting task is cancelled meanwhile, fn still runs to its end before the CancelledError
+    goes on, so a request's cleanup (abort) always follows its submit."""
+    import asyncio
+
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait({future})
+        if not future.cancelled():
+            future.exception()  # retrieved: the cancellation is what the caller sees
+        raise

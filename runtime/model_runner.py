@@ -418,7 +418,6 @@ class ModelRunner:
             raise
         self._launches += 1
         turn = self._turn
-        self._turn ^= 1
         self._host_tokens[turn].copy_(self.tokens, non_blocking=self.cuda)  # all rows: slicing costs more
         host_logprobs = None
         if want_logprobs:
@@ -429,6 +428,7 @@ class ModelRunner:
         if self.cuda:
             event = self._events[turn]
             event.record()
+        self._turn ^= 1  # once this turn's read-back is enqueued: a failure before leaves the turn to this step
         return Launched(self._batch, self._host_tokens_np[turn], event, host_logprobs)
 
     def _fill(self, seqs: list[Sequence], bucket: int) -> None:

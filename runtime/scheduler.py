@@ -46,10 +46,10 @@ class Scheduler:
         self._decode_turn = False
 
     def add(self, seq: Sequence) -> None:
-        if seq.submitted:
+        if seq.submitted or seq.finished:  # finished unsubmitted: aborted before it was queued
             state = f"finished ({seq.finish_reason})" if seq.finished else "queued or running"
-            raise ValueError(f"sequence {seq.id} was already submitted and is {state}: a sequence runs once; make a "
-                             "new request for another run")
+            raise ValueError(f"sequence {seq.id} was already {'submitted and is ' if seq.submitted else ''}{state}: "
+                             "a sequence runs once; make a new request for another run")
         need = self.cache.blocks_for(seq.max_len)
         if need > self.cache.num_blocks:
             raise ValueError(f"request needs {need} KV cache blocks ({seq.max_len} tokens) but the cache holds "

@@ -241,6 +241,10 @@ def test_a_sequence_runs_once(tiny):
     with pytest.raises(ValueError, match="already submitted"):
         tiny.submit([twice, twice])  # all or none: the first is aborted too
     assert twice.finish_reason == "abort"
+    early = tiny.new_request("aborted before it was queued", GREEDY)
+    tiny.abort([early])
+    with pytest.raises(ValueError, match=r"already finished \(abort\)"):
+        tiny.submit([early])
     tiny.abort([seq])
     assert not tiny.has_unfinished() and tiny.kv_cache.num_free_blocks == tiny.kv_cache.num_blocks
     assert len(tiny.engine.free_slots) == tiny.max_batch_size

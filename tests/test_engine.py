@@ -147,6 +147,96 @@ def test_asyncio_api():
     asyncio.run(main())
 
 
+def test_asyncio_api_never_waits_for_the_engine_lock_on_the_event_loop():
+    """While another thread holds the engine lock (a step in progress), a new agenerate / astream submits from a
+    worker thread: the event loop keeps running (it waited for whole steps on the lock before). The lock is let go
+    only once the loop has shown it runs, so a blocked loop fails the test instead of hanging it."""
+    import threading
+
+    llm = LLM("tiny", device="cpu", max_seq_len=128, max_batch_size=4)
+    want = llm.generate("two two", GREEDY)[0]
+    assert want.text  # the stream yields pieces
+
+    async def main():
+        loop_ran, holding, waited = threading.Event(), threading.Event(), []
+
+        def hold():
+            with llm._locked():
+                holding.set()
+                waited.append(loop_ran.wait(timeout=5))  # False: the loop stood still while the lock was held
+        holder = threading.Thread(target=hold)
+        holder.start()
+        holding.wait()
+        task = asyncio.ensure_future(llm.agenerate("two two", GREEDY))
+        stream = llm.astream("two two", GREEDY)
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.05)  # returns only if the loop is free while the lock is held
+        assert not task.done() and not first.done()
+        loop_ran.set()
+        holder.join()
+        assert waited == [True], "the event loop waited for the engine lock"
+        assert (await task)[0].token_ids == want.token_ids
+        pieces = [await first] + [piece async for piece in stream]
+        assert "".join(pieces) == want.text
+        assert llm.kv_cache.num_free_blocks == llm.kv_cache.num_blocks
+
+    asyncio.run(main())
+
+
+def test_an_abort_from_inside_a_step_runs_when_the_step_ends():
+    """A stream generator finalised by the garbage collector while its thread runs a step aborts its request from
+    inside that step: the abort waits for the step's end instead of deadlocking on the engine lock."""
+    import threading
+
+    llm = LLM("tiny", device="cpu", max_seq_len=128, max_batch_size=4)
+    seq = llm.new_request("inside", SamplingParams(max_tokens=50, ignore_eos=True))
+    llm.submit([seq])
+    real_step, seen = llm.engine.step, []
+
+    def step_that_aborts():
+        out = real_step()
+        llm.abort([seq])  # what the finaliser does
+        seen.append(seq.finished)  # not yet: deferred to the step's end
+        return out
+    llm.engine.step = step_that_aborts
+    worker = threading.Thread(target=llm.step)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "deadlock: abort re-took the engine lock inside a step"
+    llm.engine.step = real_step
+    assert seen == [False] and seq.finish_reason == "abort" and not llm.has_unfinished()
+    assert llm.kv_cache.num_free_blocks == llm.kv_cache.num_blocks
+
+
+def test_a_step_that_fails_while_reading_back_ends_its_sequences(monkeypatch):
+    """The read-back of a step raises (an interrupt, a device error surfacing at the event): its tokens are lost,
+    so its sequences end as aborted instead of waiting for ever for tokens planned as delivered; a stream of one
+    of them says so instead of ending as if complete."""
+    from qwen2rt.model_runner import Launched
+
+    llm = LLM("tiny", device="cpu", max_seq_len=128, max_batch_size=4)
+    other = llm.new_request("other", SamplingParams(max_tokens=20, ignore_eos=True))
+    llm.submit([other])
+    stream = llm.stream("streamed", SamplingParams(max_tokens=20, ignore_eos=True))
+    next(stream)
+    real, calls = Launched.token_ids, []
+
+    def failing(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self)
+    monkeypatch.setattr(Launched, "token_ids", failing)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in range(5):
+            llm.step()
+    assert other.finish_reason == "abort" and not llm.has_unfinished()
+    with pytest.raises(RuntimeError, match="aborted by a failed engine step"):
+        list(stream)
+    assert llm.kv_cache.num_free_blocks == llm.kv_cache.num_blocks
+    assert len(llm.generate("other", GREEDY)[0].token_ids) == GREEDY.max_tokens
+
+
 def test_graph_options_on_cpu_run_eagerly():
     llm = LLM("tiny", device="cpu", enforce_eager=False, capture_graphs="lazy")
     assert not llm.use_graphs  # CUDA graphs need CUDA and the triton backend
