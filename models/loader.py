@@ -344,7 +344,7 @@ def _quantize_linears(linears: dict[str, LinearPart], q: QuantConfig, read, devi
         staging = torch.empty(fused.shape, device=device, dtype=dtype)
         for name, part in group:
             staging[part.start:part.stop].copy_(read(name + ".weight"))
-        copy_into(fused, quantize(staging, q, fused.dtype), group[0][0])
+        copy_into(fused, quantize(staging, q, fused.dtype, group[0][0]), group[0][0])
         del staging
         for name, _ in group:
             del linears[name]

@@ -263,12 +263,13 @@ def gptq_to_layout(q: QuantConfig, qweight: torch.Tensor, qzeros: torch.Tensor, 
 
     qweight int32 [K / per_word, N] (input k of output n at bits (k % per_word) * bits of word k // per_word),
     qzeros int32 [G, N / per_word] packed the same way along N, scales float [G, N], g_idx int32 [K] (the group
-    of each input). Zeros are stored as zero - 1 and read back as the unpacked field + 1 with no wrap-around: AutoGPTQ's
-    reference dequantization (auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py: mask the field, then
-    `zeros = zeros + 1`). gptqmodel (which transformers uses) instead adds 0x11111111 (4-bit) to the whole packed
-    word (gptqmodel/utils/model.py, convert_gptq_v1_to_v2_format_module), so a field of all ones (zero 2**bits)
-    carries into the next field there; AutoGPTQ's packer never writes such a field (its zeros lie in
-    [0, 2**bits - 1]), and for every other field the two agree.
+    of each input). Zeros are stored as zero - 1 (the v1 format) and read back as gptqmodel, which transformers
+    uses, reads them: 0x11111111 (4-bit; 0x01010101 8-bit) added to the whole packed word, modulo 2**32
+    (gptqmodel/utils/model.py, convert_gptq_v1_to_v2_format_module), the inverse of its save, which subtracts it
+    from the word: a zero point of 0 borrows from the next field there, and only the word-wide sum undoes that.
+    For zero points of 1 or more (every field a plain zero - 1) this equals AutoGPTQ's field-wise `field + 1`
+    (auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py); AutoGPTQ's own packer ORs a zero of 0's -1 into the fields
+    above it, so such a file is corrupt for every reader.
 
     Act-order (desc_act): the stored columns are the inputs sorted stably by g_idx, so that each group is
     contiguous; each group must have exactly group_size members."""
@@ -294,7 +295,9 @@ def gptq_to_layout(q: QuantConfig, qweight: torch.Tensor, qzeros: torch.Tensor, 
             values = unpack_rows(qweight[:, start:stop].t(), bits)  # [rows, K] in input order
             packed[start:stop] = pack_rows(values[:, perm], bits)
         perm_out = perm.to(torch.int32)
-    zeros = (unpack_rows(qzeros, bits)[:, :n] + 1).t().to(scales.dtype)  # [N, G]
+    ones = sum(1 << (j * bits) for j in range(per_word))  # 1 in every field
+    words = (qzeros.to(torch.int64) + ones) & 0xFFFFFFFF  # v1 -> the zero points, word-wide
+    zeros = unpack_rows(words, bits)[:, :n].t().to(scales.dtype)  # [N, G]
     return QuantizedWeight(q.kind, packed, scales.t().contiguous(), zeros.contiguous(), group, perm_out)
 
 
@@ -326,20 +329,27 @@ def awq_to_layout(q: QuantConfig, qweight: torch.Tensor, qzeros: torch.Tensor, s
 
 # ---- quantization at load (round to nearest) -------------------------------------------------------------------
 
-def quantize(w: torch.Tensor, q: QuantConfig, scale_dtype: torch.dtype) -> QuantizedWeight:
-    """A floating-point weight [N, K] -> QuantizedWeight (computed in fp32, chunks of rows, on w's device).
+def quantize(w: torch.Tensor, q: QuantConfig, scale_dtype: torch.dtype, name: str = "weight") -> QuantizedWeight:
+    """A floating-point weight [N, K] -> QuantizedWeight (computed in fp32, chunks of rows, on w's device); a NaN
+    or infinity in it is a QuantizationError naming `name` (it would poison or silently zero its row or group).
 
     int8: per output row, symmetric: s = max|w| / 127, q = round(w / s) + 128 in [1, 255], zero 128.
     int4: per group of 128 inputs (or the whole row), asymmetric over [min(w, 0), max(w, 0)]: s = range / 15,
         zero = round(-min / s) in [0, 15], q = clamp(round(w / s) + zero, 0, 15).
     fp8: per output row: s = max|w| / 448, q = float8_e4m3fn(w / s).
     Scales are rounded to scale_dtype before the values are computed, so that dequantization uses the scale the
-    values were rounded with; an all-zero row or group gets scale 1."""
+    values were rounded with, and rounded up (never below the exact scale: a smaller one would stretch the range
+    past the top integer, and its values would be clamped more than half a step away), at least the dtype's
+    smallest normal number (fp16 would round a tiny scale to 0); an all-zero row or group gets scale 1. Every value
+    is then within half a step of its weight."""
     n, k = w.shape
     out = allocate(q, n, k, w.device, scale_dtype)
     group = out.group_size
     for start, stop in _row_chunks(n, k):
         x = w[start:stop].float()
+        if not torch.isfinite(x).all():
+            row = start + int((~torch.isfinite(x)).any(dim=1).nonzero()[0])
+            raise QuantizationError(f"{name}: holds a NaN or infinity (row {row}); it cannot be quantized")
         if q.kind == "fp8":
             s = _rounded_scale(x.abs().amax(dim=1, keepdim=True) / FP8_MAX, scale_dtype)
             out.qweight[start:stop] = (x / s).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -362,5 +372,9 @@ def quantize(w: torch.Tensor, q: QuantConfig, scale_dtype: torch.dtype) -> Quant
 
 
 def _rounded_scale(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    return s.to(dtype).float()
+    """fp32 scales (>= 0) -> the nearest value of `dtype` at or above each (as fp32): 1 for 0, at least the
+    smallest normal number of `dtype`."""
+    s = torch.where(s > 0, s, torch.ones_like(s)).clamp(min=torch.finfo(dtype).tiny)
+    r = s.to(dtype)
+    r = torch.where(r.float() < s, torch.nextafter(r, torch.full_like(r, float("inf"))), r)
+    return r.float()

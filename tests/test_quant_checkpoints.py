@@ -27,8 +27,8 @@ from qwen2rt import LLM, SamplingParams
 from qwen2rt.kernels.quant import QuantizedWeight, dequantize, pack_rows, unpack_rows
 from qwen2rt.models import CheckpointError, ConfigError
 from qwen2rt.models.config import builtin_config
-from qwen2rt.models.quant import (QuantConfig, at_load_config, awq_to_layout, gptq_to_layout, quantize,
-                                  weight_bytes)
+from qwen2rt.models.quant import (QuantConfig, QuantizationError, at_load_config, awq_to_layout, gptq_to_layout,
+                                  quantize, weight_bytes)
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # K = 256 everywhere (hidden, heads * head_dim, intermediate): two groups of 128 per row, so act-order permutes
@@ -263,14 +263,26 @@ def test_awq_conversion_is_exact():
     assert not torch.equal(plain, w.qweight)
 
 
-def test_gptq_v1_zero_of_all_ones_does_not_wrap():
-    """A stored zero field of 2**bits - 1 reads back as zero 2**bits (AutoGPTQ's `zeros + 1`, no modulo)."""
-    n, k = 8, 8
-    q = torch.full((n, k), 15)
-    t = gptq_tensors(q, torch.full((1, n), 16), torch.ones(1, n).half(), torch.zeros(k, dtype=torch.int32), 4)
-    w = gptq_to_layout(QuantConfig("gptq", 4, -1, False), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], "x")
-    assert torch.equal(w.zeros, torch.full((n, 1), 16.0).half())
-    assert torch.equal(dequantize(w, torch.float32), torch.full((n, k), -1.0))
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_v1_zero_points_of_zero_as_gptqmodel_saves_them(bits):
+    """gptqmodel (transformers' GPTQ library) saves v1 zeros as the packed word minus 1 in every field, word-wide,
+    so a zero point of 0 borrows from the field above; it reads them back word-wide too. Every zero point, 0
+    included, comes back exactly (read field by field, 0 came back as 2**bits and its neighbour one too low)."""
+    per_word, top = 32 // bits, 2 ** bits
+    n, k, group = 4 * per_word, 64, 32
+    g = torch.Generator().manual_seed(bits)
+    zeros = torch.randint(0, top, (k // group, n), generator=g)
+    zeros[0, ::3] = 0  # zero points of 0, some next to each other
+    zeros[1, 1:3] = 0
+    q = torch.randint(0, top, (n, k), generator=g)
+    scales = (torch.rand(k // group, n, generator=g) * 0.01 + 0.01).half()
+    ones = sum(1 << (j * bits) for j in range(per_word))
+    v1 = (pack_dim1(zeros, bits).to(torch.int64) - ones) % 2 ** 32  # gptqmodel's save, word-wide
+    t = gptq_tensors(q, zeros, scales, torch.arange(k) // group, bits)
+    w = gptq_to_layout(QuantConfig("gptq", bits, group, False), t["qweight"], to_int32(v1), scales, t["g_idx"], "x")
+    assert torch.equal(w.zeros, zeros.t().half())
+    exact = (q - zeros.repeat_interleave(group, 0).t()).float() * scales.float().repeat_interleave(group, 0).t()
+    assert torch.equal(dequantize(w, torch.float32), exact)
 
 
 # ---- whole model against Hugging Face ----------------------------------------------------------------------------
@@ -476,19 +488,26 @@ def test_moe_checkpoint_quantized_at_load(kind, hf_checkpoints):
 
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
-def test_round_to_nearest_error_is_within_half_a_step(kind):
+def test_round_to_nearest_error_is_within_half_a_step(kind, scale_dtype):
     """Each dequantized weight lies within half a quantization step of the original (fp8: half a unit in the last
-    place of e4m3, relative 2**-4, or 2**-10 of the scale in the subnormal range)."""
+    place of e4m3, relative 2**-4, or 2**-10 of the scale in the subnormal range), with the scales in every dtype the
+    loader stores them in: a bf16 / fp16 scale rounded below the exact one stretched the range past the top integer
+    (up to 0.55 steps seen), and rows of tiny weights got an fp16 scale of 0 (NaN weights) or a subnormal one."""
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(24, 384, generator=gen) * 0.05
     w[3] = 0.0  # an all-zero row
     w[5, :128] = w[5, :128].abs()  # a group without negative values (int4 keeps 0 exact)
-    qw = quantize(w, at_load_config(kind), torch.float32)
+    w[7] *= 1e-4  # tiny rows: their exact scales are below fp16's normal range
+    w[8, 1:] = 0.0
+    w[8, 0] = 1e-6
+    qw = quantize(w, at_load_config(kind), scale_dtype)
     qw.validate()
     deq = dequantize(qw, torch.float32)
+    assert torch.isfinite(deq).all()
     err = (deq - w).abs()
-    s = qw.scales.repeat_interleave(qw.group_size, dim=1)
+    s = qw.scales.float().repeat_interleave(qw.group_size, dim=1)
     if kind == "fp8":
         bound = s * torch.maximum((w / s).abs() * 2 ** -4, torch.full_like(w, 2 ** -10))
     else:
@@ -498,9 +517,18 @@ def test_round_to_nearest_error_is_within_half_a_step(kind):
     assert kind != "int4" or qw.group_size == 128
     # and the scales are the ones rounding needs: 10% larger or smaller scales break the bound
     for factor in (0.9, 1.1):
+        scales = qw.scales.clone()
         qw.scales.mul_(factor)
         assert not ((dequantize(qw, torch.float32) - w).abs() <= bound * (1 + 1e-5)).all()
-        qw.scales.div_(factor)
+        qw.scales.copy_(scales)
+
+
+def test_non_finite_weights_are_an_error_naming_the_tensor():
+    w = torch.randn(6, 128, generator=torch.Generator().manual_seed(2))
+    w[4, 7] = float("nan")
+    for kind in ("int8", "int4", "fp8"):
+        with pytest.raises(QuantizationError, match=r"layers\.0\.mlp\.down_proj: holds a NaN or infinity \(row 4\)"):
+            quantize(w, at_load_config(kind), torch.bfloat16, "model.layers.0.mlp.down_proj")
 
 
 # Bounds on max|logits error| / max|logits| against the float model, for the tiny checkpoint (3 layers, 7 linears
@@ -540,10 +568,10 @@ def test_quantize_at_load_holds_one_projection_in_float_at_a_time(hf_checkpoints
     live, peak = [], []
     real_quantize = loader.quantize
 
-    def spy(w, q, scale_dtype):
+    def spy(w, q, scale_dtype, name):
         live.append(w.shape)
         peak.append(len(live))
-        out = real_quantize(w, q, scale_dtype)
+        out = real_quantize(w, q, scale_dtype, name)
         live.pop()
         return out
     monkeypatch.setattr(loader, "quantize", spy)
