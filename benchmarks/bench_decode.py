@@ -254,9 +254,11 @@ def main(argv=None):
     device = device_default()
     ceilings = measure_ceilings(device, small=args.smoke)
     if args.smoke:
-        rows = run(device, ceilings, models=["tiny", "tiny-moe"], batches=[1, 2], prompt_len=8, steps=4,
+        # HF's steady state is a difference of two generate() times: 12 steps, median of 3, so that a loaded CPU's
+        # noise does not swallow it (4 steps once timed once gave a negative difference under load)
+        rows = run(device, ceilings, models=["tiny", "tiny-moe"], batches=[1, 2], prompt_len=8, steps=12,
                    dtype=torch.float32, compiled_models=[], lazy_models=["tiny"], sampled_models=["tiny"],
-                   maxctx_models=["tiny"], repeats=1, quantization=args.quantization)
+                   maxctx_models=["tiny"], repeats=1, quantization=args.quantization, hf_eager_repeats=3)
     else:
         rows = run(device, ceilings, models=args.models, batches=args.batches, prompt_len=args.prompt_len,
                    steps=args.steps, compiled_models=args.compiled_models, quantization=args.quantization)

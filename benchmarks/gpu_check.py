@@ -28,6 +28,7 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib.util
 import json
 import os
@@ -335,6 +336,8 @@ def short_table(rec: dict) -> str:
         if r.get("ms_per_token"):
             lines.append(f"{r['model']:<21} {r['impl']:<22} {r['batch']:<2} {r['ms_per_token']:8.3f} "
                          f"{_f(r.get('graph_replay_ms')):>7}  {r['pct_of_floor']:5.1f}")
+        elif r.get("error"):  # a variant that failed inside a part that ran: the part says "ok"
+            lines.append(f"{r['model']:<21} {r['impl']:<22} {r.get('batch', ''):<2} error: {str(r['error'])[:60]}")
     return "\n".join(lines)
 
 
@@ -416,6 +419,9 @@ def main(argv=None) -> int:
             rec["errors"] = [e for e in rec["errors"] if e["part"] != name]  # this run replaces an earlier failure
             t0, entries = time.perf_counter(), triton_cache_entries()
             rec.setdefault("this_call", []).append(name)
+            # a part that hangs would use up the call and say nothing: its threads' stacks go to the log when it
+            # runs three times its estimate (it goes on running)
+            faulthandler.dump_traceback_later(max(120.0, 3.0 * estimate_s), exit=False)
             try:
                 fn()
                 if torch.device(device).type == "cuda":  # a fault of its kernels is its own, not the next part's
@@ -428,6 +434,7 @@ def main(argv=None) -> int:
                 if broken:
                     rec["errors"][-1]["cuda_context"] = broken
                     rec["crashed"] = rec.get("crashed", []) + [name]
+            faulthandler.cancel_dump_traceback_later()
             rec["compiles"][name] = triton_cache_entries() - entries  # new Triton cache entries during the part
         print(f"[gpu_check] {time.perf_counter() - start:6.1f} s  {name}: {rec['parts'][name]}", flush=True)
         save()
@@ -513,20 +520,25 @@ def _gpu_parts(args, device, ceilings, rec, part, models, start):
                 sampled_models=[], hf_eager_repeats=HF_EAGER_REPEATS)))
     if "tests" in args.parts:  # the rest of the GPU suite, after the benchmarks that decide the next work
         part("gpu_tests", ESTIMATE_S["gpu_tests"], lambda: tests("gpu_tests", "gpu and not gate"))
-    if "quantized" in args.parts:  # last: the quantized kernels, then weight-only quantized decode at batch 1 (its
-        # baseline: the dense rows). The quantized GEMVs: every row count on 7B, the ends of the range on 72B (time)
-        part("bench_quant", ESTIMATE_S["bench_quant"], lambda: kernels(
-            bench_quant.run(device, ceilings, models=["qwen2-7b"])
-            + bench_quant.run(device, ceilings, models=["qwen2-72b"], rows=[1, 16], prefill_models=[], moe_layers=[],
-                              cap_rows=())))  # the prefill, MoE and register-cap rows once (the first call's)
-    for name, quantization in (QUANT_DECODE if "quantized" in args.parts else []) + (
-            BIG_QUANT_DECODE if "big" in args.parts else []):
+    def quant_decode_part(name, quantization):
         moe = builtin_config(name).is_moe
         est = ESTIMATE_S["decode_quant_72b" if name == "qwen2-72b" else "decode_quant_57b"
                          if name == "qwen2-57b-a14b" else "decode_quant_moe" if moe else "decode_quant"]
         # the whole 72B and 57B load once (~40 / ~32 GB of random quantized weights): no eager run beside them
-        part(f"decode bs1 {name} {quantization}", est, lambda name=name, q=quantization: decode(quant_decode(
-            device, ceilings, name, q, eager_baseline=name not in WHOLE_ONLY)))
+        part(f"decode bs1 {name} {quantization}", est, lambda: decode(quant_decode(
+            device, ceilings, name, quantization, eager_baseline=name not in WHOLE_ONLY)))
+
+    # last: weight-only quantized decode at batch 1 (the goal rows; their baseline: the dense rows), then the
+    # quantized kernels, then the whole 57B / 72B (each needs a call of its own: --parts big --budget-s 520+)
+    for name, quantization in QUANT_DECODE if "quantized" in args.parts else []:
+        quant_decode_part(name, quantization)
+    if "quantized" in args.parts:  # every row count on 7B, the ends of the range on 72B (time)
+        part("bench_quant", ESTIMATE_S["bench_quant"], lambda: kernels(
+            bench_quant.run(device, ceilings, models=["qwen2-7b"])
+            + bench_quant.run(device, ceilings, models=["qwen2-72b"], rows=[1, 16], prefill_models=[], moe_layers=[],
+                              cap_rows=())))  # the prefill, MoE and register-cap rows once (the first call's)
+    for name, quantization in BIG_QUANT_DECODE if "big" in args.parts else []:
+        quant_decode_part(name, quantization)
     if "serving" in args.parts:  # prefix-cache time to first token (cold / warm / off) and the server's overhead
         part("serving qwen2-7b", ESTIMATE_S["serving"], lambda: rec["serving"].extend(bench_serving.run(
             device, ceilings, "qwen2-7b", max_batch_size=4)))

@@ -105,6 +105,16 @@ def test_gpu_check_driver_writes_the_record(tmp_path, monkeypatch):
     assert "## Decode" in summary and "## Serving" in summary
 
 
+def test_short_table_shows_the_rows_that_failed_inside_a_part():
+    """The last lines a GPU call prints: a variant that failed inside a part that ran ("ok") is listed too."""
+    rec = {"errors": [], "decode": [
+        {"model": "qwen2-7b", "impl": "qwen2rt", "batch": 1, "ms_per_token": 5.5, "pct_of_floor": 85.0},
+        {"model": "qwen2-7b", "impl": "hf_compiled", "batch": 1, "error": "RuntimeError('recompiled')"}]}
+    lines = gpu_check.short_table(rec).splitlines()
+    assert any(ln.startswith("qwen2-7b") and "5.500" in ln for ln in lines)
+    assert any("hf_compiled" in ln and "error: RuntimeError('recompiled')" in ln for ln in lines)
+
+
 def test_load_llm_retries_without_prefill_graphs_only_when_capture_fails(monkeypatch):
     """A failed graph capture costs the decode rows nothing when the prefill graphs caused it: the LLM again without
     them, and the error for the record; other errors, or a failure without prefill graphs, are raised."""
