@@ -457,9 +457,11 @@ class LLM:
 
 def _check_not_aborted(s: Sequence) -> None:
     """A request of generate / stream that ended as aborted while its caller was still waiting for it was ended by
-    a failed engine step (its own caller's aborts come after it stops waiting): an error, not a short output."""
+    a failed engine step, or by an abort() from elsewhere (its own caller's come after it stops waiting): an error,
+    not a short output."""
     if s.finish_reason == "abort":
-        raise RuntimeError("the request was aborted by a failed engine step (see the error raised there)")
+        raise RuntimeError("the request was aborted by a failed engine step (see the error raised there) or by an "
+                           "abort() from elsewhere")
 
 
 async def _in_worker(fn, *args):
