@@ -87,6 +87,8 @@ def parse_quantization_config(d) -> QuantConfig:
         _fail("quant_method", d.get("quant_method"), f"unsupported; qwen2rt loads {list(CHECKPOINT_METHODS)} "
               "checkpoints (or quantizes floating-point ones at load: int8, int4, fp8)")
     bits = d.get("bits")
+    if not isinstance(bits, int) or isinstance(bits, bool):  # 4.0 equals 4, and would reach the packing as a float
+        _fail("bits", bits, "must be an integer")
     group_size = d.get("group_size", 128)
     if not isinstance(group_size, int) or isinstance(group_size, bool) or not (group_size == -1 or group_size > 0):
         _fail("group_size", group_size, "must be a positive integer or -1")

@@ -376,6 +376,7 @@ def _reshape(name):
     (None, _reshape("model.layers.0.mlp.down_proj.qweight"), CheckpointError,
      r"'model\.layers\.0\.mlp\.down_proj\.qweight'.*shape \[32, 255\], expected \[32, 256\]"),
     (dict(bits=3), None, ConfigError, r"'quantization_config\.bits' = 3"),
+    (dict(bits=4.0), None, ConfigError, r"'quantization_config\.bits' = 4\.0: must be an integer"),
     (dict(group_size=96), None, CheckpointError, r"'model\.layers\.0\.self_attn\.q_proj\.scales'.*group_size 96 "
                                                  r"does not divide the input size 256"),
     (dict(quant_method="bitsandbytes"), None, ConfigError, r"'quantization_config\.quant_method' = 'bitsandbytes'"),
