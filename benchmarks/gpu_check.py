@@ -195,12 +195,17 @@ def run_gpu_tests(timeout_s: float = GPU_TESTS_LIMIT_S, marker: str = "gpu") -> 
         cmd += ["--timeout", "120"]
     env = dict(os.environ, QWEN2RT_MOE_TUNE="0")  # correctness only here: no MoE autotuning inside the tests
     t0 = time.perf_counter()
+    # its own process group, so that a timeout stops the xdist workers too (they would run GPU tests on into the
+    # next part's timings)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
     try:
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(timeout_s, 10), env=env)
-        stdout, returncode = r.stdout, r.returncode
-    except subprocess.TimeoutExpired as e:
-        stdout, returncode = e.stdout or "", None
-        stdout = stdout.decode(errors="replace") if isinstance(stdout, bytes) else stdout
+        stdout, _ = proc.communicate(timeout=max(timeout_s, 10))
+        returncode = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, _ = proc.communicate()
+        returncode = None
     lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
     outcomes = {k: sum(f" {k}" in ln for ln in lines if "::" in ln and not ln.startswith(k))
                 for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
