@@ -10,8 +10,8 @@ out="${OUT:-benchmarks/results/local}"
 if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then out="$1"; shift; fi
 mkdir -p "$out"
 # the whole pip output in the record folder: a failed install must say why, not end in "No module named qwen2rt"
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/pip.log" 2>&1
-if ! python3 -c "import qwen2rt" 2>> "$out/pip.log"; then
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/pip.log" 2>&1 \
+        || ! python3 -c "import qwen2rt" 2>> "$out/pip.log"; then
     echo "install failed: the end of $out/pip.log:"; tail -30 "$out/pip.log"; exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$out/nvidia-smi.txt"

@@ -269,7 +269,8 @@ def _sliding_layers(d: dict, moe: bool) -> tuple[list[int], str]:
     layers = range(d.get("num_hidden_layers", 0))
     if moe:
         return [i for i in layers if i % 2 == 0 and i < first], "use_sliding_window"
-    return [i for i in layers if d.get("sliding_window") is not None and i >= first], "use_sliding_window"
+    window = d.get("sliding_window", 4096)  # transformers' default when the key is absent (null: no window)
+    return [i for i in layers if window is not None and i >= first], "use_sliding_window"
 
 
 def config_from_dict(d: dict) -> Qwen2Config:

@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -26,7 +27,7 @@ def number_in(kind, low, high=None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if value < low or (high is not None and value > high):
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"{text} is outside [{low}, {high if high is not None else 'inf'}]")
         return value
     return parse

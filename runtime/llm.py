@@ -214,15 +214,23 @@ class LLM:
     def _locked(self):
         """The engine lock and this LLM's device. Aborts the holding thread asks for meanwhile (a stream generator
         finalised by the garbage collector inside a step: its `finally` aborts its request) run as it lets go:
-        re-taking the lock would deadlock, and freeing a request's blocks in the middle of a step is not safe."""
-        with self._lock, self._on_device:
-            self._lock_owner = threading.get_ident()
-            try:
+        re-taking the lock would deadlock, and freeing a request's blocks in the middle of a step is not safe. The
+        owner is recorded right after the lock is taken and cleared right before it is let go, with nothing
+        allocated in between that could start a collection; a deferred abort leaves the list once it has run."""
+        me = threading.get_ident()
+        self._lock.acquire()
+        self._lock_owner = me
+        try:
+            with self._on_device:
                 yield
-            finally:
+        finally:
+            try:
                 while self._deferred_aborts:
-                    self._abort_now(self._deferred_aborts.pop())
+                    self._abort_now(self._deferred_aborts[-1])
+                    self._deferred_aborts.pop()
+            finally:
                 self._lock_owner = None
+                self._lock.release()
 
     def _collect_eos(self, generation_eos) -> frozenset[int]:
         """eos ids of config.json, generation_config.json and the tokenizer, together (as vLLM does)."""
@@ -404,7 +412,7 @@ class LLM:
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue sequences for the next steps, all or none: a ValueError (e.g. a request that can never fit the KV
-        cache) leaves none of them queued."""
+        cache) leaves none of them queued (those already added are aborted: new requests are needed to retry)."""
         with self._locked():
             added = []
             try:
@@ -466,8 +474,9 @@ def _check_not_aborted(s: Sequence) -> None:
 
 async def _in_worker(fn, *args):
     """fn(*args), which takes the engine lock, in a worker thread: the event loop never waits on the lock (held for
-    whole steps). If the awaiting task is cancelled meanwhile, fn still runs to its end before the CancelledError
-    goes on, so a request's cleanup (abort) always follows its submit."""
+    whole steps). If the awaiting task is cancelled meanwhile, the CancelledError goes on only once fn has run to
+    its end, so a request's cleanup (abort) follows its submit (cancelled again while waiting, as at the loop's
+    shutdown, it goes on at once: the thread finishes fn, and a submit after its abort is refused)."""
     import asyncio
 
     future = asyncio.ensure_future(asyncio.to_thread(fn, *args))

@@ -81,6 +81,7 @@ def test_bad_flags_and_files_are_one_line_errors(hf_checkpoints, real_tok_dir, t
         (("chat", "--model", no_tokenizer), "has no tokenizer.json: chat needs one"),
         (("generate", "--device", "gpu"), "device 'gpu': not a device torch knows"),
         (("info", "--bandwidth", "0"), "outside [1e-09, inf]"),
+        (("info", "--bandwidth", "nan"), "nan is outside"),
         (("serve", "--port", "99999"), "99999 is outside [0, 65535]"),
         (("profile", "--batch", "0"), "0 is outside [1, inf]"),
         (("profile", "--trace", str(tmp_path / "no" / "such" / "t.json")), "does not exist"),

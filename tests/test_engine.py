@@ -199,12 +199,36 @@ def test_an_abort_from_inside_a_step_runs_when_the_step_ends():
         seen.append(seq.finished)  # not yet: deferred to the step's end
         return out
     llm.engine.step = step_that_aborts
-    worker = threading.Thread(target=llm.step)
+    worker = threading.Thread(target=llm.step, daemon=True)  # a deadlock must not keep pytest from exiting
     worker.start()
     worker.join(timeout=30)
     assert not worker.is_alive(), "deadlock: abort re-took the engine lock inside a step"
     llm.engine.step = real_step
     assert seen == [False] and seq.finish_reason == "abort" and not llm.has_unfinished()
+    assert llm.kv_cache.num_free_blocks == llm.kv_cache.num_blocks
+
+
+def test_a_deferred_abort_that_raises_is_kept_and_the_lock_let_go():
+    """A deferred abort that fails (an interrupt) stays queued for the next release, and the lock's owner is
+    cleared: a later abort from outside any step runs at once instead of being deferred for ever."""
+    llm = LLM("tiny", device="cpu", max_seq_len=128, max_batch_size=4)
+    a, b = (llm.new_request(p, SamplingParams(max_tokens=50, ignore_eos=True)) for p in ("a", "b"))
+    llm.submit([a, b])
+    real_abort, calls = llm.engine.abort, []
+
+    def interrupted_once(seq):
+        calls.append(seq)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_abort(seq)
+    llm.engine.abort = interrupted_once
+    with pytest.raises(KeyboardInterrupt):
+        with llm._locked():
+            llm.abort([a])  # from the holder: deferred to the release, where it raises
+    assert llm._lock_owner is None and a.finish_reason is None and llm._deferred_aborts == [a]
+    llm.abort([b])  # not the holder: runs now, and the release runs the kept abort of a too
+    llm.engine.abort = real_abort
+    assert (a.finish_reason, b.finish_reason) == ("abort", "abort") and not llm.has_unfinished()
     assert llm.kv_cache.num_free_blocks == llm.kv_cache.num_blocks
 
 

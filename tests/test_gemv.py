@@ -186,6 +186,9 @@ def test_out_overlapping_any_operand_is_an_error():
     wide = torch.randn(7, 13, generator=g).to(DEVICE)
     with pytest.raises(ValueError, match="out must not overlap weight"):
         fused_linear(x[:1], wide, out=wide[0, :7].view(1, 7))
+    square = torch.randn(13, 13, generator=g).to(DEVICE) * 0.3
+    with pytest.raises(ValueError, match="out must not overlap x"):  # x is the residual too: out may be the residual
+        fused_linear(x, square, residual=x, out=x)  # itself, but not x, which every program reads whole
     with pytest.raises(ValueError, match=r"out's rows overlap one another \(row stride 0, 7 columns\)"):
         fused_linear(x, w, out=torch.zeros(1, 7, device=DEVICE).expand(5, 7))
     # the exact alias still works, and x expanded over one row (stride 0) with a separate out too
