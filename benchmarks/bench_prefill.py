@@ -24,11 +24,12 @@ from qwen2rt.models.config import Qwen2Config, builtin_config
 from qwen2rt.profiling import prefill_kernel_ms
 
 
-def prefill_flops(config: Qwen2Config, tokens: int) -> float:
-    """2 x active matmul parameters x tokens (lm_head for the last token only) + causal attention."""
+def prefill_flops(config: Qwen2Config, tokens: int, cached: int = 0) -> float:
+    """2 x active matmul parameters x tokens (lm_head for the last token only) + causal attention of the `tokens`
+    new ones over the `cached` tokens before them (a prefix-cache hit) and over each other."""
     c = config
     weights = c.bytes_per_token(1) - c.vocab_size * c.hidden_size  # active parameters without the lm_head
-    attn = 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * tokens * tokens / 2
+    attn = 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * tokens * (cached + tokens / 2)
     return 2 * weights * tokens + 2 * c.vocab_size * c.hidden_size + attn
 
 

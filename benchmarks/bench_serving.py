@@ -32,6 +32,7 @@ import torch
 from benchmarks.bench_prefill import prefill_flops, prefill_weight_bytes
 from benchmarks.common import device_default, environment, measure_ceilings, print_rows, write_json
 from qwen2rt import LLM, SamplingParams
+from qwen2rt.kv_cache import kv_bytes_per_token
 
 
 def _prompts(vocab: int, length: int, count: int, seed: int) -> list[list[int]]:
@@ -75,7 +76,11 @@ def run_prefix(model: str, device, ceilings: dict, system: int = 2000, question:
             cached = statistics.median(c for _, c in runs)
             ttft = statistics.median(ms for ms, _ in runs)
             new_tokens = int(system + question - cached)
-            floor = max(prefill_flops(config, new_tokens) / ceilings["bf16_gemm_TFLOPs"] / 1e9, weight_floor)
+            # a hit's new tokens attend over the cached ones too, whose K/V are read from the cache
+            kv_floor = cached * kv_bytes_per_token(config, torch.bfloat16 if dtype_bytes == 2 else torch.float32) \
+                / ceilings["copy_GBps"] / 1e6
+            floor = max(prefill_flops(config, new_tokens, int(cached)) / ceilings["bf16_gemm_TFLOPs"] / 1e9,
+                        weight_floor + kv_floor)
             rows.append(dict(bench="prefix", model=model, prompt=f"{system}+{question}", case=case,
                              prefix_caching=caching, ttft_ms=ttft, cached_tokens=cached, floor_ms=floor,
                              pct_of_floor=100 * floor / ttft))

@@ -388,3 +388,14 @@ def test_hf_decode_timing_refuses_a_negative_difference(monkeypatch):
     timed((0.5, 0.4), (0.5, 0.45), (0.4, 0.5))
     with pytest.raises(RuntimeError, match="timing noise"):
         hf_baseline.decode_ms_per_token(None, None, steps=4)
+
+
+def test_prefill_flops_count_the_cached_prefix_the_new_tokens_attend_over():
+    """A prefix-cache hit's new tokens attend over the cached ones too: 4 L H D new x cached more FLOPs than the
+    same tokens as a fresh prompt (bench_serving's warm floor counted them as fresh)."""
+    from benchmarks.bench_prefill import prefill_flops
+    from qwen2rt.models.config import builtin_config
+
+    c = builtin_config("qwen2-7b")
+    extra = prefill_flops(c, 50, cached=2000) - prefill_flops(c, 50)
+    assert extra == 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * 50 * 2000
