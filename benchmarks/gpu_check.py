@@ -269,11 +269,14 @@ def summary_markdown(rec: dict) -> str:
                        + (f" skipped: {r['skipped']}" if r.get("skipped") else ""))
         out.append("")
     if rec.get("kernels"):
-        out += ["## Kernels", "", "| kernel | shape | impl | ms | GB/s | % copy | TFLOP/s | % GEMM |",
-                "|---|---|---|---|---|---|---|---|"]
+        # timing: device time of back-to-back calls in a CUDA graph, or eager calls between events (do_bench: host
+        # launches and an L2 flush included) where a function cannot be captured: rows timed apart compare loosely
+        out += ["## Kernels", "", "| kernel | shape | impl | ms | GB/s | % copy | TFLOP/s | % GEMM | timing |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in rec["kernels"]:
             out.append(f"| {r['kernel']} | {r['shape']} | {r['impl']} | {_f(r.get('ms'))} | {_f(r.get('GBps'))} | "
-                       f"{_f(r.get('pct_copy_bw'))} | {_f(r.get('TFLOPs'))} | {_f(r.get('pct_gemm_rate'))} |"
+                       f"{_f(r.get('pct_copy_bw'))} | {_f(r.get('TFLOPs'))} | {_f(r.get('pct_gemm_rate'))} | "
+                       f"{r.get('timing') or '-'} |"
                        + (f" error: {r['error']}" if r.get("error") else "")
                        + (f" skipped: {r['skipped']}" if r.get("skipped") else ""))
         out.append("")

@@ -103,6 +103,7 @@ def test_gpu_check_driver_writes_the_record(tmp_path, monkeypatch):
     assert {(r["bench"], r.get("case")) for r in rec["serving"]} >= {("prefix", "cold"), ("prefix", "warm")}
     summary = open(tmp_path / record.replace(".json", ".md")).read()
     assert "## Decode" in summary and "## Serving" in summary
+    assert "| % GEMM | timing |" in summary  # each kernel row says how it was timed (graph replay or eager)
 
 
 def test_short_table_shows_the_rows_that_failed_inside_a_part():
