@@ -180,24 +180,26 @@ def gemv_operands(x: torch.Tensor, n: int, bias, norm_weight, residual, swiglu: 
         check_operand("out", out, (m, width), out_dtype, x.device)
         # every program reads all of x's rows (and the bias and norm weight) while the others write their columns
         # of out; a residual element is read by the program that then writes it: out may be residual itself
-        check_out(out, {"x": x, "bias": bias, "norm_weight": norm_weight, "residual": residual}, may_be="residual")
+        check_out(out, {"x": x, "bias": bias, "norm_weight": norm_weight, "residual": residual},
+                  may_be=("residual",))
     return width, out
 
 
-def check_out(out: torch.Tensor, inputs: dict, may_be: str | None = None) -> None:
+def check_out(out: torch.Tensor, inputs: dict, may_be: tuple[str, ...] = (), name: str = "out") -> None:
     """out [M, N] with a contiguous last dimension: a ValueError if its rows overlap one another or it shares memory
     with any of `inputs` (name -> tensor with a contiguous last dimension, or None; a 1-D one as one row), except
-    that it may be the input named `may_be` exactly (the same elements in the same places). By name: the same
-    tensor passed as two inputs (x and residual) is still checked as the other one."""
+    that it may be exactly one of the inputs named in `may_be` (the same elements in the same places: a kernel whose
+    programs read each element before writing the same one). By name: the same tensor passed as two inputs (x and
+    residual) is still checked as the other one."""
     if out.shape[0] > 1 and out.shape[1] and out.stride(0) < out.shape[1]:
-        raise ValueError(f"out's rows overlap one another (row stride {out.stride(0)}, {out.shape[1]} columns)")
-    for name, t in inputs.items():
-        if t is None or (name == may_be and (t.data_ptr(), t.shape, t.stride()) == (out.data_ptr(), out.shape,
+        raise ValueError(f"{name}'s rows overlap one another (row stride {out.stride(0)}, {out.shape[1]} columns)")
+    for other, t in inputs.items():
+        if t is None or (other in may_be and (t.data_ptr(), t.shape, t.stride()) == (out.data_ptr(), out.shape,
                                                                                      out.stride())):
             continue
         if _overlap(out, t if t.ndim == 2 else t.reshape(1, -1)):
-            raise ValueError(f"out must not overlap {name}" + (" (it may be residual itself)" if may_be is not None
-                                                               else ""))
+            raise ValueError(f"{name} must not overlap {other}" + (f" (it may be {' or '.join(may_be)} itself)"
+                                                                   if may_be else ""))
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:

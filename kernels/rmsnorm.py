@@ -107,49 +107,16 @@ def _output(out: torch.Tensor | None, like: torch.Tensor, name: str) -> torch.Te
     return out.view(like.shape)
 
 
-def _byte_span(t: torch.Tensor) -> tuple[int, int]:
-    """[first, last + 1) byte addresses of a 1-D or [rows, H] tensor with a unit last stride (a row stride of 0
-    included)."""
-    extent = t.shape[-1] + sum((n - 1) * s for n, s in zip(t.shape[:-1], t.stride()[:-1]))
-    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
-
-
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two [rows, H] tensors of one shape are the same elements in the same order (an in-place alias)."""
-    return a.data_ptr() == b.data_ptr() and (a.shape[0] <= 1 or a.stride(0) == b.stride(0))
-
-
-def _check_aliasing(name: str, out: torch.Tensor, inputs: dict[str, torch.Tensor], weight: torch.Tensor,
-                    others: dict[str, torch.Tensor] | None = None) -> None:
-    """The caller's `out` [rows, H] may be exactly one of the row inputs (each program reads its whole row before it
-    writes that row), but must not overlap them otherwise (a row-shifted out overwrites rows other programs still
-    read), nor the weight (every program reads it), nor the other outputs. Checked on addresses, conservatively: two
-    row-strided views whose byte ranges interleave count as overlapping. Meta tensors have no memory to share."""
-    if out.device.type == "meta" or out.numel() == 0:
-        return
-    o0, o1 = _byte_span(out)
-
-    def overlaps(t: torch.Tensor) -> bool:
-        t0, t1 = _byte_span(t)
-        return t.numel() > 0 and t0 < o1 and o0 < t1
-
-    for other, t in inputs.items():
-        if overlaps(t) and not _same_view(out, t):
-            raise ValueError(f"{name} overlaps {other} without being exactly {other} (same data pointer, shape and "
-                             f"strides, i.e. in place)")
-    for other, t in {"weight": weight, **(others or {})}.items():
-        if overlaps(t):
-            raise ValueError(f"{name} must not overlap {other}")
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., H] (fp32 / fp16 / bf16), weight [H] contiguous, of x's dtype -> y [..., H] in x's dtype (into `out`
     if given: it may be x itself, in place, but must not otherwise overlap x or the weight)."""
     _check(x, weight)
     x2 = _rows(x)
     y = _output(out, x2, "out")
-    if out is not None:
-        _check_aliasing("out", y, {"x": x2}, weight)
+    if out is not None:  # each program reads its whole row before writing it: out may be x itself
+        from .gemv import check_out  # gemv imports this module
+
+        check_out(y, {"x": x2, "weight": weight}, may_be=("x",))
     if x2.shape[0]:
         block, warps = _launch_config(x2.shape[1])
         _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, y, y, x2.shape[1], eps,
@@ -171,10 +138,13 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     x2, r2 = _rows(x), _rows(residual)
     y = _output(out, x2, "out")
     r_out = _output(residual_out, x2, "residual_out")
+    from .gemv import check_out  # gemv imports this module
+
+    rows_read = {"x": x2, "residual": r2, "weight": weight}
     if out is not None:
-        _check_aliasing("out", y, {"x": x2, "residual": r2}, weight, {"residual_out": r_out})
+        check_out(y, dict(rows_read, residual_out=r_out), may_be=("x", "residual"))
     if residual_out is not None:
-        _check_aliasing("residual_out", r_out, {"x": x2, "residual": r2}, weight, {"out": y})
+        check_out(r_out, dict(rows_read, out=y), may_be=("x", "residual"), name="residual_out")
     if x2.shape[0]:
         block, warps = _launch_config(x2.shape[1])
         _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, y, r_out, x2.shape[1], eps,
