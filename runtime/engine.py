@@ -129,13 +129,13 @@ class Engine:
         if plan is None:
             return None
         kind, work = plan
-        seqs = [s for s, _, _ in work] if kind == "prefill" else list(work)
         try:
             launched = self.runner.launch_prefill(work) if kind == "prefill" else self.runner.launch_decode(work)
         except BaseException:
             # a launch that fails part-way may already have sampled (the slots' penalty counts and next input ids
             # written) with the host none the wiser: its sequences cannot go on consistently, so they end here
-            for seq in seqs:
+            # (a copy of the list first: decode's is the scheduler's own, which aborting edits)
+            for seq in [s for s, _, _ in work] if kind == "prefill" else list(work):
                 self.abort(seq)
             raise
         if kind == "prefill":
