@@ -343,16 +343,21 @@ def config_from_dict(d: dict) -> Qwen2Config:
     )
 
 
+def read_json(path: str | os.PathLike):
+    """A checkpoint folder's JSON file (config.json, tokenizer_config.json, generation_config.json) -> its value; a
+    ConfigError naming the file when it is not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
 def load_config(model_dir: str | os.PathLike) -> Qwen2Config:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{model_dir}: no config.json (is this a Hugging Face checkpoint folder?)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return config_from_dict(d)
+    return config_from_dict(read_json(path))
 
 
 # ---- built-in shapes (the published config values; random weights) -------------------------------------------

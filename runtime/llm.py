@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from qwen2rt.models.backend import default_backend_name, get_backend
-from qwen2rt.models.config import BUILTIN_CONFIGS, Qwen2Config, builtin_config, load_config
+from qwen2rt.models.config import BUILTIN_CONFIGS, Qwen2Config, builtin_config, load_config, read_json
 from qwen2rt.models.loader import load_weights, untie_distinct_lm_head
 from qwen2rt.models.quant import QuantConfig, at_load_config, check_fp8_device
 from qwen2rt.models.qwen2 import Qwen2Model, random_weights
@@ -22,7 +22,7 @@ from qwen2rt.models.rope import RotaryTables
 from .engine import DEFAULT_BUCKETS, DEFAULT_PREFILL_BUCKETS, Engine, Sequence
 from .kv_cache import KVCache, kv_bytes_per_token
 from .sampling import SamplingParams, defaults_from_generation_config
-from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, read_json
+from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger("qwen2rt")
 

@@ -11,6 +11,8 @@ from datetime import datetime
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from qwen2rt.models.config import read_json
+
 
 class Tokenizer:
     """encode / decode / chat template. `eos_token_ids` are the ids that end generation by default."""
@@ -62,15 +64,6 @@ def _compile_template(source: str) -> jinja2.Template:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         _TEMPLATE_CACHE[source] = env.from_string(source)
     return _TEMPLATE_CACHE[source]
-
-
-def read_json(path: str) -> dict:
-    """A checkpoint's JSON file -> its object; a ValueError naming the file when it is not valid JSON."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 class HFTokenizer(Tokenizer):
