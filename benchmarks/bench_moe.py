@@ -2,7 +2,8 @@
 folded into the grouped launches or run separately, and at decode sizes with the down GEMV split over 4 programs
 per token) against the same layer in Hugging Face transformers with each of its experts implementations (eager,
 batched_mm, grouped_mm) and against a `torch._grouped_mm` implementation, all in the same run, for
-Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B layers at T = 1, 4, 16, 128, 2048. Small T: GB/s on the bytes of the experts
+Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B layers at T = 1, 4, 16, 32, 128, 2048; at T = 16 and 32 also a decode bucket
+of T rows of which T / 2 + 1 are live (padding rows skipped, computed, or absent). Small T: GB/s on the bytes of the experts
 actually selected plus the shared expert and router, % of copy bandwidth. Large T: TFLOP/s, % of the bf16 GEMM
 rate.
 
@@ -117,18 +118,48 @@ def run(device, ceilings, layers=LAYERS, tokens=TOKENS, dtype=torch.bfloat16, co
                              "skipped": f"would gather {gathered / 1e9:.0f} GB of expert weights"})
             if device.type == "cuda":
                 impls["torch_grouped_mm"] = lambda: grouped_mm_moe(x, w, k, c.norm_topk_prob)
-            for impl, fn in impls.items():
-                try:
-                    with torch.inference_mode():  # HF's experts synchronise (not capturable): timed eagerly
-                        timing = bench_ms(fn, device, graph=not impl.startswith("hf_"))
-                    rows.append(kernel_row("moe_layer", shape, impl, timing, touched, flops, ceilings))
-                except Exception as e:
-                    rows.append({"kernel": "moe_layer", "shape": shape, "impl": impl, "error": repr(e)[:200]})
+            _time(rows, shape, impls, touched, flops, ceilings, device)
+            if 4 < t <= DECODE_MAX_TOKENS:
+                _time(rows, *_padded(name, c, w, x, elem, per_expert, fixed), ceilings, device)
     return rows
 
 
+def _time(rows, shape, impls, touched, flops, ceilings, device):
+    for impl, fn in impls.items():
+        try:
+            with torch.inference_mode():  # HF's experts synchronise (not capturable): timed eagerly
+                timing = bench_ms(fn, device, graph=not impl.startswith("hf_"))
+            rows.append(kernel_row("moe_layer", shape, impl, timing, touched, flops, ceilings))
+        except Exception as e:
+            rows.append({"kernel": "moe_layer", "shape": shape, "impl": impl, "error": repr(e)[:200]})
+
+
+def _padded(name, c, w, x, elem, per_expert, fixed):
+    """A decode bucket of t rows of which t // 2 + 1 are live, the rest padding as the model runner fills them (one
+    token at position 0: identical rows, which select the same experts): with token_slots marking the padding
+    (their programs read no expert), without (the padding rows' experts read too), and the live rows alone. Bytes
+    and FLOPs are the live rows'."""
+    t = x.shape[0]
+    live = t // 2 + 1
+    rows = x.clone()
+    rows[live:] = x[-1]
+    slots = torch.where(torch.arange(t, device=x.device) < live, 0, -1)
+    k = c.num_experts_per_tok
+    ids, _ = route_ref(F.linear(x[:live], w["router"]), k, c.norm_topk_prob)
+    touched = fixed + ids.unique().numel() * per_expert + 2 * live * c.hidden_size * elem
+    flops = 2 * live * (k * 3 * c.hidden_size * c.moe_intermediate_size
+                        + 3 * c.hidden_size * c.shared_expert_intermediate_size + (c.num_experts + 1) * c.hidden_size)
+
+    def moe(inputs, token_slots=None):
+        return lambda: fused_moe(inputs, w["router"], w["gate_up"], w["down"], k, c.norm_topk_prob,
+                                 w["shared_gate_up"], w["shared_down"], w["shared_gate"], token_slots=token_slots)
+    impls = {"qwen2rt_padding_skipped": moe(rows, slots), "qwen2rt_padding_computed": moe(rows),
+             "qwen2rt_live_rows_only": moe(x[:live])}
+    return f"{name} T={t} ({live} live)", impls, touched, flops
+
+
 def main(argv=None):
-    smoke = dict(layers=["tiny-moe"], tokens=[3], dtype=torch.float32,
+    smoke = dict(layers=["tiny-moe"], tokens=[5], dtype=torch.float32,
                  configs={"tiny-moe": builtin_config("tiny-moe")})
     return kernel_bench_main(__doc__, argv, run, smoke)
 

@@ -15,8 +15,10 @@ Two regimes, one launcher:
   not keep enough bytes in flight). No grouping pass and no routing launch: each program routes its token from the
   logits itself (a softmax and a rank over E numbers, next to streaming a [BLOCK_N, H] slice of an expert). With
   the norm in the router GEMV's and gate_up GEMV's prologues and the residual in the down GEMV's epilogue, the
-  block is 3 launches. Bandwidth-bound; at 32 tokens most experts are selected by more than one token and read
-  once per pair (from L2 when their programs run together; unmeasured: bench_moe times the grouped GEMMs beside).
+  block is 3 launches. Padding rows (a CUDA graph's bucket filled up, marked by a negative KV slot: token_slots)
+  read no expert: their programs' weight loops run no iteration. Bandwidth-bound; at 32 tokens most experts are selected by more than
+  one token and read once per pair (from L2 when their programs run together; unmeasured: bench_moe times the
+  grouped GEMMs beside).
 - prefill: pairs are grouped by expert into BLOCK_M-row blocks (`moe_align`, torch ops on the device with static
   shapes); gemm 1 gathers token rows inside its loads and applies SwiGLU in the epilogue; gemm 2 scales by the
   routing weight and writes per-pair rows that are summed per token. The grid is a static upper bound on the
@@ -358,22 +360,26 @@ def _quant_tile(p_q, p_s, p_z, o_row, o_w, o_g, m_nw, s_q, s_g, IS_FP8: tl.const
 @triton.jit
 def _gemv_gate_up_kernel(
     # pointers (QUANT: p_w and p_ws are the routed and shared qweights, with their scales and zeros)
-    p_x, p_logits, p_w, p_ws, p_scales, p_zeros, p_shared_scales, p_shared_zeros, p_norm, p_out,
+    p_x, p_logits, p_w, p_ws, p_scales, p_zeros, p_shared_scales, p_shared_zeros, p_norm, p_slots, p_out,
     # sizes (QUANT: words and groups per weight row, hidden / PER_WORD and hidden / group size)
     hidden, inter, num_experts, shared_inter, words, groups, eps,
     # strides
     s_x, s_logits, s_we, s_wn, s_out,
     # meta-parameters
     TOP_K: tl.constexpr, PAIRS: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_NORM: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     QUANT: tl.constexpr, BITS: tl.constexpr, IS_FP8: tl.constexpr, GROUP_WORDS: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     # program (pair, N tile): pair j of token t is its j-th routed expert, or a chunk of the folded shared expert,
     # routed here from the token's logits. HAS_NORM: x is the residual stream, normalised here (each program
-    # recomputes its token's norm: x is a few KB)
+    # recomputes its token's norm: x is a few KB). HAS_SLOTS: a token whose slot is negative is padding: its
+    # programs read no expert weight (an empty K loop; an early exit spilled in the loop under Triton 3.6)
     i_pair = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
     i_t = i_pair // PAIRS
+    num_k = hidden  # the columns read: none for a padding token, whose h is then silu(0) * 0 = 0
+    if HAS_SLOTS:
+        num_k = tl.where(tl.load(p_slots + i_t) < 0, 0, hidden)
     b_probs, b_rank = _route_ranks(p_logits + i_t * s_logits, num_experts, BLOCK_E)
     e, _ = _pair_expert(b_probs, b_rank, i_pair % PAIRS, num_experts, TOP_K, False, BLOCK_E)
     e = e.to(tl.int64)
@@ -394,7 +400,7 @@ def _gemv_gate_up_kernel(
         o_ru = o_rg + up
         b_accg = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
         b_accu = tl.zeros([BLOCK_N, BLOCK_KW], tl.float32)
-        for w0 in range(0, words, BLOCK_KW):
+        for w0 in range(0, num_k // PER_WORD, BLOCK_KW):
             o_w = w0 + tl.arange(0, BLOCK_KW)
             m_w = o_w < words
             m_nw = m_n[:, None] & m_w[None, :]
@@ -415,7 +421,7 @@ def _gemv_gate_up_kernel(
         p_wu = p_wg + up
         b_g = tl.zeros([BLOCK_N], tl.float32)
         b_u = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
+        for k0 in range(0, num_k, BLOCK_K):
             o_k = k0 + tl.arange(0, BLOCK_K)
             m_k = o_k < hidden
             b_x = tl.load(p_x + i_t * s_x + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
@@ -431,7 +437,7 @@ def _gemv_gate_up_kernel(
 @triton.jit
 def _gemv_down_kernel(
     # pointers (QUANT: p_w and p_ws are the routed and shared qweights, with their scales and zeros)
-    p_h, p_logits, p_w, p_ws, p_scales, p_zeros, p_shared_scales, p_shared_zeros, p_res, p_out,
+    p_h, p_logits, p_w, p_ws, p_scales, p_zeros, p_shared_scales, p_shared_zeros, p_res, p_slots, p_out,
     # sizes (QUANT: words and groups per row of the routed down, then of the shared down)
     hidden, inter, num_experts, shared_inter, words, groups, shared_words, shared_groups,
     # strides
@@ -439,14 +445,15 @@ def _gemv_down_kernel(
     # meta-parameters
     TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, PAIRS: tl.constexpr, HAS_SHARED: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
-    PAIRS_PER_PROGRAM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    PAIRS_PER_PROGRAM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SLOTS: tl.constexpr,
     QUANT: tl.constexpr, BITS: tl.constexpr, IS_FP8: tl.constexpr, GROUP_WORDS: tl.constexpr,
     SHARED_GROUP_WORDS: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     # HAS_RESIDUAL (only with SPLIT_PAIRS == 1): the layer's output rounded, plus the residual, rounded again
     # program (token t, chunk c): the pairs c * PAIRS_PER_PROGRAM ... of token t, summed in a fixed order into row
     # t * SPLIT_PAIRS + c of the output (the layer's output itself when SPLIT_PAIRS == 1, else fp32 partial sums);
-    # each pair's expert and weight routed here from the token's logits, as the gate_up GEMV did
+    # each pair's expert and weight routed here from the token's logits, as the gate_up GEMV did. HAS_SLOTS: a
+    # padding token (negative slot) sums none of its pairs: its row is 0 (the residual with HAS_RESIDUAL)
     PER_WORD: tl.constexpr = 1 if IS_FP8 else 32 // BITS  # QUANT: weights per stored word
     i_row = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
@@ -460,10 +467,13 @@ def _gemv_down_kernel(
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < hidden
     b_out = tl.zeros([BLOCK_N], tl.float32)
+    num_summed = PAIRS_PER_PROGRAM
+    if HAS_SLOTS:
+        num_summed = tl.where(tl.load(p_slots + i_t) < 0, 0, PAIRS_PER_PROGRAM)
     # a loop, not unrolled: unrolled (up to 16 pairs), ptxas kept several pairs' state live across the weight loops
     # and spilled 8-56 bytes per thread in 14 quantized tuning candidates under Triton 3.9 (0 as a loop, and 22
     # fewer registers on average under 3.6: tests/aot_sm90.py); the pairs are still summed in the same fixed order
-    for j in range(PAIRS_PER_PROGRAM):
+    for j in range(num_summed):
         i_pair = i_t * PAIRS + first + j
         e, weight = _pair_expert(b_probs, b_rank, first + j, num_experts, TOP_K, RENORMALIZE, BLOCK_E)
         weight = tl.where(first + j < TOP_K, weight, shared_weight)
@@ -608,7 +618,7 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, 
               shared_gate_up=None, shared_down=None, shared_gate: torch.Tensor | None = None,
               config: dict | None = None, regime: str | None = None, out: torch.Tensor | None = None,
               fold_shared: bool | None = None, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
+              residual: torch.Tensor | None = None, token_slots: torch.Tensor | None = None) -> torch.Tensor:
     """The MoE block. x [T, H]; router [E, H]; gate_up [E, 2I, H] (rows [gate | up]); down [E, H, I]; optional
     shared expert gate_up [2Is, H] (rows [gate | up]), down [H, Is] and sigmoid gate [1, H]. -> [T, H] in x's dtype
     (written into `out` when given). `config` overrides the block sizes (see get_config / tune); `regime`
@@ -620,6 +630,12 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, 
     the residual (unless SPLIT_PAIRS > 1): the block is 3 launches when the shared gate is the row after the
     router's in memory (router_with_shared_gate), 4 otherwise. Elsewhere the norm is one kernel before and the
     residual one add after.
+    token_slots [T] int32 / int64 (the KV-cache slot of each token, AttentionMetadata.slot_mapping): a token whose
+    slot is negative is padding (a CUDA graph's bucket filled up). On the GEMV path its routed experts and folded
+    shared chunks are skipped, so that padding rows read no expert weights: its output there is the residual (0
+    without one), plus the shared expert's part when the shared expert runs separately (a dense GEMV, whose weight
+    the real rows read anyway). The grouped (prefill) path computes padding rows like the others: there they join
+    blocks of experts the real tokens mostly select anyway.
 
     Quantized experts (kernels.quant.QuantizedWeight, one kind for all four; router and shared gate stay in x's
     dtype): gate_up is one QuantizedWeight [E 2I, H] (expert e's rows [e 2I, (e+1) 2I), gate then up), down one
@@ -673,6 +689,10 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, 
         chunks = 0
     check_operand("norm_weight", norm_weight, (hidden,), x.dtype, x.device)
     check_operand("residual", residual, tuple(x.shape), x.dtype, x.device)
+    if token_slots is not None and (token_slots.shape != (t,) or token_slots.dtype not in (torch.int32, torch.int64)
+                                    or token_slots.device != x.device or (t and token_slots.stride(0) != 1)):
+        raise ValueError(f"token_slots must be an int32 or int64 tensor [{t}] with stride 1 on {x.device}, got "
+                         f"{token_slots.dtype} {list(token_slots.shape)} on {token_slots.device}")
     x = x if x.stride(1) == 1 else x.contiguous()
     if out is None:
         out = torch.empty_like(x)
@@ -713,22 +733,25 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, 
         block_e = triton.next_power_of_2(num_experts)
         gate_up_args, down_args = _gemv_weight_args(gate_up, down, shared_gate_up if chunks else None,
                                                     shared_down if chunks else None, x, cfg)
+        slots = dict(HAS_SLOTS=token_slots is not None)
+        p_slots = token_slots if token_slots is not None else logits  # unread without slots
         _gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter, bn))](
-            x, logits, *gate_up_args["pointers"], norm_weight if norm_weight is not None else x, h, *sizes,
+            x, logits, *gate_up_args["pointers"], norm_weight if norm_weight is not None else x, p_slots, h, *sizes,
             *gate_up_args["sizes"], eps, x.stride(0), logits.stride(0), *gate_up_args["strides"], h.stride(0),
             TOP_K=top_k, PAIRS=pairs, HAS_SHARED=chunks > 0, HAS_NORM=norm_weight is not None, BLOCK_E=block_e,
-            BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **gate_up_args["meta"])
+            BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **slots, **gate_up_args["meta"])
         # SPLIT_PAIRS > 1: each token's pairs in that many programs (more programs, more bytes in flight when a
         # token's k + S experts would leave few (token, N tile) programs), fp32 partial rows summed after
         split = math.gcd(cfg.get("SPLIT_PAIRS", 1), pairs)
         target = out if split == 1 else torch.empty((t * split, hidden), device=x.device, dtype=torch.float32)
         residual_added = residual is not None and split == 1 and fuses
         _gemv_down_kernel[(t * split, triton.cdiv(hidden, bn))](
-            h, logits, *down_args["pointers"], residual if residual_added else target, target, *sizes,
+            h, logits, *down_args["pointers"], residual if residual_added else target, p_slots, target, *sizes,
             *down_args["sizes"], h.stride(0), logits.stride(0), *down_args["strides"],
             residual.stride(0) if residual_added else 0, target.stride(0), TOP_K=top_k, RENORMALIZE=renormalize,
             PAIRS=pairs, HAS_SHARED=chunks > 0, BLOCK_E=block_e, BLOCK_N=bn, BLOCK_K=bk, SPLIT_PAIRS=split,
-            PAIRS_PER_PROGRAM=pairs // split, HAS_RESIDUAL=residual_added, num_warps=warps, **down_args["meta"])
+            PAIRS_PER_PROGRAM=pairs // split, HAS_RESIDUAL=residual_added, num_warps=warps, **slots,
+            **down_args["meta"])
         if split > 1:
             out.copy_(target.view(t, split, hidden).sum(dim=1))  # fixed order: deterministic, batch-invariant
     else:

@@ -147,6 +147,7 @@ def tune(x_like: torch.Tensor, router, gate_up, down, top_k: int, renormalize: b
     key = config_key(hidden, inter, num_experts, top_k, shared_inter, x_like.dtype, bucket, x_like.device,
                      weight_tag(gate_up))
     x = torch.randn(tokens, hidden, device=x_like.device, dtype=x_like.dtype)
+    slots = torch.arange(tokens, device=x_like.device)  # every token live, as the model's forward passes them
     if bench is None:
         from triton.testing import do_bench as bench
     fold_default = DEFAULT_CONFIGS[bucket]["FOLD_SHARED"]
@@ -154,7 +155,7 @@ def tune(x_like: torch.Tensor, router, gate_up, down, top_k: int, renormalize: b
     def timed(cfg):
         try:
             return bench(lambda: fused_moe(x, router, gate_up, down, top_k, renormalize, shared_gate_up, shared_down,
-                                           shared_gate, config=cfg))
+                                           shared_gate, config=cfg, token_slots=slots))
         except Exception as e:  # a config that does not compile here (shared memory, ...) is skipped
             log.debug("moe config %s failed: %r", cfg, e)
             return float("inf")

@@ -108,10 +108,12 @@ class Backend:
         cache at meta.slot_mapping, attend causally over each sequence's cached context; -> [T, Hq D]."""
         raise NotImplementedError
 
-    def moe_residual(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: MoEWeights) -> torch.Tensor:
+    def moe_residual(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: MoEWeights,
+                     token_slots: torch.Tensor | None = None) -> torch.Tensor:
         """x + moe(rms_norm(x, norm_weight)). The sparse MoE block has Hugging Face semantics: softmax router in
         fp32, top-k, optional renormalisation, experts weighted and summed, plus the shared expert scaled by
-        sigmoid(shared_gate x)."""
+        sigmoid(shared_gate x). token_slots (AttentionMetadata.slot_mapping): rows whose slot is negative are
+        padding, whose output nothing reads: a backend may skip their experts (kernels.fused_moe's token_slots)."""
         raise NotImplementedError
 
     def warmup(self, layers: list) -> None:
@@ -146,7 +148,7 @@ class TorchBackend(Backend):
             qkv, k_cache, v_cache, rope.cos, rope.sin, meta.positions, meta.slot_mapping, meta.block_tables,
             meta.seq_lens, query_start, shape.num_heads, shape.num_kv_heads, shape.scale, self.max_score_elements)
 
-    def moe_residual(self, x, norm_weight, eps, w):
+    def moe_residual(self, x, norm_weight, eps, w, token_slots=None):  # padding rows computed like the others
         return kernels.fused_moe_ref(x, w.router, w.gate_up, w.down, w.top_k, w.norm_topk_prob, w.shared_gate_up,
                                      w.shared_down, w.shared_gate, norm_weight=norm_weight, eps=eps, residual=x)
 
@@ -204,9 +206,10 @@ class TritonBackend(Backend):
                                              shape.num_kv_heads, shape.scale, out=out)
         return kernels.decode_attention(*args, shape.num_heads, shape.num_kv_heads, shape.scale)
 
-    def moe_residual(self, x, norm_weight, eps, w):
+    def moe_residual(self, x, norm_weight, eps, w, token_slots=None):
         return kernels.fused_moe(x, w.router, w.gate_up, w.down, w.top_k, w.norm_topk_prob, w.shared_gate_up,
-                                 w.shared_down, w.shared_gate, norm_weight=norm_weight, eps=eps, residual=x)
+                                 w.shared_down, w.shared_gate, norm_weight=norm_weight, eps=eps, residual=x,
+                                 token_slots=token_slots)
 
     def warmup(self, layers):
         moe = next((layer.mlp for layer in layers if isinstance(layer.mlp, MoEWeights)), None)

@@ -232,7 +232,7 @@ class Qwen2Model:
         attn = be.attention(qkv, k_cache, v_cache, self.rope, meta, self.attention_shape)
         x = be.linear_residual(attn, layer.o, x)
         if isinstance(layer.mlp, MoEWeights):
-            return be.moe_residual(x, layer.post_attention_norm, eps, layer.mlp)
+            return be.moe_residual(x, layer.post_attention_norm, eps, layer.mlp, meta.slot_mapping)
         h = be.norm_swiglu(x, layer.post_attention_norm, eps, layer.mlp.gate_up)
         return be.linear_residual(h, layer.mlp.down, x)
 

@@ -65,13 +65,14 @@ class ProfilingBackend(Backend):
         op = "attention.prefill" if meta.is_prefill else "attention.decode"
         return self._run(op, _nbytes(qkv) + kv_read, self.inner.attention, qkv, k_cache, v_cache, rope, meta, shape)
 
-    def moe_residual(self, x, norm_weight, eps, w: MoEWeights):
+    def moe_residual(self, x, norm_weight, eps, w: MoEWeights, token_slots=None):
         with torch.no_grad():
-            h = rms_norm_ref(x, norm_weight, eps)
+            live = x if token_slots is None else x[token_slots >= 0]  # padding rows read no expert (triton)
+            h = rms_norm_ref(live, norm_weight, eps)
             top = torch.topk(F.linear(h, w.router), w.top_k, dim=-1).indices.unique().numel()
         per_expert = _nbytes(w.gate_up, w.down) // w.router.shape[0]  # every expert the same size
         nbytes = _nbytes(x, norm_weight, w.router, w.shared_gate_up, w.shared_down, w.shared_gate) + top * per_expert
-        return self._run("moe", nbytes, self.inner.moe_residual, x, norm_weight, eps, w)
+        return self._run("moe", nbytes, self.inner.moe_residual, x, norm_weight, eps, w, token_slots)
 
 
 def copy_bandwidth_GBps(device: torch.device) -> float:

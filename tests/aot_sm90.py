@@ -260,12 +260,13 @@ def moe_block(c, dtype, recorder: Recorder, where: str, candidates: str):
         for cfg, fold in runs:
             recorder.where = f"{where} {bucket} fold={fold}"
             x = meta(tokens, h, dtype=dtype)
+            slots = meta(tokens, dtype=torch.int64)  # as the model and the tuner pass them
             moe.fused_moe(x, router, gate_up, down, c.num_experts_per_tok, c.norm_topk_prob, *shared, config=cfg,
-                          regime="decode" if decode else "prefill", fold_shared=fold)
+                          regime="decode" if decode else "prefill", fold_shared=fold, token_slots=slots)
             if decode:  # as the model calls it: the post-attention norm and the residual fused in
                 moe.fused_moe(x, router, gate_up, down, c.num_experts_per_tok, c.norm_topk_prob, *shared,
                               config=cfg, regime="decode", fold_shared=fold, norm_weight=meta(h, dtype=dtype),
-                              residual=x)
+                              residual=x, token_slots=slots)
 
 
 # the quantized expert layouts compiled for the MoE decode GEMVs (no act-order: MoE experts have none)
@@ -291,12 +292,13 @@ def moe_quant_block(c, dtype, recorder: Recorder, where: str, form: str, candida
         for cfg, fold in runs:
             recorder.where = f"{where} {form} experts {bucket} fold={fold}"
             x = meta(tokens, h, dtype=dtype)
+            slots = meta(tokens, dtype=torch.int64)
             moe.fused_moe(x, router, gate_up, down, c.num_experts_per_tok, c.norm_topk_prob, *shared,
-                          config=cfg, regime="decode" if decode else "prefill", fold_shared=fold)
+                          config=cfg, regime="decode" if decode else "prefill", fold_shared=fold, token_slots=slots)
             if decode:
                 moe.fused_moe(x, router, gate_up, down, c.num_experts_per_tok, c.norm_topk_prob, *shared,
                               config=cfg, regime="decode", fold_shared=fold, norm_weight=meta(h, dtype=dtype),
-                              residual=x)
+                              residual=x, token_slots=slots)
 
 
 def record(quick: bool, recorder: Recorder, models=tuple(MODELS), dtypes=tuple(DTYPES), quantized_forms=True):

@@ -46,8 +46,10 @@ def test_bench_scripts_run(module, args, key, tmp_path):
                    if r["impl"] in ("qwen2rt", "qwen2rt_eager", "qwen2rt_lazy"))
     if module is bench_prefill:  # the profiled prefill's kernel (here CPU) time beside the time to first token
         assert all(_finite(r["kernel_ms"]) and r["kernel_ms"] > 0 for r in rows if r["impl"] == "qwen2rt")
-    if module is bench_moe:  # the shared expert folded into the grouped launches vs run separately
+    if module is bench_moe:  # the shared expert folded into the grouped launches vs run separately; padding rows
         assert {"qwen2rt_fold", "qwen2rt_separate"} <= impls
+        padded = {r["impl"] for r in rows if r["shape"] == "tiny-moe T=5 (3 live)"}
+        assert padded == {"qwen2rt_padding_skipped", "qwen2rt_padding_computed", "qwen2rt_live_rows_only"}
     if module is bench_quant:  # pipelined vs plain word loop, bf16 cuBLAS and the prefill path; the copy floor
         assert {"qwen2rt_nopipe", "cublas_bf16", "dequant+cublas"} <= impls
         assert all(_finite(r["floor_ms"]) and {"w4a16-g128", "w8a16-channel"} & set(r["shape"].split())

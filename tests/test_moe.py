@@ -119,6 +119,99 @@ def test_post_attention_norm_and_residual(t, regime, shared, fold, split, dtype)
     assert (unnormed.float() - ref.float()).abs().max() > 10 * MOE_TOL[dtype]["atol"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t, shared, fold, split, quant", [
+    (4, 0, None, 1, None),      # no shared expert: the norm and residual fused, padding rows = the residual
+    (6, 80, True, 1, None),     # folded shared chunks skipped too
+    (3, 80, True, 2, None),     # split down GEMV: padding partial rows 0, the residual added after the sum
+    (5, 80, False, 1, None),    # shared expert separate: it still runs on padding rows (a dense GEMV)
+    (4, 80, True, 1, "int4"),   # quantized experts (the QUANT path)
+])
+def test_decode_padding_rows_read_no_expert(t, shared, fold, split, quant, dtype, monkeypatch):
+    """token_slots < 0 marks padding rows (a decode bucket filled up): no program of theirs reads an expert, and the
+    live rows are bitwise what they are without token_slots. Seen from outside: the padding rows of x hold NaN, so
+    their router logits are NaN and they select experts 0 and 1 (NaN rows rank the lowest ids first), whose weights
+    are NaN too, while every live row selects two of experts 2-6 (a large component along v, which only those
+    router rows have). Any gate_up program of a padding pair would leave NaN in its h row (read here through a spy
+    on the scratch allocation), any down program NaN in the output; skipped, h is 0 and the output exactly the
+    residual, or NaN with the shared expert run separately (a dense GEMV over every row)."""
+    layer = make_layer(7, 64, 40, shared, dtype, seed=t + 29)
+    gen = torch.Generator().manual_seed(t)
+    v = F.normalize(torch.randn(64, generator=gen), dim=0)
+    layer["router"][:2] = 0
+    layer["router"][2:] += v.to(dtype).to(DEVICE)
+    live = torch.arange(t) % 3 != 1  # padding rows between live ones
+    x = 3 * torch.randn(t, 64, generator=gen) + 20 * v
+    x[~live] = float("nan")
+    x = x.to(dtype).to(DEVICE)
+    slots = torch.where(live, torch.arange(t) + 5, -1).to(DEVICE)
+    residual = torch.randn(t, 64, generator=gen).to(dtype).to(DEVICE)
+    g = (1 + 0.3 * torch.randn(64, generator=gen)).to(dtype).to(DEVICE)
+    if quant:  # the experts flattened into rows ([E 2I, H], [E H, I]), 4-bit, one group per row; NaN scales
+        from qwen2rt.models.quant import QuantConfig, quantize
+        cfg = QuantConfig("gptq", 4, -1)
+        layer.update({name: quantize(layer[name].flatten(0, -2) if name in ("gate_up", "down") else layer[name],
+                                     cfg, dtype) for name in ("gate_up", "down", "shared_gate_up", "shared_down")})
+        layer["gate_up"].scales[:2 * 80] = float("nan")
+        layer["down"].scales[:2 * 64] = float("nan")
+    else:
+        layer["gate_up"][:2] = float("nan")
+        layer["down"][:2] = float("nan")
+    shared_w = [layer.get(n) for n in ("shared_gate_up", "shared_down", "shared_gate")]
+    config = dict(moe_mod.DEFAULT_CONFIGS["decode"], SPLIT_PAIRS=split)
+    pairs = 2 + (shared // 40 if fold else 0)
+    scratch, empty = [], torch.empty
+
+    def spy(*shape, **kw):  # fused_moe's h: [T pairs, I]
+        out = empty(*shape, **kw)
+        if shape == ((t * pairs, 40),):
+            scratch.append(out)
+        return out
+
+    def moe(rows, res, token_slots=None):
+        return fused_moe(rows, layer["router"], layer["gate_up"], layer["down"], 2, True, *shared_w, config=config,
+                         regime="decode", fold_shared=fold, norm_weight=g, eps=1e-6, residual=res,
+                         out=poisoned(*rows.shape, dtype=dtype), token_slots=token_slots)
+
+    alone = moe(x[live], residual[live])
+    assert not torch.isnan(alone).any()  # no live row selects expert 0 or 1
+    monkeypatch.setattr(moe_mod.torch, "empty", spy)
+    got = moe(x, residual, slots)
+    monkeypatch.undo()
+    assert torch.equal(got[live], alone)  # live rows: bitwise as without padding
+    (h,) = scratch
+    assert torch.equal(h.view(t, pairs, 40)[~live], torch.zeros_like(h.view(t, pairs, 40)[~live]))
+    if fold is False:
+        assert torch.isnan(got[~live]).all()  # the shared expert ran on them: only it
+    else:
+        assert torch.equal(got[~live], residual[~live])
+        assert torch.isnan(moe(x, residual)[~live]).all()  # without token_slots the experts run on them
+    with pytest.raises(ValueError, match=r"token_slots must be an int32 or int64 tensor \[%d\]" % t):
+        moe(x, residual, slots[:-1])
+    with pytest.raises(ValueError, match=r"token_slots must be an int32 or int64"):
+        moe(x, residual, slots.float())
+
+
+def test_model_marks_padding_rows_for_the_moe_block(monkeypatch):
+    """The model hands the MoE block its tokens' KV slots: in a decode step of 3 sequences padded to the bucket of 4
+    the padding row's slot is -1, so its experts are skipped (test above); the prefill rows are all live."""
+    from qwen2rt import LLM, SamplingParams, kernels
+
+    llm = LLM("tiny-moe", device="cpu", dtype="float32", backend="triton", max_seq_len=32, max_batch_size=4,
+              cuda_graph_buckets=(1, 4))
+    seen, real = [], kernels.fused_moe
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["token_slots"].tolist())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(kernels, "fused_moe", spy)
+    llm.generate([[1, 2], [3, 4, 5], [6]], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    c = llm.config
+    n = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+    assert [len(s) for s in seen] == [6] * n + [4] * n  # the prefill's 6 tokens, one decode step: each MoE layer
+    assert all(min(s) >= 0 for s in seen[:n]) and all(min(s[:3]) >= 0 and s[3] == -1 for s in seen[n:])
+
+
 @pytest.mark.parametrize("dtype, shared, fold", [(torch.float32, 40, None), (torch.float16, 112, True)])
 def test_two_hundred_tokens(dtype, shared, fold):
     layer = make_layer(61, 96, 56, shared, dtype, seed=3)
