@@ -123,6 +123,14 @@ class Staged:
             self._copied[i].record()
 
 
+def _capturing(graph: torch.cuda.CUDAGraph, pool):
+    """torch.cuda.graph in "thread_local" capture mode: only this thread's unsafe CUDA calls break the capture. In
+    the default "global" mode any thread's (a cudaMalloc or a synchronisation by the application's other threads,
+    on streams of their own) invalidates it, and graphs captured on first use (capture_graphs="lazy", a prefill
+    bucket's first prompt) are captured while the application runs; vLLM captures in this mode too."""
+    return torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local")
+
+
 class PrefillGraphError(RuntimeError):
     """Capturing a prefill CUDA graph failed (LLM(..., cuda_graph_prefill_tokens=()) keeps every prefill eager)."""
 
@@ -512,13 +520,13 @@ class ModelRunner:
         torch.cuda.current_stream().wait_stream(stream)
         if bucket not in self._forward_graphs:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with _capturing(graph, self._pool):
                 self._logits[bucket] = self._forward(bucket)
             if self._pool is None:
                 self._pool = graph.pool()
             self._forward_graphs[bucket] = graph
         sample = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(sample, pool=self._pool):
+        with _capturing(sample, self._pool):
             self._sample(self._logits[bucket], bucket, variant)
         self.graphs[(bucket, variant)] = StepGraphs(self._forward_graphs[bucket], sample)
         return self.graphs[(bucket, variant)]
@@ -549,7 +557,7 @@ class ModelRunner:
             self._prefill_forward(bucket)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
+        with _capturing(graph, self._pool), torch.inference_mode():
             self.prefill_logits[bucket] = self._prefill_forward(bucket)
         if self._pool is None:
             self._pool = graph.pool()
@@ -582,7 +590,7 @@ class ModelRunner:
             self._logprobs(logits, bucket)  # warm-up
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with _capturing(graph, self._pool):
             self._logprobs(self._logits[bucket], bucket)
         self._logprob_graphs[bucket] = graph
         return graph

@@ -294,8 +294,10 @@ class EmulatedCudaGraphs:
         return [what for storage, (what, readers) in self.shared.items() if readers & graphs and storage not in held]
 
     @contextlib.contextmanager
-    def _graph(self, graph: RecordingGraph, pool=None, stream=None, **_):
+    def _graph(self, graph: RecordingGraph, pool=None, stream=None, capture_error_mode="global"):
         assert isinstance(graph, RecordingGraph) and not graph.captured and self.capturing is None
+        if capture_error_mode != "thread_local":  # another thread's CUDA work would invalidate a lazy capture
+            raise CaptureError(f"captured in capture_error_mode={capture_error_mode!r}, not 'thread_local'")
         self.capturing, self._reads = graph, {}
         try:
             with _Recorder(self, graph):

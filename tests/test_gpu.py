@@ -78,6 +78,45 @@ def test_lazily_captured_graphs_equal_eager():
     assert {(4, "greedy"), (1, "greedy")} <= set(lazy.engine.decoder.graphs)
 
 
+def test_lazy_capture_survives_another_threads_cuda_work():
+    """Graphs captured on first use, while another thread of the application does CUDA work of its own on its own
+    stream (allocations of new sizes, pinned host-to-device copies, a kernel, a sync of that stream): thread-local
+    capture mode (model_runner._capturing), in which that work neither fails nor invalidates the capture (the
+    default global mode is what vLLM#48053 saw invalidated by such a thread)."""
+    import threading
+
+    kw = dict(device="cuda", seed=0, max_seq_len=256, max_batch_size=8)
+    lazy = LLM("tiny", capture_graphs="lazy", **kw)
+    eager = LLM("tiny", enforce_eager=True, **kw)
+    stop, errors, rounds = threading.Event(), [], [0]
+
+    def busy():
+        stream, pinned = torch.cuda.Stream(), torch.ones(1 << 20, dtype=torch.uint8).pin_memory()
+        while not stop.is_set():
+            try:
+                with torch.cuda.stream(stream):
+                    size = (1 + rounds[0] % 64) << 20
+                    dst = torch.empty(size, dtype=torch.uint8, device="cuda")
+                    dst[:1 << 20].copy_(pinned, non_blocking=True)
+                    dst.add_(1)
+                stream.synchronize()
+            except Exception as e:  # reported below
+                errors.append(e)
+            rounds[0] += 1
+    thread = threading.Thread(target=busy)
+    thread.start()
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    try:
+        for batch in (3, 1, 6, 2):  # first uses of buckets 4, 1, 8, 2: four captures while the thread runs
+            prompts = [[(13 * i + j) % 500 + 1 for j in range(5 + 2 * i)] for i in range(batch)]
+            assert [o.token_ids for o in lazy.generate(prompts, greedy)] == \
+                [o.token_ids for o in eager.generate(prompts, greedy)]
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors and rounds[0] > 0
+    assert {(b, "greedy") for b in (1, 2, 4, 8)} <= set(lazy.engine.decoder.graphs)
+
 @pytest.mark.parametrize("model", ["tiny-moe", "qwen2-0.5b"])
 def test_prefill_graphs_equal_eager_prefill(model):
     """Prefill graphs, captured at start-up: a replay gives the logits of the same padded forward run eagerly

@@ -153,13 +153,17 @@ def test_emulated_capture_rejects_host_reads_runs_nothing_and_replays_frozen_val
                     lambda: runner.values.device["ints"].copy_(torch.from_numpy(runner.values.host["ints"])),
                     lambda: rms_norm(torch.from_numpy(runner.values.host["floats"]), w[:4], 1e-6)):
             graph = torch.cuda.CUDAGraph()
-            with pytest.raises(CaptureError), torch.cuda.graph(graph):
+            with pytest.raises(CaptureError, match="inside a CUDA graph capture"), \
+                    torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 bad()
+        with pytest.raises(CaptureError, match="capture_error_mode='global'"):  # the runner captures thread-local
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                pass
         host = {"eps": 1e-6}
         acc = torch.ones(3, 40)
         rows = torch.tensor([2, 0])
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.inference_mode():
             y = rms_norm(x, w, host["eps"])  # a Triton launch (eps frozen)
             z = (y * 2.0).add_(x)  # torch ops: out of place, in place
             c = x.to(torch.float64)  # an op that may alias, seen whole under inference mode: here a copy
