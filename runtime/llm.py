@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import numbers
 import os
 import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -209,6 +212,10 @@ class LLM:
         self._lock = threading.Lock()
         self._lock_owner: int | None = None  # the thread holding _lock
         self._deferred_aborts: list[Sequence] = []  # aborts asked for by the holder itself, run as it lets go
+        # agenerate / astream: one driver per event loop, all stepping in one worker thread (started on first use)
+        self._drivers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._drivers_lock = threading.Lock()
+        self._async_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen2rt-async")
 
     @contextlib.contextmanager
     def _locked(self):
@@ -354,35 +361,63 @@ class LLM:
             self.abort([seq])
 
     async def agenerate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
-        """`generate` for asyncio: engine steps run in a worker thread, so the event loop stays free and
-        concurrent coroutines share the running batch."""
-        import asyncio
-
+        """`generate` for asyncio: the event loop stays free and concurrent coroutines share the running batch. The
+        engine steps in one worker thread of this LLM's, driven by one task per event loop for all its agenerate /
+        astream requests (_AsyncDriver): a waiting request holds no thread."""
         seqs = self._batch(prompts, params)
+        driver, waiter = self._async_driver(), None
         try:
-            await _in_worker(self.submit, seqs)  # the lock may be held for a step: never wait for it on the loop
-            while not all(s.finished for s in seqs):
-                await asyncio.to_thread(self.step)
+            await driver.call(self.submit, seqs)  # the lock may be held for a step: never wait for it on the loop
+            waiter = driver.watch(seqs, stream=False)
+            while not waiter.done:
+                await waiter.next()
+            waiter.check()
         finally:
-            await _in_worker(self.abort, seqs)
+            driver.forget(waiter)
+            await driver.call(self.abort, seqs)
         return [self._output(s) for s in seqs]
 
     async def astream(self, prompt, params: SamplingParams | None = None):
         """`stream` for asyncio: an async iterator of text pieces; closing it early cancels the request."""
-        import asyncio
-
         seq = self.new_request(prompt, params)
+        driver, waiter = self._async_driver(), None
         try:
-            await _in_worker(self.submit, [seq])
+            await driver.call(self.submit, [seq])
+            waiter = driver.watch([seq], stream=True)
             while True:
-                piece, done = await asyncio.to_thread(self._step_and_take, seq)
+                piece = await waiter.next()
                 if piece:
                     yield piece
-                if done:
-                    _check_not_aborted(seq)
+                if waiter.done:
+                    waiter.check()
                     return
         finally:
-            await _in_worker(self.abort, [seq])
+            driver.forget(waiter)
+            await driver.call(self.abort, [seq])
+
+    def _async_driver(self) -> "_AsyncDriver":
+        """The running event loop's driver of agenerate / astream (one per loop, made on first use)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        with self._drivers_lock:
+            driver = self._drivers.get(loop)
+            if driver is None:
+                driver = self._drivers[loop] = _AsyncDriver(self)
+            return driver
+
+    def _step_for(self, waiters: list["_Waiter"]) -> tuple[Exception | None, list[tuple[str, bool]]]:
+        """In the async worker thread: one engine step (when there is work), then, under the same lock, what each
+        waiter's sequences have to say: (the step's error or None, [(new text (streams only), all finished)])."""
+        error = None
+        with self._locked():
+            try:
+                if self.engine.has_work():
+                    self.engine.step()
+            except Exception as e:  # reported to the waiters: the worker thread keeps serving
+                error = e
+            return error, [(w.seqs[0].take_new_text() if w.stream else "", all(s.finished for s in w.seqs))
+                           for w in waiters]
 
     def step(self) -> None:
         """One engine step over the submitted sequences (a no-op when there are none)."""
@@ -472,14 +507,114 @@ def _check_not_aborted(s: Sequence) -> None:
                            "abort() from elsewhere")
 
 
-async def _in_worker(fn, *args):
-    """fn(*args), which takes the engine lock, in a worker thread: the event loop never waits on the lock (held for
-    whole steps). If the awaiting task is cancelled meanwhile, the CancelledError goes on only once fn has run to
-    its end, so a request's cleanup (abort) follows its submit (cancelled again while waiting, as at the loop's
-    shutdown, it goes on at once: the thread finishes fn, and a submit after its abort is refused)."""
+class _Waiter:
+    """One agenerate / astream request as its driver sees it: its sequences, the text the driver has handed it and
+    it has not taken yet (streams), whether they have all finished, and the error of a failed step."""
+
+    def __init__(self, seqs: list[Sequence], stream: bool):
+        import asyncio
+
+        self.seqs, self.stream = seqs, stream
+        self.pieces: list[str] = []
+        self.done = False
+        self.error: RuntimeError | None = None
+        self.changed = asyncio.Event()
+
+    async def next(self) -> str:
+        """Wait for new text or the end -> the text handed over since the last call."""
+        await self.changed.wait()
+        self.changed.clear()
+        piece = "".join(self.pieces)
+        self.pieces.clear()
+        return piece
+
+    def check(self) -> None:
+        """At the end: the failed step's error, or the abort of a sequence by a failed step or another caller."""
+        if self.error is not None:
+            raise self.error
+        for s in self.seqs:
+            _check_not_aborted(s)
+
+
+class _AsyncDriver:
+    """agenerate / astream of one event loop: one task steps the engine while any of their requests is unfinished,
+    in the LLM's one async worker thread (which also runs their submits and aborts, queued behind the step in
+    flight), and after each step hands each waiting request its new text or its end. A waiting request holds no
+    thread (it used to hold one of the loop's default executor, each waiting on the engine lock and then stepping
+    the engine once more), and the loop's default executor stays free for the application. Threads calling
+    generate / stream step the same engine meanwhile: a step advances every sequence, whoever runs it. A failed
+    step fails the requests waiting here (as the server's driver does); their cleanup aborts their sequences."""
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+        self.waiters: list[_Waiter] = []
+        self.task = None
+
+    async def call(self, fn, *args):
+        """fn(*args) in the async worker thread (after the step in flight, if any)."""
+        return await _in_worker(self.llm._async_worker, fn, *args)
+
+    def watch(self, seqs: list[Sequence], stream: bool) -> _Waiter:
+        """Follow submitted sequences; starts the stepping task if it is not running."""
+        import asyncio
+
+        waiter = _Waiter(seqs, stream)
+        self.waiters.append(waiter)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run())
+            self.task.add_done_callback(self._stopped)
+        return waiter
+
+    def forget(self, waiter: _Waiter | None) -> None:
+        """Its caller has stopped waiting (done, or cancelled: its sequences are aborted next)."""
+        if waiter in self.waiters:
+            self.waiters.remove(waiter)
+
+    async def _run(self) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        while self.waiters:
+            waiters = list(self.waiters)
+            error, updates = await loop.run_in_executor(self.llm._async_worker, self.llm._step_for, waiters)
+            failed = None
+            if error is not None:
+                log.error("engine step failed: %r", error, exc_info=error)
+                failed = RuntimeError(f"engine step failed: {error!r}")
+                failed.__cause__ = error
+            for waiter, (piece, finished) in zip(waiters, updates):
+                if piece:
+                    waiter.pieces.append(piece)
+                if finished or failed is not None:
+                    waiter.done, waiter.error = True, failed
+                    self.forget(waiter)
+                if piece or waiter.done:
+                    waiter.changed.set()
+
+    def _stopped(self, task) -> None:
+        """The stepping task ended: with requests left only when it was cancelled (the loop shutting down; a task
+        cancelled before it started never ran) or failed. Nothing steps for them any more: end them (unless a newer
+        task took them over)."""
+        if task is not self.task:
+            return
+        cause = None if task.cancelled() else task.exception()
+        if cause is not None:
+            log.error("the asyncio task stepping the engine failed: %r", cause, exc_info=cause)
+        for waiter in self.waiters:
+            waiter.done, waiter.error = True, RuntimeError("the asyncio task stepping the engine stopped")
+            waiter.error.__cause__ = cause
+            waiter.changed.set()
+        self.waiters.clear()
+
+
+async def _in_worker(executor, fn, *args):
+    """fn(*args), which takes the engine lock, in a thread of `executor`: the event loop never waits on the lock
+    (held for whole steps). If the awaiting task is cancelled meanwhile, the CancelledError goes on only once fn has
+    run to its end, so a request's cleanup (abort) follows its submit (cancelled again while waiting, as at the
+    loop's shutdown, it goes on at once: the thread finishes fn, and a submit after its abort is refused)."""
     import asyncio
 
-    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    future = asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args))
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:

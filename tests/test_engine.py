@@ -183,6 +183,91 @@ def test_asyncio_api_never_waits_for_the_engine_lock_on_the_event_loop():
     asyncio.run(main())
 
 
+def test_asyncio_requests_share_one_stepping_task_and_leave_the_default_executor_free():
+    """Concurrent agenerate / astream requests (and a thread calling generate meanwhile) are stepped by one task per
+    event loop in the LLM's own worker thread: nothing of theirs runs in the loop's default executor (each waiting
+    request used to hold one of its threads, which then stepped the engine once more), the outputs are those of
+    generate, and every block is freed."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    llm = LLM("tiny", device="cpu", max_seq_len=128, max_batch_size=4)
+    prompts = ["one", "two two", "three three three", "four", "five five", "six"]
+    want = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    want_text = llm.generate("two two", GREEDY)[0].text
+    used: list[str] = []
+
+    class CountingExecutor(ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            used.append(getattr(fn, "__qualname__", repr(fn)))
+            return super().submit(fn, *args, **kwargs)
+
+    async def main():
+        asyncio.get_running_loop().set_default_executor(CountingExecutor(max_workers=1))
+        side = []
+        thread = threading.Thread(target=lambda: side.append(llm.generate("four", GREEDY)[0].token_ids))
+        thread.start()
+
+        async def stream():
+            return "".join([piece async for piece in llm.astream("two two", GREEDY)])
+        outs = await asyncio.gather(*(llm.agenerate(p, GREEDY) for p in prompts), stream())
+        thread.join()
+        assert [o[0].token_ids for o in outs[:-1]] == want and outs[-1] == want_text
+        assert side == [want[3]]
+        assert used == []
+        assert await asyncio.to_thread(lambda: 7) == 7 and used  # the executor was the loop's
+        assert llm.kv_cache.num_free_blocks == llm.kv_cache.num_blocks
+        assert llm._async_driver().waiters == []
+        # a request cancelled while it waits: its blocks are freed, the others go on
+        cancelled = asyncio.ensure_future(llm.agenerate("cancel", SamplingParams(max_tokens=100, ignore_eos=True)))
+        other = asyncio.ensure_future(llm.agenerate("two two", GREEDY))
+        while len(llm._async_driver().waiters) < 2:
+            await asyncio.sleep(0.001)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert (await other)[0].text == want_text
+        assert llm.kv_cache.num_free_blocks == llm.kv_cache.num_blocks and llm._async_driver().waiters == []
+
+    asyncio.run(main())
+
+
+def test_asyncio_requests_fail_with_a_failed_step_and_the_engine_goes_on():
+    """A step that raises fails every request waiting on the stepping task with an error naming it (not a short
+    output), frees their blocks, and the next requests run normally; a stepping task that stops (cancelled) ends
+    its waiting requests with an error instead of leaving them hanging."""
+    llm = LLM("tiny", device="cpu", max_seq_len=128, max_batch_size=4)
+    want = llm.generate("two two", GREEDY)[0].token_ids
+    real_step, calls = llm.engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("injected")
+        return real_step()
+
+    async def main():
+        llm.engine.step = failing_step
+        results = await asyncio.gather(llm.agenerate("one", GREEDY), llm.agenerate("two", GREEDY),
+                                       return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) and "engine step failed: ValueError('injected')" in str(r)
+                   for r in results), results
+        assert llm.kv_cache.num_free_blocks == llm.kv_cache.num_blocks
+        assert (await llm.agenerate("two two", GREEDY))[0].token_ids == want
+        llm.engine.step = real_step
+
+        task = asyncio.ensure_future(llm.agenerate("two two", SamplingParams(max_tokens=100, ignore_eos=True)))
+        while llm._async_driver().task is None or llm._async_driver().task.done():
+            await asyncio.sleep(0)
+        llm._async_driver().task.cancel()
+        with pytest.raises(RuntimeError, match="the asyncio task stepping the engine stopped"):
+            await task
+        assert llm.kv_cache.num_free_blocks == llm.kv_cache.num_blocks
+        assert (await llm.agenerate("two two", GREEDY))[0].token_ids == want  # a new task steps again
+
+    asyncio.run(main())
+
+
 def test_an_abort_from_inside_a_step_runs_when_the_step_ends():
     """A stream generator finalised by the garbage collector while its thread runs a step aborts its request from
     inside that step: the abort waits for the step's end instead of deadlocking on the engine lock."""
