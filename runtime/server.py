@@ -61,6 +61,7 @@ class Parsed:
     stream: bool
     include_usage: bool
     max_tokens_field: str | None = None  # the request field that set max_tokens; None: a default did
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats (with include_usage): usage in each chunk
 
 
 def _check_fields(body: dict, allowed: set[str]) -> None:
@@ -149,19 +150,23 @@ def _sampling_params(body: dict, max_tokens, logprobs: int | None = None, fields
         raise RequestError(str(e).replace(field.group(0), name), param=name) from None
 
 
-def _stream_options(body: dict) -> tuple[bool, bool]:
+def _stream_options(body: dict) -> tuple[bool, bool, bool]:
+    """-> (stream, include_usage, continuous_usage_stats: vLLM's option, the running usage in every chunk; it
+    needs include_usage, as in vLLM)."""
     stream = bool(_typed(body, "stream", "bool"))
     options = body.get("stream_options")
     if options is None:
-        return stream, False
+        return stream, False, False
     if not stream:
         raise RequestError("stream_options is only allowed with stream = true", param="stream_options")
-    if not isinstance(options, dict) or set(options) - {"include_usage"}:
-        raise RequestError("stream_options must be {'include_usage': bool}", param="stream_options")
-    include = options.get("include_usage")
-    if include is not None and not isinstance(include, bool):
-        raise RequestError("stream_options.include_usage must be a bool", param="stream_options")
-    return stream, bool(include)
+    if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
+        raise RequestError("stream_options must be {'include_usage': bool, 'continuous_usage_stats': bool}",
+                           param="stream_options")
+    flags = [options.get(k) for k in ("include_usage", "continuous_usage_stats")]
+    for key, value in zip(("include_usage", "continuous_usage_stats"), flags):
+        if value is not None and not isinstance(value, bool):
+            raise RequestError(f"stream_options.{key} must be a bool", param="stream_options")
+    return stream, bool(flags[0]), bool(flags[0] and flags[1])
 
 
 def parse_completion(body: dict) -> Parsed:
@@ -177,8 +182,8 @@ def parse_completion(body: dict) -> Parsed:
                            param="prompt")
     max_tokens = _typed(body, "max_tokens", "int")
     params = _sampling_params(body, max_tokens, _logprobs(body, chat=False))
-    stream, include_usage = _stream_options(body)
-    return Parsed(prompt, params, stream, include_usage, None if max_tokens is None else "max_tokens")
+    stream, include_usage, continuous = _stream_options(body)
+    return Parsed(prompt, params, stream, include_usage, None if max_tokens is None else "max_tokens", continuous)
 
 
 def _message_text(content, index: int) -> str:
@@ -227,8 +232,8 @@ def parse_chat(body: dict, tokenizer, max_seq_len: int, default_max_tokens: bool
         max_tokens = max_seq_len  # a sequence stops at the end of the context: this is "the rest of the context"
     params = _sampling_params(body, max_tokens, _logprobs(body, chat=True),
                               {"max_tokens": field, "logprobs": "top_logprobs"})
-    stream, include_usage = _stream_options(body)
-    return Parsed(prompt, params, stream, include_usage, field if explicit else None)
+    stream, include_usage, continuous = _stream_options(body)
+    return Parsed(prompt, params, stream, include_usage, field if explicit else None, continuous)
 
 
 # ---- responses ----------------------------------------------------------------------------------------------------
@@ -624,8 +629,8 @@ def build_app(llm, served_model_name: str | None = None):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         now = int(time.time())
         if parsed.stream:
-            return _EventStream(_events(req, rid, now, name, chat, parsed.include_usage, llm.tokenizer),
-                                lambda: driver.release(req))
+            return _EventStream(_events(req, rid, now, name, chat, parsed.include_usage, llm.tokenizer,
+                                        parsed.continuous_usage), lambda: driver.release(req))
         try:
             if not await wait_or_disconnect(request, req):
                 return Response(status_code=499)  # nobody reads it
@@ -709,9 +714,10 @@ def build_app(llm, served_model_name: str | None = None):
 
 
 async def _events(req: ServerRequest, rid: str, created: int, model: str, chat: bool, include_usage: bool,
-                  tokenizer=None):
+                  tokenizer=None, continuous_usage: bool = False):
     """The SSE body of a streamed request: a chunk per batch of new text, a last chunk with the finish reason,
-    then (include_usage) a chunk with the usage and no choices, then `data: [DONE]`. With logprobs, each text chunk
+    then (include_usage) a chunk with the usage and no choices, then `data: [DONE]`. Every chunk before that has
+    "usage": null, or with continuous_usage the usage so far (the tokens the driver has handed over). With logprobs, each text chunk
     and the last one carry the log-probabilities of the tokens generated since the previous chunk (text held back
     for a possible stop string does not hold back its tokens' log-probabilities)."""
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -738,7 +744,8 @@ async def _events(req: ServerRequest, rid: str, created: int, model: str, chat: 
         sent["text"] += len(delta_text or "")
         out = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
         if include_usage:
-            out["usage"] = None
+            out["usage"] = usage(len(req.seq.prompt_ids), req.num_seen, req.num_cached_tokens) if continuous_usage \
+                else None
         return out
 
     if chat:

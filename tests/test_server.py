@@ -133,6 +133,17 @@ def test_completion_equals_offline_streamed_or_not(live, offline):
     assert text == want.text and finish == ["length"]
     assert [(x.prompt_tokens, x.completion_tokens) for x in usage] == [(u.prompt_tokens, 12)]
     assert events[-1].choices == [] and events[-1].usage is not None  # the usage chunk comes last
+    # vLLM's continuous_usage_stats: the running usage in every chunk (it needs include_usage, as in vLLM)
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    events = list(live.client.completions.create(stream=True, stream_options=options, **kw))
+    text, finish, usage = stream_text(events, chat=False)
+    running = [x.completion_tokens for x in usage]
+    assert text == want.text and finish == ["length"] and len(usage) == len(events) > 2
+    assert all(x.prompt_tokens == u.prompt_tokens and x.total_tokens == x.prompt_tokens + x.completion_tokens
+               for x in usage)
+    assert running == sorted(running) and running[-2:] == [12, 12]  # the finish chunk, the usage chunk
+    events = list(live.client.completions.create(stream=True, stream_options={"continuous_usage_stats": True}, **kw))
+    assert stream_text(events, chat=False)[2] == []  # without include_usage: no usage at all
     # a token-id prompt
     got = live.client.completions.create(model=MODEL, prompt=list(want.prompt_token_ids), max_tokens=12,
                                          temperature=0.8, seed=7, extra_body={"ignore_eos": True})
@@ -287,6 +298,8 @@ BAD_REQUESTS = [
      "stream = true"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "stream": True, "stream_options": {"x": 1}}, 400,
      "include_usage"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "stream": True,
+                         "stream_options": {"continuous_usage_stats": 1}}, 400, "continuous_usage_stats must be"),
     ("/v1/chat/completions", {"model": MODEL}, 400, "'messages' must be"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "'messages' must be"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"content": "x"}]}, 400, "'role'"),
