@@ -3,9 +3,9 @@ folded into the grouped launches or run separately, and at decode sizes with the
 per token) against the same layer in Hugging Face transformers with each of its experts implementations (eager,
 batched_mm, grouped_mm) and against a `torch._grouped_mm` implementation, all in the same run, for
 Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B layers at T = 1, 4, 16, 32, 128, 2048; at T = 16 and 32 also a decode bucket
-of T rows of which T / 2 + 1 are live (padding rows skipped, computed, or absent). Small T: GB/s on the bytes of the experts
-actually selected plus the shared expert and router, % of copy bandwidth. Large T: TFLOP/s, % of the bf16 GEMM
-rate.
+of T rows of which T / 2 + 1 are live (padding rows skipped, computed, or absent). Small T: GB/s on the bytes of the
+experts actually selected plus the shared expert and router, % of copy bandwidth. Large T: TFLOP/s, % of the bf16
+GEMM rate.
 
     python -m benchmarks.bench_moe [--smoke] [--out FILE.json]
 """

@@ -16,9 +16,9 @@ Two regimes, one launcher:
   logits itself (a softmax and a rank over E numbers, next to streaming a [BLOCK_N, H] slice of an expert). With
   the norm in the router GEMV's and gate_up GEMV's prologues and the residual in the down GEMV's epilogue, the
   block is 3 launches. Padding rows (a CUDA graph's bucket filled up, marked by a negative KV slot: token_slots)
-  read no expert: their programs' weight loops run no iteration. Bandwidth-bound; at 32 tokens most experts are selected by more than
-  one token and read once per pair (from L2 when their programs run together; unmeasured: bench_moe times the
-  grouped GEMMs beside).
+  read no expert: their programs' weight loops run no iteration. Bandwidth-bound; at 32 tokens most experts are
+  selected by more than one token and read once per pair (from L2 when their programs run together; unmeasured:
+  bench_moe times the grouped GEMMs beside).
 - prefill: pairs are grouped by expert into BLOCK_M-row blocks (`moe_align`, torch ops on the device with static
   shapes); gemm 1 gathers token rows inside its loads and applies SwiGLU in the epilogue; gemm 2 scales by the
   routing weight and writes per-pair rows that are summed per token. The grid is a static upper bound on the

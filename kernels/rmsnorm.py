@@ -96,14 +96,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _output(out: torch.Tensor | None, like: torch.Tensor, name: str) -> torch.Tensor:
-    """A fresh [rows, H] buffer, or the caller's `out` (same shape and dtype, contiguous) viewed as one."""
+def _output(out: torch.Tensor | None, like: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
+    """A fresh [rows, H] buffer, or the caller's `out` (x's shape and dtype, contiguous) viewed as one. Only x's
+    shape: one of another with as many elements (x's transpose, say) would be written as if it were x's."""
     if out is None:
         return torch.empty(like.shape, device=like.device, dtype=like.dtype)
-    if out.dtype != like.dtype or out.device != like.device or out.numel() != like.numel() or \
-            not out.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous {like.dtype} tensor of {like.numel()} elements on "
-                         f"{like.device}")
+    if out.dtype != like.dtype or out.device != like.device or out.shape != shape or not out.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {like.dtype} tensor {list(shape)} on {like.device} (x's), got "
+                         f"{out.dtype} {list(out.shape)} on {out.device}")
     return out.view(like.shape)
 
 
@@ -112,7 +112,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
     if given: it may be x itself, in place, but must not otherwise overlap x or the weight)."""
     _check(x, weight)
     x2 = _rows(x)
-    y = _output(out, x2, "out")
+    y = _output(out, x2, x.shape, "out")
     if out is not None:  # each program reads its whole row before writing it: out may be x itself
         from .gemv import check_out  # gemv imports this module
 
@@ -136,8 +136,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         raise ValueError(f"residual must match x ({list(x.shape)}, {x.dtype}, {x.device}), got "
                          f"({list(residual.shape)}, {residual.dtype}, {residual.device})")
     x2, r2 = _rows(x), _rows(residual)
-    y = _output(out, x2, "out")
-    r_out = _output(residual_out, x2, "residual_out")
+    y = _output(out, x2, x.shape, "out")
+    r_out = _output(residual_out, x2, x.shape, "residual_out")
     from .gemv import check_out  # gemv imports this module
 
     rows_read = {"x": x2, "residual": r2, "weight": weight}

@@ -425,12 +425,25 @@ def _check_inputs(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, bloc
             raise ValueError(f"{name} is on {tensor.device}, qkv on {qkv.device}")
 
 
-def _output(out, rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
+def _output(out, rows: int, width: int, like: torch.Tensor, reads: dict) -> torch.Tensor:
+    """A fresh [rows, width] buffer, or the caller's `out`, which must not overlap what the kernels read (`reads`:
+    qkv, the caches, the rotary tables): programs write their rows while others still read theirs."""
     if out is None:
         return torch.empty((rows, width), device=like.device, dtype=like.dtype)
     if out.shape != (rows, width) or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {like.dtype} tensor [{rows}, {width}] on {like.device}")
+    from .gemv import check_out
+
+    check_out(out, {name: _extent(t) for name, t in reads.items()})
     return out
+
+
+def _extent(t: torch.Tensor) -> torch.Tensor:
+    """A view of t's whole memory extent as one row (a cache of any layout, for check_out; nothing is copied)."""
+    if t.ndim == 2 and t.stride(1) == 1:
+        return t
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+    return t.as_strided((1, extent), (max(extent, 1), 1))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -467,7 +480,7 @@ def prefill_attention(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, 
     if t and max_query_len < 1:  # a host int: the grid would be empty and `out` left unwritten
         raise ValueError(f"max_query_len must be >= 1 for {t} new tokens, got {max_query_len}")
     _, block_size, _, d = k_cache.shape
-    out = _output(out, t, num_heads * d, qkv)
+    out = _output(out, t, num_heads * d, qkv, dict(qkv=qkv, k_cache=k_cache, v_cache=v_cache, cos=cos, sin=sin))
     if t == 0:
         return out
     strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
@@ -538,7 +551,7 @@ def decode_attention(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping, b
     if max_splits is not None and max_splits < 1:
         raise ValueError(f"max_splits must be >= 1, got {max_splits}")
     _, block_size, _, d = k_cache.shape
-    out = _output(out, bsz, num_heads * d, qkv)
+    out = _output(out, bsz, num_heads * d, qkv, dict(qkv=qkv, k_cache=k_cache, v_cache=v_cache, cos=cos, sin=sin))
     if bsz == 0:
         return out
     splits = decode_splits(block_tables.shape[1] * block_size, chunk, MAX_SPLITS if max_splits is None else max_splits)

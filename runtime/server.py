@@ -717,9 +717,9 @@ async def _events(req: ServerRequest, rid: str, created: int, model: str, chat: 
                   tokenizer=None, continuous_usage: bool = False):
     """The SSE body of a streamed request: a chunk per batch of new text, a last chunk with the finish reason,
     then (include_usage) a chunk with the usage and no choices, then `data: [DONE]`. Every chunk before that has
-    "usage": null, or with continuous_usage the usage so far (the tokens the driver has handed over). With logprobs, each text chunk
-    and the last one carry the log-probabilities of the tokens generated since the previous chunk (text held back
-    for a possible stop string does not hold back its tokens' log-probabilities)."""
+    "usage": null, or with continuous_usage the usage so far (the tokens the driver has handed over). With logprobs,
+    each text chunk and the last one carry the log-probabilities of the tokens generated since the previous chunk
+    (text held back for a possible stop string does not hold back its tokens' log-probabilities)."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     sent = {"logprobs": 0, "text": 0}  # log-probability entries and characters already sent
 

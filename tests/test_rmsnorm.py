@@ -54,6 +54,13 @@ def test_bad_inputs():
         rms_norm(x.double(), torch.ones(64, device=DEVICE, dtype=torch.float64), 1e-6)
     with pytest.raises(ValueError, match="out must be a contiguous"):
         rms_norm(x, torch.ones(64, device=DEVICE), 1e-6, out=torch.empty(3, 63, device=DEVICE))
+    # as many elements, another shape (x's transpose, a flattened row): an error, not x's rows written into it
+    for shape in ((64, 3), (192,)):
+        with pytest.raises(ValueError, match=r"out must be a contiguous torch.float32 tensor \[3, 64\]"):
+            rms_norm(x, torch.ones(64, device=DEVICE), 1e-6, out=torch.empty(shape, device=DEVICE))
+        with pytest.raises(ValueError, match=r"residual_out must be a contiguous torch.float32 tensor \[3, 64\]"):
+            add_rms_norm(x, x.clone(), torch.ones(64, device=DEVICE), 1e-6,
+                         residual_out=torch.empty(shape, device=DEVICE))
     with pytest.raises(ValueError, match="residual must match x"):
         add_rms_norm(x, torch.randn(3, 63, device=DEVICE), torch.ones(64, device=DEVICE), 1e-6)
 

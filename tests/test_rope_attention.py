@@ -266,7 +266,30 @@ def test_bad_inputs():
     bad_d = torch.zeros(4, 16, 2, 48)
     with pytest.raises(ValueError, match="head_dim must be a power of two"):
         decode_attention(torch.zeros(1, 8 * 48), bad_d, bad_d, *case.args(k, v)[3:], 4, 2, 1.0)
+    # an output in the memory the kernels read: the caches (any layout), qkv, the rotary tables
+    t = case.qkv.shape[0]
+    in_cache = k.view(-1)[64:64 + t * 4 * 64].view(t, 4 * 64)
+    with pytest.raises(ValueError, match="out must not overlap k_cache"):
+        prefill_attention(*case.args(k, v), case.query_start, 2, 4, 2, case.scale, out=in_cache)
+    k_buffer, v_buffer = torch.zeros(2 * k.shape[0], *k.shape[1:]), torch.zeros(2 * v.shape[0], *v.shape[1:])
+    strided_k, strided_v = k_buffer[::2], v_buffer[::2]  # blocks with gaps between them
+    strided_k.copy_(k)
+    strided_v.copy_(v)
+    with pytest.raises(ValueError, match="out must not overlap v_cache"):
+        prefill_attention(*case.args(strided_k, strided_v), case.query_start, 2, 4, 2, case.scale,
+                          out=v_buffer[-2].view(-1)[:t * 4 * 64].view(t, 4 * 64))  # in the last block
+    buf = torch.zeros(t, case.qkv.shape[1] + 4 * 64)
+    qkv = buf[:, :case.qkv.shape[1]]
+    qkv.copy_(case.qkv)
+    with pytest.raises(ValueError, match="out must not overlap qkv"):
+        prefill_attention(qkv, *case.args(k, v)[1:], case.query_start, 2, 4, 2, case.scale,
+                          out=buf.view(-1)[:t * 4 * 64].view(t, 4 * 64))
+    for cache, before in ((k, case.k_cache), (v, case.v_cache)):  # refused before any write (NaN: unwritten slots)
+        torch.testing.assert_close(cache, before, rtol=0, atol=0, equal_nan=True)
     one = decode_case([3], 4, 2, 64, torch.float32)
+    with pytest.raises(ValueError, match="out must not overlap k_cache"):
+        decode_attention(*one.args(one.k_cache, one.v_cache), 4, 2, one.scale,
+                         out=one.k_cache.view(-1)[:4 * 64].view(1, 4 * 64))
     for overrides, message in ((dict(chunk_size=100), "chunk_size must be a positive multiple of 64"),
                                (dict(chunk_size=0), "chunk_size"), (dict(max_splits=0), "max_splits must be >= 1")):
         with pytest.raises(ValueError, match=message):
