@@ -284,7 +284,7 @@ def test_no_prefill_graphs_run_eagerly():
 def test_triton_padded_attention_rows_are_zero(monkeypatch):
     """The triton backend's prefill attention with meta.padded: rows past query_start[-1] are 0 (not whatever the
     output buffer held: here NaN) and the real rows are those of the unpadded call (Triton interpreter)."""
-    def nan_output(out, rows, width, like):
+    def nan_output(out, rows, width, like, reads):
         return torch.full((rows, width), math.nan, dtype=like.dtype) if out is None else out
 
     monkeypatch.setattr(rope_attention, "_output", nan_output)
