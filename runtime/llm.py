@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import numbers
@@ -528,6 +529,10 @@ class _Waiter:
         self.pieces.clear()
         return piece
 
+    def fail(self, message: str, cause: BaseException | None) -> None:
+        self.error = RuntimeError(message)  # one per waiter: raised in its own task, with its own traceback
+        self.error.__cause__ = cause
+
     def check(self) -> None:
         """At the end: the failed step's error, or the abort of a sequence by a failed step or another caller."""
         if self.error is not None:
@@ -551,16 +556,19 @@ class _AsyncDriver:
         self.task = None
 
     async def call(self, fn, *args):
-        """fn(*args) in the async worker thread (after the step in flight, if any)."""
-        return await _in_worker(self.llm._async_worker, fn, *args)
+        """fn(*args) in the async worker thread (after the step in flight, if any), in the caller's context
+        (contextvars: request ids, tracing spans), as asyncio.to_thread would run it."""
+        return await _in_worker(self.llm._async_worker, contextvars.copy_context().run, fn, *args)
 
     def watch(self, seqs: list[Sequence], stream: bool) -> _Waiter:
         """Follow submitted sequences; starts the stepping task if it is not running."""
         import asyncio
 
+        if self.task is not None and self.task.done():  # its callback may not have run yet: the requests it left
+            self._stopped(self.task)  # (a step's text taken in a cancelled task is lost) end now, not in a new task
         waiter = _Waiter(seqs, stream)
         self.waiters.append(waiter)
-        if self.task is None or self.task.done():
+        if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._run())
             self.task.add_done_callback(self._stopped)
         return waiter
@@ -577,16 +585,15 @@ class _AsyncDriver:
         while self.waiters:
             waiters = list(self.waiters)
             error, updates = await loop.run_in_executor(self.llm._async_worker, self.llm._step_for, waiters)
-            failed = None
             if error is not None:
                 log.error("engine step failed: %r", error, exc_info=error)
-                failed = RuntimeError(f"engine step failed: {error!r}")
-                failed.__cause__ = error
             for waiter, (piece, finished) in zip(waiters, updates):
                 if piece:
                     waiter.pieces.append(piece)
-                if finished or failed is not None:
-                    waiter.done, waiter.error = True, failed
+                if error is not None:
+                    waiter.fail(f"engine step failed: {error!r}", error)
+                if finished or error is not None:
+                    waiter.done = True
                     self.forget(waiter)
                 if piece or waiter.done:
                     waiter.changed.set()
@@ -595,14 +602,15 @@ class _AsyncDriver:
         """The stepping task ended: with requests left only when it was cancelled (the loop shutting down; a task
         cancelled before it started never ran) or failed. Nothing steps for them any more: end them (unless a newer
         task took them over)."""
-        if task is not self.task:
+        if task is not self.task:  # handled already (watch calls this when the callback has not run yet)
             return
+        self.task = None  # (the task holds the loop: kept, it would keep every loop ever used alive)
         cause = None if task.cancelled() else task.exception()
         if cause is not None:
             log.error("the asyncio task stepping the engine failed: %r", cause, exc_info=cause)
         for waiter in self.waiters:
-            waiter.done, waiter.error = True, RuntimeError("the asyncio task stepping the engine stopped")
-            waiter.error.__cause__ = cause
+            waiter.fail("the asyncio task stepping the engine stopped", cause)
+            waiter.done = True
             waiter.changed.set()
         self.waiters.clear()
 
@@ -611,7 +619,7 @@ async def _in_worker(executor, fn, *args):
     """fn(*args), which takes the engine lock, in a thread of `executor`: the event loop never waits on the lock
     (held for whole steps). If the awaiting task is cancelled meanwhile, the CancelledError goes on only once fn has
     run to its end, so a request's cleanup (abort) follows its submit (cancelled again while waiting, as at the
-    loop's shutdown, it goes on at once: the thread finishes fn, and a submit after its abort is refused)."""
+    loop's shutdown, it goes on at once: the one worker thread runs the submit before the abort queued after it)."""
     import asyncio
 
     future = asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
+import gc
 import random
 
 import pytest
@@ -230,6 +232,20 @@ def test_asyncio_requests_share_one_stepping_task_and_leave_the_default_executor
         assert llm.kv_cache.num_free_blocks == llm.kv_cache.num_blocks and llm._async_driver().waiters == []
 
     asyncio.run(main())
+    # the worker thread runs a request's submit in its caller's context (contextvars), as asyncio.to_thread did
+    request_id, seen, submit = contextvars.ContextVar("request_id"), [], llm.submit
+    llm.submit = lambda seqs: seen.append(request_id.get(None)) or submit(seqs)
+
+    async def tagged(i):
+        request_id.set(i)
+        return await llm.agenerate(prompts[i], GREEDY)
+
+    async def three():
+        return await asyncio.gather(*(tagged(i) for i in range(3)))
+    asyncio.run(three())
+    assert sorted(seen) == [0, 1, 2]
+    gc.collect()
+    assert len(llm._drivers) == 0  # no finished event loop is kept alive by its driver (its task held it)
 
 
 def test_asyncio_requests_fail_with_a_failed_step_and_the_engine_goes_on():

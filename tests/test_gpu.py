@@ -82,7 +82,9 @@ def test_lazy_capture_survives_another_threads_cuda_work():
     """Graphs captured on first use, while another thread of the application does CUDA work of its own on its own
     stream (allocations of new sizes, pinned host-to-device copies, a kernel, a sync of that stream): thread-local
     capture mode (model_runner._capturing), in which that work neither fails nor invalidates the capture (the
-    default global mode is what vLLM#48053 saw invalidated by such a thread)."""
+    default global mode is what vLLM#48053 saw invalidated by such a thread). A check that the mode works with
+    concurrent CUDA work; whether global mode fails it depends on timing (an unsafe call must coincide with a
+    capture: after its first 64 rounds the thread's allocations come from the caching allocator)."""
     import threading
 
     kw = dict(device="cuda", seed=0, max_seq_len=256, max_batch_size=8)
