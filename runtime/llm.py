@@ -599,9 +599,9 @@ class _AsyncDriver:
                     waiter.changed.set()
 
     def _stopped(self, task) -> None:
-        """The stepping task ended: with requests left only when it was cancelled (the loop shutting down; a task
-        cancelled before it started never ran) or failed. Nothing steps for them any more: end them (unless a newer
-        task took them over)."""
+        """The stepping task ended (its done callback, or watch finding it done first): with requests left only when
+        it was cancelled (the loop shutting down; a task cancelled before it started never ran) or failed. Nothing
+        steps for them any more: end them, with an error."""
         if task is not self.task:  # handled already (watch calls this when the callback has not run yet)
             return
         self.task = None  # (the task holds the loop: kept, it would keep every loop ever used alive)
