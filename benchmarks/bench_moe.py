@@ -2,10 +2,10 @@
 folded into the grouped launches or run separately, and at decode sizes with the down GEMV split over 4 programs
 per token) against the same layer in Hugging Face transformers with each of its experts implementations (eager,
 batched_mm, grouped_mm) and against a `torch._grouped_mm` implementation, all in the same run, for
-Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B layers at T = 1, 4, 16, 32, 128, 2048; at T = 16 and 32 also a decode bucket
-of T rows of which T / 2 + 1 are live (padding rows skipped, computed, or absent). Small T: GB/s on the bytes of the
-experts actually selected plus the shared expert and router, % of copy bandwidth. Large T: TFLOP/s, % of the bf16
-GEMM rate.
+Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B layers at T = 1, 4, 16, 32, 128, 2048; at T = 16, 32 and 128 also a graph
+bucket of T rows of which T / 2 + 1 are live (padding rows skipped, computed, or absent). Small T: GB/s on the
+bytes of the experts actually selected plus the shared expert and router, % of copy bandwidth. Large T: TFLOP/s, %
+of the bf16 GEMM rate.
 
     python -m benchmarks.bench_moe [--smoke] [--out FILE.json]
 """
@@ -119,7 +119,7 @@ def run(device, ceilings, layers=LAYERS, tokens=TOKENS, dtype=torch.bfloat16, co
             if device.type == "cuda":
                 impls["torch_grouped_mm"] = lambda: grouped_mm_moe(x, w, k, c.norm_topk_prob)
             _time(rows, shape, impls, touched, flops, ceilings, device)
-            if 4 < t <= DECODE_MAX_TOKENS:
+            if 4 < t <= 128:  # the decode GEMVs (16, 32) and the grouped GEMMs (128) of a prefill graph bucket
                 _time(rows, *_padded(name, c, w, x, elem, per_expert, fixed), ceilings, device)
     return rows
 
@@ -135,9 +135,9 @@ def _time(rows, shape, impls, touched, flops, ceilings, device):
 
 
 def _padded(name, c, w, x, elem, per_expert, fixed):
-    """A decode bucket of t rows of which t // 2 + 1 are live, the rest padding as the model runner fills them (one
-    token at position 0: identical rows, which select the same experts): with token_slots marking the padding
-    (their programs read no expert), without (the padding rows' experts read too), and the live rows alone. Bytes
+    """A CUDA graph's bucket of t rows of which t // 2 + 1 are live, the rest padding as the model runner fills
+    them (one token at position 0: identical rows, which select the same experts): with token_slots marking the
+    padding (no expert read for it), without (the padding rows' experts read too), and the live rows alone. Bytes
     and FLOPs are the live rows'."""
     t = x.shape[0]
     live = t // 2 + 1

@@ -22,7 +22,8 @@ Two regimes, one launcher:
 - prefill: pairs are grouped by expert into BLOCK_M-row blocks (`moe_align`, torch ops on the device with static
   shapes); gemm 1 gathers token rows inside its loads and applies SwiGLU in the epilogue; gemm 2 scales by the
   routing weight and writes per-pair rows that are summed per token. The grid is a static upper bound on the
-  block count; surplus programs exit early, so nothing depends on a host-side count.
+  block count; surplus programs exit early, so nothing depends on a host-side count. Padding tokens' pairs are
+  grouped past the blocks in use: no block computes them.
 Nothing reads a device value on the host: the whole block can be captured in a CUDA graph.
 
 The shared expert (width Is, scaled by sigmoid(x @ g^T)) runs in one of two ways, chosen per token bucket by the
@@ -252,19 +253,25 @@ def router_with_shared_gate(router: torch.Tensor, shared_gate: torch.Tensor | No
 
 # ---- grouping ---------------------------------------------------------------------------------------------------
 
-def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
+def moe_align(ids: torch.Tensor, num_experts: int, block_m: int, live: torch.Tensor | None = None):
     """Group the T*k (token, expert) pairs by expert into blocks of block_m rows, each expert's rows padded to a
-    whole number of blocks. Device ops with static shapes only (no host synchronisation).
+    whole number of blocks. Device ops with static shapes only (no host synchronisation). live [T] bool: the pairs
+    of tokens not live (padding) are grouped after every expert's blocks, past num_rows: no block computes them.
 
     -> sorted_pairs [max_rows] int32: pair index t*k + j per row, num_pairs on padding rows;
-       block_experts [max_blocks] int32: expert of each block, num_experts past the last used block;
+       block_experts [max_blocks] int32: expert of each block, num_experts or more past the last used block;
        num_rows [1] int32: rows in use (a multiple of block_m).
-    max_rows = T*k + E*(block_m - 1) rounded up to block_m is the static upper bound the grid is sized for."""
+    max_rows = T*k + E*(block_m - 1) rounded up to block_m (one bin more with live) is the static upper bound the grid
+    is sized for."""
     flat = ids.flatten().long()
+    bins = num_experts
+    if live is not None:  # the padding tokens' pairs into bin num_experts, after every expert's
+        flat = torch.where(live.view(-1, 1), ids.long(), num_experts).flatten()
+        bins += 1
     num_pairs = flat.numel()
-    max_rows = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+    max_rows = triton.cdiv(num_pairs + bins * (block_m - 1), block_m) * block_m
     dev = ids.device
-    counts = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(bins, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
     order = torch.argsort(flat, stable=True)
@@ -275,7 +282,7 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
     sorted_pairs[dest] = order.to(torch.int32)
     block_starts = torch.arange(0, max_rows, block_m, device=dev)
     block_experts = torch.searchsorted(ends, block_starts, right=True).to(torch.int32)
-    return sorted_pairs, block_experts, ends[-1:].to(torch.int32)
+    return sorted_pairs, block_experts, ends[num_experts - 1:num_experts].to(torch.int32)
 
 
 # ---- expert weights -----------------------------------------------------------------------------------------------
@@ -631,11 +638,12 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, 
     router's in memory (router_with_shared_gate), 4 otherwise. Elsewhere the norm is one kernel before and the
     residual one add after.
     token_slots [T] int32 / int64 (the KV-cache slot of each token, AttentionMetadata.slot_mapping): a token whose
-    slot is negative is padding (a CUDA graph's bucket filled up). On the GEMV path its routed experts and folded
-    shared chunks are skipped, so that padding rows read no expert weights: its output there is the residual (0
-    without one), plus the shared expert's part when the shared expert runs separately (a dense GEMV, whose weight
-    the real rows read anyway). The grouped (prefill) path computes padding rows like the others: there they join
-    blocks of experts the real tokens mostly select anyway.
+    slot is negative is padding (a CUDA graph's bucket filled up). Its routed experts and folded shared chunks are
+    skipped (the decode GEMVs run empty weight loops for it; the grouped GEMMs get its pairs in no block, where
+    they would add blocks to the experts all padding tokens select: one token, one choice), so that padding rows
+    cost no expert weight reads or FLOPs: its output is the residual (0 without one), plus the shared expert's
+    part when the shared expert runs separately (a dense GEMM / GEMV over every row, whose weight the real rows
+    read anyway).
 
     Quantized experts (kernels.quant.QuantizedWeight, one kind for all four; router and shared gate stay in x's
     dtype): gate_up is one QuantizedWeight [E 2I, H] (expert e's rows [e 2I, (e+1) 2I), gate then up), down one
@@ -774,14 +782,17 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, 
                                    for w, p_shared in ((gate_up, p_shared_gate_up), (down, p_shared_down)))
         launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         ids, weights = route(logits, num_experts, top_k, renormalize, chunks)
-        sorted_pairs, block_experts, num_rows = moe_align(ids, num_experts + chunks, bm)
+        live = None if token_slots is None else token_slots >= 0
+        sorted_pairs, block_experts, num_rows = moe_align(ids, num_experts + chunks, bm, live)
         num_blocks = sorted_pairs.numel() // bm
         precision = _dot_precision(x.dtype)
         _grouped_gate_up_kernel[(num_blocks, triton.cdiv(inter, bn))](
             x, sorted_pairs, block_experts, num_rows, *gate_up_args["pointers"], h, num_pairs, *sizes, x.stride(0),
             *gate_up_args["strides"], h.stride(0), PAIRS=pairs, HAS_SHARED=chunks > 0, BLOCK_M=bm,
             BLOCK_N=bn, DOT_PRECISION=precision, **gate_up_args["meta"], **launch)
-        per_pair = torch.empty((num_pairs, hidden), device=x.device, dtype=torch.float32)
+        # padding tokens' pairs are in no block: their rows stay 0 (each token's rows are summed below)
+        per_pair = (torch.empty if live is None else torch.zeros)((num_pairs, hidden), device=x.device,
+                                                                  dtype=torch.float32)
         _grouped_down_kernel[(num_blocks, triton.cdiv(hidden, bn))](
             h, sorted_pairs, block_experts, num_rows, weights, *down_args["pointers"], per_pair, num_pairs, *sizes,
             h.stride(0), *down_args["strides"], per_pair.stride(0), HAS_SHARED=chunks > 0, BLOCK_M=bm,

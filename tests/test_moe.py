@@ -120,21 +120,23 @@ def test_post_attention_norm_and_residual(t, regime, shared, fold, split, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("t, shared, fold, split, quant", [
-    (4, 0, None, 1, None),      # no shared expert: the norm and residual fused, padding rows = the residual
-    (6, 80, True, 1, None),     # folded shared chunks skipped too
-    (3, 80, True, 2, None),     # split down GEMV: padding partial rows 0, the residual added after the sum
-    (5, 80, False, 1, None),    # shared expert separate: it still runs on padding rows (a dense GEMV)
-    (4, 80, True, 1, "int4"),   # quantized experts (the QUANT path)
+@pytest.mark.parametrize("t, shared, fold, split, quant, regime", [
+    (4, 0, None, 1, None, "decode"),      # no shared expert: the norm and residual fused, padding rows = residual
+    (6, 80, True, 1, None, "decode"),     # folded shared chunks skipped too
+    (3, 80, True, 2, None, "decode"),     # split down GEMV: padding partial rows 0, the residual added after the sum
+    (5, 80, False, 1, None, "decode"),    # shared expert separate: it still runs on padding rows (a dense GEMV)
+    (4, 80, True, 1, "int4", "decode"),   # quantized experts (the QUANT path)
+    (7, 0, None, 1, None, "prefill"),     # the grouped GEMMs: padding pairs in no block
+    (6, 80, True, 1, None, "prefill"),    # ... the folded shared chunks' pairs too
 ])
-def test_decode_padding_rows_read_no_expert(t, shared, fold, split, quant, dtype, monkeypatch):
-    """token_slots < 0 marks padding rows (a decode bucket filled up): no program of theirs reads an expert, and the
-    live rows are bitwise what they are without token_slots. Seen from outside: the padding rows of x hold NaN, so
-    their router logits are NaN and they select experts 0 and 1 (NaN rows rank the lowest ids first), whose weights
-    are NaN too, while every live row selects two of experts 2-6 (a large component along v, which only those
-    router rows have). Any gate_up program of a padding pair would leave NaN in its h row (read here through a spy
-    on the scratch allocation), any down program NaN in the output; skipped, h is 0 and the output exactly the
-    residual, or NaN with the shared expert run separately (a dense GEMV over every row)."""
+def test_padding_rows_read_no_expert(t, shared, fold, split, quant, regime, dtype, monkeypatch):
+    """token_slots < 0 marks padding rows (a CUDA graph's bucket filled up): no program of theirs reads an expert,
+    and the live rows are bitwise what they are without token_slots. Seen from outside: the padding rows of x hold
+    NaN, so their router logits are NaN and they select experts 0 and 1 (NaN rows rank the lowest ids first), whose
+    weights are NaN too, while every live row selects two of experts 2-6 (a large component along v, which only
+    those router rows have). Any gate_up program of a padding pair would leave NaN in its h row (read here through a spy
+    on the scratch allocation: decode), any down program or grouped block NaN in the output; skipped, h is 0 and
+    the output exactly the residual, or NaN with the shared expert run separately (a dense GEMV over every row)."""
     layer = make_layer(7, 64, 40, shared, dtype, seed=t + 29)
     gen = torch.Generator().manual_seed(t)
     v = F.normalize(torch.randn(64, generator=gen), dim=0)
@@ -158,7 +160,7 @@ def test_decode_padding_rows_read_no_expert(t, shared, fold, split, quant, dtype
         layer["gate_up"][:2] = float("nan")
         layer["down"][:2] = float("nan")
     shared_w = [layer.get(n) for n in ("shared_gate_up", "shared_down", "shared_gate")]
-    config = dict(moe_mod.DEFAULT_CONFIGS["decode"], SPLIT_PAIRS=split)
+    config = dict(moe_mod.DEFAULT_CONFIGS[regime if regime == "decode" else "prefill-small"], SPLIT_PAIRS=split)
     pairs = 2 + (shared // 40 if fold else 0)
     scratch, empty = [], torch.empty
 
@@ -170,7 +172,7 @@ def test_decode_padding_rows_read_no_expert(t, shared, fold, split, quant, dtype
 
     def moe(rows, res, token_slots=None):
         return fused_moe(rows, layer["router"], layer["gate_up"], layer["down"], 2, True, *shared_w, config=config,
-                         regime="decode", fold_shared=fold, norm_weight=g, eps=1e-6, residual=res,
+                         regime=regime, fold_shared=fold, norm_weight=g, eps=1e-6, residual=res,
                          out=poisoned(*rows.shape, dtype=dtype), token_slots=token_slots)
 
     alone = moe(x[live], residual[live])
@@ -180,7 +182,8 @@ def test_decode_padding_rows_read_no_expert(t, shared, fold, split, quant, dtype
     monkeypatch.undo()
     assert torch.equal(got[live], alone)  # live rows: bitwise as without padding
     (h,) = scratch
-    assert torch.equal(h.view(t, pairs, 40)[~live], torch.zeros_like(h.view(t, pairs, 40)[~live]))
+    if regime == "decode":  # (the grouped gate_up leaves the rows of pairs in no block unwritten: nothing reads them)
+        assert torch.equal(h.view(t, pairs, 40)[~live], torch.zeros_like(h.view(t, pairs, 40)[~live]))
     if fold is False:
         assert torch.isnan(got[~live]).all()  # the shared expert ran on them: only it
     else:
@@ -322,6 +325,25 @@ def test_align_groups_every_pair_once(t, e, k, bm):
         members = block[block < n].long()
         assert members.numel() > 0 and (flat[members] == block_experts[b]).all()
     assert (block_experts[rows // bm:] == e).all()  # unused blocks: past the last expert
+
+
+def test_align_leaves_padding_tokens_pairs_out_of_every_block():
+    """moe_align(live=): the pairs of tokens not live are in no block below num_rows; the live ones exactly once,
+    in their expert's blocks, as without padding."""
+    t, e, k, bm = 9, 5, 2, 4
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]).to(torch.int32).to(DEVICE)
+    live = torch.tensor([True, False, True, True, False, False, True, True, False], device=DEVICE)
+    sorted_pairs, block_experts, num_rows = moe_align(ids, e, bm, live)
+    rows, n = int(num_rows), t * k
+    used = sorted_pairs[:rows]
+    live_pairs = [p for p in range(n) if live[p // k]]
+    assert sorted(used[used < n].tolist()) == live_pairs  # every live pair once, no padding pair
+    for b in range(rows // bm):
+        members = used[b * bm:(b + 1) * bm]
+        members = members[members < n].long()
+        assert members.numel() > 0 and (ids.flatten()[members] == block_experts[b]).all()
+    assert (block_experts[rows // bm:] >= e).all()
+    assert rows == int(moe_align(ids[live], e, bm)[2])  # the blocks of the live tokens alone
 
 
 @pytest.mark.parametrize("t, pin, folds", [
