@@ -790,14 +790,15 @@ def fused_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, top_k: int, 
             x, sorted_pairs, block_experts, num_rows, *gate_up_args["pointers"], h, num_pairs, *sizes, x.stride(0),
             *gate_up_args["strides"], h.stride(0), PAIRS=pairs, HAS_SHARED=chunks > 0, BLOCK_M=bm,
             BLOCK_N=bn, DOT_PRECISION=precision, **gate_up_args["meta"], **launch)
-        # padding tokens' pairs are in no block: their rows stay 0 (each token's rows are summed below)
-        per_pair = (torch.empty if live is None else torch.zeros)((num_pairs, hidden), device=x.device,
-                                                                  dtype=torch.float32)
+        per_pair = torch.empty((num_pairs, hidden), device=x.device, dtype=torch.float32)
         _grouped_down_kernel[(num_blocks, triton.cdiv(hidden, bn))](
             h, sorted_pairs, block_experts, num_rows, weights, *down_args["pointers"], per_pair, num_pairs, *sizes,
             h.stride(0), *down_args["strides"], per_pair.stride(0), HAS_SHARED=chunks > 0, BLOCK_M=bm,
             BLOCK_N=bn, DOT_PRECISION=precision, **down_args["meta"], **launch)
-        out.copy_(per_pair.view(t, pairs, hidden).sum(dim=1))  # fp32 sum of each token's rows
+        summed = per_pair.view(t, pairs, hidden).sum(dim=1)  # fp32 sum of each token's rows
+        if live is not None:  # a padding token's pairs are in no block: its rows were never written
+            summed = torch.where(live[:, None], summed, 0.0)
+        out.copy_(summed)
     if shared_gate_up is not None and not chunks:
         shared = _shared_expert(x, shared_gate_up, shared_down, gemv=bucket in GEMV_BUCKETS)
         out.add_(torch.sigmoid(logits[:, num_experts:]) * shared)  # x was normalised first: the gate logit fits

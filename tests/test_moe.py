@@ -164,8 +164,10 @@ def test_padding_rows_read_no_expert(t, shared, fold, split, quant, regime, dtyp
     pairs = 2 + (shared // 40 if fold else 0)
     scratch, empty = [], torch.empty
 
-    def spy(*shape, **kw):  # fused_moe's h: [T pairs, I]
+    def spy(*shape, **kw):  # fused_moe's scratch, NaN-poisoned (as unwritten memory may be); its h: [T pairs, I]
         out = empty(*shape, **kw)
+        if out.is_floating_point():
+            out.fill_(float("nan"))
         if shape == ((t * pairs, 40),):
             scratch.append(out)
         return out
