@@ -68,7 +68,7 @@ class ProfilingBackend(Backend):
     def moe_residual(self, x, norm_weight, eps, w: MoEWeights, token_slots=None):
         with torch.no_grad():
             live = x if token_slots is None else x[token_slots >= 0]  # the bytes a step needs: not the padding
-            # rows' experts (the triton decode GEMVs skip them; the torch reference and the grouped path compute them)
+            # rows' experts (the triton kernels skip them; the torch reference computes them)
             h = rms_norm_ref(live, norm_weight, eps)
             top = torch.topk(F.linear(h, w.router), w.top_k, dim=-1).indices.unique().numel()
         per_expert = _nbytes(w.gate_up, w.down) // w.router.shape[0]  # every expert the same size

@@ -61,7 +61,7 @@ class Parsed:
     stream: bool
     include_usage: bool
     max_tokens_field: str | None = None  # the request field that set max_tokens; None: a default did
-    continuous_usage: bool = False  # stream_options.continuous_usage_stats (with include_usage): usage in each chunk
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats (and include_usage): usage in each chunk
 
 
 def _check_fields(body: dict, allowed: set[str]) -> None:
@@ -151,8 +151,8 @@ def _sampling_params(body: dict, max_tokens, logprobs: int | None = None, fields
 
 
 def _stream_options(body: dict) -> tuple[bool, bool, bool]:
-    """-> (stream, include_usage, continuous_usage_stats: vLLM's option, the running usage in every chunk; it
-    needs include_usage, as in vLLM)."""
+    """-> (stream, include_usage, continuous_usage_stats: vLLM's option, the running usage in every chunk). As in
+    vLLM, include_usage defaults to true once stream_options is given, and continuous_usage_stats needs it."""
     stream = bool(_typed(body, "stream", "bool"))
     options = body.get("stream_options")
     if options is None:
@@ -162,7 +162,7 @@ def _stream_options(body: dict) -> tuple[bool, bool, bool]:
     if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
         raise RequestError("stream_options must be {'include_usage': bool, 'continuous_usage_stats': bool}",
                            param="stream_options")
-    flags = [options.get(k) for k in ("include_usage", "continuous_usage_stats")]
+    flags = [options.get("include_usage", True), options.get("continuous_usage_stats")]
     for key, value in zip(("include_usage", "continuous_usage_stats"), flags):
         if value is not None and not isinstance(value, bool):
             raise RequestError(f"stream_options.{key} must be a bool", param="stream_options")
@@ -743,9 +743,9 @@ async def _events(req: ServerRequest, rid: str, created: int, model: str, chat: 
             choice = {"index": 0, "text": delta_text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         sent["text"] += len(delta_text or "")
         out = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
-        if include_usage:
-            out["usage"] = usage(len(req.seq.prompt_ids), req.num_seen, req.num_cached_tokens) if continuous_usage \
-                else None
+        if include_usage:  # the role chunk comes before any token (vLLM: 0 there)
+            out["usage"] = usage(len(req.seq.prompt_ids), 0 if role else req.num_seen, req.num_cached_tokens) \
+                if continuous_usage else None
         return out
 
     if chat:

@@ -182,7 +182,10 @@ def test_padding_rows_read_no_expert(t, shared, fold, split, quant, regime, dtyp
     monkeypatch.setattr(moe_mod.torch, "empty", spy)
     got = moe(x, residual, slots)
     monkeypatch.undo()
-    assert torch.equal(got[live], alone)  # live rows: bitwise as without padding
+    if regime == "decode":  # live rows: bitwise as without padding (the decode GEMVs are batch invariant)
+        assert torch.equal(got[live], alone)
+    else:  # the grouped GEMMs' blocks and the router's cuBLAS GEMM differ with the row count: a few ulps
+        torch.testing.assert_close(got[live], alone, **MOE_TOL[dtype])
     (h,) = scratch
     if regime == "decode":  # (the grouped gate_up leaves the rows of pairs in no block unwritten: nothing reads them)
         assert torch.equal(h.view(t, pairs, 40)[~live], torch.zeros_like(h.view(t, pairs, 40)[~live]))

@@ -142,8 +142,12 @@ def test_completion_equals_offline_streamed_or_not(live, offline):
     assert all(x.prompt_tokens == u.prompt_tokens and x.total_tokens == x.prompt_tokens + x.completion_tokens
                for x in usage)
     assert running == sorted(running) and running[-2:] == [12, 12]  # the finish chunk, the usage chunk
-    events = list(live.client.completions.create(stream=True, stream_options={"continuous_usage_stats": True}, **kw))
-    assert stream_text(events, chat=False)[2] == []  # without include_usage: no usage at all
+    # as in vLLM, include_usage is on once stream_options is given (unless false), and continuous needs it
+    for options, with_usage in (({"continuous_usage_stats": True}, "every chunk"), ({}, "the last chunk"),
+                                ({"include_usage": False, "continuous_usage_stats": True}, "none")):
+        got = list(live.client.completions.create(stream=True, stream_options=options, **kw))
+        want_count = {"every chunk": len(got), "the last chunk": 1, "none": 0}[with_usage]
+        assert len(stream_text(got, chat=False)[2]) == want_count, options
     # a token-id prompt
     got = live.client.completions.create(model=MODEL, prompt=list(want.prompt_token_ids), max_tokens=12,
                                          temperature=0.8, seed=7, extra_body={"ignore_eos": True})
@@ -163,6 +167,10 @@ def test_chat_equals_offline_streamed_or_not(live, offline):
     assert events[0].choices[0].delta.role == "assistant"
     text, finish, usage = stream_text(events, chat=True)
     assert text == want.text and finish == ["length"] and usage[0].completion_tokens == 10
+    events = list(live.client.chat.completions.create(max_tokens=10, stream=True,
+                                                      stream_options={"continuous_usage_stats": True}, **kw))
+    assert events[0].choices[0].delta.role == "assistant" and events[0].usage.completion_tokens == 0
+    assert events[-1].choices == [] and events[-1].usage.completion_tokens == 10
     # content as a list of text parts renders the same prompt
     parts = [dict(m, content=[{"type": "text", "text": m["content"]}]) for m in messages]
     got = live.client.chat.completions.create(max_tokens=10, **dict(kw, messages=parts))
