@@ -10,7 +10,6 @@ import numbers
 import os
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -213,10 +212,9 @@ class LLM:
         self._lock = threading.Lock()
         self._lock_owner: int | None = None  # the thread holding _lock
         self._deferred_aborts: list[Sequence] = []  # aborts asked for by the holder itself, run as it lets go
-        # agenerate / astream: one driver per event loop, all stepping in one worker thread (started on first use)
+        # agenerate / astream: one driver per event loop (made on first use)
         self._drivers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._drivers_lock = threading.Lock()
-        self._async_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen2rt-async")
 
     @contextlib.contextmanager
     def _locked(self):
@@ -362,9 +360,9 @@ class LLM:
             self.abort([seq])
 
     async def agenerate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
-        """`generate` for asyncio: the event loop stays free and concurrent coroutines share the running batch. The
-        engine steps in one worker thread of this LLM's, driven by one task per event loop for all its agenerate /
-        astream requests (_AsyncDriver): a waiting request holds no thread."""
+        """`generate` for asyncio: the event loop stays free and concurrent coroutines share the running batch. One
+        task per event loop steps the engine for all its agenerate / astream requests, one step at a time in a thread
+        of the loop's default executor (_AsyncDriver): a waiting request holds no thread."""
         seqs = self._batch(prompts, params)
         driver, waiter = self._async_driver(), None
         try:
@@ -408,14 +406,14 @@ class LLM:
             return driver
 
     def _step_for(self, waiters: list["_Waiter"]) -> tuple[Exception | None, list[tuple[str, bool]]]:
-        """In the async worker thread: one engine step (when there is work), then, under the same lock, what each
-        waiter's sequences have to say: (the step's error or None, [(new text (streams only), all finished)])."""
+        """In a worker thread: one engine step (when there is work), then, under the same lock, what each waiter's
+        sequences have to say: (the step's error or None, [(new text (streams only), all finished)])."""
         error = None
         with self._locked():
             try:
                 if self.engine.has_work():
                     self.engine.step()
-            except Exception as e:  # reported to the waiters: the worker thread keeps serving
+            except Exception as e:  # reported to the waiters: the stepping task goes on for the others
                 error = e
             return error, [(w.seqs[0].take_new_text() if w.stream else "", all(s.finished for s in w.seqs))
                            for w in waiters]
@@ -543,10 +541,12 @@ class _Waiter:
 
 class _AsyncDriver:
     """agenerate / astream of one event loop: one task steps the engine while any of their requests is unfinished,
-    in the LLM's one async worker thread (which also runs their submits and aborts, queued behind the step in
-    flight), and after each step hands each waiting request its new text or its end. A waiting request holds no
-    thread (it used to hold one of the loop's default executor, each waiting on the engine lock and then stepping
-    the engine once more), and the loop's default executor stays free for the application. Threads calling
+    one step at a time in a thread of the loop's default executor, and after each step hands each waiting request
+    its new text or its end. A waiting request holds no thread (it used to hold one of the default executor, each
+    waiting on the engine lock and then stepping the engine once more, so that the application's own to_thread
+    calls queued behind them). The default executor, not a thread of the LLM's own: a thread that has run torch
+    CPU ops and stays alive (idle) made every later torch CPU op of the process's other threads ~4x slower on the
+    2-core machine (OpenMP thread teams), while the default executor's threads end with asyncio.run. Threads calling
     generate / stream step the same engine meanwhile: a step advances every sequence, whoever runs it. A failed
     step fails the requests waiting here (as the server's driver does); their cleanup aborts their sequences."""
 
@@ -556,9 +556,9 @@ class _AsyncDriver:
         self.task = None
 
     async def call(self, fn, *args):
-        """fn(*args) in the async worker thread (after the step in flight, if any), in the caller's context
-        (contextvars: request ids, tracing spans), as asyncio.to_thread would run it."""
-        return await _in_worker(self.llm._async_worker, contextvars.copy_context().run, fn, *args)
+        """fn(*args) in a worker thread, in the caller's context (contextvars: request ids, tracing spans), as
+        asyncio.to_thread would run it."""
+        return await _in_worker(contextvars.copy_context().run, fn, *args)
 
     def watch(self, seqs: list[Sequence], stream: bool) -> _Waiter:
         """Follow submitted sequences; starts the stepping task if it is not running."""
@@ -584,7 +584,7 @@ class _AsyncDriver:
         loop = asyncio.get_running_loop()
         while self.waiters:
             waiters = list(self.waiters)
-            error, updates = await loop.run_in_executor(self.llm._async_worker, self.llm._step_for, waiters)
+            error, updates = await loop.run_in_executor(None, self.llm._step_for, waiters)
             if error is not None:
                 log.error("engine step failed: %r", error, exc_info=error)
             for waiter, (piece, finished) in zip(waiters, updates):
@@ -615,14 +615,15 @@ class _AsyncDriver:
         self.waiters.clear()
 
 
-async def _in_worker(executor, fn, *args):
-    """fn(*args), which takes the engine lock, in a thread of `executor`: the event loop never waits on the lock
-    (held for whole steps). If the awaiting task is cancelled meanwhile, the CancelledError goes on only once fn has
-    run to its end, so a request's cleanup (abort) follows its submit (cancelled again while waiting, as at the
-    loop's shutdown, it goes on at once: the one worker thread runs the submit before the abort queued after it)."""
+async def _in_worker(fn, *args):
+    """fn(*args), which takes the engine lock, in a thread of the loop's default executor: the event loop never
+    waits on the lock (held for whole steps). If the awaiting task is cancelled meanwhile, the CancelledError goes on
+    only once fn has run to its end, so a request's cleanup (abort) follows its submit (cancelled again while
+    waiting, as at the loop's shutdown, it goes on at once: the thread finishes fn, and a submit after its abort is
+    refused)."""
     import asyncio
 
-    future = asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args))
+    future = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
