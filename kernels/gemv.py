@@ -187,19 +187,26 @@ def gemv_operands(x: torch.Tensor, n: int, bias, norm_weight, residual, swiglu: 
 
 def check_out(out: torch.Tensor, inputs: dict, may_be: tuple[str, ...] = (), name: str = "out") -> None:
     """out [M, N] with a contiguous last dimension: a ValueError if its rows overlap one another or it shares memory
-    with any of `inputs` (name -> tensor with a contiguous last dimension, or None; a 1-D one as one row), except
-    that it may be exactly one of the inputs named in `may_be` (the same elements in the same places: a kernel whose
-    programs read each element before writing the same one). By name: the same tensor passed as two inputs (x and
-    residual) is still checked as the other one."""
+    with any of `inputs` (name -> tensor or None: a 2-D one with a contiguous last dimension row by row, any other
+    by its whole memory extent), except that it may be exactly one of the inputs named in `may_be` (the same
+    elements in the same places: a kernel whose programs read each element before writing the same one). By name:
+    the same tensor passed as two inputs (x and residual) is still checked as the other one."""
     if out.shape[0] > 1 and out.shape[1] and out.stride(0) < out.shape[1]:
         raise ValueError(f"{name}'s rows overlap one another (row stride {out.stride(0)}, {out.shape[1]} columns)")
     for other, t in inputs.items():
         if t is None or (other in may_be and (t.data_ptr(), t.shape, t.stride()) == (out.data_ptr(), out.shape,
                                                                                      out.stride())):
             continue
-        if _overlap(out, t if t.ndim == 2 else t.reshape(1, -1)):
+        if _overlap(out, t if t.ndim == 2 and t.stride(-1) == 1 else _extent(t)):
             raise ValueError(f"{name} must not overlap {other}" + (f" (it may be {' or '.join(may_be)} itself)"
                                                                    if may_be else ""))
+
+
+def _extent(t: torch.Tensor) -> torch.Tensor:
+    """A view of t's whole memory extent as one row (any layout: a paged cache, a strided or 0-d tensor; a reshape
+    would copy a non-contiguous one, and the copy overlaps nothing)."""
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+    return t.as_strided((1, extent), (max(extent, 1), 1))
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:

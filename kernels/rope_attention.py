@@ -434,16 +434,8 @@ def _output(out, rows: int, width: int, like: torch.Tensor, reads: dict) -> torc
         raise ValueError(f"out must be a contiguous {like.dtype} tensor [{rows}, {width}] on {like.device}")
     from .gemv import check_out
 
-    check_out(out, {name: _extent(t) for name, t in reads.items()})
+    check_out(out, reads)
     return out
-
-
-def _extent(t: torch.Tensor) -> torch.Tensor:
-    """A view of t's whole memory extent as one row (a cache of any layout, for check_out; nothing is copied)."""
-    if t.ndim == 2 and t.stride(1) == 1:
-        return t
-    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
-    return t.as_strided((1, extent), (max(extent, 1), 1))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

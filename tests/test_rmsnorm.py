@@ -214,3 +214,18 @@ def test_aliasing_check_skips_meta_tensors():
 
     x, out, w = (torch.empty(*shape, device="meta") for shape in ((4, 8), (4, 8), (8,)))
     check_out(out, {"x": x, "weight": w, "residual_out": torch.empty(4, 8, device="meta")}, may_be=("x",))
+
+
+def test_aliasing_check_sees_inputs_of_any_layout_without_copying():
+    """An input that is not a 2-D tensor with contiguous rows (a paged cache, a permuted or strided view) is checked
+    by its whole memory extent: a reshape would copy a non-contiguous one, and the copy overlaps nothing."""
+    from qwen2rt.kernels.gemv import check_out
+
+    buf = torch.randn(6, 4, 8)
+    permuted = buf.permute(2, 0, 1)  # not viewable as one row
+    out = buf[5].view(4, 8)  # its last block
+    with pytest.raises(ValueError, match="out must not overlap cache"):
+        check_out(out, {"cache": permuted})
+    with pytest.raises(ValueError, match="out must not overlap column"):
+        check_out(out, {"column": buf[:, :, 3]})  # 2-D, last stride 8
+    check_out(torch.empty(4, 8), {"cache": permuted, "column": buf[:, :, 3]})  # elsewhere: no error
