@@ -14,6 +14,7 @@ blocks freed right after the step in flight, if any.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of", "l
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "logit_bias", "tools",
                                  "tool_choice", "response_format", "chat_template_kwargs"}
 _SAMPLING_FIELD = re.compile(r"SamplingParams\.(\w+)")
+MAX_N = 128  # the most choices (`n`) one request may ask for, OpenAI's limit
 
 # Prometheus histogram buckets, seconds
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
@@ -62,6 +64,14 @@ class Parsed:
     include_usage: bool
     max_tokens_field: str | None = None  # the request field that set max_tokens; None: a default did
     continuous_usage: bool = False  # stream_options.continuous_usage_stats (and include_usage): usage in each chunk
+    n: int = 1  # completions of the prompt to return (choices 0 .. n-1)
+
+    def choice_params(self) -> list:
+        """SamplingParams of each of the n choices. As in vLLM, a seeded request's choice i draws with seed + i
+        (wrapping at 2**63), so the choices differ and the request stays reproducible."""
+        if self.params.seed is None:
+            return [self.params] * self.n
+        return [dataclasses.replace(self.params, seed=(self.params.seed + i) % 2 ** 63) for i in range(self.n)]
 
 
 def _check_fields(body: dict, allowed: set[str]) -> None:
@@ -84,11 +94,22 @@ def _typed(body: dict, name: str, kind: str):
     return value
 
 
+def _num_choices(body: dict, chat: bool) -> int:
+    """`n`: how many completions of the prompt to return (1 to MAX_N). Completions' `best_of` may only equal it:
+    choosing the best of more samples is not implemented."""
+    n = _typed(body, "n", "int")
+    if n is not None and not 1 <= n <= MAX_N:
+        raise RequestError(f"n = {n}: must be an integer in [1, {MAX_N}]", param="n")
+    n = 1 if n is None else n
+    best_of = None if chat else _typed(body, "best_of", "int")
+    if best_of is not None and best_of != n:
+        raise RequestError(f"best_of = {best_of}: only best_of = n ({n}) is supported (no choosing among more "
+                           "samples than are returned)", param="best_of")
+    return n
+
+
 def _unsupported(body: dict, chat: bool) -> None:
     """Fields the OpenAI API has and this server does not implement yet: a 400 rather than a silent default."""
-    n = _typed(body, "n", "int")
-    if n is not None and n != 1:
-        raise RequestError(f"n = {n}: only n = 1 is supported", param="n")
     if body.get("logit_bias"):
         raise RequestError("logit_bias is not supported", param="logit_bias")
     if chat:  # no tool calling: tools absent or empty, and a tool_choice that calls none
@@ -105,9 +126,6 @@ def _unsupported(body: dict, chat: bool) -> None:
             raise RequestError("echo is not supported", param="echo")
         if body.get("suffix") is not None:
             raise RequestError("suffix is not supported", param="suffix")
-        best_of = _typed(body, "best_of", "int")
-        if best_of is not None and best_of != 1:
-            raise RequestError("best_of > 1 is not supported", param="best_of")
 
 
 def _logprobs(body: dict, chat: bool) -> int | None:
@@ -183,7 +201,8 @@ def parse_completion(body: dict) -> Parsed:
     max_tokens = _typed(body, "max_tokens", "int")
     params = _sampling_params(body, max_tokens, _logprobs(body, chat=False))
     stream, include_usage, continuous = _stream_options(body)
-    return Parsed(prompt, params, stream, include_usage, None if max_tokens is None else "max_tokens", continuous)
+    return Parsed(prompt, params, stream, include_usage, None if max_tokens is None else "max_tokens", continuous,
+                  _num_choices(body, chat=False))
 
 
 def _message_text(content, index: int) -> str:
@@ -233,7 +252,8 @@ def parse_chat(body: dict, tokenizer, max_seq_len: int, default_max_tokens: bool
     params = _sampling_params(body, max_tokens, _logprobs(body, chat=True),
                               {"max_tokens": field, "logprobs": "top_logprobs"})
     stream, include_usage, continuous = _stream_options(body)
-    return Parsed(prompt, params, stream, include_usage, field if explicit else None, continuous)
+    return Parsed(prompt, params, stream, include_usage, field if explicit else None, continuous,
+                  _num_choices(body, chat=True))
 
 
 # ---- responses ----------------------------------------------------------------------------------------------------
@@ -290,11 +310,11 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict:
 class ServerRequest:
     """One request in flight: its sequence, the text the driver has handed it and not yet sent, and its end."""
 
-    def __init__(self, seq, endpoint: str):
+    def __init__(self, seq, endpoint: str, changed: asyncio.Event | None = None):
         self.seq = seq
         self.endpoint = endpoint
         self.pending: list[str] = []  # text pieces not yet sent
-        self.changed = asyncio.Event()  # new text, or the end
+        self.changed = changed or asyncio.Event()  # new text, or the end (one event for all choices of a request)
         self.done = asyncio.Event()
         self.error: str | None = None
         self.num_seen = 0  # output tokens the driver has accounted for
@@ -302,17 +322,24 @@ class ServerRequest:
         self.released = False
 
     def take(self) -> str:
+        """The text not yet sent. (The reader clears `changed` before it takes from every request sharing it, so a
+        piece handed over meanwhile sets it again.)"""
         piece = "".join(self.pending)
         self.pending.clear()
-        self.changed.clear()
         return piece
 
     @property
     def num_cached_tokens(self) -> int:
         return getattr(self.seq, "num_cached_tokens", 0) or 0
 
-    def usage(self) -> dict:
-        return usage(len(self.seq.prompt_ids), len(self.seq.output_ids), self.num_cached_tokens)
+
+
+def group_usage(reqs: list[ServerRequest], handed_over: bool = False) -> dict:
+    """The usage of one request's choices: the prompt counted once and the completion tokens of every choice (as
+    OpenAI and vLLM count n > 1), the prefix-cache hits of choice 0's prompt. handed_over: count the tokens the
+    driver has handed over so far (continuous usage) instead of every generated one."""
+    done = sum(r.num_seen if handed_over else len(r.seq.output_ids) for r in reqs)
+    return usage(len(reqs[0].seq.prompt_ids), done, reqs[0].num_cached_tokens)
 
 
 class EngineDriver:
@@ -323,7 +350,7 @@ class EngineDriver:
         self.llm = llm
         self.metrics = metrics
         self.active: set[ServerRequest] = set()
-        self._to_add: list[tuple[ServerRequest, asyncio.Future]] = []
+        self._to_add: list[tuple[list[ServerRequest], asyncio.Future]] = []
         self._to_abort: list[ServerRequest] = []
         self._stepping = False
         self._wake = asyncio.Event()
@@ -347,15 +374,16 @@ class EngineDriver:
             self.release(req)
         self._apply_pending()
 
-    async def submit(self, seq, endpoint: str) -> ServerRequest:
-        """Queue a validated sequence for the engine. Raises RequestError when the engine refuses it (e.g. it can
-        never fit the KV cache)."""
-        req = ServerRequest(seq, endpoint)
+    async def submit(self, seqs: list, endpoint: str) -> list[ServerRequest]:
+        """Queue validated sequences (the choices of one request) for the engine, all or none. Raises RequestError
+        when the engine refuses one (e.g. it can never fit the KV cache)."""
+        changed = asyncio.Event()
+        reqs = [ServerRequest(seq, endpoint, changed) for seq in seqs]
         future = asyncio.get_running_loop().create_future()
-        self._to_add.append((req, future))
+        self._to_add.append((reqs, future))
         self._wake.set()
         await future  # cancelled with its caller: the driver then skips the request
-        return req
+        return reqs
 
     def release(self, req: ServerRequest) -> None:
         """The caller is done with the request (finished, or its client went away): abort it if it is still running,
@@ -377,15 +405,15 @@ class EngineDriver:
         if aborts:
             self.llm.abort([r.seq for r in aborts])
         adds, self._to_add = self._to_add, []
-        for req, future in adds:
+        for reqs, future in adds:
             if future.done():  # its caller is gone
                 continue
             try:
-                self.llm.submit([req.seq])
+                self.llm.submit([r.seq for r in reqs])
             except ValueError as e:
                 future.set_exception(RequestError(str(e)))
                 continue
-            self.active.add(req)
+            self.active.update(reqs)
             future.set_result(None)
 
     async def _run(self) -> None:
@@ -582,9 +610,15 @@ def build_app(llm, served_model_name: str | None = None):
     # the most tokens one request may reserve: the context, or all of the KV cache when that is smaller
     reservable = min(llm.max_seq_len, llm.kv_cache.num_blocks * llm.kv_cache.block_size)
 
-    def new_sequence(parsed: Parsed, chat: bool):
+    def new_sequences(parsed: Parsed, chat: bool) -> list:
+        """The request's n choices as sequences (the prompt encoded once)."""
+        params = parsed.choice_params()
+        first = new_sequence(parsed.prompt, params[0], parsed, chat)
+        return [first] + [new_sequence(first.prompt_ids, p, parsed, chat) for p in params[1:]]
+
+    def new_sequence(prompt, params, parsed: Parsed, chat: bool):
         try:
-            seq = llm.new_request(parsed.prompt, parsed.params)
+            seq = llm.new_request(prompt, params)
         except ValueError as e:
             raise RequestError(str(e), param="messages" if chat else "prompt") from None
         prompt_len, asked = len(seq.prompt_ids), seq.params.max_tokens
@@ -599,20 +633,28 @@ def build_app(llm, served_model_name: str | None = None):
             seq.max_len = min(seq.max_len, max(reservable, prompt_len + 1))
         return seq
 
-    async def wait_or_disconnect(request: Request, req: ServerRequest) -> bool:
-        """Wait for the request's end; False (and the request aborted) if the client disconnects first."""
+    async def wait_or_disconnect(request: Request, reqs: list[ServerRequest]) -> bool:
+        """Wait for the requests' ends; False (and the requests aborted) if the client disconnects first."""
         async def disconnected():
             while (await request.receive())["type"] != "http.disconnect":
                 pass
 
+        async def all_done():
+            for req in reqs:
+                await req.done.wait()
+
         listener = asyncio.ensure_future(disconnected())
-        finished = asyncio.ensure_future(req.done.wait())
+        finished = asyncio.ensure_future(all_done())
         try:
             await asyncio.wait({listener, finished}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             listener.cancel()
             finished.cancel()
-        return req.done.is_set()
+        return all(req.done.is_set() for req in reqs)
+
+    def release_all(driver: EngineDriver, reqs: list[ServerRequest]) -> None:
+        for req in reqs:
+            driver.release(req)
 
     async def generate(request: Request, chat: bool) -> Response:
         try:
@@ -621,35 +663,38 @@ def build_app(llm, served_model_name: str | None = None):
                 parsed = parse_chat(body, llm.tokenizer, llm.max_seq_len, "max_tokens" not in llm.generation_defaults)
             else:
                 parsed = parse_completion(body)
-            seq = new_sequence(parsed, chat)
-            req = await state["driver"].submit(seq, "chat" if chat else "completions")
+            seqs = new_sequences(parsed, chat)
+            reqs = await state["driver"].submit(seqs, "chat" if chat else "completions")
         except RequestError as e:
             return error(e)
         driver: EngineDriver = state["driver"]
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         now = int(time.time())
         if parsed.stream:
-            return _EventStream(_events(req, rid, now, name, chat, parsed.include_usage, llm.tokenizer,
-                                        parsed.continuous_usage), lambda: driver.release(req))
+            return _EventStream(_events(reqs, rid, now, name, chat, parsed.include_usage, llm.tokenizer,
+                                        parsed.continuous_usage), lambda: release_all(driver, reqs))
         try:
-            if not await wait_or_disconnect(request, req):
+            if not await wait_or_disconnect(request, reqs):
                 return Response(status_code=499)  # nobody reads it
         finally:
-            driver.release(req)
-        if req.error:
-            return error(RequestError(req.error, status=500))
-        text = req.seq.text
-        logprobs = None
-        if req.seq.logprobs is not None:
-            entries = token_logprobs(llm.tokenizer, req.seq.output_ids, req.seq.logprobs)
-            logprobs = chat_logprobs(entries) if chat else completion_logprobs(entries)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": req.seq.finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": req.seq.finish_reason}
+            release_all(driver, reqs)
+        failed = next((req.error for req in reqs if req.error), None)
+        if failed:
+            return error(RequestError(failed, status=500))
+        choices = []
+        for index, req in enumerate(reqs):
+            seq, logprobs = req.seq, None
+            if seq.logprobs is not None:
+                entries = token_logprobs(llm.tokenizer, seq.output_ids, seq.logprobs)
+                logprobs = chat_logprobs(entries) if chat else completion_logprobs(entries)
+            if chat:
+                choices.append({"index": index, "message": {"role": "assistant", "content": seq.text},
+                                "logprobs": logprobs, "finish_reason": seq.finish_reason})
+            else:
+                choices.append({"index": index, "text": seq.text, "logprobs": logprobs,
+                                "finish_reason": seq.finish_reason})
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
-                             "model": name, "choices": [choice], "usage": req.usage()})
+                             "model": name, "choices": choices, "usage": group_usage(reqs)})
 
     class _EventStream(StreamingResponse):
         """Server-sent events; the request is released however the response ends (done, client gone, error)."""
@@ -713,57 +758,69 @@ def build_app(llm, served_model_name: str | None = None):
     return app
 
 
-async def _events(req: ServerRequest, rid: str, created: int, model: str, chat: bool, include_usage: bool,
+async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str, chat: bool, include_usage: bool,
                   tokenizer=None, continuous_usage: bool = False):
-    """The SSE body of a streamed request: a chunk per batch of new text, a last chunk with the finish reason,
-    then (include_usage) a chunk with the usage and no choices, then `data: [DONE]`. Every chunk before that has
-    "usage": null, or with continuous_usage the usage so far (the tokens the driver has handed over). With logprobs,
-    each text chunk and the last one carry the log-probabilities of the tokens generated since the previous chunk
-    (text held back for a possible stop string does not hold back its tokens' log-probabilities)."""
+    """The SSE body of a streamed request whose choices are `reqs` (they share one `changed` event): per choice
+    (its index in `choices`), a chunk per batch of new text and a chunk with its finish reason once it ends; when
+    all have ended, (include_usage) a chunk with the usage and no choices, then `data: [DONE]`. Every chunk before
+    that has "usage": null, or with continuous_usage the usage so far (the tokens the driver has handed over, all
+    choices). With logprobs, each text chunk and the finish one carry the log-probabilities of the choice's tokens
+    generated since its previous chunk (text held back for a possible stop string does not hold back its tokens'
+    log-probabilities). A failed choice ends the stream with an error event."""
     kind = "chat.completion.chunk" if chat else "text_completion"
-    sent = {"logprobs": 0, "text": 0}  # log-probability entries and characters already sent
+    sent = [{"logprobs": 0, "text": 0} for _ in reqs]  # per choice: log-probability entries and characters sent
 
-    def new_logprobs():
-        seq = req.seq
+    def new_logprobs(index: int):
+        seq, done = reqs[index].seq, sent[index]
         if seq.logprobs is None:
             return None
         upto = min(len(seq.logprobs), len(seq.output_ids))  # a step may be appending in the driver's thread
-        entries = token_logprobs(tokenizer, seq.output_ids[sent["logprobs"]:upto], seq.logprobs[sent["logprobs"]:upto])
-        sent["logprobs"] = upto
-        return chat_logprobs(entries) if chat else completion_logprobs(entries, sent["text"])
+        entries = token_logprobs(tokenizer, seq.output_ids[done["logprobs"]:upto], seq.logprobs[done["logprobs"]:upto])
+        done["logprobs"] = upto
+        return chat_logprobs(entries) if chat else completion_logprobs(entries, done["text"])
 
-    def chunk(delta_text: str | None, finish_reason: str | None, role: bool = False) -> dict:
-        logprobs = None if role else new_logprobs()
+    def chunk(index: int, delta_text: str | None, finish_reason: str | None, role: bool = False) -> dict:
+        logprobs = None if role else new_logprobs(index)
         if chat:
             delta = {} if delta_text is None else {"content": delta_text}
             if role:
                 delta["role"] = "assistant"
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": delta_text or "", "logprobs": logprobs, "finish_reason": finish_reason}
-        sent["text"] += len(delta_text or "")
+            choice = {"index": index, "text": delta_text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+        sent[index]["text"] += len(delta_text or "")
         out = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
-        if include_usage:  # the role chunk comes before any token (vLLM: 0 there)
-            out["usage"] = usage(len(req.seq.prompt_ids), 0 if role else req.num_seen, req.num_cached_tokens) \
-                if continuous_usage else None
+        if include_usage:  # the role chunks come before any token (vLLM: 0 there)
+            out["usage"] = None
+            if continuous_usage:
+                out["usage"] = usage(len(reqs[0].seq.prompt_ids), 0, reqs[0].num_cached_tokens) if role \
+                    else group_usage(reqs, handed_over=True)
         return out
 
     if chat:
-        yield _sse(chunk("", None, role=True))
-    while True:
-        await req.changed.wait()
-        piece = req.take()
-        if piece:
-            yield _sse(chunk(piece, None))
-        if req.done.is_set():
-            break
-    if req.error:
-        yield _sse(RequestError(req.error, status=500).body())
-    else:
-        yield _sse(chunk(None, req.seq.finish_reason))
-        if include_usage:
-            yield _sse({"id": rid, "object": kind, "created": created, "model": model, "choices": [],
-                        "usage": req.usage()})
+        for index in range(len(reqs)):
+            yield _sse(chunk(index, "", None, role=True))
+    finished = [False] * len(reqs)
+    changed = reqs[0].changed
+    while not all(finished):
+        await changed.wait()
+        changed.clear()
+        for index, req in enumerate(reqs):
+            if finished[index]:
+                continue
+            piece = req.take()
+            if piece:
+                yield _sse(chunk(index, piece, None))
+            if req.done.is_set():
+                if req.error:
+                    yield _sse(RequestError(req.error, status=500).body())
+                    yield "data: [DONE]\n\n"
+                    return
+                finished[index] = True
+                yield _sse(chunk(index, None, req.seq.finish_reason))
+    if include_usage:
+        yield _sse({"id": rid, "object": kind, "created": created, "model": model, "choices": [],
+                    "usage": group_usage(reqs)})
     yield "data: [DONE]\n\n"
 
 

@@ -199,6 +199,71 @@ def test_seeded_requests_are_reproducible(live):
     assert run(1) != run(2)
 
 
+def choices_streamed(events, n, chat):
+    """Streamed chunks of an n > 1 request -> (text per choice index, finish reasons per index, usage chunks)."""
+    texts, finish, usage = [""] * n, [[] for _ in range(n)], []
+    for ev in events:
+        if ev.usage is not None:
+            usage.append(ev.usage)
+        for c in ev.choices:
+            texts[c.index] += (c.delta.content or "") if chat else c.text
+            if c.finish_reason is not None:
+                finish[c.index].append(c.finish_reason)
+    return texts, finish, usage
+
+
+def test_n_choices_equal_the_offline_api_with_seeds_seed_plus_index(live, offline):
+    """n = 3: choice i is the offline API's generation with seed + i (vLLM's rule), streamed or not; the usage
+    counts the prompt once and every choice's tokens; each choice ends once in the stream; a stop string ends
+    some choices early while the others run on."""
+    prompt, n = "Many choices", 3
+    want = [offline.generate(prompt, SamplingParams(max_tokens=10, temperature=1.0, seed=7 + i, ignore_eos=True))[0]
+            for i in range(n)]
+    assert len({w.text for w in want}) == n  # the seeds give different texts: the comparison below is not vacuous
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=10, temperature=1.0, seed=7, n=n, extra_body={"ignore_eos": True})
+    got = live.client.completions.create(**kw)
+    assert [c.index for c in got.choices] == list(range(n))
+    assert [c.text for c in got.choices] == [w.text for w in want]
+    assert [c.finish_reason for c in got.choices] == ["length"] * n
+    prompt_len = len(want[0].prompt_token_ids)
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (prompt_len, 10 * n)
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    events = list(live.client.completions.create(stream=True, stream_options=options, **kw))
+    texts, finish, usage = choices_streamed(events, n, chat=False)
+    assert texts == [w.text for w in want] and finish == [["length"]] * n
+    running = [u.completion_tokens for u in usage]
+    assert running == sorted(running) and running[-1] == 10 * n and {u.prompt_tokens for u in usage} == {prompt_len}
+    # a stop string that only some choices contain: those end early with "stop", the others at max_tokens
+    stop = next(w.text[3:5] for w in want if w.text[3:5] not in want[0].text)
+    expect = [(w.text[:w.text.find(stop)], "stop") if stop in w.text else (w.text, "length") for w in want]
+    assert {e[1] for e in expect} == {"stop", "length"}
+    got = live.client.completions.create(stop=[stop], **kw)
+    assert [(c.text, c.finish_reason) for c in got.choices] == expect
+    texts, finish, _ = choices_streamed(live.client.completions.create(stop=[stop], stream=True, **kw), n, False)
+    assert list(zip(texts, (f[0] for f in finish))) == expect and all(len(f) == 1 for f in finish)
+    assert live.idle()
+
+
+def test_n_choices_in_chat_greedy_and_unseeded(live, offline):
+    messages = [{"role": "user", "content": "Pick one"}]
+    want = [offline.chat(messages, SamplingParams(max_tokens=6, temperature=0.7, seed=3 + i, ignore_eos=True)).text
+            for i in range(2)]
+    kw = dict(model=MODEL, messages=messages, max_tokens=6, temperature=0.7, seed=3, n=2,
+              extra_body={"ignore_eos": True})
+    got = live.client.chat.completions.create(**kw)
+    assert [c.message.content for c in got.choices] == want and got.usage.completion_tokens == 12
+    events = list(live.client.chat.completions.create(stream=True, **kw))
+    assert [(e.choices[0].index, e.choices[0].delta.role) for e in events[:2]] == [(0, "assistant"), (1, "assistant")]
+    texts, finish, _ = choices_streamed(events, 2, chat=True)
+    assert texts == want and finish == [["length"]] * 2
+    # greedy: the choices are equal; unseeded sampling: each choice draws its own seed
+    greedy = live.client.chat.completions.create(**dict(kw, temperature=0, seed=None, n=3))
+    assert len({c.message.content for c in greedy.choices}) == 1
+    sampled = live.client.chat.completions.create(**dict(kw, temperature=1.0, seed=None, n=4, max_tokens=16))
+    assert len({c.message.content for c in sampled.choices}) == 4
+    assert live.idle()
+
+
 def test_logprobs_equal_the_offline_api(live, offline):
     """completions' logprobs = N and chat's logprobs + top_logprobs: the offline API's log-probabilities, each token
     decoded alone; streaming with logprobs is refused (not supported yet)."""
@@ -295,12 +360,15 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "a", "stop": 3}, 400, "stop"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "seed": -1}, 400, "seed"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "ignore_eos": "yes"}, 400, "ignore_eos"),
-    ("/v1/completions", {"model": MODEL, "prompt": "a", "n": 2}, 400, "n = 1"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "n": 0}, 400, "n = 0: must be an integer in [1, 128]"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "n": 129}, 400, "n = 129"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "n": 1.5}, 400, "'n' must be an int"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "logprobs": True}, 400, "logprobs"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "echo": True}, 400, "echo"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "suffix": "z"}, 400, "suffix"),
-    ("/v1/completions", {"model": MODEL, "prompt": "a", "best_of": 2}, 400, "best_of"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "best_of": 2}, 400, "only best_of = n (1)"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "n": 2, "best_of": 3}, 400, "best_of = 3"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "logit_bias": {"1": 5}}, 400, "logit_bias"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "stream_options": {"include_usage": True}}, 400,
      "stream = true"),
@@ -401,6 +469,8 @@ def test_a_failed_engine_step_fails_its_requests_and_the_server_keeps_serving(li
     assert r.status_code == 500 and "injected step failure" in r.json()["error"]["message"]
     r = live.post("/v1/completions", {"model": MODEL, "prompt": "doomed", "max_tokens": 4, "stream": True})
     assert r.status_code == 200 and "injected step failure" in r.text and r.text.endswith("data: [DONE]\n\n")
+    r = live.post("/v1/completions", {"model": MODEL, "prompt": "doomed", "max_tokens": 4, "n": 3})
+    assert r.status_code == 500 and "injected step failure" in r.json()["error"]["message"]
     monkeypatch.undo()
     assert live.idle()
     assert live.client.completions.create(model=MODEL, prompt="alive", max_tokens=3).usage.completion_tokens == 3
@@ -428,7 +498,14 @@ def test_client_disconnect_aborts_and_frees_blocks(live, monkeypatch):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(live.url + "/v1/completions", json=body, timeout=0.5)
     assert live.idle(timeout=5), "the request still holds the engine after its client left"
-    assert live.metric("qwen2rt_requests_total", finish_reason="abort") == aborted + 2
+    # n = 3, streamed: every choice is aborted (each counts as a request in the metrics)
+    body = dict(body, stream=True, n=3)
+    with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        assert len(live.llm.engine.running) == 3
+    assert live.idle(timeout=5), "the choices still hold the engine after their client left"
+    assert live.metric("qwen2rt_requests_total", finish_reason="abort") == aborted + 5
 
 
 def test_load_32_streaming_clients_match_offline(live, offline):
