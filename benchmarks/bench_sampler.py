@@ -35,9 +35,13 @@ def run(device, ceilings, vocab=VOCAB, batches=BATCHES, compile_baseline=True):
             rows = rows_tensor([row_values(params.resolved(), 1000 + i, 5, i) for i in range(b)], device)
             shape = f"B={b} V={vocab} {form}"
             impls = {
-                "qwen2rt": lambda: sampler.sample(logits, rows, state.counts, state.seen, form),
-                "torch_eager": lambda: sample_tokens_ref(logits, rows, state.counts, state.seen, form),
-                "torch_compile": (lambda: compiled(logits, rows, state.counts, state.seen, form)) if compiled else None,
+                # as the engine calls them: with the bias and held rows (no row here asks for them)
+                "qwen2rt": lambda: sampler.sample(logits, rows, state.counts, state.seen, form, bias=state.bias,
+                                                  held=state.held),
+                "torch_eager": lambda: sample_tokens_ref(logits, rows, state.counts, state.seen, form,
+                                                         bias=state.bias, held=state.held),
+                "torch_compile": (lambda: compiled(logits, rows, state.counts, state.seen, form, bias=state.bias,
+                                                   held=state.held)) if compiled else None,
             }
             for impl, fn in impls.items():
                 if fn is None:

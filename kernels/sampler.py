@@ -1,7 +1,7 @@
-"""The sampler on the device: repetition / presence / frequency penalties, temperature, top-k, top-p, min-p and the
-seeded exponential-race draw over float logits [B, V], in two or three launches and with no sort of the vocabulary.
-The same tokens as the PyTorch sampler (qwen2rt.sampling, the CPU path and this file's reference) whenever no
-probability sits within float rounding of a top-p or min-p boundary.
+"""The sampler on the device: logit bias and min_tokens' held-back stop tokens, repetition / presence / frequency
+penalties, temperature, top-k, top-p, min-p and the seeded exponential-race draw over float logits [B, V], in two or
+three launches and with no sort of the vocabulary. The same tokens as the PyTorch sampler (qwen2rt.sampling, the
+CPU path and this file's reference) whenever no probability sits within float rounding of a top-p or min-p boundary.
 
 Candidates are strictly ordered as qwen2rt.sampling.ordered_candidates orders them: penalised logit descending, then
 token id ascending. Both live in one int64 key, (order-preserving int32 of the float) << 32 | (V - 1 - id), so a
@@ -9,7 +9,8 @@ plain integer max / top-k honours the tie rule exactly.
 
     greedy  1. per vocabulary chunk, the largest key of the raw logits        grid (chunks, B)
             2. the largest of the chunks' keys; record the token               grid (B,)
-    topk    1. per chunk: penalties, then the NUM_CANDIDATES largest keys      grid (chunks, B)
+    topk    1. per chunk: bias, holds and penalties, then the NUM_CANDIDATES
+               largest keys                                                    grid (chunks, B)
             2. merge them into the row's NUM_CANDIDATES largest, then
                temperature, top-k, top-p, min-p and the race among them;
                record the token                                                grid (B,)
@@ -150,6 +151,7 @@ def _record(counts_ptr, seen_ptr, slot, token, stride_state, m_write):
 def _candidates_kernel(
     # pointers
     logits_ptr, counts_ptr, seen_ptr, slot_ptr, temperature_ptr, repetition_ptr, presence_ptr, frequency_ptr,
+    bias_ptr, held_ptr, use_bias_ptr, min_tokens_ptr, step_ptr,
     keys_ptr, stats_ptr, z_ptr,
     # sizes
     vocab, num_chunks,
@@ -157,7 +159,7 @@ def _candidates_kernel(
     stride_logits, stride_state,
     # meta-parameters
     LOG_CHUNK: tl.constexpr, LOG_CAND: tl.constexpr, PENALTIES: tl.constexpr, STATS: tl.constexpr,
-    STORE_Z: tl.constexpr,
+    STORE_Z: tl.constexpr, BIAS_HOLDS: tl.constexpr,
 ):
     CHUNK: tl.constexpr = 1 << LOG_CHUNK
     NUM_CAND: tl.constexpr = 1 << LOG_CAND
@@ -167,10 +169,16 @@ def _candidates_kernel(
     m_v = o_v < vocab
     b_z = tl.load(logits_ptr + i_b * stride_logits + o_v, mask=m_v, other=0.0).to(tl.float32)
     if PENALTIES:
-        # qwen2rt.sampling.apply_penalties rounding for rounding (the launch disables FMA contraction):
-        # where(seen, l > 0 ? l / rep : l * rep, l) - frequency * count - presence * (count > 0)
         slot = tl.load(slot_ptr + i_b)
         p_state = slot * stride_state + o_v
+        if BIAS_HOLDS:  # qwen2rt.sampling.apply_bias_and_holds; rows without them load nothing (bound 0)
+            m_bias = o_v < tl.where(tl.load(use_bias_ptr + i_b) != 0, vocab, 0)
+            b_z = tl.where(m_bias, b_z + tl.load(bias_ptr + p_state, mask=m_bias, other=0.0), b_z)
+            m_holding = o_v < tl.where(tl.load(step_ptr + i_b) < tl.load(min_tokens_ptr + i_b), vocab, 0)
+            b_held = tl.load(held_ptr + p_state, mask=m_holding, other=0) != 0
+            b_z = tl.where(b_held, float("-inf"), b_z)
+        # qwen2rt.sampling.apply_penalties rounding for rounding (the launch disables FMA contraction):
+        # where(seen, l > 0 ? l / rep : l * rep, l) - frequency * count - presence * (count > 0)
         b_seen = tl.load(seen_ptr + p_state, mask=m_v, other=0) != 0
         b_count = tl.load(counts_ptr + p_state, mask=m_v, other=0).to(tl.float32)
         repetition = tl.load(repetition_ptr + i_b)
@@ -187,7 +195,8 @@ def _candidates_kernel(
         temperature = tl.where(temperature > 0, temperature, 1.0)
         b_zt = tl.where(m_v, tl.math.div_rn(b_z, temperature), float("-inf"))
         chunk_max = tl.max(b_zt, 0)
-        chunk_sum = tl.sum(tl.exp(b_zt - chunk_max), 0)
+        # a chunk whose every token is held back (-inf) adds nothing (not exp(-inf - -inf) = NaN)
+        chunk_sum = tl.where(chunk_max > float("-inf"), tl.sum(tl.exp(b_zt - chunk_max), 0), 0.0)
         tl.store(stats_ptr + (i_b * num_chunks + i_c) * 2, chunk_max)
         tl.store(stats_ptr + (i_b * num_chunks + i_c) * 2 + 1, chunk_sum)
     if STORE_Z:
@@ -435,18 +444,23 @@ def _warps(elements: int) -> int:
 
 ROW_FIELDS = {"temperature": torch.float32, "top_k": torch.int64, "top_p": torch.float32, "min_p": torch.float32,
               "repetition": torch.float32, "presence": torch.float32, "frequency": torch.float32,
-              "seed": torch.int64, "step": torch.int64, "slot": torch.int64}
+              "seed": torch.int64, "step": torch.int64, "slot": torch.int64, "min_tokens": torch.int64,
+              "bias": torch.int64}
 
 
 def sample(logits: torch.Tensor, rows, counts: torch.Tensor, seen: torch.Tensor, form: str = "full", *,
-           chunk: int | None = None) -> torch.Tensor:
+           chunk: int | None = None, bias: torch.Tensor | None = None,
+           held: torch.Tensor | None = None) -> torch.Tensor:
     """Token ids [B] int64 from logits [B, V] (float32, bfloat16 or float16; rows may be strided), and records each
     token: counts[rows.slot, token] += 1, seen[rows.slot, token] = True.
 
     rows: per-row parameters, [B] tensors with the fields of qwen2rt.sampling.SamplingRows (ROW_FIELDS' dtypes);
-    counts [S, V] int32 and seen [S, V] bool: the penalties' state, row rows.slot of each. form: "greedy" (argmax
-    of the raw logits), "topk" (exact for rows with 1 <= top_k <= NUM_CANDIDATES, as the PyTorch form) or "full".
-    chunk: tokens per step-1 program (a power of two >= the candidates; default chunk_size)."""
+    counts [S, V] int32 and seen [S, V] bool: the penalties' state, row rows.slot of each. bias [S, V] float32 and
+    held [S, V] bool, both or neither: the rows' logit bias (added where rows.bias = 1) and the tokens held back
+    while rows.step < rows.min_tokens (qwen2rt.sampling.apply_bias_and_holds); neither compiles them out. form:
+    "greedy" (argmax of the raw logits: rows must ask for no bias or hold), "topk" (exact for rows with
+    1 <= top_k <= NUM_CANDIDATES, as the PyTorch form) or "full". chunk: tokens per step-1 program (a power of two
+    >= the candidates; default chunk_size)."""
     if form not in FORMS:
         raise ValueError(f"sampler form must be one of {FORMS}, got {form!r}")
     if logits.dim() != 2 or logits.stride(1) != 1:
@@ -458,13 +472,18 @@ def sample(logits: torch.Tensor, rows, counts: torch.Tensor, seen: torch.Tensor,
         raise ValueError(f"logits must hold at least one token (V >= 1), got shape {tuple(logits.shape)}")
     if vocab >= 2 ** 31:
         raise ValueError(f"vocabulary of {vocab} tokens: token ids must fit in 31 bits")
-    for name, t, dtype in (("counts", counts, torch.int32), ("seen", seen, torch.bool)):
+    if (bias is None) != (held is None):
+        raise ValueError("bias and held go together: pass both (SamplerState.bias, .held) or neither")
+    state = [("counts", counts, torch.int32), ("seen", seen, torch.bool)]
+    if bias is not None:
+        state += [("bias", bias, torch.float32), ("held", held, torch.bool)]
+    for name, t, dtype in state:
         if t.dim() != 2 or t.shape[1] != vocab or t.dtype != dtype or not t.is_contiguous() \
                 or t.device != logits.device:
             raise ValueError(f"{name} must be a contiguous [S, {vocab}] {dtype} tensor on {logits.device}, got "
                              f"{tuple(t.shape)} {t.dtype} on {t.device}")
-    if counts.shape != seen.shape:
-        raise ValueError(f"counts {tuple(counts.shape)} and seen {tuple(seen.shape)} must have the same shape")
+        if t.shape != counts.shape:
+            raise ValueError(f"counts {tuple(counts.shape)} and {name} {tuple(t.shape)} must have the same shape")
     for name, dtype in ROW_FIELDS.items():
         t = getattr(rows, name)
         if t.shape != (batch,) or t.dtype != dtype or t.device != logits.device or not t.is_contiguous():
@@ -486,12 +505,15 @@ def sample(logits: torch.Tensor, rows, counts: torch.Tensor, seen: torch.Tensor,
     fallback = torch.empty(batch, dtype=torch.int32, device=dev)
     seen_bytes = seen.view(torch.uint8)
     r = rows
+    holds = bias is not None and not greedy
     _candidates_kernel[(num_chunks, batch)](
-        logits, counts, seen_bytes, r.slot, r.temperature, r.repetition, r.presence, r.frequency, keys, stats, z,
+        logits, counts, seen_bytes, r.slot, r.temperature, r.repetition, r.presence, r.frequency,
+        bias if holds else counts, held.view(torch.uint8) if holds else seen_bytes, r.bias, r.min_tokens, r.step,
+        keys, stats, z,
         vocab, num_chunks,
         logits.stride(0), counts.stride(0),
         LOG_CHUNK=chunk.bit_length() - 1, LOG_CAND=num_cand.bit_length() - 1, PENALTIES=not greedy, STATS=full,
-        STORE_Z=full,
+        STORE_Z=full, BIAS_HOLDS=holds,
         num_warps=_warps(chunk), enable_fp_fusion=False)
     chunks_pad = triton.next_power_of_2(num_chunks)
     _draw_kernel[(batch,)](
@@ -512,8 +534,9 @@ def sample(logits: torch.Tensor, rows, counts: torch.Tensor, seen: torch.Tensor,
     return tokens
 
 
-def sample_ref(logits: torch.Tensor, rows, counts: torch.Tensor, seen: torch.Tensor, form: str = "full"):
+def sample_ref(logits: torch.Tensor, rows, counts: torch.Tensor, seen: torch.Tensor, form: str = "full", *,
+               bias: torch.Tensor | None = None, held: torch.Tensor | None = None):
     """The PyTorch reference (qwen2rt.sampling's torch sampler, also the CPU path): same arguments as `sample`."""
     from qwen2rt.sampling import sample_tokens_ref
 
-    return sample_tokens_ref(logits, rows, counts, seen, form)
+    return sample_tokens_ref(logits, rows, counts, seen, form, bias=bias, held=held)

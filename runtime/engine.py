@@ -121,7 +121,8 @@ class Engine:
     def _admit(self) -> None:
         for seq in self.scheduler.admit():
             # enqueued after every step already launched, which may still use the slot's or the blocks' old owner
-            self.sampler.reset(seq.slot, seq.prompt_ids)
+            self.sampler.reset(seq.slot, seq.prompt_ids, seq.params.logit_bias,
+                               seq.stop_ids if seq.params.min_tokens else None)
             self.runner.set_blocks(seq.slot, seq.blocks)
 
     def _launch(self) -> Launched | None:

@@ -304,6 +304,10 @@ class LLM:
         if params.stop and self.tokenizer is None:
             raise ValueError(f"SamplingParams.stop = {params.stop!r}: stop strings match the generated text, and "
                              f"{self.model_name} ships no tokenizer.json (stop_token_ids work without one)")
+        outside = [t for t in (params.logit_bias or ()) if t >= self.config.vocab_size]
+        if outside:
+            raise ValueError(f"SamplingParams.logit_bias: token id {outside[0]} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
         return params.resolved(self.generation_defaults)
 
     def _new_sequence(self, prompt, params: SamplingParams) -> Sequence:

@@ -152,7 +152,7 @@ class ModelRunner:
 
     # the first three advance by one each step (positions, lengths and sampler steps are the context plus a per-row
     # offset), the slot mapping follows the positions, the rest stay while a sequence is in the batch
-    INT_ROWS = ("positions", "seq_lens", "step", "slot_mapping", "top_k", "seed", "slot")
+    INT_ROWS = ("positions", "seq_lens", "step", "slot_mapping", "top_k", "seed", "slot", "min_tokens", "bias")
     FLOAT_ROWS = ("temperature", "top_p", "min_p", "repetition", "presence", "frequency")
 
     def __init__(self, model: Qwen2Model, cache: KVCache, sampler: SamplerState, max_batch_size: int,

@@ -1,7 +1,8 @@
 """Sampling parameters and the sampler.
 
 Order of the logits transforms (Hugging Face's and vLLM V0's; vLLM V1 applies min-p before top-k / top-p, which
-keeps fewer tokens when min-p and top-p both cut): repetition / presence / frequency penalties, then temperature
+keeps fewer tokens when min-p and top-p both cut): the request's logit bias and min_tokens' hold on its stop tokens
+(first, as vLLM V1 applies them), repetition / presence / frequency penalties, then temperature
 (below GREEDY_TEMPERATURE: greedy), top-k, top-p, min-p, then one draw. The draw is an exponential race (argmax of p / E
 with E ~ Exp(1)), which samples from p exactly; the uniforms behind E are a hash of (request seed, step, token id),
 so a seeded request gets the same tokens whatever else is in the batch, and the whole sampler runs on the device
@@ -14,17 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 # Values used when neither the caller nor the checkpoint's generation_config.json sets a field.
 DEFAULTS = dict(max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                 presence_penalty=0.0, frequency_penalty=0.0, stop=(), stop_token_ids=(), ignore_eos=False,
-                seed=None, logprobs=None)
+                seed=None, logprobs=None, min_tokens=0, logit_bias=None)
 MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 # a temperature below this is greedy (vLLM's _SAMPLING_EPS): logits divided by a subnormal temperature overflow
 GREEDY_TEMPERATURE = 1e-5
+MAX_LOGIT_BIAS = 100.0  # logit_bias values lie in [-100, 100], as OpenAI's API takes them
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,16 @@ class SamplingParams:
     ignore_eos: bool | None = None
     seed: int | None = None
     # log-probabilities of each generated token and of the `logprobs` most likely tokens at its step (0: the chosen
-    # token's alone), from the model's distribution before any sampling transform (penalties, temperature,
+    # token's alone), from the model's distribution before any sampling transform (logit bias, penalties, temperature,
     # top-k / top-p / min-p), as vLLM reports them by default; None: none
     logprobs: int | None = None
+    # at least this many tokens before a stop token may end the request: the stop token ids (stop_token_ids, and
+    # the checkpoint's eos ids unless ignore_eos) get no probability before then, and stop strings are not looked
+    # for before then (vLLM's min_tokens; Hugging Face's min_new_tokens holds back eos alone)
+    min_tokens: int | None = None
+    # {token id: bias in [-100, 100]} added to the logits before every other transform (OpenAI's logit_bias:
+    # -100 in effect bans a token, +100 all but forces it); not in the hash (a dict)
+    logit_bias: Mapping[int, float] | None = field(default=None, hash=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -56,6 +66,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.logit_bias, Mapping):  # a copy: the caller's dict may change after
+            object.__setattr__(self, "logit_bias", dict(self.logit_bias))
         _validate(self)
 
     def resolved(self, defaults: dict | None = None) -> "SamplingParams":
@@ -108,6 +120,18 @@ def _validate(p: SamplingParams) -> None:
         bad("seed", "must be an integer in [0, 2**63)")
     if p.logprobs is not None and not (_is_int(p.logprobs) and 0 <= p.logprobs <= MAX_LOGPROBS):
         bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+    if p.min_tokens is not None and not (_is_int(p.min_tokens) and p.min_tokens >= 0):
+        bad("min_tokens", "must be an integer >= 0")
+    if p.min_tokens is not None and p.max_tokens is not None and p.min_tokens > p.max_tokens:
+        bad("min_tokens", f"must be at most max_tokens ({p.max_tokens})")
+    if p.logit_bias is not None:
+        if not isinstance(p.logit_bias, dict):
+            bad("logit_bias", "must be a mapping {token id: bias}")
+        for token, value in p.logit_bias.items():
+            if not (_is_int(token) and token >= 0):
+                bad("logit_bias", f"token id {token!r} must be an integer >= 0")
+            if not (_is_num(value) and -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):
+                bad("logit_bias", f"the bias of token {token} must be a number in [-100, 100], got {value!r}")
 
 
 def defaults_from_generation_config(gc: dict) -> dict:
@@ -139,15 +163,18 @@ class SamplingRows:
     seed: torch.Tensor  # int64: the request's seed (drawn from the engine's RNG when it has none)
     step: torch.Tensor  # int64: tokens the request has generated so far
     slot: torch.Tensor  # int64: the request's row in SamplerState (the last row absorbs padding rows)
+    min_tokens: torch.Tensor  # int64: SamplerState.held's tokens get no probability while step < min_tokens
+    bias: torch.Tensor  # int64: 1 adds SamplerState.bias's row (the request's logit_bias), 0 reads nothing
 
-    FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition", "presence", "frequency", "seed", "step", "slot")
-    INT_FIELDS = ("top_k", "seed", "step", "slot")
+    FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition", "presence", "frequency", "seed", "step", "slot",
+              "min_tokens", "bias")
+    INT_FIELDS = ("top_k", "seed", "step", "slot", "min_tokens", "bias")
 
 
 def row_values(p: SamplingParams, seed: int, step: int, slot: int) -> tuple:
     """One row of SamplingRows, in FIELDS order."""
     return (0.0 if p.greedy else p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
-            p.frequency_penalty, seed, step, slot)
+            p.frequency_penalty, seed, step, slot, p.min_tokens, int(bool(p.logit_bias)))
 
 
 def rows_tensor(values: list[tuple], device) -> SamplingRows:
@@ -173,11 +200,12 @@ VARIANTS = ("greedy", "topk", "full")  # the sampler's forms, cheapest first; ea
 
 
 def sampler_variant(params: list[SamplingParams]) -> str:
-    """The cheapest exact form of the sampler for a batch: "greedy" when every row is greedy without penalties
-    (argmax alone), "topk" when every sampled row has 1 <= top_k <= TOPK_CANDIDATES (the draw only ever sees the
-    top candidates: Qwen's instruct checkpoints set top_k 20), else "full" (a sort of the whole vocabulary)."""
+    """The cheapest exact form of the sampler for a batch: "greedy" when every row is greedy without penalties,
+    logit bias or min_tokens (argmax alone), "topk" when every sampled row has 1 <= top_k <= TOPK_CANDIDATES (the
+    draw only ever sees the top candidates: Qwen's instruct checkpoints set top_k 20), else "full" (a sort of the
+    whole vocabulary)."""
     if all(p.greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
-           for p in params):
+           and not p.min_tokens and not p.logit_bias for p in params):
         return "greedy"
     if all(p.greedy or 1 <= p.top_k <= TOPK_CANDIDATES for p in params):
         return "topk"
@@ -185,21 +213,49 @@ def sampler_variant(params: list[SamplingParams]) -> str:
 
 
 class SamplerState:
-    """Per-request device state the penalties need: which tokens a request has seen (prompt + output) and how often
-    it has generated each one. One row per engine slot plus a last row that padding rows write to."""
+    """Per-request device state: which tokens a request has seen (prompt + output) and how often it has generated
+    each one (the penalties), its logit bias and the tokens min_tokens holds back. One row per engine slot plus a
+    last row that padding rows write to. A row's bias and held tokens are read only by rows whose SamplingRows say
+    so (bias = 1, step < min_tokens), so they are written only for requests that have them."""
 
     def __init__(self, num_slots: int, vocab_size: int, device):
         self.padding_slot = num_slots
         self.seen = torch.zeros(num_slots + 1, vocab_size, dtype=torch.bool, device=device)
         self.counts = torch.zeros(num_slots + 1, vocab_size, dtype=torch.int32, device=device)
+        self.bias = torch.zeros(num_slots + 1, vocab_size, dtype=torch.float32, device=device)
+        self.held = torch.zeros(num_slots + 1, vocab_size, dtype=torch.bool, device=device)
 
-    def reset(self, slot: int, prompt_ids: list[int]) -> None:
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        if self.seen.is_cuda:  # through pinned memory: a pageable copy would wait for the decode step in flight
+            t = t.pin_memory().to(self.seen.device, non_blocking=True)
+        return t
+
+    def reset(self, slot: int, prompt_ids: list[int], logit_bias: Mapping[int, float] | None = None,
+              held_ids=None) -> None:
+        """A new request in `slot`: its prompt marked seen, no output counted; its logit bias where it has one (the
+        row's bias flag is set then), and with min_tokens > 0 the token ids it holds back (its stop ids; None for
+        a request without min_tokens, whose rows never read them)."""
         self.seen[slot].zero_()
         self.counts[slot].zero_()
-        ids = torch.tensor(prompt_ids, dtype=torch.long)
-        if self.seen.is_cuda:  # through pinned memory: a pageable copy would wait for the decode step in flight
-            ids = ids.pin_memory().to(self.seen.device, non_blocking=True)
-        self.seen[slot, ids] = True
+        self.seen[slot, self._to_device(prompt_ids, torch.long)] = True
+        if logit_bias:
+            self.bias[slot].zero_()
+            self.bias[slot, self._to_device(list(logit_bias), torch.long)] = \
+                self._to_device(list(logit_bias.values()), torch.float32)
+        if held_ids is not None:
+            self.held[slot].zero_()
+            held_ids = sorted(t for t in held_ids if t < self.held.shape[1])  # one past the vocabulary is never drawn
+            if held_ids:
+                self.held[slot, self._to_device(held_ids, torch.long)] = True
+
+
+def apply_bias_and_holds(logits: torch.Tensor, bias: torch.Tensor, held: torch.Tensor, rows: SamplingRows):
+    """float32 logits [B, V]; bias [B, V] and held [B, V] bool (the rows' SamplerState rows). Adds the bias of
+    rows with rows.bias = 1 and gives -inf to the held tokens of rows still below min_tokens; other rows are left
+    exactly as they are."""
+    logits = torch.where(rows.bias[:, None] != 0, logits + bias, logits)
+    return logits.masked_fill(held & (rows.step < rows.min_tokens)[:, None], float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, repetition: torch.Tensor,
@@ -256,20 +312,26 @@ def sample_tokens(logits: torch.Tensor, rows: SamplingRows, state: SamplerState,
     if impl == "triton" or (impl == "auto" and logits.is_cuda):
         from qwen2rt.kernels import sampler
 
-        return sampler.sample(logits, rows, state.counts, state.seen, variant)
-    return sample_tokens_ref(logits, rows, state.counts, state.seen, variant)
+        return sampler.sample(logits, rows, state.counts, state.seen, variant, bias=state.bias, held=state.held)
+    return sample_tokens_ref(logits, rows, state.counts, state.seen, variant, bias=state.bias, held=state.held)
 
 
 def sample_tokens_ref(logits: torch.Tensor, rows: SamplingRows, counts: torch.Tensor, seen: torch.Tensor,
-                      variant: str = "full") -> torch.Tensor:
-    """The PyTorch sampler (the CPU path and the Triton sampler's reference): sample_tokens on the penalties' state
-    tensors, counts [S, V] int32 and seen [S, V] bool, which it updates."""
+                      variant: str = "full", *, bias: torch.Tensor | None = None,
+                      held: torch.Tensor | None = None) -> torch.Tensor:
+    """The PyTorch sampler (the CPU path and the Triton sampler's reference): sample_tokens on SamplerState's
+    tensors, counts [S, V] int32 and seen [S, V] bool, which it updates, and bias [S, V] float32 and held [S, V]
+    bool, both or neither (neither: the rows' min_tokens and bias are not read)."""
     if variant not in VARIANTS:
         raise ValueError(f"sampler variant must be one of {VARIANTS}, got {variant!r}")
     logits = logits.float()
     if variant == "greedy":
         tokens = logits.argmax(dim=-1)
     else:
+        if (bias is None) != (held is None):
+            raise ValueError("bias and held go together: pass both (SamplerState.bias, .held) or neither")
+        if bias is not None:
+            logits = apply_bias_and_holds(logits, bias[rows.slot], held[rows.slot], rows)
         logits = apply_penalties(logits, seen[rows.slot], counts[rows.slot], rows.repetition, rows.presence,
                                  rows.frequency)
         hot = rows.temperature > 0

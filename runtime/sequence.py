@@ -105,7 +105,7 @@ class Sequence:
             self.first_token_time = now
         self.last_token_time = now
         self.output_ids.append(token)
-        if token in self.stop_ids:
+        if token in self.stop_ids:  # (never before min_tokens: the sampler gives them no probability until then)
             self.finish_reason = "stop"
         else:
             if self.detok is not None:
@@ -119,7 +119,10 @@ class Sequence:
 
     def _check_stop_strings(self, before: int) -> None:
         """A stop string that ends after character `before` (earlier ones were found earlier) cuts the text where it
-        starts and finishes the request; the stop strings are tried in their order."""
+        starts and finishes the request; the stop strings are tried in their order. Not before min_tokens tokens
+        (as vLLM: the text of the min_tokens-th token may complete one, a string that ended before is passed over)."""
+        if len(self.output_ids) < self.params.min_tokens:
+            return
         for s in self.params.stop:
             start = max(0, before - len(s) + 1)
             i = self._read_text(start).find(s)

@@ -28,9 +28,9 @@ log = logging.getLogger("qwen2rt.server")
 # request fields each endpoint reads; anything else is a 400 naming the field
 _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
                   "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids", "seed", "n", "ignore_eos",
-                  "logprobs", "stream", "stream_options", "user"}
-_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of", "logit_bias"}
-_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "logit_bias", "tools",
+                  "logprobs", "stream", "stream_options", "user", "min_tokens", "logit_bias"}
+_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
+_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                                  "tool_choice", "response_format", "chat_template_kwargs"}
 _SAMPLING_FIELD = re.compile(r"SamplingParams\.(\w+)")
 MAX_N = 128  # the most choices (`n`) one request may ask for, OpenAI's limit
@@ -110,8 +110,6 @@ def _num_choices(body: dict, chat: bool) -> int:
 
 def _unsupported(body: dict, chat: bool) -> None:
     """Fields the OpenAI API has and this server does not implement yet: a 400 rather than a silent default."""
-    if body.get("logit_bias"):
-        raise RequestError("logit_bias is not supported", param="logit_bias")
     if chat:  # no tool calling: tools absent or empty, and a tool_choice that calls none
         if body.get("tools"):
             raise RequestError("tools is not supported (no tool calling)", param="tools")
@@ -141,6 +139,22 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return 0 if top is None else top
 
 
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's logit_bias, {"token id": bias} with the ids as JSON strings -> {int: bias} (SamplingParams checks
+    the ids and the [-100, 100] range)."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise RequestError("'logit_bias' must be an object mapping token ids to biases", param="logit_bias")
+    out = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise RequestError(f"logit_bias: {key!r} is not a token id", param="logit_bias")
+        out[int(key)] = value
+    return out
+
+
 def _sampling_params(body: dict, max_tokens, logprobs: int | None = None, fields: dict | None = None):
     """fields: SamplingParams field -> the request field that set it, where the names differ (errors name the
     request's)."""
@@ -159,7 +173,8 @@ def _sampling_params(body: dict, max_tokens, logprobs: int | None = None, fields
             min_p=_typed(body, "min_p", "number"), presence_penalty=_typed(body, "presence_penalty", "number"),
             frequency_penalty=_typed(body, "frequency_penalty", "number"),
             repetition_penalty=_typed(body, "repetition_penalty", "number"), stop=stop, stop_token_ids=stop_ids,
-            ignore_eos=_typed(body, "ignore_eos", "bool"), seed=_typed(body, "seed", "int"), logprobs=logprobs)
+            ignore_eos=_typed(body, "ignore_eos", "bool"), seed=_typed(body, "seed", "int"), logprobs=logprobs,
+            min_tokens=_typed(body, "min_tokens", "int"), logit_bias=_logit_bias(body))
     except ValueError as e:
         field = _SAMPLING_FIELD.search(str(e))
         if field is None:
@@ -619,8 +634,9 @@ def build_app(llm, served_model_name: str | None = None):
     def new_sequence(prompt, params, parsed: Parsed, chat: bool):
         try:
             seq = llm.new_request(prompt, params)
-        except ValueError as e:
-            raise RequestError(str(e), param="messages" if chat else "prompt") from None
+        except ValueError as e:  # the prompt, or a sampling field checked against the model (logit_bias's ids)
+            field = _SAMPLING_FIELD.search(str(e))
+            raise RequestError(str(e), param=field.group(1) if field else "messages" if chat else "prompt") from None
         prompt_len, asked = len(seq.prompt_ids), seq.params.max_tokens
         if parsed.max_tokens_field is not None and prompt_len + asked > llm.max_seq_len:
             # as OpenAI and vLLM answer it; a default max_tokens is capped by the context instead

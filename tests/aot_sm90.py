@@ -234,9 +234,10 @@ def sampler_forms(c, rows: int, forms=sampler.FORMS):
     """The Triton sampler on float32 logits [rows, V] (its variants depend on the vocabulary's divisibility only)."""
     v = c.vocab_size
     params = SamplingRows(*(meta(rows, dtype=sampler.ROW_FIELDS[f]) for f in SamplingRows.FIELDS))
-    for form in forms:
+    for form in forms:  # with the bias and held rows, as the engine calls it
         sampler.sample(meta(rows, v, dtype=torch.float32), params, meta(rows + 1, v, dtype=torch.int32),
-                       meta(rows + 1, v, dtype=torch.bool), form)
+                       meta(rows + 1, v, dtype=torch.bool), form, bias=meta(rows + 1, v, dtype=torch.float32),
+                       held=meta(rows + 1, v, dtype=torch.bool))
 
 
 def moe_pairs(c) -> int:

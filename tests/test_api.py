@@ -3,6 +3,7 @@ after it), waiting for cache space, threads, cancellation."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -84,6 +85,66 @@ def test_stop_token_ids_and_eos(llm):
                                              stop_token_ids=[stop_id]))[0]
     assert out.finish_reason == "stop" and out.token_ids == base.token_ids[: first + 1]
     assert out.text == llm.tokenizer.decode(base.token_ids[:first])  # the stop token's text is not included
+
+
+def test_min_tokens_holds_back_stop_ids_eos_and_stop_strings(llm):
+    """min_tokens: a stop id (or eos) the greedy run would pick at index 2 gets no probability before index 6, so the
+    tokens differ from there and a stop id may end the request only from index 6 on; a stop string completed before
+    then is passed over (vLLM's rule). Without min_tokens each of them stops the request early: the cases are not
+    vacuous."""
+    prompt = "min tokens"
+    base = llm.generate(prompt, GREEDY)[0]
+    stop_id = base.token_ids[2]
+    assert stop_id not in base.token_ids[:2]
+    plain = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop_token_ids=[stop_id])
+    assert llm.generate(prompt, plain)[0].token_ids == base.token_ids[:3]
+    held = dataclasses.replace(plain, min_tokens=6)
+    out = llm.generate(prompt, held)[0]
+    assert out.token_ids[:2] == base.token_ids[:2] and out.token_ids[2] != stop_id
+    assert stop_id not in out.token_ids[:6]
+    assert out.finish_reason == "length" or (out.token_ids[-1] == stop_id and len(out.token_ids) > 6)
+    assert "".join(llm.stream(prompt, held)) == out.text
+    # eos counts as a stop id unless ignore_eos
+    saved = llm.eos_token_ids
+    llm.eos_token_ids = frozenset({stop_id})
+    try:
+        eos_held = SamplingParams(max_tokens=24, temperature=0, min_tokens=6)
+        assert llm.generate(prompt, eos_held)[0].token_ids == out.token_ids
+        assert llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0))[0].token_ids == base.token_ids[:3]
+    finally:
+        llm.eos_token_ids = saved
+    # a stop string inside the first tokens' text: passed over with min_tokens, found again only if it recurs
+    text = base.text
+    stop = text[:2]
+    stopped = llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert stopped.finish_reason == "stop" and stopped.text == ""
+    late = llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop],
+                                               min_tokens=8))[0]
+    assert late.token_ids[:8] == base.token_ids[:8]
+    rest = text.find(stop, len(llm.tokenizer.decode(base.token_ids[:7])) - len(stop) + 1)
+    if rest < 0:
+        assert late.finish_reason == "length" and late.text == text
+    else:
+        assert late.finish_reason == "stop" and late.text == text[:rest]
+
+
+def test_logit_bias(llm):
+    """+100 on a token makes greedy decoding emit nothing else; -100 on each greedy token in turn changes the first
+    one; ids past the vocabulary are an error that leaves the engine usable."""
+    base = llm.generate("bias", GREEDY)[0]
+    forced = next(t for t in range(50, 100) if t not in base.token_ids)
+    out = llm.generate("bias", dataclasses.replace(GREEDY, logit_bias={forced: 100.0}))[0]
+    assert out.token_ids == [forced] * len(base.token_ids)
+    banned = llm.generate("bias", dataclasses.replace(GREEDY, logit_bias={base.token_ids[0]: -100.0}))[0]
+    assert banned.token_ids[0] != base.token_ids[0] and base.token_ids[0] not in banned.token_ids
+    # seeded sampling with a bias of 0 on every row's token: the same tokens as no bias (it only adds 0)
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=3, ignore_eos=True)
+    assert llm.generate("bias", dataclasses.replace(seeded, logit_bias={forced: 0.0}))[0].token_ids == \
+        llm.generate("bias", seeded)[0].token_ids
+    vocab = llm.config.vocab_size
+    with pytest.raises(ValueError, match=f"logit_bias: token id {vocab} is outside the vocabulary"):
+        llm.generate("bias", dataclasses.replace(GREEDY, logit_bias={vocab: 1.0}))
+    assert llm.generate("bias", GREEDY)[0].token_ids == base.token_ids
 
 
 def test_eos_ends_generation_unless_ignored(llm):

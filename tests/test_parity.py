@@ -134,6 +134,40 @@ def test_penalised_greedy_generation_matches_hf(hf_checkpoints, engines):
         assert out == greedy_with_penalties(hf, ids, 12, repetition, presence, frequency), params
 
 
+def test_min_tokens_and_logit_bias_match_hf(hf_checkpoints, engines):
+    """Greedy with min_tokens and a stop id equals HF generate with min_new_tokens and that id as eos (both give it
+    no probability before then), and logit_bias equals HF's sequence_bias on single tokens; each changes the
+    tokens (not vacuous)."""
+    _, hf = hf_checkpoints["dense_gqa"]
+    llm = engines["dense_gqa"]
+    ids = random_prompt(9, hf.config.vocab_size, 4)
+    x = torch.tensor([ids])
+
+    def hf_generate(**kw):
+        with torch.no_grad():
+            return hf.generate(x, max_new_tokens=14, do_sample=False, attention_mask=torch.ones_like(x),
+                               pad_token_id=0, **kw)[0, len(ids):].tolist()
+
+    plain = llm.generate([ids], SamplingParams(max_tokens=14, temperature=0, ignore_eos=True))[0].token_ids
+    first = next(i for i in range(1, 8) if plain[i] not in plain[:i])  # a token's first appearance past index 0
+    stop = plain[first]
+    out = llm.generate([ids], SamplingParams(max_tokens=14, temperature=0, stop_token_ids=[stop], min_tokens=first + 3,
+                                             ignore_eos=True))[0].token_ids
+    assert out == hf_generate(eos_token_id=stop, min_new_tokens=first + 3) and out[:first + 1] != plain[:first + 1]
+    # the hold ends exactly at min_tokens: the first later step whose argmax is the stop id ends the request there
+    held = llm.generate([ids], SamplingParams(max_tokens=14, temperature=0, stop_token_ids=[stop], min_tokens=14,
+                                              ignore_eos=True))[0].token_ids
+    k = next(k for k in range(first + 1, 14) if int(llm.logits(ids + held[:k])[-1].argmax()) == stop)
+    out = llm.generate([ids], SamplingParams(max_tokens=14, temperature=0, stop_token_ids=[stop], min_tokens=k,
+                                             ignore_eos=True))[0]
+    assert out.token_ids == held[:k] + [stop] and out.finish_reason == "stop"
+    assert out.token_ids == hf_generate(eos_token_id=stop, min_new_tokens=k)
+    bias = {plain[0]: -4.0, int(hf_logits(hf, ids)[-1].argsort()[-5]): 2.5}
+    out = llm.generate([ids], SamplingParams(max_tokens=14, temperature=0, ignore_eos=True, logit_bias=bias))[0]
+    assert out.token_ids == hf_generate(sequence_bias=[[[t], b] for t, b in bias.items()], eos_token_id=None)
+    assert out.token_ids != plain
+
+
 @pytest.mark.parametrize("name", ["dense_gqa", "moe_renorm"])
 def test_batch_equals_one_at_a_time(name, hf_checkpoints, engines):
     _, hf = hf_checkpoints[name]

@@ -27,17 +27,32 @@ TOPK_ROWS = [P(temperature=0), P(temperature=0.7, top_k=20, top_p=0.8, repetitio
 FULL_ROWS = TOPK_ROWS + [P(temperature=1.3, top_p=0.9), P(temperature=0.7, top_k=300), P(temperature=1.0),
                          P(temperature=1.3, min_p=0.01, presence_penalty=-0.5)]
 GREEDY_ROWS = [P(temperature=0)] * 3
+HOLDING = dict(min_tokens=2000, max_tokens=4096)  # rows whose random step (< 1000) is below min_tokens
+# rows that add their logit bias (the state's row: the values here only set the flag) or hold tokens back
+TOPK_ROWS += [P(temperature=0, logit_bias={1: 5.0}), P(temperature=0.9, top_k=40, logit_bias={2: -3.0}, **HOLDING)]
+FULL_ROWS += [P(temperature=1.1, top_p=0.9, **HOLDING), P(temperature=1.0, logit_bias={3: 1.0}, min_tokens=1)]
 
 
 def make_state(b, vocab, device=DEVICE, gen=None):
-    """Every slot with a random prompt in `seen` and non-trivial output counts; the padding slot too."""
+    """Every slot with a random prompt in `seen` and non-trivial output counts, a logit bias on a tenth of the
+    vocabulary and a twentieth held back (read only by rows that ask for them); the padding slot too."""
     state = SamplerState(b, vocab, device)
     for slot in range(b + 1):
         state.seen[slot, torch.randint(0, vocab, (vocab // 10,), generator=gen)] = True
         idx = torch.randint(0, vocab, (vocab // 20,), generator=gen)
         state.counts[slot, idx] = torch.randint(1, 4, (idx.numel(),), generator=gen, dtype=torch.int32).to(device)
         state.seen[slot, idx] = True
+        idx = torch.randint(0, vocab, (vocab // 10,), generator=gen)
+        state.bias[slot, idx] = (torch.randn(idx.numel(), generator=gen) * 3).to(device)
+        state.held[slot, torch.randint(0, vocab, (vocab // 20,), generator=gen)] = True
     return state
+
+
+def copy_state(state):
+    other = SamplerState(state.padding_slot, state.seen.shape[1], state.seen.device)
+    for name in ("seen", "counts", "bias", "held"):
+        getattr(other, name).copy_(getattr(state, name))
+    return other
 
 
 def rows_of(params, seeds, steps, slots, device=DEVICE):
@@ -52,14 +67,14 @@ def run_both(logits, params, form, padding=1, chunk=None, seeds=None):
     vocab = logits.shape[1]
     params = list(params) + [P(temperature=0)] * padding
     states = [make_state(b, vocab), None]
-    states[1] = SamplerState(b, vocab, logits.device)
-    states[1].seen.copy_(states[0].seen)
-    states[1].counts.copy_(states[0].counts)
+    states[1] = copy_state(states[0])
     slots = list(range(b - padding)) + [states[0].padding_slot] * padding
     seeds = seeds if seeds is not None else torch.randint(0, 2 ** 62, (b,)).tolist()
     rows = rows_of(params, seeds, torch.randint(0, 1000, (b,)).tolist(), slots, logits.device)
-    tokens = [sampler.sample(logits, rows, states[0].counts, states[0].seen, form, chunk=chunk),
-              sampler.sample_ref(logits, rows, states[1].counts, states[1].seen, form)]
+    tokens = [sampler.sample(logits, rows, states[0].counts, states[0].seen, form, chunk=chunk,
+                             bias=states[0].bias, held=states[0].held),
+              sampler.sample_ref(logits, rows, states[1].counts, states[1].seen, form, bias=states[1].bias,
+                                 held=states[1].held)]
     return tokens[0], tokens[1], states[0], states[1]
 
 
@@ -117,6 +132,40 @@ def test_rows_past_the_candidates_on_tied_logits():
     ours, ref, state, ref_state = run_both(logits, rows, "full", chunk=1024)
     assert torch.equal(ours, ref), (ours, ref)
     assert torch.equal(state.counts, ref_state.counts) and torch.equal(state.seen, ref_state.seen)
+
+
+def test_logit_bias_and_held_tokens_decide_the_token():
+    """What the bias and the holds do, in both forms and both impls: +8 on one token makes a greedy row take it;
+    a held argmax gives the runner-up while step < min_tokens, and the argmax again once step reaches it; a row that
+    asks for neither ignores its state row (here biased and holding its argmax); a sampled row never draws a held
+    token, even with top_k smaller than the held set."""
+    vocab = 700
+    logits = torch.randn(6, vocab, device=DEVICE) * 2
+    order = logits.argsort(dim=1, descending=True)
+    state = SamplerState(6, vocab, DEVICE)
+    boosted = int(order[0, 100])
+    state.bias[0, boosted] = 8.0 + (logits[0, order[0, 0]] - logits[0, boosted]).item()
+    for row in (1, 2, 3):  # holding the argmax (row 3: an unflagged row over a biased, holding state row)
+        state.held[row, order[row, 0]] = True
+    state.bias[3, order[3, 5]] = 50.0
+    state.held[4, order[4, :30]] = True
+    rows = [P(temperature=0, logit_bias={boosted: 1.0}), P(temperature=0, **HOLDING), P(temperature=0, min_tokens=5),
+            P(temperature=0, top_k=2), P(temperature=1.5, top_k=10, **HOLDING)]
+    params, steps = rows + [rows[4]], [0, 0, 5, 0, 0, 0]
+    want = [boosted, int(order[1, 1]), int(order[2, 0]), int(order[3, 0])]
+    for form in ("topk", "full"):
+        for impl in ("triton", "torch"):
+            fresh = copy_state(state)
+            r = rows_of(params, list(range(6)), steps, range(6))
+            fn = sampler.sample if impl == "triton" else sampler.sample_ref
+            got = fn(logits, r, fresh.counts, fresh.seen, form, bias=fresh.bias, held=fresh.held).tolist()
+            assert got[:4] == want, (form, impl, got)
+            assert got[4] not in order[4, :30].tolist() and got[5] not in order[4, :30].tolist()
+            assert got[4] in order[4, 30:40].tolist()  # top_k 10 among the tokens left
+    # the greedy form reads no bias or hold: sampler_variant picks it only for the row that asks for neither
+    assert [sampler_variant([p.resolved()]) for p in rows] == ["topk"] * 3 + ["greedy", "topk"]
+    with pytest.raises(ValueError, match="go together"):
+        sampler.sample(logits, rows_of(params, [0] * 6, steps, range(6)), state.counts, state.seen, bias=state.bias)
 
 
 def test_uniforms_are_bit_exact():
@@ -237,19 +286,21 @@ def test_cuda_graph_replay_equals_eager(form):
     rows_params = (FULL_ROWS if form == "full" else TOPK_ROWS if form == "topk" else GREEDY_ROWS) * 2
     logits = torch.randn(b, QWEN_VOCAB, device="cuda") * 3
     rows = rows_of(rows_params[:b], list(range(b)), [5] * b, list(range(b)), "cuda")
-    eager_state, graph_state = make_state(b, QWEN_VOCAB, "cuda"), SamplerState(b, QWEN_VOCAB, "cuda")
-    graph_state.seen.copy_(eager_state.seen)
-    graph_state.counts.copy_(eager_state.counts)
-    warm = SamplerState(b, QWEN_VOCAB, "cuda")
-    sampler.sample(logits, rows, warm.counts, warm.seen, form)  # compiles outside the capture
+    eager_state = make_state(b, QWEN_VOCAB, "cuda")
+    graph_state = copy_state(eager_state)
+
+    def run(state):  # the engine's call: with the bias and held rows
+        return sampler.sample(logits, rows, state.counts, state.seen, form, bias=state.bias, held=state.held)
+
+    run(SamplerState(b, QWEN_VOCAB, "cuda"))  # compiles outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        graph_tokens = sampler.sample(logits, rows, graph_state.counts, graph_state.seen, form)
-    graph_state.seen.copy_(eager_state.seen)  # the capture does not run the kernels, but be explicit
-    graph_state.counts.copy_(eager_state.counts)
+        graph_tokens = run(graph_state)
+    for name in ("seen", "counts"):  # the capture does not run the kernels, but be explicit
+        getattr(graph_state, name).copy_(getattr(eager_state, name))
     graph.replay()
-    eager = sampler.sample(logits, rows, eager_state.counts, eager_state.seen, form)
+    eager = run(eager_state)
     torch.cuda.synchronize()
     assert torch.equal(graph_tokens, eager)
     assert torch.equal(graph_state.counts, eager_state.counts) and torch.equal(graph_state.seen, eager_state.seen)

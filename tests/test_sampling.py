@@ -19,11 +19,38 @@ from qwen2rt.sampling import (GREEDY_TEMPERATURE, TOPK_CANDIDATES, SamplerState,
     ("top_k", -2), ("top_k", 1.5), ("top_k", 2 ** 63), ("top_p", 0.0), ("top_p", 1.01), ("min_p", -0.1), ("min_p", 2),
     ("repetition_penalty", 0.0), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("stop", ""),
     ("stop", ["ok", ""]), ("stop_token_ids", [-1]), ("stop_token_ids", ["a"]), ("ignore_eos", 1),
-    ("seed", -5), ("seed", "x"),
+    ("seed", -5), ("seed", "x"), ("min_tokens", -1), ("min_tokens", 1.0), ("logit_bias", [(1, 2.0)]),
+    ("logit_bias", {"1": 2.0}), ("logit_bias", {-1: 2.0}), ("logit_bias", {1: 101}), ("logit_bias", {1: float("nan")}),
+    ("logit_bias", {True: 1.0}),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
         SamplingParams(**{field: value})
+
+
+def test_min_tokens_past_max_tokens_and_logit_bias_copy():
+    with pytest.raises(ValueError, match=r"SamplingParams.min_tokens = 9: must be at most max_tokens \(8\)"):
+        SamplingParams(max_tokens=8, min_tokens=9)
+    with pytest.raises(ValueError, match="min_tokens"):  # max_tokens from the defaults
+        SamplingParams(min_tokens=17).resolved()
+    bias = {5: 1.5}
+    p = SamplingParams(logit_bias=bias, min_tokens=3)
+    bias[5] = 99.0  # the params keep their own copy
+    assert p.resolved().logit_bias == {5: 1.5} and p.resolved().min_tokens == 3
+    assert SamplingParams().resolved().min_tokens == 0 and SamplingParams().resolved().logit_bias is None
+    hash(p)  # the dict is left out of the hash
+
+
+def test_reset_replaces_what_a_slot_held_for_its_last_request():
+    state = SamplerState(2, 50, "cpu")
+    state.reset(0, [1, 2], {3: 2.0, 9: -1.0}, {4, 60})  # 60 is past the vocabulary: never drawn, dropped
+    assert state.bias[0].nonzero().flatten().tolist() == [3, 9] and state.bias[0, 3] == 2.0
+    assert state.held[0].nonzero().flatten().tolist() == [4]
+    state.reset(0, [5], None, set())  # min_tokens with nothing to hold (ignore_eos, no stop ids)
+    assert not state.held[0].any()
+    state.reset(0, [5], {7: -1.0}, None)
+    assert state.bias[0].nonzero().flatten().tolist() == [7]
+    assert state.seen[0].nonzero().flatten().tolist() == [5] and not state.counts[0].any()
 
 
 def test_unknown_field_is_an_error():

@@ -190,6 +190,20 @@ def test_stop_strings(live, offline):
     assert (text, finish) == (want, ["stop"])
 
 
+def test_min_tokens_and_logit_bias_equal_the_offline_api(live, offline):
+    prompt = "biased"
+    base = offline.generate(prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    stop_id = base.token_ids[1]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[stop_id], min_tokens=4,
+                            logit_bias={base.token_ids[0]: -100.0, 70: 3.0})
+    want = offline.generate(prompt, params)[0]
+    assert want.token_ids[:2] != base.token_ids[:2]  # the bias and the hold change the tokens
+    got = live.client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                         logit_bias={str(base.token_ids[0]): -100, "70": 3.0},
+                                         extra_body={"ignore_eos": True, "stop_token_ids": [stop_id], "min_tokens": 4})
+    assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids)
+
+
 def test_seeded_requests_are_reproducible(live):
     def run(seed):
         return live.client.completions.create(model=MODEL, prompt="seed test", max_tokens=16, temperature=1.0,
@@ -369,7 +383,14 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "a", "suffix": "z"}, 400, "suffix"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "best_of": 2}, 400, "only best_of = n (1)"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "n": 2, "best_of": 3}, 400, "best_of = 3"),
-    ("/v1/completions", {"model": MODEL, "prompt": "a", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "logit_bias": [1, 5]}, 400, "'logit_bias' must be an object"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "logit_bias": {"x1": 5}}, 400, "'x1' is not a token id"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "logit_bias": {"1": 200}}, 400,
+     "the bias of token 1 must be a number in [-100, 100]"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "logit_bias": {"100000": 5}}, 400,
+     "token id 100000 is outside the vocabulary"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 4, "min_tokens": 5}, 400,
+     "min_tokens = 5: must be at most max_tokens (4)"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "stream_options": {"include_usage": True}}, 400,
      "stream = true"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "stream": True, "stream_options": {"x": 1}}, 400,
@@ -413,6 +434,7 @@ def test_error_params_and_codes_name_what_the_request_sent(live):
              ({"messages": USER, "max_completion_tokens": 250}, "max_completion_tokens", "context_length_exceeded"),
              ({"messages": USER, "max_completion_tokens": -1}, "max_completion_tokens", None),
              ({"messages": USER, "logprobs": True, "top_logprobs": 30}, "top_logprobs", None),
+             ({"prompt": "a", "logit_bias": {"100000": 1}}, "logit_bias", None),
              ({"messages": [{"role": "user", "content": "x" * 300}]}, "messages", None)]
     for body, param, code in cases:
         route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
