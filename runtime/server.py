@@ -23,6 +23,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from . import tool_calls
+
 log = logging.getLogger("qwen2rt.server")
 
 # request fields each endpoint reads; anything else is a 400 naming the field
@@ -65,6 +67,7 @@ class Parsed:
     max_tokens_field: str | None = None  # the request field that set max_tokens; None: a default did
     continuous_usage: bool = False  # stream_options.continuous_usage_stats (and include_usage): usage in each chunk
     n: int = 1  # completions of the prompt to return (choices 0 .. n-1)
+    tool_calls: bool = False  # chat with tools (tool_choice "auto"): replies are parsed for tool calls
 
     def choice_params(self) -> list:
         """SamplingParams of each of the n choices. As in vLLM, a seeded request's choice i draws with seed + i
@@ -110,12 +113,11 @@ def _num_choices(body: dict, chat: bool) -> int:
 
 def _unsupported(body: dict, chat: bool) -> None:
     """Fields the OpenAI API has and this server does not implement yet: a 400 rather than a silent default."""
-    if chat:  # no tool calling: tools absent or empty, and a tool_choice that calls none
-        if body.get("tools"):
-            raise RequestError("tools is not supported (no tool calling)", param="tools")
+    if chat:  # the model chooses whether to call a tool: forcing one ("required", a named function) needs
+        # guided decoding
         if body.get("tool_choice") not in (None, "none", "auto"):
-            raise RequestError(f"tool_choice = {body['tool_choice']!r} is not supported (no tool calling)",
-                               param="tool_choice")
+            raise RequestError(f"tool_choice = {body['tool_choice']!r} is not supported (only \"auto\" and \"none\": "
+                               "forcing a tool call needs guided decoding)", param="tool_choice")
         fmt = body.get("response_format")
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise RequestError("response_format other than {'type': 'text'} is not supported", param="response_format")
@@ -220,6 +222,22 @@ def parse_completion(body: dict) -> Parsed:
                   _num_choices(body, chat=False))
 
 
+def _tools(body: dict) -> list[dict] | None:
+    """OpenAI's `tools`: function definitions, handed to the chat template as they are (None: none)."""
+    tools = body.get("tools")
+    if not tools:
+        return None
+    if not isinstance(tools, list):
+        raise RequestError("'tools' must be a list of {'type': 'function', 'function': {...}}", param="tools")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(function, dict)
+                and isinstance(function.get("name"), str) and function["name"]):
+            raise RequestError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': str, ...}}}}",
+                               param="tools")
+    return tools
+
+
 def _message_text(content, index: int) -> str:
     if isinstance(content, str) or content is None:
         return content
@@ -248,13 +266,19 @@ def parse_chat(body: dict, tokenizer, max_seq_len: int, default_max_tokens: bool
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError(f"messages[{i}] must be an object with a 'role' string", param="messages")
-        rendered.append(dict(m, content=_message_text(m.get("content"), i)))
+        content = _message_text(m.get("content"), i)
+        if content is None and m["role"] == "assistant":  # a tool-calling turn: templates test or slice the text
+            content = ""
+        rendered.append(dict(m, content=content))
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise RequestError("'chat_template_kwargs' must be an object", param="chat_template_kwargs")
     if tokenizer is None or not tokenizer.chat_template:
         raise RequestError("this model has no chat template (none in tokenizer_config.json or chat_template.jinja): "
                            "use /v1/completions", param="messages")
+    tools = _tools(body)
+    if tools is not None:  # rendered whatever tool_choice says, as vLLM does by default
+        kwargs = dict(kwargs, tools=tools)
     try:
         prompt = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, **kwargs)
     except (ValueError, TypeError, jinja2.TemplateError) as e:
@@ -268,7 +292,7 @@ def parse_chat(body: dict, tokenizer, max_seq_len: int, default_max_tokens: bool
                               {"max_tokens": field, "logprobs": "top_logprobs"})
     stream, include_usage, continuous = _stream_options(body)
     return Parsed(prompt, params, stream, include_usage, field if explicit else None, continuous,
-                  _num_choices(body, chat=True))
+                  _num_choices(body, chat=True), tool_calls=tools is not None and body.get("tool_choice") != "none")
 
 
 # ---- responses ----------------------------------------------------------------------------------------------------
@@ -688,7 +712,8 @@ def build_app(llm, served_model_name: str | None = None):
         now = int(time.time())
         if parsed.stream:
             return _EventStream(_events(reqs, rid, now, name, chat, parsed.include_usage, llm.tokenizer,
-                                        parsed.continuous_usage), lambda: release_all(driver, reqs))
+                                        parsed.continuous_usage, parsed.tool_calls),
+                                lambda: release_all(driver, reqs))
         try:
             if not await wait_or_disconnect(request, reqs):
                 return Response(status_code=499)  # nobody reads it
@@ -704,8 +729,12 @@ def build_app(llm, served_model_name: str | None = None):
                 entries = token_logprobs(llm.tokenizer, seq.output_ids, seq.logprobs)
                 logprobs = chat_logprobs(entries) if chat else completion_logprobs(entries)
             if chat:
-                choices.append({"index": index, "message": {"role": "assistant", "content": seq.text},
-                                "logprobs": logprobs, "finish_reason": seq.finish_reason})
+                message, finish = {"role": "assistant", "content": seq.text}, seq.finish_reason
+                if parsed.tool_calls:  # as vLLM answers: finish_reason "tool_calls" when the reply calls one
+                    message["content"], calls = tool_calls.parse(seq.text)
+                    message["tool_calls"] = [c.openai() for c in calls]
+                    finish = "tool_calls" if calls else finish
+                choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
             else:
                 choices.append({"index": index, "text": seq.text, "logprobs": logprobs,
                                 "finish_reason": seq.finish_reason})
@@ -775,16 +804,19 @@ def build_app(llm, served_model_name: str | None = None):
 
 
 async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str, chat: bool, include_usage: bool,
-                  tokenizer=None, continuous_usage: bool = False):
+                  tokenizer=None, continuous_usage: bool = False, with_tool_calls: bool = False):
     """The SSE body of a streamed request whose choices are `reqs` (they share one `changed` event): per choice
     (its index in `choices`), a chunk per batch of new text and a chunk with its finish reason once it ends; when
     all have ended, (include_usage) a chunk with the usage and no choices, then `data: [DONE]`. Every chunk before
     that has "usage": null, or with continuous_usage the usage so far (the tokens the driver has handed over, all
     choices). With logprobs, each text chunk and the finish one carry the log-probabilities of the choice's tokens
     generated since its previous chunk (text held back for a possible stop string does not hold back its tokens'
-    log-probabilities). A failed choice ends the stream with an error event."""
+    log-probabilities). A failed choice ends the stream with an error event. with_tool_calls (chat with tools):
+    the text from a choice's first <tool_call> on is held back to its end, then sent as one chunk per tool call
+    (delta.tool_calls) and the finish reason "tool_calls" (tool_calls.ToolCallStream); text before it streams."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     sent = [{"logprobs": 0, "text": 0} for _ in reqs]  # per choice: log-probability entries and characters sent
+    tool_streams = [tool_calls.ToolCallStream() for _ in reqs] if with_tool_calls else None
 
     def new_logprobs(index: int):
         seq, done = reqs[index].seq, sent[index]
@@ -795,12 +827,15 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
         done["logprobs"] = upto
         return chat_logprobs(entries) if chat else completion_logprobs(entries, done["text"])
 
-    def chunk(index: int, delta_text: str | None, finish_reason: str | None, role: bool = False) -> dict:
+    def chunk(index: int, delta_text: str | None, finish_reason: str | None, role: bool = False,
+              call: dict | None = None) -> dict:
         logprobs = None if role else new_logprobs(index)
         if chat:
             delta = {} if delta_text is None else {"content": delta_text}
             if role:
                 delta["role"] = "assistant"
+            if call is not None:
+                delta["tool_calls"] = [call]
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             choice = {"index": index, "text": delta_text or "", "logprobs": logprobs, "finish_reason": finish_reason}
@@ -825,6 +860,8 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
             if finished[index]:
                 continue
             piece = req.take()
+            if piece and tool_streams is not None:
+                piece = tool_streams[index].feed(piece)
             if piece:
                 yield _sse(chunk(index, piece, None))
             if req.done.is_set():
@@ -833,7 +870,15 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
                     yield "data: [DONE]\n\n"
                     return
                 finished[index] = True
-                yield _sse(chunk(index, None, req.seq.finish_reason))
+                finish = req.seq.finish_reason
+                if tool_streams is not None:
+                    rest, calls = tool_streams[index].finish()
+                    if rest:
+                        yield _sse(chunk(index, rest, None))
+                    for k, call in enumerate(calls):
+                        yield _sse(chunk(index, None, None, call=call.openai(k)))
+                    finish = "tool_calls" if calls else finish
+                yield _sse(chunk(index, None, finish))
     if include_usage:
         yield _sse({"id": rid, "object": kind, "created": created, "model": model, "choices": [],
                     "usage": group_usage(reqs)})

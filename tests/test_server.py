@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
@@ -202,6 +203,91 @@ def test_min_tokens_and_logit_bias_equal_the_offline_api(live, offline):
                                          logit_bias={str(base.token_ids[0]): -100, "70": 3.0},
                                          extra_body={"ignore_eos": True, "stop_token_ids": [stop_id], "min_tokens": 4})
     assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids)
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+TOOL_REPLY = ('Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+              '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+# a template that renders tools and tool-calling turns, as Qwen2.5's does (shortened)
+TOOL_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n# Tools\n<tools>{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}"
+    "\n</tools><|im_end|>\n{%- endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}{%- for c in m.tool_calls or [] %}"
+    "<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments }}}\n</tool_call>"
+    "{%- endfor %}<|im_end|>\n{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+
+
+@pytest.fixture(scope="module")
+def live_long():
+    """A server with a longer context: the byte tokenizer spends a token per character of the tools' JSON."""
+    yield from serve(LLM(MODEL, **dict(LLM_ARGS, max_seq_len=1024)))
+
+
+@pytest.fixture
+def scripted_replies(live_long, monkeypatch):
+    """live_long's model replies `text` then eos, whatever the prompt (each row's token is chosen by its step), and
+    chat renders tools; -> a function setting the text."""
+    from qwen2rt import model_runner
+
+    tokenizer = live_long.llm.tokenizer
+    script = {}
+
+    def sample(logits, rows, state, variant="full", impl="auto"):
+        ids = script["ids"]
+        return torch.tensor([ids[min(s, len(ids) - 1)] for s in rows.step.tolist()], device=logits.device)
+
+    def set_reply(text):
+        script["ids"] = tokenizer.encode(text) + [tokenizer.encode("<|im_end|>")[0]]
+
+    monkeypatch.setattr(model_runner, "sample_tokens", sample)
+    monkeypatch.setattr(tokenizer, "chat_template", TOOL_TEMPLATE)
+    return set_reply
+
+
+def test_tool_calls_parsed_from_the_reply_streamed_or_not(live_long, scripted_replies):
+    """A reply with two Hermes tool calls after some text: message.tool_calls (names, arguments as JSON strings),
+    the text before them as content, finish_reason "tool_calls"; streamed: the content as deltas, then one delta per
+    call. tool_choice "none" or no tools: the same reply is all content. The tools reach the template."""
+    scripted_replies(TOOL_REPLY)
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Weather and time in Paris?"}], max_tokens=200)
+    got = live_long.client.chat.completions.create(tools=TOOLS, **kw)
+    choice = got.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    calls = [(c.type, c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
+    assert calls == [("function", "get_weather", {"city": "Paris"}), ("function", "get_time", {})]
+    with_tools = live_long.llm.tokenizer.apply_chat_template(kw["messages"], tools=TOOLS)
+    assert got.usage.prompt_tokens == len(live_long.llm.tokenizer.encode(with_tools)) and '"get_time"' in with_tools
+    content, deltas, finish = "", {}, []
+    for ev in live_long.client.chat.completions.create(tools=TOOLS, stream=True, **kw):
+        delta = ev.choices[0].delta
+        content += delta.content or ""
+        for d in delta.tool_calls or []:
+            entry = deltas.setdefault(d.index, {"name": "", "arguments": ""})
+            entry["name"] += d.function.name or ""
+            entry["arguments"] += d.function.arguments or ""
+        finish += [ev.choices[0].finish_reason] if ev.choices[0].finish_reason else []
+    assert content == "Let me check." and finish == ["tool_calls"]
+    assert [(d["name"], json.loads(d["arguments"])) for _, d in sorted(deltas.items())] == [c[1:] for c in calls]
+    for extra in ({"tool_choice": "none", "tools": TOOLS}, {}):
+        plain = live_long.client.chat.completions.create(**kw, **extra).choices[0]
+        assert plain.message.content == TOOL_REPLY and not plain.message.tool_calls and plain.finish_reason == "stop"
+        events = live_long.client.chat.completions.create(stream=True, **kw, **extra)
+        streamed, finish, _ = stream_text(events, chat=True)
+        assert streamed == TOOL_REPLY and finish == ["stop"]
+    # a block that is no JSON: all content; a multi-turn conversation with a tool-calling turn renders
+    scripted_replies("<tool_call>{not json}</tool_call>")
+    bad = live_long.client.chat.completions.create(tools=TOOLS, **kw).choices[0]
+    assert bad.message.content == "<tool_call>{not json}</tool_call>" and bad.finish_reason == "stop"
+    scripted_replies("It is 18 degrees.")
+    turns = kw["messages"] + [
+        {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in choice.message.tool_calls]},
+        {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id, "content": "18 degrees"}]
+    reply = live_long.client.chat.completions.create(**dict(kw, messages=turns), tools=TOOLS).choices[0]
+    assert reply.message.content == "It is 18 degrees." and reply.finish_reason == "stop"
+    assert live_long.idle()
 
 
 def test_seeded_requests_are_reproducible(live):
@@ -406,8 +492,10 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "top_logprobs": 1}, 400, "needs 'logprobs'"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "logprobs": True, "top_logprobs": 30}, 400,
      "top_logprobs = 30"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tools": [{}]}, 400, "tool"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tools": [{}]}, 400, "tools[0] must be"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tools": {"type": "function"}}, 400,
+     "'tools' must be a list"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tool_choice": "required"}, 400, "guided decoding"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "response_format": {"type": "json_object"}}, 400,
      "response_format"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "max_completion_tokens": -1}, 400,
