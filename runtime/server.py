@@ -60,7 +60,7 @@ class RequestError(Exception):
 class Parsed:
     """A validated request: what to generate and how to answer."""
 
-    prompt: str | list[int]
+    prompts: list[str | list[int]]  # completions may batch prompts; chat has one
     params: object  # SamplingParams
     stream: bool
     include_usage: bool
@@ -204,21 +204,28 @@ def _stream_options(body: dict) -> tuple[bool, bool, bool]:
     return stream, bool(flags[0]), bool(flags[0] and flags[1])
 
 
+def _is_ids(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                             for t in prompt)
+
+
 def parse_completion(body: dict) -> Parsed:
-    """A /v1/completions body -> Parsed. prompt: a string or a list of token ids (one prompt per request)."""
+    """A /v1/completions body -> Parsed. prompt: a string, a list of token ids, or a batch of either (a list of
+    strings, or a list of token-id lists), as OpenAI and vLLM take it."""
     _check_fields(body, _COMPLETION_FIELDS)
     _unsupported(body, chat=False)
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    is_ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    if not (isinstance(prompt, str) or (is_ids and prompt)):
-        raise RequestError("'prompt' must be a string or a list of token ids (one prompt per request)",
+    if isinstance(prompt, str) or _is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise RequestError("'prompt' must be a string, a list of token ids, or a non-empty list of either",
                            param="prompt")
     max_tokens = _typed(body, "max_tokens", "int")
     params = _sampling_params(body, max_tokens, _logprobs(body, chat=False))
     stream, include_usage, continuous = _stream_options(body)
-    return Parsed(prompt, params, stream, include_usage, None if max_tokens is None else "max_tokens", continuous,
+    return Parsed(prompts, params, stream, include_usage, None if max_tokens is None else "max_tokens", continuous,
                   _num_choices(body, chat=False))
 
 
@@ -291,7 +298,7 @@ def parse_chat(body: dict, tokenizer, max_seq_len: int, default_max_tokens: bool
     params = _sampling_params(body, max_tokens, _logprobs(body, chat=True),
                               {"max_tokens": field, "logprobs": "top_logprobs"})
     stream, include_usage, continuous = _stream_options(body)
-    return Parsed(prompt, params, stream, include_usage, field if explicit else None, continuous,
+    return Parsed([prompt], params, stream, include_usage, field if explicit else None, continuous,
                   _num_choices(body, chat=True), tool_calls=tools is not None and body.get("tool_choice") != "none")
 
 
@@ -373,12 +380,13 @@ class ServerRequest:
 
 
 
-def group_usage(reqs: list[ServerRequest], handed_over: bool = False) -> dict:
-    """The usage of one request's choices: the prompt counted once and the completion tokens of every choice (as
-    OpenAI and vLLM count n > 1), the prefix-cache hits of choice 0's prompt. handed_over: count the tokens the
-    driver has handed over so far (continuous usage) instead of every generated one."""
-    done = sum(r.num_seen if handed_over else len(r.seq.output_ids) for r in reqs)
-    return usage(len(reqs[0].seq.prompt_ids), done, reqs[0].num_cached_tokens)
+def group_usage(reqs: list[ServerRequest], n: int = 1, counted: str = "all") -> dict:
+    """The usage of one request's choices, n per prompt: each prompt counted once and the completion tokens of every
+    choice (as OpenAI and vLLM count n > 1), the prefix-cache hits of each prompt's first choice. counted: "all" the
+    generated tokens, "handed" those the driver has handed over so far (continuous usage), "none"."""
+    firsts = reqs[::n]
+    done = 0 if counted == "none" else sum(r.num_seen if counted == "handed" else len(r.seq.output_ids) for r in reqs)
+    return usage(sum(len(r.seq.prompt_ids) for r in firsts), done, sum(r.num_cached_tokens for r in firsts))
 
 
 class EngineDriver:
@@ -650,21 +658,26 @@ def build_app(llm, served_model_name: str | None = None):
     reservable = min(llm.max_seq_len, llm.kv_cache.num_blocks * llm.kv_cache.block_size)
 
     def new_sequences(parsed: Parsed, chat: bool) -> list:
-        """The request's n choices as sequences (the prompt encoded once)."""
-        params = parsed.choice_params()
-        first = new_sequence(parsed.prompt, params[0], parsed, chat)
-        return [first] + [new_sequence(first.prompt_ids, p, parsed, chat) for p in params[1:]]
+        """The request's choices as sequences, prompt by prompt: n of each (each prompt encoded once). Choice
+        index = prompt index x n + i, as vLLM numbers them."""
+        params, seqs = parsed.choice_params(), []
+        for k, prompt in enumerate(parsed.prompts):
+            where = f"prompt[{k}]: " if len(parsed.prompts) > 1 else ""
+            first = new_sequence(prompt, params[0], parsed, chat, where)
+            seqs += [first] + [new_sequence(first.prompt_ids, p, parsed, chat, where) for p in params[1:]]
+        return seqs
 
-    def new_sequence(prompt, params, parsed: Parsed, chat: bool):
+    def new_sequence(prompt, params, parsed: Parsed, chat: bool, where: str = ""):
         try:
             seq = llm.new_request(prompt, params)
         except ValueError as e:  # the prompt, or a sampling field checked against the model (logit_bias's ids)
             field = _SAMPLING_FIELD.search(str(e))
-            raise RequestError(str(e), param=field.group(1) if field else "messages" if chat else "prompt") from None
+            raise RequestError(where + str(e),
+                               param=field.group(1) if field else "messages" if chat else "prompt") from None
         prompt_len, asked = len(seq.prompt_ids), seq.params.max_tokens
         if parsed.max_tokens_field is not None and prompt_len + asked > llm.max_seq_len:
             # as OpenAI and vLLM answer it; a default max_tokens is capped by the context instead
-            raise RequestError(f"This model's maximum context length is {llm.max_seq_len} tokens. However, you "
+            raise RequestError(f"{where}This model's maximum context length is {llm.max_seq_len} tokens. However, you "
                                f"requested {prompt_len + asked} tokens ({prompt_len} in the "
                                f"{'messages' if chat else 'prompt'}, {asked} in the completion). Please reduce the "
                                f"length of the {'messages' if chat else 'prompt'} or completion.",
@@ -712,7 +725,7 @@ def build_app(llm, served_model_name: str | None = None):
         now = int(time.time())
         if parsed.stream:
             return _EventStream(_events(reqs, rid, now, name, chat, parsed.include_usage, llm.tokenizer,
-                                        parsed.continuous_usage, parsed.tool_calls),
+                                        parsed.continuous_usage, parsed.tool_calls, parsed.n),
                                 lambda: release_all(driver, reqs))
         try:
             if not await wait_or_disconnect(request, reqs):
@@ -739,7 +752,7 @@ def build_app(llm, served_model_name: str | None = None):
                 choices.append({"index": index, "text": seq.text, "logprobs": logprobs,
                                 "finish_reason": seq.finish_reason})
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
-                             "model": name, "choices": choices, "usage": group_usage(reqs)})
+                             "model": name, "choices": choices, "usage": group_usage(reqs, parsed.n)})
 
     class _EventStream(StreamingResponse):
         """Server-sent events; the request is released however the response ends (done, client gone, error)."""
@@ -804,16 +817,16 @@ def build_app(llm, served_model_name: str | None = None):
 
 
 async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str, chat: bool, include_usage: bool,
-                  tokenizer=None, continuous_usage: bool = False, with_tool_calls: bool = False):
-    """The SSE body of a streamed request whose choices are `reqs` (they share one `changed` event): per choice
-    (its index in `choices`), a chunk per batch of new text and a chunk with its finish reason once it ends; when
-    all have ended, (include_usage) a chunk with the usage and no choices, then `data: [DONE]`. Every chunk before
-    that has "usage": null, or with continuous_usage the usage so far (the tokens the driver has handed over, all
-    choices). With logprobs, each text chunk and the finish one carry the log-probabilities of the choice's tokens
-    generated since its previous chunk (text held back for a possible stop string does not hold back its tokens'
-    log-probabilities). A failed choice ends the stream with an error event. with_tool_calls (chat with tools):
-    the text from a choice's first <tool_call> on is held back to its end, then sent as one chunk per tool call
-    (delta.tool_calls) and the finish reason "tool_calls" (tool_calls.ToolCallStream); text before it streams."""
+                  tokenizer=None, continuous_usage: bool = False, with_tool_calls: bool = False, n: int = 1):
+    """The SSE body of a streamed request whose choices are `reqs`, n per prompt (they share one `changed` event): per
+    choice (its index in `choices`), a chunk per batch of new text and a chunk with its finish reason once it ends;
+    when all have ended, (include_usage) a chunk with the usage and no choices, then `data: [DONE]`. Every chunk
+    before that has "usage": null, or with continuous_usage the usage so far (the tokens the driver has handed over,
+    all choices). With logprobs, each text chunk and the finish one carry the log-probabilities of the choice's
+    tokens generated since its previous chunk (text held back for a possible stop string does not hold back its
+    tokens' log-probabilities). A failed choice ends the stream with an error event. with_tool_calls (chat with
+    tools): the text from a choice's first <tool_call> on is held back to its end, then sent as one chunk per tool
+    call (delta.tool_calls) and the finish reason "tool_calls" (tool_calls.ToolCallStream); text before it streams."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     sent = [{"logprobs": 0, "text": 0} for _ in reqs]  # per choice: log-probability entries and characters sent
     tool_streams = [tool_calls.ToolCallStream() for _ in reqs] if with_tool_calls else None
@@ -844,8 +857,7 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
         if include_usage:  # the role chunks come before any token (vLLM: 0 there)
             out["usage"] = None
             if continuous_usage:
-                out["usage"] = usage(len(reqs[0].seq.prompt_ids), 0, reqs[0].num_cached_tokens) if role \
-                    else group_usage(reqs, handed_over=True)
+                out["usage"] = group_usage(reqs, n, "none" if role else "handed")
         return out
 
     if chat:
@@ -881,7 +893,7 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
                 yield _sse(chunk(index, None, finish))
     if include_usage:
         yield _sse({"id": rid, "object": kind, "created": created, "model": model, "choices": [],
-                    "usage": group_usage(reqs)})
+                    "usage": group_usage(reqs, n)})
     yield "data: [DONE]\n\n"
 
 

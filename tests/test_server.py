@@ -344,6 +344,28 @@ def test_n_choices_equal_the_offline_api_with_seeds_seed_plus_index(live, offlin
     assert live.idle()
 
 
+def test_a_batch_of_prompts_with_n_choices_each(live, offline):
+    """prompt as a list (strings and token ids): choice k*n + i is prompt k's choice i (seed + i), as vLLM numbers
+    them; usage counts each prompt once; streamed the same; the blocks are all freed."""
+    texts = ["first prompt", "the second one", "3"]
+    ids = offline.tokenizer.encode(texts[1])
+    n = 2
+    want = [offline.generate(t, SamplingParams(max_tokens=6, temperature=1.0, seed=5 + i, ignore_eos=True))[0]
+            for t in texts for i in range(n)]
+    kw = dict(model=MODEL, prompt=[texts[0], ids, texts[2]], max_tokens=6, temperature=1.0, seed=5, n=n,
+              extra_body={"ignore_eos": True})
+    got = live.client.completions.create(**kw)
+    assert [c.index for c in got.choices] == list(range(3 * n))
+    assert [c.text for c in got.choices] == [w.text for w in want]
+    prompt_tokens = sum(len(w.prompt_token_ids) for w in want[::n])
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (prompt_tokens, 6 * 3 * n)
+    events = list(live.client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    streamed, finish, usage = choices_streamed(events, 3 * n, chat=False)
+    assert streamed == [w.text for w in want] and finish == [["length"]] * (3 * n)
+    assert usage[-1].prompt_tokens == prompt_tokens
+    assert live.idle()
+
+
 def test_n_choices_in_chat_greedy_and_unseeded(live, offline):
     messages = [{"role": "user", "content": "Pick one"}]
     want = [offline.chat(messages, SamplingParams(max_tokens=6, temperature=0.7, seed=3 + i, ignore_eos=True)).text
@@ -442,7 +464,12 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "other", "messages": USER}, 404, "does not exist"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "bogus": 1}, 400, "unknown field 'bogus'"),
     ("/v1/completions", {"model": MODEL}, 400, "'prompt' must be"),
-    ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "'prompt' must be"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a", 3]}, 400, "'prompt' must be"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[1, 2], []]}, 400, "'prompt' must be"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a", "x" * 300]}, 400, "prompt[1]: prompt has 300 tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a", "x" * 200], "max_tokens": 100}, 400,
+     "prompt[1]: This model's maximum context length"),
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "empty"),
     ("/v1/completions", {"model": MODEL, "prompt": "x" * 300}, 400, "max_seq_len"),
     ("/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, 400, "outside the vocabulary"),
