@@ -51,6 +51,8 @@ class RequestOutput:
     # SamplingParams.logprobs = N: per generated token, (its log-probability, [(token id, log-probability)] of the N
     # most likely tokens at that step), from the model's distribution before any sampling transform; else None
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # SamplingParams.prompt_logprobs = N: per prompt token, the same given the tokens before it (None for the first)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -498,6 +500,7 @@ class LLM:
             decode_tokens_per_s=rate,
             num_cached_tokens=s.num_cached_tokens,
             logprobs=None if s.logprobs is None else list(s.logprobs),
+            prompt_logprobs=None if s.prompt_logprobs is None else list(s.prompt_logprobs),
         )
 
 

@@ -49,6 +49,9 @@ DEFAULT_PREFILL_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
 # Sequences a prefill graph takes. Each is a slice of the attention grid (empty ones exit at once) and a row of the
 # logits (the lm_head GEMV reads its weight once for all rows): cheap, and one graph per token bucket serves them all.
 PREFILL_GRAPH_SEQS = 8
+# Prompt positions whose logits one lm_head call computes for prompt log-probabilities: float32 [rows, V], 311 MB
+# for Qwen2's vocabulary of 152064
+PROMPT_LOGPROBS_ROWS = 512
 
 
 TokenLogprobs = tuple[float, list[tuple[int, float]]]  # (the chosen token's log-probability, [(id, logprob)] top-N)
@@ -357,7 +360,8 @@ class ModelRunner:
     def _launch_prefill(self, chunks: list[tuple[Sequence, int, int]]) -> Launched:
         done = [i for i, (s, start, n) in enumerate(chunks) if start + n == len(s.prompt_ids)]
         seqs = [chunks[i][0] for i in done]
-        bucket = self.graph_prefill_bucket(chunks)
+        with_prompt_logprobs = any(s.params.prompt_logprobs is not None for s, _, _ in chunks)
+        bucket = None if with_prompt_logprobs else self.graph_prefill_bucket(chunks)  # graphs keep last rows only
         graph = None
         if bucket is not None:
             graph = self.prefill_graphs.get(bucket) or self._capture_prefill_on_first_use(bucket)
@@ -370,11 +374,30 @@ class ModelRunner:
             return self._sample_first(self.prefill_logits[bucket][:len(seqs)], seqs)
         ids, meta, last = self.prefill_metadata(chunks)
         hidden = self.model.forward(ids, meta, self.cache.layers)
+        if with_prompt_logprobs:
+            self._prompt_logprobs(chunks, hidden)
         if not seqs:
             return Launched([], None, None)
         if len(seqs) < len(chunks):  # the rows of the completed prompts (an index built on the device: a host
             last = last.index_select(0, self.to_device(done, torch.long))  # list would wait for it)
         return self._sample_first(self.model.compute_logits(hidden[last]), seqs)
+
+    def _prompt_logprobs(self, chunks: list[tuple[Sequence, int, int]], hidden: torch.Tensor) -> None:
+        """Append to each chunk's Sequence.prompt_logprobs (those that ask) the log-probabilities of the prompt
+        tokens after its positions, from the chunk's hidden rows: lm_head over PROMPT_LOGPROBS_ROWS rows at a time
+        (float32 [rows, V]), read back at once (this prefill step waits for the device)."""
+        row = 0
+        for s, start, n in chunks:
+            k = s.params.prompt_logprobs
+            m = min(n, len(s.prompt_ids) - 1 - start)  # positions followed by a prompt token (not the first output)
+            for a in range(0, m if k is not None else 0, PROMPT_LOGPROBS_ROWS):
+                b = min(m, a + PROMPT_LOGPROBS_ROWS)
+                logits = self.model.compute_logits(hidden[row + a:row + b])
+                targets = self.to_device(s.prompt_ids[start + 1 + a:start + 1 + b], torch.long)
+                chosen, top, top_ids = (t.cpu() for t in token_logprobs(logits, targets, max(k, 1)))
+                s.prompt_logprobs.extend((lp, list(zip(i[:k], v[:k]))) for lp, v, i in
+                                         zip(chosen.tolist(), top.tolist(), top_ids.tolist()))
+            row += n
 
     def _sample_first(self, logits: torch.Tensor, seqs: list[Sequence]) -> Launched:
         """Sample the first token of each of `seqs` from its float32 logits row [len(seqs), V]."""

@@ -23,7 +23,7 @@ import torch
 # Values used when neither the caller nor the checkpoint's generation_config.json sets a field.
 DEFAULTS = dict(max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                 presence_penalty=0.0, frequency_penalty=0.0, stop=(), stop_token_ids=(), ignore_eos=False,
-                seed=None, logprobs=None, min_tokens=0, logit_bias=None)
+                seed=None, logprobs=None, min_tokens=0, logit_bias=None, prompt_logprobs=None)
 MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 # a temperature below this is greedy (vLLM's _SAMPLING_EPS): logits divided by a subnormal temperature overflow
 GREEDY_TEMPERATURE = 1e-5
@@ -58,6 +58,10 @@ class SamplingParams:
     # {token id: bias in [-100, 100]} added to the logits before every other transform (OpenAI's logit_bias:
     # -100 in effect bans a token, +100 all but forces it); not in the hash (a dict)
     logit_bias: Mapping[int, float] | None = field(default=None, hash=False)
+    # log-probabilities of each prompt token after the first (and of the `prompt_logprobs` most likely tokens at
+    # its position) under the model, computed during the prefill, as vLLM's prompt_logprobs; such a request reads
+    # nothing from the prefix cache (every prompt position is computed); None: none
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -120,6 +124,8 @@ def _validate(p: SamplingParams) -> None:
         bad("seed", "must be an integer in [0, 2**63)")
     if p.logprobs is not None and not (_is_int(p.logprobs) and 0 <= p.logprobs <= MAX_LOGPROBS):
         bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+    if p.prompt_logprobs is not None and not (_is_int(p.prompt_logprobs) and 0 <= p.prompt_logprobs <= MAX_LOGPROBS):
+        bad("prompt_logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
     if p.min_tokens is not None and not (_is_int(p.min_tokens) and p.min_tokens >= 0):
         bad("min_tokens", "must be an integer >= 0")
     if p.min_tokens is not None and p.max_tokens is not None and p.min_tokens > p.max_tokens:

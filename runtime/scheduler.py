@@ -68,7 +68,10 @@ class Scheduler:
             seq = self.waiting[0]
             need = self.cache.blocks_for(seq.max_len)
             hits, entries = [], []
-            if self.enable_prefix_caching:  # the prompt's last token is always computed: it samples the first token
+            # the prompt's last token is always computed: it samples the first token; a request with prompt
+            # log-probabilities computes every position (vLLM's rule)
+            cached = self.enable_prefix_caching and seq.params.prompt_logprobs is None
+            if cached:
                 usable = (len(seq.prompt_ids) - 1) // self.cache.block_size
                 hits, entries = self.cache.match(seq.prompt_block_tokens(self.cache.block_size)[:usable])
             # cached blocks nobody holds count as free; taking them as hits makes them unavailable to allocate
@@ -79,7 +82,7 @@ class Scheduler:
             seq.blocks = hits + self.cache.allocate(need - len(hits))
             seq.cache_entries = entries
             seq.num_cached_tokens = seq.num_prefilled = len(hits) * self.cache.block_size
-            if self.enable_prefix_caching:
+            if cached:
                 self.queried_tokens += len(seq.prompt_ids)
                 self.hit_tokens += seq.num_cached_tokens
             seq.slot = self.free_slots.pop()

@@ -25,6 +25,9 @@ class Sequence:
         # with params.logprobs: per output token, (its log-probability, [(token id, log-probability)] of the
         # params.logprobs most likely tokens at that step)
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] | None = [] if params.logprobs is not None else None
+        # with params.prompt_logprobs: per prompt token, the same for the token at that position given the ones
+        # before (None for the first), filled as its prefill chunks run
+        self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
         self.finish_reason: str | None = None
         self.max_len = min(len(prompt_ids) + params.max_tokens, max_seq_len)
         self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_token_ids)

@@ -68,6 +68,8 @@ class Parsed:
     continuous_usage: bool = False  # stream_options.continuous_usage_stats (and include_usage): usage in each chunk
     n: int = 1  # completions of the prompt to return (choices 0 .. n-1)
     tool_calls: bool = False  # chat with tools (tool_choice "auto"): replies are parsed for tool calls
+    echo: bool = False  # completions: each choice starts with its prompt (and its logprobs with the prompt's)
+    hide_output: bool = False  # echo with max_tokens 0: one token is generated to run the prefill, none is shown
 
     def choice_params(self) -> list:
         """SamplingParams of each of the n choices. As in vLLM, a seeded request's choice i draws with seed + i
@@ -122,8 +124,6 @@ def _unsupported(body: dict, chat: bool) -> None:
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise RequestError("response_format other than {'type': 'text'} is not supported", param="response_format")
     else:
-        if _typed(body, "echo", "bool"):
-            raise RequestError("echo is not supported", param="echo")
         if body.get("suffix") is not None:
             raise RequestError("suffix is not supported", param="suffix")
 
@@ -223,10 +223,15 @@ def parse_completion(body: dict) -> Parsed:
         raise RequestError("'prompt' must be a string, a list of token ids, or a non-empty list of either",
                            param="prompt")
     max_tokens = _typed(body, "max_tokens", "int")
-    params = _sampling_params(body, max_tokens, _logprobs(body, chat=False))
+    echo = bool(_typed(body, "echo", "bool"))
+    hide_output = echo and max_tokens == 0  # the prompt alone (lm-eval's loglikelihood requests), as vLLM allows
+    logprobs = _logprobs(body, chat=False)
+    params = _sampling_params(body, 1 if hide_output else max_tokens, logprobs)
+    if echo and logprobs is not None:
+        params = dataclasses.replace(params, prompt_logprobs=logprobs)
     stream, include_usage, continuous = _stream_options(body)
     return Parsed(prompts, params, stream, include_usage, None if max_tokens is None else "max_tokens", continuous,
-                  _num_choices(body, chat=False))
+                  _num_choices(body, chat=False), echo=echo, hide_output=hide_output)
 
 
 def _tools(body: dict) -> list[dict] | None:
@@ -315,8 +320,8 @@ class TokenLogprob:
     responses (from RequestOutput / Sequence.logprobs: the model's distribution before sampling transforms)."""
 
     token: str
-    logprob: float
-    top: list[tuple[str, float]]
+    logprob: float | None  # None (and top None): the first prompt token, which has no context (echo)
+    top: list[tuple[str, float]] | None
 
 
 def token_logprobs(tokenizer, token_ids: list[int], logprobs: list) -> list[TokenLogprob]:
@@ -333,6 +338,12 @@ def token_logprobs(tokenizer, token_ids: list[int], logprobs: list) -> list[Toke
             for t, (lp, top) in zip(token_ids, logprobs)]
 
 
+def prompt_token_logprobs(tokenizer, seq) -> list[TokenLogprob]:
+    """The prompt's tokens with Sequence.prompt_logprobs (echo with logprobs): the first one without any."""
+    first = TokenLogprob(tokenizer.decode(seq.prompt_ids[:1], skip_special_tokens=False), None, None)
+    return [first] + token_logprobs(tokenizer, seq.prompt_ids[1:], seq.prompt_logprobs[1:])
+
+
 def completion_logprobs(entries: list[TokenLogprob], text_offset: int = 0) -> dict:
     """/v1/completions choices[].logprobs."""
     offsets, at = [], text_offset
@@ -340,7 +351,7 @@ def completion_logprobs(entries: list[TokenLogprob], text_offset: int = 0) -> di
         offsets.append(at)
         at += len(e.token)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+            "top_logprobs": [None if e.top is None else dict(e.top) for e in entries], "text_offset": offsets}
 
 
 def chat_logprobs(entries: list[TokenLogprob]) -> dict:
@@ -725,7 +736,9 @@ def build_app(llm, served_model_name: str | None = None):
         now = int(time.time())
         if parsed.stream:
             return _EventStream(_events(reqs, rid, now, name, chat, parsed.include_usage, llm.tokenizer,
-                                        parsed.continuous_usage, parsed.tool_calls, parsed.n),
+                                        parsed.continuous_usage, parsed.tool_calls, parsed.n,
+                                        (lambda i: echo_part(parsed, reqs, i)) if parsed.echo else None,
+                                        parsed.hide_output),
                                 lambda: release_all(driver, reqs))
         try:
             if not await wait_or_disconnect(request, reqs):
@@ -736,10 +749,13 @@ def build_app(llm, served_model_name: str | None = None):
         if failed:
             return error(RequestError(failed, status=500))
         choices = []
+        echoes = [echo_part(parsed, reqs, i) for i in range(len(reqs))] if parsed.echo else None
         for index, req in enumerate(reqs):
             seq, logprobs = req.seq, None
             if seq.logprobs is not None:
-                entries = token_logprobs(llm.tokenizer, seq.output_ids, seq.logprobs)
+                entries = [] if parsed.hide_output else token_logprobs(llm.tokenizer, seq.output_ids, seq.logprobs)
+                if echoes is not None:
+                    entries = echoes[index][1] + entries
                 logprobs = chat_logprobs(entries) if chat else completion_logprobs(entries)
             if chat:
                 message, finish = {"role": "assistant", "content": seq.text}, seq.finish_reason
@@ -749,10 +765,22 @@ def build_app(llm, served_model_name: str | None = None):
                     finish = "tool_calls" if calls else finish
                 choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
             else:
-                choices.append({"index": index, "text": seq.text, "logprobs": logprobs,
-                                "finish_reason": seq.finish_reason})
+                text = "" if parsed.hide_output else seq.text
+                choices.append({"index": index, "text": text if echoes is None else echoes[index][0] + text,
+                                "logprobs": logprobs,
+                                "finish_reason": "length" if parsed.hide_output else seq.finish_reason})
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
-                             "model": name, "choices": choices, "usage": group_usage(reqs, parsed.n)})
+                             "model": name, "choices": choices,
+                             "usage": group_usage(reqs, parsed.n, "none" if parsed.hide_output else "all")})
+
+    def echo_part(parsed: Parsed, reqs: list[ServerRequest], index: int) -> tuple[str, list[TokenLogprob]]:
+        """Echo: choice `index`'s prompt text (as sent; token ids decoded) and, with logprobs, the prompt's entries
+        (the first without a log-probability)."""
+        first = reqs[index // parsed.n * parsed.n].seq  # the choice that encoded the prompt: it kept the text
+        text = first.prompt if first.prompt is not None else \
+            llm.tokenizer.decode(first.prompt_ids, skip_special_tokens=False)
+        seq = reqs[index].seq
+        return text, [] if seq.prompt_logprobs is None else prompt_token_logprobs(llm.tokenizer, seq)
 
     class _EventStream(StreamingResponse):
         """Server-sent events; the request is released however the response ends (done, client gone, error)."""
@@ -817,7 +845,8 @@ def build_app(llm, served_model_name: str | None = None):
 
 
 async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str, chat: bool, include_usage: bool,
-                  tokenizer=None, continuous_usage: bool = False, with_tool_calls: bool = False, n: int = 1):
+                  tokenizer=None, continuous_usage: bool = False, with_tool_calls: bool = False, n: int = 1,
+                  echoes=None, hide_output: bool = False):
     """The SSE body of a streamed request whose choices are `reqs`, n per prompt (they share one `changed` event): per
     choice (its index in `choices`), a chunk per batch of new text and a chunk with its finish reason once it ends;
     when all have ended, (include_usage) a chunk with the usage and no choices, then `data: [DONE]`. Every chunk
@@ -826,14 +855,17 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
     tokens generated since its previous chunk (text held back for a possible stop string does not hold back its
     tokens' log-probabilities). A failed choice ends the stream with an error event. with_tool_calls (chat with
     tools): the text from a choice's first <tool_call> on is held back to its end, then sent as one chunk per tool
-    call (delta.tool_calls) and the finish reason "tool_calls" (tool_calls.ToolCallStream); text before it streams."""
+    call (delta.tool_calls) and the finish reason "tool_calls" (tool_calls.ToolCallStream); text before it streams.
+    echoes (completions with echo): a function of a choice's index -> (prompt text, prompt logprob entries), sent as
+    the choice's first chunk once its prefill has run; hide_output (echo with max_tokens 0): nothing generated is sent,
+    the usage counts no completion token and every choice ends with "length"."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     sent = [{"logprobs": 0, "text": 0} for _ in reqs]  # per choice: log-probability entries and characters sent
     tool_streams = [tool_calls.ToolCallStream() for _ in reqs] if with_tool_calls else None
 
     def new_logprobs(index: int):
         seq, done = reqs[index].seq, sent[index]
-        if seq.logprobs is None:
+        if seq.logprobs is None or hide_output:
             return None
         upto = min(len(seq.logprobs), len(seq.output_ids))  # a step may be appending in the driver's thread
         entries = token_logprobs(tokenizer, seq.output_ids[done["logprobs"]:upto], seq.logprobs[done["logprobs"]:upto])
@@ -841,8 +873,8 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
         return chat_logprobs(entries) if chat else completion_logprobs(entries, done["text"])
 
     def chunk(index: int, delta_text: str | None, finish_reason: str | None, role: bool = False,
-              call: dict | None = None) -> dict:
-        logprobs = None if role else new_logprobs(index)
+              call: dict | None = None, logprobs=False) -> dict:
+        logprobs = None if role else new_logprobs(index) if logprobs is False else logprobs
         if chat:
             delta = {} if delta_text is None else {"content": delta_text}
             if role:
@@ -857,13 +889,14 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
         if include_usage:  # the role chunks come before any token (vLLM: 0 there)
             out["usage"] = None
             if continuous_usage:
-                out["usage"] = group_usage(reqs, n, "none" if role else "handed")
+                out["usage"] = group_usage(reqs, n, "none" if role or hide_output else "handed")
         return out
 
     if chat:
         for index in range(len(reqs)):
             yield _sse(chunk(index, "", None, role=True))
     finished = [False] * len(reqs)
+    echoed = [echoes is None] * len(reqs)
     changed = reqs[0].changed
     while not all(finished):
         await changed.wait()
@@ -871,7 +904,14 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
         for index, req in enumerate(reqs):
             if finished[index]:
                 continue
+            # its prompt's log-probabilities are complete once it has a token (or ended without error)
+            if not echoed[index] and (req.seq.output_ids or (req.done.is_set() and not req.error)):
+                echoed[index] = True
+                text, entries = echoes(index)
+                yield _sse(chunk(index, text, None, logprobs=completion_logprobs(entries) if entries else None))
             piece = req.take()
+            if hide_output:
+                piece = ""
             if piece and tool_streams is not None:
                 piece = tool_streams[index].feed(piece)
             if piece:
@@ -882,7 +922,7 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
                     yield "data: [DONE]\n\n"
                     return
                 finished[index] = True
-                finish = req.seq.finish_reason
+                finish = "length" if hide_output else req.seq.finish_reason
                 if tool_streams is not None:
                     rest, calls = tool_streams[index].finish()
                     if rest:
@@ -893,7 +933,7 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
                 yield _sse(chunk(index, None, finish))
     if include_usage:
         yield _sse({"id": rid, "object": kind, "created": created, "model": model, "choices": [],
-                    "usage": group_usage(reqs, n)})
+                    "usage": group_usage(reqs, n, "none" if hide_output else "all")})
     yield "data: [DONE]\n\n"
 
 

@@ -40,6 +40,38 @@ def test_greedy_logprobs_match_the_models_distribution(llm):
     assert abs(out.logprobs[1][0] - ref[0, out.token_ids[1]].item()) > 100 * TOL
 
 
+def test_prompt_logprobs_are_the_models_distribution_over_the_prompt():
+    """prompt_logprobs = 3: None for the first prompt token, then each token's log-probability given those before
+    it and the top 3, equal to log_softmax of the full-sequence logits, with the prompt prefilled in chunks of 16
+    tokens, beside a request without them in the same steps; the first output token is not among them. The
+    tolerance is tight (the previous position's distribution is far). A repeated prompt reads no prefix-cache block
+    (its positions are all computed); one without prompt_logprobs then hits the cache."""
+    llm = LLM("tiny", device="cpu", dtype="float32", max_seq_len=96, max_batch_size=4, max_prefill_tokens=16)
+    prompt = torch.randint(0, 256, (45,), generator=torch.Generator().manual_seed(3)).tolist()
+    other = [7, 8, 9]
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=3)
+    seqs = [llm.new_request(prompt, params), llm.new_request(other, SamplingParams(max_tokens=2))]
+    llm.submit(seqs)
+    while not all(s.finished for s in seqs):
+        llm.step()
+    out, plain = (llm._output(s) for s in seqs)
+    ref = torch.log_softmax(llm.logits(prompt).float(), dim=-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        chosen, top = out.prompt_logprobs[pos]
+        assert abs(chosen - ref[pos - 1, prompt[pos]].item()) < TOL
+        assert [t for t, _ in top] == ref[pos - 1].topk(3).indices.tolist()
+        assert max(abs(lp - ref[pos - 1, t].item()) for t, lp in top) < TOL
+    # an off-by-one position is far outside the tolerance (tiny's distributions are near-uniform: ~80x)
+    assert max(abs(out.prompt_logprobs[p][0] - ref[p - 2, prompt[p]].item()) for p in range(2, len(prompt))) > 10 * TOL
+    assert plain.prompt_logprobs is None and plain.token_ids == llm.generate([other], SamplingParams(
+        max_tokens=2, seed=seqs[1].seed))[0].token_ids
+    again = llm.generate([prompt], params)[0]
+    assert again.num_cached_tokens == 0 and again.prompt_logprobs == out.prompt_logprobs
+    assert llm.generate([prompt], SamplingParams(max_tokens=2))[0].num_cached_tokens == 32
+    assert llm.generate([prompt], SamplingParams(max_tokens=2))[0].prompt_logprobs is None
+
+
 def test_sampled_logprobs_are_before_penalties_and_temperature(llm):
     prompt = [9, 9, 9, 40, 41]
     params = SamplingParams(max_tokens=8, temperature=0.7, top_k=8, repetition_penalty=1.5, presence_penalty=1.0,

@@ -405,3 +405,20 @@ def test_per_row_values_are_16_byte_aligned(max_batch_size):
     assert all(t.data_ptr() % 16 == 0 for t in decode_rows)
     prefill_rows = runner.rows_to_device([row_values(SamplingParams().resolved(), 1, 0, 0)] * max_batch_size)
     assert all(getattr(prefill_rows, f).data_ptr() % 16 == 0 for f in SamplingRows.FIELDS)
+
+
+def test_prompt_logprobs_run_eagerly():
+    """A prefill step with a prompt_logprobs request runs eagerly (a graph keeps the last rows' logits only), so
+    every prompt position gets its log-probability, as without graphs; the next prompt replays a graph again."""
+    kw = dict(device="cpu", max_batch_size=4, max_seq_len=128, cuda_graph_prefill_tokens=BUCKETS)
+    eager, padded = LLM("tiny", **kw), LLM("tiny", **kw)
+    with_stand_in_graphs(padded)
+    runner = padded.engine.decoder
+    prompt = random_prompt(12, 256, 9)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    got, want = padded.generate([prompt], params)[0], eager.generate([prompt], params)[0]
+    assert runner.prefill_replays == 0 and len(got.prompt_logprobs) == len(prompt) and got.token_ids == want.token_ids
+    for a, b in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:], strict=True):
+        assert abs(a[0] - b[0]) < TOL and [t for t, _ in a[1]] == [t for t, _ in b[1]]
+    padded.generate([prompt], SamplingParams(max_tokens=3))
+    assert runner.prefill_replays == 1

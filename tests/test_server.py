@@ -366,6 +366,48 @@ def test_a_batch_of_prompts_with_n_choices_each(live, offline):
     assert live.idle()
 
 
+def test_echo_with_prompt_logprobs_as_lm_eval_asks(live, offline):
+    """echo: each choice's text starts with its prompt; with logprobs, the prompt's tokens come first with their
+    log-probabilities (None for the first) as the offline API's prompt_logprobs, then the generated ones; with
+    max_tokens 0 (lm-eval's loglikelihood requests) the prompt alone, no completion token, finish "length";
+    streamed: the prompt in each choice's first chunk. A token-id prompt echoes its decoded text."""
+    texts = ["The capital of", "x"]
+    ref = [offline.generate(t, SamplingParams(max_tokens=1, prompt_logprobs=2))[0] for t in texts]
+    decode = offline.tokenizer.decode
+    got = live.client.completions.create(model=MODEL, prompt=texts, echo=True, logprobs=2, max_tokens=0,
+                                         temperature=0)
+    for choice, want in zip(got.choices, ref, strict=True):
+        lp = choice.logprobs
+        assert choice.text == decode(want.prompt_token_ids) and choice.finish_reason == "length"
+        assert lp.tokens == [decode([t], skip_special_tokens=False) for t in want.prompt_token_ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx([p[0] for p in want.prompt_logprobs[1:]], abs=1e-5)
+        assert [len(t) for t in lp.top_logprobs[1:]] == [2] * (len(lp.tokens) - 1)
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert got.usage.completion_tokens == 0
+    assert got.usage.prompt_tokens == sum(len(w.prompt_token_ids) for w in ref)
+    # with generated tokens: prompt entries, then the generated ones; text = prompt + completion
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=1)
+    want = offline.generate(texts[0], params)[0]
+    kw = dict(model=MODEL, prompt=texts[0], echo=True, logprobs=1, max_tokens=3, temperature=0,
+              extra_body={"ignore_eos": True})
+    one = live.client.completions.create(**kw).choices[0]
+    assert one.text == texts[0] + want.text and len(one.logprobs.tokens) == len(want.prompt_token_ids) + 3
+    assert one.logprobs.token_logprobs[-3:] == pytest.approx([lp for lp, _ in want.logprobs], abs=1e-5)
+    events = list(live.client.completions.create(stream=True, **kw))
+    assert events[0].choices[0].text == texts[0] and events[0].choices[0].logprobs.token_logprobs[0] is None
+    assert "".join(e.choices[0].text for e in events if e.choices) == texts[0] + want.text
+    streamed = sum((e.choices[0].logprobs.token_logprobs for e in events if e.choices and e.choices[0].logprobs), [])
+    assert streamed[1:] == pytest.approx(one.logprobs.token_logprobs[1:], abs=1e-6)
+    hidden = list(live.client.completions.create(**dict(kw, max_tokens=0), stream=True))
+    assert [e.choices[0].text for e in hidden if e.choices] == [texts[0], ""]
+    assert hidden[-1].choices[0].finish_reason == "length"
+    ids = list(want.prompt_token_ids)
+    assert live.client.completions.create(model=MODEL, prompt=ids, echo=True, max_tokens=2).choices[0].text \
+        .startswith(decode(ids))
+    assert live.idle()
+
+
 def test_n_choices_in_chat_greedy_and_unseeded(live, offline):
     messages = [{"role": "user", "content": "Pick one"}]
     want = [offline.chat(messages, SamplingParams(max_tokens=6, temperature=0.7, seed=3 + i, ignore_eos=True)).text
@@ -492,7 +534,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "n": 1.5}, 400, "'n' must be an int"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "logprobs": True}, 400, "logprobs"),
-    ("/v1/completions", {"model": MODEL, "prompt": "a", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "echo": "yes"}, 400, "'echo' must be a bool"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "echo": False, "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "suffix": "z"}, 400, "suffix"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "best_of": 2}, 400, "only best_of = n (1)"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "n": 2, "best_of": 3}, 400, "best_of = 3"),
