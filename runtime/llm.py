@@ -25,6 +25,7 @@ from qwen2rt.models.rope import RotaryTables
 from .engine import DEFAULT_BUCKETS, DEFAULT_PREFILL_BUCKETS, Engine, Sequence
 from .kv_cache import KVCache, kv_bytes_per_token
 from .sampling import SamplingParams, defaults_from_generation_config
+from .sequence import check_min_tokens
 from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger("qwen2rt")
@@ -314,7 +315,9 @@ class LLM:
 
     def _new_sequence(self, prompt, params: SamplingParams) -> Sequence:
         text, ids = self._encode(prompt)
-        return Sequence(ids, params, self.max_seq_len, self.tokenizer, self.eos_token_ids, text)
+        seq = Sequence(ids, params, self.max_seq_len, self.tokenizer, self.eos_token_ids, text)
+        check_min_tokens(seq)
+        return seq
 
     def _batch(self, prompts, params) -> list[Sequence]:
         """generate / agenerate: validated sequences for every prompt (nothing submitted yet)."""

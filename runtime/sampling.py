@@ -91,12 +91,17 @@ def _is_int(x) -> bool:
 
 
 def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int past float's range (10**400): no number a sampler can use
+        return False
 
 
 def _validate(p: SamplingParams) -> None:
-    def bad(name, why):
-        raise ValueError(f"SamplingParams.{name} = {getattr(p, name)!r}: {why}")
+    def bad(name, why, show=True):  # show: the value (not a whole logit_bias mapping)
+        raise ValueError(f"SamplingParams.{name}{f' = {getattr(p, name)!r}' if show else ''}: {why}")
 
     if p.max_tokens is not None and not (_is_int(p.max_tokens) and p.max_tokens >= 1):
         bad("max_tokens", "must be an integer >= 1")
@@ -126,8 +131,8 @@ def _validate(p: SamplingParams) -> None:
         bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
     if p.prompt_logprobs is not None and not (_is_int(p.prompt_logprobs) and 0 <= p.prompt_logprobs <= MAX_LOGPROBS):
         bad("prompt_logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
-    if p.min_tokens is not None and not (_is_int(p.min_tokens) and p.min_tokens >= 0):
-        bad("min_tokens", "must be an integer >= 0")
+    if p.min_tokens is not None and not (_is_int(p.min_tokens) and 0 <= p.min_tokens < 2 ** 31):
+        bad("min_tokens", "must be an integer in [0, 2**31)")  # an int64 row of the sampler
     if p.min_tokens is not None and p.max_tokens is not None and p.min_tokens > p.max_tokens:
         bad("min_tokens", f"must be at most max_tokens ({p.max_tokens})")
     if p.logit_bias is not None:
@@ -135,9 +140,10 @@ def _validate(p: SamplingParams) -> None:
             bad("logit_bias", "must be a mapping {token id: bias}")
         for token, value in p.logit_bias.items():
             if not (_is_int(token) and token >= 0):
-                bad("logit_bias", f"token id {token!r} must be an integer >= 0")
+                bad("logit_bias", f"token id {str(token)[:40]!r} must be an integer >= 0", show=False)
             if not (_is_num(value) and -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):
-                bad("logit_bias", f"the bias of token {token} must be a number in [-100, 100], got {value!r}")
+                bad("logit_bias", f"the bias of token {token} must be a number in [-100, 100], got "
+                    f"{str(value)[:40]}", show=False)
 
 
 def defaults_from_generation_config(gc: dict) -> dict:

@@ -122,9 +122,10 @@ class Sequence:
 
     def _check_stop_strings(self, before: int) -> None:
         """A stop string that ends after character `before` (earlier ones were found earlier) cuts the text where it
-        starts and finishes the request; the stop strings are tried in their order. Not before min_tokens tokens
-        (as vLLM: the text of the min_tokens-th token may complete one, a string that ended before is passed over)."""
-        if len(self.output_ids) < self.params.min_tokens:
+        starts and finishes the request; the stop strings are tried in their order. Only past min_tokens tokens, as
+        vLLM V1 checks them: the text of token min_tokens + 1 may complete one begun before; one that ended within
+        the first min_tokens tokens' text is passed over."""
+        if len(self.output_ids) <= self.params.min_tokens:
             return
         for s in self.params.stop:
             start = max(0, before - len(s) + 1)
@@ -144,3 +145,13 @@ class Sequence:
 
     def sampling_row(self) -> tuple:
         return row_values(self.params, self.seed, len(self.output_ids), self.slot)
+
+
+def check_min_tokens(seq: Sequence) -> None:
+    """min_tokens within the tokens the sequence may generate (max_tokens, capped by the context), as vLLM checks
+    it against max_tokens: a ValueError naming it, not a request that ends at "length" before it."""
+    room = seq.max_len - len(seq.prompt_ids)
+    if seq.params.min_tokens > room:
+        raise ValueError(f"SamplingParams.min_tokens = {seq.params.min_tokens}: more than the {room} tokens this "
+                         f"request may generate (max_tokens, or what the context leaves after its "
+                         f"{len(seq.prompt_ids)}-token prompt)")

@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 
 from . import tool_calls
+from .sequence import check_min_tokens
 
 log = logging.getLogger("qwen2rt.server")
 
@@ -70,6 +71,7 @@ class Parsed:
     tool_calls: bool = False  # chat with tools (tool_choice "auto"): replies are parsed for tool calls
     echo: bool = False  # completions: each choice starts with its prompt (and its logprobs with the prompt's)
     hide_output: bool = False  # echo with max_tokens 0: one token is generated to run the prefill, none is shown
+    field_names: dict | None = None  # SamplingParams field -> the request's field, where they differ (errors)
 
     def choice_params(self) -> list:
         """SamplingParams of each of the n choices. As in vLLM, a seeded request's choice i draws with seed + i
@@ -178,11 +180,18 @@ def _sampling_params(body: dict, max_tokens, logprobs: int | None = None, fields
             ignore_eos=_typed(body, "ignore_eos", "bool"), seed=_typed(body, "seed", "int"), logprobs=logprobs,
             min_tokens=_typed(body, "min_tokens", "int"), logit_bias=_logit_bias(body))
     except ValueError as e:
-        field = _SAMPLING_FIELD.search(str(e))
-        if field is None:
-            raise RequestError(str(e)) from None
-        name = (fields or {}).get(field.group(1), field.group(1))
-        raise RequestError(str(e).replace(field.group(0), name), param=name) from None
+        raise _field_error(e, fields) from None
+
+
+def _field_error(e: ValueError, fields: dict | None = None, default_param: str | None = None,
+                 where: str = "") -> RequestError:
+    """A SamplingParams ValueError as a 400 naming the request's field (fields: SamplingParams field -> the request
+    field that set it, where the names differ)."""
+    field = _SAMPLING_FIELD.search(str(e))
+    if field is None:
+        return RequestError(where + str(e), param=default_param)
+    name = (fields or {}).get(field.group(1), field.group(1))
+    return RequestError(where + str(e).replace(field.group(0), name), param=name)
 
 
 def _stream_options(body: dict) -> tuple[bool, bool, bool]:
@@ -300,11 +309,12 @@ def parse_chat(body: dict, tokenizer, max_seq_len: int, default_max_tokens: bool
     explicit = max_tokens is not None
     if max_tokens is None and default_max_tokens:
         max_tokens = max_seq_len  # a sequence stops at the end of the context: this is "the rest of the context"
-    params = _sampling_params(body, max_tokens, _logprobs(body, chat=True),
-                              {"max_tokens": field, "logprobs": "top_logprobs"})
+    fields = {"max_tokens": field, "logprobs": "top_logprobs"}
+    params = _sampling_params(body, max_tokens, _logprobs(body, chat=True), fields)
     stream, include_usage, continuous = _stream_options(body)
     return Parsed([prompt], params, stream, include_usage, field if explicit else None, continuous,
-                  _num_choices(body, chat=True), tool_calls=tools is not None and body.get("tool_choice") != "none")
+                  _num_choices(body, chat=True), tool_calls=tools is not None and body.get("tool_choice") != "none",
+                  field_names=fields)
 
 
 # ---- responses ----------------------------------------------------------------------------------------------------
@@ -682,9 +692,7 @@ def build_app(llm, served_model_name: str | None = None):
         try:
             seq = llm.new_request(prompt, params)
         except ValueError as e:  # the prompt, or a sampling field checked against the model (logit_bias's ids)
-            field = _SAMPLING_FIELD.search(str(e))
-            raise RequestError(where + str(e),
-                               param=field.group(1) if field else "messages" if chat else "prompt") from None
+            raise _field_error(e, parsed.field_names, "messages" if chat else "prompt", where) from None
         prompt_len, asked = len(seq.prompt_ids), seq.params.max_tokens
         if parsed.max_tokens_field is not None and prompt_len + asked > llm.max_seq_len:
             # as OpenAI and vLLM answer it; a default max_tokens is capped by the context instead
@@ -695,6 +703,10 @@ def build_app(llm, served_model_name: str | None = None):
                                param=parsed.max_tokens_field, code="context_length_exceeded")
         if parsed.max_tokens_field is None:  # a default: never more than the cache can hold
             seq.max_len = min(seq.max_len, max(reservable, prompt_len + 1))
+            try:
+                check_min_tokens(seq)
+            except ValueError as e:
+                raise _field_error(e, parsed.field_names, where=where) from None
         return seq
 
     async def wait_or_disconnect(request: Request, reqs: list[ServerRequest]) -> bool:
@@ -850,8 +862,8 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
     """The SSE body of a streamed request whose choices are `reqs`, n per prompt (they share one `changed` event): per
     choice (its index in `choices`), a chunk per batch of new text and a chunk with its finish reason once it ends;
     when all have ended, (include_usage) a chunk with the usage and no choices, then `data: [DONE]`. Every chunk
-    before that has "usage": null, or with continuous_usage the usage so far (the tokens the driver has handed over,
-    all choices). With logprobs, each text chunk and the finish one carry the log-probabilities of the choice's
+    before that has "usage": null, or with continuous_usage its choice's usage so far (the tokens the driver has
+    handed over: vLLM's). With logprobs, each text chunk and the finish one carry the log-probabilities of the choice's
     tokens generated since its previous chunk (text held back for a possible stop string does not hold back its
     tokens' log-probabilities). A failed choice ends the stream with an error event. with_tool_calls (chat with
     tools): the text from a choice's first <tool_call> on is held back to its end, then sent as one chunk per tool
@@ -888,8 +900,8 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
         out = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
         if include_usage:  # the role chunks come before any token (vLLM: 0 there)
             out["usage"] = None
-            if continuous_usage:
-                out["usage"] = group_usage(reqs, n, "none" if role or hide_output else "handed")
+            if continuous_usage:  # the chunk's choice's own usage, as vLLM reports it (the last chunk sums them)
+                out["usage"] = group_usage(reqs[index:index + 1], 1, "none" if role or hide_output else "handed")
         return out
 
     if chat:
@@ -904,8 +916,11 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
         for index, req in enumerate(reqs):
             if finished[index]:
                 continue
+            # read before taking: the driver hands over a request's last piece and its end together, maybe while
+            # this generator waits at a yield below (a slow client); taken now, the end is certain to follow it
+            ended = req.done.is_set()
             # its prompt's log-probabilities are complete once it has a token (or ended without error)
-            if not echoed[index] and (req.seq.output_ids or (req.done.is_set() and not req.error)):
+            if not echoed[index] and (req.seq.output_ids or (ended and not req.error)):
                 echoed[index] = True
                 text, entries = echoes(index)
                 yield _sse(chunk(index, text, None, logprobs=completion_logprobs(entries) if entries else None))
@@ -916,7 +931,7 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
                 piece = tool_streams[index].feed(piece)
             if piece:
                 yield _sse(chunk(index, piece, None))
-            if req.done.is_set():
+            if ended:
                 if req.error:
                     yield _sse(RequestError(req.error, status=500).body())
                     yield "data: [DONE]\n\n"

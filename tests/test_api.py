@@ -64,6 +64,16 @@ def test_chat_uses_the_template(llm):
     assert out.prompt_token_ids == expected
 
 
+def test_chat_renders_tools_with_the_checkpoints_template(llm):
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Time?"}]
+    with_tools = llm.chat(messages, dataclasses.replace(GREEDY, max_tokens=1), tools=tools)
+    text = llm.tokenizer.decode(with_tools.prompt_token_ids, skip_special_tokens=False)
+    assert '"name": "get_time"' in text and "<tools>" in text
+    assert "<tools>" not in llm.tokenizer.decode(llm.chat(messages, dataclasses.replace(GREEDY, max_tokens=1))
+                                                 .prompt_token_ids, skip_special_tokens=False)
+
+
 def test_stop_strings(llm):
     base = llm.generate("Tell me a story", GREEDY)[0]
     assert len(base.text) > 12
@@ -113,19 +123,27 @@ def test_min_tokens_holds_back_stop_ids_eos_and_stop_strings(llm):
         assert llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0))[0].token_ids == base.token_ids[:3]
     finally:
         llm.eos_token_ids = saved
-    # a stop string inside the first tokens' text: passed over with min_tokens, found again only if it recurs
-    text = base.text
-    stop = text[:2]
+    # a stop string that the min_tokens-th token completes is passed over (vLLM V1 looks for stop strings only past
+    # min_tokens tokens); one completed later still stops the request; without min_tokens it stops at once
+    text, decode = base.text, llm.tokenizer.decode
+    m = next(m for m in range(3, 12) if text.startswith(decode(base.token_ids[:m])) and len(decode(base.token_ids[:m]))
+             > len(decode(base.token_ids[:m - 1])) >= 2)
+    head = decode(base.token_ids[:m])
+    stop = head[-2:]  # ends inside the m-th token's text
+    first = text.find(stop)
     stopped = llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop]))[0]
-    assert stopped.finish_reason == "stop" and stopped.text == ""
+    assert stopped.finish_reason == "stop" and stopped.text == text[:first] and first + 2 <= len(head)
     late = llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop],
-                                               min_tokens=8))[0]
-    assert late.token_ids[:8] == base.token_ids[:8]
-    rest = text.find(stop, len(llm.tokenizer.decode(base.token_ids[:7])) - len(stop) + 1)
+                                               min_tokens=m))[0]
+    assert late.token_ids[:m] == base.token_ids[:m]
+    rest = text.find(stop, len(head) - len(stop) + 2)  # an occurrence that ends past the first m tokens' text
     if rest < 0:
         assert late.finish_reason == "length" and late.text == text
     else:
         assert late.finish_reason == "stop" and late.text == text[:rest]
+    # min_tokens past what the context leaves the request: an error naming it (128-token context)
+    with pytest.raises(ValueError, match=r"SamplingParams.min_tokens = 30: more than the 18 tokens"):
+        llm.generate([list(range(1000, 1110))], SamplingParams(max_tokens=30, min_tokens=30))
 
 
 def test_logit_bias(llm):

@@ -23,7 +23,7 @@ GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=3
 TOP_K = SamplingParams(max_tokens=2, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1,
                        presence_penalty=0.2, seed=3, ignore_eos=True, logit_bias={7: 4.0, 11: -2.0})
 FULL = SamplingParams(max_tokens=2, temperature=0.9, top_p=0.95, min_p=0.01, frequency_penalty=0.1, seed=4,
-                      ignore_eos=True, min_tokens=2, stop_token_ids=list(range(0, 512, 2)))
+                      ignore_eos=True, min_tokens=1, stop_token_ids=list(range(0, 512, 2)))
 TOL = 1e-4  # logprobs: a padded prefill's GEMM rows differ from the unpadded ones by ~1e-6 (test_prefill_graphs)
 
 
@@ -54,8 +54,9 @@ def run(llm: LLM, lengths=(5, 11, 12, 17, 9)):
     """Each sampler form in a batch of its own: greedy with log-probabilities on 2 prompts, 4 and 2 tokens (a
     decode step at bucket 2, then 2 at bucket 1 once the short one has finished; a prefill step of 2 chunks that
     fills the prefill graph's tokens), top-k on the next 2 with a logit bias (an eager prefill, past the graph;
-    only with 5 prompts), the full sampler on the last prompt alone with min_tokens holding back half the
-    vocabulary (bucket 1, the prefill graph). -> tokens and log-probabilities of every request."""
+    only with 5 prompts), the full sampler on the last prompt alone with min_tokens 1 holding back half the
+    vocabulary at its first token (the prefill graph) and releasing it at the next (bucket 1). -> tokens and
+    log-probabilities of every request."""
     prompts = [random_prompt(n, 256, 20 + n) for n in lengths]
     seqs = [llm._new_sequence(p, llm._params(params))
             for p, params in zip(prompts, (GREEDY, dataclasses.replace(GREEDY, max_tokens=2)))]
@@ -66,7 +67,8 @@ def run(llm: LLM, lengths=(5, 11, 12, 17, 9)):
     if len(prompts) == 5:
         outs += llm.generate(prompts[2:4], TOP_K)
     outs += llm.generate(prompts[-1:], FULL)
-    assert all(t % 2 for t in outs[-1].token_ids), outs[-1].token_ids  # min_tokens holds back the even stop ids
+    first = outs[-1].token_ids[0]  # min_tokens holds back the even stop ids at the first step (the prefill graph)
+    assert first % 2 and (outs[-1].finish_reason == "stop") == (outs[-1].token_ids[-1] % 2 == 0), outs[-1].token_ids
     return [(o.token_ids, o.logprobs) for o in outs]
 
 

@@ -21,7 +21,7 @@ from qwen2rt.sampling import (GREEDY_TEMPERATURE, TOPK_CANDIDATES, SamplerState,
     ("stop", ["ok", ""]), ("stop_token_ids", [-1]), ("stop_token_ids", ["a"]), ("ignore_eos", 1),
     ("seed", -5), ("seed", "x"), ("min_tokens", -1), ("min_tokens", 1.0), ("logit_bias", [(1, 2.0)]),
     ("logit_bias", {"1": 2.0}), ("logit_bias", {-1: 2.0}), ("logit_bias", {1: 101}), ("logit_bias", {1: float("nan")}),
-    ("logit_bias", {True: 1.0}),
+    ("logit_bias", {True: 1.0}), ("logit_bias", {1: 10 ** 400}), ("temperature", 10 ** 400), ("min_tokens", 2 ** 31),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
@@ -29,6 +29,9 @@ def test_bad_values_name_the_field(field, value):
 
 
 def test_min_tokens_past_max_tokens_and_logit_bias_copy():
+    with pytest.raises(ValueError) as error:  # a bad entry is named, not the whole mapping echoed
+        SamplingParams(logit_bias={**{i: 1.0 for i in range(10_000)}, 7: 500})
+    assert len(str(error.value)) < 200 and "token 7" in str(error.value)
     with pytest.raises(ValueError, match=r"SamplingParams.min_tokens = 9: must be at most max_tokens \(8\)"):
         SamplingParams(max_tokens=8, min_tokens=9)
     with pytest.raises(ValueError, match="min_tokens"):  # max_tokens from the defaults

@@ -331,8 +331,11 @@ def test_n_choices_equal_the_offline_api_with_seeds_seed_plus_index(live, offlin
     events = list(live.client.completions.create(stream=True, stream_options=options, **kw))
     texts, finish, usage = choices_streamed(events, n, chat=False)
     assert texts == [w.text for w in want] and finish == [["length"]] * n
-    running = [u.completion_tokens for u in usage]
-    assert running == sorted(running) and running[-1] == 10 * n and {u.prompt_tokens for u in usage} == {prompt_len}
+    assert usage[-1].completion_tokens == 10 * n and {u.prompt_tokens for u in usage} == {prompt_len}
+    per_choice = {}  # as vLLM: each chunk carries its own choice's running usage
+    for ev in events[:-1]:
+        per_choice.setdefault(ev.choices[0].index, []).append(ev.usage.completion_tokens)
+    assert all(r == sorted(r) and r[-1] == 10 for r in per_choice.values()) and len(per_choice) == n
     # a stop string that only some choices contain: those end early with "stop", the others at max_tokens
     stop = next(w.text[3:5] for w in want if w.text[3:5] not in want[0].text)
     expect = [(w.text[:w.text.find(stop)], "stop") if stop in w.text else (w.text, "length") for w in want]
@@ -547,6 +550,9 @@ BAD_REQUESTS = [
      "token id 100000 is outside the vocabulary"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 4, "min_tokens": 5}, 400,
      "min_tokens = 5: must be at most max_tokens (4)"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "min_tokens": 250}, 400,
+     "min_tokens = 250: more than the"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "logit_bias": {"1": 10 ** 400}}, 400, "logit_bias"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "stream_options": {"include_usage": True}}, 400,
      "stream = true"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "stream": True, "stream_options": {"x": 1}}, 400,
@@ -593,6 +599,8 @@ def test_error_params_and_codes_name_what_the_request_sent(live):
              ({"messages": USER, "max_completion_tokens": -1}, "max_completion_tokens", None),
              ({"messages": USER, "logprobs": True, "top_logprobs": 30}, "top_logprobs", None),
              ({"prompt": "a", "logit_bias": {"100000": 1}}, "logit_bias", None),
+             ({"messages": USER, "min_tokens": 250}, "min_tokens", None),
+             ({"messages": USER, "max_completion_tokens": 4, "min_tokens": 5}, "min_tokens", None),
              ({"messages": [{"role": "user", "content": "x" * 300}]}, "messages", None)]
     for body, param, code in cases:
         route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
@@ -760,3 +768,36 @@ def test_import_needs_no_server_packages_and_the_cli_serves():
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert "serving tiny as 'my-tiny'" in out
+
+
+def test_a_streams_last_piece_handed_over_while_it_waits_on_the_client_is_sent():
+    """_events directly: while the generator waits at the yield of choice 0's first piece (a slow client), the
+    driver hands over choice 0's last piece and its end, and choice 1's text and end, in one go (as _deliver does).
+    Every piece is sent: reading the end after taking the text lost "B"."""
+    from qwen2rt.server import ServerRequest, _events
+
+    class Seq:
+        prompt_ids, logprobs, num_cached_tokens = [1, 2], None, 0
+
+        def __init__(self):
+            self.output_ids, self.finish_reason = [], None
+
+    async def main():
+        changed = asyncio.Event()
+        reqs = [ServerRequest(Seq(), "completions", changed) for _ in range(2)]
+        reqs[0].pending.append("A")
+        changed.set()
+        texts = {}
+        async for event in _events(reqs, "id", 0, MODEL, False, False, n=2):
+            if event.startswith("data: {"):
+                choice = json.loads(event[6:])["choices"][0]
+                texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            if texts.get(0) == "A" and not reqs[0].done.is_set():
+                for req, piece, reason in ((reqs[0], "B", "stop"), (reqs[1], "X", "length")):
+                    req.pending.append(piece)
+                    req.seq.finish_reason = reason
+                    req.done.set()
+                changed.set()
+        return texts
+
+    assert asyncio.run(main()) == {0: "AB", 1: "X"}
