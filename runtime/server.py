@@ -259,6 +259,26 @@ def _tools(body: dict) -> list[dict] | None:
     return tools
 
 
+def _calls_for_template(calls, index: int) -> list:
+    """An assistant turn's tool_calls with each function's arguments parsed from OpenAI's JSON string to an object."""
+    if not isinstance(calls, list):
+        raise RequestError(f"messages[{index}].tool_calls must be a list", param="messages")
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise RequestError(f"messages[{index}].tool_calls: each needs a 'function' object", param="messages")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise RequestError(f"messages[{index}].tool_calls: arguments {arguments[:80]!r} are not JSON",
+                                   param="messages") from None
+        out.append(dict(call, function=dict(function, arguments={} if arguments is None else arguments)))
+    return out
+
+
 def _message_text(content, index: int) -> str:
     if isinstance(content, str) or content is None:
         return content
@@ -288,9 +308,12 @@ def parse_chat(body: dict, tokenizer, max_seq_len: int, default_max_tokens: bool
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError(f"messages[{i}] must be an object with a 'role' string", param="messages")
         content = _message_text(m.get("content"), i)
-        if content is None and m["role"] == "assistant":  # a tool-calling turn: templates test or slice the text
-            content = ""
-        rendered.append(dict(m, content=content))
+        m = dict(m, content=content)
+        if m["role"] == "assistant":  # a tool-calling turn: templates test or slice the text, and render the
+            m["content"] = content or ""  # arguments with tojson (Qwen2.5's): an object, not OpenAI's JSON string,
+            if m.get("tool_calls"):  # as vLLM hands them to the template
+                m["tool_calls"] = _calls_for_template(m["tool_calls"], i)
+        rendered.append(m)
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise RequestError("'chat_template_kwargs' must be an object", param="chat_template_kwargs")
@@ -355,13 +378,20 @@ def prompt_token_logprobs(tokenizer, seq) -> list[TokenLogprob]:
 
 
 def completion_logprobs(entries: list[TokenLogprob], text_offset: int = 0) -> dict:
-    """/v1/completions choices[].logprobs."""
+    """/v1/completions choices[].logprobs. Each top_logprobs entry holds the chosen token too (OpenAI: "up to
+    logprobs + 1" entries; vLLM adds it), so logprobs = 0 gives the chosen token alone."""
     offsets, at = [], text_offset
     for e in entries:
         offsets.append(at)
         at += len(e.token)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [None if e.top is None else dict(e.top) for e in entries], "text_offset": offsets}
+            "top_logprobs": [None if e.top is None else {**dict(e.top), e.token: e.logprob} for e in entries],
+            "text_offset": offsets}
+
+
+def joined_logprobs(first: dict, then: dict) -> dict:
+    """Two completion_logprobs of consecutive text (echo: the prompt's, then the completion's) as one."""
+    return {key: first[key] + then[key] for key in first}
 
 
 def chat_logprobs(entries: list[TokenLogprob]) -> dict:
@@ -766,9 +796,14 @@ def build_app(llm, served_model_name: str | None = None):
             seq, logprobs = req.seq, None
             if seq.logprobs is not None:
                 entries = [] if parsed.hide_output else token_logprobs(llm.tokenizer, seq.output_ids, seq.logprobs)
-                if echoes is not None:
-                    entries = echoes[index][1] + entries
-                logprobs = chat_logprobs(entries) if chat else completion_logprobs(entries)
+                if chat:
+                    logprobs = chat_logprobs(entries)
+                elif echoes is None:
+                    logprobs = completion_logprobs(entries)
+                else:  # the completion's offsets follow the prompt text sent, as in the stream
+                    text, prompt_entries = echoes[index]
+                    logprobs = joined_logprobs(completion_logprobs(prompt_entries),
+                                               completion_logprobs(entries, len(text)))
             if chat:
                 message, finish = {"role": "assistant", "content": seq.text}, seq.finish_reason
                 if parsed.tool_calls:  # as vLLM answers: finish_reason "tool_calls" when the reply calls one

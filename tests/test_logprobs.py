@@ -50,11 +50,11 @@ def test_prompt_logprobs_are_the_models_distribution_over_the_prompt():
     prompt = torch.randint(0, 256, (45,), generator=torch.Generator().manual_seed(3)).tolist()
     other = [7, 8, 9]
     params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=3)
-    seqs = [llm.new_request(prompt, params), llm.new_request(other, SamplingParams(max_tokens=2))]
-    llm.submit(seqs)
+    seqs = [llm.new_request(other, SamplingParams(max_tokens=2)), llm.new_request(prompt, params)]
+    llm.submit(seqs)  # the prompt_logprobs request second in its prefill steps: its rows start past the other's
     while not all(s.finished for s in seqs):
         llm.step()
-    out, plain = (llm._output(s) for s in seqs)
+    plain, out = (llm._output(s) for s in seqs)
     ref = torch.log_softmax(llm.logits(prompt).float(), dim=-1)
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
     for pos in range(1, len(prompt)):
@@ -65,9 +65,10 @@ def test_prompt_logprobs_are_the_models_distribution_over_the_prompt():
     # an off-by-one position is far outside the tolerance (tiny's distributions are near-uniform: ~80x)
     assert max(abs(out.prompt_logprobs[p][0] - ref[p - 2, prompt[p]].item()) for p in range(2, len(prompt))) > 10 * TOL
     assert plain.prompt_logprobs is None and plain.token_ids == llm.generate([other], SamplingParams(
-        max_tokens=2, seed=seqs[1].seed))[0].token_ids
+        max_tokens=2, seed=seqs[0].seed))[0].token_ids
     again = llm.generate([prompt], params)[0]
-    assert again.num_cached_tokens == 0 and again.prompt_logprobs == out.prompt_logprobs
+    assert again.num_cached_tokens == 0 and len(again.prompt_logprobs) == len(prompt)  # alone: other GEMM rows
+    assert max(abs(a[0] - b[0]) for a, b in zip(again.prompt_logprobs[1:], out.prompt_logprobs[1:])) < TOL
     assert llm.generate([prompt], SamplingParams(max_tokens=2))[0].num_cached_tokens == 32
     assert llm.generate([prompt], SamplingParams(max_tokens=2))[0].prompt_logprobs is None
 

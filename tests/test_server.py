@@ -216,7 +216,8 @@ TOOL_TEMPLATE = (
     "{%- if tools %}<|im_start|>system\n# Tools\n<tools>{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}"
     "\n</tools><|im_end|>\n{%- endif %}"
     "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}{%- for c in m.tool_calls or [] %}"
-    "<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments }}}\n</tool_call>"
+    "<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}"
+    "\n</tool_call>"
     "{%- endfor %}<|im_end|>\n{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
 
 
@@ -285,8 +286,20 @@ def test_tool_calls_parsed_from_the_reply_streamed_or_not(live_long, scripted_re
     turns = kw["messages"] + [
         {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in choice.message.tool_calls]},
         {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id, "content": "18 degrees"}]
-    reply = live_long.client.chat.completions.create(**dict(kw, messages=turns), tools=TOOLS).choices[0]
-    assert reply.message.content == "It is 18 degrees." and reply.finish_reason == "stop"
+    reply = live_long.client.chat.completions.create(**dict(kw, messages=turns), tools=TOOLS)
+    assert reply.choices[0].message.content == "It is 18 degrees." and reply.choices[0].finish_reason == "stop"
+    # the earlier call's arguments reach the template as an object (OpenAI sends a JSON string; vLLM parses it), so
+    # `| tojson` renders {"city": "Paris"}, not a quoted string
+    as_objects = [dict(t, content=t["content"] or "") for t in turns]
+    as_objects[1]["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+        "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in choice.message.tool_calls]
+    rendered = live_long.llm.tokenizer.apply_chat_template(as_objects, tools=TOOLS)
+    assert '"arguments": {"city": "Paris"}' in rendered
+    assert reply.usage.prompt_tokens == len(live_long.llm.tokenizer.encode(rendered))
+    bad_turn = [dict(turns[1], tool_calls=[{"id": "x", "type": "function",
+                                            "function": {"name": "f", "arguments": "{not json"}}])]
+    r = live_long.post("/v1/chat/completions", {"model": MODEL, "messages": kw["messages"] + bad_turn})
+    assert r.status_code == 400 and "are not JSON" in r.json()["error"]["message"]
     assert live_long.idle()
 
 
@@ -385,7 +398,8 @@ def test_echo_with_prompt_logprobs_as_lm_eval_asks(live, offline):
         assert lp.tokens == [decode([t], skip_special_tokens=False) for t in want.prompt_token_ids]
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
         assert lp.token_logprobs[1:] == pytest.approx([p[0] for p in want.prompt_logprobs[1:]], abs=1e-5)
-        assert [len(t) for t in lp.top_logprobs[1:]] == [2] * (len(lp.tokens) - 1)
+        assert all(2 <= len(t) <= 3 and t[token] == v
+                   for t, token, v in zip(lp.top_logprobs[1:], lp.tokens[1:], lp.token_logprobs[1:]))
         assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
     assert got.usage.completion_tokens == 0
     assert got.usage.prompt_tokens == sum(len(w.prompt_token_ids) for w in ref)
@@ -408,6 +422,16 @@ def test_echo_with_prompt_logprobs_as_lm_eval_asks(live, offline):
     ids = list(want.prompt_token_ids)
     assert live.client.completions.create(model=MODEL, prompt=ids, echo=True, max_tokens=2).choices[0].text \
         .startswith(decode(ids))
+    # a character of several tokens (each decodes alone to U+FFFD): the completion's offsets follow the prompt text
+    # sent, streamed or not; logprobs 0 gives the chosen token alone in each top_logprobs entry
+    kw = dict(model=MODEL, prompt="café", echo=True, logprobs=0, max_tokens=2, temperature=0)
+    lp = live.client.completions.create(**kw).choices[0].logprobs
+    assert lp.text_offset[-2] == len("café") and lp.text_offset != list(range(len(lp.tokens)))
+    events = list(live.client.completions.create(stream=True, **kw))
+    assert sum((e.choices[0].logprobs.text_offset for e in events if e.choices and e.choices[0].logprobs), []) \
+        == lp.text_offset
+    assert lp.top_logprobs[0] is None and all(t == {k: v} for t, k, v in zip(lp.top_logprobs[1:], lp.tokens[1:],
+                                                                          lp.token_logprobs[1:]))
     assert live.idle()
 
 
@@ -442,7 +466,10 @@ def test_logprobs_equal_the_offline_api(live, offline):
     decode = offline.tokenizer.decode
     assert got.tokens == [decode([t], skip_special_tokens=False) for t in ref.token_ids]
     assert got.token_logprobs == pytest.approx([lp for lp, _ in ref.logprobs], abs=1e-5)
-    assert [len(top) for top in got.top_logprobs] == [2] * 5  # distinct byte tokens: no two alternatives merge
+    # the top 2 and the chosen token (OpenAI's "up to logprobs + 1", as vLLM answers): distinct byte tokens
+    assert all(len(top) == 2 + (token not in dict(list(top.items())[:2])) and top[token] == lp
+               for top, token, lp in zip(got.top_logprobs, got.tokens, got.token_logprobs))
+    assert any(len(top) == 3 for top in got.top_logprobs)  # a sampled token outside the top 2 (temperature 0.8)
     chat = live.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                                max_tokens=3, temperature=0, logprobs=True, top_logprobs=3)
     content = chat.choices[0].logprobs.content
