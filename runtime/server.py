@@ -34,7 +34,7 @@ _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p
                   "logprobs", "stream", "stream_options", "user", "min_tokens", "logit_bias"}
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
-                                 "tool_choice", "response_format", "chat_template_kwargs"}
+                                 "tool_choice", "parallel_tool_calls", "response_format", "chat_template_kwargs"}
 _SAMPLING_FIELD = re.compile(r"SamplingParams\.(\w+)")
 MAX_N = 128  # the most choices (`n`) one request may ask for, OpenAI's limit
 
@@ -69,6 +69,7 @@ class Parsed:
     continuous_usage: bool = False  # stream_options.continuous_usage_stats (and include_usage): usage in each chunk
     n: int = 1  # completions of the prompt to return (choices 0 .. n-1)
     tool_calls: bool = False  # chat with tools (tool_choice "auto"): replies are parsed for tool calls
+    parallel_tool_calls: bool = True  # false: a reply's first tool call only (OpenAI's "at most one")
     echo: bool = False  # completions: each choice starts with its prompt (and its logprobs with the prompt's)
     hide_output: bool = False  # echo with max_tokens 0: one token is generated to run the prefill, none is shown
     field_names: dict | None = None  # SamplingParams field -> the request's field, where they differ (errors)
@@ -337,7 +338,7 @@ def parse_chat(body: dict, tokenizer, max_seq_len: int, default_max_tokens: bool
     stream, include_usage, continuous = _stream_options(body)
     return Parsed([prompt], params, stream, include_usage, field if explicit else None, continuous,
                   _num_choices(body, chat=True), tool_calls=tools is not None and body.get("tool_choice") != "none",
-                  field_names=fields)
+                  parallel_tool_calls=_typed(body, "parallel_tool_calls", "bool") is not False, field_names=fields)
 
 
 # ---- responses ----------------------------------------------------------------------------------------------------
@@ -778,7 +779,8 @@ def build_app(llm, served_model_name: str | None = None):
         now = int(time.time())
         if parsed.stream:
             return _EventStream(_events(reqs, rid, now, name, chat, parsed.include_usage, llm.tokenizer,
-                                        parsed.continuous_usage, parsed.tool_calls, parsed.n,
+                                        parsed.continuous_usage, parsed.tool_calls and (
+                                            "all" if parsed.parallel_tool_calls else "first"), parsed.n,
                                         (lambda i: echo_part(parsed, reqs, i)) if parsed.echo else None,
                                         parsed.hide_output),
                                 lambda: release_all(driver, reqs))
@@ -808,6 +810,7 @@ def build_app(llm, served_model_name: str | None = None):
                 message, finish = {"role": "assistant", "content": seq.text}, seq.finish_reason
                 if parsed.tool_calls:  # as vLLM answers: finish_reason "tool_calls" when the reply calls one
                     message["content"], calls = tool_calls.parse(seq.text)
+                    calls = calls if parsed.parallel_tool_calls else calls[:1]
                     message["tool_calls"] = [c.openai() for c in calls]
                     finish = "tool_calls" if calls else finish
                 choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
@@ -892,7 +895,7 @@ def build_app(llm, served_model_name: str | None = None):
 
 
 async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str, chat: bool, include_usage: bool,
-                  tokenizer=None, continuous_usage: bool = False, with_tool_calls: bool = False, n: int = 1,
+                  tokenizer=None, continuous_usage: bool = False, with_tool_calls: bool | str = False, n: int = 1,
                   echoes=None, hide_output: bool = False):
     """The SSE body of a streamed request whose choices are `reqs`, n per prompt (they share one `changed` event): per
     choice (its index in `choices`), a chunk per batch of new text and a chunk with its finish reason once it ends;
@@ -901,8 +904,9 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
     handed over: vLLM's). With logprobs, each text chunk and the finish one carry the log-probabilities of the choice's
     tokens generated since its previous chunk (text held back for a possible stop string does not hold back its
     tokens' log-probabilities). A failed choice ends the stream with an error event. with_tool_calls (chat with
-    tools): the text from a choice's first <tool_call> on is held back to its end, then sent as one chunk per tool
-    call (delta.tool_calls) and the finish reason "tool_calls" (tool_calls.ToolCallStream); text before it streams.
+    tools: "all", or "first" without parallel tool calls): the text from a choice's first <tool_call> on is held
+    back to its end, then sent as one chunk per tool call (delta.tool_calls) and the finish reason "tool_calls"
+    (tool_calls.ToolCallStream); text before it streams.
     echoes (completions with echo): a function of a choice's index -> (prompt text, prompt logprob entries), sent as
     the choice's first chunk once its prefill has run; hide_output (echo with max_tokens 0): nothing generated is sent,
     the usage counts no completion token and every choice ends with "length"."""
@@ -975,6 +979,7 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
                 finish = "length" if hide_output else req.seq.finish_reason
                 if tool_streams is not None:
                     rest, calls = tool_streams[index].finish()
+                    calls = calls[:1] if with_tool_calls == "first" else calls
                     if rest:
                         yield _sse(chunk(index, rest, None))
                     for k, call in enumerate(calls):

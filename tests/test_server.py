@@ -272,6 +272,12 @@ def test_tool_calls_parsed_from_the_reply_streamed_or_not(live_long, scripted_re
         finish += [ev.choices[0].finish_reason] if ev.choices[0].finish_reason else []
     assert content == "Let me check." and finish == ["tool_calls"]
     assert [(d["name"], json.loads(d["arguments"])) for _, d in sorted(deltas.items())] == [c[1:] for c in calls]
+    # parallel_tool_calls false: the first call only, streamed or not
+    one = live_long.client.chat.completions.create(tools=TOOLS, parallel_tool_calls=False, **kw).choices[0]
+    assert [c.function.name for c in one.message.tool_calls] == ["get_weather"] and one.finish_reason == "tool_calls"
+    streamed_calls = [d.function.name for ev in live_long.client.chat.completions.create(
+        tools=TOOLS, parallel_tool_calls=False, stream=True, **kw) for d in ev.choices[0].delta.tool_calls or []]
+    assert streamed_calls == ["get_weather"]
     for extra in ({"tool_choice": "none", "tools": TOOLS}, {}):
         plain = live_long.client.chat.completions.create(**kw, **extra).choices[0]
         assert plain.message.content == TOOL_REPLY and not plain.message.tool_calls and plain.finish_reason == "stop"
