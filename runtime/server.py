@@ -431,7 +431,6 @@ class ServerRequest:
         return getattr(self.seq, "num_cached_tokens", 0) or 0
 
 
-
 def group_usage(reqs: list[ServerRequest], n: int = 1, counted: str = "all") -> dict:
     """The usage of one request's choices, n per prompt: each prompt counted once and the completion tokens of every
     choice (as OpenAI and vLLM count n > 1), the prefix-cache hits of each prompt's first choice. counted: "all" the
