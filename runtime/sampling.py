@@ -23,7 +23,8 @@ import torch
 # Values used when neither the caller nor the checkpoint's generation_config.json sets a field.
 DEFAULTS = dict(max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                 presence_penalty=0.0, frequency_penalty=0.0, stop=(), stop_token_ids=(), ignore_eos=False,
-                seed=None, logprobs=None, min_tokens=0, logit_bias=None, prompt_logprobs=None)
+                seed=None, logprobs=None, min_tokens=0, logit_bias=None, prompt_logprobs=None,
+                skip_special_tokens=True, include_stop_str_in_output=False)
 MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 # a temperature below this is greedy (vLLM's _SAMPLING_EPS): logits divided by a subnormal temperature overflow
 GREEDY_TEMPERATURE = 1e-5
@@ -62,6 +63,11 @@ class SamplingParams:
     # its position) under the model, computed during the prefill, as vLLM's prompt_logprobs; such a request reads
     # nothing from the prefix cache (every prompt position is computed); None: none
     prompt_logprobs: int | None = None
+    # the text: special tokens left out (True) or written out, as vLLM's detokenizer does
+    skip_special_tokens: bool | None = None
+    # the text keeps the stop string that ended it (or the stop token's text), as vLLM's option; it streams with
+    # nothing held back then
+    include_stop_str_in_output: bool | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -123,8 +129,9 @@ def _validate(p: SamplingParams) -> None:
         bad("stop", "must be a non-empty string or a list of non-empty strings")
     if p.stop_token_ids is not None and not all(_is_int(t) and t >= 0 for t in p.stop_token_ids):
         bad("stop_token_ids", "must be a list of token ids >= 0")
-    if p.ignore_eos is not None and not isinstance(p.ignore_eos, bool):
-        bad("ignore_eos", "must be a bool")
+    for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        if getattr(p, name) is not None and not isinstance(getattr(p, name), bool):
+            bad(name, "must be a bool")
     if p.seed is not None and not (_is_int(p.seed) and 0 <= p.seed < 2 ** 63):
         bad("seed", "must be an integer in [0, 2**63)")
     if p.logprobs is not None and not (_is_int(p.logprobs) and 0 <= p.logprobs <= MAX_LOGPROBS):

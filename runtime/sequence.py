@@ -31,13 +31,14 @@ class Sequence:
         self.finish_reason: str | None = None
         self.max_len = min(len(prompt_ids) + params.max_tokens, max_seq_len)
         self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_token_ids)
-        self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
+        self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if tokenizer is not None else None
         # the generated text in a StringIO (appends, the stop-string scan of the newest characters and the stream's
         # slices cost what they touch, not the text's length: a long generation stays O(1) per token on the host)
         self._text = io.StringIO()
         self._text_len = 0
         self.emitted = 0  # characters of self.text handed to a stream
-        self.hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may still be forming
+        # a stop string may still be forming in the last characters (none held when the stop string is kept)
+        self.hold = 0 if params.include_stop_str_in_output else max((len(s) for s in params.stop), default=1) - 1
         self.submitted = False  # queued once (Scheduler.add): a sequence runs once
         self.blocks: list[int] = []
         self.slot: int | None = None  # row in the sampler state while running
@@ -69,10 +70,13 @@ class Sequence:
         if not piece:
             return
         before = self._text_len
-        self._text.seek(before)
+        self._write(piece)
+        self._check_stop_strings(before)
+
+    def _write(self, piece: str) -> None:
+        self._text.seek(self._text_len)
         self._text.write(piece)
         self._text_len += len(piece)
-        self._check_stop_strings(before)
 
     @property
     def finished(self) -> bool:
@@ -110,6 +114,8 @@ class Sequence:
         self.output_ids.append(token)
         if token in self.stop_ids:  # (never before min_tokens: the sampler gives them no probability until then)
             self.finish_reason = "stop"
+            if self.params.include_stop_str_in_output and self.detok is not None:
+                self._write(self.detok.add(token))  # its text (none for a special token that is skipped)
         else:
             if self.detok is not None:
                 self._add_text(self.detok.add(token))
@@ -131,7 +137,7 @@ class Sequence:
             start = max(0, before - len(s) + 1)
             i = self._read_text(start).find(s)
             if i >= 0:
-                self._text_len = start + i
+                self._text_len = start + i + (len(s) if self.params.include_stop_str_in_output else 0)
                 self._text.truncate(self._text_len)
                 self.finish_reason = "stop"
                 return

@@ -31,7 +31,8 @@ log = logging.getLogger("qwen2rt.server")
 # request fields each endpoint reads; anything else is a 400 naming the field
 _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
                   "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids", "seed", "n", "ignore_eos",
-                  "logprobs", "stream", "stream_options", "user", "min_tokens", "logit_bias"}
+                  "logprobs", "stream", "stream_options", "user", "min_tokens", "logit_bias", "skip_special_tokens",
+                  "include_stop_str_in_output"}
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                                  "tool_choice", "parallel_tool_calls", "response_format", "chat_template_kwargs"}
@@ -179,7 +180,9 @@ def _sampling_params(body: dict, max_tokens, logprobs: int | None = None, fields
             frequency_penalty=_typed(body, "frequency_penalty", "number"),
             repetition_penalty=_typed(body, "repetition_penalty", "number"), stop=stop, stop_token_ids=stop_ids,
             ignore_eos=_typed(body, "ignore_eos", "bool"), seed=_typed(body, "seed", "int"), logprobs=logprobs,
-            min_tokens=_typed(body, "min_tokens", "int"), logit_bias=_logit_bias(body))
+            min_tokens=_typed(body, "min_tokens", "int"), logit_bias=_logit_bias(body),
+            skip_special_tokens=_typed(body, "skip_special_tokens", "bool"),
+            include_stop_str_in_output=_typed(body, "include_stop_str_in_output", "bool"))
     except ValueError as e:
         raise _field_error(e, fields) from None
 

@@ -87,6 +87,33 @@ def test_stop_strings(llm):
     assert streamed == out.text
 
 
+def test_include_stop_str_in_output_and_skip_special_tokens(llm, tiny):
+    """include_stop_str_in_output keeps the stop string (streamed alike, nothing held back) and the stop token's
+    text; skip_special_tokens=False writes special tokens out (vLLM's two options)."""
+    base = llm.generate("Tell me a story", GREEDY)[0]
+    stop = base.text[8:11]
+    cut = base.text.find(stop)
+    kept = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop], include_stop_str_in_output=True)
+    out = llm.generate("Tell me a story", kept)[0]
+    assert out.finish_reason == "stop" and out.text == base.text[:cut + len(stop)]
+    assert "".join(llm.stream("Tell me a story", kept)) == out.text
+    im_end = 258  # the byte tokenizer's <|im_end|>, an eos id
+    forced = dict(max_tokens=8, temperature=0, min_tokens=2, logit_bias={im_end: 100.0})
+    out = tiny.generate("abc", SamplingParams(**forced))[0]
+    assert out.token_ids[-1] == im_end and len(out.token_ids) == 3 and "<|im_end|>" not in out.text
+    decode = tiny.tokenizer.decode
+    for skip in (True, False):
+        for include in (True, False):
+            text = tiny.generate("abc", SamplingParams(**forced, include_stop_str_in_output=include,
+                                                       skip_special_tokens=skip))[0].text
+            assert text == decode(out.token_ids if include else out.token_ids[:-1], skip_special_tokens=skip)
+    assert decode([im_end], skip_special_tokens=False) == "<|im_end|>"
+    written = tiny.generate([[65, 257, 66]], SamplingParams(max_tokens=2, logit_bias={257: 100.0},
+                                                            skip_special_tokens=False))[0]
+    assert written.text == "<|im_start|><|im_start|>"
+    assert tiny.generate([[65]], SamplingParams(max_tokens=2, logit_bias={257: 100.0}))[0].text == ""
+
+
 def test_stop_token_ids_and_eos(llm):
     base = llm.generate("abc", GREEDY)[0]
     stop_id = base.token_ids[5]

@@ -309,6 +309,20 @@ def test_tool_calls_parsed_from_the_reply_streamed_or_not(live_long, scripted_re
     assert live_long.idle()
 
 
+def test_include_stop_str_in_output_and_skip_special_tokens_equal_the_offline_api(live, offline):
+    extra = {"ignore_eos": True, "skip_special_tokens": False, "include_stop_str_in_output": True,
+             "logit_bias": {"257": 2.0}}  # <|im_start|> now and then: written out
+    params = SamplingParams(max_tokens=12, temperature=0.9, seed=4, ignore_eos=True, skip_special_tokens=False,
+                            include_stop_str_in_output=True, logit_bias={257: 2.0})
+    want = offline.generate("special", params)[0]
+    assert "<|im_start|>" in want.text
+    got = live.client.completions.create(model=MODEL, prompt="special", max_tokens=12, temperature=0.9, seed=4,
+                                         extra_body=extra)
+    assert got.choices[0].text == want.text
+    r = live.post("/v1/completions", {"model": MODEL, "prompt": "a", "skip_special_tokens": 1})
+    assert r.status_code == 400 and "skip_special_tokens" in r.json()["error"]["message"]
+
+
 def test_seeded_requests_are_reproducible(live):
     def run(seed):
         return live.client.completions.create(model=MODEL, prompt="seed test", max_tokens=16, temperature=1.0,
