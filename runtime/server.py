@@ -36,6 +36,9 @@ _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                                  "tool_choice", "parallel_tool_calls", "response_format", "chat_template_kwargs"}
+_TOKENIZE_FIELDS = {"model", "prompt", "return_token_strs"}
+_TOKENIZE_CHAT_FIELDS = {"model", "messages", "add_generation_prompt", "chat_template_kwargs", "tools",
+                         "return_token_strs"}
 _SAMPLING_FIELD = re.compile(r"SamplingParams\.(\w+)")
 MAX_N = 128  # the most choices (`n`) one request may ask for, OpenAI's limit
 
@@ -296,14 +299,10 @@ def _message_text(content, index: int) -> str:
     raise RequestError(f"messages[{index}].content must be a string or a list of text parts", param="messages")
 
 
-def parse_chat(body: dict, tokenizer, max_seq_len: int, default_max_tokens: bool) -> Parsed:
-    """A /v1/chat/completions body -> Parsed, the prompt rendered with the checkpoint's chat template. With no
-    max_completion_tokens / max_tokens (and none in generation_config.json) the reply may fill the context (the
-    server caps that default to what the KV cache can hold)."""
+def render_chat(body: dict, tokenizer, tools: list[dict] | None, add_generation_prompt: bool = True) -> str:
+    """A request's messages rendered with the checkpoint's chat template (with the tools, if any)."""
     import jinja2
 
-    _check_fields(body, _CHAT_FIELDS)
-    _unsupported(body, chat=True)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list of {'role': ..., 'content': ...}", param="messages")
@@ -324,13 +323,22 @@ def parse_chat(body: dict, tokenizer, max_seq_len: int, default_max_tokens: bool
     if tokenizer is None or not tokenizer.chat_template:
         raise RequestError("this model has no chat template (none in tokenizer_config.json or chat_template.jinja): "
                            "use /v1/completions", param="messages")
-    tools = _tools(body)
     if tools is not None:  # rendered whatever tool_choice says, as vLLM does by default
         kwargs = dict(kwargs, tools=tools)
     try:
-        prompt = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, **kwargs)
+        return tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt, **kwargs)
     except (ValueError, TypeError, jinja2.TemplateError) as e:
         raise RequestError(f"the chat template failed on these messages: {e}", param="messages") from None
+
+
+def parse_chat(body: dict, tokenizer, max_seq_len: int, default_max_tokens: bool) -> Parsed:
+    """A /v1/chat/completions body -> Parsed, the prompt rendered with the checkpoint's chat template. With no
+    max_completion_tokens / max_tokens (and none in generation_config.json) the reply may fill the context (the
+    server caps that default to what the KV cache can hold)."""
+    _check_fields(body, _CHAT_FIELDS)
+    _unsupported(body, chat=True)
+    tools = _tools(body)
+    prompt = render_chat(body, tokenizer, tools)
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _typed(body, field, "int")
     explicit = max_tokens is not None
@@ -693,7 +701,7 @@ def build_app(llm, served_model_name: str | None = None):
         metrics.reject(e.status)
         return JSONResponse(e.body(), status_code=e.status)
 
-    async def read_body(request: Request) -> dict:
+    async def read_body(request: Request, model_required: bool = True) -> dict:
         try:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as e:
@@ -701,6 +709,8 @@ def build_app(llm, served_model_name: str | None = None):
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
         model = body.get("model")
+        if model is None and not model_required:
+            return body
         if model is None:
             raise RequestError("'model' is required", param="model")
         if model != name:
@@ -883,7 +893,50 @@ def build_app(llm, served_model_name: str | None = None):
         log.exception("request failed", exc_info=exc)
         return error(RequestError(f"internal error: {exc!r}", status=500))
 
+    def text_tokenizer():
+        if llm.tokenizer is None:
+            raise RequestError(f"{name} ships no tokenizer.json: there is nothing to tokenize with", status=400)
+        return llm.tokenizer
+
+    async def tokenize(request: Request) -> Response:
+        """vLLM's /tokenize: a prompt, or chat messages rendered with the template (and tools), -> its token ids."""
+        try:
+            body = await read_body(request, model_required=False)
+            chat = "messages" in body
+            _check_fields(body, _TOKENIZE_CHAT_FIELDS if chat else _TOKENIZE_FIELDS)
+            tokenizer = text_tokenizer()
+            if chat:
+                add = _typed(body, "add_generation_prompt", "bool")
+                text = render_chat(body, tokenizer, _tools(body), add is not False)
+            else:
+                text = body.get("prompt")
+                if not isinstance(text, str):
+                    raise RequestError("'prompt' must be a string (or send 'messages')", param="prompt")
+            ids = tokenizer.encode(text)
+            strs = [tokenizer.decode([t], skip_special_tokens=False) for t in ids] \
+                if _typed(body, "return_token_strs", "bool") else None
+        except RequestError as e:
+            return error(e)
+        return JSONResponse({"count": len(ids), "max_model_len": llm.max_seq_len, "tokens": ids, "token_strs": strs})
+
+    async def detokenize(request: Request) -> Response:
+        """vLLM's /detokenize: token ids -> their text (special tokens written out)."""
+        try:
+            body = await read_body(request, model_required=False)
+            _check_fields(body, {"model", "tokens"})
+            tokens = body.get("tokens")
+            vocab = llm.config.vocab_size
+            if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                     for t in tokens)):
+                raise RequestError(f"'tokens' must be a list of token ids in [0, {vocab})", param="tokens")
+            text = text_tokenizer().decode(tokens, skip_special_tokens=False)
+        except RequestError as e:
+            return error(e)
+        return JSONResponse({"prompt": text})
+
     routes = [Route("/v1/completions", completions, methods=["POST"]),
+              Route("/tokenize", tokenize, methods=["POST"]),
+              Route("/detokenize", detokenize, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
               Route("/v1/models/{model:path}", model, methods=["GET"]),

@@ -323,6 +323,30 @@ def test_include_stop_str_in_output_and_skip_special_tokens_equal_the_offline_ap
     assert r.status_code == 400 and "skip_special_tokens" in r.json()["error"]["message"]
 
 
+def test_tokenize_and_detokenize(live, offline):
+    """vLLM's /tokenize (a prompt, or messages rendered as chat renders them) and /detokenize."""
+    tok = offline.tokenizer
+    r = live.post("/tokenize", {"prompt": "héllo<|im_end|>", "return_token_strs": True}).json()
+    assert r["tokens"] == tok.encode("héllo<|im_end|>") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == live.llm.max_seq_len and r["token_strs"][-1] == "<|im_end|>"
+    assert live.post("/tokenize", {"model": MODEL, "prompt": "x"}).json()["token_strs"] is None
+    chat = live.post("/tokenize", {"messages": USER}).json()
+    assert chat["tokens"] == tok.encode(tok.apply_chat_template(USER, add_generation_prompt=True))
+    # the same prompt the chat endpoint generates from
+    usage = live.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1).usage
+    assert usage.prompt_tokens == chat["count"]
+    bare = live.post("/tokenize", {"messages": USER, "add_generation_prompt": False}).json()
+    assert bare["tokens"] == tok.encode(tok.apply_chat_template(USER, add_generation_prompt=False))
+    assert bare["count"] < chat["count"]
+    assert live.post("/detokenize", {"tokens": r["tokens"]}).json() == {"prompt": "héllo<|im_end|>"}
+    for path, body, words in (("/tokenize", {"prompt": 3}, "'prompt' must be a string"),
+                              ("/tokenize", {"prompt": "a", "add_special_tokens": True}, "unknown field"),
+                              ("/detokenize", {"tokens": [1, 100000]}, "'tokens' must be a list"),
+                              ("/detokenize", {"tokens": [1], "model": "other"}, "does not exist")):
+        r = live.post(path, body)
+        assert r.status_code in (400, 404) and words in r.json()["error"]["message"], (path, body)
+
+
 def test_seeded_requests_are_reproducible(live):
     def run(seed):
         return live.client.completions.create(model=MODEL, prompt="seed test", max_tokens=16, temperature=1.0,
