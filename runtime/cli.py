@@ -59,6 +59,22 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-token-id", type=int, action="append", default=None, dest="stop_token_ids")
     p.add_argument("--ignore-eos", action="store_true", default=None)
     p.add_argument("--request-seed", type=int, default=None, help="per-request sampling seed")
+    p.add_argument("--min-tokens", type=int, default=None, help="no stop token or stop string before this many")
+    p.add_argument("--logit-bias", action="append", default=None, type=_bias_entry, metavar="TOKEN_ID=BIAS",
+                   help="add BIAS (-100 to 100) to a token's logit (repeatable)")
+
+
+def _bias_entry(text: str) -> tuple[int, float]:
+    """--logit-bias TOKEN_ID=BIAS -> (id, bias)."""
+    import argparse
+
+    token, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TOKEN_ID=BIAS (e.g. 1234=-100)") from None
 
 
 def _sampling_params(args):
@@ -68,7 +84,8 @@ def _sampling_params(args):
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, stop=args.stop, stop_token_ids=args.stop_token_ids,
-        ignore_eos=args.ignore_eos, seed=args.request_seed)
+        ignore_eos=args.ignore_eos, seed=args.request_seed, min_tokens=args.min_tokens,
+        logit_bias=None if args.logit_bias is None else dict(args.logit_bias))
 
 
 def _load(args):

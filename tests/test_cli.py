@@ -48,6 +48,20 @@ def test_generate_and_chat_with_a_checkpoint_folder(hf_checkpoints, real_tok_dir
 def test_bad_arguments_exit_2_with_a_message():
     r = run("generate", "--temperature", "-1")
     assert r.returncode == 2 and "SamplingParams.temperature" in r.stderr
+    r = run("generate", "--logit-bias", "65")
+    assert r.returncode == 2 and "'65' is not TOKEN_ID=BIAS" in r.stderr
+    r = run("generate", "--logit-bias", "65=300")
+    assert r.returncode == 2 and "SamplingParams.logit_bias" in r.stderr
+
+
+def test_logit_bias_and_min_tokens_flags():
+    """--logit-bias 65=100 makes greedy decoding write "A" (byte 65 of the built-in tokenizer) every time;
+    --min-tokens keeps eos (forced by a bias) away for that many tokens."""
+    r = run("generate", "--prompt", "x", "--max-tokens", "5", "--temperature", "0", "--logit-bias", "65=100")
+    assert r.returncode == 0 and r.stdout.startswith("xAAAAA"), (r.stdout, r.stderr)
+    r = run("generate", "--prompt", "x", "--max-tokens", "8", "--temperature", "0", "--logit-bias", "258=100",
+            "--logit-bias", "66=50", "--min-tokens", "3")
+    assert r.returncode == 0 and r.stdout.startswith("xBBB") and "BBBB" not in r.stdout, (r.stdout, r.stderr)
     r = run("generate", "--model", "no-such-model")
     assert r.returncode == 2 and "neither a checkpoint folder nor a built-in name" in r.stderr
 
