@@ -316,7 +316,7 @@ class LLM:
     def _new_sequence(self, prompt, params: SamplingParams) -> Sequence:
         text, ids = self._encode(prompt)
         seq = Sequence(ids, params, self.max_seq_len, self.tokenizer, self.eos_token_ids, text)
-        check_min_tokens(seq)
+        check_min_tokens(seq, self.config.vocab_size)
         return seq
 
     def _batch(self, prompts, params) -> list[Sequence]:
@@ -427,10 +427,11 @@ class LLM:
             return error, [(w.seqs[0].take_new_text() if w.stream else "", all(s.finished for s in w.seqs))
                            for w in waiters]
 
-    def step(self) -> None:
-        """One engine step over the submitted sequences (a no-op when there are none)."""
+    def step(self) -> list[Sequence]:
+        """One engine step over the submitted sequences (a no-op when there are none). -> the sequences that
+        received a token (only their text and state can have changed)."""
         with self._locked():
-            self.engine.step()
+            return self.engine.step()
 
     def _step_and_take(self, seq: Sequence) -> tuple[str, bool]:
         with self._locked():

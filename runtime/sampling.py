@@ -28,6 +28,7 @@ DEFAULTS = dict(max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, r
 MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 # a temperature below this is greedy (vLLM's _SAMPLING_EPS): logits divided by a subnormal temperature overflow
 GREEDY_TEMPERATURE = 1e-5
+FLOAT32_MAX = 3.4028234663852886e38  # the sampler's rows are float32: a larger value would turn into inf
 MAX_LOGIT_BIAS = 100.0  # logit_bias values lie in [-100, 100], as OpenAI's API takes them
 
 
@@ -111,16 +112,17 @@ def _validate(p: SamplingParams) -> None:
 
     if p.max_tokens is not None and not (_is_int(p.max_tokens) and p.max_tokens >= 1):
         bad("max_tokens", "must be an integer >= 1")
-    if p.temperature is not None and not (_is_num(p.temperature) and p.temperature >= 0):
-        bad("temperature", "must be a number >= 0 (0 is greedy)")
+    if p.temperature is not None and not (_is_num(p.temperature) and 0 <= p.temperature <= FLOAT32_MAX):
+        bad("temperature", "must be a number >= 0 (0 is greedy) within float32's range")
     if p.top_k is not None and not (_is_int(p.top_k) and -1 <= p.top_k < 2 ** 31):
         bad("top_k", "must be an integer in [1, 2**31), or 0 / -1 to disable")  # an int64 row of the sampler
     if p.top_p is not None and not (_is_num(p.top_p) and 0 < p.top_p <= 1):
         bad("top_p", "must be in (0, 1]")
     if p.min_p is not None and not (_is_num(p.min_p) and 0 <= p.min_p <= 1):
         bad("min_p", "must be in [0, 1]")
-    if p.repetition_penalty is not None and not (_is_num(p.repetition_penalty) and p.repetition_penalty > 0):
-        bad("repetition_penalty", "must be a number > 0 (1 disables it)")
+    if p.repetition_penalty is not None and not (_is_num(p.repetition_penalty)
+                                                 and 0 < p.repetition_penalty <= FLOAT32_MAX):
+        bad("repetition_penalty", "must be a number > 0 (1 disables it) within float32's range")
     for name in ("presence_penalty", "frequency_penalty"):
         v = getattr(p, name)
         if v is not None and not (_is_num(v) and -2 <= v <= 2):

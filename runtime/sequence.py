@@ -153,11 +153,15 @@ class Sequence:
         return row_values(self.params, self.seed, len(self.output_ids), self.slot)
 
 
-def check_min_tokens(seq: Sequence) -> None:
+def check_min_tokens(seq: Sequence, vocab_size: int) -> None:
     """min_tokens within the tokens the sequence may generate (max_tokens, capped by the context), as vLLM checks
-    it against max_tokens: a ValueError naming it, not a request that ends at "length" before it."""
+    it against max_tokens, and with some token it may generate before then: a ValueError naming it, not a request
+    that ends early anyway."""
     room = seq.max_len - len(seq.prompt_ids)
     if seq.params.min_tokens > room:
         raise ValueError(f"SamplingParams.min_tokens = {seq.params.min_tokens}: more than the {room} tokens this "
                          f"request may generate (max_tokens, or what the context leaves after its "
                          f"{len(seq.prompt_ids)}-token prompt)")
+    if seq.params.min_tokens and sum(t < vocab_size for t in seq.stop_ids) >= vocab_size:
+        raise ValueError(f"SamplingParams.min_tokens = {seq.params.min_tokens}: every token of the vocabulary is a "
+                         "stop token (stop_token_ids and eos), so none may come before min_tokens")

@@ -41,6 +41,7 @@ _TOKENIZE_CHAT_FIELDS = {"model", "messages", "add_generation_prompt", "chat_tem
                          "return_token_strs"}
 _SAMPLING_FIELD = re.compile(r"SamplingParams\.(\w+)")
 MAX_N = 128  # the most choices (`n`) one request may ask for, OpenAI's limit
+MAX_CHOICES = 4096  # the most sequences one request may start (prompts x n): no request monopolises the engine
 
 # Prometheus histogram buckets, seconds
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
@@ -158,8 +159,8 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
         raise RequestError("'logit_bias' must be an object mapping token ids to biases", param="logit_bias")
     out = {}
     for key, value in bias.items():
-        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
-            raise RequestError(f"logit_bias: {key!r} is not a token id", param="logit_bias")
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 12):
+            raise RequestError(f"logit_bias: {key[:40]!r} is not a token id", param="logit_bias")
         out[int(key)] = value
     return out
 
@@ -241,13 +242,20 @@ def parse_completion(body: dict) -> Parsed:
     max_tokens = _typed(body, "max_tokens", "int")
     echo = bool(_typed(body, "echo", "bool"))
     hide_output = echo and max_tokens == 0  # the prompt alone (lm-eval's loglikelihood requests), as vLLM allows
+    if hide_output and body.get("min_tokens"):
+        raise RequestError("min_tokens needs generated tokens, and max_tokens is 0 (echo the prompt alone)",
+                           param="min_tokens")
     logprobs = _logprobs(body, chat=False)
     params = _sampling_params(body, 1 if hide_output else max_tokens, logprobs)
     if echo and logprobs is not None:
         params = dataclasses.replace(params, prompt_logprobs=logprobs)
     stream, include_usage, continuous = _stream_options(body)
+    n = _num_choices(body, chat=False)
+    if len(prompts) * n > MAX_CHOICES:
+        raise RequestError(f"{len(prompts)} prompts x n = {n} is {len(prompts) * n} choices, more than "
+                           f"{MAX_CHOICES} per request: split the batch", param="prompt")
     return Parsed(prompts, params, stream, include_usage, None if max_tokens is None else "max_tokens", continuous,
-                  _num_choices(body, chat=False), echo=echo, hide_output=hide_output)
+                  n, echo=echo, hide_output=hide_output)
 
 
 def _tools(body: dict) -> list[dict] | None:
@@ -279,7 +287,7 @@ def _calls_for_template(calls, index: int) -> list:
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise RequestError(f"messages[{index}].tool_calls: arguments {arguments[:80]!r} are not JSON",
                                    param="messages") from None
         out.append(dict(call, function=dict(function, arguments={} if arguments is None else arguments)))
@@ -311,6 +319,8 @@ def render_chat(body: dict, tokenizer, tools: list[dict] | None, add_generation_
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError(f"messages[{i}] must be an object with a 'role' string", param="messages")
         content = _message_text(m.get("content"), i)
+        if content is None and m["role"] != "assistant":
+            raise RequestError(f"messages[{i}].content is required for the role {m['role']!r}", param="messages")
         m = dict(m, content=content)
         if m["role"] == "assistant":  # a tool-calling turn: templates test or slice the text, and render the
             m["content"] = content or ""  # arguments with tojson (Qwen2.5's): an object, not OpenAI's JSON string,
@@ -320,6 +330,10 @@ def render_chat(body: dict, tokenizer, tools: list[dict] | None, add_generation_
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise RequestError("'chat_template_kwargs' must be an object", param="chat_template_kwargs")
+    reserved = {"messages", "add_generation_prompt"} | ({"tools"} if tools is not None else set())
+    if reserved & set(kwargs):
+        raise RequestError(f"chat_template_kwargs may not set {sorted(reserved & set(kwargs))[0]!r} (the request "
+                           "sets it)", param="chat_template_kwargs")
     if tokenizer is None or not tokenizer.chat_template:
         raise RequestError("this model has no chat template (none in tokenizer_config.json or chat_template.jinja): "
                            "use /v1/completions", param="messages")
@@ -458,7 +472,7 @@ class EngineDriver:
     def __init__(self, llm, metrics: "Metrics"):
         self.llm = llm
         self.metrics = metrics
-        self.active: set[ServerRequest] = set()
+        self.active: dict[int, ServerRequest] = {}  # by Sequence.id: the requests the engine is working on
         self._to_add: list[tuple[list[ServerRequest], asyncio.Future]] = []
         self._to_abort: list[ServerRequest] = []
         self._stepping = False
@@ -479,7 +493,7 @@ class EngineDriver:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for req in list(self.active):
+        for req in list(self.active.values()):
             self.release(req)
         self._apply_pending()
 
@@ -500,8 +514,7 @@ class EngineDriver:
         if req.released:
             return
         req.released = True
-        if req in self.active:
-            self.active.discard(req)
+        if self.active.pop(req.seq.id, None) is not None:
             self.metrics.finished(req, "abort")
             self._to_abort.append(req)
             if not self._stepping:
@@ -522,7 +535,7 @@ class EngineDriver:
             except ValueError as e:
                 future.set_exception(RequestError(str(e)))
                 continue
-            self.active.update(reqs)
+            self.active.update((r.seq.id, r) for r in reqs)
             future.set_result(None)
 
     async def _run(self) -> None:
@@ -534,18 +547,23 @@ class EngineDriver:
                     await self._wake.wait()
                 continue
             self._stepping = True
+            received = None
             try:
-                await asyncio.to_thread(self.llm.step)
+                received = await asyncio.to_thread(self.llm.step)
             except Exception as e:  # fail the requests in flight, keep serving
                 log.exception("engine step failed")
                 self._fail_all(f"engine step failed: {e!r}")
             finally:
                 self._stepping = False
-            self._deliver()
+            self._deliver(received)
 
-    def _deliver(self) -> None:
+    def _deliver(self, received=None) -> None:
+        """Hand each request its new text and its end. received: the sequences the step gave a token (only their
+        text can have changed; the step's cost stays independent of the requests waiting for a slot); None: all."""
         now = time.perf_counter()
-        for req in list(self.active):
+        reqs = list(self.active.values()) if received is None else \
+            [r for r in (self.active.get(s.id) for s in received) if r is not None]
+        for req in reqs:
             seq = req.seq
             new = len(seq.output_ids) - req.num_seen
             if new > 0:
@@ -555,7 +573,7 @@ class EngineDriver:
             if piece:
                 req.pending.append(piece)
             if seq.finished:
-                self.active.discard(req)
+                del self.active[seq.id]
                 if seq.finish_reason == "abort":
                     req.error = "the request was aborted by a failed engine step"
                 self.metrics.finished(req, "error" if req.error else seq.finish_reason)
@@ -564,7 +582,7 @@ class EngineDriver:
                 req.changed.set()
 
     def _fail_all(self, message: str) -> None:
-        failed = list(self.active)
+        failed = list(self.active.values())
         self.active.clear()
         self.llm.abort([r.seq for r in failed])
         for req in failed:
@@ -697,14 +715,14 @@ def build_app(llm, served_model_name: str | None = None):
         finally:
             await driver.stop()
 
-    def error(e: RequestError) -> JSONResponse:
-        metrics.reject(e.status)
-        return JSONResponse(e.body(), status_code=e.status)
+    def error(e: RequestError) -> Response:
+        metrics.reject(e.status)  # ASCII JSON: a field name the client sent may hold a lone surrogate (not UTF-8)
+        return Response(json.dumps(e.body(), ensure_ascii=True), status_code=e.status, media_type="application/json")
 
     async def read_body(request: Request, model_required: bool = True) -> dict:
         try:
             body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested past Python's limit
             raise RequestError(f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
@@ -747,7 +765,7 @@ def build_app(llm, served_model_name: str | None = None):
         if parsed.max_tokens_field is None:  # a default: never more than the cache can hold
             seq.max_len = min(seq.max_len, max(reservable, prompt_len + 1))
             try:
-                check_min_tokens(seq)
+                check_min_tokens(seq, llm.config.vocab_size)
             except ValueError as e:
                 raise _field_error(e, parsed.field_names, where=where) from None
         return seq
@@ -912,7 +930,11 @@ def build_app(llm, served_model_name: str | None = None):
                 text = body.get("prompt")
                 if not isinstance(text, str):
                     raise RequestError("'prompt' must be a string (or send 'messages')", param="prompt")
-            ids = tokenizer.encode(text)
+            try:
+                ids = tokenizer.encode(text)
+            except ValueError as e:  # e.g. a lone surrogate, which UTF-8 cannot encode
+                raise RequestError(f"the text cannot be tokenized: {e}", param="messages" if chat else "prompt") \
+                    from None
             strs = [tokenizer.decode([t], skip_special_tokens=False) for t in ids] \
                 if _typed(body, "return_token_strs", "bool") else None
         except RequestError as e:

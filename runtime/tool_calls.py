@@ -46,7 +46,7 @@ def parse(text: str) -> tuple[str | None, list[ToolCall]]:
     for closed, unclosed in _BLOCKS.findall(text[start:]):
         try:
             call = json.loads(closed or unclosed)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past Python's limit
             return text, []
         if not (isinstance(call, dict) and isinstance(call.get("name"), str) and "arguments" in call):
             return text, []

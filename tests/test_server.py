@@ -656,6 +656,37 @@ BAD_REQUESTS = [
 ]
 
 
+def test_pathological_bodies_get_400s_not_500s(live):
+    """Found by fuzzing: each was a 500 (or an unclear 400) before; the server keeps serving after them."""
+    deep = "[" * 1001
+    raw = [("/v1/completions", deep, "not valid JSON"),
+           ("/v1/completions", '{"model": "tiny", "prompt": "hi", "\\ud800": 1}', "unknown field"),
+           ("/tokenize", '{"prompt": "\\ud800"}', "cannot be tokenized"),
+           ("/v1/completions", '{"model": "tiny", "prompt": "\\ud800"}', "surrogate")]
+    for path, body, words in raw:
+        r = live.post(path, body)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], (path, body[:40], r.text[:200])
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": deep}}]}
+    cases = [
+        ("/v1/chat/completions", {"messages": [call, {"role": "user", "content": "x"}]}, "are not JSON"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"1" * 5000: 1}}, "is not a token id"),
+        ("/v1/completions", {"prompt": "hi", "echo": True, "max_tokens": 0, "min_tokens": 2}, "max_tokens is 0"),
+        ("/v1/chat/completions", {"messages": USER, "chat_template_kwargs": {"add_generation_prompt": False}},
+         "may not set 'add_generation_prompt'"),
+        ("/v1/completions", {"prompt": "hi", "temperature": 1e300}, "float32"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 5, "min_tokens": 5, "stop_token_ids": list(range(512))},
+         "every token of the vocabulary is a stop token"),
+        ("/v1/chat/completions", {"messages": [{"role": "tool", "tool_call_id": "c"}]},
+         "messages[0].content is required for the role 'tool'"),
+        ("/v1/completions", {"prompt": ["a"] * 33, "n": 128}, "more than 4096 per request")]
+    for path, body, words in cases:
+        r = live.post(path, dict(body, model=MODEL))
+        assert r.status_code == 400 and words in r.json()["error"]["message"], (path, r.text[:300])
+    assert httpx.get(live.url + "/health").status_code == 200 and live.idle()
+    assert live.client.completions.create(model=MODEL, prompt="alive", max_tokens=3).usage.completion_tokens == 3
+
+
 @pytest.mark.parametrize("route,body,status,words", BAD_REQUESTS, ids=[f"{i}" for i in range(len(BAD_REQUESTS))])
 def test_bad_requests_get_openai_errors(live, route, body, status, words):
     r = live.post(route, body)

@@ -33,7 +33,8 @@ def test_parse_content_and_calls():
     "plain text, no call", "a <tool_call> that is no JSON </tool_call>",
     '<tool_call>\n{"name": "f"}\n</tool_call>',  # no arguments
     '<tool_call>\n{"arguments": {}}\n</tool_call>',  # no name
-    '<tool_call>\n["f", {}]\n</tool_call>', CALLS + '<tool_call>{"name": broken}</tool_call>'])
+    '<tool_call>\n["f", {}]\n</tool_call>', CALLS + '<tool_call>{"name": broken}</tool_call>',
+    "<tool_call>" + "[" * 1200])  # nested past Python's recursion limit
 def test_a_reply_with_no_valid_calls_is_all_content(text):
     assert parse(text) == (text, [])
 
