@@ -793,14 +793,19 @@ def build_app(llm, served_model_name: str | None = None):
         for req in reqs:
             driver.release(req)
 
+    def prepare(body: dict, chat: bool) -> tuple[Parsed, list]:
+        """Parse, render (chat) and tokenize a request: in a worker thread, as the text may be long (tokenizing
+        100k tokens takes ~130 ms on the 2-core machine, which would stall every other stream on the loop)."""
+        if chat:
+            parsed = parse_chat(body, llm.tokenizer, llm.max_seq_len, "max_tokens" not in llm.generation_defaults)
+        else:
+            parsed = parse_completion(body)
+        return parsed, new_sequences(parsed, chat)
+
     async def generate(request: Request, chat: bool) -> Response:
         try:
             body = await read_body(request)
-            if chat:
-                parsed = parse_chat(body, llm.tokenizer, llm.max_seq_len, "max_tokens" not in llm.generation_defaults)
-            else:
-                parsed = parse_completion(body)
-            seqs = new_sequences(parsed, chat)
+            parsed, seqs = await asyncio.to_thread(prepare, body, chat)
             reqs = await state["driver"].submit(seqs, "chat" if chat else "completions")
         except RequestError as e:
             return error(e)
@@ -920,26 +925,30 @@ def build_app(llm, served_model_name: str | None = None):
         """vLLM's /tokenize: a prompt, or chat messages rendered with the template (and tools), -> its token ids."""
         try:
             body = await read_body(request, model_required=False)
-            chat = "messages" in body
-            _check_fields(body, _TOKENIZE_CHAT_FIELDS if chat else _TOKENIZE_FIELDS)
-            tokenizer = text_tokenizer()
-            if chat:
-                add = _typed(body, "add_generation_prompt", "bool")
-                text = render_chat(body, tokenizer, _tools(body), add is not False)
-            else:
-                text = body.get("prompt")
-                if not isinstance(text, str):
-                    raise RequestError("'prompt' must be a string (or send 'messages')", param="prompt")
-            try:
-                ids = tokenizer.encode(text)
-            except ValueError as e:  # e.g. a lone surrogate, which UTF-8 cannot encode
-                raise RequestError(f"the text cannot be tokenized: {e}", param="messages" if chat else "prompt") \
-                    from None
-            strs = [tokenizer.decode([t], skip_special_tokens=False) for t in ids] \
-                if _typed(body, "return_token_strs", "bool") else None
+            return JSONResponse(await asyncio.to_thread(tokenized, body))  # in a worker: see prepare
         except RequestError as e:
             return error(e)
-        return JSONResponse({"count": len(ids), "max_model_len": llm.max_seq_len, "tokens": ids, "token_strs": strs})
+
+    def tokenized(body: dict) -> dict:
+        """/tokenize's answer (see tokenize)."""
+        chat = "messages" in body
+        _check_fields(body, _TOKENIZE_CHAT_FIELDS if chat else _TOKENIZE_FIELDS)
+        tokenizer = text_tokenizer()
+        if chat:
+            add = _typed(body, "add_generation_prompt", "bool")
+            text = render_chat(body, tokenizer, _tools(body), add is not False)
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str):
+                raise RequestError("'prompt' must be a string (or send 'messages')", param="prompt")
+        try:
+            ids = tokenizer.encode(text)
+        except ValueError as e:  # e.g. a lone surrogate, which UTF-8 cannot encode
+            raise RequestError(f"the text cannot be tokenized: {e}", param="messages" if chat else "prompt") \
+                from None
+        strs = [tokenizer.decode([t], skip_special_tokens=False) for t in ids] \
+            if _typed(body, "return_token_strs", "bool") else None
+        return {"count": len(ids), "max_model_len": llm.max_seq_len, "tokens": ids, "token_strs": strs}
 
     async def detokenize(request: Request) -> Response:
         """vLLM's /detokenize: token ids -> their text (special tokens written out)."""

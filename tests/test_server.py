@@ -323,6 +323,28 @@ def test_include_stop_str_in_output_and_skip_special_tokens_equal_the_offline_ap
     assert r.status_code == 400 and "skip_special_tokens" in r.json()["error"]["message"]
 
 
+def test_requests_are_tokenized_off_the_event_loop(live, monkeypatch):
+    """Parsing, rendering and tokenizing a prompt (~130 ms for 100k tokens on 2 cores) run in a worker thread, not on
+    the loop that streams every other request's chunks."""
+    threads = []
+    new_request, encode = live.llm.new_request, live.llm.tokenizer.encode
+
+    def recording_request(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return new_request(*args, **kwargs)
+
+    def recording_encode(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(live.llm, "new_request", recording_request)
+    monkeypatch.setattr(live.llm.tokenizer, "encode", recording_encode)
+    live.client.completions.create(model=MODEL, prompt="off the loop", max_tokens=1)
+    live.post("/tokenize", {"prompt": "off the loop"})
+    loop_thread = next(t.name for t in threading.enumerate() if t.name.endswith("(run)"))
+    assert threads and loop_thread not in threads and all(name.startswith("asyncio") for name in threads), threads
+
+
 def test_tokenize_and_detokenize(live, offline):
     """vLLM's /tokenize (a prompt, or messages rendered as chat renders them) and /detokenize."""
     tok = offline.tokenizer
