@@ -79,7 +79,9 @@ def host_us_per_step(batch: int, context: int, steps: int, tokenizer: bool, grap
     warmup = 20
     max_seq_len = context + warmup + steps + 8
     model = StubModel(batch * context, batch, device)
-    cache = KVCache(model.config, batch * -(-max_seq_len // block_size), block_size, device, torch.float32)
+    blocks = batch * -(-max_seq_len // block_size)
+    # and the watermark the scheduler keeps free at admission: every sequence runs from the start, none is preempted
+    cache = KVCache(model.config, blocks + blocks // 50 + 1, block_size, device, torch.float32)
     engine = Engine(model, cache, batch, max_seq_len, seed=0, max_prefill_tokens=batch * context)
     params = SamplingParams(max_tokens=warmup + steps + 4, temperature=0, ignore_eos=True).resolved()
     tok = ByteTokenizer(VOCAB) if tokenizer else None
@@ -111,7 +113,7 @@ def host_us_per_step(batch: int, context: int, steps: int, tokenizer: bool, grap
                 times.append(time.perf_counter() - t0)
         finally:
             gc.enable()
-    assert all(not s.finished and len(s.output_ids) > warmup for s in seqs)
+    assert all(not s.finished and len(s.output_ids) > warmup for s in seqs) and not engine.num_preemptions
     return {"us_per_step": 1e6 * statistics.median(times), "us_mean": 1e6 * statistics.fmean(times),
             "us_p90": 1e6 * statistics.quantiles(times, n=10)[-1]}
 

@@ -72,6 +72,11 @@ class Engine:
     def enable_prefix_caching(self) -> bool:
         return self.scheduler.enable_prefix_caching
 
+    @property
+    def num_preemptions(self) -> int:
+        """Sequences preempted so far (their blocks taken back when the cache ran out; see scheduler.py)."""
+        return self.scheduler.num_preemptions
+
     def prefix_cache_stats(self) -> dict[str, int]:
         """Counters for metrics: queried_tokens (prompt tokens of admitted requests, looked up in the prefix cache),
         hit_tokens (of those, found there: not prefilled), cached_blocks (blocks holding a cache entry, in use or
@@ -122,7 +127,7 @@ class Engine:
         for seq in self.scheduler.admit():
             # enqueued after every step already launched, which may still use the slot's or the blocks' old owner
             self.sampler.reset(seq.slot, seq.prompt_ids, seq.params.logit_bias,
-                               seq.stop_ids if seq.params.min_tokens else None)
+                               seq.stop_ids if seq.params.min_tokens else None, seq.output_ids)
             self.runner.set_blocks(seq.slot, seq.blocks)
 
     def _launch(self) -> Launched | None:
@@ -131,6 +136,9 @@ class Engine:
             return None
         kind, work = plan
         try:
+            grown = [(s, i) for s, i in self.scheduler.grown if s.slot is not None]  # (not preempted after)
+            if grown:
+                self.runner.add_blocks(grown)
             launched = self.runner.launch_prefill(work) if kind == "prefill" else self.runner.launch_decode(work)
         except BaseException:
             # a launch that fails part-way may already have sampled (the slots' penalty counts and next input ids
@@ -145,12 +153,15 @@ class Engine:
         return launched
 
     def _receive(self, launched: Launched) -> list[Sequence]:
-        """Wait for a launched step's ids and append them; a sequence that finished (or was aborted) since the
-        launch drops its token."""
+        """Wait for a launched step's ids and append them; a sequence that finished (or was aborted or preempted)
+        since the launch drops its token."""
         token_ids = launched.token_ids()  # waits for the step (its event, on CUDA)
         received, now = [], time.perf_counter()  # so a token's time is its arrival, not the start of the wait
         for seq, token, logprobs in zip(launched.seqs, token_ids, launched.logprobs()):
             if seq.finish_reason is not None:
+                continue
+            if seq.stale:  # launched before the sequence was preempted: it computes this token again
+                seq.stale -= 1
                 continue
             if logprobs is not None:
                 seq.logprobs.append(logprobs)

@@ -320,9 +320,16 @@ class LLM:
         return seq
 
     def _batch(self, prompts, params) -> list[Sequence]:
-        """generate / agenerate: validated sequences for every prompt (nothing submitted yet)."""
+        """generate / agenerate: validated sequences for every prompt (nothing submitted yet). params: one
+        SamplingParams for all, or a list of one per prompt (as vLLM takes them)."""
+        prompts = self._normalise_prompts(prompts)
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise ValueError(f"params: a list of {len(params)} SamplingParams for {len(prompts)} prompts (give "
+                                 "one per prompt, or one for all)")
+            return [self._new_sequence(p, self._params(q)) for p, q in zip(prompts, params)]
         params = self._params(params)
-        return [self._new_sequence(p, params) for p in self._normalise_prompts(prompts)]
+        return [self._new_sequence(p, params) for p in prompts]
 
     # ---- request-level API (servers, custom schedulers) -------------------------------------------------------
     # new_request validates a prompt into a Sequence; submit queues sequences; step runs one engine step (prefill
@@ -338,9 +345,10 @@ class LLM:
         return self._new_sequence(prompt, params)
 
     # ---- API --------------------------------------------------------------------------------------------------
-    def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Generate for one or several prompts, run together as one batch (up to max_batch_size at a time).
-        -> one RequestOutput per prompt, in order."""
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for one or several prompts, run together as one batch (up to max_batch_size at a time). params:
+        one SamplingParams for every prompt, or a list of one per prompt. -> one RequestOutput per prompt, in
+        order."""
         seqs = self._batch(prompts, params)
         self.submit(seqs)
         try:
@@ -368,7 +376,8 @@ class LLM:
         finally:
             self.abort([seq])
 
-    async def agenerate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
+    async def agenerate(self, prompts,
+                        params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """`generate` for asyncio: the event loop stays free and concurrent coroutines share the running batch. One
         task per event loop steps the engine for all its agenerate / astream requests, one step at a time in a thread
         of the loop's default executor (_AsyncDriver): a waiting request holds no thread."""

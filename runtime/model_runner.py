@@ -17,7 +17,9 @@ What crosses between host and device per decode step:
   a pinned buffer (two, used in turn, so the host fills one while the other's copy may still be pending: `Staged`);
 - nothing else: the input ids are gathered on the device from `last_token`, the newest sampled token of each
   sampler slot (written by the step that sampled it, prefill or decode); block tables live on the device, a row
-  per slot written at admission, gathered into the batch's rows only when the batch's sequences change;
+  per slot written at admission, gathered into the batch's rows only when the batch's sequences change; when
+  sequences take new blocks (each once per block_size tokens), one more copy and one scatter write them into both
+  (`add_blocks`);
 - device -> host: the sampled ids, into a pinned buffer with an event, read back by `Launched.token_ids` after
   the engine has launched the next step.
 """
@@ -187,8 +189,11 @@ class ModelRunner:
 
         self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.last_token = torch.zeros(slots, dtype=torch.long, device=dev)  # each slot's newest sampled token
-        self.slot_tables = torch.zeros(slots, self.max_blocks, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)  # the batch's rows
+        # block tables: a row per slot, then the batch's rows and a last row that no step reads (add_blocks writes
+        # there what is not in the batch), in one tensor so that add_blocks writes both in one scatter
+        self._tables = torch.zeros(slots + n + 1, self.max_blocks, dtype=torch.int32, device=dev)
+        self.slot_tables, self.block_tables = self._tables[:slots], self._tables[slots:]
+        self.new_blocks = Staged({"index": (torch.int64, (2 * width,)), "blocks": (torch.int32, (2 * width,))}, dev)
         self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
         self._host_tokens = [torch.zeros(n, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
         self._host_tokens_np = [t.numpy() for t in self._host_tokens]
@@ -211,6 +216,7 @@ class ModelRunner:
         self._base = np.zeros((4, n), dtype=np.int64)
         self._launches = 0
         self._new_block: dict[int, list[int]] = {}  # launch count -> rows whose newest token then starts a block
+        self._rows: dict[int, int] = {}  # sequence id -> its row in the staged batch
         padding = dict(zip(SamplingRows.FIELDS, row_values(SamplingParams(temperature=0).resolved(), 0, 0,
                                                           sampler.padding_slot)))
         # padding rows: position 0, slot -1 and length 0 (write and read nothing), the padding sampler row
@@ -253,9 +259,30 @@ class ModelRunner:
 
     # ---- sequences joining -----------------------------------------------------------------------------------
     def set_blocks(self, slot: int, blocks: list[int]) -> None:
-        """A sequence took `slot` with these cache blocks (all it will use): its block-table row on the device.
+        """A sequence took `slot` with these cache blocks (its prompt's): its block-table row on the device.
         Enqueued after every step launched before, which may still read the slot's old row."""
         self.slot_tables[slot, :len(blocks)].copy_(self.to_device(blocks, torch.int32))
+
+    def add_blocks(self, grown: list[tuple[Sequence, int]]) -> None:
+        """(sequence, index of its first new block): the new blocks join their slots' block-table rows on the device
+        and, for sequences of the staged batch, its rows too (one copy and one scatter for both). A batch staged anew
+        gathers its rows from the slots' rows."""
+        rows = self._rows if self._batch is not None else {}
+        first_row, w = self.slot_tables.shape  # the batch's rows follow the slots' in one tensor
+        spare = self.block_tables.shape[0] - 1
+        index, blocks = [], []
+        for s, first in grown:
+            row = first_row + rows.get(s.id, spare)
+            for i, b in enumerate(s.blocks[first:], first):
+                index += (s.slot * w + i, row * w + i)
+                blocks += (b, b)
+        host, dev = self.new_blocks.host, self.new_blocks.device
+        width = len(host["index"])
+        for start in range(0, len(index), width):  # one round: a sequence takes at most one block a step
+            k = min(width, len(index) - start)
+            host["index"][:k], host["blocks"][:k] = index[start:start + k], blocks[start:start + k]
+            self.new_blocks.send()
+            self._tables.view(-1).scatter_(0, dev["index"][:k], dev["blocks"][:k])
 
     # ---- prefill ---------------------------------------------------------------------------------------------
     def prefill_metadata(self, chunks: list[tuple[Sequence, int, int]]):
@@ -264,7 +291,7 @@ class ModelRunner:
         bs = self.cache.block_size
         ids, positions, slots, starts = [], [], [], [0]
         for s, start, n in chunks:
-            ids.extend(s.prompt_ids[start:start + n])
+            ids.extend(s.prefill_ids[start:start + n])
             positions.extend(range(start, start + n))
             slots.extend(s.blocks[p // bs] * bs + p % bs for p in range(start, start + n))
             starts.append(starts[-1] + n)
@@ -308,14 +335,14 @@ class ModelRunner:
         bs, row, done = self.cache.block_size, 0, []
         for i, (s, start, n) in enumerate(chunks):
             pos = np.arange(start, start + n)
-            tokens[0, row:row + n] = s.prompt_ids[start:start + n]
+            tokens[0, row:row + n] = s.prefill_ids[start:start + n]
             tokens[1, row:row + n] = pos
             tokens[2, row:row + n] = np.asarray(s.blocks)[pos // bs] * bs + pos % bs
             query_start[i] = row
             host["slots"][i] = s.slot
             host["seq_lens"][i] = start + n
             row += n
-            if start + n == len(s.prompt_ids):
+            if start + n == len(s.prefill_ids):
                 done.append(row - 1)
         query_start[len(chunks):] = row
         host["last"][:len(done)] = done
@@ -358,7 +385,7 @@ class ModelRunner:
             return self._launch_prefill(chunks)
 
     def _launch_prefill(self, chunks: list[tuple[Sequence, int, int]]) -> Launched:
-        done = [i for i, (s, start, n) in enumerate(chunks) if start + n == len(s.prompt_ids)]
+        done = [i for i, (s, start, n) in enumerate(chunks) if start + n == len(s.prefill_ids)]
         seqs = [chunks[i][0] for i in done]
         with_prompt_logprobs = any(s.params.prompt_logprobs is not None for s, _, _ in chunks)
         bucket = None if with_prompt_logprobs else self.graph_prefill_bucket(chunks)  # graphs keep last rows only
@@ -385,12 +412,14 @@ class ModelRunner:
     def _prompt_logprobs(self, chunks: list[tuple[Sequence, int, int]], hidden: torch.Tensor) -> None:
         """Append to each chunk's Sequence.prompt_logprobs (those that ask) the log-probabilities of the prompt
         tokens after its positions, from the chunk's hidden rows: lm_head over PROMPT_LOGPROBS_ROWS rows at a time
-        (float32 [rows, V]), read back at once (this prefill step waits for the device)."""
+        (float32 [rows, V]), read back at once (this prefill step waits for the device). Positions already done (a
+        preempted request's recompute) are skipped."""
         row = 0
         for s, start, n in chunks:
             k = s.params.prompt_logprobs
             m = min(n, len(s.prompt_ids) - 1 - start)  # positions followed by a prompt token (not the first output)
-            for a in range(0, m if k is not None else 0, PROMPT_LOGPROBS_ROWS):
+            first = max(0, len(s.prompt_logprobs) - 1 - start) if k is not None else m  # entry p + 1 is position p's
+            for a in range(first, m, PROMPT_LOGPROBS_ROWS):
                 b = min(m, a + PROMPT_LOGPROBS_ROWS)
                 logits = self.model.compute_logits(hidden[row + a:row + b])
                 targets = self.to_device(s.prompt_ids[start + 1 + a:start + 1 + b], torch.long)
@@ -492,6 +521,7 @@ class ModelRunner:
                                   [c - len(s.prompt_ids) for c, s in zip(context, seqs)]]
         self._launches = 0
         self._batch = list(seqs)
+        self._rows = {s.id: row for row, s in enumerate(seqs)}
         self._bucket, self._variant = bucket, sampler_variant([s.params for s in seqs])
         self._want_logprobs = any(s.params.logprobs is not None for s in seqs)
         self._new_block = {}

@@ -253,13 +253,18 @@ class SamplerState:
         return t
 
     def reset(self, slot: int, prompt_ids: list[int], logit_bias: Mapping[int, float] | None = None,
-              held_ids=None) -> None:
-        """A new request in `slot`: its prompt marked seen, no output counted; its logit bias where it has one (the
-        row's bias flag is set then), and with min_tokens > 0 the token ids it holds back (its stop ids; None for
-        a request without min_tokens, whose rows never read them)."""
+              held_ids=None, output_ids: list[int] = ()) -> None:
+        """A new request in `slot`: its prompt marked seen and its output so far (a preempted request admitted again)
+        seen and counted; its logit bias where it has one (the row's bias flag is set then), and with min_tokens > 0
+        the token ids it holds back (its stop ids; None for a request without min_tokens, whose rows never read
+        them)."""
         self.seen[slot].zero_()
         self.counts[slot].zero_()
         self.seen[slot, self._to_device(prompt_ids, torch.long)] = True
+        if output_ids:
+            out = self._to_device(output_ids, torch.long)
+            self.seen[slot, out] = True
+            self.counts[slot].index_add_(0, out, torch.ones_like(out, dtype=self.counts.dtype))
         if logit_bias:
             self.bias[slot].zero_()
             self.bias[slot, self._to_device(list(logit_bias), torch.long)] = \

@@ -1,8 +1,15 @@
 """First-come-first-served admission over the paged KV cache and the sampler's slots, and the choice of the next
 step: the next chunk of admitted prompts (at most `max_prefill_tokens` tokens) or one decode token for every
 sequence whose prompt is done. While both kinds of work wait, steps alternate, so a long prompt never starves
-running decodes. A sequence reserves blocks for its prompt plus its whole token budget when admitted, so a running
-sequence never runs out of cache.
+running decodes.
+
+KV cache blocks are taken as they are needed, as vLLM does: a sequence is admitted with the blocks of its prompt,
+and a decode step gives each of its sequences the block its newest token needs. When the cache is out of blocks,
+the most recently admitted running sequence is preempted: its blocks and sampler slot are freed and it goes back to
+the front of the queue; when admitted again it prefills its prompt and the tokens it had generated (recompute, as
+vLLM V1), and goes on where it stopped. Admission leaves a watermark of free blocks (1% of the cache, vLLM's
+default) while other sequences run, so that a new request does not push a running one out at once. One sequence
+alone always fits (Scheduler.add checks its whole length against the cache).
 
 The engine launches a step before it reads back the one before (see engine.py), so the scheduler plans with
 `Sequence.num_launched`: a sequence joins a decode step while its last token is still on the device, and leaves
@@ -13,9 +20,9 @@ Prefix caching (kv_cache.py): at admission a sequence takes the longest cached r
 (shared, referenced once more) and prefills from the end of it, like a chunked prefill resumed there. At most
 prompt length - 1 tokens come from the cache, so that the prompt's last token is computed and samples the first
 output token. Once the step that writes a full prompt block is launched, the block is registered: a later
-request's step reads it after the writes (stream order). Only full prompt blocks are cached, never the blocks
-decode writes, so a shared block is never written again (an extra token of a stopped sequence lands past its
-prompt too).
+request's step reads it after the writes (stream order). Only full blocks that a prefill writes are cached (of a
+recomputed sequence, its generated tokens' too), never the blocks decode writes, so a shared block is never written
+again (an extra token of a stopped sequence lands past its prompt too).
 """
 
 from __future__ import annotations
@@ -38,12 +45,17 @@ class Scheduler:
         self.hit_tokens = 0  # of those, the ones found there (not prefilled)
         self.max_prefill_tokens = max_prefill_tokens
         self.rng = random.Random(seed)  # seeds of requests that bring none
+        self.num_preemptions = 0
+        self.watermark = -(-cache.num_blocks // 100)  # blocks kept free at admission while others run
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted and not finished, in order of admission
         self.prefilling: list[Sequence] = []  # running, prompt not all in the cache yet
         self.decoding: list[Sequence] = []  # running, prompt done, tokens of its budget still to launch
         self.free_slots = list(range(max_batch_size - 1, -1, -1))
         self._decode_turn = False
+        self.grown: list[tuple[Sequence, int]] = []  # the last decode plan's (sequence, index of its first new block)
+        self._decode_plans = 0  # decode plans made so far
+        self._due: dict[int, list[Sequence]] = {}  # decode plan -> decoding sequences that take a block in it
 
     def add(self, seq: Sequence) -> None:
         if seq.submitted or seq.finished:  # finished unsubmitted: aborted before it was queued
@@ -61,30 +73,33 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def admit(self) -> list[Sequence]:
-        """Waiting sequences that get a slot and their blocks now, first come first served. -> the admitted ones
-        (their sampler rows and block tables are the caller's to set up)."""
+        """Waiting sequences that get a slot and their prompt's blocks now, first come first served. -> the admitted
+        ones (their sampler rows and block tables are the caller's to set up)."""
         admitted = []
         while self.waiting and self.free_slots:
             seq = self.waiting[0]
-            need = self.cache.blocks_for(seq.max_len)
+            need = self.cache.blocks_for(len(seq.prefill_ids))
             hits, entries = [], []
             # the prompt's last token is always computed: it samples the first token; a request with prompt
             # log-probabilities computes every position (vLLM's rule)
             cached = self.enable_prefix_caching and seq.params.prompt_logprobs is None
             if cached:
-                usable = (len(seq.prompt_ids) - 1) // self.cache.block_size
+                usable = (len(seq.prefill_ids) - 1) // self.cache.block_size
                 hits, entries = self.cache.match(seq.prompt_block_tokens(self.cache.block_size)[:usable])
             # cached blocks nobody holds count as free; taking them as hits makes them unavailable to allocate
-            if need - len(hits) > self.cache.num_free_blocks - self.cache.num_unreferenced(hits):
+            free = self.cache.num_free_blocks - self.cache.num_unreferenced(hits)
+            if need - len(hits) > free - (self.watermark if self.running else 0):
                 break  # first come, first served: later requests wait behind it
             self.waiting.popleft()
             self.cache.acquire(hits)  # before allocating, which could otherwise evict them
             seq.blocks = hits + self.cache.allocate(need - len(hits))
             seq.cache_entries = entries
-            seq.num_cached_tokens = seq.num_prefilled = len(hits) * self.cache.block_size
-            if cached:
-                self.queried_tokens += len(seq.prompt_ids)
-                self.hit_tokens += seq.num_cached_tokens
+            seq.num_prefilled = len(hits) * self.cache.block_size
+            if not seq.num_preemptions:  # the request's prompt (a recompute is not counted again)
+                seq.num_cached_tokens = seq.num_prefilled
+                if cached:
+                    self.queried_tokens += len(seq.prompt_ids)
+                    self.hit_tokens += seq.num_cached_tokens
             seq.slot = self.free_slots.pop()
             if seq.seed is None:
                 seq.seed = self.rng.getrandbits(63)
@@ -94,12 +109,17 @@ class Scheduler:
         return admitted
 
     def next_step(self) -> tuple[str, list] | None:
-        """-> ("prefill", [(sequence, first prompt position, token count)]) or ("decode", sequences) or None."""
+        """-> ("prefill", [(sequence, first prompt position, token count)]) or ("decode", sequences) or None. A
+        decode plan first gives its sequences the blocks their newest tokens need (`grown` lists them), preempting
+        the most recently admitted ones when the cache is out of blocks."""
+        self.grown = []
+        if self.decoding and (self._decode_turn or not self.prefilling):
+            self._grow()
         if self.prefilling and (not self.decoding or not self._decode_turn):
             self._decode_turn = True
             chunks, budget = [], self.max_prefill_tokens
             for s in self.prefilling:
-                n = min(len(s.prompt_ids) - s.num_prefilled, budget)
+                n = min(len(s.prefill_ids) - s.num_prefilled, budget)
                 if n <= 0:
                     break
                 chunks.append((s, s.num_prefilled, n))
@@ -110,9 +130,47 @@ class Scheduler:
             return "decode", self.decoding
         return None
 
+    def _grow(self) -> None:
+        """The decoding sequences whose newest token (position num_launched - 1) starts a block get one; when none is
+        free, the most recently admitted sequence that still has work to launch is preempted (possibly the one that
+        needs the block). Every decode plan launches every decoding sequence, so the plan in which a sequence
+        needs its next block is known when it gets one (or joins the decode list): it waits in `_due` under that
+        plan, and a plan looks at those sequences only."""
+        plan = self._decode_plans
+        self._decode_plans += 1
+        bs = self.cache.block_size
+        for s in self._due.pop(plan, ()):
+            if s.block_due != plan or s.slot is None or s.num_launched >= s.max_len:
+                continue  # preempted, finished or at its last token since
+            if s.num_launched > len(s.blocks) * bs:
+                while not self.cache.num_free_blocks:
+                    self.preempt(next(v for v in reversed(self.running) if v in self.decoding or v in self.prefilling))
+                    if s.slot is None:
+                        break
+                else:
+                    self.grown.append((s, len(s.blocks)))
+                    s.blocks += self.cache.allocate(1)
+            if s.slot is not None:
+                self._due_at(s, plan + len(s.blocks) * bs + 1 - s.num_launched)
+
+    def _due_at(self, seq: Sequence, plan: int) -> None:
+        seq.block_due = plan
+        self._due.setdefault(plan, []).append(seq)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and slot and put it at the front of the queue; it is admitted again
+        before any request that came after it and recomputes its tokens (Sequence.preempted)."""
+        for group in (self.running, self.prefilling, self.decoding):
+            if seq in group:
+                group.remove(seq)
+        self.release(seq)
+        seq.preempted()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
     def prefilled(self, chunks: list[tuple[Sequence, int, int]]) -> None:
-        """The chunks were launched: their full prompt blocks join the prefix cache, and a sequence whose prompt is
-        complete (it samples its first token) moves to the decode list."""
+        """The chunks were launched: their full blocks join the prefix cache, and a sequence whose prefill is complete
+        (it samples its next token) moves to the decode list."""
         bs = self.cache.block_size
         for s, start, n in chunks:
             s.num_prefilled = start + n
@@ -124,6 +182,7 @@ class Scheduler:
             if s.prefill_done:
                 self.prefilling.remove(s)
                 self.decoding.append(s)
+                self._due_at(s, self._decode_plans)  # its first decode step may need a block
 
     def launched(self, seqs: list[Sequence]) -> None:
         """A token is now being sampled on the device for each of `seqs`; one that reaches its length limit with it

@@ -43,7 +43,10 @@ class Sequence:
         self.blocks: list[int] = []
         self.slot: int | None = None  # row in the sampler state while running
         self.seed: int | None = params.seed  # the engine draws one at admission when the request has none
-        self.num_prefilled = 0  # prompt tokens whose k/v are in the cache
+        # the tokens a prefill computes: the prompt, and after a preemption the prompt and the tokens generated before
+        # it (recomputed: their k/v were freed with the blocks)
+        self.prefill_ids = self.prompt_ids
+        self.num_prefilled = 0  # tokens of prefill_ids whose k/v are in the cache
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission (not prefilled)
         # prefix-cache entry ids of its leading full prompt blocks, matched at admission or registered once their
         # prefill was launched (see kv_cache.py); a block's key chains from the entry before it
@@ -52,6 +55,9 @@ class Sequence:
         # prompt tokens plus every output token launched on the device, read back or not: the engine launches a
         # step before it reads back the one before, so this runs one (inside a step, two) ahead of num_tokens
         self.num_launched = len(self.prompt_ids)
+        self.num_preemptions = 0  # times its blocks were taken back for older requests (see Scheduler.preempt)
+        self.stale = 0  # tokens launched before the last preemption, not read back yet: dropped when they arrive
+        self.block_due: int | None = None  # while decoding: the decode plan that gives it its next block (Scheduler)
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
@@ -94,12 +100,26 @@ class Sequence:
 
     @property
     def prefill_done(self) -> bool:
-        return self.num_prefilled == len(self.prompt_ids)
+        return self.num_prefilled == len(self.prefill_ids)
+
+    def preempted(self) -> None:
+        """Its blocks and slot were taken back (Scheduler.preempt): it waits to be admitted again and then prefills
+        its prompt and the tokens generated so far; a token still in flight is dropped when read back and computed
+        again (the same token when sampled from the same logits: a seeded draw depends on the seed and the step)."""
+        self.stale += self.in_flight
+        self.num_launched = self.num_tokens
+        self.num_preemptions += 1
+        self.block_due = None
+        self.num_prefilled = 0
+        self.cache_entries = []
+        self.prefill_ids = self.prompt_ids + self.output_ids
+        self._block_tokens = None
 
     def prompt_block_tokens(self, block_size: int) -> list[tuple[int, ...]]:
-        """The token ids of each full block of the prompt, the prefix cache's keys (computed once)."""
+        """The token ids of each full block of prefill_ids, the prefix cache's keys (computed once per
+        admission)."""
         if self._block_tokens is None:
-            ids = self.prompt_ids
+            ids = self.prefill_ids
             self._block_tokens = [tuple(ids[i:i + block_size])
                                   for i in range(0, len(ids) - block_size + 1, block_size)]
         return self._block_tokens

@@ -679,6 +679,10 @@ class _EngineCollector:
             yield c
         yield gauge("qwen2rt_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up",
                     hits / queried if queried else 0.0)
+        c = CounterMetricFamily("qwen2rt_num_preemptions", "Requests preempted: their KV cache blocks taken back "
+                                "when the cache ran out, their tokens recomputed later", labels=["model_name"])
+        c.add_metric([name], getattr(engine, "num_preemptions", 0))
+        yield c
 
 
 # ---- the app ------------------------------------------------------------------------------------------------------
@@ -736,7 +740,7 @@ def build_app(llm, served_model_name: str | None = None):
                                param="model", code="model_not_found")
         return body
 
-    # the most tokens one request may reserve: the context, or all of the KV cache when that is smaller
+    # the most tokens one request may hold: the context, or all of the KV cache when that is smaller
     reservable = min(llm.max_seq_len, llm.kv_cache.num_blocks * llm.kv_cache.block_size)
 
     def new_sequences(parsed: Parsed, chat: bool) -> list:

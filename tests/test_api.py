@@ -233,6 +233,16 @@ def test_seeded_sampling_is_reproducible_in_any_batch(tiny):
     assert other != alone
 
 
+def test_one_sampling_params_per_prompt(tiny):
+    """generate takes a list of SamplingParams, one per prompt (as vLLM does): each prompt gets what it gets alone
+    with its own."""
+    prompts = ["abc", "hello world", "xyz"]
+    params = [SamplingParams(max_tokens=3 + i, temperature=0.9, seed=i, ignore_eos=True) for i in range(3)]
+    together = tiny.generate(prompts, params)
+    assert [o.token_ids for o in together] == [tiny.generate(p, q)[0].token_ids for p, q in zip(prompts, params)]
+    assert [len(o.token_ids) for o in together] == [3, 4, 5]
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda m: m.generate(""), "prompt is empty"),
     (lambda m: m.generate([]), "prompts is empty"),
@@ -240,6 +250,8 @@ def test_seeded_sampling_is_reproducible_in_any_batch(tiny):
     (lambda m: m.generate([[1, -1]]), "token id -1"),
     (lambda m: m.generate(123), "prompts must be"),
     (lambda m: m.generate("hi", {"temperature": 0}), "params must be a SamplingParams"),
+    (lambda m: m.generate(["a", "b"], [GREEDY]), "a list of 1 SamplingParams for 2 prompts"),
+    (lambda m: m.generate(["a", "b"], [GREEDY, {"temperature": 0}]), "params must be a SamplingParams"),
     (lambda m: m.generate("hi", SamplingParams(max_tokens=10_000)), None),  # capped by the context: fine
     (lambda m: m.logits([]), "prompt is empty"),
     (lambda m: m.chat([]), "non-empty list"),
@@ -276,7 +288,7 @@ def test_request_larger_than_the_cache_is_an_error():
 def test_requests_wait_when_the_cache_is_full(tiny):
     small = LLM("tiny", device="cpu", max_seq_len=256, num_kv_blocks=3, block_size=16, max_batch_size=8)
     prompts = ["first prompt", "second", "a third, longer prompt"]
-    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)  # 2 blocks each: one at a time
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)  # 2 blocks each: one fits at the end
     together = small.generate(prompts, params)
     assert [o.token_ids for o in together] == [tiny.generate(p, params)[0].token_ids for p in prompts]
     assert small.kv_cache.num_free_blocks == 3

@@ -85,14 +85,19 @@ def test_thousands_of_requests_leak_nothing():
 
 
 def test_requests_wait_when_blocks_or_slots_run_out():
-    engine = fake_engine(num_blocks=6, block_size=4, max_batch=2)
-    big = [seq(8, 8) for _ in range(3)]  # 4 blocks each: one at a time
+    engine = fake_engine(num_blocks=7, block_size=4, max_batch=2, enable_prefix_caching=False)
+    big = [seq(12, 8) for _ in range(3)]  # 3 prompt blocks and 5 in all: a second would leave no watermark block
     for s in big:
         engine.add(s)
     engine.step()
-    assert len(engine.running) == 1 and len(engine.waiting) == 2
+    assert len(engine.running) == 1 and len(engine.waiting) == 2 and len(big[0].blocks) == 4  # its first decode's
     drain(engine)
-    assert all(s.finished for s in big)
+    assert all(s.output_ids == [(12 + i) % 50 for i in range(8)] for s in big)
+    engine = fake_engine(num_blocks=4, block_size=4, max_batch=2)
+    whole = seq(15, 1)  # its prompt takes every block: the watermark is kept only while others run
+    engine.add(whole)
+    drain(engine, limit=50)
+    assert whole.output_ids == [15]
     engine = fake_engine(num_blocks=50, max_batch=2)
     small = [seq(2, 3) for _ in range(5)]
     for s in small:
@@ -102,6 +107,30 @@ def test_requests_wait_when_blocks_or_slots_run_out():
     drain(engine)
     with pytest.raises(ValueError, match="needs 64 KV cache blocks"):
         engine.add(seq(200, 56))
+
+
+def test_blocks_are_taken_as_tokens_come_and_the_newest_request_is_preempted():
+    """Two requests whose whole lengths do not fit together both start (each with its prompt's block); when the
+    cache runs out, the newer one is preempted, goes back to the front of the queue (before a request that came
+    after it), then recomputes its tokens and goes on where it stopped."""
+    engine = fake_engine(num_blocks=6, block_size=4, max_batch=2)
+    old, new, late = seq(4, 16), seq(4, 16), seq(4, 1)  # 5 blocks each at the end; late waits for a slot
+    for s in (old, new, late):
+        engine.add(s)
+    engine.step()
+    assert engine.running == [old, new] and len(old.blocks) == len(new.blocks) == 2
+    held = []
+    while engine.running == [old, new]:
+        held.append((len(old.blocks), len(new.blocks)))
+        engine.step()
+    assert max(held) == (3, 3) and held[-1] == (3, 3)  # the seventh block was not there
+    assert engine.running == [old] and list(engine.waiting) == [new, late] and engine.num_preemptions == 1
+    assert new.blocks == [] and new.slot is None and new.num_preemptions == 1 and 0 < len(new.output_ids) < 16
+    drain(engine)
+    for s in (old, new, late):  # FakeModel emits position + 1: each token says where it was computed
+        assert s.finish_reason == "length" and s.output_ids == [(4 + i) % 50 for i in range(s.params.max_tokens)]
+    assert old.num_preemptions == 0 and engine.num_preemptions == 1
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks and sorted(engine.free_slots) == [0, 1]
 
 
 def test_long_prompt_is_chunked_and_does_not_starve_decodes():

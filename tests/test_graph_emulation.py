@@ -142,6 +142,27 @@ def test_generation_through_emulated_graphs_equals_eager(model, quantization, ca
     assert {(2, "greedy"), (1, "greedy"), (1, "full")} <= set(runner.graphs)
 
 
+@pytest.mark.slow
+def test_preemption_and_growing_block_tables_through_emulated_graphs_equal_eager(triton_sampler):
+    """Blocks of 4 tokens taken as decode goes (each new one written into the slot's block-table row on the device
+    and gathered into the graphs' static batch rows) and a cache of 9 blocks for two requests of 6 and 7: one is
+    preempted and recomputes. Tokens and log-probabilities equal the eager engine's with a cache for both."""
+    def make(graphs: bool, blocks: int, block_size: int) -> LLM:
+        return LLM("tiny-1l", device="cpu", dtype="float32", backend="triton", max_seq_len=64, max_batch_size=2,
+                   cuda_graph_prefill_tokens=(16,), block_size=block_size, num_kv_blocks=blocks,
+                   enforce_eager=not graphs)
+
+    prompts = [random_prompt(n, 256, 40 + n) for n in (9, 12)]
+    params = [dataclasses.replace(GREEDY, max_tokens=14), dataclasses.replace(TOP_K, max_tokens=14)]
+    # the reference: one block per request, taken at admission (no block is added as decode goes)
+    want = [(o.token_ids, o.logprobs) for o in make(False, 2, 64).generate(prompts, params)]
+    llm = make(True, 9, 4)
+    with EmulatedCudaGraphs(llm.engine.decoder):
+        got = [(o.token_ids, o.logprobs) for o in llm.generate(prompts, params)]
+    assert llm.engine.num_preemptions >= 1 and llm.engine.decoder.graphs
+    assert_same(got, want)
+
+
 def test_emulated_capture_rejects_host_reads_runs_nothing_and_replays_frozen_values():
     """The emulation itself: inside a capture a host read fails, as do a copy from the runner's host memory and a
     kernel on it; a capture runs no kernel (its outputs are unwritten, a tensor it updates in place keeps its values);

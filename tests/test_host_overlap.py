@@ -117,6 +117,15 @@ def check_sampler_counts(engine):
         assert int(engine.sampler.counts[s.slot].sum()) == len(s.output_ids) + s.in_flight
 
 
+def check_blocks(engine):
+    """Blocks are taken as tokens come: a running sequence holds those of its prefill, and once decoding those of
+    every position launched (its newest token's block is taken by the step that writes it), no more."""
+    blocks_for = engine.cache.blocks_for
+    for s in engine.running:
+        want = blocks_for(len(s.prefill_ids)) if not s.prefill_done else blocks_for(s.num_launched - 1)
+        assert len(s.blocks) == want, (s.id, len(s.blocks), want)
+
+
 def test_next_step_is_launched_before_the_last_one_is_read_back(monkeypatch):
     engine = chain_engine()
     log = engine.model.log
@@ -178,8 +187,9 @@ def test_token_after_a_stop_is_computed_and_dropped():
 
 def random_workload(engine, rng, num_requests, new_prompt, max_tokens, stop_p, max_steps_between, check):
     """Requests arriving between 0..max_steps_between engine steps, each with a random budget up to max_tokens and,
-    with probability stop_p, a stop token from its own expected output; after each arrival a running request is
-    aborted with probability 0.1; then drained. check(engine) after every step. -> (sequences, ids aborted)."""
+    with probability stop_p, a stop token from its own expected output; after each arrival a running or preempted
+    (waiting again) request is aborted with probability 0.1; then drained. check(engine) after every step. ->
+    (sequences, ids aborted)."""
     seqs, aborted = [], set()
     for _ in range(num_requests):
         prompt = new_prompt()
@@ -191,8 +201,9 @@ def random_workload(engine, rng, num_requests, new_prompt, max_tokens, stop_p, m
         for _ in range(rng.randint(0, max_steps_between)):
             engine.step()
             check(engine)
-        if rng.random() < 0.1 and engine.running:
-            victim = rng.choice(engine.running)
+        candidates = engine.running + [s for s in engine.waiting if s.num_preemptions]
+        if rng.random() < 0.1 and candidates:
+            victim = rng.choice(candidates)
             engine.abort(victim)
             aborted.add(victim.id)
     while engine.has_work():
@@ -214,14 +225,20 @@ def assert_exact(seqs, aborted) -> None:
 @pytest.mark.parametrize("seed, caching", [(0, True), (1, True), (2, False)])
 def test_many_requests_with_stops_and_aborts_are_exact(seed, caching):
     """Random arrivals, prompt lengths, budgets, stop tokens and aborts, with chunked prefill alternating with decode
-    and a cache small enough that requests wait: every request gets exactly its own tokens, nothing leaks."""
+    and a cache small enough that requests wait and running ones are preempted (and recompute their tokens, some
+    with one in flight): every request gets exactly its own tokens, nothing leaks."""
     rng = random.Random(seed)
     engine = chain_engine(num_blocks=30, max_batch=4, max_prefill_tokens=rng.choice([5, 16, 64]),
                           enable_prefix_caching=caching)
+    def check(engine):
+        check_sampler_counts(engine)
+        check_blocks(engine)
     seqs, aborted = random_workload(engine, rng, 150, lambda: [rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))],
-                                    max_tokens=40, stop_p=0.5, max_steps_between=4, check=check_sampler_counts)
+                                    max_tokens=40, stop_p=0.5, max_steps_between=4, check=check)
     assert engine.step() == []  # reads back the step still in flight (a stopped sequence's extra token)
     assert_exact(seqs, aborted)
+    assert engine.num_preemptions >= 20 and sum(s.num_preemptions > 1 for s in seqs) >= 2
+    assert any(s.id in aborted and s.num_preemptions for s in seqs)
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
     assert sorted(engine.free_slots) == list(range(4))
     assert engine._in_flight is None
@@ -250,6 +267,41 @@ def test_stopped_requests_do_not_disturb_seeded_penalised_neighbours():
     while not all(s.finished for s in seqs):
         llm.step()
     assert [s.output_ids for s in seqs] == [o.token_ids for o in alone]
+
+
+def test_preempted_requests_draw_exactly_their_tokens():
+    """A cache that holds one request's whole length (83 tokens at most) but not four: the newest requests are
+    preempted (their blocks freed) and recompute their prompt and tokens when admitted again. Seeded, penalised
+    sampling with min_tokens, a logit bias (+100 on the stop token of two: held until min_tokens), logprobs and
+    prompt_logprobs gives each request the tokens it draws with a block per request (taken at admission), with the
+    same log-probabilities (those of a recomputed token come from a prefill's logits: equal within float32)."""
+    def params(i):
+        return SamplingParams(max_tokens=60, temperature=0.8, top_p=0.95, repetition_penalty=1.3 if i % 2 else 1.0,
+                              presence_penalty=1.5, frequency_penalty=2.0, seed=i, ignore_eos=True, min_tokens=45,
+                              stop_token_ids=[stops[i]], logit_bias={7: 2.0, stops[i]: 100.0 if i >= 2 else 0.0},
+                              logprobs=2, prompt_logprobs=1 if i % 2 else None)
+
+    prompts = [random_prompt(20 + i, 256, 30 + i) for i in range(4)]
+    roomy = LLM("tiny", device="cpu", max_seq_len=128, max_batch_size=4, block_size=128)  # a block per request
+    stops = [511, 511, 9, 9]  # the first two: a token each draws at step 50 (with the same holds until then)
+    stops[:2] = [roomy.generate(prompts[i], params(i))[0].token_ids[50] for i in range(2)]
+    want = roomy.generate(prompts, [params(i) for i in range(4)])
+    small = LLM("tiny", device="cpu", max_seq_len=128, max_batch_size=4, block_size=8, num_kv_blocks=11)
+    got = small.generate(prompts, [params(i) for i in range(4)])
+    assert small.engine.num_preemptions >= 4
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+    # the last two are forced to stop once min_tokens lets them (a bias of 100): held back until then
+    assert [(len(o.token_ids), o.finish_reason) for o in want[2:]] == [(46, "stop")] * 2
+    assert sum(len(o.token_ids) < 60 for o in want[:2]) >= 1 and all(len(o.token_ids) > 45 for o in want)
+    for a, b in zip(got, want):
+        assert [t for t, _ in a.logprobs] == pytest.approx([t for t, _ in b.logprobs], abs=1e-4)
+        assert [[i for i, _ in top] for _, top in a.logprobs] == [[i for i, _ in top] for _, top in b.logprobs]
+        if b.prompt_logprobs is not None:
+            assert len(a.prompt_logprobs) == len(b.prompt_logprobs) == len(b.prompt_token_ids)
+            assert [e[0] for e in a.prompt_logprobs[1:]] == pytest.approx([e[0] for e in b.prompt_logprobs[1:]],
+                                                                         abs=1e-4)
+    assert small.kv_cache.num_free_blocks == 11 and not small.engine.running
 
 
 def test_abort_with_a_token_in_flight_then_the_engine_goes_on():

@@ -212,6 +212,7 @@ def test_shared_prefixes_with_stops_and_aborts_are_exact(seed):
     stats = engine.prefix_cache_stats()
     assert stats["hit_tokens"] > stats["queried_tokens"] // 8 and stats["evictions"] > 0
     assert sum(s.num_cached_tokens for s in seqs) == stats["hit_tokens"]
+    assert engine.num_preemptions >= 10  # and each recomputed from its prompt's cached blocks where it could
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
     engine.cache.check([])
 

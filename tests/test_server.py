@@ -752,6 +752,44 @@ def test_chat_without_max_tokens_fits_a_cache_smaller_than_the_context():
         assert r.json()["choices"][0]["finish_reason"] == "length" and live.idle()
 
 
+def test_concurrent_chats_without_max_tokens_share_a_small_cache(offline):
+    """Four chat requests without max_tokens, each allowed the whole 192-token cache, run together (blocks are
+    taken as tokens come, not reserved for the whole reply); when the cache runs out, the newest are preempted and
+    recompute later. Each reply equals the offline API's alone (seeded), and /metrics counts the preemptions."""
+    llm = LLM(MODEL, **dict(LLM_ARGS, num_kv_blocks=12, block_size=16))
+    running, step, has_unfinished = [], llm.step, llm.has_unfinished
+
+    def watched_step():
+        running.append(len(llm.engine.running))
+        return step()
+
+    def all_four_queued():  # the server steps once all four requests are queued: the engine admits them together
+        return has_unfinished() and (bool(running) or len(llm.engine.waiting) == 4)
+
+    llm.step, llm.has_unfinished = watched_step, all_four_queued
+    messages = [[{"role": "user", "content": f"tell me about {i}"}] for i in range(4)]
+    for live in serve(llm):
+        def ask(i):
+            return live.post("/v1/chat/completions", {"model": MODEL, "messages": messages[i], "seed": i,
+                                                      "temperature": 0.8, "ignore_eos": True})
+        threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, ask(i))) for i in range(4)]
+        replies = [None] * 4
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+        # three start at once (3 prompt blocks each, and a watermark block kept free; the fourth joins once their
+        # shared first block is cached); with whole replies reserved they would run one at a time
+        assert running[1] == 3 and live.metric("qwen2rt_num_preemptions_total") >= 2 and live.idle()
+    for i, r in enumerate(replies):
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 192
+        want = offline.chat(messages[i], SamplingParams(max_tokens=usage["completion_tokens"], temperature=0.8,
+                                                        seed=i, ignore_eos=True))
+        assert r.json()["choices"][0]["message"]["content"] == want.text
+
+
 def test_errors_through_the_client_and_the_server_keeps_serving(live):
     with pytest.raises(openai.NotFoundError):
         live.client.completions.create(model="other", prompt="a", max_tokens=2)
