@@ -65,6 +65,26 @@ def test_cuda_graph_decode_equals_eager(model, batch):
             [o.token_ids for o in eager.generate(prompts, sampled)]
 
 
+def test_preempted_requests_through_cuda_graphs_draw_their_tokens():
+    """KV blocks of 16 tokens taken as decode goes (each new one written into the device block tables between graph
+    replays) and a cache too small for four requests at once: the newest are preempted and recompute their tokens.
+    Greedy and seeded sampled tokens equal those of an eager run with a block per request taken at admission
+    (float32: a recomputed token's k/v come from the prefill's GEMMs, not the decode GEMVs)."""
+    kw = dict(device="cuda", dtype="float32", seed=0, max_seq_len=256, max_batch_size=4,
+              cuda_graph_prefill_tokens=())
+    small = LLM("tiny", num_kv_blocks=12, block_size=16, **kw)
+    assert small.use_graphs and small.engine.decoder.graphs
+    roomy = LLM("tiny", num_kv_blocks=4, block_size=256, enforce_eager=True, **kw)
+    prompts = [[(13 * i + j) % 500 + 1 for j in range(20 + 5 * i)] for i in range(4)]
+    greedy = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=100, temperature=0.8, top_p=0.9, frequency_penalty=0.5, seed=5,
+                             ignore_eos=True)
+    for params in (greedy, sampled):
+        assert [o.token_ids for o in small.generate(prompts, params)] == \
+            [o.token_ids for o in roomy.generate(prompts, params)]
+    assert small.engine.num_preemptions >= 2 and roomy.engine.num_preemptions == 0
+
+
 def test_lazily_captured_graphs_equal_eager():
     kw = dict(device="cuda", seed=0, max_seq_len=256, max_batch_size=8)
     lazy = LLM("tiny-moe", capture_graphs="lazy", **kw)
