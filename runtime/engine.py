@@ -131,7 +131,10 @@ class Engine:
             self.runner.set_blocks(seq.slot, seq.blocks)
 
     def _launch(self) -> Launched | None:
+        preemptions = self.scheduler.num_preemptions
         plan = self.scheduler.next_step()
+        if self.scheduler.num_preemptions != preemptions:
+            self.runner.forget_batch()
         if plan is None:
             return None
         kind, work = plan

@@ -284,6 +284,11 @@ class ModelRunner:
             self.new_blocks.send()
             self._tables.view(-1).scatter_(0, dev["index"][:k], dev["blocks"][:k])
 
+    def forget_batch(self) -> None:
+        """A sequence was preempted: its slot, blocks and positions change, so the next decode step stages its batch
+        anew even if it is made of the same sequences as the last one (which the runner otherwise only advances)."""
+        self._batch = None
+
     # ---- prefill ---------------------------------------------------------------------------------------------
     def prefill_metadata(self, chunks: list[tuple[Sequence, int, int]]):
         """(sequence, first prompt position, token count) chunks -> (token ids [T], metadata, last row of each

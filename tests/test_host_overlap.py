@@ -269,6 +269,26 @@ def test_stopped_requests_do_not_disturb_seeded_penalised_neighbours():
     assert [s.output_ids for s in seqs] == [o.token_ids for o in alone]
 
 
+def test_a_request_that_preempts_itself_and_comes_back_alone_is_staged_anew():
+    """The only decoding request needs a block while the rest of the cache is held by one whose last token is in
+    flight: it preempts itself, and later comes back alone, the same Sequence in a batch of one as before, but in
+    another slot, with other blocks and positions: the runner must stage it anew, not advance the old values (found
+    by a review helper's fuzzing: the decode rows' check failed, and the tokens went wrong)."""
+    engine = chain_engine(num_blocks=32, block_size=1, max_batch=2, max_prefill_tokens=2,
+                          enable_prefix_caching=False)
+    b = request([1, 2], 30)
+    engine.add(b)
+    engine.step()
+    a = request(list(range(3, 23)), 1)  # its 20-token prompt's prefill samples its only token
+    engine.add(a)
+    while engine.has_work():
+        engine.step()
+        check_blocks(engine)
+    assert b.num_preemptions == 1 and engine.num_preemptions == 1
+    assert (b.output_ids, b.finish_reason) == expected([1, 2], 30)
+    assert (a.output_ids, a.finish_reason) == expected(a.prompt_ids, 1)
+
+
 def test_preempted_requests_draw_exactly_their_tokens():
     """A cache that holds one request's whole length (83 tokens at most) but not four: the newest requests are
     preempted (their blocks freed) and recompute their prompt and tokens when admitted again. Seeded, penalised
