@@ -14,9 +14,8 @@ cache slot past its end, its sampler slot's counts, its newest-token entry) belo
 released, and the next owner of those blocks and that slot is admitted in a later call: its sampler row is reset,
 its block-table row and newest token written, and each of its cache slots written before it is read, all in work
 enqueued after step N+1, so stream order keeps every other request's state intact. Blocks shared through the
-prefix cache hold only full prompt blocks whose prefill step was launched before any reader's, and are never
-written again (scheduler.py). On CPU every launch runs to
-completion before it returns; the code path is the same.
+prefix cache are full blocks whose writes were launched before any reader's step, and are never written again
+(scheduler.py). On CPU every launch runs to completion before it returns; the code path is the same.
 """
 
 from __future__ import annotations

@@ -4,12 +4,12 @@ Layout per layer: k and v are [num_blocks, block_size, num_kv_heads, head_dim] (
 The pool is zero-filled once so that rows past a sequence's length, which a kernel may load and mask, are never
 NaN garbage.
 
-Prefix cache. A full block of prompt tokens whose k/v have been written (its prefill step launched) may be
-registered under a key (parent entry, the block's token ids), where the parent entry is the entry id of the
-cached block before it in the same sequence (-1 for a sequence's first block). Entry ids come from a counter and
-are never reused, so a key matches only a block whose own tokens and, link by link, every earlier token of its
-sequence are exactly the request's: reuse is exact by construction, with no hash to collide (a key hashes one
-block's tokens, so looking up a prompt costs time linear in its length).
+Prefix cache. A full block whose k/v have been written (the steps that write them launched: a prefill's, or the
+decode steps of generated tokens) may be registered under a key (parent entry, the block's token ids), where the
+parent entry is the entry id of the cached block before it in the same sequence (-1 for a sequence's first block).
+Entry ids come from a counter and are never reused, so a key matches only a block whose own tokens and, link by
+link, every earlier token of its sequence are exactly the request's: reuse is exact by construction, with no hash to
+collide (a key hashes one block's tokens, so looking up a prompt costs time linear in its length).
 
 Every block is in exactly one of three states:
 - free: never registered, or its entry evicted; in `_free`;

@@ -20,9 +20,10 @@ Prefix caching (kv_cache.py): at admission a sequence takes the longest cached r
 (shared, referenced once more) and prefills from the end of it, like a chunked prefill resumed there. At most
 prompt length - 1 tokens come from the cache, so that the prompt's last token is computed and samples the first
 output token. Once the step that writes a full prompt block is launched, the block is registered: a later
-request's step reads it after the writes (stream order). Only full blocks that a prefill writes are cached (of a
-recomputed sequence, its generated tokens' too), never the blocks decode writes, so a shared block is never written
-again (an extra token of a stopped sequence lands past its prompt too).
+request's step reads it after the writes (stream order). A sequence's full blocks of generated tokens are
+registered when it lets go of them (finished, aborted or preempted), those whose tokens were read back and whose
+writes were launched. A registered block is never written again: decode writes past it (an extra token of a stopped
+sequence too).
 """
 
 from __future__ import annotations
@@ -159,10 +160,12 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks and slot and put it at the front of the queue; it is admitted again
-        before any request that came after it and recomputes its tokens (Sequence.preempted)."""
+        before any request that came after it and recomputes its tokens (Sequence.preempted), from its blocks that
+        are still cached where it can."""
         for group in (self.running, self.prefilling, self.decoding):
             if seq in group:
                 group.remove(seq)
+        self._cache_written(seq)
         self.release(seq)
         seq.preempted()
         self.waiting.appendleft(seq)
@@ -202,7 +205,23 @@ class Scheduler:
         for group in (self.running, self.prefilling, self.decoding):
             if seq in group:
                 group.remove(seq)
+        self._cache_written(seq)
         self.release(seq)
+
+    def _cache_written(self, seq: Sequence) -> None:
+        """Before a sequence lets go of its blocks: its full blocks whose tokens are known (read back) and whose k/v
+        writes were launched join the prefix cache. Its prefill's blocks were registered as they were launched; this
+        adds those of its generated tokens (vLLM caches them too), so that a later prompt that repeats the whole
+        exchange (a chat's next turn) or the sequence's own recompute after a preemption reuses them. A decode step
+        writes the k/v of the token before the one it samples, so a running sequence's last num_launched - 1
+        positions are written; such a block is never written again (decode writes past it)."""
+        if not (self.enable_prefix_caching and seq.blocks):
+            return
+        bs = self.cache.block_size
+        written = seq.num_launched - 1 if seq.prefill_done else seq.num_prefilled
+        for i in range(len(seq.cache_entries), min(written, seq.num_tokens, len(seq.blocks) * bs) // bs):
+            parent = seq.cache_entries[-1] if seq.cache_entries else -1
+            seq.cache_entries.append(self.cache.register(seq.blocks[i], parent, seq.block_token_ids(i, bs)))
 
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's references to its blocks (cached ones stay cached until evicted) and its slot."""

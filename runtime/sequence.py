@@ -115,6 +115,13 @@ class Sequence:
         self.prefill_ids = self.prompt_ids + self.output_ids
         self._block_tokens = None
 
+    def block_token_ids(self, i: int, block_size: int) -> tuple[int, ...]:
+        """The token ids (prompt, then output) at the positions of its block i."""
+        a, b, p = i * block_size, (i + 1) * block_size, len(self.prompt_ids)
+        if b <= p:
+            return tuple(self.prompt_ids[a:b])
+        return tuple(self.prompt_ids[a:]) + tuple(self.output_ids[max(0, a - p):b - p])
+
     def prompt_block_tokens(self, block_size: int) -> list[tuple[int, ...]]:
         """The token ids of each full block of prefill_ids, the prefix cache's keys (computed once per
         admission)."""

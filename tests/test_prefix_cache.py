@@ -102,6 +102,48 @@ def test_logits_equal_with_and_without_a_hit(llms, length, shared):
     assert rel_err(logits, ref_logits) < 1e-5
 
 
+def test_next_turn_reuses_the_replys_blocks(llms):
+    """A finished request's full blocks of generated tokens join the prefix cache: a prompt that repeats the whole
+    exchange and adds to it (a chat's next turn) reuses them, and its logits, prefill and decode, equal those of a
+    prefill of everything without caching."""
+    llm, plain = llms
+    prompt = random_prompt(30, 256, 700)
+    reply = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0.8, seed=1, ignore_eos=True))[0]
+    turn = prompt + reply.token_ids + random_prompt(12, 256, 701)  # 82 tokens
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    out, logits = generate_recording_logits(llm, turn, params)
+    assert out.num_cached_tokens == 64  # of 69 written tokens (the reply's last was never an input): 4 blocks
+    ref, ref_logits = generate_recording_logits(plain, turn, params)
+    assert out.token_ids == ref.token_ids and rel_err(logits, ref_logits) < 1e-5
+    check_engine(llm.engine)
+
+
+@pytest.mark.parametrize("ends", ["length", "stop"])
+def test_generated_blocks_cached_are_those_written(ends):
+    """At its end a request caches the full blocks of the tokens whose k/v were written: a reply cut at its length
+    limit never had its last token as an input (not written), one that ends on a stop token had it written by the
+    step launched after it (before it was read back). A next turn hits exactly those and gets its exact tokens."""
+    engine = chain_engine(block_size=4)
+    prompt = [(5 * i + 1) % VOCAB for i in range(10)]
+    full, _ = expected(prompt, 14)
+    assert full[9] not in full[:9]
+    first = request(prompt, 10 if ends == "length" else 14, [full[9]] if ends == "stop" else [])
+    engine.add(first)
+    while not first.finished:
+        engine.step()
+    assert first.finish_reason == ends and len(first.output_ids) == 10  # 20 tokens: 5 full blocks
+    turn = prompt + first.output_ids + [7, 8, 9]
+    second = request(turn, 5)
+    engine.add(second)
+    while not second.finished:
+        engine.step()
+    assert second.num_cached_tokens == (16 if ends == "length" else 20)
+    assert (second.output_ids, second.finish_reason) == expected(turn, 5)
+    engine.step()
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+    engine.cache.check([])
+
+
 def test_running_requests_share_blocks(llms):
     llm, plain = llms
     prefix = random_prompt(64, 256, 400)
@@ -196,8 +238,8 @@ def shared_prefix_prompt(rng, documents, vocab, max_len):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_shared_prefixes_with_stops_and_aborts_are_exact(seed):
     """A model that reads every earlier token's cache entry through the block tables: requests that share prefixes
-    with finished, running and aborted ones, under memory pressure (evictions), chunked prefill and stops, each get
-    exactly their own tokens; the allocator's invariants hold after every step and nothing leaks."""
+    with finished, running and aborted ones, under memory pressure (evictions, preemptions), chunked prefill and
+    stops, each get exactly their own tokens; the allocator's invariants hold after every step and nothing leaks."""
     rng = random.Random(seed)
     engine = chain_engine(num_blocks=24, max_batch=4, max_prefill_tokens=rng.choice([5, 16, 64]))
     documents = [[rng.randrange(VOCAB) for _ in range(40)] for _ in range(4)]
@@ -213,6 +255,39 @@ def test_shared_prefixes_with_stops_and_aborts_are_exact(seed):
     assert stats["hit_tokens"] > stats["queried_tokens"] // 8 and stats["evictions"] > 0
     assert sum(s.num_cached_tokens for s in seqs) == stats["hit_tokens"]
     assert engine.num_preemptions >= 10  # and each recomputed from its prompt's cached blocks where it could
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+    engine.cache.check([])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_next_turns_of_random_exchanges_are_exact(seed):
+    """Requests that repeat a finished, stopped or aborted one's prompt and reply and add to it (a chat's next
+    turn), beside fresh ones, with chunked prefill, stops, aborts and some cache pressure: the earlier replies'
+    blocks are found in the cache, and each request gets exactly its own tokens."""
+    rng = random.Random(seed)
+    engine = chain_engine(num_blocks=60, max_batch=4, max_prefill_tokens=rng.choice([5, 16, 64]))
+    made, add, turns = [], engine.add, {}
+    engine.add = lambda s: (made.append(s), add(s))
+
+    def new_prompt():
+        done = [s for s in made if s.finished and s.output_ids]
+        if done and rng.random() < 0.6:
+            s = rng.choice(done[-30:])
+            turn = (s.prompt_ids + s.output_ids + [rng.randrange(VOCAB) for _ in range(rng.randint(1, 6))])[:60]
+            turns[tuple(turn)] = s
+            return turn
+        return [rng.randrange(VOCAB) for _ in range(rng.randint(1, 20))]
+
+    def check(engine):
+        check_engine(engine)
+        check_sampler_counts(engine)
+    seqs, aborted = random_workload(engine, rng, 200, new_prompt, max_tokens=16, stop_p=0.3, max_steps_between=6,
+                                    check=check)
+    engine.step()
+    assert_exact(seqs, aborted)
+    beyond = [s for s in seqs if tuple(s.prompt_ids) in turns
+              and s.num_cached_tokens > len(turns[tuple(s.prompt_ids)].prompt_ids)]
+    assert len(beyond) >= 20  # found blocks of the earlier reply's tokens
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
     engine.cache.check([])
 
