@@ -133,14 +133,23 @@ class KVCache:
     def register(self, block: int, parent_entry: int, tokens: tuple[int, ...]) -> int:
         """Cache a full block whose k/v for `tokens` have been written (their step launched) after the block of
         entry `parent_entry` (-1: the sequence's first block). The caller holds the block. -> the entry id a
-        sequence chains its next block from: this block's, or that of a block already cached under the same key
-        (this one then stays uncached and is freed normally)."""
+        sequence chains its next block from: this block's, or that of a block already cached under the same key.
+        Then, if no sequence holds that other block, this one takes over its entry (the other is freed): the entry
+        lives on in a held block, so the blocks this sequence registers after it, chained from it, stay reachable
+        (an unheld copy could be evicted while the sequence runs); if a sequence holds it, this one stays uncached
+        and is freed normally."""
         if self._refs[block] < 1:
             raise RuntimeError(f"KV cache: block {block} registered but no sequence holds it")
         key = (parent_entry, tokens)
         other = self._cached.get(key)
         if other is not None:
-            return self._entry[other][0]
+            entry = self._entry[other][0]
+            if self._refs[other] == 0 and block not in self._entry:
+                del self._lru[other], self._entry[other]
+                self._free.append(other)
+                self._cached[key] = block
+                self._entry[block] = (entry, key)
+            return entry
         if block in self._entry:
             raise RuntimeError(f"KV cache: block {block} is already cached under another key")
         entry = next(self._entry_ids)

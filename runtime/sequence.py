@@ -48,8 +48,9 @@ class Sequence:
         self.prefill_ids = self.prompt_ids
         self.num_prefilled = 0  # tokens of prefill_ids whose k/v are in the cache
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission (not prefilled)
-        # prefix-cache entry ids of its leading full prompt blocks, matched at admission or registered once their
-        # prefill was launched (see kv_cache.py); a block's key chains from the entry before it
+        # prefix-cache entry ids of its leading full blocks, matched at admission, registered once their prefill was
+        # launched, or (generated tokens') when it lets go of them (see kv_cache.py); a block's key chains from the
+        # entry before it
         self.cache_entries: list[int] = []
         self._block_tokens: list[tuple[int, ...]] | None = None
         # prompt tokens plus every output token launched on the device, read back or not: the engine launches a
