@@ -5,8 +5,8 @@
     print(llm.generate("Hello", SamplingParams(max_tokens=16, temperature=0))[0].text)
 """
 
-from .llm import LLM, RequestOutput
+from .llm import LLM, CompletionOutput, RequestOutput
 from .sampling import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "__version__"]

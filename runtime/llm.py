@@ -10,7 +10,7 @@ import numbers
 import os
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -38,8 +38,23 @@ _warned_builtin: set[str] = set()
 
 
 @dataclass
+class CompletionOutput:
+    """One completion of a request (vLLM's CompletionOutput): its index among the request's n, text, token ids,
+    finish reason, logprobs (with SamplingParams.logprobs) and their sum over the generated tokens."""
+
+    index: int
+    text: str | None
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    cumulative_logprob: float | None = None
+
+
+@dataclass
 class RequestOutput:
-    """One finished request. finish_reason: "stop" (eos, stop id or stop string) or "length"."""
+    """One finished request. finish_reason: "stop" (eos, stop id or stop string) or "length". `outputs` holds its
+    SamplingParams.n completions (vLLM's layout); text, token_ids, finish_reason, logprobs and the timings are the
+    first completion's."""
 
     prompt: str | None
     prompt_token_ids: list[int]
@@ -54,6 +69,7 @@ class RequestOutput:
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     # SamplingParams.prompt_logprobs = N: per prompt token, the same given the tokens before it (None for the first)
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    outputs: list[CompletionOutput] = field(default_factory=list)
 
     @property
     def prompt_len(self) -> int:
@@ -319,17 +335,22 @@ class LLM:
         check_min_tokens(seq, self.config.vocab_size)
         return seq
 
-    def _batch(self, prompts, params) -> list[Sequence]:
-        """generate / agenerate: validated sequences for every prompt (nothing submitted yet). params: one
-        SamplingParams for all, or a list of one per prompt (as vLLM takes them)."""
+    def _batch(self, prompts, params) -> list[list[Sequence]]:
+        """generate / agenerate: validated sequences for every prompt, n (SamplingParams.n) of each (nothing
+        submitted yet). params: one SamplingParams for all, or a list of one per prompt (as vLLM takes them)."""
         prompts = self._normalise_prompts(prompts)
         if isinstance(params, (list, tuple)):
             if len(params) != len(prompts):
                 raise ValueError(f"params: a list of {len(params)} SamplingParams for {len(prompts)} prompts (give "
                                  "one per prompt, or one for all)")
-            return [self._new_sequence(p, self._params(q)) for p, q in zip(prompts, params)]
-        params = self._params(params)
-        return [self._new_sequence(p, params) for p in prompts]
+            params = [self._params(q) for q in params]
+        else:
+            params = [self._params(params)] * len(prompts)
+        groups = []
+        for prompt, p in zip(prompts, params):
+            first = self._new_sequence(prompt, p.choices()[0])
+            groups.append([first] + [self._new_sequence(first.prompt_ids, q) for q in p.choices()[1:]])
+        return groups
 
     # ---- request-level API (servers, custom schedulers) -------------------------------------------------------
     # new_request validates a prompt into a Sequence; submit queues sequences; step runs one engine step (prefill
@@ -338,8 +359,12 @@ class LLM:
     # threads may share one LLM; generate / stream / agenerate / astream are built on them.
     def new_request(self, prompt, params: SamplingParams | None = None) -> Sequence:
         """One validated request (text or token ids; params resolved against the checkpoint's generation
-        defaults), not yet submitted; a ValueError names what is wrong. Needs a tokenizer (its text is streamed)."""
+        defaults), not yet submitted; a ValueError names what is wrong. Needs a tokenizer (its text is streamed).
+        One completion: n > 1 is for generate / agenerate / chat."""
         params = self._params(params)
+        if params.n > 1:
+            raise ValueError(f"SamplingParams.n = {params.n}: a request of the request-level API, stream or astream "
+                             "is one completion; generate, agenerate and chat return n")
         if self.tokenizer is None:
             raise ValueError(f"{self.model_name} ships no tokenizer.json: streaming text needs one")
         return self._new_sequence(prompt, params)
@@ -349,14 +374,15 @@ class LLM:
         """Generate for one or several prompts, run together as one batch (up to max_batch_size at a time). params:
         one SamplingParams for every prompt, or a list of one per prompt. -> one RequestOutput per prompt, in
         order."""
-        seqs = self._batch(prompts, params)
+        groups = self._batch(prompts, params)
+        seqs = [s for group in groups for s in group]
         self.submit(seqs)
         try:
             while not all(s.finished for s in seqs):
                 self.step()
         finally:
             self.abort(seqs)
-        return [self._output(s) for s in seqs]
+        return [self._output(group) for group in groups]
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces of one prompt's generation as tokens arrive; they join to the `generate` text.
@@ -381,7 +407,8 @@ class LLM:
         """`generate` for asyncio: the event loop stays free and concurrent coroutines share the running batch. One
         task per event loop steps the engine for all its agenerate / astream requests, one step at a time in a thread
         of the loop's default executor (_AsyncDriver): a waiting request holds no thread."""
-        seqs = self._batch(prompts, params)
+        groups = self._batch(prompts, params)
+        seqs = [s for group in groups for s in group]
         driver, waiter = self._async_driver(), None
         try:
             await driver.call(self.submit, seqs)  # the lock may be held for a step: never wait for it on the loop
@@ -392,7 +419,7 @@ class LLM:
         finally:
             driver.forget(waiter)
             await driver.call(self.abort, seqs)
-        return [self._output(s) for s in seqs]
+        return [self._output(group) for group in groups]
 
     async def astream(self, prompt, params: SamplingParams | None = None):
         """`stream` for asyncio: an async iterator of text pieces; closing it early cancels the request."""
@@ -498,22 +525,30 @@ class LLM:
         return self.engine.has_work()
 
     # ---- helpers ----------------------------------------------------------------------------------------------
-    def _output(self, s: Sequence) -> RequestOutput:
-        _check_not_aborted(s)
+    def _output(self, group: list[Sequence]) -> RequestOutput:
+        """The RequestOutput of one prompt's sequences (its n completions)."""
+        for s in group:
+            _check_not_aborted(s)
+        outputs = [CompletionOutput(i, s.text if s.detok is not None else None, list(s.output_ids), s.finish_reason,
+                                    None if s.logprobs is None else list(s.logprobs),
+                                    None if s.logprobs is None else sum(lp for lp, _ in s.logprobs))
+                   for i, s in enumerate(group)]
+        s, first = group[0], outputs[0]
         rate = None
         if len(s.output_ids) > 1 and s.last_token_time > s.first_token_time:
             rate = (len(s.output_ids) - 1) / (s.last_token_time - s.first_token_time)
         return RequestOutput(
             prompt=s.prompt,
             prompt_token_ids=s.prompt_ids,
-            text=s.text if s.detok is not None else None,
-            token_ids=list(s.output_ids),
-            finish_reason=s.finish_reason,
+            text=first.text,
+            token_ids=first.token_ids,
+            finish_reason=first.finish_reason,
             time_to_first_token_s=s.first_token_time - s.arrival,
             decode_tokens_per_s=rate,
             num_cached_tokens=s.num_cached_tokens,
-            logprobs=None if s.logprobs is None else list(s.logprobs),
+            logprobs=first.logprobs,
             prompt_logprobs=None if s.prompt_logprobs is None else list(s.prompt_logprobs),
+            outputs=outputs,
         )
 
 

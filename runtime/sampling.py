@@ -24,7 +24,7 @@ import torch
 DEFAULTS = dict(max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                 presence_penalty=0.0, frequency_penalty=0.0, stop=(), stop_token_ids=(), ignore_eos=False,
                 seed=None, logprobs=None, min_tokens=0, logit_bias=None, prompt_logprobs=None,
-                skip_special_tokens=True, include_stop_str_in_output=False)
+                skip_special_tokens=True, include_stop_str_in_output=False, n=1)
 MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 # a temperature below this is greedy (vLLM's _SAMPLING_EPS): logits divided by a subnormal temperature overflow
 GREEDY_TEMPERATURE = 1e-5
@@ -69,6 +69,9 @@ class SamplingParams:
     # the text keeps the stop string that ended it (or the stop token's text), as vLLM's option; it streams with
     # nothing held back then
     include_stop_str_in_output: bool | None = None
+    # completions of the prompt (vLLM's n): LLM.generate / agenerate / chat return them in RequestOutput.outputs;
+    # a seeded request's completion i draws with seed + i (choices)
+    n: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -87,6 +90,15 @@ class SamplingParams:
         merged.update(defaults or {})
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return SamplingParams(**{k: (merged[k] if v is None else v) for k, v in values.items()})
+
+    def choices(self) -> list["SamplingParams"]:
+        """The params of each of the n completions, each with n = 1. As in vLLM, a seeded request's completion i
+        draws with seed + i (wrapping at 2**63), so the completions differ and the request stays reproducible;
+        unseeded ones draw their own seeds."""
+        n = self.n or 1
+        if self.seed is None:
+            return [dataclasses.replace(self, n=1)] * n
+        return [dataclasses.replace(self, seed=(self.seed + i) % 2 ** 63, n=1) for i in range(n)]
 
     @property
     def greedy(self) -> bool:
@@ -112,6 +124,8 @@ def _validate(p: SamplingParams) -> None:
 
     if p.max_tokens is not None and not (_is_int(p.max_tokens) and p.max_tokens >= 1):
         bad("max_tokens", "must be an integer >= 1")
+    if p.n is not None and not (_is_int(p.n) and p.n >= 1):
+        bad("n", "must be an integer >= 1")
     if p.temperature is not None and not (_is_num(p.temperature) and 0 <= p.temperature <= FLOAT32_MAX):
         bad("temperature", "must be a number >= 0 (0 is greedy) within float32's range")
     if p.top_k is not None and not (_is_int(p.top_k) and -1 <= p.top_k < 2 ** 31):

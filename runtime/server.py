@@ -80,11 +80,9 @@ class Parsed:
     field_names: dict | None = None  # SamplingParams field -> the request's field, where they differ (errors)
 
     def choice_params(self) -> list:
-        """SamplingParams of each of the n choices. As in vLLM, a seeded request's choice i draws with seed + i
-        (wrapping at 2**63), so the choices differ and the request stays reproducible."""
-        if self.params.seed is None:
-            return [self.params] * self.n
-        return [dataclasses.replace(self.params, seed=(self.params.seed + i) % 2 ** 63) for i in range(self.n)]
+        """SamplingParams of each of the n choices (SamplingParams.choices: a seeded request's choice i draws with
+        seed + i, as in vLLM)."""
+        return dataclasses.replace(self.params, n=self.n).choices()
 
 
 def _check_fields(body: dict, allowed: set[str]) -> None:

@@ -3,6 +3,7 @@ after it), waiting for cache space, threads, cancellation."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 
@@ -241,6 +242,40 @@ def test_one_sampling_params_per_prompt(tiny):
     together = tiny.generate(prompts, params)
     assert [o.token_ids for o in together] == [tiny.generate(p, q)[0].token_ids for p, q in zip(prompts, params)]
     assert [len(o.token_ids) for o in together] == [3, 4, 5]
+
+
+def test_n_completions_per_prompt_as_vllm(tiny):
+    """SamplingParams.n: RequestOutput.outputs holds n CompletionOutputs (vLLM's layout); a seeded request's
+    completion i draws what n = 1 with seed + i draws; the flat fields are the first completion's; greedy
+    completions are equal; agenerate and chat return them too; one request of the request-level API or a stream is
+    one completion."""
+    params = SamplingParams(n=3, max_tokens=6, temperature=0.9, seed=5, ignore_eos=True, logprobs=1)
+    prompts = ["abc", "hello world"]
+    outs = tiny.generate(prompts, [params, dataclasses.replace(params, n=2)])
+    assert [len(o.outputs) for o in outs] == [3, 2]
+    for prompt, out in zip(prompts, outs):
+        for i, c in enumerate(out.outputs):
+            alone = tiny.generate(prompt, dataclasses.replace(params, n=1, seed=5 + i))[0]
+            assert (c.index, c.token_ids, c.text, c.finish_reason) == (i, alone.token_ids, alone.text, "length")
+            assert [lp for lp, _ in c.logprobs] == pytest.approx([lp for lp, _ in alone.logprobs], abs=1e-5)
+            assert c.cumulative_logprob == pytest.approx(sum(lp for lp, _ in c.logprobs))
+        assert (out.text, out.token_ids, out.logprobs) == (out.outputs[0].text, out.outputs[0].token_ids,
+                                                             out.outputs[0].logprobs)
+        assert len({tuple(c.token_ids) for c in out.outputs}) == len(out.outputs)  # seeds differ: so do draws
+    one = tiny.generate("abc", SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert [(c.index, c.token_ids) for c in one.outputs] == [(0, one.token_ids)] and one.outputs[0].logprobs is None
+    greedy = tiny.generate("abc", SamplingParams(n=2, max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+    outs_async = asyncio.run(tiny.agenerate(prompts, [params, dataclasses.replace(params, n=2)]))
+    assert [[c.token_ids for c in o.outputs] for o in outs_async] == [[c.token_ids for c in o.outputs] for o in outs]
+    reply = tiny.chat([{"role": "user", "content": "hi"}], dataclasses.replace(params, n=2))
+    assert len(reply.outputs) == 2
+    for call in (lambda: tiny.new_request("abc", params), lambda: next(tiny.stream("abc", params))):
+        with pytest.raises(ValueError, match="SamplingParams.n = 3: a request of the request-level API"):
+            call()
+    with pytest.raises(ValueError, match="SamplingParams.n = 0: must be an integer >= 1"):
+        SamplingParams(n=0)
+    assert len(tiny.engine.free_slots) == tiny.max_batch_size and not tiny.engine.running
 
 
 @pytest.mark.parametrize("call, match", [

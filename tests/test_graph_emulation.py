@@ -63,7 +63,7 @@ def run(llm: LLM, lengths=(5, 11, 12, 17, 9)):
     llm.submit(seqs)
     while not all(s.finished for s in seqs):
         llm.step()
-    outs = [llm._output(s) for s in seqs]
+    outs = [llm._output([s]) for s in seqs]
     if len(prompts) == 5:
         outs += llm.generate(prompts[2:4], TOP_K)
     outs += llm.generate(prompts[-1:], FULL)

@@ -54,7 +54,7 @@ def test_prompt_logprobs_are_the_models_distribution_over_the_prompt():
     llm.submit(seqs)  # the prompt_logprobs request second in its prefill steps: its rows start past the other's
     while not all(s.finished for s in seqs):
         llm.step()
-    plain, out = (llm._output(s) for s in seqs)
+    plain, out = (llm._output([s]) for s in seqs)
     ref = torch.log_softmax(llm.logits(prompt).float(), dim=-1)
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
     for pos in range(1, len(prompt)):
