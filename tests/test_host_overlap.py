@@ -30,9 +30,10 @@ def next_token(tokens: list[int]) -> int:
 
 
 class ChainModel:
-    """Stands in for Qwen2Model on a one-layer cache of one value per token: writes each input id at its cache slot,
-    then reads every earlier position of the sequence back through the block tables, and emits next_token (the
-    hidden row carries it to compute_logits). Checks each decode step's rows against the engine's sequences."""
+    """Stands in for Qwen2Model on a one-layer cache of one value per token: reads every earlier position of the
+    sequence back through the block tables, writes the token's value (`cell`: its input id) at its cache slot, and
+    emits next_token (the hidden row carries it to compute_logits). Checks each decode step's rows against the
+    engine's sequences."""
 
     def __init__(self, engine_ref: list):
         self.config = SimpleNamespace(vocab_size=VOCAB, num_hidden_layers=1, num_key_value_heads=1, head_dim=1)
@@ -47,21 +48,25 @@ class ChainModel:
         self.log.append("prefill" if meta.is_prefill else "decode")
         cache = kv_caches[0][0].view(-1)
         bs = kv_caches[0][0].shape[1]
-        live = meta.slot_mapping >= 0
-        cache[meta.slot_mapping[live]] = ids[live].float()
         if meta.is_prefill:
             row = torch.searchsorted(meta.query_start, torch.arange(ids.shape[0], dtype=torch.int32), right=True) - 1
         else:
             row = torch.arange(ids.shape[0])
             self.check_decode_rows(ids, meta)
         out = torch.zeros(ids.shape[0], 1)
-        for t in range(ids.shape[0]):
+        for t in range(ids.shape[0]):  # in order: a prompt's rows read the positions its earlier rows wrote
             p, table = int(meta.positions[t]), meta.block_tables[row[t]]
             if not meta.is_prefill and int(meta.seq_lens[t]) == 0:
                 continue  # padding
             earlier = [int(table[q // bs]) * bs + q % bs for q in range(p)]
-            out[t] = (3 * int(ids[t]) + p + int(cache[earlier].sum())) % VOCAB
+            value, out[t] = self.cell(int(ids[t]), p, cache[earlier])
+            if int(meta.slot_mapping[t]) >= 0:
+                cache[int(meta.slot_mapping[t])] = float(value)
         return out
+
+    def cell(self, token: int, position: int, earlier: torch.Tensor) -> tuple[int, int]:
+        """-> (the value cached for a token at `position` after the earlier positions' values, the next token)."""
+        return token, (3 * token + position + int(earlier.sum())) % VOCAB
 
     def compute_logits(self, hidden):
         return torch.nn.functional.one_hot(hidden[:, 0].long(), VOCAB).float()
@@ -93,10 +98,13 @@ def chain_engine(num_blocks=40, block_size=4, max_batch=4, max_prefill_tokens=24
     return engine
 
 
-def expected(prompt: list[int], max_tokens: int, stop_ids=(), max_seq_len=80) -> tuple[list[int], str]:
+def expected(prompt: list[int], max_tokens: int, stop_ids=(), max_seq_len=80, rule=None) -> tuple[list[int], str]:
+    """The tokens and finish reason a request gets from a model whose next token after `tokens` is rule(tokens)
+    (default: ChainModel's next_token)."""
+    rule = rule or next_token
     tokens, out = list(prompt), []
     while True:
-        t = next_token(tokens)
+        t = rule(tokens)
         tokens.append(t)
         out.append(t)
         if t in stop_ids:

@@ -358,16 +358,8 @@ def prefix_values(tokens: list[int]) -> list[int]:
     return values
 
 
-def prefix_expected(prompt: list[int], max_tokens: int, stop_ids=(), max_seq_len=80) -> tuple[list[int], str]:
-    tokens, out = list(prompt), []
-    while True:
-        t = prefix_values(tokens)[-1] % VOCAB
-        tokens.append(t)
-        out.append(t)
-        if t in stop_ids:
-            return out, "stop"
-        if len(out) == max_tokens or len(tokens) >= max_seq_len:
-            return out, "length"
+def prefix_expected(prompt: list[int], max_tokens: int, stop_ids=()) -> tuple[list[int], str]:
+    return expected(prompt, max_tokens, stop_ids, rule=lambda tokens: prefix_values(tokens)[-1] % VOCAB)
 
 
 class PrefixModel(ChainModel):
@@ -376,26 +368,9 @@ class PrefixModel(ChainModel):
     prefix at its own positions, so a block cached under the wrong parent or key shows up (CacheChecker) and
     gives wrong tokens. The next token is the newest value % VOCAB."""
 
-    def forward(self, ids, meta, kv_caches):
-        self.log.append("prefill" if meta.is_prefill else "decode")
-        cache = kv_caches[0][0].view(-1)
-        bs = kv_caches[0][0].shape[1]
-        if meta.is_prefill:
-            row = torch.searchsorted(meta.query_start, torch.arange(ids.shape[0], dtype=torch.int32), right=True) - 1
-        else:
-            row = torch.arange(ids.shape[0])
-            self.check_decode_rows(ids, meta)
-        out = torch.zeros(ids.shape[0], 1)
-        for t in range(ids.shape[0]):
-            p, table = int(meta.positions[t]), meta.block_tables[row[t]]
-            if not meta.is_prefill and int(meta.seq_lens[t]) == 0:
-                continue  # padding
-            earlier = [int(table[q // bs]) * bs + q % bs for q in range(p)]
-            value = prefix_value(int(ids[t]), p, int(cache[earlier].sum()) % PRIME if earlier else 0)
-            if int(meta.slot_mapping[t]) >= 0:
-                cache[int(meta.slot_mapping[t])] = float(value)
-            out[t] = value % VOCAB
-        return out
+    def cell(self, token: int, position: int, earlier: torch.Tensor) -> tuple[int, int]:
+        value = prefix_value(token, position, int(earlier.sum()) % PRIME if len(earlier) else 0)
+        return value, value % VOCAB
 
 
 def prefix_engine(num_blocks, block_size, max_batch, max_prefill_tokens, max_seq_len=80):
