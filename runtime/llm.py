@@ -348,8 +348,9 @@ class LLM:
             params = [self._params(params)] * len(prompts)
         groups = []
         for prompt, p in zip(prompts, params):
-            first = self._new_sequence(prompt, p.choices()[0])
-            groups.append([first] + [self._new_sequence(first.prompt_ids, q) for q in p.choices()[1:]])
+            choices = p.choices()
+            first = self._new_sequence(prompt, choices[0])
+            groups.append([first] + [self._new_sequence(first.prompt_ids, q) for q in choices[1:]])
         return groups
 
     # ---- request-level API (servers, custom schedulers) -------------------------------------------------------

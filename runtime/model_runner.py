@@ -39,7 +39,7 @@ from qwen2rt.models.qwen2 import Qwen2Model
 
 from .kv_cache import KVCache
 from .sampling import (MAX_LOGPROBS, VARIANTS, SamplerState, SamplingParams, SamplingRows, row_values, sample_tokens,
-                       sampler_variant, token_logprobs)
+                       sampler_variant, to_device, token_logprobs)
 from .sequence import Sequence
 
 log = logging.getLogger("qwen2rt")
@@ -365,12 +365,8 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, values["last"]))
 
     def to_device(self, values, dtype: torch.dtype | None) -> torch.Tensor:
-        """A host list as a device tensor. On CUDA through pinned memory: a copy from pageable memory may wait for
-        the stream, which holds the decode step launched before."""
-        host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-        if not self.cuda:
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+        """A host list as a device tensor (sampling.to_device)."""
+        return to_device(values, dtype, self.device)
 
     def graph_prefill_bucket(self, chunks: list[tuple[Sequence, int, int]]) -> int | None:
         """The token bucket whose graph runs this prefill step, or None (eager): with graphs, up to

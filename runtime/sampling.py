@@ -260,12 +260,6 @@ class SamplerState:
         self.bias = torch.zeros(num_slots + 1, vocab_size, dtype=torch.float32, device=device)
         self.held = torch.zeros(num_slots + 1, vocab_size, dtype=torch.bool, device=device)
 
-    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(values, dtype=dtype)
-        if self.seen.is_cuda:  # through pinned memory: a pageable copy would wait for the decode step in flight
-            t = t.pin_memory().to(self.seen.device, non_blocking=True)
-        return t
-
     def reset(self, slot: int, prompt_ids: list[int], logit_bias: Mapping[int, float] | None = None,
               held_ids=None, output_ids: list[int] = ()) -> None:
         """A new request in `slot`: its prompt marked seen and its output so far (a preempted request admitted again)
@@ -274,20 +268,29 @@ class SamplerState:
         them)."""
         self.seen[slot].zero_()
         self.counts[slot].zero_()
-        self.seen[slot, self._to_device(prompt_ids, torch.long)] = True
+        self.seen[slot, to_device(prompt_ids, torch.long, self.seen.device)] = True
         if output_ids:
-            out = self._to_device(output_ids, torch.long)
+            out = to_device(output_ids, torch.long, self.seen.device)
             self.seen[slot, out] = True
             self.counts[slot].index_add_(0, out, torch.ones_like(out, dtype=self.counts.dtype))
         if logit_bias:
             self.bias[slot].zero_()
-            self.bias[slot, self._to_device(list(logit_bias), torch.long)] = \
-                self._to_device(list(logit_bias.values()), torch.float32)
+            self.bias[slot, to_device(list(logit_bias), torch.long, self.seen.device)] = \
+                to_device(list(logit_bias.values()), torch.float32, self.seen.device)
         if held_ids is not None:
             self.held[slot].zero_()
             held_ids = sorted(t for t in held_ids if t < self.held.shape[1])  # one past the vocabulary is never drawn
             if held_ids:
-                self.held[slot, self._to_device(held_ids, torch.long)] = True
+                self.held[slot, to_device(held_ids, torch.long, self.seen.device)] = True
+
+
+def to_device(values, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """A host list (or CPU tensor) as a tensor on `device`. On CUDA through pinned memory: a copy from pageable
+    memory may wait for the stream, which holds the decode step launched before."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def apply_bias_and_holds(logits: torch.Tensor, bias: torch.Tensor, held: torch.Tensor, rows: SamplingRows):
