@@ -4,16 +4,19 @@ added latency over the Python API.
 - prefix: a 2,000-token system prompt plus a 50-token question, one request at a time, max_tokens 1. "cold": a new
   system prompt every time (a miss: the cache's cost at a 0% hit rate), "warm": the same system prompt with a new
   question (a hit on its full blocks), and the baseline "off": the same requests on an LLM with
-  enable_prefix_caching=False. Median time to first token (RequestOutput.time_to_first_token_s) of `repeats`,
-  beside the floor of the tokens actually prefilled: max(their FLOPs / the bf16 GEMM rate, the weights read once /
-  the copy bandwidth), both measured in the same run.
+  enable_prefix_caching=False. "burst": `burst` requests with one new system prompt and different questions,
+  submitted together (the first computes the system prompt; with caching the others take its blocks in the same
+  step); its time is the last request's time to first token. Median time to first token
+  (RequestOutput.time_to_first_token_s) of `repeats`, beside the floor of the tokens actually prefilled: max(their
+  FLOPs / the bf16 GEMM rate, the weights read once / the copy bandwidth), both measured in the same run;
+  vs_no_caching divides it by the same case's time with caching off.
 - server: the same model behind `python -m qwen2rt serve`'s app (uvicorn in a thread on 127.0.0.1, requests by
   httpx, one at a time) against LLM.generate on the same LLM, at max_tokens 1 (the added latency per request) and
   `tokens` (the added latency per token, after the per-request part). Skipped (recorded as such) without the serve
   extra or httpx, as on the lent GPU machine unless its wheels are carried.
 
     python -m benchmarks.bench_serving [--model qwen2-7b] [--system 2000] [--question 50] [--repeats 5]
-                                       [--tokens 64] [--smoke] [--out FILE.json]
+                                       [--burst 4] [--tokens 64] [--smoke] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -45,6 +48,12 @@ def _ttft(llm: LLM, prompt: list[int]) -> tuple[float, int]:
     return out.time_to_first_token_s * 1e3, out.num_cached_tokens
 
 
+def _burst(llm: LLM, prompts: list[list[int]]) -> tuple[float, int]:
+    """-> (the last of the prompts' times to first token, ms; their cached tokens in all), submitted together."""
+    outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    return max(o.time_to_first_token_s for o in outs) * 1e3, sum(o.num_cached_tokens for o in outs)
+
+
 def _free(llm) -> None:
     del llm
     gc.collect()
@@ -53,7 +62,7 @@ def _free(llm) -> None:
 
 
 def run_prefix(model: str, device, ceilings: dict, system: int = 2000, question: int = 50, repeats: int = 5,
-               **llm_args) -> list[dict]:
+               burst: int = 4, **llm_args) -> list[dict]:
     rows = []
     results = {}
     for caching in (True, False):
@@ -66,27 +75,33 @@ def run_prefix(model: str, device, ceilings: dict, system: int = 2000, question:
         shared = systems[-2]
         _ttft(llm, shared + questions[-2])  # caches the shared system prompt's blocks
         warm = [_ttft(llm, shared + questions[i]) for i in range(repeats)]
-        results[caching] = (cold, warm)
+        bursts = [_burst(llm, [s + q for q in _prompts(vocab, question, burst, seed=10 + i)])
+                  for i, s in enumerate(_prompts(vocab, system, repeats, seed=5))]  # a new system prompt each
+        results[caching] = (cold, warm, bursts)
         _free(llm)
     config = llm_config(model)
     dtype_bytes = 4 if llm_args.get("dtype") == "float32" else 2
     weight_floor = prefill_weight_bytes(config, dtype_bytes) / ceilings["copy_GBps"] / 1e6
-    for caching, (cold, warm) in results.items():
-        for case, runs in (("cold", cold), ("warm", warm)):
+    kv_token = kv_bytes_per_token(config, torch.bfloat16 if dtype_bytes == 2 else torch.float32)
+    for caching, (cold, warm, bursts) in results.items():
+        for case, runs in (("cold", cold), ("warm", warm), ("burst", bursts)):
             cached = statistics.median(c for _, c in runs)
             ttft = statistics.median(ms for ms, _ in runs)
-            new_tokens = int(system + question - cached)
+            requests = burst if case == "burst" else 1
+            # requests after the first take cached / (requests - 1) tokens each (a burst) or all `cached` (one)
+            each = cached / max(1, requests - 1) if case == "burst" else cached
+            flops = prefill_flops(config, int(system + question - each), int(each)) * (requests - (case == "burst"))
+            if case == "burst":
+                flops += prefill_flops(config, system + question, 0)
             # a hit's new tokens attend over the cached ones too, whose K/V are read from the cache
-            kv_floor = cached * kv_bytes_per_token(config, torch.bfloat16 if dtype_bytes == 2 else torch.float32) \
-                / ceilings["copy_GBps"] / 1e6
-            floor = max(prefill_flops(config, new_tokens, int(cached)) / ceilings["bf16_gemm_TFLOPs"] / 1e9,
-                        weight_floor + kv_floor)
-            rows.append(dict(bench="prefix", model=model, prompt=f"{system}+{question}", case=case,
-                             prefix_caching=caching, ttft_ms=ttft, cached_tokens=cached, floor_ms=floor,
-                             pct_of_floor=100 * floor / ttft))
-    off_warm = next(r["ttft_ms"] for r in rows if not r["prefix_caching"] and r["case"] == "warm")
+            floor = max(flops / ceilings["bf16_gemm_TFLOPs"] / 1e9,
+                        weight_floor + cached * kv_token / ceilings["copy_GBps"] / 1e6)
+            rows.append(dict(bench="prefix", model=model, case=case, prefix_caching=caching, ttft_ms=ttft,
+                             prompt=f"{requests}x {system}+{question}" if case == "burst" else f"{system}+{question}",
+                             cached_tokens=cached, floor_ms=floor, pct_of_floor=100 * floor / ttft))
     for r in rows:
-        r["vs_no_caching"] = r["ttft_ms"] / off_warm if off_warm else None
+        off = next(o["ttft_ms"] for o in rows if not o["prefix_caching"] and o["case"] == r["case"])
+        r["vs_no_caching"] = r["ttft_ms"] / off if off else None
     return rows
 
 
@@ -148,12 +163,12 @@ def llm_config(model: str):
 
 
 def run(device, ceilings, model: str = "qwen2-7b", system: int = 2000, question: int = 50, repeats: int = 5,
-        tokens: int = 64, **llm_args) -> list[dict]:
-    return (run_prefix(model, device, ceilings, system, question, repeats, **llm_args)
+        tokens: int = 64, burst: int = 4, **llm_args) -> list[dict]:
+    return (run_prefix(model, device, ceilings, system, question, repeats, burst, **llm_args)
             + run_server(model, device, tokens, repeats, **llm_args))
 
 
-SMOKE = dict(model="tiny", system=40, question=8, repeats=2, tokens=4, dtype="float32", max_seq_len=128)
+SMOKE = dict(model="tiny", system=40, question=8, repeats=2, tokens=4, burst=3, dtype="float32", max_seq_len=128)
 
 
 def main(argv=None) -> list[dict]:
@@ -163,6 +178,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--question", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--burst", type=int, default=4, help="requests submitted together in the burst case")
     ap.add_argument("--smoke", action="store_true", help="the tiny model on CPU: checks the script runs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -171,7 +187,7 @@ def main(argv=None) -> list[dict]:
     if args.smoke:
         rows = run(device, ceilings, **SMOKE)
     else:
-        rows = run(device, ceilings, args.model, args.system, args.question, args.repeats, args.tokens)
+        rows = run(device, ceilings, args.model, args.system, args.question, args.repeats, args.tokens, args.burst)
     print_rows([r for r in rows if r["bench"] == "prefix"],
                ["model", "prompt", "case", "prefix_caching", "ttft_ms", "cached_tokens", "vs_no_caching", "floor_ms",
                 "pct_of_floor"])

@@ -289,7 +289,8 @@ def summary_markdown(rec: dict) -> str:
         out.append("")
     if rec.get("serving"):
         out += ["## Serving", "",
-                "Time to first token, one request at a time (system prompt + question, max_tokens 1):", "",
+                "Time to first token (system prompt + question, max_tokens 1; one request at a time, or a burst "
+                "submitted together, the last of its requests):", "",
                 "| model | prompt | case | prefix caching | ttft ms | cached tokens | floor ms | % of floor |",
                 "|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rec["serving"] if r["bench"] == "prefix"):

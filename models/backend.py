@@ -105,7 +105,9 @@ class Backend:
     def attention(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rope: RotaryTables,
                   meta: AttentionMetadata, shape: AttentionShape) -> torch.Tensor:
         """Rotary-embed q and k of the packed projection qkv [T, (Hq + 2 Hkv) D], write rotated k and v to the
-        cache at meta.slot_mapping, attend causally over each sequence's cached context; -> [T, Hq D]."""
+        cache at meta.slot_mapping, attend causally over each sequence's cached context; -> [T, Hq D]. Every new
+        token's k/v is written before any query attends: a sequence's block table may list blocks that another
+        sequence of the same prefill step writes (prefix caching shares them, runtime/scheduler.py)."""
         raise NotImplementedError
 
     def moe_residual(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: MoEWeights,

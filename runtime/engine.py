@@ -14,8 +14,9 @@ cache slot past its end, its sampler slot's counts, its newest-token entry) belo
 released, and the next owner of those blocks and that slot is admitted in a later call: its sampler row is reset,
 its block-table row and newest token written, and each of its cache slots written before it is read, all in work
 enqueued after step N+1, so stream order keeps every other request's state intact. Blocks shared through the
-prefix cache are full blocks whose writes were launched before any reader's step, and are never written again
-(scheduler.py). On CPU every launch runs to completion before it returns; the code path is the same.
+prefix cache are full blocks whose writes were launched before any reader's step or earlier in the same one, and
+are never written again (scheduler.py). On CPU every launch runs to completion before it returns; the code path is
+the same.
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ class Engine:
             grown = [(s, i) for s, i in self.scheduler.grown if s.slot is not None]  # (not preempted after)
             if grown:
                 self.runner.add_blocks(grown)
+            for seq in self.scheduler.retabled:  # cached blocks in place of some of its own (Scheduler._take_cached)
+                self.runner.set_blocks(seq.slot, seq.blocks)
             launched = self.runner.launch_prefill(work) if kind == "prefill" else self.runner.launch_decode(work)
         except BaseException:
             # a launch that fails part-way may already have sampled (the slots' penalty counts and next input ids
@@ -148,6 +151,8 @@ class Engine:
             # (a copy of the list first: decode's is the scheduler's own, which aborting edits)
             for seq in [s for s, _, _ in work] if kind == "prefill" else list(work):
                 self.abort(seq)
+            if kind == "prefill":
+                self.scheduler.not_launched()
             raise
         if kind == "prefill":
             self.scheduler.prefilled(work)

@@ -105,11 +105,11 @@ class KVCache:
                     self._free.append(block)
 
     # ---- prefix cache ----------------------------------------------------------------------------------------
-    def match(self, block_tokens: list[tuple[int, ...]]) -> tuple[list[int], list[int]]:
-        """The longest cached run of full blocks starting at a sequence's first block. block_tokens: the token ids
-        of the sequence's leading full blocks, in order. -> (blocks, their entry ids); nothing is referenced yet
-        (see `acquire`)."""
-        blocks, entries, parent = [], [], -1
+    def match(self, block_tokens: list[tuple[int, ...]], parent: int = -1) -> tuple[list[int], list[int]]:
+        """The longest cached run of full blocks that follows the block of entry `parent` (-1: starting at a
+        sequence's first block). block_tokens: the token ids of the sequence's next full blocks, in order. ->
+        (blocks, their entry ids); nothing is referenced yet (see `acquire`)."""
+        blocks, entries = [], []
         for tokens in block_tokens:
             block = self._cached.get((parent, tokens))
             if block is None:
@@ -156,6 +156,17 @@ class KVCache:
         self._cached[key] = block
         self._entry[block] = (entry, key)
         return entry
+
+    def forget(self, blocks: list[int]) -> None:
+        """Drop the cache entries of these blocks (registered for writes that were planned but never launched); one
+        that no sequence holds goes back to the free list."""
+        for block in blocks:
+            if block in self._entry:
+                _, key = self._entry.pop(block)
+                del self._cached[key]
+                if block in self._lru:
+                    del self._lru[block]
+                    self._free.append(block)
 
     def check(self, holders: list[list[int]] | None = None) -> None:
         """Assert the allocator's invariants: every block is free, owned or cached-unreferenced, exactly once;

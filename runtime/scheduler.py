@@ -19,11 +19,16 @@ only known to have finished one step later, and the engine drops that step's tok
 Prefix caching (kv_cache.py): at admission a sequence takes the longest cached run of its prompt's full blocks
 (shared, referenced once more) and prefills from the end of it, like a chunked prefill resumed there. At most
 prompt length - 1 tokens come from the cache, so that the prompt's last token is computed and samples the first
-output token. Once the step that writes a full prompt block is launched, the block is registered: a later
-request's step reads it after the writes (stream order). A sequence's full blocks of generated tokens are
-registered when it lets go of them (finished, aborted or preempted), those whose tokens were read back and whose
-writes were launched. A registered block is never written again: decode writes past it (an extra token of a stopped
-sequence too).
+output token. A prefill plan registers the full blocks each of its chunks writes, and before each chunk a sequence
+whose computed tokens end where its cached blocks end takes the next cached blocks of its prompt in place of its
+own unwritten ones (`_take_cached`). So requests that share a prefix and are admitted together (a burst with one
+system prompt, the n choices of a prompt) compute it once, in one step, as vLLM V1 shares blocks computed in the
+same step: the launch writes every chunk's k/v of a layer before any chunk attends (Backend.attention), and a
+sequence gets a chunk only after every one ahead of it has got the rest of its prompt, so each block it takes is
+written by an earlier launch or earlier in the same one. Later requests read the blocks after the writes (stream
+order). A sequence's full blocks of generated tokens are registered when it lets go of them (finished, aborted or
+preempted), those whose tokens were read back and whose writes were launched. A registered block is never written
+again: decode writes past it (an extra token of a stopped sequence too).
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class Scheduler:
         self.grown: list[tuple[Sequence, int]] = []  # the last decode plan's (sequence, index of its first new block)
         self._decode_plans = 0  # decode plans made so far
         self._due: dict[int, list[Sequence]] = {}  # decode plan -> decoding sequences that take a block in it
+        self.retabled: list[Sequence] = []  # the last prefill plan's sequences that took cached blocks for their own
+        self.registered: list[int] = []  # blocks the last prefill plan registered (forgotten if it is not launched)
 
     def add(self, seq: Sequence) -> None:
         if seq.submitted or seq.finished:  # finished unsubmitted: aborted before it was queued
@@ -113,18 +120,22 @@ class Scheduler:
         """-> ("prefill", [(sequence, first prompt position, token count)]) or ("decode", sequences) or None. A
         decode plan first gives its sequences the blocks their newest tokens need (`grown` lists them), preempting
         the most recently admitted ones when the cache is out of blocks."""
-        self.grown = []
+        self.grown, self.retabled, self.registered = [], [], []
         if self.decoding and (self._decode_turn or not self.prefilling):
             self._grow()
         if self.prefilling and (not self.decoding or not self._decode_turn):
             self._decode_turn = True
             chunks, budget = [], self.max_prefill_tokens
-            for s in self.prefilling:
-                n = min(len(s.prefill_ids) - s.num_prefilled, budget)
-                if n <= 0:
+            for s in self.prefilling:  # a sequence gets a chunk only once those before it have all they need
+                if budget <= 0:
                     break
+                if self.enable_prefix_caching:
+                    self._take_cached(s)
+                n = min(len(s.prefill_ids) - s.num_prefilled, budget)
                 chunks.append((s, s.num_prefilled, n))
                 budget -= n
+                if self.enable_prefix_caching:  # its full blocks this chunk writes (launched next)
+                    self.registered += self._register(s, s.num_prefilled + n)
             return "prefill", chunks
         if self.decoding:
             self._decode_turn = False
@@ -154,6 +165,47 @@ class Scheduler:
             if s.slot is not None:
                 self._due_at(s, plan + len(s.blocks) * bs + 1 - s.num_launched)
 
+    def _take_cached(self, seq: Sequence) -> None:
+        """Before a chunk: the full blocks of the sequence's prompt after its cached ones that are cached by now
+        (typically registered earlier in this plan by a request with the same prefix) replace its own blocks there,
+        which nothing else reads (one it has partly written is dropped), and its prefill resumes after them.
+        `retabled` lists it: its block-table row changes. At most prompt length - 1 tokens, as at admission. (Its
+        computed full blocks are all registered, so its cached blocks end at or just before num_prefilled.)"""
+        bs, have = self.cache.block_size, len(seq.cache_entries)
+        usable = (len(seq.prefill_ids) - 1) // bs
+        if seq.params.prompt_logprobs is not None or have >= usable:
+            return
+        hits, entries = self.cache.match(seq.prompt_block_tokens(bs)[have:usable],
+                                         seq.cache_entries[-1] if have else -1)
+        if not hits:
+            return
+        self.cache.acquire(hits)
+        self.cache.free(seq.blocks[have:have + len(hits)])
+        seq.blocks[have:have + len(hits)] = hits
+        seq.cache_entries += entries
+        taken = (have + len(hits)) * bs - seq.num_prefilled
+        seq.num_prefilled += taken
+        if not seq.num_preemptions:
+            seq.num_cached_tokens += taken
+            self.hit_tokens += taken
+        self.retabled.append(seq)
+
+    def _register(self, seq: Sequence, end: int) -> list[int]:
+        """Its full blocks before position `end` not registered yet join the prefix cache (their k/v writes are
+        launched, or about to be). -> those blocks."""
+        bs = self.cache.block_size
+        blocks = seq.blocks[len(seq.cache_entries):end // bs]
+        for i in range(len(seq.cache_entries), end // bs):
+            parent = seq.cache_entries[-1] if seq.cache_entries else -1
+            seq.cache_entries.append(self.cache.register(seq.blocks[i], parent, seq.block_token_ids(i, bs)))
+        return blocks
+
+    def not_launched(self) -> None:
+        """The prefill just planned failed to launch (its sequences are aborted): the blocks it registered were
+        perhaps never written, so their cache entries go."""
+        self.cache.forget(self.registered)
+        self.registered = []
+
     def _due_at(self, seq: Sequence, plan: int) -> None:
         seq.block_due = plan
         self._due.setdefault(plan, []).append(seq)
@@ -172,16 +224,10 @@ class Scheduler:
         self.num_preemptions += 1
 
     def prefilled(self, chunks: list[tuple[Sequence, int, int]]) -> None:
-        """The chunks were launched: their full blocks join the prefix cache, and a sequence whose prefill is complete
-        (it samples its next token) moves to the decode list."""
-        bs = self.cache.block_size
+        """The chunks were launched (their full blocks were registered when planned): a sequence whose prefill is
+        complete (it samples its next token) moves to the decode list."""
         for s, start, n in chunks:
             s.num_prefilled = start + n
-            if self.enable_prefix_caching:  # full prompt blocks now written (launched): cache them
-                tokens = s.prompt_block_tokens(bs)
-                for i in range(len(s.cache_entries), s.num_prefilled // bs):
-                    parent = s.cache_entries[-1] if s.cache_entries else -1
-                    s.cache_entries.append(self.cache.register(s.blocks[i], parent, tokens[i]))
             if s.prefill_done:
                 self.prefilling.remove(s)
                 self.decoding.append(s)
@@ -210,18 +256,15 @@ class Scheduler:
 
     def _cache_written(self, seq: Sequence) -> None:
         """Before a sequence lets go of its blocks: its full blocks whose tokens are known (read back) and whose k/v
-        writes were launched join the prefix cache. Its prefill's blocks were registered as they were launched; this
+        writes were launched join the prefix cache. Its prefill's blocks were registered as they were planned; this
         adds those of its generated tokens (vLLM caches them too), so that a later prompt that repeats the whole
         exchange (a chat's next turn) or the sequence's own recompute after a preemption reuses them. A decode step
         writes the k/v of the token before the one it samples, so a running sequence's last num_launched - 1
         positions are written; such a block is never written again (decode writes past it)."""
         if not (self.enable_prefix_caching and seq.blocks):
             return
-        bs = self.cache.block_size
         written = seq.num_launched - 1 if seq.prefill_done else seq.num_prefilled
-        for i in range(len(seq.cache_entries), min(written, seq.num_tokens, len(seq.blocks) * bs) // bs):
-            parent = seq.cache_entries[-1] if seq.cache_entries else -1
-            seq.cache_entries.append(self.cache.register(seq.blocks[i], parent, seq.block_token_ids(i, bs)))
+        self._register(seq, min(written, seq.num_tokens, len(seq.blocks) * self.cache.block_size))
 
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's references to its blocks (cached ones stay cached until evicted) and its slot."""

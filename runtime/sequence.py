@@ -47,7 +47,7 @@ class Sequence:
         # it (recomputed: their k/v were freed with the blocks)
         self.prefill_ids = self.prompt_ids
         self.num_prefilled = 0  # tokens of prefill_ids whose k/v are in the cache
-        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission (not prefilled)
+        self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache (not prefilled by this request)
         # prefix-cache entry ids of its leading full blocks, matched at admission, registered once their prefill was
         # launched, or (generated tokens') when it lets go of them (see kv_cache.py); a block's key chains from the
         # entry before it

@@ -57,16 +57,20 @@ def test_bench_scripts_run(module, args, key, tmp_path):
 
 
 def test_bench_serving_runs(tmp_path):
-    """Prefix-cache time to first token (cold, warm, caching off) and the server's added latency, tiny model."""
+    """Prefix-cache time to first token (cold, warm, a burst; caching off) and the server's added latency, tiny
+    model."""
     from benchmarks import bench_serving
 
     out = tmp_path / "s.json"
     rows = bench_serving.main(["--smoke", "--out", str(out)])
     assert json.load(open(out))["serving"] == rows
     prefix = {(r["case"], r["prefix_caching"]): r for r in rows if r["bench"] == "prefix"}
-    assert set(prefix) == {("cold", True), ("warm", True), ("cold", False), ("warm", False)}
+    assert set(prefix) == {(case, caching) for case in ("cold", "warm", "burst") for caching in (True, False)}
     assert prefix[("warm", True)]["cached_tokens"] == 32  # 40 system tokens: two full blocks of 16
-    assert all(prefix[k]["cached_tokens"] == 0 for k in prefix if k != ("warm", True))
+    assert prefix[("burst", True)]["cached_tokens"] == 2 * 32  # 3 requests: the second and third take them
+    assert prefix[("burst", True)]["prompt"] == "3x 40+8"
+    assert all(prefix[k]["cached_tokens"] == 0 for k in prefix if k not in (("warm", True), ("burst", True)))
+    assert all(r["vs_no_caching"] == 1 for k, r in prefix.items() if not k[1])  # each case over its own off time
     assert all(_finite(r["ttft_ms"]) and _finite(r["floor_ms"]) for r in prefix.values())
     server = [r for r in rows if r["bench"] == "server"]
     if not any("skipped" in r for r in server):  # the serve extra is installed (CI): both sides timed

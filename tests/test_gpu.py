@@ -85,6 +85,22 @@ def test_preempted_requests_through_cuda_graphs_draw_their_tokens():
     assert small.engine.num_preemptions >= 2 and roomy.engine.num_preemptions == 0
 
 
+def test_a_burst_sharing_a_prefix_through_prefill_graphs():
+    """Three prompts with the same 48-token prefix in one step, on the Triton kernels with prefill and decode graphs:
+    the second and third take the first's three blocks, written by the same replay, and generate the tokens of an
+    LLM without prefix caching (float32)."""
+    kw = dict(device="cuda", dtype="float32", seed=0, max_seq_len=256, max_batch_size=4, block_size=16)
+    shared = LLM("tiny", **kw)
+    assert shared.engine.decoder.prefill_graphs
+    plain = LLM("tiny", enable_prefix_caching=False, **kw)
+    prefix = [(7 * j) % 500 + 1 for j in range(48)]
+    prompts = [prefix + [(11 * i + j) % 500 + 1 for j in range(3 + 4 * i)] for i in range(3)]
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    outs = shared.generate(prompts, greedy)
+    assert [o.num_cached_tokens for o in outs] == [0, 48, 48]
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain.generate(prompts, greedy)]
+
+
 def test_lazily_captured_graphs_equal_eager():
     kw = dict(device="cuda", seed=0, max_seq_len=256, max_batch_size=8)
     lazy = LLM("tiny-moe", capture_graphs="lazy", **kw)

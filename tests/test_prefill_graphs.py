@@ -328,6 +328,24 @@ def test_triton_backend_padded_prefill_matches_eager():
     assert padded.engine.decoder.prefill_replays == 3
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_burst_sharing_a_prefix_in_one_graph(backend):
+    """Three prompts with the same 16-token prefix in one step: the second and third take the first's two blocks,
+    which its chunk writes in the same replay (each layer's k/v writes of every chunk before any attention), through
+    their block-table rows rewritten after admission; tokens and log-probabilities as without prefix caching."""
+    kw = dict(device="cpu", backend=backend, max_batch_size=4, max_seq_len=64, block_size=8,
+              cuda_graph_prefill_tokens=(8, 32))
+    padded = poisoned(LLM("tiny", **kw))
+    with_stand_in_graphs(padded)
+    plain = LLM("tiny", enable_prefix_caching=False, **kw)
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=5)
+    prefix = random_prompt(16, 256, 50)
+    prompts = [prefix + random_prompt(n, 256, 50 + n) for n in (3, 5, 6)]  # 62 tokens, 30 computed: bucket 32
+    got = outputs(padded, prompts, params)
+    assert [cached for _, _, cached in got] == [0, 16, 16] and padded.engine.decoder.prefill_replays == 1
+    assert_same([(tokens, logprobs, 0) for tokens, logprobs, _ in got], outputs(plain, prompts, params))
+
+
 def test_a_failed_prefill_capture_says_so(monkeypatch):
     """capture_all raises a prefill graph's failure as PrefillGraphError (the benchmarks then load the model again
     without prefill graphs, and only then: benchmarks.bench_decode.load_llm), naming the bucket."""

@@ -189,15 +189,48 @@ def test_running_requests_share_blocks(llms):
     check_engine(llm.engine)
 
 
-def test_same_prompt_in_one_batch_then_a_hit(llms):
-    """Requests admitted together compute the same blocks twice: one copy is cached, the other freed normally."""
+def test_requests_admitted_together_share_their_prefix(llms):
+    """Three prompts with the same 40-token prefix admitted in one step: the first prefills it, the others take its
+    two full blocks in the same step (their chunks read them after its writes) and prefill only their own tokens;
+    every logit equals that of the same batch without caching. Then n = 3 choices of one prompt share it too."""
     llm, plain = llms
-    prompt = random_prompt(40, 256, 500)
-    outs = llm.generate([prompt, prompt, prompt], GREEDY)
-    assert [o.num_cached_tokens for o in outs] == [0, 0, 0]
-    assert llm.generate([prompt], GREEDY)[0].num_cached_tokens == 32
-    want = plain.generate(prompt, GREEDY)[0].token_ids
-    assert [o.token_ids for o in outs] == [want] * 3
+    prefix = random_prompt(40, 256, 500)
+    prompts = [prefix + random_prompt(n, 256, 510 + n) for n in (3, 9, 17)]
+    seqs = [llm._new_sequence(p, llm._params(GREEDY)) for p in prompts]
+    rows, forward = [], llm.model.forward
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llm.model, "forward", lambda ids, *a, **k: rows.append(ids.shape[0]) or forward(ids, *a, **k))
+        llm.submit(seqs)
+        llm.step()
+    assert rows[0] == 43 + 49 + 57 - 2 * 32  # one prefill step: the prefix computed once
+    assert [s.num_cached_tokens for s in seqs] == [0, 32, 32]
+    assert seqs[1].blocks[:2] == seqs[2].blocks[:2] == seqs[0].blocks[:2]
+    assert [llm.kv_cache._refs[b] for b in seqs[0].blocks] == [3, 3, 1]
+    check_engine(llm.engine)
+    for s in seqs:
+        llm.engine.abort(s)
+    llm.step()
+    check_engine(llm.engine)
+
+    prefix = random_prompt(40, 256, 530)  # not cached: shared within the batch only
+    prompts = [prefix + p[40:] for p in prompts]
+    runs = []
+    for engine_llm in (llm, plain):
+        recorded, compute_logits = [], engine_llm.model.compute_logits
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine_llm.model, "compute_logits",
+                          lambda h, f=compute_logits: recorded.append(f(h).float().clone()) or recorded[-1])
+            runs.append((engine_llm.generate(prompts, GREEDY), torch.cat(recorded)))
+    (outs, got), (ref, want) = runs
+    assert [o.num_cached_tokens for o in outs] == [0, 32, 32] and [o.num_cached_tokens for o in ref] == [0, 0, 0]
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    assert got.shape == want.shape and rel_err(got, want) < 1e-5
+
+    before = llm.engine.prefix_cache_stats()["hit_tokens"]
+    prompt = random_prompt(40, 256, 540)
+    out = llm.generate(prompt, SamplingParams(n=3, max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert llm.engine.prefix_cache_stats()["hit_tokens"] - before == 2 * 32
+    assert [c.token_ids for c in out.outputs] == [plain.generate(prompt, GREEDY)[0].token_ids] * 3
     check_engine(llm.engine)
 
 
@@ -482,3 +515,100 @@ def test_a_duplicate_prefill_keeps_later_blocks_reachable():
     while engine.has_work():
         engine.step()
     assert nxt.num_cached_tokens == 16 and nxt.output_ids == prefix_expected(turn, 1)[0]
+
+
+def test_bursts_with_a_shared_prefix_compute_it_once():
+    """Bursts of requests whose prompts share random prefixes, added together (block sizes 1-8, batches of 1-4,
+    chunk budgets of 1-64 tokens, a cache that never evicts): every request takes from the cache every full block
+    of the prefix it shares with one added before it in its burst, whether that one's chunk wrote them in the same
+    step or earlier; each gets exactly its tokens; every cached block holds its chain's values after every step;
+    and the model computed exactly the prompt tokens not taken from the cache."""
+    shared = 0
+    for seed in range(30):
+        rng = random.Random(seed)
+        bs, max_batch = rng.randint(1, 8), rng.randint(1, 4)
+        engine = prefix_engine(400, bs, max_batch, rng.choice([1, 2, 3, 5, 16, 64]))
+        rows, forward = [0], engine.model.forward
+        engine.model.forward = lambda ids, meta, kv: (rows.__setitem__(0, rows[0] + len(ids) * meta.is_prefill)
+                                                      or forward(ids, meta, kv))
+        chains, seqs, bursts = {}, [], []
+        for _ in range(rng.randint(1, 4)):
+            base = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 40))]
+            burst = []
+            for _ in range(rng.randint(2, 5)):
+                prompt = base[:rng.randint(1, len(base))] + [rng.randrange(VOCAB) for _ in range(rng.randint(0, 9))]
+                burst.append(prefix_request(prompt[:70], rng.randint(1, 6)))
+                engine.add(burst[-1])
+            seqs += burst
+            bursts.append(burst)
+            for _ in range(rng.randint(0, 3)):
+                engine.step()
+                check_cached_blocks(engine, chains)
+                engine.cache.check([s.blocks for s in engine.running])
+        while engine.has_work():
+            engine.step()
+            check_cached_blocks(engine, chains)
+        for burst in bursts:
+            for i, b in enumerate(burst):
+                for a in burst[:i]:
+                    common = next((j for j, (x, y) in enumerate(zip(a.prompt_ids, b.prompt_ids)) if x != y),
+                                  min(len(a.prompt_ids), len(b.prompt_ids)))
+                    want = min(common // bs, len(a.prompt_ids) // bs, (len(b.prompt_ids) - 1) // bs) * bs
+                    assert b.num_cached_tokens >= want, (seed, i)
+        for s in seqs:
+            assert (s.output_ids, s.finish_reason) == prefix_expected(s.prompt_ids, s.params.max_tokens), seed
+            assert s.num_cached_tokens < len(s.prompt_ids)
+        assert rows[0] == sum(len(s.prompt_ids) - s.num_cached_tokens for s in seqs), seed
+        assert engine.cache.evictions == 0 and engine.num_preemptions == 0
+        shared += sum(s.num_cached_tokens for s in seqs)
+    assert shared > 1000
+
+
+def test_a_prefill_that_fails_to_launch_leaves_nothing_cached():
+    """A prefill plan registers the blocks its chunks write; when its launch fails (its requests end with the
+    error), those entries go: the same prompt afterwards is computed again, not read from blocks never written."""
+    engine = prefix_engine(num_blocks=20, block_size=2, max_batch=2, max_prefill_tokens=64)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5]
+    seqs = [prefix_request(prompt, 3), prefix_request(prompt[:7], 3)]
+    forward = engine.model.forward
+
+    def fail(*args):
+        raise RuntimeError("device error")
+    engine.model.forward = fail
+    for s in seqs:
+        engine.add(s)
+    with pytest.raises(RuntimeError, match="device error"):
+        engine.step()
+    assert [s.finish_reason for s in seqs] == ["abort", "abort"] and seqs[1].num_cached_tokens == 6
+    assert engine.cache.num_cached_blocks == 0 and engine.cache.num_free_blocks == 20
+    engine.cache.check([])
+    engine.model.forward = forward
+    again = prefix_request(prompt, 3)
+    engine.add(again)
+    while engine.has_work():
+        engine.step()
+    assert again.num_cached_tokens == 0 and (again.output_ids, again.finish_reason) == prefix_expected(prompt, 3)
+
+
+def test_a_prompt_takes_blocks_cached_in_the_middle_of_its_prefill():
+    """A prompt that repeats a running request's exchange, prefilled in 3-token chunks over 2-token blocks: the
+    request finishes between two of its chunks, its reply's blocks join the cache, and the prompt's next chunk
+    takes the one it had half written (its own copy dropped) and computes only the rest."""
+    engine = prefix_engine(num_blocks=40, block_size=2, max_batch=2, max_prefill_tokens=3)
+    first = prefix_request([3, 1, 4, 1], 12)
+    engine.add(first)
+    while len(first.output_ids) < 9:
+        engine.step()
+    turn = first.prompt_ids + prefix_expected(first.prompt_ids, 12)[0] + [7, 2, 8]
+    second = prefix_request(turn, 2)
+    engine.add(second)
+    engine.step()
+    assert (second.num_prefilled, second.num_cached_tokens, first.finished) == (7, 4, False)
+    while engine.has_work():
+        engine.step()
+        check_cached_blocks(engine, {})
+    assert (second.output_ids, second.finish_reason) == prefix_expected(turn, 2)
+    assert second.num_cached_tokens == 5  # admission: positions 0-3; then 7 (its chunk had written 6)
+    engine.step()
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+    engine.cache.check([])
