@@ -39,13 +39,15 @@ __all__ = ["DEFAULT_BUCKETS", "DEFAULT_PREFILL_BUCKETS", "Engine", "Sequence"]
 class Engine:
     def __init__(self, model: Qwen2Model, kv_cache: KVCache, max_batch_size: int, max_seq_len: int, seed: int,
                  max_prefill_tokens: int = 2048, use_graphs: bool = False, graph_buckets=DEFAULT_BUCKETS,
-                 enable_prefix_caching: bool = True, prefill_graph_buckets=DEFAULT_PREFILL_BUCKETS):
+                 enable_prefix_caching: bool = True, prefill_graph_buckets=DEFAULT_PREFILL_BUCKETS,
+                 scheduling_policy: str = "fcfs"):
         self.model = model
         self.cache = kv_cache
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.device = model.device
-        self.scheduler = Scheduler(kv_cache, max_batch_size, max_prefill_tokens, seed, enable_prefix_caching)
+        self.scheduler = Scheduler(kv_cache, max_batch_size, max_prefill_tokens, seed, enable_prefix_caching,
+                                   scheduling_policy)
         self.sampler = SamplerState(max_batch_size, model.config.vocab_size, self.device)
         self.runner = ModelRunner(model, kv_cache, self.sampler, max_batch_size, max_seq_len, use_graphs,
                                   graph_buckets, prefill_graph_buckets, max_prefill_tokens)
@@ -124,10 +126,15 @@ class Engine:
             self._in_flight = ahead
 
     def _admit(self) -> None:
-        for seq in self.scheduler.admit():
+        preemptions = self.scheduler.num_preemptions
+        admitted = self.scheduler.admit()
+        if self.scheduler.num_preemptions != preemptions:  # to make room for a more urgent request (priority)
+            self.runner.forget_batch()
+        for seq in admitted:
             # enqueued after every step already launched, which may still use the slot's or the blocks' old owner
             self.sampler.reset(seq.slot, seq.prompt_ids, seq.params.logit_bias,
-                               seq.stop_ids if seq.params.min_tokens else None, seq.output_ids)
+                               seq.stop_ids if seq.params.min_tokens else None, seq.output_ids,
+                               seq.params.allowed_token_ids)
             self.runner.set_blocks(seq.slot, seq.blocks)
 
     def _launch(self) -> Launched | None:

@@ -25,6 +25,7 @@ from qwen2rt.models.rope import RotaryTables
 from .engine import DEFAULT_BUCKETS, DEFAULT_PREFILL_BUCKETS, Engine, Sequence
 from .kv_cache import KVCache, kv_bytes_per_token
 from .sampling import SamplingParams, defaults_from_generation_config
+from .scheduler import Scheduler
 from .sequence import check_min_tokens
 from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -109,6 +110,9 @@ class LLM:
     enable_prefix_caching (default True): full blocks of prompt tokens stay in the KV cache after their request
     (until their memory is needed), and a prompt that starts with the same blocks reuses them instead of prefilling
     them (RequestOutput.num_cached_tokens; counters in `engine.prefix_cache_stats()`).
+    scheduling_policy: "fcfs" (default: first come, first served) or "priority" (vLLM's): generate / agenerate /
+    stream / astream / new_request take a priority per request, a lower value scheduled first, and a request that
+    finds no slot or too few KV blocks preempts running requests of a larger value (they recompute later).
     quantization: None, "int8" (per output channel), "int4" (groups of 128, asymmetric) or "fp8" (e4m3, per output
     channel; CUDA needs sm_89+) quantizes a floating-point model's decoder linears at load, built-in shapes included
     (their random weights are made quantized; MoE experts too, for the built-in MoE shapes only as yet). GPTQ and
@@ -120,7 +124,7 @@ class LLM:
                  num_kv_blocks: int | None = None, block_size: int = 16, enforce_eager: bool = False,
                  cuda_graph_buckets=DEFAULT_BUCKETS, capture_graphs: str = "startup",
                  max_prefill_tokens: int = 2048, quantization: str | None = None, enable_prefix_caching: bool = True,
-                 cuda_graph_prefill_tokens=DEFAULT_PREFILL_BUCKETS):
+                 cuda_graph_prefill_tokens=DEFAULT_PREFILL_BUCKETS, scheduling_policy: str = "fcfs"):
         try:
             self.device = torch.device(device) if device is not None else torch.device(
                 "cuda" if torch.cuda.is_available() else "cpu")
@@ -151,6 +155,9 @@ class LLM:
             raise ValueError(f"block_size = {block_size!r}: must be an integer >= 1")
         if num_kv_blocks is not None and not (isinstance(num_kv_blocks, int) and num_kv_blocks >= 1):
             raise ValueError(f"num_kv_blocks = {num_kv_blocks!r}: must be an integer >= 1")
+        if scheduling_policy not in Scheduler.POLICIES:
+            raise ValueError(f"scheduling_policy = {scheduling_policy!r}: must be one of "
+                             f"{', '.join(Scheduler.POLICIES)}")
         if capture_graphs not in ("startup", "lazy"):
             raise ValueError(f"capture_graphs = {capture_graphs!r}: must be 'startup' or 'lazy'")
         if not (isinstance(max_prefill_tokens, int) and max_prefill_tokens >= 1):
@@ -216,7 +223,7 @@ class LLM:
             self.use_graphs = self.device.type == "cuda" and self.backend.graph_safe and not enforce_eager
             self.engine = Engine(self.model, self.kv_cache, self.max_batch_size, self.max_seq_len, self.seed,
                                  max_prefill_tokens, self.use_graphs, cuda_graph_buckets, enable_prefix_caching,
-                                 cuda_graph_prefill_tokens)
+                                 cuda_graph_prefill_tokens, scheduling_policy)
             if self.device.type == "cuda":
                 # compile the prefill kernels now rather than on the first request (33 tokens: past the decode GEMVs
                 # and the MoE decode regime, kernels.gemv.MAX_ROWS and kernels.moe.DECODE_MAX_TOKENS)
@@ -323,22 +330,33 @@ class LLM:
         if params.stop and self.tokenizer is None:
             raise ValueError(f"SamplingParams.stop = {params.stop!r}: stop strings match the generated text, and "
                              f"{self.model_name} ships no tokenizer.json (stop_token_ids work without one)")
-        outside = [t for t in (params.logit_bias or ()) if t >= self.config.vocab_size]
-        if outside:
-            raise ValueError(f"SamplingParams.logit_bias: token id {outside[0]} is outside the vocabulary "
-                             f"[0, {self.config.vocab_size})")
+        for name in ("logit_bias", "allowed_token_ids"):
+            outside = [t for t in (getattr(params, name) or ()) if t >= self.config.vocab_size]
+            if outside:
+                raise ValueError(f"SamplingParams.{name}: token id {outside[0]} is outside the vocabulary "
+                                 f"[0, {self.config.vocab_size})")
         return params.resolved(self.generation_defaults)
 
-    def _new_sequence(self, prompt, params: SamplingParams) -> Sequence:
+    def _new_sequence(self, prompt, params: SamplingParams, priority: int = 0) -> Sequence:
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority = {priority!r}: must be an integer (a lower value is scheduled first)")
+        if priority and self.engine.scheduler.policy != "priority":
+            raise ValueError(f"priority = {priority}: requests have priorities only with "
+                             "scheduling_policy='priority' (this LLM schedules first come, first served)")
         text, ids = self._encode(prompt)
-        seq = Sequence(ids, params, self.max_seq_len, self.tokenizer, self.eos_token_ids, text)
+        seq = Sequence(ids, params, self.max_seq_len, self.tokenizer, self.eos_token_ids, text, priority)
         check_min_tokens(seq, self.config.vocab_size)
         return seq
 
-    def _batch(self, prompts, params) -> list[list[Sequence]]:
+    def _batch(self, prompts, params, priority=None) -> list[list[Sequence]]:
         """generate / agenerate: validated sequences for every prompt, n (SamplingParams.n) of each (nothing
-        submitted yet). params: one SamplingParams for all, or a list of one per prompt (as vLLM takes them)."""
+        submitted yet). params: one SamplingParams for all, or a list of one per prompt (as vLLM takes them);
+        priority: None (0 for all) or a list of one per prompt."""
         prompts = self._normalise_prompts(prompts)
+        if priority is None:
+            priority = [0] * len(prompts)
+        elif not isinstance(priority, (list, tuple)) or len(priority) != len(prompts):
+            raise ValueError(f"priority: {priority!r} is not a list of one integer per prompt ({len(prompts)})")
         if isinstance(params, (list, tuple)):
             if len(params) != len(prompts):
                 raise ValueError(f"params: a list of {len(params)} SamplingParams for {len(prompts)} prompts (give "
@@ -347,10 +365,10 @@ class LLM:
         else:
             params = [self._params(params)] * len(prompts)
         groups = []
-        for prompt, p in zip(prompts, params):
+        for prompt, p, rank in zip(prompts, params, priority):
             choices = p.choices()
-            first = self._new_sequence(prompt, choices[0])
-            groups.append([first] + [self._new_sequence(first.prompt_ids, q) for q in choices[1:]])
+            first = self._new_sequence(prompt, choices[0], rank)
+            groups.append([first] + [self._new_sequence(first.prompt_ids, q, rank) for q in choices[1:]])
         return groups
 
     # ---- request-level API (servers, custom schedulers) -------------------------------------------------------
@@ -358,24 +376,25 @@ class LLM:
     # or decode of the running batch); abort frees what is left of sequences. A Sequence's output_ids, finished,
     # finish_reason, logprobs and take_new_text() then say what happened. All of them take the engine's lock, so
     # threads may share one LLM; generate / stream / agenerate / astream are built on them.
-    def new_request(self, prompt, params: SamplingParams | None = None) -> Sequence:
+    def new_request(self, prompt, params: SamplingParams | None = None, priority: int = 0) -> Sequence:
         """One validated request (text or token ids; params resolved against the checkpoint's generation
         defaults), not yet submitted; a ValueError names what is wrong. Needs a tokenizer (its text is streamed).
-        One completion: n > 1 is for generate / agenerate / chat."""
+        One completion: n > 1 is for generate / agenerate / chat. priority: see scheduling_policy."""
         params = self._params(params)
         if params.n > 1:
             raise ValueError(f"SamplingParams.n = {params.n}: a request of the request-level API, stream or astream "
                              "is one completion; generate, agenerate and chat return n")
         if self.tokenizer is None:
             raise ValueError(f"{self.model_name} ships no tokenizer.json: streaming text needs one")
-        return self._new_sequence(prompt, params)
+        return self._new_sequence(prompt, params, priority)
 
     # ---- API --------------------------------------------------------------------------------------------------
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 priority: list[int] | None = None) -> list[RequestOutput]:
         """Generate for one or several prompts, run together as one batch (up to max_batch_size at a time). params:
-        one SamplingParams for every prompt, or a list of one per prompt. -> one RequestOutput per prompt, in
-        order."""
-        groups = self._batch(prompts, params)
+        one SamplingParams for every prompt, or a list of one per prompt; priority: one per prompt (see
+        scheduling_policy). -> one RequestOutput per prompt, in order."""
+        groups = self._batch(prompts, params, priority)
         seqs = [s for group in groups for s in group]
         self.submit(seqs)
         try:
@@ -385,10 +404,10 @@ class LLM:
             self.abort(seqs)
         return [self._output(group) for group in groups]
 
-    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt, params: SamplingParams | None = None, priority: int = 0) -> Iterator[str]:
         """Yield text pieces of one prompt's generation as tokens arrive; they join to the `generate` text.
         Closing the iterator early cancels the request and frees its cache blocks."""
-        return self._stream(self.new_request(prompt, params))
+        return self._stream(self.new_request(prompt, params, priority))
 
     def _stream(self, seq: Sequence) -> Iterator[str]:
         self.submit([seq])
@@ -403,12 +422,12 @@ class LLM:
         finally:
             self.abort([seq])
 
-    async def agenerate(self, prompts,
-                        params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+    async def agenerate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                        priority: list[int] | None = None) -> list[RequestOutput]:
         """`generate` for asyncio: the event loop stays free and concurrent coroutines share the running batch. One
         task per event loop steps the engine for all its agenerate / astream requests, one step at a time in a thread
         of the loop's default executor (_AsyncDriver): a waiting request holds no thread."""
-        groups = self._batch(prompts, params)
+        groups = self._batch(prompts, params, priority)
         seqs = [s for group in groups for s in group]
         driver, waiter = self._async_driver(), None
         try:
@@ -422,9 +441,9 @@ class LLM:
             await driver.call(self.abort, seqs)
         return [self._output(group) for group in groups]
 
-    async def astream(self, prompt, params: SamplingParams | None = None):
+    async def astream(self, prompt, params: SamplingParams | None = None, priority: int = 0):
         """`stream` for asyncio: an async iterator of text pieces; closing it early cancels the request."""
-        seq = self.new_request(prompt, params)
+        seq = self.new_request(prompt, params, priority)
         driver, waiter = self._async_driver(), None
         try:
             await driver.call(self.submit, [seq])

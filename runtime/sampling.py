@@ -24,7 +24,7 @@ import torch
 DEFAULTS = dict(max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                 presence_penalty=0.0, frequency_penalty=0.0, stop=(), stop_token_ids=(), ignore_eos=False,
                 seed=None, logprobs=None, min_tokens=0, logit_bias=None, prompt_logprobs=None,
-                skip_special_tokens=True, include_stop_str_in_output=False, n=1)
+                skip_special_tokens=True, include_stop_str_in_output=False, n=1, allowed_token_ids=None)
 MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 # a temperature below this is greedy (vLLM's _SAMPLING_EPS): logits divided by a subnormal temperature overflow
 GREEDY_TEMPERATURE = 1e-5
@@ -72,6 +72,9 @@ class SamplingParams:
     # completions of the prompt (vLLM's n): LLM.generate / agenerate / chat return them in RequestOutput.outputs;
     # a seeded request's completion i draws with seed + i (choices)
     n: int | None = None
+    # the only token ids that may be generated (vLLM's allowed_token_ids: every other token's logit is -inf before
+    # every other transform; a logit_bias applies to these); not in the hash (a list)
+    allowed_token_ids: list[int] | tuple[int, ...] | None = field(default=None, hash=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -82,6 +85,8 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if isinstance(self.logit_bias, Mapping):  # a copy: the caller's dict may change after
             object.__setattr__(self, "logit_bias", dict(self.logit_bias))
+        if isinstance(self.allowed_token_ids, (list, tuple)):
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         _validate(self)
 
     def resolved(self, defaults: dict | None = None) -> "SamplingParams":
@@ -167,6 +172,12 @@ def _validate(p: SamplingParams) -> None:
             if not (_is_num(value) and -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):
                 bad("logit_bias", f"the bias of token {token} must be a number in [-100, 100], got "
                     f"{str(value)[:40]}", show=False)
+    if p.allowed_token_ids is not None:
+        if not isinstance(p.allowed_token_ids, tuple) or not p.allowed_token_ids:
+            bad("allowed_token_ids", "must be None or a non-empty list of token ids", show=False)
+        for token in p.allowed_token_ids:
+            if not (_is_int(token) and token >= 0):
+                bad("allowed_token_ids", f"token id {str(token)[:40]!r} must be an integer >= 0", show=False)
 
 
 def defaults_from_generation_config(gc: dict) -> dict:
@@ -199,7 +210,7 @@ class SamplingRows:
     step: torch.Tensor  # int64: tokens the request has generated so far
     slot: torch.Tensor  # int64: the request's row in SamplerState (the last row absorbs padding rows)
     min_tokens: torch.Tensor  # int64: SamplerState.held's tokens get no probability while step < min_tokens
-    bias: torch.Tensor  # int64: 1 adds SamplerState.bias's row (the request's logit_bias), 0 reads nothing
+    bias: torch.Tensor  # int64: 1 adds SamplerState.bias's row (logit_bias, allowed_token_ids), 0 reads nothing
 
     FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition", "presence", "frequency", "seed", "step", "slot",
               "min_tokens", "bias")
@@ -209,7 +220,7 @@ class SamplingRows:
 def row_values(p: SamplingParams, seed: int, step: int, slot: int) -> tuple:
     """One row of SamplingRows, in FIELDS order."""
     return (0.0 if p.greedy else p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
-            p.frequency_penalty, seed, step, slot, p.min_tokens, int(bool(p.logit_bias)))
+            p.frequency_penalty, seed, step, slot, p.min_tokens, int(bool(p.logit_bias or p.allowed_token_ids)))
 
 
 def rows_tensor(values: list[tuple], device) -> SamplingRows:
@@ -236,11 +247,11 @@ VARIANTS = ("greedy", "topk", "full")  # the sampler's forms, cheapest first; ea
 
 def sampler_variant(params: list[SamplingParams]) -> str:
     """The cheapest exact form of the sampler for a batch: "greedy" when every row is greedy without penalties,
-    logit bias or min_tokens (argmax alone), "topk" when every sampled row has 1 <= top_k <= TOPK_CANDIDATES (the
-    draw only ever sees the top candidates: Qwen's instruct checkpoints set top_k 20), else "full" (a sort of the
-    whole vocabulary)."""
+    logit bias, allowed_token_ids or min_tokens (argmax alone), "topk" when every sampled row has
+    1 <= top_k <= TOPK_CANDIDATES (the draw only ever sees the top candidates: Qwen's instruct checkpoints set top_k
+    20), else "full" (a sort of the whole vocabulary)."""
     if all(p.greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
-           and not p.min_tokens and not p.logit_bias for p in params):
+           and not p.min_tokens and not p.logit_bias and not p.allowed_token_ids for p in params):
         return "greedy"
     if all(p.greedy or 1 <= p.top_k <= TOPK_CANDIDATES for p in params):
         return "topk"
@@ -261,11 +272,11 @@ class SamplerState:
         self.held = torch.zeros(num_slots + 1, vocab_size, dtype=torch.bool, device=device)
 
     def reset(self, slot: int, prompt_ids: list[int], logit_bias: Mapping[int, float] | None = None,
-              held_ids=None, output_ids: list[int] = ()) -> None:
+              held_ids=None, output_ids: list[int] = (), allowed_ids=None) -> None:
         """A new request in `slot`: its prompt marked seen and its output so far (a preempted request admitted again)
-        seen and counted; its logit bias where it has one (the row's bias flag is set then), and with min_tokens > 0
-        the token ids it holds back (its stop ids; None for a request without min_tokens, whose rows never read
-        them)."""
+        seen and counted; its logit bias where it has one, or with allowed_ids (allowed_token_ids) -inf but at
+        those ids, which keep their bias (the row's bias flag is set then); and with min_tokens > 0 the token ids it
+        holds back (its stop ids; None for a request without min_tokens, whose rows never read them)."""
         self.seen[slot].zero_()
         self.counts[slot].zero_()
         self.seen[slot, to_device(prompt_ids, torch.long, self.seen.device)] = True
@@ -273,7 +284,12 @@ class SamplerState:
             out = to_device(output_ids, torch.long, self.seen.device)
             self.seen[slot, out] = True
             self.counts[slot].index_add_(0, out, torch.ones_like(out, dtype=self.counts.dtype))
-        if logit_bias:
+        if allowed_ids:
+            allowed = sorted(set(allowed_ids))
+            self.bias[slot].fill_(float("-inf"))
+            self.bias[slot, to_device(allowed, torch.long, self.seen.device)] = \
+                to_device([float((logit_bias or {}).get(t, 0.0)) for t in allowed], torch.float32, self.seen.device)
+        elif logit_bias:
             self.bias[slot].zero_()
             self.bias[slot, to_device(list(logit_bias), torch.long, self.seen.device)] = \
                 to_device(list(logit_bias.values()), torch.float32, self.seen.device)

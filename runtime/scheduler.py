@@ -11,6 +11,12 @@ vLLM V1), and goes on where it stopped. Admission leaves a watermark of free blo
 default) while other sequences run, so that a new request does not push a running one out at once. One sequence
 alone always fits (Scheduler.add checks its whole length against the cache).
 
+Priority scheduling (scheduling_policy "priority", vLLM's): the queue is ordered by (priority, arrival), a lower
+value first; the sequence preempted when blocks run out is the running one of the largest (priority, arrival); and a
+waiting sequence that finds no free slot or too few blocks preempts running sequences of a larger priority value,
+the largest first, until it fits (vLLM V0's forced preemption), so an urgent request never waits for a
+less urgent one to finish. Under "fcfs" every request has priority 0.
+
 The engine launches a step before it reads back the one before (see engine.py), so the scheduler plans with
 `Sequence.num_launched`: a sequence joins a decode step while its last token is still on the device, and leaves
 the decode list once its budget's last token is launched; a sequence that stopped early (a stop token or string) is
@@ -33,6 +39,7 @@ again: decode writes past it (an extra token of a stopped sequence too).
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections import deque
 
@@ -41,10 +48,15 @@ from .sequence import Sequence
 
 
 class Scheduler:
+    POLICIES = ("fcfs", "priority")
+
     def __init__(self, cache: KVCache, max_batch_size: int, max_prefill_tokens: int, seed: int,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, policy: str = "fcfs"):
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        if policy not in self.POLICIES:
+            raise ValueError(f"scheduling_policy = {policy!r}: must be one of {', '.join(self.POLICIES)}")
+        self.policy = policy
         self.cache = cache
         self.enable_prefix_caching = enable_prefix_caching
         self.queried_tokens = 0  # prompt tokens of admitted sequences, looked up in the prefix cache
@@ -74,8 +86,22 @@ class Scheduler:
         if need > self.cache.num_blocks:
             raise ValueError(f"request needs {need} KV cache blocks ({seq.max_len} tokens) but the cache holds "
                              f"{self.cache.num_blocks}; lower max_tokens or give the cache more blocks")
+        if seq.priority and self.policy != "priority":
+            raise ValueError(f"priority = {seq.priority}: requests have priorities only with "
+                             "scheduling_policy='priority' (this engine schedules first come, first served)")
         seq.submitted = True
-        self.waiting.append(seq)
+        self._queue(seq)
+
+    @staticmethod
+    def _rank(seq: Sequence) -> tuple[int, int]:
+        return seq.priority, seq.id  # ids count up in order of arrival
+
+    def _queue(self, seq: Sequence) -> None:
+        """Into the waiting queue: at its end (fcfs), or after every sequence of a smaller (priority, arrival)."""
+        if self.policy == "priority":
+            self.waiting.insert(bisect.bisect(self.waiting, self._rank(seq), key=self._rank), seq)
+        else:
+            self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -84,7 +110,7 @@ class Scheduler:
         """Waiting sequences that get a slot and their prompt's blocks now, first come first served. -> the admitted
         ones (their sampler rows and block tables are the caller's to set up)."""
         admitted = []
-        while self.waiting and self.free_slots:
+        while self.waiting and (self.free_slots or self._make_room(self.waiting[0])):
             seq = self.waiting[0]
             need = self.cache.blocks_for(len(seq.prefill_ids))
             hits, entries = [], []
@@ -97,7 +123,9 @@ class Scheduler:
             # cached blocks nobody holds count as free; taking them as hits makes them unavailable to allocate
             free = self.cache.num_free_blocks - self.cache.num_unreferenced(hits)
             if need - len(hits) > free - (self.watermark if self.running else 0):
-                break  # first come, first served: later requests wait behind it
+                if self._make_room(seq):
+                    continue  # a less urgent sequence was preempted: try again
+                break  # in order (first come, or most urgent, first served): later requests wait behind it
             self.waiting.popleft()
             self.cache.acquire(hits)  # before allocating, which could otherwise evict them
             seq.blocks = hits + self.cache.allocate(need - len(hits))
@@ -115,6 +143,17 @@ class Scheduler:
             self.prefilling.append(seq)
             admitted.append(seq)
         return admitted
+
+    def _make_room(self, seq: Sequence) -> bool:
+        """Priority policy, `seq` waiting for a slot or blocks: preempt the running sequence with work to launch of
+        the largest (priority, arrival) if its priority value is larger than `seq`'s. -> whether one was."""
+        if self.policy != "priority" or all(v.priority <= seq.priority for v in self.running):
+            return False
+        victim = self._victim()
+        if victim is None or victim.priority <= seq.priority:
+            return False
+        self.preempt(victim)
+        return True
 
     def next_step(self) -> tuple[str, list] | None:
         """-> ("prefill", [(sequence, first prompt position, token count)]) or ("decode", sequences) or None. A
@@ -155,8 +194,8 @@ class Scheduler:
             if s.block_due != plan or s.slot is None or s.num_launched >= s.max_len:
                 continue  # preempted, finished or at its last token since
             if s.num_launched > len(s.blocks) * bs:
-                while not self.cache.num_free_blocks:
-                    self.preempt(next(v for v in reversed(self.running) if v in self.decoding or v in self.prefilling))
+                while not self.cache.num_free_blocks:  # (s itself has work: there is a victim)
+                    self.preempt(self._victim())
                     if s.slot is None:
                         break
                 else:
@@ -206,21 +245,32 @@ class Scheduler:
         self.cache.forget(self.registered)
         self.registered = []
 
+    def _victim(self) -> Sequence | None:
+        """The sequence to preempt: of the running ones with work to launch, the most recently admitted (fcfs, as
+        vLLM V1) or the one of the largest (priority, arrival) (priority); None if there is none."""
+        busy = [v for v in self.running if v in self.decoding or v in self.prefilling]
+        if not busy:
+            return None
+        return max(busy, key=self._rank) if self.policy == "priority" else busy[-1]
+
     def _due_at(self, seq: Sequence, plan: int) -> None:
         seq.block_due = plan
         self._due.setdefault(plan, []).append(seq)
 
     def preempt(self, seq: Sequence) -> None:
-        """Free a running sequence's blocks and slot and put it at the front of the queue; it is admitted again
-        before any request that came after it and recomputes its tokens (Sequence.preempted), from its blocks that
-        are still cached where it can."""
+        """Free a running sequence's blocks and slot and put it back in the queue, at its front (fcfs: admitted again
+        before any request that came after it) or in the place of its (priority, arrival); it recomputes its tokens
+        (Sequence.preempted), from its blocks that are still cached where it can."""
         for group in (self.running, self.prefilling, self.decoding):
             if seq in group:
                 group.remove(seq)
         self._cache_written(seq)
         self.release(seq)
         seq.preempted()
-        self.waiting.appendleft(seq)
+        if self.policy == "priority":
+            self._queue(seq)
+        else:
+            self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def prefilled(self, chunks: list[tuple[Sequence, int, int]]) -> None:

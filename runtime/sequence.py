@@ -16,8 +16,10 @@ class Sequence:
     """One request: its tokens, text, stop conditions, cache blocks, sampler slot and timings."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, max_seq_len: int,
-                 tokenizer: Tokenizer | None, eos_token_ids: frozenset[int], prompt: str | None = None):
+                 tokenizer: Tokenizer | None, eos_token_ids: frozenset[int], prompt: str | None = None,
+                 priority: int = 0):
         self.id = next(_ids)
+        self.priority = priority  # with scheduling_policy "priority": a lower value is scheduled first
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -193,3 +195,7 @@ def check_min_tokens(seq: Sequence, vocab_size: int) -> None:
     if seq.params.min_tokens and sum(t < vocab_size for t in seq.stop_ids) >= vocab_size:
         raise ValueError(f"SamplingParams.min_tokens = {seq.params.min_tokens}: every token of the vocabulary is a "
                          "stop token (stop_token_ids and eos), so none may come before min_tokens")
+    allowed = seq.params.allowed_token_ids
+    if seq.params.min_tokens and allowed and set(allowed) <= seq.stop_ids:
+        raise ValueError(f"SamplingParams.min_tokens = {seq.params.min_tokens}: every token of allowed_token_ids is "
+                         "a stop token (stop_token_ids and eos), so none may come before min_tokens")

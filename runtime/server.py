@@ -32,7 +32,7 @@ log = logging.getLogger("qwen2rt.server")
 _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
                   "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids", "seed", "n", "ignore_eos",
                   "logprobs", "stream", "stream_options", "user", "min_tokens", "logit_bias", "skip_special_tokens",
-                  "include_stop_str_in_output"}
+                  "include_stop_str_in_output", "priority", "allowed_token_ids"}
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                                  "tool_choice", "parallel_tool_calls", "response_format", "chat_template_kwargs"}
@@ -78,6 +78,7 @@ class Parsed:
     echo: bool = False  # completions: each choice starts with its prompt (and its logprobs with the prompt's)
     hide_output: bool = False  # echo with max_tokens 0: one token is generated to run the prefill, none is shown
     field_names: dict | None = None  # SamplingParams field -> the request's field, where they differ (errors)
+    priority: int = 0  # vLLM's extra field: with scheduling_policy "priority", a lower value is scheduled first
 
     def choice_params(self) -> list:
         """SamplingParams of each of the n choices (SamplingParams.choices: a seeded request's choice i draws with
@@ -174,6 +175,9 @@ def _sampling_params(body: dict, max_tokens, logprobs: int | None = None, fields
     stop_ids = body.get("stop_token_ids")
     if stop_ids is not None and not isinstance(stop_ids, list):
         raise RequestError("'stop_token_ids' must be a list of token ids", param="stop_token_ids")
+    allowed = body.get("allowed_token_ids")
+    if allowed is not None and not isinstance(allowed, list):
+        raise RequestError("'allowed_token_ids' must be a list of token ids", param="allowed_token_ids")
     try:
         return SamplingParams(
             max_tokens=max_tokens, temperature=_typed(body, "temperature", "number"),
@@ -184,7 +188,7 @@ def _sampling_params(body: dict, max_tokens, logprobs: int | None = None, fields
             ignore_eos=_typed(body, "ignore_eos", "bool"), seed=_typed(body, "seed", "int"), logprobs=logprobs,
             min_tokens=_typed(body, "min_tokens", "int"), logit_bias=_logit_bias(body),
             skip_special_tokens=_typed(body, "skip_special_tokens", "bool"),
-            include_stop_str_in_output=_typed(body, "include_stop_str_in_output", "bool"))
+            include_stop_str_in_output=_typed(body, "include_stop_str_in_output", "bool"), allowed_token_ids=allowed)
     except ValueError as e:
         raise _field_error(e, fields) from None
 
@@ -253,7 +257,7 @@ def parse_completion(body: dict) -> Parsed:
         raise RequestError(f"{len(prompts)} prompts x n = {n} is {len(prompts) * n} choices, more than "
                            f"{MAX_CHOICES} per request: split the batch", param="prompt")
     return Parsed(prompts, params, stream, include_usage, None if max_tokens is None else "max_tokens", continuous,
-                  n, echo=echo, hide_output=hide_output)
+                  n, echo=echo, hide_output=hide_output, priority=_typed(body, "priority", "int") or 0)
 
 
 def _tools(body: dict) -> list[dict] | None:
@@ -361,7 +365,8 @@ def parse_chat(body: dict, tokenizer, max_seq_len: int, default_max_tokens: bool
     stream, include_usage, continuous = _stream_options(body)
     return Parsed([prompt], params, stream, include_usage, field if explicit else None, continuous,
                   _num_choices(body, chat=True), tool_calls=tools is not None and body.get("tool_choice") != "none",
-                  parallel_tool_calls=_typed(body, "parallel_tool_calls", "bool") is not False, field_names=fields)
+                  parallel_tool_calls=_typed(body, "parallel_tool_calls", "bool") is not False, field_names=fields,
+                  priority=_typed(body, "priority", "int") or 0)
 
 
 # ---- responses ----------------------------------------------------------------------------------------------------
@@ -745,6 +750,9 @@ def build_app(llm, served_model_name: str | None = None):
         """The request's choices as sequences, prompt by prompt: n of each (each prompt encoded once). Choice
         index = prompt index x n + i, as vLLM numbers them."""
         params, seqs = parsed.choice_params(), []
+        if parsed.priority and llm.engine.scheduler.policy != "priority":
+            raise RequestError(f"priority = {parsed.priority}: requests have priorities only when the server runs "
+                               "with --scheduling-policy priority", param="priority")
         for k, prompt in enumerate(parsed.prompts):
             where = f"prompt[{k}]: " if len(parsed.prompts) > 1 else ""
             first = new_sequence(prompt, params[0], parsed, chat, where)
@@ -753,7 +761,7 @@ def build_app(llm, served_model_name: str | None = None):
 
     def new_sequence(prompt, params, parsed: Parsed, chat: bool, where: str = ""):
         try:
-            seq = llm.new_request(prompt, params)
+            seq = llm.new_request(prompt, params, parsed.priority)
         except ValueError as e:  # the prompt, or a sampling field checked against the model (logit_bias's ids)
             raise _field_error(e, parsed.field_names, "messages" if chat else "prompt", where) from None
         prompt_len, asked = len(seq.prompt_ids), seq.params.max_tokens
@@ -1094,6 +1102,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-prefill-tokens", type=int, default=2048)
     p.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    p.add_argument("--scheduling-policy", default="fcfs", choices=("fcfs", "priority"),
+                   help="priority: requests' 'priority' field orders them (lower first) and preempts less urgent ones")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -1110,7 +1120,8 @@ def serve(args, model_name: str) -> int:
     kwargs = dict(device=args.device, dtype=args.dtype, backend=args.backend, max_seq_len=args.max_seq_len,
                   seed=args.seed, quantization=args.quantization, max_batch_size=args.max_batch_size,
                   num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
-                  max_prefill_tokens=args.max_prefill_tokens, enforce_eager=args.enforce_eager)
+                  max_prefill_tokens=args.max_prefill_tokens, enforce_eager=args.enforce_eager,
+                  scheduling_policy=args.scheduling_policy)
     if args.no_prefix_caching:
         if "enable_prefix_caching" not in inspect.signature(LLM).parameters:
             raise ValueError("--no-prefix-caching: this build has no prefix cache")

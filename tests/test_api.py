@@ -193,6 +193,40 @@ def test_logit_bias(llm):
     assert llm.generate("bias", GREEDY)[0].token_ids == base.token_ids
 
 
+def test_allowed_token_ids(tiny):
+    """vLLM's allowed_token_ids: every token comes from the set, greedy and sampled (top-k wider than the set,
+    top-p, penalties) and in a batch with unrestricted requests, which are unchanged; greedy takes the allowed token
+    with the largest logit at each step (the logits recorded), a logit_bias applies inside the set; with min_tokens
+    an allowed stop token waits; ids past the vocabulary, or min_tokens with only stop ids allowed, are errors."""
+    from test_parity import generate_recording_logits
+
+    allowed = [7, 99, 200, 401]
+    greedy = dataclasses.replace(GREEDY, allowed_token_ids=allowed)
+    out, logits = generate_recording_logits(tiny, [1, 2, 3], greedy)
+    assert out.token_ids == [allowed[int(logits[i, allowed].argmax())] for i in range(len(out.token_ids))]
+    assert out.token_ids != [int(t) for t in logits.argmax(dim=-1)]  # the restriction changed something
+    plain = tiny.generate(["free", "x"], GREEDY)
+    kw = dict(max_tokens=24, ignore_eos=True, allowed_token_ids=allowed)
+    sampled = [SamplingParams(temperature=1.0, top_k=50, seed=s, repetition_penalty=1.2, **kw) for s in range(3)]
+    sampled += [SamplingParams(temperature=0.9, top_p=0.7, seed=9, **kw)]
+    outs = tiny.generate(["free", "a", "b", "c", "d", "x"], [GREEDY] + sampled + [GREEDY])
+    assert all(set(o.token_ids) <= set(allowed) for o in outs[1:5])
+    assert len({t for o in outs[1:5] for t in o.token_ids}) > 1
+    assert [outs[0].token_ids, outs[5].token_ids] == [o.token_ids for o in plain]
+    biased = dataclasses.replace(greedy, logit_bias={401: 100.0})
+    assert tiny.generate("z", biased)[0].token_ids == [401] * GREEDY.max_tokens
+    outside = dataclasses.replace(greedy, logit_bias={5: 100.0})  # a bias outside the set leaves it banned
+    assert tiny.generate([[1, 2, 3]], outside)[0].token_ids == out.token_ids
+    held = dataclasses.replace(GREEDY, max_tokens=6, allowed_token_ids=[7, 99], stop_token_ids=[7], min_tokens=3)
+    assert tiny.generate("z", held)[0].token_ids[:3] == [99, 99, 99]
+    vocab = tiny.config.vocab_size
+    with pytest.raises(ValueError, match=f"allowed_token_ids: token id {vocab} is outside the vocabulary"):
+        tiny.generate("z", dataclasses.replace(GREEDY, allowed_token_ids=[1, vocab]))
+    with pytest.raises(ValueError, match="every token of allowed_token_ids is a stop token"):
+        tiny.generate("z", dataclasses.replace(held, allowed_token_ids=[7]))
+    assert not tiny.has_unfinished() and tiny.generate(["free"], GREEDY)[0].token_ids == plain[0].token_ids
+
+
 def test_eos_ends_generation_unless_ignored(llm):
     base = llm.generate("hello", GREEDY)[0]
     eos = base.token_ids[3]

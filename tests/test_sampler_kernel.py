@@ -168,6 +168,55 @@ def test_logit_bias_and_held_tokens_decide_the_token():
         sampler.sample(logits, rows_of(params, [0] * 6, steps, range(6)), state.counts, state.seen, bias=state.bias)
 
 
+def test_allowed_token_ids_rows_draw_only_those_tokens():
+    """allowed_token_ids: the state row is -inf but at the allowed ids (SamplerState.reset), so every row, greedy or
+    sampled in either form with top-k larger than the allowed set, penalties, top-p, min-p or a hold on one of them,
+    draws only allowed tokens, the same in both impls; a greedy row takes the best allowed logit (+ its bias), not
+    the argmax; a single allowed token is always drawn."""
+    check_allowed_rows(700)
+
+
+@pytest.mark.gpu
+def test_allowed_token_ids_at_the_full_vocabulary_on_gpu():
+    check_allowed_rows(151936)
+
+
+def check_allowed_rows(vocab: int) -> None:
+    gen = torch.Generator().manual_seed(7)
+    logits = (torch.randn(8, vocab, generator=gen) * 3).to(DEVICE)
+    allowed = [[3, 250, vocab - 1], [3, 250, vocab - 1], [17], [1, 2, 3, 4, 5], [40, 41], [600, 3, 9], [8, 9],
+               [3, 250, vocab - 1]]
+    params = [P(temperature=0, allowed_token_ids=allowed[0]),
+              P(temperature=0, allowed_token_ids=allowed[1], logit_bias={3: 100.0, 5: 100.0}),
+              P(temperature=1.0, top_k=20, allowed_token_ids=allowed[2]),
+              P(temperature=1.3, top_k=TOPK_CANDIDATES, repetition_penalty=1.3, presence_penalty=0.5,
+                allowed_token_ids=allowed[3]),
+              P(temperature=0.8, top_p=0.5, allowed_token_ids=allowed[4]),
+              P(temperature=1.0, min_p=0.2, allowed_token_ids=allowed[5], **HOLDING),
+              P(temperature=1.0, allowed_token_ids=allowed[6]),
+              P(temperature=0.7, top_k=2, allowed_token_ids=allowed[7])]
+    state = SamplerState(8, vocab, DEVICE)
+    for slot, (p, ids) in enumerate(zip(params, allowed)):
+        state.reset(slot, [slot], p.logit_bias, {600} if p.min_tokens else None, (), ids)
+    assert state.bias[1, 3] == 100.0 and state.bias[1, 5] == float("-inf") and state.bias[0, 3] == 0.0
+    for form in ("topk", "full"):
+        if form == "topk":
+            rows = [p for p in params if p.top_k is None or p.top_k <= TOPK_CANDIDATES]
+        else:
+            rows = params
+        for seed in range(3):
+            got = []
+            for fn in (sampler.sample, sampler.sample_ref):
+                fresh = copy_state(state)
+                r = rows_of(rows, [seed * 100 + i for i in range(len(rows))], [0] * len(rows), range(len(rows)))
+                got.append(fn(logits[:len(rows)], r, fresh.counts, fresh.seen, form, bias=fresh.bias,
+                              held=fresh.held).tolist())
+            assert got[0] == got[1], (form, seed)
+            assert all(t in ids for t, ids in zip(got[0], allowed)), (form, got[0])
+            best = max(allowed[0], key=lambda t: logits[0, t].item())
+            assert got[0][0] == best and got[0][1] == 3 and got[0][2] == 17 and got[0][5] != 600
+
+
 def test_uniforms_are_bit_exact():
     seeds = torch.tensor([0, 1, 5 + (1 << 32), 7 << 40, 2 ** 63 - 1, 123456789], device=DEVICE)
     steps = torch.tensor([0, 1, 2 ** 31 - 1, 2 ** 31 + 5, 1000, 3], device=DEVICE)

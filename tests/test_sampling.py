@@ -22,6 +22,8 @@ from qwen2rt.sampling import (GREEDY_TEMPERATURE, TOPK_CANDIDATES, SamplerState,
     ("seed", -5), ("seed", "x"), ("min_tokens", -1), ("min_tokens", 1.0), ("logit_bias", [(1, 2.0)]),
     ("logit_bias", {"1": 2.0}), ("logit_bias", {-1: 2.0}), ("logit_bias", {1: 101}), ("logit_bias", {1: float("nan")}),
     ("logit_bias", {True: 1.0}), ("logit_bias", {1: 10 ** 400}), ("temperature", 10 ** 400), ("min_tokens", 2 ** 31),
+    ("allowed_token_ids", []), ("allowed_token_ids", 5), ("allowed_token_ids", [1, -1]), ("allowed_token_ids", [True]),
+    ("allowed_token_ids", {1: 2}),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
@@ -52,6 +54,11 @@ def test_reset_replaces_what_a_slot_held_for_its_last_request():
     state.reset(0, [5], None, set())  # min_tokens with nothing to hold (ignore_eos, no stop ids)
     assert not state.held[0].any()
     state.reset(0, [5], {7: -1.0}, None)
+    assert state.bias[0].nonzero().flatten().tolist() == [7]
+    state.reset(0, [5], {7: -1.0, 8: 2.0}, None, (), (8, 30, 8))  # allowed_token_ids: -inf but there, with bias
+    assert torch.isinf(state.bias[0]).sum() == 48 and state.bias[0, 8] == 2.0 and state.bias[0, 30] == 0.0
+    assert state.bias[0, 7] == float("-inf")
+    state.reset(0, [5], {7: -1.0}, None)  # the next request's row has none of it
     assert state.bias[0].nonzero().flatten().tolist() == [7]
     assert state.seen[0].nonzero().flatten().tolist() == [5] and not state.counts[0].any()
 

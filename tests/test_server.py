@@ -601,6 +601,13 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "other", "prompt": "a"}, 404, "does not exist"),
     ("/v1/chat/completions", {"model": "other", "messages": USER}, 404, "does not exist"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "bogus": 1}, 400, "unknown field 'bogus'"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "priority": 1}, 400, "--scheduling-policy priority"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "allowed_token_ids": 5}, 400, "'allowed_token_ids' must be"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "allowed_token_ids": [1, -2]}, 400,
+     "allowed_token_ids: token id '-2'"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "allowed_token_ids": [1, 10 ** 6]}, 400,
+     "allowed_token_ids: token id 1000000 is outside the vocabulary"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "priority": "high"}, 400, "'priority' must be an int"),
     ("/v1/completions", {"model": MODEL}, 400, "'prompt' must be"),
     ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "'prompt' must be"),
     ("/v1/completions", {"model": MODEL, "prompt": ["a", 3]}, 400, "'prompt' must be"),
@@ -788,6 +795,59 @@ def test_concurrent_chats_without_max_tokens_share_a_small_cache(offline):
         want = offline.chat(messages[i], SamplingParams(max_tokens=usage["completion_tokens"], temperature=0.8,
                                                         seed=i, ignore_eos=True))
         assert r.json()["choices"][0]["message"]["content"] == want.text
+
+
+def test_allowed_token_ids_restrict_the_reply(live, offline):
+    """vLLM's extra field: the reply's tokens come from the set, as the offline API's with the same params."""
+    ids = [int(t) for t in offline.tokenizer.encode(" yes no maybe")]
+    for route, body in (("/v1/completions", {"prompt": "Answer:"}), ("/v1/chat/completions", {"messages": USER})):
+        r = live.post(route, dict(body, model=MODEL, max_tokens=6, temperature=0, ignore_eos=True,
+                                  allowed_token_ids=ids, logprobs=True if "messages" in body else 1))
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, allowed_token_ids=ids)
+        want = offline.chat(USER, params) if "messages" in body else offline.generate("Answer:", params)[0]
+        assert set(want.token_ids) <= set(ids)
+        assert (choice["message"]["content"] if "messages" in body else choice["text"]) == want.text
+
+
+def test_priority_orders_requests_on_a_priority_server(offline, monkeypatch):
+    """--scheduling-policy priority: the 'priority' field (vLLM's extra) reaches the scheduler; with one slot, an
+    urgent request preempts a long streaming one and is answered while it streams, and both get the offline API's
+    text (the long one recomputes its tokens)."""
+    import argparse
+
+    from qwen2rt.server import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--scheduling-policy", "priority"]).scheduling_policy == "priority"
+    llm = LLM(MODEL, **dict(LLM_ARGS, max_batch_size=1), scheduling_policy="priority")
+    step = llm.step
+    monkeypatch.setattr(llm, "step", lambda: time.sleep(0.02) or step())  # the long request outlasts the urgent one
+    greedy = dict(model=MODEL, ignore_eos=True, temperature=0)
+    for live in serve(llm):
+        body = dict(greedy, prompt="a long one", max_tokens=60, stream=True, priority=5)
+        events = []
+
+        def stream():
+            with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60) as r:
+                events.extend(line for line in r.iter_lines() if line.startswith("data:"))
+        thread = threading.Thread(target=stream)
+        thread.start()
+        deadline = time.monotonic() + 30  # (random weights: its text may be held back as partial UTF-8)
+        while not (llm.engine.running and len(llm.engine.running[0].output_ids) >= 5):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        urgent = live.post("/v1/completions", dict(greedy, prompt="now", max_tokens=4, priority=-1))
+        assert urgent.status_code == 200 and llm.engine.num_preemptions == 1 and thread.is_alive()
+        thread.join()
+    text = "".join(c["text"] for e in events[:-1] for c in json.loads(e[5:])["choices"])
+    assert events[-1] == "data: [DONE]"
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    assert text == offline.generate("a long one", params)[0].text
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    assert urgent.json()["choices"][0]["text"] == offline.generate("now", params)[0].text
 
 
 def test_errors_through_the_client_and_the_server_keeps_serving(live):
