@@ -495,13 +495,21 @@ class LLM:
                 self.engine.step()
             return seq.take_new_text(), seq.finished
 
-    def chat(self, messages: list[dict], params: SamplingParams | None = None, **template_kwargs) -> RequestOutput:
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
+             priority: int | list[int] = 0, **template_kwargs) -> RequestOutput | list[RequestOutput]:
         """One assistant reply to `messages` ([{"role": ..., "content": ...}, ...]) using the checkpoint's chat
-        template. Extra keyword arguments go to the template (e.g. enable_thinking=False)."""
+        template; or, for a list of such conversations, a list of replies run as one batch (as vLLM's chat takes
+        them; params and priority then one for all or a list of one per conversation). Extra keyword arguments go
+        to the template (e.g. enable_thinking=False)."""
         if self.tokenizer is None:
             raise ValueError(f"{self.model_name} ships no tokenizer.json: chat needs one")
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
-        return self.generate(prompt, params)[0]
+        batch = isinstance(messages, list) and bool(messages) and all(isinstance(m, list) for m in messages)
+        prompts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, **template_kwargs)
+                   for m in (messages if batch else [messages])]
+        if not isinstance(priority, list):
+            priority = [priority] * len(prompts)
+        outs = self.generate(prompts, params, priority)
+        return outs if batch else outs[0]
 
     def logits(self, token_ids) -> torch.Tensor:
         """Full-sequence logits of one token-id list: float32 [len(token_ids), vocab]."""

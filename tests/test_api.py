@@ -65,6 +65,21 @@ def test_chat_uses_the_template(llm):
     assert out.prompt_token_ids == expected
 
 
+def test_chat_takes_a_batch_of_conversations(llm):
+    """vLLM's chat also takes a list of conversations: one reply each, in order, as each alone; params one for all
+    or one per conversation."""
+    convs = [[{"role": "user", "content": "Hi!"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a river."}]]
+    alone = [llm.chat(c, GREEDY) for c in convs]
+    outs = llm.chat(convs, GREEDY)
+    assert isinstance(outs, list) and [o.token_ids for o in outs] == [o.token_ids for o in alone]
+    assert [o.prompt_token_ids for o in outs] == [o.prompt_token_ids for o in alone]
+    short = dataclasses.replace(GREEDY, max_tokens=3)
+    assert [len(o.token_ids) for o in llm.chat(convs, [short, GREEDY])] == [3, GREEDY.max_tokens]
+    with pytest.raises(ValueError, match="a list of 1 SamplingParams for 2 prompts"):
+        llm.chat(convs, [GREEDY])
+
+
 def test_chat_renders_tools_with_the_checkpoints_template(llm):
     tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
     messages = [{"role": "user", "content": "Time?"}]
