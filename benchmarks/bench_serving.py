@@ -10,6 +10,10 @@ added latency over the Python API.
   (RequestOutput.time_to_first_token_s) of `repeats`, beside the floor of the tokens actually prefilled: max(their
   FLOPs / the bf16 GEMM rate, the weights read once / the copy bandwidth), both measured in the same run;
   vs_no_caching divides it by the same case's time with caching off.
+- priority: every slot (max_batch_size) busy with a long request (`long` tokens, priority 1), then one urgent
+  request (a 50-token question, max_tokens 1, priority 0): its time to first token with scheduling_policy "fcfs"
+  (it waits for a slot) and "priority" (it preempts a long one, which recomputes), and the time the long requests
+  take to finish in each.
 - server: the same model behind `python -m qwen2rt serve`'s app (uvicorn in a thread on 127.0.0.1, requests by
   httpx, one at a time) against LLM.generate on the same LLM, at max_tokens 1 (the added latency per request) and
   `tokens` (the added latency per token, after the per-request part). Skipped (recorded as such) without the serve
@@ -156,6 +160,32 @@ def run_server(model: str, device, tokens: int = 64, repeats: int = 5, **llm_arg
         dict(bench="server", model=model, added_per_request_ms=per_request, added_per_token_ms=per_token)]
 
 
+def run_priority(model: str, device, question: int = 50, long: int = 128, **llm_args) -> list[dict]:
+    rows = []
+    for policy in ("fcfs", "priority"):
+        llm = LLM(model, device=device, scheduling_policy=policy, **llm_args)
+        vocab, slots = llm.model.config.vocab_size, llm.max_batch_size
+        greedy = SamplingParams(max_tokens=long, temperature=0, ignore_eos=True)
+        llm.generate(_prompts(vocab, question, 1, seed=6), greedy)  # warm-up
+        less_urgent = 1 if policy == "priority" else 0  # (fcfs takes no priorities)
+        longs = [llm.new_request(p, greedy, priority=less_urgent) for p in _prompts(vocab, question, slots, seed=7)]
+        start = time.perf_counter()
+        llm.submit(longs)
+        while not all(s.output_ids for s in longs):
+            llm.step()
+        urgent = llm.new_request(_prompts(vocab, question, 1, seed=8)[0],
+                                 SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        llm.submit([urgent])
+        while not all(s.finished for s in longs + [urgent]):
+            llm.step()
+        rows.append(dict(bench="priority", model=model, policy=policy, slots=slots, long_tokens=long,
+                         urgent_ttft_ms=urgent.first_token_time * 1e3 - urgent.arrival * 1e3,
+                         longs_done_ms=(max(s.last_token_time for s in longs) - start) * 1e3,
+                         preemptions=llm.engine.num_preemptions))
+        _free(llm)
+    return rows
+
+
 def llm_config(model: str):
     from qwen2rt.models.config import BUILTIN_CONFIGS, load_config
 
@@ -163,12 +193,14 @@ def llm_config(model: str):
 
 
 def run(device, ceilings, model: str = "qwen2-7b", system: int = 2000, question: int = 50, repeats: int = 5,
-        tokens: int = 64, burst: int = 4, **llm_args) -> list[dict]:
+        tokens: int = 64, burst: int = 4, long: int = 128, **llm_args) -> list[dict]:
     return (run_prefix(model, device, ceilings, system, question, repeats, burst, **llm_args)
+            + run_priority(model, device, question, long, **llm_args)
             + run_server(model, device, tokens, repeats, **llm_args))
 
 
-SMOKE = dict(model="tiny", system=40, question=8, repeats=2, tokens=4, burst=3, dtype="float32", max_seq_len=128)
+SMOKE = dict(model="tiny", system=40, question=8, repeats=2, tokens=4, burst=3, long=6, dtype="float32",
+             max_seq_len=128, max_batch_size=4)
 
 
 def main(argv=None) -> list[dict]:
@@ -191,6 +223,8 @@ def main(argv=None) -> list[dict]:
     print_rows([r for r in rows if r["bench"] == "prefix"],
                ["model", "prompt", "case", "prefix_caching", "ttft_ms", "cached_tokens", "vs_no_caching", "floor_ms",
                 "pct_of_floor"])
+    print_rows([r for r in rows if r["bench"] == "priority"],
+               ["model", "policy", "slots", "long_tokens", "urgent_ttft_ms", "longs_done_ms", "preemptions"])
     print_rows([r for r in rows if r["bench"] == "server"],
                ["model", "max_tokens", "api_ms", "server_ms", "added_ms", "added_per_request_ms",
                 "added_per_token_ms", "skipped"])

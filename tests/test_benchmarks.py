@@ -71,6 +71,9 @@ def test_bench_serving_runs(tmp_path):
     assert prefix[("burst", True)]["prompt"] == "3x 40+8"
     assert all(prefix[k]["cached_tokens"] == 0 for k in prefix if k not in (("warm", True), ("burst", True)))
     assert all(r["vs_no_caching"] == 1 for k, r in prefix.items() if not k[1])  # each case over its own off time
+    priority = {r["policy"]: r for r in rows if r["bench"] == "priority"}
+    assert priority["priority"]["preemptions"] >= 1 and priority["fcfs"]["preemptions"] == 0
+    assert all(_finite(r["urgent_ttft_ms"]) and _finite(r["longs_done_ms"]) for r in priority.values())
     assert all(_finite(r["ttft_ms"]) and _finite(r["floor_ms"]) for r in prefix.values())
     server = [r for r in rows if r["bench"] == "server"]
     if not any("skipped" in r for r in server):  # the serve extra is installed (CI): both sides timed
