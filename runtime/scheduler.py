@@ -40,6 +40,7 @@ again: decode writes past it (an extra token of a stopped sequence too).
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
 from collections import deque
 
@@ -57,6 +58,7 @@ class Scheduler:
         if policy not in self.POLICIES:
             raise ValueError(f"scheduling_policy = {policy!r}: must be one of {', '.join(self.POLICIES)}")
         self.policy = policy
+        self._arrivals = itertools.count()  # the order in which sequences were added (priority ties)
         self.cache = cache
         self.enable_prefix_caching = enable_prefix_caching
         self.queried_tokens = 0  # prompt tokens of admitted sequences, looked up in the prefix cache
@@ -90,11 +92,12 @@ class Scheduler:
             raise ValueError(f"priority = {seq.priority}: requests have priorities only with "
                              "scheduling_policy='priority' (this engine schedules first come, first served)")
         seq.submitted = True
+        seq.arrival_order = next(self._arrivals)
         self._queue(seq)
 
     @staticmethod
     def _rank(seq: Sequence) -> tuple[int, int]:
-        return seq.priority, seq.id  # ids count up in order of arrival
+        return seq.priority, seq.arrival_order
 
     def _queue(self, seq: Sequence) -> None:
         """Into the waiting queue: at its end (fcfs), or after every sequence of a smaller (priority, arrival)."""

@@ -20,6 +20,7 @@ class Sequence:
                  priority: int = 0):
         self.id = next(_ids)
         self.priority = priority  # with scheduling_policy "priority": a lower value is scheduled first
+        self.arrival_order = -1  # its place in the order requests were added to the engine (Scheduler.add)
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
         self.params = params

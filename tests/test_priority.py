@@ -54,6 +54,12 @@ def test_the_queue_runs_in_priority_then_arrival_order():
     assert [seqs.index(s) for s in order] == [5, 3, 1, 2, 0, 4]
     assert engine.num_preemptions == 0  # none was running when the others came
     assert_exact(seqs, set())
+    early, late = request([1, 2], 2, priority=1), request([3, 4], 2, priority=1)  # made in this order,
+    engine.add(request([5], 9, priority=0))
+    engine.step()
+    engine.add(late)  # added in the other: equal priorities go in the order they reach the engine
+    engine.add(early)
+    assert run(engine)[-2:] == [late, early]
     fcfs = priority_engine(max_batch=1, policy="fcfs")
     with pytest.raises(ValueError, match="priority = 5: requests have priorities only with scheduling_policy"):
         fcfs.add(request([1, 2], 3, priority=5))
