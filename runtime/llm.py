@@ -496,15 +496,19 @@ class LLM:
             return seq.take_new_text(), seq.finished
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
-             priority: int | list[int] = 0, **template_kwargs) -> RequestOutput | list[RequestOutput]:
+             priority: int | list[int] = 0, add_generation_prompt: bool = True, continue_final_message: bool = False,
+             **template_kwargs) -> RequestOutput | list[RequestOutput]:
         """One assistant reply to `messages` ([{"role": ..., "content": ...}, ...]) using the checkpoint's chat
         template; or, for a list of such conversations, a list of replies run as one batch (as vLLM's chat takes
-        them; params and priority then one for all or a list of one per conversation). Extra keyword arguments go
-        to the template (e.g. enable_thinking=False)."""
+        them; params and priority then one for all or a list of one per conversation). continue_final_message=True
+        (with add_generation_prompt=False, as vLLM asks) continues the final message, e.g. an assistant reply begun
+        by the caller: the reply is the continuation alone. Extra keyword arguments go to the template (e.g.
+        enable_thinking=False)."""
         if self.tokenizer is None:
             raise ValueError(f"{self.model_name} ships no tokenizer.json: chat needs one")
         batch = isinstance(messages, list) and bool(messages) and all(isinstance(m, list) for m in messages)
-        prompts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, **template_kwargs)
+        render = self.tokenizer.apply_chat_template
+        prompts = [render(m, add_generation_prompt, continue_final_message, **template_kwargs)
                    for m in (messages if batch else [messages])]
         if not isinstance(priority, list):
             priority = [priority] * len(prompts)

@@ -35,10 +35,11 @@ _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p
                   "include_stop_str_in_output", "priority", "allowed_token_ids"}
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
-                                 "tool_choice", "parallel_tool_calls", "response_format", "chat_template_kwargs"}
+                                 "tool_choice", "parallel_tool_calls", "response_format", "chat_template_kwargs",
+                                 "add_generation_prompt", "continue_final_message"}
 _TOKENIZE_FIELDS = {"model", "prompt", "return_token_strs"}
 _TOKENIZE_CHAT_FIELDS = {"model", "messages", "add_generation_prompt", "chat_template_kwargs", "tools",
-                         "return_token_strs"}
+                         "return_token_strs", "continue_final_message"}
 _SAMPLING_FIELD = re.compile(r"SamplingParams\.(\w+)")
 MAX_N = 128  # the most choices (`n`) one request may ask for, OpenAI's limit
 MAX_CHOICES = 4096  # the most sequences one request may start (prompts x n): no request monopolises the engine
@@ -309,9 +310,17 @@ def _message_text(content, index: int) -> str:
     raise RequestError(f"messages[{index}].content must be a string or a list of text parts", param="messages")
 
 
-def render_chat(body: dict, tokenizer, tools: list[dict] | None, add_generation_prompt: bool = True) -> str:
-    """A request's messages rendered with the checkpoint's chat template (with the tools, if any)."""
+def render_chat(body: dict, tokenizer, tools: list[dict] | None) -> str:
+    """A request's messages rendered with the checkpoint's chat template (with the tools, if any), with vLLM's
+    add_generation_prompt (default true) and continue_final_message (default false: true ends the text inside the
+    final message, which the model continues; it needs add_generation_prompt false, as vLLM checks)."""
     import jinja2
+
+    add_generation_prompt = _typed(body, "add_generation_prompt", "bool") is not False
+    continue_final = bool(_typed(body, "continue_final_message", "bool"))
+    if continue_final and add_generation_prompt:
+        raise RequestError("continue_final_message = true needs add_generation_prompt = false (one continues the "
+                           "final message, the other opens a new assistant turn)", param="continue_final_message")
 
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -332,7 +341,8 @@ def render_chat(body: dict, tokenizer, tools: list[dict] | None, add_generation_
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise RequestError("'chat_template_kwargs' must be an object", param="chat_template_kwargs")
-    reserved = {"messages", "add_generation_prompt"} | ({"tools"} if tools is not None else set())
+    reserved = {"messages", "add_generation_prompt", "continue_final_message"} | (
+        {"tools"} if tools is not None else set())
     if reserved & set(kwargs):
         raise RequestError(f"chat_template_kwargs may not set {sorted(reserved & set(kwargs))[0]!r} (the request "
                            "sets it)", param="chat_template_kwargs")
@@ -342,7 +352,8 @@ def render_chat(body: dict, tokenizer, tools: list[dict] | None, add_generation_
     if tools is not None:  # rendered whatever tool_choice says, as vLLM does by default
         kwargs = dict(kwargs, tools=tools)
     try:
-        return tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt, **kwargs)
+        return tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final, **kwargs)
     except (ValueError, TypeError, jinja2.TemplateError) as e:
         raise RequestError(f"the chat template failed on these messages: {e}", param="messages") from None
 
@@ -945,8 +956,7 @@ def build_app(llm, served_model_name: str | None = None):
         _check_fields(body, _TOKENIZE_CHAT_FIELDS if chat else _TOKENIZE_FIELDS)
         tokenizer = text_tokenizer()
         if chat:
-            add = _typed(body, "add_generation_prompt", "bool")
-            text = render_chat(body, tokenizer, _tools(body), add is not False)
+            text = render_chat(body, tokenizer, _tools(body))
         else:
             text = body.get("prompt")
             if not isinstance(text, str):

@@ -27,8 +27,15 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         raise NotImplementedError
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render messages with the checkpoint's Jinja chat template (as Hugging Face renders it)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, **kwargs) -> str:
+        """Render messages with the checkpoint's Jinja chat template (as Hugging Face renders it).
+        continue_final_message (Hugging Face's and vLLM's option): the text ends right after the final message's
+        content, with no end-of-turn after it, so that the model continues that message (an assistant reply
+        begun by the caller); not with add_generation_prompt."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true: the first "
+                             "continues the final message, the second opens a new assistant turn after it")
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template (none in tokenizer_config.json or "
                              "chat_template.jinja)")
@@ -40,7 +47,20 @@ class Tokenizer:
         template = _compile_template(self.chat_template)
         context = {k: v for k, v in self.special_tokens_map.items()}
         context.update(kwargs)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+        text = template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+        return _cut_after_final_content(text, messages[-1]["content"]) if continue_final_message else text
+
+
+def _cut_after_final_content(text: str, content) -> str:
+    """The rendered chat up to the end of the final message's content (its last occurrence; stripped of surrounding
+    whitespace if the template strips it, as some templates do)."""
+    if not isinstance(content, str) or not content.strip():
+        raise ValueError("continue_final_message needs a final message whose content is a non-empty string")
+    for piece in (content, content.strip()):
+        end = text.rfind(piece)
+        if end >= 0:
+            return text[:end + len(piece)]
+    raise ValueError("continue_final_message: the chat template did not render the final message's content")
 
 
 _TEMPLATE_CACHE: dict[str, jinja2.Template] = {}

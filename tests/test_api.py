@@ -80,6 +80,19 @@ def test_chat_takes_a_batch_of_conversations(llm):
         llm.chat(convs, [GREEDY])
 
 
+def test_chat_continues_a_final_message(llm):
+    """continue_final_message (vLLM's and HF's): the prompt ends inside the caller's begun assistant reply and the
+    reply is its continuation: the same tokens as generating from that text; it needs add_generation_prompt=False."""
+    messages = [{"role": "user", "content": "Give me JSON."}, {"role": "assistant", "content": '{"name": "'}]
+    out = llm.chat(messages, GREEDY, add_generation_prompt=False, continue_final_message=True)
+    text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert text.endswith('{"name": "') and out.prompt_token_ids == llm.tokenizer.encode(text)
+    assert out.token_ids == llm.generate(text, GREEDY)[0].token_ids
+    assert out.prompt_token_ids != llm.chat(messages, GREEDY, add_generation_prompt=False).prompt_token_ids
+    with pytest.raises(ValueError, match="cannot both be true"):
+        llm.chat(messages, GREEDY, continue_final_message=True)
+
+
 def test_chat_renders_tools_with_the_checkpoints_template(llm):
     tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
     messages = [{"role": "user", "content": "Time?"}]

@@ -797,6 +797,22 @@ def test_concurrent_chats_without_max_tokens_share_a_small_cache(offline):
         assert r.json()["choices"][0]["message"]["content"] == want.text
 
 
+def test_chat_continues_a_final_message(live, offline):
+    """vLLM's continue_final_message (with add_generation_prompt false): the reply continues the caller's begun
+    assistant message, as the offline API's; /tokenize renders the same prompt; both flags true is a 400."""
+    messages = [{"role": "user", "content": "Give me JSON."}, {"role": "assistant", "content": '{"name": "'}]
+    flags = dict(add_generation_prompt=False, continue_final_message=True)
+    r = live.post("/v1/chat/completions", dict(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                               ignore_eos=True, **flags))
+    assert r.status_code == 200, r.text
+    want = offline.chat(messages, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), **flags)
+    assert r.json()["choices"][0]["message"]["content"] == want.text
+    assert r.json()["usage"]["prompt_tokens"] == len(want.prompt_token_ids)
+    assert live.post("/tokenize", dict(messages=messages, **flags)).json()["tokens"] == want.prompt_token_ids
+    r = live.post("/v1/chat/completions", dict(model=MODEL, messages=messages, continue_final_message=True))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
+
+
 def test_allowed_token_ids_restrict_the_reply(live, offline):
     """vLLM's extra field: the reply's tokens come from the set, as the offline API's with the same params."""
     ids = [int(t) for t in offline.tokenizer.encode(" yes no maybe")]

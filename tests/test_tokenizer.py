@@ -56,6 +56,23 @@ def test_chat_template_matches_hf(tokenizers, messages):
     assert no_think != rendered
 
 
+@pytest.mark.parametrize("reply", ["The answer is", "Sure, here is the JSON: {", "  padded reply  "])
+def test_continue_final_message_matches_hf(tokenizers, reply):
+    """continue_final_message: the text stops right after the final (assistant) message's content, as Hugging
+    Face's apply_chat_template renders it; with add_generation_prompt, or an empty final message, an error."""
+    ours, hf = tokenizers
+    messages = MESSAGES[1] + [{"role": "assistant", "content": reply}]
+    got = ours.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert got == hf.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                         tokenize=False)
+    assert got.endswith(reply) and got.rfind("<|im_end|>") < got.rfind("<|im_start|>assistant")
+    with pytest.raises(ValueError, match="cannot both be true"):
+        ours.apply_chat_template(messages, continue_final_message=True)
+    with pytest.raises(ValueError, match="non-empty string"):
+        ours.apply_chat_template(MESSAGES[0] + [{"role": "assistant", "content": ""}], add_generation_prompt=False,
+                                 continue_final_message=True)
+
+
 def test_eos_from_tokenizer_config(tokenizers):
     ours, hf = tokenizers
     assert ours.eos_token_ids == {hf.convert_tokens_to_ids("<|im_end|>")}
