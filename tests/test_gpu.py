@@ -85,6 +85,32 @@ def test_preempted_requests_through_cuda_graphs_draw_their_tokens():
     assert small.engine.num_preemptions >= 2 and roomy.engine.num_preemptions == 0
 
 
+def test_priority_preemption_through_cuda_graphs():
+    """scheduling_policy="priority" with CUDA graphs: two long requests fill both slots, then an urgent one preempts
+    the less urgent (its decode batch restaged: new slot, blocks and positions in the graphs' static buffers) and
+    both recompute; every request's greedy and seeded tokens equal those of an eager LLM that runs each alone
+    (float32)."""
+    kw = dict(device="cuda", dtype="float32", seed=0, max_seq_len=256, cuda_graph_prefill_tokens=())
+    llm = LLM("tiny", max_batch_size=2, scheduling_policy="priority", **kw)
+    assert llm.use_graphs
+    alone = LLM("tiny", max_batch_size=1, enforce_eager=True, **kw)
+    prompts = [[(17 * i + j) % 500 + 1 for j in range(12 + 3 * i)] for i in range(3)]
+    params = [SamplingParams(max_tokens=80, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=80, temperature=0.9, top_k=40, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=8, temperature=0.7, seed=4, ignore_eos=True)]
+    seqs = [llm.new_request(p, q, priority=r) for p, q, r in zip(prompts[:2], params, (1, 2))]
+    llm.submit(seqs)
+    for _ in range(20):
+        llm.step()
+    urgent = llm.new_request(prompts[2], params[2], priority=0)
+    llm.submit([urgent])
+    while not all(s.finished for s in seqs + [urgent]):
+        llm.step()
+    assert llm.engine.num_preemptions == 1 and seqs[1].num_preemptions == 1
+    for s, p, q in zip(seqs + [urgent], prompts, params):
+        assert s.output_ids == alone.generate([p], q)[0].token_ids
+
+
 def test_a_burst_sharing_a_prefix_through_prefill_graphs():
     """Three prompts with the same 48-token prefix in one step, on the Triton kernels with prefill and decode graphs:
     the second and third take the first's three blocks, written by the same replay, and generate the tokens of an
