@@ -354,7 +354,8 @@ def short_table(rec: dict) -> str:
             lines.append(f"{r['model']:<21} {r['impl']:<22} {r['batch']:<2} {r['ms_per_token']:8.3f} "
                          f"{_f(r.get('graph_replay_ms')):>7}  {r['pct_of_floor']:5.1f}")
         elif r.get("error"):  # a variant that failed inside a part that ran: the part says "ok"
-            lines.append(f"{r['model']:<21} {r['impl']:<22} {r.get('batch', ''):<2} error: {str(r['error'])[:60]}")
+            lines.append(f"{_f(r.get('model')):<21} {_f(r.get('impl')):<22} {_f(r.get('batch')):<2} error: "
+                         f"{str(r['error'])[:60]}")
     return "\n".join(lines)
 
 

@@ -119,10 +119,14 @@ def test_short_table_shows_the_rows_that_failed_inside_a_part():
     """The last lines a GPU call prints: a variant that failed inside a part that ran ("ok") is listed too."""
     rec = {"errors": [], "decode": [
         {"model": "qwen2-7b", "impl": "qwen2rt", "batch": 1, "ms_per_token": 5.5, "pct_of_floor": 85.0},
-        {"model": "qwen2-7b", "impl": "hf_compiled", "batch": 1, "error": "RuntimeError('recompiled')"}]}
+        {"model": "qwen2-7b", "impl": "hf_compiled", "batch": 1, "error": "RuntimeError('recompiled')"},
+        # bench_decode's rows for a variant that failed as a whole have batch None (a CI run met one: the table
+        # raised a TypeError and the call ended with no table and exit status 1)
+        {"model": "qwen2-7b", "impl": "hf", "batch": None, "error": "ValueError('negative')"}]}
     lines = gpu_check.short_table(rec).splitlines()
     assert any(ln.startswith("qwen2-7b") and "5.500" in ln for ln in lines)
     assert any("hf_compiled" in ln and "error: RuntimeError('recompiled')" in ln for ln in lines)
+    assert any(" hf " in ln and " - " in ln and "error: ValueError('negative')" in ln for ln in lines)
 
 
 def test_load_llm_retries_without_prefill_graphs_only_when_capture_fails(monkeypatch):
