@@ -927,6 +927,11 @@ def build_app(llm, served_model_name: str | None = None):
             return JSONResponse({"status": "engine not running"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    async def version(request: Request) -> Response:  # vLLM's GET /version
+        from . import __version__
+
+        return JSONResponse({"version": __version__})
+
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -992,6 +997,7 @@ def build_app(llm, served_model_name: str | None = None):
               Route("/v1/models", models, methods=["GET"]),
               Route("/v1/models/{model:path}", model, methods=["GET"]),
               Route("/health", health, methods=["GET"]),
+              Route("/version", version, methods=["GET"]),
               Route("/metrics", prometheus, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: server_error})

@@ -111,6 +111,8 @@ def test_models_health_and_routes(live):
     with pytest.raises(openai.NotFoundError):
         live.client.models.retrieve("other")
     assert httpx.get(live.url + "/health").json() == {"status": "ok"}
+    import qwen2rt
+    assert httpx.get(live.url + "/version").json() == {"version": qwen2rt.__version__}  # vLLM's route
     r = httpx.get(live.url + "/v1/nothing")
     assert r.status_code == 404 and "message" in r.json()["error"]
     r = httpx.get(live.url + "/v1/completions")
