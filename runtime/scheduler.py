@@ -14,8 +14,9 @@ alone always fits (Scheduler.add checks its whole length against the cache).
 Priority scheduling (scheduling_policy "priority", vLLM's): the queue is ordered by (priority, arrival), a lower
 value first; the sequence preempted when blocks run out is the running one of the largest (priority, arrival); and a
 waiting sequence that finds no free slot or too few blocks preempts running sequences of a larger priority value,
-the largest first, until it fits (vLLM V0's forced preemption), so an urgent request never waits for a
-less urgent one to finish. Under "fcfs" every request has priority 0.
+the largest first, until it fits (the forced preemption of vLLM's priority scheduling), so an urgent request never
+waits for a less urgent one to finish; not when those hold fewer blocks than it lacks (it would not fit anyway).
+Under "fcfs" every request has priority 0.
 
 The engine launches a step before it reads back the one before (see engine.py), so the scheduler plans with
 `Sequence.num_launched`: a sequence joins a decode step while its last token is still on the device, and leaves
@@ -125,8 +126,9 @@ class Scheduler:
                 hits, entries = self.cache.match(seq.prompt_block_tokens(self.cache.block_size)[:usable])
             # cached blocks nobody holds count as free; taking them as hits makes them unavailable to allocate
             free = self.cache.num_free_blocks - self.cache.num_unreferenced(hits)
-            if need - len(hits) > free - (self.watermark if self.running else 0):
-                if self._make_room(seq):
+            lacking = need - len(hits) - (free - (self.watermark if self.running else 0))
+            if lacking > 0:
+                if self._make_room(seq, lacking):
                     continue  # a less urgent sequence was preempted: try again
                 break  # in order (first come, or most urgent, first served): later requests wait behind it
             self.waiting.popleft()
@@ -147,10 +149,15 @@ class Scheduler:
             admitted.append(seq)
         return admitted
 
-    def _make_room(self, seq: Sequence) -> bool:
-        """Priority policy, `seq` waiting for a slot or blocks: preempt the running sequence with work to launch of
-        the largest (priority, arrival) if its priority value is larger than `seq`'s. -> whether one was."""
+    def _make_room(self, seq: Sequence, lacking: int = 0) -> bool:
+        """Priority policy, `seq` waiting for a slot (lacking 0) or for `lacking` more free blocks: preempt the
+        running sequence with work to launch of the largest (priority, arrival) if its priority value is larger than
+        `seq`'s, and, for blocks, only if such sequences hold at least `lacking` blocks between them (an upper bound
+        on what preempting them frees: shared blocks count too), so that running requests are not preempted for a
+        request that would not fit anyway. -> whether one was preempted."""
         if self.policy != "priority" or all(v.priority <= seq.priority for v in self.running):
+            return False
+        if lacking and sum(len(v.blocks) for v in self.running if v.priority > seq.priority) < lacking:
             return False
         victim = self._victim()
         if victim is None or victim.priority <= seq.priority:

@@ -132,6 +132,23 @@ def test_an_urgent_request_preempts_for_blocks_and_the_least_urgent_goes_first()
         assert_exact(seqs, set())
 
 
+def test_no_preemption_for_a_request_that_would_not_fit_anyway():
+    """A waiting request that lacks more blocks than every less urgent running request holds preempts none of them
+    (it would still not fit: they would only recompute): they run on, and it is admitted once a more urgent one
+    frees its blocks."""
+    engine = priority_engine(num_blocks=20, block_size=4, max_batch=4)
+    big, small = request([1] * 40, 30, priority=0), request([2] * 4, 3, priority=5)  # 10 blocks, 1 block
+    for s in (big, small):
+        engine.add(s)
+    engine.step()
+    assert set(engine.running) == {big, small}
+    waiting = request([3] * 40, 2, priority=1)  # 10 blocks: 9 free less the watermark's 1, and small holds 1
+    engine.add(waiting)
+    order = run(engine)
+    assert engine.num_preemptions == 0 and order == [big, small, waiting]
+    assert_exact([big, small, waiting], set())
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_random_priorities_with_stops_aborts_and_preemptions_are_exact(seed):
     """Random arrivals with random priorities, budgets, stop tokens and aborts, on a cache small enough that
