@@ -31,17 +31,17 @@ def request(prompt, max_tokens, priority=0, stop_ids=()):
     return Sequence(prompt, params.resolved(), 80, None, frozenset(), priority=priority)
 
 
-def run(engine, seqs=(), check=True):
-    """Step until no work is left. -> the sequences in the order they got their first token."""
+def run(engine):
+    """Step until no work is left, checking the sampler slots, block tables and blocks after every step. -> the
+    sequences in the order they got their first token."""
     order = []
     while engine.has_work():
         for s in engine.step():
             if len(s.output_ids) == 1 and s not in order:
                 order.append(s)
-        if check:
-            check_sampler_counts(engine)
-            check_blocks(engine)
-            engine.cache.check([s.blocks for s in engine.running])
+        check_sampler_counts(engine)
+        check_blocks(engine)
+        engine.cache.check([s.blocks for s in engine.running])
     return order
 
 
