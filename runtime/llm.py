@@ -338,11 +338,7 @@ class LLM:
         return params.resolved(self.generation_defaults)
 
     def _new_sequence(self, prompt, params: SamplingParams, priority: int = 0) -> Sequence:
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise ValueError(f"priority = {priority!r}: must be an integer (a lower value is scheduled first)")
-        if priority and self.engine.scheduler.policy != "priority":
-            raise ValueError(f"priority = {priority}: requests have priorities only with "
-                             "scheduling_policy='priority' (this LLM schedules first come, first served)")
+        self.engine.scheduler.check_priority(priority)  # before the prompt is encoded
         text, ids = self._encode(prompt)
         seq = Sequence(ids, params, self.max_seq_len, self.tokenizer, self.eos_token_ids, text, priority)
         check_min_tokens(seq, self.config.vocab_size)

@@ -89,12 +89,18 @@ class Scheduler:
         if need > self.cache.num_blocks:
             raise ValueError(f"request needs {need} KV cache blocks ({seq.max_len} tokens) but the cache holds "
                              f"{self.cache.num_blocks}; lower max_tokens or give the cache more blocks")
-        if seq.priority and self.policy != "priority":
-            raise ValueError(f"priority = {seq.priority}: requests have priorities only with "
-                             "scheduling_policy='priority' (this engine schedules first come, first served)")
+        self.check_priority(seq.priority)
         seq.submitted = True
         seq.arrival_order = next(self._arrivals)
         self._queue(seq)
+
+    def check_priority(self, priority) -> None:
+        """A ValueError unless `priority` is an integer this policy takes (any under "priority", 0 under "fcfs")."""
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority = {priority!r}: must be an integer (a lower value is scheduled first)")
+        if priority and self.policy != "priority":
+            raise ValueError(f"priority = {priority}: requests have priorities only with "
+                             "scheduling_policy='priority' (this engine schedules first come, first served)")
 
     @staticmethod
     def _rank(seq: Sequence) -> tuple[int, int]:
@@ -155,12 +161,10 @@ class Scheduler:
         `seq`'s, and, for blocks, only if such sequences hold at least `lacking` blocks between them (an upper bound
         on what preempting them frees: shared blocks count too), so that running requests are not preempted for a
         request that would not fit anyway. -> whether one was preempted."""
-        if self.policy != "priority" or all(v.priority <= seq.priority for v in self.running):
+        victim = self._victim() if self.policy == "priority" else None
+        if victim is None or victim.priority <= seq.priority:
             return False
         if lacking and sum(len(v.blocks) for v in self.running if v.priority > seq.priority) < lacking:
-            return False
-        victim = self._victim()
-        if victim is None or victim.priority <= seq.priority:
             return False
         self.preempt(victim)
         return True
@@ -257,8 +261,10 @@ class Scheduler:
 
     def _victim(self) -> Sequence | None:
         """The sequence to preempt: of the running ones with work to launch, the most recently admitted (fcfs, as
-        vLLM V1) or the one of the largest (priority, arrival) (priority); None if there is none."""
-        busy = [v for v in self.running if v in self.decoding or v in self.prefilling]
+        vLLM V1) or the one of the largest (priority, arrival) (priority); None if there is none. (A running
+        sequence has work while it prefills, or until the last token of its budget is launched: exactly the
+        sequences of the prefilling and decoding lists.)"""
+        busy = [v for v in self.running if not v.prefill_done or v.num_launched < v.max_len]
         if not busy:
             return None
         return max(busy, key=self._rank) if self.policy == "priority" else busy[-1]

@@ -761,9 +761,10 @@ def build_app(llm, served_model_name: str | None = None):
         """The request's choices as sequences, prompt by prompt: n of each (each prompt encoded once). Choice
         index = prompt index x n + i, as vLLM numbers them."""
         params, seqs = parsed.choice_params(), []
-        if parsed.priority and llm.engine.scheduler.policy != "priority":
-            raise RequestError(f"priority = {parsed.priority}: requests have priorities only when the server runs "
-                               "with --scheduling-policy priority", param="priority")
+        try:
+            llm.engine.scheduler.check_priority(parsed.priority)
+        except ValueError as e:
+            raise RequestError(f"{e}: start the server with --scheduling-policy priority", param="priority") from None
         for k, prompt in enumerate(parsed.prompts):
             where = f"prompt[{k}]: " if len(parsed.prompts) > 1 else ""
             first = new_sequence(prompt, params[0], parsed, chat, where)
