@@ -85,10 +85,12 @@ class Scheduler:
             state = f"finished ({seq.finish_reason})" if seq.finished else "queued or running"
             raise ValueError(f"sequence {seq.id} was already {'submitted and is ' if seq.submitted else ''}{state}: "
                              "a sequence runs once; make a new request for another run")
-        need = self.cache.blocks_for(seq.max_len)
+        # the k/v of every token but the last is written (the last one generated is sampled, never fed back)
+        need = self.cache.blocks_for(seq.max_len - 1)
         if need > self.cache.num_blocks:
-            raise ValueError(f"request needs {need} KV cache blocks ({seq.max_len} tokens) but the cache holds "
-                             f"{self.cache.num_blocks}; lower max_tokens or give the cache more blocks")
+            raise ValueError(f"request needs {need} KV cache blocks ({seq.max_len} tokens, the k/v of all but the "
+                             f"last one) but the cache holds {self.cache.num_blocks}; lower max_tokens or give the "
+                             "cache more blocks")
         self.check_priority(seq.priority)
         seq.submitted = True
         seq.arrival_order = next(self._arrivals)

@@ -754,8 +754,9 @@ def build_app(llm, served_model_name: str | None = None):
                                param="model", code="model_not_found")
         return body
 
-    # the most tokens one request may hold: the context, or all of the KV cache when that is smaller
-    reservable = min(llm.max_seq_len, llm.kv_cache.num_blocks * llm.kv_cache.block_size)
+    # the most tokens one request may hold: the context, or all of the KV cache when that is smaller (the k/v of
+    # every token but the last generated one is written)
+    reservable = min(llm.max_seq_len, llm.kv_cache.num_blocks * llm.kv_cache.block_size + 1)
 
     def new_sequences(parsed: Parsed, chat: bool) -> list:
         """The request's choices as sequences, prompt by prompt: n of each (each prompt encoded once). Choice

@@ -380,6 +380,15 @@ def test_request_larger_than_the_cache_is_an_error():
     with pytest.raises(ValueError, match="needs 7 KV cache blocks .* holds 4"):
         small.generate("a" * 90, SamplingParams(max_tokens=10))
     assert len(small.generate("a" * 40, SamplingParams(max_tokens=10, ignore_eos=True))[0].token_ids) == 10
+    # the k/v of every token but the last generated one is written: 64 tokens of cache hold a 65-token request,
+    # which runs to its end alone, and its tokens are those of a large cache's
+    prompt = small.tokenizer.encode("a" * 40)
+    fits = SamplingParams(max_tokens=65 - len(prompt), ignore_eos=True, temperature=0)
+    out = small.generate([prompt], fits)[0].token_ids
+    roomy = LLM("tiny", device="cpu", max_seq_len=256, num_kv_blocks=8, block_size=16)
+    assert len(out) == fits.max_tokens and out == roomy.generate([prompt], fits)[0].token_ids
+    with pytest.raises(ValueError, match="needs 5 KV cache blocks .* holds 4"):
+        small.generate([prompt], dataclasses.replace(fits, max_tokens=fits.max_tokens + 1))
 
 
 def test_requests_wait_when_the_cache_is_full(tiny):
