@@ -14,6 +14,9 @@ added latency over the Python API.
   request (a 50-token question, max_tokens 1, priority 0): its time to first token with scheduling_policy "fcfs"
   (it waits for a slot) and "priority" (it preempts a long one, which recomputes), and the time the long requests
   take to finish in each.
+- structured: batch 1, greedy, a free request of `tokens` tokens against one held by structured outputs to exactly
+  that text (a choice of one string): the cost of structured outputs per token (each step read back before the next
+  launch, its mask row written).
 - server: the same model behind `python -m qwen2rt serve`'s app (uvicorn in a thread on 127.0.0.1, requests by
   httpx, one at a time) against LLM.generate on the same LLM, at max_tokens 1 (the added latency per request) and
   `tokens` (the added latency per token, after the per-request part). Skipped (recorded as such) without the serve
@@ -186,6 +189,39 @@ def run_priority(model: str, device, question: int = 50, long: int = 128, **llm_
     return rows
 
 
+def run_structured(model: str, device, ceilings: dict, tokens: int = 64, repeats: int = 5, **llm_args) -> list[dict]:
+    """Batch 1, greedy: a free request of `tokens` tokens against structured ones held to exactly that text (a
+    choice of one string, so both run the same number of steps; then eos), one request at a time, median of
+    `repeats` decode rates. A structured step is read back before the next launch and writes its mask row, so
+    per_token_ms - the free one's is what structured outputs cost per token at batch 1. floor_ms: the decode
+    step's weight bytes / the copy bandwidth."""
+    from qwen2rt import StructuredOutputs
+
+    llm = LLM(model, device=device, **llm_args)
+    text = " ".join(f"w{i}" for i in range(tokens))
+    while len(llm.tokenizer.encode(text)) > tokens:  # exactly `tokens` tokens (or as close below as words go)
+        text = text.rsplit(" ", 1)[0]
+    n = len(llm.tokenizer.encode(text))
+    prompt = _prompts(llm.model.config.vocab_size, 50, 1, seed=9)[0]
+    cases = [("free", SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)),
+             ("choice", SamplingParams(max_tokens=n + 1, temperature=0,
+                                       structured_outputs=StructuredOutputs(choice=[text])))]
+    config = llm_config(model)
+    dtype_bytes = 4 if llm_args.get("dtype") == "float32" else 2
+    floor = config.bytes_per_token(dtype_bytes) / ceilings["copy_GBps"] / 1e6
+    rows = []
+    for case, params in cases:
+        llm.generate([prompt], params)  # warm-up (and the choice's token index)
+        rates = [llm.generate([prompt], params)[0].decode_tokens_per_s for _ in range(repeats)]
+        per_token = 1e3 / statistics.median(rates)
+        rows.append(dict(bench="structured", model=model, case=case, tokens=n, per_token_ms=per_token,
+                         floor_ms=floor, pct_of_floor=100 * floor / per_token))
+    for r in rows:
+        r["vs_free"] = r["per_token_ms"] / rows[0]["per_token_ms"]
+    _free(llm)
+    return rows
+
+
 def llm_config(model: str):
     from qwen2rt.models.config import BUILTIN_CONFIGS, load_config
 
@@ -196,6 +232,7 @@ def run(device, ceilings, model: str = "qwen2-7b", system: int = 2000, question:
         tokens: int = 64, burst: int = 4, long: int = 128, **llm_args) -> list[dict]:
     return (run_prefix(model, device, ceilings, system, question, repeats, burst, **llm_args)
             + run_priority(model, device, question, long, **llm_args)
+            + run_structured(model, device, ceilings, tokens, repeats, **llm_args)
             + run_server(model, device, tokens, repeats, **llm_args))
 
 
@@ -225,6 +262,8 @@ def main(argv=None) -> list[dict]:
                 "pct_of_floor"])
     print_rows([r for r in rows if r["bench"] == "priority"],
                ["model", "policy", "slots", "long_tokens", "urgent_ttft_ms", "longs_done_ms", "preemptions"])
+    print_rows([r for r in rows if r["bench"] == "structured"],
+               ["model", "case", "tokens", "per_token_ms", "vs_free", "floor_ms", "pct_of_floor"])
     print_rows([r for r in rows if r["bench"] == "server"],
                ["model", "max_tokens", "api_ms", "server_ms", "added_ms", "added_per_request_ms",
                 "added_per_token_ms", "skipped"])

@@ -80,10 +80,10 @@ ESTIMATE_S = {"ceilings": 5, "warm": 90, "gpu_tests_gate": 60, "gpu_tests": 200,
               # compile 4 variants the warm does not); a quantized model's load includes quantizing its random
               # weights, and 72B int4 fills ~40 GB of weights
               "bench_quant": 170, "decode_quant": 60, "decode_quant_72b": 420,
-              # four 7B loads (prefix caching on and off; fcfs and priority), ~25 prefills of 2,050 tokens and 10
-              # bursts of 4, 2 x 128 decode steps at batch 4; the server part is skipped there unless the serve
-              # extra's wheels are carried
-              "serving": 200,
+              # five 7B loads (prefix caching on and off; fcfs and priority; structured), ~25 prefills of 2,050
+              # tokens and 10 bursts of 4, 2 x 128 decode steps at batch 4, 12 requests of 64 tokens; the server part
+              # is skipped there unless the serve extra's wheels are carried
+              "serving": 230,
               # quantized MoE: loading plus the first-load tuning of the quantized expert kernels (every bucket;
               # the warm compiles their default configs only, not the tuning candidates)
               "decode_quant_moe": 180,
@@ -304,6 +304,13 @@ def summary_markdown(rec: dict) -> str:
                     "|---|---|---|---|---|---|---|"]
             out += [f"| {r['model']} | {r['policy']} | {r['slots']} | {r['long_tokens']} | {_f(r['urgent_ttft_ms'])} | "
                     f"{_f(r['longs_done_ms'])} | {r['preemptions']} |" for r in priority]
+        structured = [r for r in rec["serving"] if r["bench"] == "structured"]
+        if structured:
+            out += ["", "Structured outputs at batch 1 (greedy; a choice of one string forces the same tokens):", "",
+                    "| model | case | tokens | ms/token | vs free | floor ms | % of floor |",
+                    "|---|---|---|---|---|---|---|"]
+            out += [f"| {r['model']} | {r['case']} | {r['tokens']} | {_f(r['per_token_ms'])} | {_f(r['vs_free'])} | "
+                    f"{_f(r['floor_ms'])} | {_f(r['pct_of_floor'])} |" for r in structured]
         out += ["", "The OpenAI server over the Python API (same LLM, one request at a time):", ""]
         for r in (r for r in rec["serving"] if r["bench"] == "server"):
             out.append(f"- {r['model']}: " + ", ".join(f"{k} {_f(v)}" for k, v in r.items()

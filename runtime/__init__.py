@@ -7,6 +7,7 @@
 
 from .llm import LLM, CompletionOutput, RequestOutput
 from .sampling import SamplingParams
+from .structured import StructuredOutputs
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "StructuredOutputs", "__version__"]

@@ -17,6 +17,10 @@ enqueued after step N+1, so stream order keeps every other request's state intac
 prefix cache are full blocks whose writes were launched before any reader's step or earlier in the same one, and
 are never written again (scheduler.py). On CPU every launch runs to completion before it returns; the code path is
 the same.
+
+A structured request (SamplingParams.structured_outputs) may sample only the tokens its next mask allows, and that
+mask depends on its token in flight: while a launched step holds one, `step()` reads that step back before it
+launches the next (the device waits for the host then, for the whole batch, as in vLLM).
 """
 
 from __future__ import annotations
@@ -111,7 +115,8 @@ class Engine:
             self._in_flight = self._launch()
             if self._in_flight is None:
                 return []
-        ahead = self._launch()
+        # a structured request's next mask depends on the token in flight: read it back before the next launch
+        ahead = None if any(s.matcher is not None for s in self._in_flight.seqs) else self._launch()
         done, self._in_flight = self._in_flight, None
         try:
             return self._receive(done)
@@ -135,6 +140,8 @@ class Engine:
             self.sampler.reset(seq.slot, seq.prompt_ids, seq.params.logit_bias,
                                seq.stop_ids if seq.params.min_tokens else None, seq.output_ids,
                                seq.params.allowed_token_ids)
+            if seq.matcher is not None:
+                self.sampler.set_bias(seq.slot, seq.matcher.bias_row(seq.params.logit_bias))
             self.runner.set_blocks(seq.slot, seq.blocks)
 
     def _launch(self) -> Launched | None:
@@ -183,6 +190,9 @@ class Engine:
             received.append(seq)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
+            elif seq.matcher is not None:  # its next token's mask (no step holding it was launched since)
+                seq.matcher.advance(token)
+                self.sampler.set_bias(seq.slot, seq.matcher.bias_row(seq.params.logit_bias))
         return received
 
     def prefill_metadata(self, chunks: list[tuple[Sequence, int, int]]):

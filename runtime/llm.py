@@ -27,6 +27,7 @@ from .kv_cache import KVCache, kv_bytes_per_token
 from .sampling import SamplingParams, defaults_from_generation_config
 from .scheduler import Scheduler
 from .sequence import check_min_tokens
+from .structured import Matcher, TokenIndex
 from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger("qwen2rt")
@@ -209,6 +210,7 @@ class LLM:
                     generation_eos = gc.get("eos_token_id")
             self.model_name = model
             self.eos_token_ids = self._collect_eos(generation_eos)
+            self._token_index: TokenIndex | None = None  # structured outputs' view of the vocabulary (on first use)
             if self.device.type == "cuda":  # quantizing at load leaves freed staging blocks cached; the KV budget
                 torch.cuda.empty_cache()  # below is the driver's free memory after the weights: hand them back first
             if num_kv_blocks is None:
@@ -342,7 +344,21 @@ class LLM:
         text, ids = self._encode(prompt)
         seq = Sequence(ids, params, self.max_seq_len, self.tokenizer, self.eos_token_ids, text, priority)
         check_min_tokens(seq, self.config.vocab_size)
+        if params.structured_outputs is not None:
+            seq.matcher = self._matcher(seq)
         return seq
+
+    def _matcher(self, seq: Sequence) -> Matcher:
+        """A structured request's Matcher over this model's vocabulary (its TokenIndex built on first use)."""
+        if self.tokenizer is None:
+            raise ValueError(f"SamplingParams.structured_outputs: {self.model_name} ships no tokenizer.json, and "
+                             "structured outputs need the tokens' bytes")
+        if not any(t < self.config.vocab_size for t in seq.stop_ids):
+            raise ValueError("SamplingParams.structured_outputs: the request has no stop token id (no eos in the "
+                             "tokenizer and no stop_token_ids), so a complete output could never end")
+        if self._token_index is None:
+            self._token_index = TokenIndex(self.tokenizer.token_bytes(), self.config.vocab_size)
+        return Matcher(seq.params.structured_outputs.grammar(), self._token_index, seq.stop_ids)
 
     def _batch(self, prompts, params, priority=None) -> list[list[Sequence]]:
         """generate / agenerate: validated sequences for every prompt, n (SamplingParams.n) of each (nothing

@@ -20,11 +20,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .structured import StructuredOutputs
+
 # Values used when neither the caller nor the checkpoint's generation_config.json sets a field.
 DEFAULTS = dict(max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                 presence_penalty=0.0, frequency_penalty=0.0, stop=(), stop_token_ids=(), ignore_eos=False,
                 seed=None, logprobs=None, min_tokens=0, logit_bias=None, prompt_logprobs=None,
-                skip_special_tokens=True, include_stop_str_in_output=False, n=1, allowed_token_ids=None)
+                skip_special_tokens=True, include_stop_str_in_output=False, n=1, allowed_token_ids=None,
+                structured_outputs=None)
 MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 # a temperature below this is greedy (vLLM's _SAMPLING_EPS): logits divided by a subnormal temperature overflow
 GREEDY_TEMPERATURE = 1e-5
@@ -75,6 +78,9 @@ class SamplingParams:
     # the only token ids that may be generated (vLLM's allowed_token_ids: every other token's logit is -inf before
     # every other transform; a logit_bias applies to these); not in the hash (a list)
     allowed_token_ids: list[int] | tuple[int, ...] | None = field(default=None, hash=False)
+    # the output held to a JSON object or to one of a list of strings (vLLM's structured_outputs; see
+    # structured.py): at each step every token that cannot continue it gets -inf before every other transform
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -178,6 +184,15 @@ def _validate(p: SamplingParams) -> None:
         for token in p.allowed_token_ids:
             if not (_is_int(token) and token >= 0):
                 bad("allowed_token_ids", f"token id {str(token)[:40]!r} must be an integer >= 0", show=False)
+    if p.structured_outputs is not None:
+        if not isinstance(p.structured_outputs, StructuredOutputs):
+            bad("structured_outputs", "must be None or a qwen2rt.StructuredOutputs")
+        # each would let the output end or go on where the structure says otherwise
+        for name, clash in (("ignore_eos", p.ignore_eos), ("min_tokens", p.min_tokens),
+                            ("allowed_token_ids", p.allowed_token_ids)):
+            if clash:
+                bad(name, "cannot be combined with structured_outputs (the structure decides which tokens may "
+                    "come and when the output ends)", show=name != "allowed_token_ids")
 
 
 def defaults_from_generation_config(gc: dict) -> dict:
@@ -220,7 +235,8 @@ class SamplingRows:
 def row_values(p: SamplingParams, seed: int, step: int, slot: int) -> tuple:
     """One row of SamplingRows, in FIELDS order."""
     return (0.0 if p.greedy else p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
-            p.frequency_penalty, seed, step, slot, p.min_tokens, int(bool(p.logit_bias or p.allowed_token_ids)))
+            p.frequency_penalty, seed, step, slot, p.min_tokens,
+            int(bool(p.logit_bias or p.allowed_token_ids or p.structured_outputs)))
 
 
 def rows_tensor(values: list[tuple], device) -> SamplingRows:
@@ -247,11 +263,12 @@ VARIANTS = ("greedy", "topk", "full")  # the sampler's forms, cheapest first; ea
 
 def sampler_variant(params: list[SamplingParams]) -> str:
     """The cheapest exact form of the sampler for a batch: "greedy" when every row is greedy without penalties,
-    logit bias, allowed_token_ids or min_tokens (argmax alone), "topk" when every sampled row has
+    logit bias, allowed_token_ids, structured outputs or min_tokens (argmax alone), "topk" when every sampled row has
     1 <= top_k <= TOPK_CANDIDATES (the draw only ever sees the top candidates: Qwen's instruct checkpoints set top_k
     20), else "full" (a sort of the whole vocabulary)."""
     if all(p.greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
-           and not p.min_tokens and not p.logit_bias and not p.allowed_token_ids for p in params):
+           and not p.min_tokens and not p.logit_bias and not p.allowed_token_ids and not p.structured_outputs
+           for p in params):
         return "greedy"
     if all(p.greedy or 1 <= p.top_k <= TOPK_CANDIDATES for p in params):
         return "topk"
@@ -298,6 +315,11 @@ class SamplerState:
             held_ids = sorted(t for t in held_ids if t < self.held.shape[1])  # one past the vocabulary is never drawn
             if held_ids:
                 self.held[slot, to_device(held_ids, torch.long, self.seen.device)] = True
+
+    def set_bias(self, slot: int, row) -> None:
+        """A whole float32 bias row for `slot` (a structured request's next-token mask, Matcher.bias_row), enqueued
+        after the steps already launched."""
+        self.bias[slot].copy_(to_device(torch.from_numpy(row), None, self.bias.device))
 
 
 def to_device(values, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:

@@ -34,6 +34,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.max_len = min(len(prompt_ids) + params.max_tokens, max_seq_len)
         self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_token_ids)
+        # with params.structured_outputs: its place in the structure (the tokens it may sample next), which the
+        # engine moves with each token it receives (LLM sets it up: it needs the tokenizer's vocabulary)
+        self.matcher = None
         self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if tokenizer is not None else None
         # the generated text in a StringIO (appends, the stop-string scan of the newest characters and the stream's
         # slices cost what they touch, not the text's length: a long generation stays O(1) per token on the host)

@@ -32,10 +32,11 @@ log = logging.getLogger("qwen2rt.server")
 _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
                   "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids", "seed", "n", "ignore_eos",
                   "logprobs", "stream", "stream_options", "user", "min_tokens", "logit_bias", "skip_special_tokens",
-                  "include_stop_str_in_output", "priority", "allowed_token_ids"}
+                  "include_stop_str_in_output", "priority", "allowed_token_ids", "response_format",
+                  "guided_choice", "structured_outputs"}
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
-                                 "tool_choice", "parallel_tool_calls", "response_format", "chat_template_kwargs",
+                                 "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
                                  "add_generation_prompt", "continue_final_message"}
 _TOKENIZE_FIELDS = {"model", "prompt", "return_token_strs"}
 _TOKENIZE_CHAT_FIELDS = {"model", "messages", "add_generation_prompt", "chat_template_kwargs", "tools",
@@ -123,17 +124,52 @@ def _num_choices(body: dict, chat: bool) -> int:
 
 def _unsupported(body: dict, chat: bool) -> None:
     """Fields the OpenAI API has and this server does not implement yet: a 400 rather than a silent default."""
-    if chat:  # the model chooses whether to call a tool: forcing one ("required", a named function) needs
-        # guided decoding
+    if chat:  # the model chooses whether to call a tool: forcing one ("required", a named function) needs the
+        # tools' parameter schemas as structured outputs (JSON schemas are not implemented)
         if body.get("tool_choice") not in (None, "none", "auto"):
             raise RequestError(f"tool_choice = {body['tool_choice']!r} is not supported (only \"auto\" and \"none\": "
-                               "forcing a tool call needs guided decoding)", param="tool_choice")
-        fmt = body.get("response_format")
-        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-            raise RequestError("response_format other than {'type': 'text'} is not supported", param="response_format")
+                               "forcing a tool call needs a JSON schema)", param="tool_choice")
     else:
         if body.get("suffix") is not None:
             raise RequestError("suffix is not supported", param="suffix")
+
+
+def _structured(body: dict) -> tuple[object | None, str | None]:
+    """-> (StructuredOutputs or None, the request field that asked for it): response_format {"type":
+    "json_object"} (OpenAI's JSON mode), or vLLM's guided_choice (a list of strings) or structured_outputs
+    ({"choice": [...]} or {"json_object": true}); at most one of them. JSON schemas, regexes and grammars are not
+    implemented: a 400."""
+    from .structured import StructuredOutputs
+
+    asked = []
+    fmt = body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            asked.append(("response_format", dict(json_object=True)))
+        elif kind != "text":
+            raise RequestError(f"response_format of type {kind!r} is not supported (\"text\" and \"json_object\" "
+                               "are; JSON schemas are not implemented)", param="response_format")
+    if body.get("guided_choice") is not None:
+        asked.append(("guided_choice", dict(choice=body["guided_choice"])))
+    spec = body.get("structured_outputs")
+    if spec is not None:
+        if not isinstance(spec, dict) or not spec or set(spec) - {"choice", "json_object"}:
+            other = sorted(set(spec) - {"choice", "json_object"}) if isinstance(spec, dict) else []
+            raise RequestError(f"structured_outputs must be {{'choice': [strings]}} or {{'json_object': true}}"
+                               f"{f' ({other[0]!r} is not implemented)' if other else ''}", param="structured_outputs")
+        asked.append(("structured_outputs", spec))
+    if not asked:
+        return None, None
+    if len(asked) > 1:
+        raise RequestError(f"{asked[0][0]} and {asked[1][0]} both constrain the output: give one", param=asked[1][0])
+    field, spec = asked[0]
+    if "choice" in spec and not isinstance(spec["choice"], list):
+        raise RequestError(f"{field}: the choices must be a list of strings", param=field)
+    try:
+        return StructuredOutputs(**spec), field
+    except (TypeError, ValueError) as e:
+        raise RequestError(f"{field}: {e}", param=field) from None
 
 
 def _logprobs(body: dict, chat: bool) -> int | None:
@@ -167,7 +203,7 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
 
 def _sampling_params(body: dict, max_tokens, logprobs: int | None = None, fields: dict | None = None):
     """fields: SamplingParams field -> the request field that set it, where the names differ (errors name the
-    request's)."""
+    request's); the field that asked for structured outputs is added to it."""
     from .sampling import SamplingParams
 
     stop = body.get("stop")
@@ -179,6 +215,9 @@ def _sampling_params(body: dict, max_tokens, logprobs: int | None = None, fields
     allowed = body.get("allowed_token_ids")
     if allowed is not None and not isinstance(allowed, list):
         raise RequestError("'allowed_token_ids' must be a list of token ids", param="allowed_token_ids")
+    structured, structured_field = _structured(body)
+    if structured_field is not None and fields is not None:
+        fields["structured_outputs"] = structured_field  # (the caller's: errors after this one name it too)
     try:
         return SamplingParams(
             max_tokens=max_tokens, temperature=_typed(body, "temperature", "number"),
@@ -189,7 +228,8 @@ def _sampling_params(body: dict, max_tokens, logprobs: int | None = None, fields
             ignore_eos=_typed(body, "ignore_eos", "bool"), seed=_typed(body, "seed", "int"), logprobs=logprobs,
             min_tokens=_typed(body, "min_tokens", "int"), logit_bias=_logit_bias(body),
             skip_special_tokens=_typed(body, "skip_special_tokens", "bool"),
-            include_stop_str_in_output=_typed(body, "include_stop_str_in_output", "bool"), allowed_token_ids=allowed)
+            include_stop_str_in_output=_typed(body, "include_stop_str_in_output", "bool"), allowed_token_ids=allowed,
+            structured_outputs=structured)
     except ValueError as e:
         raise _field_error(e, fields) from None
 
@@ -249,7 +289,8 @@ def parse_completion(body: dict) -> Parsed:
         raise RequestError("min_tokens needs generated tokens, and max_tokens is 0 (echo the prompt alone)",
                            param="min_tokens")
     logprobs = _logprobs(body, chat=False)
-    params = _sampling_params(body, 1 if hide_output else max_tokens, logprobs)
+    fields: dict = {}
+    params = _sampling_params(body, 1 if hide_output else max_tokens, logprobs, fields)
     if echo and logprobs is not None:
         params = dataclasses.replace(params, prompt_logprobs=logprobs)
     stream, include_usage, continuous = _stream_options(body)
@@ -258,7 +299,8 @@ def parse_completion(body: dict) -> Parsed:
         raise RequestError(f"{len(prompts)} prompts x n = {n} is {len(prompts) * n} choices, more than "
                            f"{MAX_CHOICES} per request: split the batch", param="prompt")
     return Parsed(prompts, params, stream, include_usage, None if max_tokens is None else "max_tokens", continuous,
-                  n, echo=echo, hide_output=hide_output, priority=_typed(body, "priority", "int") or 0)
+                  n, echo=echo, hide_output=hide_output, field_names=fields,
+                  priority=_typed(body, "priority", "int") or 0)
 
 
 def _tools(body: dict) -> list[dict] | None:

@@ -27,6 +27,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         raise NotImplementedError
 
+    def token_bytes(self) -> list[bytes | None]:
+        """Per token id, the bytes it stands for in a text (None for a special token), for structured outputs."""
+        raise ValueError(f"structured outputs need a byte-level tokenizer; {type(self).__name__} is not one")
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             continue_final_message: bool = False, **kwargs) -> str:
         """Render messages with the checkpoint's Jinja chat template (as Hugging Face renders it).
@@ -118,6 +122,7 @@ class HFTokenizer(Tokenizer):
         eos = self.special_tokens_map.get("eos_token")
         eos_id = self._tok.token_to_id(eos) if eos else None
         self.eos_token_ids = frozenset([eos_id] if eos_id is not None else [])
+        self._token_bytes: list[bytes | None] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -128,6 +133,38 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids, skip_special_tokens=True):
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self) -> list[bytes | None]:
+        """A byte-level BPE vocabulary's (Qwen's) token bytes: each token's characters map back to bytes (GPT-2's
+        byte-to-character table); an added token that is not special stands for its text as UTF-8."""
+        if self._token_bytes is None:
+            if type(self._tok.decoder).__name__ != "ByteLevel":
+                raise ValueError("structured outputs need a byte-level BPE tokenizer (a ByteLevel decoder in "
+                                 f"tokenizer.json), not {type(self._tok.decoder).__name__}")
+            to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+            out: list[bytes | None] = [None] * self.vocab_size
+            added = self._tok.get_added_tokens_decoder()
+            for piece, i in self._tok.get_vocab(with_added_tokens=True).items():
+                if i in added:
+                    out[i] = None if added[i].special else added[i].content.encode("utf-8")
+                elif all(c in to_byte for c in piece):
+                    out[i] = bytes(to_byte[c] for c in piece)
+            self._token_bytes = out
+        return self._token_bytes
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet: each byte as a printable character (printable Latin-1 bytes as themselves,
+    the rest as characters from U+0100 on, in byte order)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def _token_text(tok):
@@ -156,6 +193,9 @@ class ByteTokenizer(Tokenizer):
         self.special_tokens_map = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
                                    "unk_token": None}
         self.eos_token_ids = frozenset([self._special_ids["<|endoftext|>"], self._special_ids["<|im_end|>"]])
+
+    def token_bytes(self) -> list[bytes | None]:
+        return [bytes((i,)) if i < 256 else None for i in range(self.vocab_size)]
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []

@@ -56,6 +56,19 @@ def test_bench_scripts_run(module, args, key, tmp_path):
                    for r in rows)
 
 
+def test_bench_structured_runs(tmp_path, qwen_tokenizer_dir):
+    """Structured outputs' host cost over Qwen's vocabulary: the cold sets of the prefix walk and of the
+    token-by-token baseline, and the cached cost per token."""
+    from benchmarks import bench_structured
+
+    out = tmp_path / "st.json"
+    rows = bench_structured.main(["--tokenizer", qwen_tokenizer_dir, "--repeats", "1", "--out", str(out)])
+    assert json.load(open(out))["structured"] == rows
+    cold = {r["case"]: r for r in rows if r["bench"] == "cold set"}
+    assert set(cold) == {"prefix walk", "every token (baseline)"} and cold["prefix walk"]["states"] >= 15
+    assert rows[0]["tokens"] > 150_000 and _finite(rows[-1]["per_token_ms"])
+
+
 def test_bench_serving_runs(tmp_path):
     """Prefix-cache time to first token (cold, warm, a burst; caching off) and the server's added latency, tiny
     model."""
@@ -74,6 +87,9 @@ def test_bench_serving_runs(tmp_path):
     priority = {r["policy"]: r for r in rows if r["bench"] == "priority"}
     assert priority["priority"]["preemptions"] >= 1 and priority["fcfs"]["preemptions"] == 0
     assert all(_finite(r["urgent_ttft_ms"]) and _finite(r["longs_done_ms"]) for r in priority.values())
+    structured = {r["case"]: r for r in rows if r["bench"] == "structured"}
+    assert set(structured) == {"free", "choice"} and structured["free"]["vs_free"] == 1
+    assert all(_finite(r["per_token_ms"]) and r["tokens"] >= 2 for r in structured.values())
     assert all(_finite(r["ttft_ms"]) and _finite(r["floor_ms"]) for r in prefix.values())
     server = [r for r in rows if r["bench"] == "server"]
     if not any("skipped" in r for r in server):  # the serve extra is installed (CI): both sides timed

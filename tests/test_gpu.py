@@ -85,6 +85,32 @@ def test_preempted_requests_through_cuda_graphs_draw_their_tokens():
     assert small.engine.num_preemptions >= 2 and roomy.engine.num_preemptions == 0
 
 
+def test_structured_outputs_through_cuda_graphs():
+    """Structured outputs with CUDA graphs (each step's mask written into the sampler's bias rows between replays,
+    the engine reading each step back before the next launch): JSON objects and choices, greedy and seeded, in one
+    batch with an unconstrained request, equal an eager LLM's tokens (float32), and the objects are complete."""
+    from qwen2rt import StructuredOutputs
+    from qwen2rt.structured import check_json_object
+
+    kw = dict(device="cuda", dtype="float32", seed=0, max_seq_len=256, max_batch_size=4)
+    graphs, eager = LLM("tiny", **kw), LLM("tiny", enforce_eager=True, **kw)
+    assert graphs.use_graphs
+    close = {ord('"'): 6.0, ord("}"): 6.0}
+    json_object, choice = StructuredOutputs(json_object=True), StructuredOutputs(choice=["north", "south", "east"])
+    params = [SamplingParams(max_tokens=80, temperature=0, logit_bias=close, structured_outputs=json_object),
+              SamplingParams(max_tokens=80, temperature=1.0, seed=3, n=3, logit_bias=close,
+                             structured_outputs=json_object),
+              SamplingParams(max_tokens=10, temperature=1.0, seed=5, n=4, structured_outputs=choice),
+              SamplingParams(max_tokens=40, temperature=0.8, seed=7, ignore_eos=True)]
+    prompts = ["{", "data:", "way?", "free"]
+    got, want = graphs.generate(prompts, params), eager.generate(prompts, params)
+    assert [[o.token_ids for o in r.outputs] for r in got] == [[o.token_ids for o in r.outputs] for r in want]
+    objects = [o for r in got[:2] for o in r.outputs]
+    assert all(check_json_object(o.text) for o in objects if o.finish_reason == "stop")
+    assert sum(o.finish_reason == "stop" for o in objects) >= 2
+    assert all(o.text in choice.choice for o in got[2].outputs)
+
+
 def test_priority_preemption_through_cuda_graphs():
     """scheduling_policy="priority" with CUDA graphs: two long requests fill both slots, then an urgent one preempts
     the less urgent (its decode batch restaged: new slot, blocks and positions in the graphs' static buffers) and

@@ -673,9 +673,23 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tools": [{}]}, 400, "tools[0] must be"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tools": {"type": "function"}}, 400,
      "'tools' must be a list"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tool_choice": "required"}, 400, "guided decoding"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "response_format": {"type": "json_object"}}, 400,
-     "response_format"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tool_choice": "required"}, 400, "JSON schema"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "response_format": {"type": "json_schema"}}, 400,
+     "response_format of type 'json_schema' is not supported"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "response_format": "json"}, 400,
+     "response_format of type None"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "guided_choice": "yes"}, 400,
+     "guided_choice: the choices must be a list"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "guided_choice": ["yes", ""]}, 400,
+     "'' is not a non-empty string"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "structured_outputs": {"regex": "a+"}}, 400,
+     "'regex' is not implemented"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "structured_outputs": {"json_object": 1}}, 400,
+     "json_object = 1: must be a bool"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "guided_choice": ["a"],
+                         "response_format": {"type": "json_object"}}, 400, "response_format and guided_choice"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "guided_choice": ["a"], "ignore_eos": True}, 400,
+     "ignore_eos = True: cannot be combined with structured_outputs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "max_completion_tokens": -1}, 400,
      "max_completion_tokens = -1"),
     ("/v1/completions", {"model": MODEL, "prompt": "x" * 200, "max_tokens": 100}, 400,
@@ -828,6 +842,43 @@ def test_allowed_token_ids_restrict_the_reply(live, offline):
         want = offline.chat(USER, params) if "messages" in body else offline.generate("Answer:", params)[0]
         assert set(want.token_ids) <= set(ids)
         assert (choice["message"]["content"] if "messages" in body else choice["text"]) == want.text
+
+
+def test_structured_outputs_json_object_and_choices(live, offline):
+    """response_format json_object (OpenAI's JSON mode), vLLM's guided_choice and structured_outputs: the replies
+    equal the offline API's with StructuredOutputs (seeded), streamed or not; a JSON reply is an object json.loads
+    reads, a choice reply one of the choices; the server keeps serving."""
+    from qwen2rt import StructuredOutputs
+    from qwen2rt.structured import check_json_object
+
+    bias = {str(ord(c)): 6.0 for c in '"}'}
+    json_object = StructuredOutputs(json_object=True)
+    choices = ["alpha", "beta", "gamma delta"]
+    cases = [("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, json_object),
+             ("/v1/completions", {"prompt": "JSON:", "structured_outputs": {"json_object": True}}, json_object),
+             ("/v1/completions", {"prompt": "Pick:", "guided_choice": choices, "n": 3},
+              StructuredOutputs(choice=choices)),
+             ("/v1/chat/completions", {"messages": USER, "structured_outputs": {"choice": choices}},
+              StructuredOutputs(choice=choices))]
+    for route, body, so in cases:
+        chat = "messages" in body
+        params = SamplingParams(max_tokens=60, temperature=1.0, seed=4, n=body.get("n", 1), structured_outputs=so,
+                                logit_bias={int(k): v for k, v in bias.items()})
+        want = offline.chat(USER, params) if chat else offline.generate(body["prompt"], params)[0]
+        texts = [o.text for o in want.outputs]
+        assert all((check_json_object(t) if so.json_object else t in choices) for t in texts)
+        request = dict(body, model=MODEL, max_tokens=60, temperature=1.0, seed=4, logit_bias=bias)
+        r = live.post(route, request)
+        assert r.status_code == 200, r.text
+        got = [c["message"]["content"] if chat else c["text"] for c in r.json()["choices"]]
+        assert got == texts and all(c["finish_reason"] == "stop" for c in r.json()["choices"])
+        if body.get("n", 1) == 1:
+            r = live.post(route, dict(request, stream=True))
+            events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            pieces = [e["choices"][0]["delta"].get("content") or "" if chat else e["choices"][0]["text"]
+                      for e in events if e["choices"]]
+            assert "".join(pieces) == texts[0]
+    assert live.idle()
 
 
 def test_priority_orders_requests_on_a_priority_server(offline, monkeypatch):
