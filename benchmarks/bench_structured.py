@@ -1,8 +1,9 @@
-"""Structured outputs' host cost per token over a real vocabulary (Qwen's 151,643 byte-level tokens by default):
-the allowed-token set of each state a JSON document's tokens pass through, found by TokenIndex's prefix walk (cold:
-an empty cache) against the baseline of running the grammar over every token's bytes, then the per-token cost once
-the sets are cached (the mask, the sampler's bias row and the grammar's step: what the engine does per token of a
-structured request, less the row's copy to the device). Host work only: no model, no device.
+"""Structured outputs' host cost per token over a real vocabulary (Qwen's 151,643 byte-level tokens by default): for a
+JSON object (json_object) and for the same document under its JSON schema, the allowed-token set of each state the
+document's tokens pass through, found by TokenIndex's prefix walk (cold: an empty cache) against the baseline of
+running the grammar over every token's bytes, then the per-token cost once the sets are cached (the mask, the
+sampler's bias row and the grammar's step: what the engine does per token of a structured request, less the row's
+copy to the device). Host work only: no model, no device.
 
     python -m benchmarks.bench_structured [--tokenizer DIR] [--repeats 5] [--out FILE.json]
 """
@@ -18,9 +19,17 @@ import time
 import numpy as np
 
 from benchmarks.common import environment, print_rows, write_json
-from qwen2rt.structured import JSON_OBJECT, Matcher, TokenIndex, run
+from qwen2rt.json_schema import JSON_OBJECT, JsonSchemaGrammar
+from qwen2rt.structured import Matcher, TokenIndex, run
 from qwen2rt.tokenizer import HFTokenizer
 
+# the document's schema (its keys in another order: an object takes its keys in any order)
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "born", "address"], "properties": {
+    "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string"}}},
+    "name": {"type": "string"}, "born": {"type": "integer"}, "score": {"type": "number"},
+    "languages": {"type": "array", "items": {"enum": ["en", "fr", "de"]}}, "notes": {"type": "string"},
+    "active": {"type": "boolean"},
+    "tags": {"anyOf": [{"type": "null"}, {"type": "array", "items": {"type": "string"}}]}}}
 DOCUMENT = json.dumps({"name": "Ada Lovelace", "born": 1815, "languages": ["en", "fr"], "score": -0.25e-3,
                        "notes": "wrote \"the first program\"\n", "active": False, "tags": None,
                        "address": {"city": "London", "zip": "W1"}}, indent=2)
@@ -50,31 +59,34 @@ def run_bench(tokenizer_dir: str, vocab_size: int = 151936, repeats: int = 5) ->
     index = TokenIndex(tokenizer.token_bytes(), vocab_size)
     build_ms = (time.perf_counter() - start) * 1e3
     ids = tokenizer.encode(DOCUMENT)
-    states, state = [], JSON_OBJECT.start
-    for token in ids:
-        if state not in states:
-            states.append(state)
-        state = run(JSON_OBJECT, index.token_bytes[token], state)
     rows = [dict(bench="index", tokens=sum(b is not None for b in index.token_bytes), build_ms=build_ms)]
-    walk, brute = [], []
-    for s in states:
-        walk.append(_ms(lambda: index._walk(JSON_OBJECT, s), repeats))
-        brute.append(_ms(lambda: np.array([b is not None and run(JSON_OBJECT, b, s) is not None
-                                           for b in index.token_bytes]), 1))
-    for case, times in (("prefix walk", walk), ("every token (baseline)", brute)):
-        rows.append(dict(bench="cold set", case=case, states=len(states), median_ms=statistics.median(times),
-                         max_ms=max(times), total_ms=sum(times)))
-    matcher = Matcher(JSON_OBJECT, index, tokenizer.eos_token_ids)
-
-    def whole_document():
-        matcher.state = JSON_OBJECT.start
+    for name, grammar in (("json_object", JSON_OBJECT), ("json schema", JsonSchemaGrammar(SCHEMA))):
+        states, state = [], grammar.start
         for token in ids:
-            matcher.bias_row()
-            matcher.advance(token)
+            if state not in states:
+                states.append(state)
+            state = run(grammar, index.token_bytes[token], state)
+        assert grammar.accepting(state), name
+        walk, brute = [], []
+        for s in states:
+            walk.append(_ms(lambda: index._walk(grammar, s), repeats))
+            brute.append(_ms(lambda: np.array([b is not None and run(grammar, b, s) is not None
+                                               for b in index.token_bytes]), 1))
+        for case, times in (("prefix walk", walk), ("every token (baseline)", brute)):
+            rows.append(dict(bench="cold set", grammar=name, case=case, states=len(states),
+                             median_ms=statistics.median(times), max_ms=max(times), total_ms=sum(times)))
+        matcher = Matcher(grammar, index, tokenizer.eos_token_ids)
 
-    whole_document()  # fills the cache
-    per_token = _ms(whole_document, repeats) / len(ids)
-    rows.append(dict(bench="per token", case="cached sets", tokens=len(ids), per_token_ms=per_token))
+        def whole_document():
+            matcher.state = grammar.start
+            for token in ids:
+                matcher.bias_row()
+                matcher.advance(token)
+
+        whole_document()  # fills the cache
+        per_token = _ms(whole_document, repeats) / len(ids)
+        rows.append(dict(bench="per token", grammar=name, case="cached sets", tokens=len(ids),
+                         per_token_ms=per_token))
     return rows
 
 
@@ -88,8 +100,9 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     rows = run_bench(args.tokenizer or default_tokenizer_dir(), args.vocab_size, args.repeats)
     print_rows([r for r in rows if r["bench"] == "index"], ["tokens", "build_ms"])
-    print_rows([r for r in rows if r["bench"] == "cold set"], ["case", "states", "median_ms", "max_ms", "total_ms"])
-    print_rows([r for r in rows if r["bench"] == "per token"], ["case", "tokens", "per_token_ms"])
+    print_rows([r for r in rows if r["bench"] == "cold set"],
+               ["grammar", "case", "states", "median_ms", "max_ms", "total_ms"])
+    print_rows([r for r in rows if r["bench"] == "per token"], ["grammar", "case", "tokens", "per_token_ms"])
     write_json(args.out, dict(environment(), structured=rows))
     return rows
 

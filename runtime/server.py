@@ -33,7 +33,7 @@ _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p
                   "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids", "seed", "n", "ignore_eos",
                   "logprobs", "stream", "stream_options", "user", "min_tokens", "logit_bias", "skip_special_tokens",
                   "include_stop_str_in_output", "priority", "allowed_token_ids", "response_format",
-                  "guided_choice", "structured_outputs"}
+                  "guided_json", "guided_choice", "structured_outputs"}
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                                  "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
@@ -77,6 +77,7 @@ class Parsed:
     n: int = 1  # completions of the prompt to return (choices 0 .. n-1)
     tool_calls: bool = False  # chat with tools (tool_choice "auto"): replies are parsed for tool calls
     parallel_tool_calls: bool = True  # false: a reply's first tool call only (OpenAI's "at most one")
+    named_tool: bool = False  # tool_choice names a function: finish_reason stays "stop" (OpenAI's and vLLM's)
     echo: bool = False  # completions: each choice starts with its prompt (and its logprobs with the prompt's)
     hide_output: bool = False  # echo with max_tokens 0: one token is generated to run the prefill, none is shown
     field_names: dict | None = None  # SamplingParams field -> the request's field, where they differ (errors)
@@ -124,40 +125,80 @@ def _num_choices(body: dict, chat: bool) -> int:
 
 def _unsupported(body: dict, chat: bool) -> None:
     """Fields the OpenAI API has and this server does not implement yet: a 400 rather than a silent default."""
-    if chat:  # the model chooses whether to call a tool: forcing one ("required", a named function) needs the
-        # tools' parameter schemas as structured outputs (JSON schemas are not implemented)
-        if body.get("tool_choice") not in (None, "none", "auto"):
-            raise RequestError(f"tool_choice = {body['tool_choice']!r} is not supported (only \"auto\" and \"none\": "
-                               "forcing a tool call needs a JSON schema)", param="tool_choice")
-    else:
+    if not chat:
         if body.get("suffix") is not None:
             raise RequestError("suffix is not supported", param="suffix")
 
 
-def _structured(body: dict) -> tuple[object | None, str | None]:
+def _tool_choice(body: dict) -> str:
+    """Chat's tool_choice: "auto" (the default with tools: the model may call them), "none", "required" (at least
+    one call) or "named" ({"type": "function", "function": {"name": ...}}: that one); the forced ones need tools."""
+    choice = body.get("tool_choice")
+    if choice is None or choice in ("auto", "none"):
+        return choice or "auto"
+    named = isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
+    if choice != "required" and not (named and isinstance(choice["function"].get("name"), str)):
+        raise RequestError(f"tool_choice = {str(choice)[:80]!r}: must be \"auto\", \"none\", \"required\" or "
+                           "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
+    if not _tools(body):
+        raise RequestError("tool_choice forces a tool call, and the request has no tools", param="tool_choice")
+    if named and not any(t["function"]["name"] == choice["function"]["name"] for t in body["tools"]):
+        raise RequestError(f"tool_choice names the function {choice['function']['name']!r}, which is not in tools",
+                           param="tool_choice")
+    return "named" if named else "required"
+
+
+def _forced_calls(body: dict, choice: str) -> dict:
+    """StructuredOutputs' arguments for a forced tool call (tool_choice "required" or named): the reply is tool-call
+    blocks in Qwen's Hermes format (what its chat template asks for and tool_calls.py reads), each a JSON object
+    {"name": one of the tools (the named one), "arguments": an object of that function's parameters schema}; one
+    block when named or without parallel_tool_calls, else one or more."""
+    tools = body["tools"]
+    if choice == "named":
+        tools = [t for t in tools if t["function"]["name"] == body["tool_choice"]["function"]["name"]]
+    calls = [{"type": "object", "required": ["name", "arguments"], "properties": {
+        "name": {"const": t["function"]["name"]},
+        "arguments": t["function"].get("parameters") or {"type": "object"}}} for t in tools]
+    one = choice == "named" or body.get("parallel_tool_calls") is False
+    return dict(json={"anyOf": calls}, tool_call_blocks=1 if one else 0)
+
+
+def _structured(body: dict, tool_choice: str = "auto") -> tuple[object | None, str | None]:
     """-> (StructuredOutputs or None, the request field that asked for it): response_format {"type":
-    "json_object"} (OpenAI's JSON mode), or vLLM's guided_choice (a list of strings) or structured_outputs
-    ({"choice": [...]} or {"json_object": true}); at most one of them. JSON schemas, regexes and grammars are not
-    implemented: a 400."""
+    "json_schema", "json_schema": {"schema": ...}} or {"type": "json_object"} (OpenAI's), vLLM's guided_json (a
+    schema), guided_choice (a list of strings) or structured_outputs ({"json": schema}, {"json_object": true} or
+    {"choice": [...]}), or chat's tool_choice "required" / named (_forced_calls); at most one of them. Regexes and
+    grammars are not implemented: a 400."""
     from .structured import StructuredOutputs
 
     asked = []
+    if tool_choice in ("required", "named"):
+        asked.append(("tool_choice", _forced_calls(body, tool_choice)))
     fmt = body.get("response_format")
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
         if kind == "json_object":
             asked.append(("response_format", dict(json_object=True)))
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise RequestError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': "
+                                   "{...}}}", param="response_format")
+            asked.append(("response_format", dict(json=spec["schema"])))
         elif kind != "text":
-            raise RequestError(f"response_format of type {kind!r} is not supported (\"text\" and \"json_object\" "
-                               "are; JSON schemas are not implemented)", param="response_format")
-    if body.get("guided_choice") is not None:
-        asked.append(("guided_choice", dict(choice=body["guided_choice"])))
+            raise RequestError(f"response_format of type {kind!r} is not supported (\"text\", \"json_object\" "
+                               "and \"json_schema\" are)", param="response_format")
+    for name, key in (("guided_json", "json"), ("guided_choice", "choice")):
+        if body.get(name) is not None:
+            asked.append((name, {key: body[name]}))
     spec = body.get("structured_outputs")
     if spec is not None:
-        if not isinstance(spec, dict) or not spec or set(spec) - {"choice", "json_object"}:
-            other = sorted(set(spec) - {"choice", "json_object"}) if isinstance(spec, dict) else []
-            raise RequestError(f"structured_outputs must be {{'choice': [strings]}} or {{'json_object': true}}"
-                               f"{f' ({other[0]!r} is not implemented)' if other else ''}", param="structured_outputs")
+        keys = {"json", "json_object", "choice"}
+        if not isinstance(spec, dict) or not spec or set(spec) - keys:
+            other = sorted(set(spec) - keys) if isinstance(spec, dict) else []
+            raise RequestError("structured_outputs must be {'json': schema}, {'json_object': true} or {'choice': "
+                               f"[strings]}}{f' ({other[0]!r} is not implemented)' if other else ''}",
+                               param="structured_outputs")
         asked.append(("structured_outputs", spec))
     if not asked:
         return None, None
@@ -201,7 +242,8 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     return out
 
 
-def _sampling_params(body: dict, max_tokens, logprobs: int | None = None, fields: dict | None = None):
+def _sampling_params(body: dict, max_tokens, logprobs: int | None = None, fields: dict | None = None,
+                     tool_choice: str = "auto"):
     """fields: SamplingParams field -> the request field that set it, where the names differ (errors name the
     request's); the field that asked for structured outputs is added to it."""
     from .sampling import SamplingParams
@@ -215,7 +257,7 @@ def _sampling_params(body: dict, max_tokens, logprobs: int | None = None, fields
     allowed = body.get("allowed_token_ids")
     if allowed is not None and not isinstance(allowed, list):
         raise RequestError("'allowed_token_ids' must be a list of token ids", param="allowed_token_ids")
-    structured, structured_field = _structured(body)
+    structured, structured_field = _structured(body, tool_choice)
     if structured_field is not None and fields is not None:
         fields["structured_outputs"] = structured_field  # (the caller's: errors after this one name it too)
     try:
@@ -414,10 +456,12 @@ def parse_chat(body: dict, tokenizer, max_seq_len: int, default_max_tokens: bool
     if max_tokens is None and default_max_tokens:
         max_tokens = max_seq_len  # a sequence stops at the end of the context: this is "the rest of the context"
     fields = {"max_tokens": field, "logprobs": "top_logprobs"}
-    params = _sampling_params(body, max_tokens, _logprobs(body, chat=True), fields)
+    tool_choice = _tool_choice(body)
+    params = _sampling_params(body, max_tokens, _logprobs(body, chat=True), fields, tool_choice)
     stream, include_usage, continuous = _stream_options(body)
     return Parsed([prompt], params, stream, include_usage, field if explicit else None, continuous,
-                  _num_choices(body, chat=True), tool_calls=tools is not None and body.get("tool_choice") != "none",
+                  _num_choices(body, chat=True), tool_calls=tools is not None and tool_choice != "none",
+                  named_tool=tool_choice == "named",
                   parallel_tool_calls=_typed(body, "parallel_tool_calls", "bool") is not False, field_names=fields,
                   priority=_typed(body, "priority", "int") or 0)
 
@@ -880,6 +924,7 @@ def build_app(llm, served_model_name: str | None = None):
         if parsed.stream:
             return _EventStream(_events(reqs, rid, now, name, chat, parsed.include_usage, llm.tokenizer,
                                         parsed.continuous_usage, parsed.tool_calls and (
+                                            "named" if parsed.named_tool else
                                             "all" if parsed.parallel_tool_calls else "first"), parsed.n,
                                         (lambda i: echo_part(parsed, reqs, i)) if parsed.echo else None,
                                         parsed.hide_output),
@@ -912,7 +957,7 @@ def build_app(llm, served_model_name: str | None = None):
                     message["content"], calls = tool_calls.parse(seq.text)
                     calls = calls if parsed.parallel_tool_calls else calls[:1]
                     message["tool_calls"] = [c.openai() for c in calls]
-                    finish = "tool_calls" if calls else finish
+                    finish = "tool_calls" if calls and not parsed.named_tool else finish
                 choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
             else:
                 text = "" if parsed.hide_output else seq.text
@@ -1060,9 +1105,10 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
     handed over: vLLM's). With logprobs, each text chunk and the finish one carry the log-probabilities of the choice's
     tokens generated since its previous chunk (text held back for a possible stop string does not hold back its
     tokens' log-probabilities). A failed choice ends the stream with an error event. with_tool_calls (chat with
-    tools: "all", or "first" without parallel tool calls): the text from a choice's first <tool_call> on is held
-    back to its end, then sent as one chunk per tool call (delta.tool_calls) and the finish reason "tool_calls"
-    (tool_calls.ToolCallStream); text before it streams.
+    tools: "all", "first" without parallel tool calls, "named" for a named tool_choice): the text from a choice's
+    first <tool_call> on is held back to its end, then sent as one chunk per tool call (delta.tool_calls) and the
+    finish reason "tool_calls" ("stop" when named, as OpenAI answers) (tool_calls.ToolCallStream); text before it
+    streams.
     echoes (completions with echo): a function of a choice's index -> (prompt text, prompt logprob entries), sent as
     the choice's first chunk once its prefill has run; hide_output (echo with max_tokens 0): nothing generated is sent,
     the usage counts no completion token and every choice ends with "length"."""
@@ -1135,12 +1181,12 @@ async def _events(reqs: list[ServerRequest], rid: str, created: int, model: str,
                 finish = "length" if hide_output else req.seq.finish_reason
                 if tool_streams is not None:
                     rest, calls = tool_streams[index].finish()
-                    calls = calls[:1] if with_tool_calls == "first" else calls
+                    calls = calls[:1] if with_tool_calls in ("first", "named") else calls
                     if rest:
                         yield _sse(chunk(index, rest, None))
                     for k, call in enumerate(calls):
                         yield _sse(chunk(index, None, None, call=call.openai(k)))
-                    finish = "tool_calls" if calls else finish
+                    finish = "tool_calls" if calls and with_tool_calls != "named" else finish
                 yield _sse(chunk(index, None, finish))
     if include_usage:
         yield _sse({"id": rid, "object": kind, "created": created, "model": model, "choices": [],

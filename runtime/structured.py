@@ -1,11 +1,13 @@
-"""Structured outputs (vLLM's guided decoding, `StructuredOutputsParams`): a request's output held to a JSON object
-(`json_object`, OpenAI's response_format {"type": "json_object"}) or to one of a list of strings (`choice`).
+"""Structured outputs (vLLM's guided decoding, `StructuredOutputsParams`): a request's output held to a JSON schema
+(`json`, OpenAI's response_format {"type": "json_schema"}), to any JSON object (`json_object`, OpenAI's JSON mode)
+or to one of a list of strings (`choice`).
 
-A grammar is a byte-level automaton: `step(state, byte)` -> the next state, or None when the byte cannot follow.
-Before each token the request may sample, its `Matcher` turns the automaton's state into the set of token ids whose
-bytes the automaton accepts from there (`TokenIndex.allowed`), plus its stop token ids once the output is complete;
-the sampler gives every other token -inf (the request's SamplerState bias row, as allowed_token_ids does). A complete
-output allows only its stop ids, so the request ends with "stop" as soon as it is complete (or at max_tokens).
+A grammar is a byte-level automaton: `step(state, byte)` -> the next state, or None when the byte cannot follow
+(json_schema.py's for JSON, ChoiceGrammar here). Before each token the request may sample, its `Matcher` turns the
+automaton's state into the set of token ids whose bytes the automaton accepts from there (`TokenIndex.allowed`),
+plus its stop token ids once the output is complete; the sampler gives every other token -inf (the request's
+SamplerState bias row, as allowed_token_ids does). A complete output that cannot go on allows only its stop ids, so
+the request ends with "stop" as soon as it is complete (or at max_tokens).
 
 The set is found by a walk over the vocabulary's token bytes, sorted, so that the tokens that share a prefix are a
 contiguous range and the automaton steps through a shared prefix once; a range is pruned at the first byte the
@@ -13,9 +15,6 @@ automaton rejects, and inside a JSON string a range whose remaining bytes are al
 backslash or control byte) is taken whole, since such bytes leave the state as it is. Sets are cached per (grammar,
 state) in an LRU, packed to bits. The engine waits for a structured request's token before it plans the request's
 next step (engine.py): the set depends on it.
-
-A JSON object here is RFC 8259's, with these limits: no whitespace before the object or after it (inside, JSON's
-whitespace anywhere it may go), and bytes >= 0x80 inside strings are taken as they come (not checked as UTF-8).
 """
 
 from __future__ import annotations
@@ -23,19 +22,23 @@ from __future__ import annotations
 import bisect
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 
 @dataclass(frozen=True)
 class StructuredOutputs:
-    """What a request's output must be: one of `choice` (a list of strings), or with `json_object` a JSON object.
-    Exactly one of them. (vLLM's StructuredOutputsParams; its json schemas, regexes and grammars are not
-    implemented.)"""
+    """What a request's output must be, exactly one of: `json`, a JSON schema (a dict, or its JSON text; the subset
+    json_schema.py implements: other keywords are a ValueError); `json_object=True`, any JSON object; `choice`, one
+    of a list of strings. (vLLM's StructuredOutputsParams; its regexes and grammars are not implemented.)"""
 
-    choice: tuple[str, ...] | None = None
+    json: dict | str | None = field(default=None, hash=False)
     json_object: bool = False
+    choice: tuple[str, ...] | None = None
+    # with json: the output is 1 to tool_call_blocks (0: any number of) tool-call blocks in Qwen's Hermes format,
+    # "<tool_call>\n" + a value of the schema + "\n</tool_call>" (the server's forced tool calls; see tool_calls.py)
+    tool_call_blocks: int | None = None
 
     def __post_init__(self):
         if isinstance(self.choice, list):
@@ -48,127 +51,42 @@ class StructuredOutputs:
                 raise ValueError(f"StructuredOutputs.choice: {repr(bad[0])[:40]} is not a non-empty string")
         if not isinstance(self.json_object, bool):
             raise ValueError(f"StructuredOutputs.json_object = {self.json_object!r}: must be a bool")
-        if (self.choice is not None) == self.json_object:
-            raise ValueError("StructuredOutputs: give exactly one of choice (a list of strings) and json_object=True")
+        if (self.json is not None) + self.json_object + (self.choice is not None) != 1:
+            raise ValueError("StructuredOutputs: give exactly one of json (a JSON schema), json_object=True and "
+                             "choice (a list of strings)")
+        if self.tool_call_blocks is not None and (self.json is None or not isinstance(self.tool_call_blocks, int)
+                                                  or isinstance(self.tool_call_blocks, bool)
+                                                  or self.tool_call_blocks < 0):
+            raise ValueError(f"StructuredOutputs.tool_call_blocks = {self.tool_call_blocks!r}: an integer >= 0, "
+                             "with json")
+        if self.json is not None:
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as e:
+                    raise ValueError(f"StructuredOutputs.json: not a JSON schema's text ({e})") from None
+            from .json_schema import JsonSchemaGrammar
 
-    def grammar(self) -> "JsonObjectGrammar | ChoiceGrammar":
-        return JSON_OBJECT if self.json_object else ChoiceGrammar(self.choice)
+            try:  # compiled now: a schema it cannot follow is an error here, not at the first step
+                object.__setattr__(self, "_grammar", JsonSchemaGrammar(schema, self.tool_call_blocks))
+            except ValueError as e:
+                raise ValueError(f"StructuredOutputs.json: {e}") from None
+
+    def grammar(self):
+        if self.json is not None:
+            return self._grammar
+        if self.json_object:
+            from .json_schema import JSON_OBJECT
+
+            return JSON_OBJECT
+        return ChoiceGrammar(self.choice)
 
 
 # ---- grammars -----------------------------------------------------------------------------------------------------
-WHITESPACE = frozenset(b" \t\n\r")
-HEX = frozenset(b"0123456789abcdefABCDEF")
-ESCAPED = frozenset(b'"\\/bfnrt')
-DIGITS = frozenset(b"0123456789")
-
-
 def plain_string_byte(b: int) -> bool:
     """A byte that stands for itself inside a JSON string (not a quote, a backslash or a control byte)."""
     return b >= 0x20 and b != 0x22 and b != 0x5C
-
-
-# JSON states are (mode, stack, aux): stack a str of the open containers, "{" and "[", outermost first
-(START, VALUE, VALUE_OR_CLOSE, KEY_OR_CLOSE, KEY, COLON, AFTER, STRING, ESCAPE, UNICODE, NUMBER, LITERAL,
- DONE) = range(13)
-_WS_MODES = frozenset((VALUE, VALUE_OR_CLOSE, KEY_OR_CLOSE, KEY, COLON, AFTER))
-# a number's parts: the state after each byte, and those at which the number may end
-_NUMBER = {("minus", 0x30): "zero", ("zero", 0x2E): "dot", ("int", 0x2E): "dot", ("zero", 0x65): "e",
-           ("zero", 0x45): "e", ("int", 0x65): "e", ("int", 0x45): "e", ("frac", 0x65): "e", ("frac", 0x45): "e",
-           ("e", 0x2B): "esign", ("e", 0x2D): "esign"}
-_NUMBER_DIGIT = {"minus": "int", "int": "int", "dot": "frac", "frac": "frac", "e": "exp", "esign": "exp",
-                 "exp": "exp"}
-_NUMBER_ENDS = frozenset(("zero", "int", "frac", "exp"))
-_LITERALS = {0x74: b"rue", 0x66: b"alse", 0x6E: b"ull"}
-
-
-class JsonObjectGrammar:
-    """One JSON object (RFC 8259), byte by byte; see the module's docstring for its limits."""
-
-    key = ("json_object",)
-    start = (START, "", None)
-
-    @staticmethod
-    def accepting(state) -> bool:
-        return state[0] == DONE
-
-    @staticmethod
-    def plain(state) -> bool:
-        """Whether every plain string byte (plain_string_byte) leaves the state as it is: inside a string."""
-        return state[0] == STRING
-
-    def step(self, state, b: int):
-        mode, stack, aux = state
-        if mode == STRING:
-            if b == 0x22:
-                return (COLON, stack, None) if aux else self._after_value(stack)
-            if b == 0x5C:
-                return ESCAPE, stack, aux
-            return state if b >= 0x20 else None
-        if mode == ESCAPE:
-            if b in ESCAPED:
-                return STRING, stack, aux
-            return (UNICODE, stack, (aux, 4)) if b == 0x75 else None
-        if mode == UNICODE:
-            if b not in HEX:
-                return None
-            is_key, left = aux
-            return (STRING, stack, is_key) if left == 1 else (UNICODE, stack, (is_key, left - 1))
-        if mode == NUMBER:
-            if b in DIGITS and aux != "zero" and not (aux == "minus" and b == 0x30):
-                nxt = _NUMBER_DIGIT[aux]
-            else:
-                nxt = _NUMBER.get((aux, b))
-            if nxt is not None:
-                return NUMBER, stack, nxt
-            return self.step(self._after_value(stack), b) if aux in _NUMBER_ENDS else None
-        if mode == LITERAL:
-            if b != aux[0]:
-                return None
-            return (LITERAL, stack, aux[1:]) if len(aux) > 1 else self._after_value(stack)
-        if b in WHITESPACE:
-            return state if mode in _WS_MODES else None
-        if mode == START:
-            return (KEY_OR_CLOSE, "{", None) if b == 0x7B else None
-        if mode == VALUE or mode == VALUE_OR_CLOSE:
-            if mode == VALUE_OR_CLOSE and b == 0x5D:
-                return self._after_value(stack[:-1])
-            return self._value_start(stack, b)
-        if mode == KEY or mode == KEY_OR_CLOSE:
-            if b == 0x22:
-                return STRING, stack, True
-            return self._after_value(stack[:-1]) if mode == KEY_OR_CLOSE and b == 0x7D else None
-        if mode == COLON:
-            return (VALUE, stack, None) if b == 0x3A else None
-        if mode == AFTER:
-            top = stack[-1]
-            if b == 0x2C:
-                return (KEY if top == "{" else VALUE), stack, None
-            if (b == 0x7D and top == "{") or (b == 0x5D and top == "["):
-                return self._after_value(stack[:-1])
-        return None  # DONE, or a byte that cannot come here
-
-    @staticmethod
-    def _after_value(stack: str):
-        return (AFTER, stack, None) if stack else (DONE, "", None)
-
-    @staticmethod
-    def _value_start(stack: str, b: int):
-        if b == 0x7B:
-            return KEY_OR_CLOSE, stack + "{", None
-        if b == 0x5B:
-            return VALUE_OR_CLOSE, stack + "[", None
-        if b == 0x22:
-            return STRING, stack, False
-        if b == 0x2D:
-            return NUMBER, stack, "minus"
-        if b in DIGITS:
-            return NUMBER, stack, ("zero" if b == 0x30 else "int")
-        if b in _LITERALS:
-            return LITERAL, stack, _LITERALS[b]
-        return None
-
-
-JSON_OBJECT = JsonObjectGrammar()
 
 
 class ChoiceGrammar:
@@ -258,7 +176,8 @@ class TokenIndex:
         todo = [(0, 0, len(toks), state)]  # (depth, sorted range [lo, hi) sharing `depth` bytes, state after them)
         while todo:
             depth, lo, hi, s = todo.pop()
-            if grammar.plain(s) and self.last_special[lo:hi].max() < depth:
+            plain = grammar.plain(s)
+            if plain and self.last_special[lo:hi].max() < depth:
                 mask[ids[lo:hi]] = True  # nothing but plain string bytes from here on
                 continue
             i = lo
@@ -268,7 +187,7 @@ class TokenIndex:
             while i < hi:
                 b = toks[i][depth]
                 j = hi if b == 255 else bisect.bisect_left(toks, toks[i][:depth] + bytes((b + 1,)), i, hi)
-                nxt = grammar.step(s, b)
+                nxt = s if plain and plain_string_byte(b) else grammar.step(s, b)
                 if nxt is not None:
                     todo.append((depth + 1, i, j, nxt))
                 i = j

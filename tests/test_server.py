@@ -673,9 +673,24 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tools": [{}]}, 400, "tools[0] must be"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tools": {"type": "function"}}, 400,
      "'tools' must be a list"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tool_choice": "required"}, 400, "JSON schema"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tool_choice": "required"}, 400,
+     "tool_choice forces a tool call, and the request has no tools"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tool_choice": "always", "tools": TOOLS}, 400,
+     "tool_choice = 'always': must be"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tools": TOOLS,
+                              "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400,
+     "names the function 'nope', which is not in tools"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "tool_choice": "required", "tools": TOOLS,
+                              "guided_choice": ["a"]}, 400, "tool_choice and guided_choice both constrain"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "response_format": {"type": "json_schema"}}, 400,
-     "response_format of type 'json_schema' is not supported"),
+     "response_format json_schema needs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "response_format": {"type": "xml"}}, 400,
+     "response_format of type 'xml' is not supported"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "date"}}}}, 400,
+     "keyword 'format' at # is not implemented"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "guided_json": "{"}, 400,
+     "guided_json: StructuredOutputs.json"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "response_format": "json"}, 400,
      "response_format of type None"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "guided_choice": "yes"}, 400,
@@ -845,7 +860,8 @@ def test_allowed_token_ids_restrict_the_reply(live, offline):
 
 
 def test_structured_outputs_json_object_and_choices(live, offline):
-    """response_format json_object (OpenAI's JSON mode), vLLM's guided_choice and structured_outputs: the replies
+    """response_format json_object (OpenAI's JSON mode) and json_schema, vLLM's guided_json, guided_choice and
+    structured_outputs: the replies
     equal the offline API's with StructuredOutputs (seeded), streamed or not; a JSON reply is an object json.loads
     reads, a choice reply one of the choices; the server keeps serving."""
     from qwen2rt import StructuredOutputs
@@ -854,7 +870,13 @@ def test_structured_outputs_json_object_and_choices(live, offline):
     bias = {str(ord(c)): 6.0 for c in '"}'}
     json_object = StructuredOutputs(json_object=True)
     choices = ["alpha", "beta", "gamma delta"]
+    schema = {"type": "object", "properties": {"id": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["id", "ok"]}
     cases = [("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, json_object),
+             ("/v1/chat/completions", {"messages": USER, "response_format": {
+                 "type": "json_schema", "json_schema": {"name": "r", "schema": schema, "strict": True}}},
+              StructuredOutputs(json=schema)),
+             ("/v1/completions", {"prompt": "JSON:", "guided_json": schema}, StructuredOutputs(json=schema)),
              ("/v1/completions", {"prompt": "JSON:", "structured_outputs": {"json_object": True}}, json_object),
              ("/v1/completions", {"prompt": "Pick:", "guided_choice": choices, "n": 3},
               StructuredOutputs(choice=choices)),
@@ -866,7 +888,9 @@ def test_structured_outputs_json_object_and_choices(live, offline):
                                 logit_bias={int(k): v for k, v in bias.items()})
         want = offline.chat(USER, params) if chat else offline.generate(body["prompt"], params)[0]
         texts = [o.text for o in want.outputs]
-        assert all((check_json_object(t) if so.json_object else t in choices) for t in texts)
+        assert all((t in choices) if so.choice else check_json_object(t) for t in texts)
+        if so.json is not None:
+            assert all(set(json.loads(t)) == {"id", "ok"} for t in texts)
         request = dict(body, model=MODEL, max_tokens=60, temperature=1.0, seed=4, logit_bias=bias)
         r = live.post(route, request)
         assert r.status_code == 200, r.text
@@ -879,6 +903,57 @@ def test_structured_outputs_json_object_and_choices(live, offline):
                       for e in events if e["choices"]]
             assert "".join(pieces) == texts[0]
     assert live.idle()
+
+
+def test_forced_tool_calls_required_and_named(live):
+    """tool_choice "required": the reply is one or more tool calls (Hermes blocks under the schema of each tool's
+    name and parameters), finish_reason "tool_calls"; a named function: one call to it, finish_reason "stop" (as
+    OpenAI and vLLM answer); parallel_tool_calls false: one call. Streamed, the same calls arrive as delta.tool_calls
+    and nothing as content."""
+    bias = {str(ord(c)): 6.0 for c in '"}'}
+    base = {"model": MODEL, "messages": USER, "tools": TOOLS, "max_tokens": 200, "temperature": 1.0,
+            "logit_bias": bias}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    seen = set()
+    for seed in range(4):
+        for choice, parallel in (("required", True), ("required", False), (named, True)):
+            body = dict(base, seed=seed, tool_choice=choice, parallel_tool_calls=parallel)
+            reply = live.post("/v1/chat/completions", body).json()["choices"][0]
+            calls = reply["message"]["tool_calls"]
+            assert reply["message"]["content"] is None and calls, reply
+            assert reply["finish_reason"] == ("stop" if choice is named else "tool_calls")
+            assert len(calls) == 1 or (parallel and choice == "required")
+            for call in calls:
+                arguments = json.loads(call["function"]["arguments"])
+                assert call["function"]["name"] in ({"get_weather"} if choice is named else {"get_weather",
+                                                                                            "get_time"})
+                assert isinstance(arguments, dict) and set(arguments) <= ({"city"} if call["function"]["name"] ==
+                                                                          "get_weather" else set(arguments))
+                seen.add(call["function"]["name"])
+            events = [json.loads(line[6:]) for line in live.post("/v1/chat/completions", dict(body, stream=True))
+                      .text.splitlines() if line.startswith("data: {")]
+            deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+            streamed = [c["function"] for d in deltas for c in d.get("tool_calls") or []]
+            assert streamed == [c["function"] for c in calls] and not "".join(d.get("content") or "" for d in deltas)
+            assert events[-1]["choices"][0]["finish_reason"] == reply["finish_reason"]
+    assert seen == {"get_weather", "get_time"} and live.idle()
+
+
+def test_forced_calls_schema():
+    """The structured outputs a forced tool choice asks for: every tool (or the named one) as {"name": const,
+    "arguments": its parameters (any object without)}, one block when named or without parallel tool calls."""
+    from qwen2rt.server import _forced_calls
+
+    spec = _forced_calls({"tools": TOOLS}, "required")
+    assert spec["tool_call_blocks"] == 0 and [c["properties"]["name"] for c in spec["json"]["anyOf"]] == \
+        [{"const": "get_weather"}, {"const": "get_time"}]
+    assert spec["json"]["anyOf"][0]["properties"]["arguments"] == TOOLS[0]["function"]["parameters"]
+    assert _forced_calls({"tools": TOOLS, "parallel_tool_calls": False}, "required")["tool_call_blocks"] == 1
+    named = _forced_calls({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+                          "named")
+    assert named["tool_call_blocks"] == 1 and len(named["json"]["anyOf"]) == 1
+    bare = _forced_calls({"tools": [{"type": "function", "function": {"name": "f"}}]}, "required")
+    assert bare["json"]["anyOf"][0]["properties"]["arguments"] == {"type": "object"}
 
 
 def test_priority_orders_requests_on_a_priority_server(offline, monkeypatch):

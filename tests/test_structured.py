@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from qwen2rt import LLM, SamplingParams, StructuredOutputs
-from qwen2rt.structured import (DONE, JSON_OBJECT, ChoiceGrammar, Matcher, TokenIndex, check_json_object,
-                                run)
+from qwen2rt.json_schema import JSON_OBJECT, JsonSchemaGrammar
+from qwen2rt.structured import ChoiceGrammar, Matcher, TokenIndex, check_json_object, run
 from qwen2rt.tokenizer import HFTokenizer
 
 pytestmark = pytest.mark.timeout(300)
@@ -40,9 +40,26 @@ def random_document(rng: random.Random) -> str:
                       separators=rng.choice([None, (",", ":")]))
 
 
-def completes(text: str) -> bool:
-    state = run(JSON_OBJECT, text.encode())
-    return state is not None and state[0] == DONE
+def completes(text: str, grammar=JSON_OBJECT) -> bool:
+    state = run(grammar, text.encode())
+    return state is not None and grammar.accepting(state)
+
+
+def all_prefixes_alive_and_complete(grammar, text: str) -> bool:
+    state = grammar.start
+    for b in text.encode():
+        state = grammar.step(state, b)
+        if state is None:
+            return False
+    return grammar.accepting(state)
+
+
+def state_kinds(grammar, state) -> set:
+    """What a state is in the middle of (the innermost frame's kind and phase of each configuration)."""
+    if isinstance(grammar, ChoiceGrammar):
+        return {"choice"}
+    return {c[-1][0] + str(c[-1][2] if c[-1][0] in ("obj", "arr", "num") else c[-1][1])[:8] if c else "done"
+            for c in state}
 
 
 def test_json_grammar_agrees_with_json_loads():
@@ -52,9 +69,7 @@ def test_json_grammar_agrees_with_json_loads():
     valid = 0
     for _ in range(3000):
         text = random_document(rng)
-        data = text.encode()
-        assert all(run(JSON_OBJECT, data[:k]) is not None for k in range(len(data))), text
-        assert completes(text), text
+        assert all_prefixes_alive_and_complete(JSON_OBJECT, text), text
         chars = list(text)
         for _ in range(rng.randint(1, 3)):
             op, pos = rng.random(), rng.randrange(len(chars))
@@ -82,6 +97,225 @@ def test_json_grammar_cases(text, ok):
     assert completes(text) == ok == check_json_object(text)
 
 
+# ---- JSON schemas ---------------------------------------------------------------------------------------------------
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "description": "annotations are fine"}, "age": {"type": "integer"},
+    "email": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+    "tags": {"type": "array", "items": {"enum": ["a", "b", "\u00e9t\u00e9", 7]}, "maxItems": 3},
+    "score": {"type": "number"}, "active": {"type": "boolean"}, "address": {"$ref": "#/$defs/address"},
+    "caf\u00e9": {"const": "\u00e9"}},
+    "required": ["name", "age", "address"], "additionalProperties": False,
+    "$defs": {"address": {"type": "object", "properties": {"street": {"type": "string"}, "zip": {"type": "string"}},
+                          "required": ["street", "zip"]}}}
+TREE = {"$ref": "#/$defs/node", "$defs": {"node": {"type": "object", "properties": {
+    "value": {"type": "integer"}, "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
+    "required": ["value"]}}}
+LIST = {"type": "array", "items": {"type": ["string", "integer", "null"]}, "minItems": 1, "maxItems": 4}
+MIXED = {"oneOf": [{"const": "yes"}, {"enum": [1, 10, 100, True]},
+                   {"type": "object", "additionalProperties": {"type": "number"}}]}
+SCHEMAS = {"person": PERSON, "tree": TREE, "list": LIST, "mixed": MIXED, "any": {}}
+
+
+def deref(schema, root):
+    """The schema a $ref points at (followed until it is no ref)."""
+    while isinstance(schema, dict) and "$ref" in schema:
+        target = root
+        for part in (p for p in schema["$ref"][1:].split("/") if p):
+            target = target[part]
+        schema = target
+    return schema
+
+
+def schema_type(schema: dict):
+    if "type" in schema:
+        return schema["type"]
+    if {"properties", "required", "additionalProperties"} & set(schema):
+        return "object"
+    if {"items", "minItems", "maxItems"} & set(schema):
+        return "array"
+    return None
+
+
+def generate(schema, root, rng: random.Random, depth: int = 0):
+    """A random instance of the schema (the semantics json_schema.py documents), independent of its compiler."""
+    schema = deref(schema, root)
+    if schema is True or not schema or set(schema) <= {"description", "title", "$defs"}:
+        return random_value(rng, depth + 2)
+    if "enum" in schema or "const" in schema:
+        return rng.choice(schema["enum"]) if "enum" in schema else schema["const"]
+    for word in ("anyOf", "oneOf", "allOf"):
+        if word in schema:
+            return generate(rng.choice(schema[word]), root, rng, depth)
+    kind = schema_type(schema)
+    kind = rng.choice(kind) if isinstance(kind, list) else kind
+    if kind is None:
+        return random_value(rng, depth + 2)
+    if kind == "object":
+        props = schema.get("properties", {})
+        if props:
+            keys = [k for k in props if k in schema.get("required", []) or (depth < 3 and rng.random() < 0.6)]
+            rng.shuffle(keys)
+            return {k: generate(props[k], root, rng, depth + 1) for k in keys}
+        extra = schema.get("additionalProperties", True)
+        return {} if extra is False else {f"k{i}": generate(extra, root, rng, depth + 1)
+                                          for i in range(rng.randint(0, 3 if depth < 3 else 0))}
+    if kind == "array":
+        lo = schema.get("minItems", 0)
+        n = rng.randint(lo, min(schema.get("maxItems", lo + 3), lo + 3)) if depth < 3 else lo
+        return [generate(schema.get("items", True), root, rng, depth + 1) for _ in range(n)]
+    return {"string": lambda: rng.choice(["", "x", "q\"uote\\", "\u00e9\n\t", "long " * 5]),
+            "integer": lambda: rng.randint(-10 ** 6, 10 ** 6),
+            "number": lambda: rng.choice([rng.randint(-99, 99), rng.random() * 10 ** rng.randint(-6, 6)]),
+            "boolean": lambda: rng.random() < 0.5, "null": lambda: None}[kind]()
+
+
+class Pairs(dict):
+    """A parsed object that remembers its (key, value) pairs in order, repeated keys included (parsed)."""
+
+    def __init__(self, pairs):
+        super().__init__(pairs)
+        self.pairs = pairs
+
+
+def valid(value, schema, root) -> bool:
+    """The reference: whether a parsed value is an instance of the schema, with json_schema.py's documented
+    semantics (an object with properties takes only those, each once; an object of any keys may repeat one; enum
+    values compared as their JSON encodings; oneOf as anyOf), written apart from the grammar."""
+    schema = deref(schema, root)
+    if schema is True or not schema or set(schema) <= {"description", "title", "$defs"}:
+        return True
+    if "enum" in schema or "const" in schema:
+        values = schema["enum"] if "enum" in schema else [schema["const"]]
+        return any(json.dumps(value) == json.dumps(v) for v in values)
+    for word in ("anyOf", "oneOf", "allOf"):
+        if word in schema:
+            return any(valid(value, alt, root) for alt in schema[word])
+    kind = schema_type(schema)
+    if isinstance(kind, list):
+        return any(valid(value, dict(schema, type=k), root) for k in kind)
+    if kind == "object":
+        if not isinstance(value, dict):
+            return False
+        pairs = value.pairs if isinstance(value, Pairs) else list(value.items())
+        props = schema.get("properties", {})
+        if props:
+            return (set(value) <= set(props) and set(schema.get("required", [])) <= set(value)
+                    and len(pairs) == len(value) and all(valid(v, props[k], root) for k, v in pairs))
+        extra = schema.get("additionalProperties", True)
+        return not value if extra is False else all(valid(v, extra, root) for _, v in pairs)
+    if kind == "array":
+        return (isinstance(value, list) and schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", 10 ** 9)
+                and all(valid(v, schema.get("items", True), root) for v in value))
+    return {"string": lambda: isinstance(value, str), "null": lambda: value is None,
+            "integer": lambda: isinstance(value, int) and not isinstance(value, bool),
+            "number": lambda: isinstance(value, (int, float)) and not isinstance(value, bool),
+            "boolean": lambda: isinstance(value, bool), None: lambda: True}[kind]()
+
+
+def parsed(text: str):
+    """json.loads of text (objects as Pairs), with NaN / Infinity and whitespace around the value refused."""
+    if text != text.strip(" \t\n\r"):
+        raise ValueError("whitespace around the value")
+    return json.loads(text, object_pairs_hook=Pairs, parse_constant=_reject_constant)
+
+
+def _reject_constant(name):
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_schema_grammar_against_the_reference(name):
+    """Random instances of each schema (every keyword the compiler takes, recursion, unions, top-level arrays and
+    scalars), written with random indentation and separators: every prefix is alive and the whole completes.
+    Mutated at random, a document the grammar completes is an instance by the reference validator."""
+    schema = SCHEMAS[name]
+    grammar, rng = JsonSchemaGrammar(schema), random.Random(sorted(SCHEMAS).index(name))
+    accepted = 0
+    for _ in range(400):
+        value = generate(schema, schema, rng)
+        assert valid(value, schema, schema), value
+        text = json.dumps(value, ensure_ascii=False, indent=rng.choice([None, 1, 2]),
+                          separators=rng.choice([None, (",", ":"), (", ", ": ")]))
+        assert all_prefixes_alive_and_complete(grammar, text), text
+        chars = list(text)
+        for _ in range(rng.randint(1, 2)):
+            op, pos = rng.random(), rng.randrange(len(chars))
+            if op < 0.4:
+                chars.insert(pos, rng.choice(NOISE))
+            elif op < 0.7 and len(chars) > 1:
+                del chars[pos]
+            else:
+                chars[pos] = rng.choice(NOISE)
+        mutated = "".join(chars)
+        if completes(mutated, grammar):
+            accepted += 1
+            assert valid(parsed(mutated), schema, schema), mutated
+    assert accepted > 10  # the check above ran
+
+
+@pytest.mark.parametrize("schema, text", [
+    (PERSON, '{"name":"x","age":1,"address":{"street":"s"}}'),  # a required key missing inside
+    (PERSON, '{"name":"x","age":1,"address":{"street":"s","zip":"z"},"other":1}'),  # a key not in properties
+    (PERSON, '{"name":"x","age":1.0,"address":{"street":"s","zip":"z"}}'),  # not an integer
+    (PERSON, '{"name":"x","name":"y","age":1,"address":{"street":"s","zip":"z"}}'),  # a key twice
+    (PERSON, '{"name":"x","age":1,"address":{"street":"s","zip":"z"},"tags":["a","a","a","a"]}'),  # maxItems
+    (PERSON, '{"name":"x","age":1,"address":{"street":"s","zip":"z"},"tags":["c"]}'),  # not in the enum
+    (PERSON, '{"name":"x","age":1,"address":{"street":"s","zip":"z"},"email":3}'),  # no alternative
+    (PERSON, '{"na\\u006de":"x","age":1,"address":{"street":"s","zip":"z"}}'),  # a key not as json.dumps writes it
+    (TREE, '{"value":1,"children":[{"value":2},{"value":3},{"value":4}]}'), (TREE, '{"children":[]}'),
+    (LIST, '[]'), (LIST, '[1,2,3,4,5]'), (LIST, '[true]'), (MIXED, '"no"'), (MIXED, '{"a":"b"}'), (MIXED, '1000'),
+    ({}, ' 1'), ({}, '1 '),
+])
+def test_schema_grammar_refuses(schema, text):
+    assert not completes(text, JsonSchemaGrammar(schema))
+
+
+def test_whitespace_runs_are_bounded():
+    """At most MAX_WHITESPACE bytes of whitespace in a row (a model stuck on newlines must go on)."""
+    from qwen2rt.json_schema import MAX_WHITESPACE
+
+    for schema in ({"type": "object"}, PERSON, {}):
+        grammar = JsonSchemaGrammar(schema)
+        for n in (MAX_WHITESPACE, MAX_WHITESPACE + 1):
+            text = '{"name":' + " \n" * (n // 2) + " " * (n % 2) + '"x","age":1,"address":{"street":"","zip":""}}'
+            assert completes(text, grammar) == (n == MAX_WHITESPACE), (schema, n)
+
+
+def test_tool_call_blocks():
+    """StructuredOutputs(json=..., tool_call_blocks=N): 1 to N (0: any number of) Hermes blocks, each a value of the
+    schema, joined by a newline; nothing before, between or after them."""
+    call = {"type": "object", "required": ["name", "arguments"], "properties": {
+        "name": {"const": "get"}, "arguments": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    one = '<tool_call>\n{"name": "get", "arguments": {"city": "Paris"}}\n</tool_call>'
+    for blocks, most in ((1, 1), (2, 2), (0, 5)):
+        grammar = StructuredOutputs(json=call, tool_call_blocks=blocks).grammar()
+        for n in range(1, 6):
+            assert all_prefixes_alive_and_complete(grammar, "\n".join([one] * n)) == (n <= most), (blocks, n)
+        for text in ("", one + "\n", "x" + one, one.replace("get", "put"), one + " " + one,
+                     one.replace('{"city": "Paris"}', '{"town": 1}')):
+            assert not completes(text, grammar), text
+    with pytest.raises(ValueError, match="tool_call_blocks = -1"):
+        StructuredOutputs(json=call, tool_call_blocks=-1)
+    with pytest.raises(ValueError, match="tool_call_blocks = 1: an integer >= 0, with json"):
+        StructuredOutputs(json_object=True, tool_call_blocks=1)
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "string", "pattern": "a+"}, "keyword 'pattern' at # is not implemented"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}}, "'minimum' at #/properties/a"),
+    ({"type": "object", "properties": {"a": {}}, "additionalProperties": True}, "additionalProperties beside"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required key 'b' is not in properties"),
+    ({"type": "strng"}, "type 'strng' is not one of"), ({"$ref": "#/$defs/x"}, "points at nothing"),
+    ({"$ref": "other.json"}, "only local refs"), ({"allOf": [{}, {}]}, "allOf of more than one"),
+    ({"enum": []}, "enum must be a non-empty list"), ({"type": "array", "minItems": 3, "maxItems": 1}, "minItems"),
+    ({"properties": {"a": False}}, "false matches nothing"), ([1], "must be a dict"),
+    ('{"type": "object"', "not a JSON schema's text"), ({"enum": [{1, 2}]}, "is not JSON"),
+])
+def test_schema_errors_name_the_keyword(schema, words):
+    with pytest.raises(ValueError, match=words.replace("(", "\\(").replace(")", "\\)")):
+        StructuredOutputs(json=schema)
+
+
 def test_choice_grammar():
     g = ChoiceGrammar(["yes", "no", "yes!", "\u00e9t\u00e9"])
     for text, alive, done in [("", True, False), ("ye", True, False), ("yes", True, True), ("yes!", True, True),
@@ -96,14 +330,14 @@ def brute_allowed(index: TokenIndex, grammar, state) -> np.ndarray:
 
 
 def reachable_states(rng: random.Random, grammar, texts: list[str], count: int) -> list:
-    states = set()
+    states = {}  # (in the order found: the same states whatever the hash seed)
     for text in texts:
         data = text.encode()
         for k in sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, 6))):
             state = run(grammar, data[:k])
             if state is not None:
-                states.add(state)
-    return sorted(states, key=repr)[:count]
+                states.setdefault(state, None)
+    return list(states)[:count]
 
 
 def test_allowed_sets_equal_a_token_by_token_check():
@@ -122,14 +356,18 @@ def test_allowed_sets_equal_a_token_by_token_check():
     docs = [random_document(rng) for _ in range(30)]
     choice = ChoiceGrammar(["yes", "yes!", "no", "\u00e9t\u00e9 {x}"])
     cases = [(JSON_OBJECT, s) for s in reachable_states(rng, JSON_OBJECT, docs, 60)]
+    for schema in (PERSON, TREE, MIXED):
+        grammar = JsonSchemaGrammar(schema)
+        texts = [json.dumps(generate(schema, schema, rng), ensure_ascii=False, indent=1) for _ in range(10)]
+        cases += [(grammar, s) for s in reachable_states(rng, grammar, texts, 25)]
     cases += [(choice, s) for s in reachable_states(rng, choice, ["yes!", "no", "\u00e9t\u00e9 {x}"], 20)]
     kinds = set()
     for grammar, state in cases:
         want = brute_allowed(index, grammar, state)
         assert (index.allowed(grammar, state) == want).all(), state
         assert (index.allowed(grammar, state) == want).all(), state  # cached
-        kinds.add(state[0] if grammar is JSON_OBJECT else "choice")
-    assert len(kinds) >= 10  # strings, numbers, keys, values, literals ... were all tried
+        kinds |= state_kinds(grammar, state)
+    assert len(kinds) >= 20, kinds  # strings, numbers, keys, values, literals ... were all tried
 
 
 def test_allowed_sets_over_qwens_vocabulary(qwen_tokenizer_dir):
@@ -186,12 +424,17 @@ def test_greedy_takes_the_best_allowed_token_at_every_step(tiny):
     request is not JSON at all."""
     from test_parity import generate_recording_logits
 
-    for prompt, so in [([5, 6, 7], JSON), ([9, 1], StructuredOutputs(choice=["yes", "no", "maybe so"]))]:
-        params = SamplingParams(max_tokens=80, temperature=0, logit_bias=CLOSE, structured_outputs=so)
+    cases = [([5, 6, 7], JSON, CLOSE), ([9, 1], StructuredOutputs(choice=["yes", "no", "maybe so"]), CLOSE),
+             ([4, 4, 2], StructuredOutputs(json=PERSON), {**CLOSE, ord(","): 6.0})]  # (a comma ends a number)
+    for prompt, so, bias in cases:
+        params = SamplingParams(max_tokens=150, temperature=0, logit_bias=bias, structured_outputs=so)
         out, logits = generate_recording_logits(tiny, prompt, params)
         assert out.token_ids == masked_argmax(tiny, params, out.token_ids, logits)
         assert out.finish_reason == "stop" and out.token_ids[-1] in tiny.eos_token_ids
-        assert check_json_object(out.text) if so.json_object else out.text in so.choice
+        if so.choice:
+            assert out.text in so.choice
+        else:
+            assert check_json_object(out.text) and valid(parsed(out.text), so.json or {}, so.json or {})
         free = tiny.generate([prompt], dataclasses.replace(params, structured_outputs=None))[0]
         assert free.token_ids != out.token_ids and not check_json_object(free.text)
 
@@ -212,6 +455,10 @@ def test_sampled_outputs_complete_and_batch_with_free_requests(tiny):
     objects = together[0].outputs
     assert all(o.finish_reason == "stop" and check_json_object(o.text) for o in objects)
     assert all(isinstance(json.loads(o.text), dict) for o in objects) and len({o.text for o in objects}) > 1
+    tree = SamplingParams(max_tokens=150, temperature=1.0, seed=8, n=4, logit_bias=CLOSE,
+                          structured_outputs=StructuredOutputs(json=TREE))
+    trees = [o for o in tiny.generate("T", tree)[0].outputs if o.finish_reason == "stop"]
+    assert len(trees) >= 2 and all(valid(parsed(o.text), TREE, TREE) for o in trees)
     picked = [o.text for o in together[1].outputs]
     assert set(picked) <= set(choice.choice) and len(set(picked)) > 1
     assert all(o.finish_reason == "stop" for o in together[1].outputs)
@@ -233,6 +480,7 @@ def test_structured_requests_through_preemption():
 
 def test_structured_outputs_errors(tiny, hf_checkpoints, monkeypatch):
     for kwargs, words in [(dict(), "exactly one"), (dict(choice=["a"], json_object=True), "exactly one"),
+                          (dict(json={}, json_object=True), "exactly one"),
                           (dict(choice=[]), "non-empty list"), (dict(choice=["a", ""]), "'' is not a non-empty"),
                           (dict(choice=["a", 3]), "3 is not"), (dict(json_object="yes"), "must be a bool")]:
         with pytest.raises(ValueError, match=words):

@@ -1,0 +1,393 @@
+"""JSON schemas for structured outputs (StructuredOutputs(json=schema), OpenAI's response_format json_schema): the
+schema compiled into nodes, and a byte-level grammar that follows them.
+
+The grammar is a nondeterministic pushdown automaton: a configuration is a stack of frames (an object waiting for
+a key, a string, a number ...), and the grammar's state is the set of configurations the bytes so far allow, so an
+`anyOf`, a number that may go on or end, or an enum whose values share a prefix need no lookahead. A value that is
+complete pops its frame; a number or a literal that may also go on keeps both. The state is hashable (frozensets of
+tuples), so TokenIndex caches its allowed tokens like any grammar's.
+
+The schema subset (what OpenAI's strict structured outputs and most tool definitions use), each keyword checked:
+`type` (a name or a list; without one, object or array keywords make it that type, and no keyword any value),
+`properties`, `required`, `additionalProperties` (false, or with no `properties` a schema or true), `items`,
+`minItems`, `maxItems`, `enum`, `const`, `anyOf`, `oneOf` (as anyOf: one match is not enforced), `allOf` of one
+schema, local `$ref`s ("#", "#/$defs/...", any JSON pointer into the schema; recursion included), and annotations
+(title, description, default, examples, ...). An object with `properties` takes only those keys (as OpenAI's strict
+outputs and xgrammar's strict mode; `additionalProperties` beside them may only be false), in any order, each once,
+the `required` ones before it closes; an object of any keys may repeat one (its keys are not remembered). A key is
+written as json.dumps writes it. Strings are any JSON string (bytes >= 0x80 as they come). Any other keyword
+(pattern, format, minLength, minimum, ...) is a ValueError naming it and where it is, not a constraint silently
+dropped. JSON's whitespace may go between tokens (at most MAX_WHITESPACE bytes in a row), not before or after the
+whole value.
+"""
+
+from __future__ import annotations
+
+import json
+
+WHITESPACE = frozenset(b" \t\n\r")
+HEX = frozenset(b"0123456789abcdefABCDEF")
+ESCAPED = frozenset(b'"\\/bfnrt')
+DIGITS = frozenset(b"0123456789")
+
+ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
+                         "readOnly", "writeOnly", "$defs", "definitions"))
+KEYWORDS = frozenset(("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properties", "required",
+                      "additionalProperties", "items", "minItems", "maxItems"))
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+ANY = 0  # every compiled schema's node 0: any JSON value
+# the longest run of whitespace between two tokens of a value: enough for any indentation a model writes, and a model
+# that would write only whitespace (they do, under a mask: vLLM added disable_any_whitespace for it) must go on
+MAX_WHITESPACE = 20
+
+
+def _encoded(value) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class _Compiler:
+    """Schema -> nodes (tuples, referring to each other by index):
+    ("union", alternatives), ("object", {encoded key: node}, required encoded keys, free node or None),
+    ("array", item node, min items, max items or None), ("string",), ("number", integer only), ("literal", sorted
+    encoded values); and ("blocks", value node, most blocks or 0) for tool-call blocks (JsonSchemaGrammar)."""
+
+    def __init__(self, root: dict):
+        self.root = root
+        self.nodes: list = [None]
+        self.refs: dict[str, int] = {}
+        any_object = self.add(("object", {}, frozenset(), ANY))
+        any_array = self.add(("array", ANY, 0, None))
+        scalars = [self.add(("string",)), self.add(("number", False)),
+                   self.add(("literal", tuple(sorted((b"true", b"false", b"null")))))]
+        self.nodes[ANY] = ("union", (any_object, any_array, *scalars))
+
+    def add(self, node) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def node(self, schema, path: str) -> int:
+        if schema is True:
+            return ANY
+        if not isinstance(schema, dict):
+            raise ValueError(f"json schema at {path}: {str(schema)[:40]!r} is not a schema (a dict or true)"
+                             if schema is not False else f"json schema at {path}: false matches nothing")
+        unknown = sorted(set(schema) - KEYWORDS - ANNOTATIONS)
+        if unknown:
+            raise ValueError(f"json schema keyword {unknown[0]!r} at {path} is not implemented (structured outputs "
+                             f"take: {', '.join(sorted(KEYWORDS))})")
+        rules = {k: v for k, v in schema.items() if k in KEYWORDS}
+        if "$ref" in rules:
+            if len(rules) > 1:
+                raise ValueError(f"json schema at {path}: $ref beside {sorted(set(rules) - {'$ref'})[0]!r} is not "
+                                 "implemented")
+            return self._ref(rules["$ref"], path)
+        if "enum" in rules or "const" in rules:
+            values = rules["enum"] if "enum" in rules else [rules["const"]]
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"json schema at {path}: enum must be a non-empty list")
+            return self.add(("literal", tuple(sorted({_encoded(v) for v in values}))))
+        for word in ("anyOf", "oneOf", "allOf"):
+            if word in rules:
+                subs = rules[word]
+                if not isinstance(subs, list) or not subs:
+                    raise ValueError(f"json schema at {path}: {word} must be a non-empty list of schemas")
+                if len(rules) > 1:
+                    raise ValueError(f"json schema at {path}: {word} beside {sorted(set(rules) - {word})[0]!r} is "
+                                     "not implemented")
+                if word == "allOf" and len(subs) > 1:
+                    raise ValueError(f"json schema at {path}: allOf of more than one schema is not implemented")
+                return self.add(("union", tuple(self.node(s, f"{path}/{word}/{i}") for i, s in enumerate(subs))))
+        kinds = rules.get("type")
+        if kinds is None:  # the type from the keywords, or any value
+            kinds = ("object" if {"properties", "required", "additionalProperties"} & set(rules) else
+                     "array" if {"items", "minItems", "maxItems"} & set(rules) else None)
+            if kinds is None:
+                return ANY
+        if isinstance(kinds, list):
+            if not kinds:
+                raise ValueError(f"json schema at {path}: type must be a type name or a non-empty list of them")
+            return self.add(("union", tuple(self._typed(k, rules, path) for k in kinds)))
+        return self._typed(kinds, rules, path)
+
+    def _typed(self, kind, rules: dict, path: str) -> int:
+        if kind not in TYPES:
+            raise ValueError(f"json schema at {path}: type {kind!r} is not one of {', '.join(TYPES)}")
+        if kind == "object":
+            return self._object(rules, path)
+        if kind == "array":
+            lo, hi = rules.get("minItems", 0), rules.get("maxItems")
+            if not (isinstance(lo, int) and lo >= 0) or not (hi is None or (isinstance(hi, int) and hi >= lo)):
+                raise ValueError(f"json schema at {path}: minItems / maxItems must be integers, 0 <= min <= max")
+            item = self.node(rules["items"], f"{path}/items") if "items" in rules else ANY
+            return self.add(("array", item, lo, hi))
+        if kind == "string":
+            return self.add(("string",))
+        if kind in ("number", "integer"):
+            return self.add(("number", kind == "integer"))
+        return self.add(("literal", (b"false", b"true") if kind == "boolean" else (b"null",)))
+
+    def _object(self, rules: dict, path: str) -> int:
+        props, required = rules.get("properties", {}), rules.get("required", [])
+        extra = rules.get("additionalProperties", None)
+        if not isinstance(props, dict) or not isinstance(required, list):
+            raise ValueError(f"json schema at {path}: properties must be a dict and required a list")
+        missing = [k for k in required if k not in props]
+        if props and extra not in (None, False):
+            raise ValueError(f"json schema at {path}: additionalProperties beside properties is not implemented "
+                             "(only the listed keys, as OpenAI's strict schemas)")
+        if missing and (props or extra is False):
+            raise ValueError(f"json schema at {path}: required key {missing[0]!r} is not in properties")
+        if missing:
+            raise ValueError(f"json schema at {path}: required keys without properties are not implemented")
+        free = None if props or extra is False else (ANY if extra in (None, True) else
+                                                     self.node(extra, f"{path}/additionalProperties"))
+        index = self.add(None)  # (before its children: a $ref inside may come back to it)
+        fields = {_encoded(k): self.node(v, f"{path}/properties/{k}") for k, v in props.items()}
+        self.nodes[index] = ("object", fields, frozenset(_encoded(k) for k in required), free)
+        return index
+
+    def _ref(self, ref, path: str) -> int:
+        if ref in self.refs:
+            return self.refs[ref]
+        target = self.root
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise ValueError(f"json schema at {path}: $ref {str(ref)[:60]!r}: only local refs (#...) are implemented")
+        for part in (p for p in ref[1:].split("/") if p):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise ValueError(f"json schema at {path}: $ref {ref!r} points at nothing")
+            target = target[part]
+        index = self.add(None)  # the ref's own node first: recursion through it ends here
+        self.refs[ref] = index
+        self.nodes[index] = ("union", (self.node(target, ref),))
+        return index
+
+
+# frames: ("lit", choices, bytes so far), ("str", phase), ("num", integer only, part), ("obj", node, phase, keys
+# seen, current key), ("arr", node, phase, items so far), ("ws", bytes) (a run of whitespace in the container under
+# it), ("blk", node, phase, tag bytes matched, blocks so far); a configuration is a tuple of frames, innermost last
+_NUMBER_NEXT = {("minus", 0x30): "zero", ("zero", 0x2E): "dot", ("int", 0x2E): "dot", ("zero", 0x65): "e",
+                ("zero", 0x45): "e", ("int", 0x65): "e", ("int", 0x45): "e", ("frac", 0x65): "e", ("frac", 0x45): "e",
+                ("e", 0x2B): "esign", ("e", 0x2D): "esign"}
+_NUMBER_DIGIT = {"start": "int", "minus": "int", "int": "int", "dot": "frac", "frac": "frac", "e": "exp",
+                 "esign": "exp", "exp": "exp"}
+_NUMBER_ENDS = frozenset(("zero", "int", "frac", "exp"))
+# a tool-call block (Qwen's Hermes format: tool_calls.py) and the separator before each one after the first
+TOOL_OPEN, TOOL_CLOSE = b"<tool_call>\n", b"\n</tool_call>"
+_TAGS = {"open": TOOL_OPEN, "close": TOOL_CLOSE, "again": b"\n" + TOOL_OPEN}
+
+
+class JsonSchemaGrammar:
+    """A JSON value that a schema (the subset in the module's docstring) accepts, byte by byte."""
+
+    def __init__(self, schema: dict, blocks: int | None = None):
+        """blocks: None, the value alone; else the output is 1 to `blocks` (0: any number of) tool-call blocks in
+        Qwen's Hermes format, each a value of the schema: "<tool_call>\\n" value "\\n</tool_call>", joined by
+        "\\n" (tool_calls.py reads them back)."""
+        if not isinstance(schema, dict):
+            raise ValueError(f"a json schema must be a dict, got {type(schema).__name__}")
+        try:
+            key = json.dumps(schema, sort_keys=True)
+        except (TypeError, ValueError) as e:  # (an enum value or a key json cannot write)
+            raise ValueError(f"the json schema is not JSON: {e}") from None
+        compiler = _Compiler(schema)
+        root = compiler.node(schema, "#")
+        if blocks is not None:
+            root = compiler.add(("blocks", root, blocks))
+        self.nodes = compiler.nodes
+        self.key = ("json_schema", key, blocks)
+        self.start = frozenset(self._expand([(frame,) for frame in self._starts(root)]))
+
+    # ---- the grammar's interface (structured.py) --------------------------------------------------------------
+    @staticmethod
+    def accepting(state) -> bool:
+        return () in state
+
+    @staticmethod
+    def plain(state) -> bool:
+        """Inside a string in every configuration: plain string bytes leave the state as it is."""
+        return all(c and c[-1] == ("str", "in") for c in state)
+
+    def step(self, state, b: int):
+        out = set()
+        for config in state:
+            if config:
+                out.update(self._expand(self._step(config, b)))
+        return frozenset(out) if out else None
+
+    # ---- configurations ---------------------------------------------------------------------------------------
+    def _starts(self, node: int, seen=None) -> list:
+        """The frames a value of `node` starts with (a union: each alternative's)."""
+        kind = self.nodes[node]
+        if kind[0] == "union":
+            seen = set() if seen is None else seen
+            if node in seen:
+                return []
+            seen.add(node)
+            return [f for alt in kind[1] for f in self._starts(alt, seen)]
+        if kind[0] == "literal":
+            return [("lit", kind[1], b"")]
+        if kind[0] == "string":
+            return [("str", "start")]
+        if kind[0] == "number":
+            return [("num", kind[1], "start")]
+        if kind[0] == "object":
+            return [("obj", node, "start", frozenset(), None)]
+        if kind[0] == "blocks":
+            return [("blk", node, "open", 0, 0)]
+        return [("arr", node, "start", 0)]
+
+    def _expand(self, configs):
+        """Each configuration, and where its innermost value may be complete, the configuration with that value
+        popped (its container moves on; the outermost value popped leaves ()); a value that must be complete (a
+        closed string, object or array, a literal no longer one can extend) only popped."""
+        todo, out = list(configs), []
+        while todo:
+            config = todo.pop()
+            if not config:
+                out.append(config)
+                continue
+            done = self._complete(config[-1])
+            if done != "must":
+                out.append(config)
+            if done:
+                todo.append(self._pop(config))
+        return out
+
+    def _complete(self, frame):
+        """None (not a whole value yet), "may" (whole, and may go on) or "must" (whole, and can take no more)."""
+        kind = frame[0]
+        if kind == "lit":
+            choices, sofar = frame[1], frame[2]
+            if sofar not in choices:
+                return None
+            return "may" if any(len(c) > len(sofar) and c.startswith(sofar) for c in choices) else "must"
+        if kind == "num":
+            return "may" if frame[2] in _NUMBER_ENDS else None
+        if kind == "str":
+            return "must" if frame[1] == "end" else None
+        if kind == "ws":
+            return None
+        if kind == "blk":  # after a block's closing tag: whole, and another block may follow unless at the limit
+            if frame[2] != "after":
+                return None
+            limit = self.nodes[frame[1]][2]
+            return "must" if limit and frame[4] >= limit else "may"
+        return "must" if frame[2] == "end" else None
+
+    def _pop(self, config):
+        child, rest = config[-1], config[:-1]
+        if not rest:
+            return ()
+        parent = rest[-1]
+        if parent[0] == "blk":  # the block's value: its closing tag next
+            return rest[:-1] + (("blk", parent[1], "close", 0, parent[4]),)
+        if parent[0] == "arr":
+            return rest[:-1] + (("arr", parent[1], "after", parent[3] + 1),)
+        _, node, phase, seen, key = parent
+        if phase == "key":  # the key's bytes: a declared key's literal (a free key is not kept)
+            return rest[:-1] + (("obj", node, "colon", seen, child[2] if child[0] == "lit" else None),)
+        return rest[:-1] + (("obj", node, "after", seen | {key} if key is not None else seen, None),)
+
+    def _push(self, rest, parent, node_or_frames, b: int) -> list:
+        """The parent (now waiting on its child) with a child value's first frames, each stepped with byte b."""
+        frames = self._starts(node_or_frames) if isinstance(node_or_frames, int) else node_or_frames
+        out = []
+        for frame in frames:
+            out += self._step(rest + (parent, frame), b)
+        return out
+
+    def _step(self, config, b: int) -> list:
+        frame, rest = config[-1], config[:-1]
+        kind = frame[0]
+        if kind == "ws":  # a run of whitespace in a container: at most MAX_WHITESPACE bytes, then its next token
+            if b in WHITESPACE:
+                return [rest + (("ws", frame[1] + 1),)] if frame[1] < MAX_WHITESPACE else []
+            return self._step(rest, b)
+        if kind == "lit":
+            nxt = frame[2] + bytes((b,))
+            return [rest + (("lit", frame[1], nxt),)] if any(c.startswith(nxt) for c in frame[1]) else []
+        if kind == "str":
+            phase = frame[1]
+            if phase == "start":
+                return [rest + (("str", "in"),)] if b == 0x22 else []
+            if phase == "in":
+                if b == 0x22:
+                    return [rest + (("str", "end"),)]
+                if b == 0x5C:
+                    return [rest + (("str", "esc"),)]
+                return [config] if b >= 0x20 else []
+            if phase == "esc":
+                if b in ESCAPED:
+                    return [rest + (("str", "in"),)]
+                return [rest + (("str", 4),)] if b == 0x75 else []
+            if isinstance(phase, int) and b in HEX:
+                return [rest + (("str", "in" if phase == 1 else phase - 1),)]
+            return []
+        if kind == "num":
+            integer, part = frame[1], frame[2]
+            if part == "start":
+                nxt = "minus" if b == 0x2D else "zero" if b == 0x30 else "int" if b in DIGITS else None
+            elif b in DIGITS and part != "zero" and not (part == "minus" and b == 0x30):
+                nxt = _NUMBER_DIGIT[part]
+            else:
+                nxt = _NUMBER_NEXT.get((part, b))
+                if nxt is not None and integer and nxt in ("dot", "e"):
+                    nxt = None
+            return [rest + (("num", integer, nxt),)] if nxt is not None else []
+        if kind == "blk":
+            _, node, phase, pos, count = frame
+            if phase == "value":
+                return self._push(rest, ("blk", node, "call", 0, count), self.nodes[node][1], b)
+            if phase == "after":
+                phase, pos = "again", 0
+            tag = _TAGS[phase]
+            if b != tag[pos]:
+                return []
+            if pos + 1 < len(tag):
+                return [rest + (("blk", node, phase, pos + 1, count),)]
+            return [rest + (("blk", node, "after" if phase == "close" else "value", 0, count + (phase == "close")),)]
+        if kind == "arr":
+            _, node, phase, count = frame
+            _, item, lo, hi = self.nodes[node]
+            if phase == "start":
+                return [rest + (("arr", node, "open", 0),)] if b == 0x5B else []
+            if b in WHITESPACE and phase in ("open", "after", "comma"):
+                return [config + (("ws", 1),)]
+            if phase == "open" and b == 0x5D:
+                return [rest + (("arr", node, "end", 0),)] if lo == 0 else []
+            if phase in ("open", "comma"):
+                return self._push(rest, ("arr", node, "item", count), item, b)
+            if phase == "after":
+                if b == 0x2C and (hi is None or count < hi):
+                    return [rest + (("arr", node, "comma", count),)]
+                if b == 0x5D and count >= lo:
+                    return [rest + (("arr", node, "end", count),)]
+            return []
+        # an object
+        _, node, phase, seen, key = frame
+        _, fields, required, free = self.nodes[node]
+        if phase == "start":
+            return [rest + (("obj", node, "open", seen, None),)] if b == 0x7B else []
+        if b in WHITESPACE and phase in ("open", "colon", "value", "after", "comma"):
+            return [config + (("ws", 1),)]
+        if phase in ("open", "comma") and b == 0x22:
+            waiting = ("obj", node, "key", seen, None)
+            left = tuple(sorted(k for k in fields if k not in seen))
+            keys = ([("lit", left, b"")] if left else []) + ([("str", "start")] if free is not None else [])
+            return self._push(rest, waiting, keys, b)
+        if phase == "open" and b == 0x7D:
+            return [rest + (("obj", node, "end", seen, None),)] if not required else []
+        if phase == "colon":
+            return [rest + (("obj", node, "value", seen, key),)] if b == 0x3A else []
+        if phase == "value":
+            return self._push(rest, ("obj", node, "field", seen, key), fields[key] if key is not None else free, b)
+        if phase == "after":
+            if b == 0x2C and (free is not None or len(seen) < len(fields)):
+                return [rest + (("obj", node, "comma", seen, None),)]
+            if b == 0x7D and required <= seen:
+                return [rest + (("obj", node, "end", seen, None),)]
+        return []
+
+
+JSON_OBJECT = JsonSchemaGrammar({"type": "object"})  # StructuredOutputs(json_object=True): any JSON object
