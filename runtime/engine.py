@@ -140,8 +140,8 @@ class Engine:
             self.sampler.reset(seq.slot, seq.prompt_ids, seq.params.logit_bias,
                                seq.stop_ids if seq.params.min_tokens else None, seq.output_ids,
                                seq.params.allowed_token_ids)
-            if seq.matcher is not None:
-                self.sampler.set_bias(seq.slot, seq.matcher.bias_row(seq.params.logit_bias))
+            if seq.matcher is not None and not self._guide(seq):
+                continue
             self.runner.set_blocks(seq.slot, seq.blocks)
 
     def _launch(self) -> Launched | None:
@@ -191,9 +191,23 @@ class Engine:
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
             elif seq.matcher is not None:  # its next token's mask (no step holding it was launched since)
-                seq.matcher.advance(token)
-                self.sampler.set_bias(seq.slot, seq.matcher.bias_row(seq.params.logit_bias))
+                self._guide(seq, token)
         return received
+
+    def _guide(self, seq: Sequence, token: int | None = None) -> bool:
+        """A structured request's mask for its next token (after `token`, its newest) into its sampler row. A
+        grammar that cannot go on (no token of the vocabulary continues it) ends this request alone, aborted with
+        the reason in `seq.error`, and the others go on. -> whether it goes on."""
+        try:
+            if token is not None:
+                seq.matcher.advance(token)
+            row = seq.matcher.bias_row(seq.params.logit_bias)
+        except RuntimeError as e:
+            seq.error = str(e)
+            self.abort(seq)
+            return False
+        self.sampler.set_bias(seq.slot, row)
+        return True
 
     def prefill_metadata(self, chunks: list[tuple[Sequence, int, int]]):
         """(sequence, first prompt position, token count) chunks -> (token ids [T], metadata, last row of each

@@ -5,7 +5,9 @@ The grammar is a nondeterministic pushdown automaton: a configuration is a stack
 a key, a string, a number ...), and the grammar's state is the set of configurations the bytes so far allow, so an
 `anyOf`, a number that may go on or end, or an enum whose values share a prefix need no lookahead. A value that is
 complete pops its frame; a number or a literal that may also go on keeps both. The state is hashable (frozensets of
-tuples), so TokenIndex caches its allowed tokens like any grammar's.
+tuples), so TokenIndex caches its allowed tokens like any grammar's. At compile time what no finite value can
+complete is pruned (`_Compiler.prune`), so every configuration kept can still end and a masked request never gets
+stuck; a state keeps at most MAX_CONFIGURATIONS configurations.
 
 The schema subset (what OpenAI's strict structured outputs and most tool definitions use), each keyword checked:
 `type` (a name or a list; without one, object or array keywords make it that type, and no keyword any value),
@@ -17,7 +19,8 @@ outputs and xgrammar's strict mode; `additionalProperties` beside them may only 
 the `required` ones before it closes; an object of any keys may repeat one (its keys are not remembered). A key is
 written as json.dumps writes it. Strings are any JSON string (bytes >= 0x80 as they come). Any other keyword
 (pattern, format, minLength, minimum, ...) is a ValueError naming it and where it is, not a constraint silently
-dropped. JSON's whitespace may go between tokens (at most MAX_WHITESPACE bytes in a row), not before or after the
+dropped. JSON's whitespace may go between tokens (at most MAX_NEWLINES line breaks in a row, each followed by at most
+MAX_INDENT other whitespace bytes), not before or after the
 whole value.
 """
 
@@ -36,9 +39,17 @@ KEYWORDS = frozenset(("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref"
                       "additionalProperties", "items", "minItems", "maxItems"))
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 ANY = 0  # every compiled schema's node 0: any JSON value
-# the longest run of whitespace between two tokens of a value: enough for any indentation a model writes, and a model
-# that would write only whitespace (they do, under a mask: vLLM added disable_any_whitespace for it) must go on
-MAX_WHITESPACE = 20
+# whitespace between two tokens of a value: at most MAX_NEWLINES line breaks in a row (a blank line), each followed
+# by at most MAX_INDENT other whitespace bytes (16 levels of 4-space indentation), so that any pretty-printing fits
+# and a model that would write only whitespace (they do, under a mask: vLLM added disable_any_whitespace for it)
+# must go on
+MAX_NEWLINES, MAX_INDENT = 2, 64
+# the most parses (configurations) one state keeps open at once. An anyOf of objects that begin with the same keys
+# (keys come in any order) keeps one per alternative, per level of nesting: 2^depth for a recursive one. Past this a
+# state keeps the first MAX_CONFIGURATIONS in a fixed order and drops the rest: each one kept can still end (prune),
+# so the output stays a valid instance and never reaches a dead end, and the walk over the vocabulary stays bounded
+# (~30x a one-parse state's cost); what the dropped parses alone would have allowed later is no longer allowed
+MAX_CONFIGURATIONS = 32
 
 
 def _encoded(value) -> bytes:
@@ -146,6 +157,34 @@ class _Compiler:
         self.nodes[index] = ("object", fields, frozenset(_encoded(k) for k in required), free)
         return index
 
+    def prune(self, root: int) -> None:
+        """Drop what no finite value can complete, so that every configuration the grammar keeps can still end:
+        union alternatives and object keys that recurse forever go, an array whose items cannot end takes none.
+        A ValueError if the root itself cannot end (e.g. {"$ref": "#"}, or a required key that nests itself)."""
+        done = [False] * len(self.nodes)
+        changed = True
+        while changed:  # the least fixpoint: a node can end once its parts can
+            changed = False
+            for i, node in enumerate(self.nodes):
+                kind = node[0]
+                ends = (kind in ("string", "number", "literal")
+                        or (kind == "union" and any(done[a] for a in node[1]))
+                        or (kind == "object" and all(done[node[1][k]] for k in node[2]))
+                        or (kind == "array" and (node[2] == 0 or done[node[1]]))
+                        or (kind == "blocks" and done[node[1]]))
+                if ends and not done[i]:
+                    done[i] = changed = True
+        if not done[root]:
+            raise ValueError("the json schema has no finite instance (every way through it nests itself forever)")
+        for i, node in enumerate(self.nodes):
+            if node[0] == "union":
+                self.nodes[i] = ("union", tuple(a for a in node[1] if done[a]))
+            elif node[0] == "object":
+                free = node[3] if node[3] is not None and done[node[3]] else None
+                self.nodes[i] = ("object", {k: v for k, v in node[1].items() if done[v]}, node[2], free)
+            elif node[0] == "array" and not done[node[1]]:
+                self.nodes[i] = ("array", node[1], node[2], 0)
+
     def _ref(self, ref, path: str) -> int:
         if ref in self.refs:
             return self.refs[ref]
@@ -163,9 +202,10 @@ class _Compiler:
         return index
 
 
-# frames: ("lit", choices, bytes so far), ("str", phase), ("num", integer only, part), ("obj", node, phase, keys
-# seen, current key), ("arr", node, phase, items so far), ("ws", bytes) (a run of whitespace in the container under
-# it), ("blk", node, phase, tag bytes matched, blocks so far); a configuration is a tuple of frames, innermost last
+# frames: ("lit", choices, bytes so far), ("str", phase), ("num", integer only, part), ("obj", node, phase, keys seen,
+# current key), ("arr", node, phase, items so far), ("ws", line breaks, bytes since the last one) (a run of whitespace
+# in the container under it), ("blk", node, phase, tag bytes matched, blocks so far); a configuration is a tuple of
+# frames, innermost last
 _NUMBER_NEXT = {("minus", 0x30): "zero", ("zero", 0x2E): "dot", ("int", 0x2E): "dot", ("zero", 0x65): "e",
                 ("zero", 0x45): "e", ("int", 0x65): "e", ("int", 0x45): "e", ("frac", 0x65): "e", ("frac", 0x45): "e",
                 ("e", 0x2B): "esign", ("e", 0x2D): "esign"}
@@ -175,6 +215,19 @@ _NUMBER_ENDS = frozenset(("zero", "int", "frac", "exp"))
 # a tool-call block (Qwen's Hermes format: tool_calls.py) and the separator before each one after the first
 TOOL_OPEN, TOOL_CLOSE = b"<tool_call>\n", b"\n</tool_call>"
 _TAGS = {"open": TOOL_OPEN, "close": TOOL_CLOSE, "again": b"\n" + TOOL_OPEN}
+
+
+def _whitespace(run, b: int):
+    """A whitespace run's frame after byte b (run None: b starts it), or None past the bounds."""
+    lines, column = run[1:] if run is not None else (0, 0)
+    if b == 0x0A:
+        return ("ws", lines + 1, 0) if lines < MAX_NEWLINES else None
+    return ("ws", lines, column + 1) if column < MAX_INDENT else None
+
+
+def _order(config) -> str:
+    """A sort key of a configuration that is the same in every process (a frozenset's order is not)."""
+    return repr([[sorted(x) if isinstance(x, frozenset) else x for x in frame] for frame in config])
 
 
 class JsonSchemaGrammar:
@@ -194,6 +247,7 @@ class JsonSchemaGrammar:
         root = compiler.node(schema, "#")
         if blocks is not None:
             root = compiler.add(("blocks", root, blocks))
+        compiler.prune(root)
         self.nodes = compiler.nodes
         self.key = ("json_schema", key, blocks)
         self.start = frozenset(self._expand([(frame,) for frame in self._starts(root)]))
@@ -206,13 +260,16 @@ class JsonSchemaGrammar:
     @staticmethod
     def plain(state) -> bool:
         """Inside a string in every configuration: plain string bytes leave the state as it is."""
-        return all(c and c[-1] == ("str", "in") for c in state)
+        return bool(state) and all(c and c[-1] == ("str", "in") for c in state)
 
     def step(self, state, b: int):
+        """The next state (at most MAX_CONFIGURATIONS configurations), or None: no configuration takes the byte."""
         out = set()
         for config in state:
             if config:
                 out.update(self._expand(self._step(config, b)))
+        if len(out) > MAX_CONFIGURATIONS:  # the first ones in an order that does not depend on hashing
+            out = sorted(out, key=_order)[:MAX_CONFIGURATIONS]
         return frozenset(out) if out else None
 
     # ---- configurations ---------------------------------------------------------------------------------------
@@ -300,9 +357,10 @@ class JsonSchemaGrammar:
     def _step(self, config, b: int) -> list:
         frame, rest = config[-1], config[:-1]
         kind = frame[0]
-        if kind == "ws":  # a run of whitespace in a container: at most MAX_WHITESPACE bytes, then its next token
+        if kind == "ws":  # a run of whitespace in a container, then its next token
             if b in WHITESPACE:
-                return [rest + (("ws", frame[1] + 1),)] if frame[1] < MAX_WHITESPACE else []
+                run = _whitespace(frame, b)
+                return [rest + (run,)] if run is not None else []
             return self._step(rest, b)
         if kind == "lit":
             nxt = frame[2] + bytes((b,))
@@ -353,10 +411,10 @@ class JsonSchemaGrammar:
             if phase == "start":
                 return [rest + (("arr", node, "open", 0),)] if b == 0x5B else []
             if b in WHITESPACE and phase in ("open", "after", "comma"):
-                return [config + (("ws", 1),)]
+                return [config + (_whitespace(None, b),)]
             if phase == "open" and b == 0x5D:
                 return [rest + (("arr", node, "end", 0),)] if lo == 0 else []
-            if phase in ("open", "comma"):
+            if phase == "comma" or (phase == "open" and hi != 0):
                 return self._push(rest, ("arr", node, "item", count), item, b)
             if phase == "after":
                 if b == 0x2C and (hi is None or count < hi):
@@ -370,7 +428,7 @@ class JsonSchemaGrammar:
         if phase == "start":
             return [rest + (("obj", node, "open", seen, None),)] if b == 0x7B else []
         if b in WHITESPACE and phase in ("open", "colon", "value", "after", "comma"):
-            return [config + (("ws", 1),)]
+            return [config + (_whitespace(None, b),)]
         if phase in ("open", "comma") and b == 0x22:
             waiting = ("obj", node, "key", seen, None)
             left = tuple(sorted(k for k in fields if k not in seen))

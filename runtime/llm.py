@@ -358,6 +358,11 @@ class LLM:
                              "tokenizer and no stop_token_ids), so a complete output could never end")
         if self._token_index is None:
             self._token_index = TokenIndex(self.tokenizer.token_bytes(), self.config.vocab_size)
+        text = sorted(t for t in seq.stop_ids if t < self.config.vocab_size and self._token_index.token_bytes[t])
+        if text:  # it would end the output wherever the structure allows its bytes, complete or not
+            raise ValueError(f"SamplingParams.stop_token_ids: {text[0]} is a text token "
+                             f"({self._token_index.token_bytes[text[0]]!r}); with structured outputs a stop id may "
+                             "only end a complete output (use special tokens)")
         return Matcher(seq.params.structured_outputs.grammar(), self._token_index, seq.stop_ids)
 
     def _batch(self, prompts, params, priority=None) -> list[list[Sequence]]:
@@ -601,6 +606,8 @@ def _check_not_aborted(s: Sequence) -> None:
     a failed engine step, or by an abort() from elsewhere (its own caller's come after it stops waiting): an error,
     not a short output."""
     if s.finish_reason == "abort":
+        if s.error is not None:
+            raise RuntimeError(f"the request failed: {s.error}")
         raise RuntimeError("the request was aborted by a failed engine step (see the error raised there) or by an "
                            "abort() from elsewhere")
 

@@ -32,6 +32,7 @@ class Sequence:
         # before (None for the first), filled as its prefill chunks run
         self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why the engine ended it alone (finish_reason "abort"): see Engine._guide
         self.max_len = min(len(prompt_ids) + params.max_tokens, max_seq_len)
         self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_token_ids)
         # with params.structured_outputs: its place in the structure (the tokens it may sample next), which the

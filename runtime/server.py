@@ -156,11 +156,34 @@ def _forced_calls(body: dict, choice: str) -> dict:
     tools = body["tools"]
     if choice == "named":
         tools = [t for t in tools if t["function"]["name"] == body["tool_choice"]["function"]["name"]]
+    # each function's parameters under $defs, their local $refs ("#...") rewritten to point into them there
+    defs = {f"tool{i}": _rebased(t["function"].get("parameters") or {"type": "object"}, f"#/$defs/tool{i}")
+            for i, t in enumerate(tools)}
     calls = [{"type": "object", "required": ["name", "arguments"], "properties": {
-        "name": {"const": t["function"]["name"]},
-        "arguments": t["function"].get("parameters") or {"type": "object"}}} for t in tools]
+        "name": {"const": t["function"]["name"]}, "arguments": {"$ref": f"#/$defs/tool{i}"}}}
+        for i, t in enumerate(tools)]
     one = choice == "named" or body.get("parallel_tool_calls") is False
-    return dict(json={"anyOf": calls}, tool_call_blocks=1 if one else 0)
+    return dict(json={"anyOf": calls, "$defs": defs}, tool_call_blocks=1 if one else 0)
+
+
+def _rebased(schema, base: str):
+    """A schema moved to `base` (a JSON pointer into a larger schema): its local $refs ("#", "#/...") rewritten
+    to point under it; enum and const values are data, left as they are."""
+    if isinstance(schema, list):
+        return [_rebased(x, base) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = base + value[1:]
+        elif key in ("enum", "const"):
+            out[key] = value
+        elif key in ("properties", "$defs", "definitions") and isinstance(value, dict):  # names -> schemas
+            out[key] = {name: _rebased(sub, base) for name, sub in value.items()}
+        else:
+            out[key] = _rebased(value, base)
+    return out
 
 
 def _structured(body: dict, tool_choice: str = "auto") -> tuple[object | None, str | None]:
@@ -173,7 +196,10 @@ def _structured(body: dict, tool_choice: str = "auto") -> tuple[object | None, s
 
     asked = []
     if tool_choice in ("required", "named"):
-        asked.append(("tool_choice", _forced_calls(body, tool_choice)))
+        try:
+            asked.append(("tool_choice", _forced_calls(body, tool_choice)))
+        except RecursionError:
+            raise RequestError("tools: a parameters schema nests too deeply", param="tools") from None
     fmt = body.get("response_format")
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
@@ -675,7 +701,7 @@ class EngineDriver:
             if seq.finished:
                 del self.active[seq.id]
                 if seq.finish_reason == "abort":
-                    req.error = "the request was aborted by a failed engine step"
+                    req.error = seq.error or "the request was aborted by a failed engine step"
                 self.metrics.finished(req, "error" if req.error else seq.finish_reason)
                 req.done.set()
             if piece or seq.finished:

@@ -72,6 +72,8 @@ class StructuredOutputs:
                 object.__setattr__(self, "_grammar", JsonSchemaGrammar(schema, self.tool_call_blocks))
             except ValueError as e:
                 raise ValueError(f"StructuredOutputs.json: {e}") from None
+            except RecursionError:
+                raise ValueError("StructuredOutputs.json: the schema nests too deeply to compile") from None
 
     def grammar(self):
         if self.json is not None:
@@ -212,8 +214,9 @@ class Matcher:
         mask = self.index.allowed(self.grammar, self.state)
         if self.complete:
             mask[self.stop_ids] = True
-        if not mask.any():  # cannot happen with a byte-level vocabulary (every byte is a token)
-            raise RuntimeError("structured outputs: no token of the vocabulary can continue the output")
+        if not mask.any():  # (pruned schemas always can, byte by byte, unless MAX_CONFIGURATIONS forbids it)
+            raise RuntimeError("structured outputs: no token of the vocabulary can continue the output here (a "
+                               "schema too ambiguous at this depth: see json_schema.MAX_CONFIGURATIONS)")
         return mask
 
     def advance(self, token: int) -> None:

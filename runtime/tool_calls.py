@@ -15,12 +15,11 @@ calls arrive whole in the last chunks of the reply."""
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from dataclasses import dataclass
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_BLOCKS = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
+_WS = " \t\n\r"  # JSON's whitespace
 
 
 @dataclass
@@ -37,21 +36,30 @@ class ToolCall:
 
 def parse(text: str) -> tuple[str | None, list[ToolCall]]:
     """A finished reply -> (its content: the text before the first tool call, None when empty; its tool calls).
-    A reply with no block, or with a block that is not a JSON object with a "name" string and "arguments", is all
-    content and no calls."""
+    A reply with no block, or with a block that is not a JSON object with a "name" string and "arguments" (and
+    nothing but whitespace after it), is all content and no calls. Each block's JSON is read as JSON (so a
+    closing tag inside one of its strings is part of the string)."""
     start = text.find(OPEN)
     if start < 0:
         return text, []
-    calls = []
-    for closed, unclosed in _BLOCKS.findall(text[start:]):
+    calls, at, decoder = [], start, json.JSONDecoder()
+    while (at := text.find(OPEN, at)) >= 0:
+        body = at + len(OPEN)
+        body += len(text) - body - len(text[body:].lstrip(_WS))
         try:
-            call = json.loads(closed or unclosed)
+            call, end = decoder.raw_decode(text, body)
         except (ValueError, RecursionError):  # RecursionError: nested past Python's limit
             return text, []
         if not (isinstance(call, dict) and isinstance(call.get("name"), str) and "arguments" in call):
             return text, []
+        close = text.find(CLOSE, end)
+        if text[end:len(text) if close < 0 else close].strip(_WS):
+            return text, []
         calls.append(ToolCall(call["name"], json.dumps(call["arguments"], ensure_ascii=False),
                               f"chatcmpl-tool-{uuid.uuid4().hex}"))
+        if close < 0:  # the reply ended inside its last block
+            break
+        at = close + len(CLOSE)
     return text[:start] or None, calls
 
 

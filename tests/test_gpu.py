@@ -95,7 +95,7 @@ def test_structured_outputs_through_cuda_graphs():
     kw = dict(device="cuda", dtype="float32", seed=0, max_seq_len=256, max_batch_size=4)
     graphs, eager = LLM("tiny", **kw), LLM("tiny", enforce_eager=True, **kw)
     assert graphs.use_graphs
-    close = {ord('"'): 6.0, ord("}"): 6.0}
+    close = {ord('"'): 6.0, ord("}"): 6.0, **{ord(c): -20.0 for c in " \t\r\n"}}  # (random weights)
     json_object, choice = StructuredOutputs(json_object=True), StructuredOutputs(choice=["north", "south", "east"])
     params = [SamplingParams(max_tokens=80, temperature=0, logit_bias=close, structured_outputs=json_object),
               SamplingParams(max_tokens=80, temperature=1.0, seed=3, n=3, logit_bias=close,

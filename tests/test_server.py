@@ -942,18 +942,39 @@ def test_forced_tool_calls_required_and_named(live):
 def test_forced_calls_schema():
     """The structured outputs a forced tool choice asks for: every tool (or the named one) as {"name": const,
     "arguments": its parameters (any object without)}, one block when named or without parallel tool calls."""
+    from qwen2rt import StructuredOutputs
     from qwen2rt.server import _forced_calls
+    from qwen2rt.structured import run
 
     spec = _forced_calls({"tools": TOOLS}, "required")
     assert spec["tool_call_blocks"] == 0 and [c["properties"]["name"] for c in spec["json"]["anyOf"]] == \
         [{"const": "get_weather"}, {"const": "get_time"}]
-    assert spec["json"]["anyOf"][0]["properties"]["arguments"] == TOOLS[0]["function"]["parameters"]
+    assert spec["json"]["anyOf"][0]["properties"]["arguments"] == {"$ref": "#/$defs/tool0"}
+    assert spec["json"]["$defs"]["tool0"] == TOOLS[0]["function"]["parameters"]
     assert _forced_calls({"tools": TOOLS, "parallel_tool_calls": False}, "required")["tool_call_blocks"] == 1
     named = _forced_calls({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
                           "named")
     assert named["tool_call_blocks"] == 1 and len(named["json"]["anyOf"]) == 1
     bare = _forced_calls({"tools": [{"type": "function", "function": {"name": "f"}}]}, "required")
-    assert bare["json"]["anyOf"][0]["properties"]["arguments"] == {"type": "object"}
+    assert bare["json"]["$defs"]["tool0"] == {"type": "object"}
+    # parameters with their own $defs and local refs (as pydantic writes them), one recursive through "#"
+    point = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    tools = [{"type": "function", "function": {"name": "p", "parameters": {
+                 "type": "object", "properties": {"at": {"$ref": "#/$defs/P"}, "tag": {"const": {"$ref": "#"}}},
+                 "required": ["at"], "$defs": {"P": point}}}},
+             {"type": "function", "function": {"name": "t", "parameters": {
+                 "type": "object", "properties": {"sub": {"$ref": "#"}, "v": {"type": "integer"},
+                                                  "const": {"$ref": "#/properties/v"}}}}}]
+    grammar = StructuredOutputs(**_forced_calls({"tools": tools}, "required")).grammar()
+    for text, ok in [('{"name": "p", "arguments": {"at": {"x": 1}}}', True),
+                     ('{"name": "p", "arguments": {"at": {"x": 1}, "tag": {"$ref":"#"}}}', True),  # (as written)
+                     ('{"name": "p", "arguments": {"at": {"y": 1}}}', False),
+                     ('{"name": "t", "arguments": {"sub": {"sub": {"v": 2}}}}', True),
+                     ('{"name": "t", "arguments": {"const": 3}}', True),  # a property named like a keyword
+                     ('{"name": "t", "arguments": {"const": "3"}}', False),
+                     ('{"name": "t", "arguments": {"sub": {"name": "t", "arguments": {}}}}', False)]:
+        state = run(grammar, f"<tool_call>\n{text}\n</tool_call>".encode())
+        assert (state is not None and grammar.accepting(state)) == ok, text
 
 
 def test_priority_orders_requests_on_a_priority_server(offline, monkeypatch):

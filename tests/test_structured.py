@@ -22,6 +22,7 @@ pytestmark = pytest.mark.timeout(300)
 JSON = StructuredOutputs(json_object=True)
 # random weights seldom close a string or an object: these biases make the outputs complete within a few dozen tokens
 CLOSE = {ord('"'): 6.0, ord("}"): 6.0, ord("]"): 4.0}
+QUIET = {ord(c): -20.0 for c in " \t\r\n"}  # and this keeps them from filling every whitespace run they may
 NOISE = list('{}[]:,"\\ \n0123456789-+.eEtrufalsn') + ["x", "u", "A", "\x01", "\u00e9"]
 
 
@@ -38,6 +39,20 @@ def random_value(rng: random.Random, depth: int = 0):
 def random_document(rng: random.Random) -> str:
     return json.dumps({"a": random_value(rng)}, indent=rng.choice([None, 1, 2]), ensure_ascii=rng.random() < 0.5,
                       separators=rng.choice([None, (",", ":")]))
+
+
+def mutate(text: str, rng: random.Random, most: int) -> str:
+    """1 to `most` random edits: a noise character inserted, a character deleted or one replaced."""
+    chars = list(text)
+    for _ in range(rng.randint(1, most)):
+        op, pos = rng.random(), rng.randrange(len(chars))
+        if op < 0.4:
+            chars.insert(pos, rng.choice(NOISE))
+        elif op < 0.7 and len(chars) > 1:
+            del chars[pos]
+        else:
+            chars[pos] = rng.choice(NOISE)
+    return "".join(chars)
 
 
 def completes(text: str, grammar=JSON_OBJECT) -> bool:
@@ -66,23 +81,14 @@ def test_json_grammar_agrees_with_json_loads():
     """Every prefix of a JSON object is alive and the whole completes; documents mutated at random (bytes inserted,
     deleted, replaced) complete exactly when json.loads reads an object from them with nothing around it."""
     rng = random.Random(0)
-    valid = 0
+    accepted = 0
     for _ in range(3000):
         text = random_document(rng)
         assert all_prefixes_alive_and_complete(JSON_OBJECT, text), text
-        chars = list(text)
-        for _ in range(rng.randint(1, 3)):
-            op, pos = rng.random(), rng.randrange(len(chars))
-            if op < 0.4:
-                chars.insert(pos, rng.choice(NOISE))
-            elif op < 0.7:
-                del chars[pos]
-            else:
-                chars[pos] = rng.choice(NOISE)
-        mutated = "".join(chars)
+        mutated = mutate(text, rng, 3)
         assert completes(mutated) == check_json_object(mutated), mutated
-        valid += completes(mutated)
-    assert 200 < valid < 2800  # both kinds were tried
+        accepted += completes(mutated)
+    assert 200 < accepted < 2800  # both kinds were tried
 
 
 @pytest.mark.parametrize("text, ok", [
@@ -237,16 +243,7 @@ def test_schema_grammar_against_the_reference(name):
         text = json.dumps(value, ensure_ascii=False, indent=rng.choice([None, 1, 2]),
                           separators=rng.choice([None, (",", ":"), (", ", ": ")]))
         assert all_prefixes_alive_and_complete(grammar, text), text
-        chars = list(text)
-        for _ in range(rng.randint(1, 2)):
-            op, pos = rng.random(), rng.randrange(len(chars))
-            if op < 0.4:
-                chars.insert(pos, rng.choice(NOISE))
-            elif op < 0.7 and len(chars) > 1:
-                del chars[pos]
-            else:
-                chars[pos] = rng.choice(NOISE)
-        mutated = "".join(chars)
+        mutated = mutate(text, rng, 2)
         if completes(mutated, grammar):
             accepted += 1
             assert valid(parsed(mutated), schema, schema), mutated
@@ -264,40 +261,36 @@ def test_schema_grammar_against_the_reference(name):
     (PERSON, '{"na\\u006de":"x","age":1,"address":{"street":"s","zip":"z"}}'),  # a key not as json.dumps writes it
     (TREE, '{"value":1,"children":[{"value":2},{"value":3},{"value":4}]}'), (TREE, '{"children":[]}'),
     (LIST, '[]'), (LIST, '[1,2,3,4,5]'), (LIST, '[true]'), (MIXED, '"no"'), (MIXED, '{"a":"b"}'), (MIXED, '1000'),
-    ({}, ' 1'), ({}, '1 '),
+    ({}, ' 1'), ({}, '1 '), ({"type": "array", "maxItems": 0}, "[1]"),
+    # what can never end is pruned: an optional key that nests itself forever, items that do
+    ({"properties": {"a": {"$ref": "#/properties/a"}, "b": {"type": "integer"}}}, '{"a":{'),
+    ({"type": "array", "items": {"type": "array", "items": {"$ref": "#/items"}, "minItems": 1}}, "[["),
 ])
 def test_schema_grammar_refuses(schema, text):
-    assert not completes(text, JsonSchemaGrammar(schema))
+    grammar = JsonSchemaGrammar(schema)
+    state = run(grammar, text.encode())
+    assert state is None or not grammar.accepting(state)
+    if text in ('{"a":{', "[["):  # pruned at once (alive, the grammar would have been stuck there)
+        assert state is None and completes('{"b":1}' if text[0] == "{" else "[]", grammar)
 
 
 def test_whitespace_runs_are_bounded():
-    """At most MAX_WHITESPACE bytes of whitespace in a row (a model stuck on newlines must go on)."""
-    from qwen2rt.json_schema import MAX_WHITESPACE
+    """Between two tokens at most MAX_NEWLINES line breaks in a row, each followed by at most MAX_INDENT other
+    whitespace bytes (a model stuck on newlines must go on), so any pretty-printing fits (indent 4, 16 deep)."""
+    from qwen2rt.json_schema import MAX_INDENT, MAX_NEWLINES
 
+    deep = {"a": 1}
+    for _ in range(15):
+        deep = {"a": deep}
+    assert completes(json.dumps(deep, indent=4)) and not completes(json.dumps({"a": deep}, indent=4))
     for schema in ({"type": "object"}, PERSON, {}):
         grammar = JsonSchemaGrammar(schema)
-        for n in (MAX_WHITESPACE, MAX_WHITESPACE + 1):
-            text = '{"name":' + " \n" * (n // 2) + " " * (n % 2) + '"x","age":1,"address":{"street":"","zip":""}}'
-            assert completes(text, grammar) == (n == MAX_WHITESPACE), (schema, n)
-
-
-def test_tool_call_blocks():
-    """StructuredOutputs(json=..., tool_call_blocks=N): 1 to N (0: any number of) Hermes blocks, each a value of the
-    schema, joined by a newline; nothing before, between or after them."""
-    call = {"type": "object", "required": ["name", "arguments"], "properties": {
-        "name": {"const": "get"}, "arguments": {"type": "object", "properties": {"city": {"type": "string"}}}}}
-    one = '<tool_call>\n{"name": "get", "arguments": {"city": "Paris"}}\n</tool_call>'
-    for blocks, most in ((1, 1), (2, 2), (0, 5)):
-        grammar = StructuredOutputs(json=call, tool_call_blocks=blocks).grammar()
-        for n in range(1, 6):
-            assert all_prefixes_alive_and_complete(grammar, "\n".join([one] * n)) == (n <= most), (blocks, n)
-        for text in ("", one + "\n", "x" + one, one.replace("get", "put"), one + " " + one,
-                     one.replace('{"city": "Paris"}', '{"town": 1}')):
-            assert not completes(text, grammar), text
-    with pytest.raises(ValueError, match="tool_call_blocks = -1"):
-        StructuredOutputs(json=call, tool_call_blocks=-1)
-    with pytest.raises(ValueError, match="tool_call_blocks = 1: an integer >= 0, with json"):
-        StructuredOutputs(json_object=True, tool_call_blocks=1)
+        for gap, ok in [("\n" * MAX_NEWLINES, True), ("\n" * (MAX_NEWLINES + 1), False),
+                        (" " * MAX_INDENT, True), (" " * (MAX_INDENT + 1), False),
+                        (("\n" + "\t" * MAX_INDENT) * MAX_NEWLINES, True), ("\r" * (MAX_INDENT + 1), False),
+                        (("\t" * (MAX_INDENT - 1) + "\r\n") * MAX_NEWLINES, True)]:
+            text = '{"name":' + gap + '"x","age":1,"address":{"street":"","zip":""}}'
+            assert completes(text, grammar) == ok, (schema, repr(gap))
 
 
 @pytest.mark.parametrize("schema, words", [
@@ -310,6 +303,9 @@ def test_tool_call_blocks():
     ({"enum": []}, "enum must be a non-empty list"), ({"type": "array", "minItems": 3, "maxItems": 1}, "minItems"),
     ({"properties": {"a": False}}, "false matches nothing"), ([1], "must be a dict"),
     ('{"type": "object"', "not a JSON schema's text"), ({"enum": [{1, 2}]}, "is not JSON"),
+    ({"$ref": "#"}, "no finite instance"), ({"type": "array", "minItems": 1, "items": {"$ref": "#"}}, "no finite"),
+    ({"properties": {"a": {"$ref": "#"}}, "required": ["a"]}, "no finite instance"),
+    (json.loads('{"items": ' * 900 + "{}" + "}" * 900), "nests too deeply"),
 ])
 def test_schema_errors_name_the_keyword(schema, words):
     with pytest.raises(ValueError, match=words.replace("(", "\\(").replace(")", "\\)")):
@@ -425,7 +421,7 @@ def test_greedy_takes_the_best_allowed_token_at_every_step(tiny):
     from test_parity import generate_recording_logits
 
     cases = [([5, 6, 7], JSON, CLOSE), ([9, 1], StructuredOutputs(choice=["yes", "no", "maybe so"]), CLOSE),
-             ([4, 4, 2], StructuredOutputs(json=PERSON), {**CLOSE, ord(","): 6.0})]  # (a comma ends a number)
+             ([4, 4, 2], StructuredOutputs(json=PERSON), {**CLOSE, ord(","): 6.0, ord('"'): 9.0, **QUIET})]
     for prompt, so, bias in cases:
         params = SamplingParams(max_tokens=150, temperature=0, logit_bias=bias, structured_outputs=so)
         out, logits = generate_recording_logits(tiny, prompt, params)
@@ -478,6 +474,49 @@ def test_structured_requests_through_preemption():
     assert all(check_json_object(o.text) or o.finish_reason == "length" for o in outs)
 
 
+def test_a_grammar_that_cannot_go_on_ends_its_request_alone(tiny, monkeypatch):
+    """A structured request whose grammar fails (here, made to) is aborted alone with the reason in seq.error
+    (generate raises it); the request beside it runs to its end with its tokens alone; the engine stays usable.
+    And a schema too ambiguous at depth: past MAX_CONFIGURATIONS parses the byte that would open more is refused."""
+    real = Matcher.advance
+
+    def advance(self, token):
+        if self.grammar.key == ("choice", (b"bang", b"boom")):
+            raise RuntimeError("structured outputs: made to fail")
+        real(self, token)
+
+    monkeypatch.setattr(Matcher, "advance", advance)
+    free = SamplingParams(max_tokens=12, temperature=0.8, seed=2, ignore_eos=True)
+    alone = tiny.generate("other", free)[0].token_ids
+    doomed = tiny.new_request("x", SamplingParams(max_tokens=5, structured_outputs=StructuredOutputs(
+        choice=["boom", "bang"])))
+    other = tiny.new_request("other", free)
+    tiny.submit([doomed, other])
+    while not (doomed.finished and other.finished):
+        tiny.step()
+    assert doomed.finish_reason == "abort" and doomed.error == "structured outputs: made to fail"
+    assert len(doomed.output_ids) == 1 and other.output_ids == alone and tiny.kv_cache.num_free_blocks == \
+        tiny.kv_cache.num_blocks
+    with pytest.raises(RuntimeError, match="the request failed: structured outputs: made to fail"):
+        tiny.generate("x", SamplingParams(max_tokens=5, structured_outputs=StructuredOutputs(choice=["boom", "bang"])))
+    assert tiny.generate("other", free)[0].token_ids == alone
+    from qwen2rt.json_schema import MAX_CONFIGURATIONS
+
+    expr = {"$ref": "#/$defs/e", "$defs": {"e": {"anyOf": [
+        {"type": "object", "properties": {"op": {"const": op}, "left": {"$ref": "#/$defs/e"}}, "required": ["op"]}
+        for op in ("add", "mul")] + [{"type": "integer"}]}}}
+    grammar = JsonSchemaGrammar(expr)
+    state, sizes = grammar.start, []
+    for depth in range(1, 11):  # each level doubles the parses (add or mul), up to the bound
+        state = run(grammar, b'{"left":', state)
+        sizes.append(len(state))
+    assert sizes == [min(2 ** d, MAX_CONFIGURATIONS) for d in range(1, 11)]
+    state = run(grammar, b"7", state)  # a number (it may go on: twice the parses) is still allowed
+    for _ in range(10):  # and some op closes each level: the parses kept can all end
+        state = next(s for s in (run(grammar, f',"op":"{op}"}}'.encode(), state) for op in ("add", "mul")) if s)
+    assert grammar.accepting(state)
+
+
 def test_structured_outputs_errors(tiny, hf_checkpoints, monkeypatch):
     for kwargs, words in [(dict(), "exactly one"), (dict(choice=["a"], json_object=True), "exactly one"),
                           (dict(json={}, json_object=True), "exactly one"),
@@ -496,7 +535,9 @@ def test_structured_outputs_errors(tiny, hf_checkpoints, monkeypatch):
         patch.setattr(tiny, "eos_token_ids", frozenset())
         with pytest.raises(ValueError, match="no stop token id"):
             tiny.generate("x", SamplingParams(structured_outputs=JSON))
-        assert tiny.generate("x", SamplingParams(structured_outputs=JSON, stop_token_ids=[5], max_tokens=2))
+        assert tiny.generate("x", SamplingParams(structured_outputs=JSON, stop_token_ids=[257], max_tokens=2))
+    with pytest.raises(ValueError, match=r"stop_token_ids: 125 is a text token \(b'}'\)"):
+        tiny.generate("x", SamplingParams(structured_outputs=JSON, stop_token_ids=[125]))
     no_tokenizer = LLM(hf_checkpoints["dense_gqa"][0], device="cpu", max_seq_len=64)
     with pytest.raises(ValueError, match="ships no tokenizer.json"):
         no_tokenizer.generate([[1, 2]], SamplingParams(structured_outputs=JSON))

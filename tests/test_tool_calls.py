@@ -39,6 +39,18 @@ def test_a_reply_with_no_valid_calls_is_all_content(text):
     assert parse(text) == (text, [])
 
 
+def test_a_closing_tag_inside_a_string_is_part_of_it():
+    """A call's JSON is read as JSON: a "</tool_call>" inside one of its strings does not end the block (a forced
+    tool call's grammar lets it through; a regex up to the first tag made the reply all content). Text after the JSON
+    other than whitespace still makes the reply content."""
+    text = '<tool_call>\n{"name": "echo", "arguments": {"s": "a</tool_call>b"}}\n</tool_call>'
+    content, calls = parse(text)
+    assert content is None and names_and_args(calls) == [("echo", {"s": "a</tool_call>b"})]
+    for junk in ('<tool_call>\n{"name": "f", "arguments": {}} x\n</tool_call>',
+                 '<tool_call>\n{"name": "f", "arguments": {}} x'):
+        assert parse(junk) == (junk, [])
+
+
 def test_a_last_unclosed_call_counts():
     content, calls = parse('ok<tool_call>\n{"name": "f", "arguments": {"x": [1, 2]}}\n')
     assert content == "ok" and names_and_args(calls) == [("f", {"x": [1, 2]})]
