@@ -286,8 +286,10 @@ class LLM:
         return max(1, min(wanted, budget // per_block))
 
     # ---- inputs -----------------------------------------------------------------------------------------------
-    def _encode(self, prompt, generating: bool = True) -> tuple[str | None, list[int]]:
-        """-> (text or None, token ids), checked; generating: room for one more token is needed too."""
+    def _encode(self, prompt, generating: bool = True, truncate: int | None = None) -> tuple[str | None, list[int]]:
+        """-> (text or None, token ids), checked; generating: room for one more token is needed too. truncate
+        (SamplingParams.truncate_prompt_tokens): the last `truncate` tokens only (-1: as many as leave room for one
+        generated token); the text is then theirs, decoded."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"{self.model_name} ships no tokenizer.json: pass token ids instead of text")
@@ -307,6 +309,14 @@ class LLM:
             ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("prompt is empty (0 tokens)")
+        if truncate is not None:
+            keep = self.max_seq_len - 1 if truncate == -1 else truncate
+            if keep >= self.max_seq_len:
+                raise ValueError(f"SamplingParams.truncate_prompt_tokens = {truncate}: must be below the context "
+                                 f"({self.max_seq_len} tokens, max_seq_len), leaving room to generate")
+            if len(ids) > keep:
+                ids = ids[len(ids) - keep:]
+                text = None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=False)
         if len(ids) > self.max_seq_len or (generating and len(ids) == self.max_seq_len):
             raise ValueError(f"prompt has {len(ids)} tokens but the context holds {self.max_seq_len} "
                              f"(max_seq_len){', leaving no room to generate' if generating else ''}")
@@ -341,7 +351,7 @@ class LLM:
 
     def _new_sequence(self, prompt, params: SamplingParams, priority: int = 0) -> Sequence:
         self.engine.scheduler.check_priority(priority)  # before the prompt is encoded
-        text, ids = self._encode(prompt)
+        text, ids = self._encode(prompt, truncate=params.truncate_prompt_tokens)
         seq = Sequence(ids, params, self.max_seq_len, self.tokenizer, self.eos_token_ids, text, priority)
         check_min_tokens(seq, self.config.vocab_size)
         if params.structured_outputs is not None:

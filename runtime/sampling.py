@@ -27,7 +27,7 @@ DEFAULTS = dict(max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, r
                 presence_penalty=0.0, frequency_penalty=0.0, stop=(), stop_token_ids=(), ignore_eos=False,
                 seed=None, logprobs=None, min_tokens=0, logit_bias=None, prompt_logprobs=None,
                 skip_special_tokens=True, include_stop_str_in_output=False, n=1, allowed_token_ids=None,
-                structured_outputs=None)
+                structured_outputs=None, truncate_prompt_tokens=None)
 MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 # a temperature below this is greedy (vLLM's _SAMPLING_EPS): logits divided by a subnormal temperature overflow
 GREEDY_TEMPERATURE = 1e-5
@@ -81,6 +81,9 @@ class SamplingParams:
     # the output held to a JSON object or to one of a list of strings (vLLM's structured_outputs; see
     # structured.py): at each step every token that cannot continue it gets -inf before every other transform
     structured_outputs: StructuredOutputs | None = None
+    # the prompt's last truncate_prompt_tokens tokens only (vLLM's left truncation; -1: as many as the context takes
+    # with room for one generated token); None: the whole prompt (one longer than the context is an error)
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -184,6 +187,10 @@ def _validate(p: SamplingParams) -> None:
         for token in p.allowed_token_ids:
             if not (_is_int(token) and token >= 0):
                 bad("allowed_token_ids", f"token id {str(token)[:40]!r} must be an integer >= 0", show=False)
+    if p.truncate_prompt_tokens is not None and not (_is_int(p.truncate_prompt_tokens)
+                                                     and (p.truncate_prompt_tokens >= 1
+                                                          or p.truncate_prompt_tokens == -1)):
+        bad("truncate_prompt_tokens", "must be None, an integer >= 1, or -1 (as many as the context takes)")
     if p.structured_outputs is not None:
         if not isinstance(p.structured_outputs, StructuredOutputs):
             bad("structured_outputs", "must be None or a qwen2rt.StructuredOutputs")

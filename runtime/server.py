@@ -33,7 +33,7 @@ _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p
                   "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids", "seed", "n", "ignore_eos",
                   "logprobs", "stream", "stream_options", "user", "min_tokens", "logit_bias", "skip_special_tokens",
                   "include_stop_str_in_output", "priority", "allowed_token_ids", "response_format",
-                  "guided_json", "guided_choice", "structured_outputs"}
+                  "guided_json", "guided_choice", "structured_outputs", "truncate_prompt_tokens"}
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                                  "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
@@ -297,7 +297,7 @@ def _sampling_params(body: dict, max_tokens, logprobs: int | None = None, fields
             min_tokens=_typed(body, "min_tokens", "int"), logit_bias=_logit_bias(body),
             skip_special_tokens=_typed(body, "skip_special_tokens", "bool"),
             include_stop_str_in_output=_typed(body, "include_stop_str_in_output", "bool"), allowed_token_ids=allowed,
-            structured_outputs=structured)
+            structured_outputs=structured, truncate_prompt_tokens=_typed(body, "truncate_prompt_tokens", "int"))
     except ValueError as e:
         raise _field_error(e, fields) from None
 

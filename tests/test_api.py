@@ -375,6 +375,27 @@ def test_text_encoded_past_the_vocabulary_is_an_error(tiny, monkeypatch):
     assert len(tiny.generate("x", GREEDY)[0].token_ids) == GREEDY.max_tokens
 
 
+def test_truncate_prompt_tokens(tiny):
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens only, the output then that of those tokens given
+    alone (the prompt text is theirs, decoded); -1 keeps as many as the context takes with room for one token; a k
+    that leaves no room is an error; without it a prompt past the context is still an error."""
+    prompt = [(7 * i) % 200 + 1 for i in range(50)]
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    out = tiny.generate([prompt], dataclasses.replace(greedy, truncate_prompt_tokens=10))[0]
+    assert out.prompt_token_ids == prompt[-10:] and out.token_ids == tiny.generate([prompt[-10:]], greedy)[0].token_ids
+    assert out.token_ids != tiny.generate([prompt], greedy)[0].token_ids
+    assert tiny.generate([prompt], dataclasses.replace(greedy, truncate_prompt_tokens=80))[0].prompt_token_ids == prompt
+    text = tiny.generate("hello world", dataclasses.replace(greedy, truncate_prompt_tokens=5))[0]
+    assert text.prompt_token_ids == tiny.tokenizer.encode("world") and text.prompt == "world"
+    long = [(3 * i) % 200 + 1 for i in range(300)]  # past the 256-token context
+    with pytest.raises(ValueError, match="prompt has 300 tokens but the context holds 256"):
+        tiny.generate([long], greedy)
+    whole = tiny.generate([long], dataclasses.replace(greedy, truncate_prompt_tokens=-1))[0]
+    assert whole.prompt_token_ids == long[-255:] and len(whole.token_ids) == 1 and whole.finish_reason == "length"
+    with pytest.raises(ValueError, match="truncate_prompt_tokens = 256: must be below the context"):
+        tiny.generate([long], dataclasses.replace(greedy, truncate_prompt_tokens=256))
+
+
 def test_request_larger_than_the_cache_is_an_error():
     small = LLM("tiny", device="cpu", max_seq_len=256, num_kv_blocks=4, block_size=16)
     with pytest.raises(ValueError, match="needs 7 KV cache blocks .* holds 4"):

@@ -23,7 +23,8 @@ from qwen2rt.sampling import (GREEDY_TEMPERATURE, TOPK_CANDIDATES, SamplerState,
     ("logit_bias", {"1": 2.0}), ("logit_bias", {-1: 2.0}), ("logit_bias", {1: 101}), ("logit_bias", {1: float("nan")}),
     ("logit_bias", {True: 1.0}), ("logit_bias", {1: 10 ** 400}), ("temperature", 10 ** 400), ("min_tokens", 2 ** 31),
     ("allowed_token_ids", []), ("allowed_token_ids", 5), ("allowed_token_ids", [1, -1]), ("allowed_token_ids", [True]),
-    ("allowed_token_ids", {1: 2}),
+    ("allowed_token_ids", {1: 2}), ("truncate_prompt_tokens", 0), ("truncate_prompt_tokens", -2),
+    ("truncate_prompt_tokens", 1.5), ("truncate_prompt_tokens", True),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):

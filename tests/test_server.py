@@ -939,6 +939,25 @@ def test_forced_tool_calls_required_and_named(live):
     assert seen == {"get_weather", "get_time"} and live.idle()
 
 
+def test_truncate_prompt_tokens(live, offline):
+    """vLLM's extra field: the prompt's last k tokens only (usage counts them; echo shows them), the reply that of
+    the offline API with the same field; a prompt past the context is a 400 without it, answered with -1."""
+    prompt = "the quick brown fox jumps over the lazy dog " * 3
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, truncate_prompt_tokens=12)
+    want = offline.generate(prompt, params)[0]
+    r = live.post("/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 5, "temperature": 0,
+                                      "ignore_eos": True, "truncate_prompt_tokens": 12, "echo": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 12 and r.json()["choices"][0]["text"] == prompt[-12:] + want.text
+    long = "x" * 300
+    body = {"model": MODEL, "prompt": long, "max_tokens": 1}
+    assert live.post("/v1/completions", body).status_code == 400
+    r = live.post("/v1/completions", dict(body, truncate_prompt_tokens=-1))
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 255
+    r = live.post("/v1/completions", dict(body, truncate_prompt_tokens=0))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
 def test_forced_calls_schema():
     """The structured outputs a forced tool choice asks for: every tool (or the named one) as {"name": const,
     "arguments": its parameters (any object without)}, one block when named or without parallel tool calls."""
