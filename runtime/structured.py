@@ -214,9 +214,9 @@ class Matcher:
         mask = self.index.allowed(self.grammar, self.state)
         if self.complete:
             mask[self.stop_ids] = True
-        if not mask.any():  # (pruned schemas always can, byte by byte, unless MAX_CONFIGURATIONS forbids it)
-            raise RuntimeError("structured outputs: no token of the vocabulary can continue the output here (a "
-                               "schema too ambiguous at this depth: see json_schema.MAX_CONFIGURATIONS)")
+        if not mask.any():  # (every state of a pruned schema or a choice can go on byte by byte, and a byte-level
+            # vocabulary has every byte: a bug, or a vocabulary without some byte; Engine._guide ends the request)
+            raise RuntimeError("structured outputs: no token of the vocabulary can continue the output here")
         return mask
 
     def advance(self, token: int) -> None:
