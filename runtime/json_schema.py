@@ -44,12 +44,14 @@ ANY = 0  # every compiled schema's node 0: any JSON value
 # and a model that would write only whitespace (they do, under a mask: vLLM added disable_any_whitespace for it)
 # must go on
 MAX_NEWLINES, MAX_INDENT = 2, 64
-# the most parses (configurations) one state keeps open at once. An anyOf of objects that begin with the same keys
-# (keys come in any order) keeps one per alternative, per level of nesting: 2^depth for a recursive one. Past this a
-# state keeps the first MAX_CONFIGURATIONS in a fixed order and drops the rest: each one kept can still end (prune),
-# so the output stays a valid instance and never reaches a dead end, and the walk over the vocabulary stays bounded
-# (~30x a one-parse state's cost); what the dropped parses alone would have allowed later is no longer allowed
-MAX_CONFIGURATIONS = 32
+# the most parses (configurations) one state keeps open at once. An anyOf keeps one per alternative until a byte tells
+# them apart (an anyOf of constants is one parse: prune merges it), so a flat one of up to this many alternatives
+# (forced calls of as many tools) is followed exactly; an anyOf of objects that begin with the same keys (keys come
+# in any order) keeps one per alternative per level of nesting: 2^depth for a recursive one. Past the bound a state
+# keeps the shallowest parses first (a complete value before anything) in a fixed order and drops the rest: each
+# one kept can still end (prune), so the output stays a valid instance and never reaches a dead end, and the walk
+# over the vocabulary stays bounded; what the dropped parses alone would have allowed later is no longer allowed
+MAX_CONFIGURATIONS = 128
 
 
 def _encoded(value) -> bytes:
@@ -178,7 +180,11 @@ class _Compiler:
             raise ValueError("the json schema has no finite instance (every way through it nests itself forever)")
         for i, node in enumerate(self.nodes):
             if node[0] == "union":
-                self.nodes[i] = ("union", tuple(a for a in node[1] if done[a]))
+                alts = tuple(a for a in node[1] if done[a])
+                if all(self.nodes[a][0] == "literal" for a in alts):  # one parse, not one per constant
+                    self.nodes[i] = ("literal", tuple(sorted({c for a in alts for c in self.nodes[a][1]})))
+                else:
+                    self.nodes[i] = ("union", alts)
             elif node[0] == "object":
                 free = node[3] if node[3] is not None and done[node[3]] else None
                 self.nodes[i] = ("object", {k: v for k, v in node[1].items() if done[v]}, node[2], free)
@@ -225,9 +231,10 @@ def _whitespace(run, b: int):
     return ("ws", lines, column + 1) if column < MAX_INDENT else None
 
 
-def _order(config) -> str:
-    """A sort key of a configuration that is the same in every process (a frozenset's order is not)."""
-    return repr([[sorted(x) if isinstance(x, frozenset) else x for x in frame] for frame in config])
+def _order(config) -> tuple[int, str]:
+    """A sort key of a configuration: the shallowest first, then an order that is the same in every process (a
+    frozenset's order is not)."""
+    return len(config), repr([[sorted(x) if isinstance(x, frozenset) else x for x in frame] for frame in config])
 
 
 class JsonSchemaGrammar:

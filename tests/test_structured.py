@@ -517,6 +517,23 @@ def test_a_grammar_that_cannot_go_on_ends_its_request_alone(tiny, monkeypatch):
     assert grammar.accepting(state)
 
 
+def test_wide_unions_are_followed_exactly():
+    """Under the bound on parses: an anyOf of 500 constants is one parse (merged), so every value stays possible;
+    a flat anyOf of 100 objects told apart by a constant (a forced call of 100 tools) keeps all of them until the
+    constant does; a cut keeps the complete value and the shallowest parses first."""
+    consts = JsonSchemaGrammar({"oneOf": [{"const": f"country_{i:03d}", "description": "x"} for i in range(300)]
+                                + [{"const": i} for i in range(1, 200)]})
+    assert all(completes(json.dumps(f"country_{i:03d}"), consts) for i in range(300))
+    assert all(completes(str(i), consts) for i in range(1, 200)) and not completes("200", consts)
+    tools = JsonSchemaGrammar({"anyOf": [{"type": "object", "required": ["name", "q"], "properties": {
+        "name": {"const": f"tool_{i}"}, "q": {"type": "string"}}} for i in range(100)]}, blocks=1)
+    assert all(completes(f'<tool_call>\n{{"name": "tool_{i}", "q": "x"}}\n</tool_call>', tools) for i in range(100))
+    from qwen2rt.json_schema import _order
+
+    deep = [(("obj", 9, "open", frozenset({b'"a"'}), None), ("str", "in")), (("arr", 3, "open", 0),), ()]
+    assert sorted(deep, key=_order) == deep[::-1]  # a cut keeps a complete value (()) and the shallowest first
+
+
 def test_structured_outputs_errors(tiny, hf_checkpoints, monkeypatch):
     for kwargs, words in [(dict(), "exactly one"), (dict(choice=["a"], json_object=True), "exactly one"),
                           (dict(json={}, json_object=True), "exactly one"),
