@@ -2,8 +2,8 @@
 JSON object (json_object) and for the same document under its JSON schema, the allowed-token set of each state the
 document's tokens pass through, found by TokenIndex's prefix walk (cold: an empty cache) against the baseline of
 running the grammar over every token's bytes, then the per-token cost once the sets are cached (the mask, the
-sampler's bias row and the grammar's step: what the engine does per token of a structured request, less the row's
-copy to the device). Host work only: no model, no device.
+sampler's bias row written into a CPU SamplerState, and the grammar's step: what the engine does per token of a
+structured request, less the row's copy to a GPU). Host work only: no model, no device.
 
     python -m benchmarks.bench_structured [--tokenizer DIR] [--repeats 5] [--out FILE.json]
 """
@@ -17,9 +17,11 @@ import statistics
 import time
 
 import numpy as np
+import torch
 
 from benchmarks.common import environment, print_rows, write_json
 from qwen2rt.json_schema import JSON_OBJECT, JsonSchemaGrammar
+from qwen2rt.sampling import SamplerState
 from qwen2rt.structured import Matcher, TokenIndex, run
 from qwen2rt.tokenizer import HFTokenizer
 
@@ -76,11 +78,12 @@ def run_bench(tokenizer_dir: str, vocab_size: int = 151936, repeats: int = 5) ->
             rows.append(dict(bench="cold set", grammar=name, case=case, states=len(states),
                              median_ms=statistics.median(times), max_ms=max(times), total_ms=sum(times)))
         matcher = Matcher(grammar, index, tokenizer.eos_token_ids)
+        sampler = SamplerState(1, vocab_size, torch.device("cpu"))
 
         def whole_document():
             matcher.state = grammar.start
             for token in ids:
-                matcher.bias_row()
+                sampler.set_allowed(0, matcher.mask())
                 matcher.advance(token)
 
         whole_document()  # fills the cache

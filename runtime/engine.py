@@ -201,12 +201,12 @@ class Engine:
         try:
             if token is not None:
                 seq.matcher.advance(token)
-            row = seq.matcher.bias_row(seq.params.logit_bias)
+            allowed = seq.matcher.mask()
         except RuntimeError as e:
             seq.error = str(e)
             self.abort(seq)
             return False
-        self.sampler.set_bias(seq.slot, row)
+        self.sampler.set_allowed(seq.slot, allowed, seq.params.logit_bias)
         return True
 
     def prefill_metadata(self, chunks: list[tuple[Sequence, int, int]]):

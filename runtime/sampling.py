@@ -18,6 +18,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .structured import StructuredOutputs
@@ -309,10 +310,9 @@ class SamplerState:
             self.seen[slot, out] = True
             self.counts[slot].index_add_(0, out, torch.ones_like(out, dtype=self.counts.dtype))
         if allowed_ids:
-            allowed = sorted(set(allowed_ids))
-            self.bias[slot].fill_(float("-inf"))
-            self.bias[slot, to_device(allowed, torch.long, self.seen.device)] = \
-                to_device([float((logit_bias or {}).get(t, 0.0)) for t in allowed], torch.float32, self.seen.device)
+            allowed = np.zeros(self.bias.shape[1], dtype=bool)
+            allowed[list(allowed_ids)] = True
+            self.set_allowed(slot, allowed, logit_bias)
         elif logit_bias:
             self.bias[slot].zero_()
             self.bias[slot, to_device(list(logit_bias), torch.long, self.seen.device)] = \
@@ -323,9 +323,15 @@ class SamplerState:
             if held_ids:
                 self.held[slot, to_device(held_ids, torch.long, self.seen.device)] = True
 
-    def set_bias(self, slot: int, row) -> None:
-        """A whole float32 bias row for `slot` (a structured request's next-token mask, Matcher.bias_row), enqueued
-        after the steps already launched."""
+    def set_allowed(self, slot: int, allowed, logit_bias: Mapping[int, float] | None = None) -> None:
+        """`slot`'s bias row -inf but at the `allowed` tokens (a host bool array [V]: allowed_token_ids, or a
+        structured request's next-token mask), which keep their logit_bias; one copy, enqueued after the steps
+        already launched."""
+        row = np.full(self.bias.shape[1], -np.inf, dtype=np.float32)
+        row[allowed] = 0.0
+        for token, value in (logit_bias or {}).items():
+            if allowed[token]:
+                row[token] = value
         self.bias[slot].copy_(to_device(torch.from_numpy(row), None, self.bias.device))
 
 

@@ -229,13 +229,3 @@ class Matcher:
             raise RuntimeError(f"structured outputs: token {token} cannot follow the output so far (its mask allowed "
                                "it: a bug)")
         self.state = state
-
-    def bias_row(self, logit_bias=None) -> np.ndarray:
-        """float32 [vocab_size]: the sampler's bias row for the next token, -inf but at the allowed tokens, which
-        keep their logit_bias."""
-        row = np.full(self.index.vocab_size, -np.inf, dtype=np.float32)
-        row[self.mask()] = 0.0
-        for token, value in (logit_bias or {}).items():
-            if row[token] == 0.0:
-                row[token] = value
-        return row
