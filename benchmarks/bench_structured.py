@@ -1,9 +1,12 @@
 """Structured outputs' host cost per token over a real vocabulary (Qwen's 151,643 byte-level tokens by default): for a
-JSON object (json_object) and for the same document under its JSON schema, the allowed-token set of each state the
-document's tokens pass through, found by TokenIndex's prefix walk (cold: an empty cache) against the baseline of
-running the grammar over every token's bytes, then the per-token cost once the sets are cached (the mask, the
-sampler's bias row written into a CPU SamplerState, and the grammar's step: what the engine does per token of a
-structured request, less the row's copy to a GPU). Host work only: no model, no device.
+JSON object (json_object), the same document under its JSON schema, a document under a schema of patterns, formats,
+lengths and bounds, and two regexes (a narrow one, and free text of counted words), the allowed-token set of each
+state the text's tokens pass through, found by TokenIndex's prefix walk (cold: an empty cache) against the baseline
+of running the grammar over every token's bytes (at up to BASELINE_STATES of the states), then the per-token cost
+once the sets are cached (the mask, the sampler's bias row written into a CPU SamplerState, and the grammar's step:
+what the engine does per token of a structured request, less the row's copy to a GPU). A state seen once is never
+cached: a string with a maxLength or a counted regex is a new state at every token, so its cold cost is its cost
+per token. Host work only: no model, no device.
 
     python -m benchmarks.bench_structured [--tokenizer DIR] [--repeats 5] [--out FILE.json]
 """
@@ -21,6 +24,7 @@ import torch
 
 from benchmarks.common import environment, print_rows, write_json
 from qwen2rt.json_schema import JSON_OBJECT, JsonSchemaGrammar
+from qwen2rt.regex import RegexGrammar
 from qwen2rt.sampling import SamplerState
 from qwen2rt.structured import Matcher, TokenIndex, run
 from qwen2rt.tokenizer import HFTokenizer
@@ -35,6 +39,20 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", 
 DOCUMENT = json.dumps({"name": "Ada Lovelace", "born": 1815, "languages": ["en", "fr"], "score": -0.25e-3,
                        "notes": "wrote \"the first program\"\n", "active": False, "tags": None,
                        "address": {"city": "London", "zip": "W1"}}, indent=2)
+CONSTRAINED = {"type": "object", "required": ["name", "id"], "properties": {
+    "name": {"type": "string", "minLength": 1, "maxLength": 40}, "id": {"type": "string", "format": "uuid"},
+    "born": {"type": "string", "format": "date"}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}, "bio": {"type": "string", "pattern": "[A-Za-z ,.']*"},
+    "email": {"type": "string", "format": "email"}}}
+CONSTRAINED_DOCUMENT = json.dumps({"name": "Ada Lovelace", "id": "123e4567-e89b-12d3-a456-426614174000",
+                                   "born": "1815-12-10", "age": 36, "code": "ABC-1234",
+                                   "bio": "She wrote the first program, it's said.",
+                                   "email": "ada.lovelace@example.org"}, indent=2)
+CASES = [("json_object", JSON_OBJECT, DOCUMENT), ("json schema", JsonSchemaGrammar(SCHEMA), DOCUMENT),
+         ("constrained schema", JsonSchemaGrammar(CONSTRAINED), CONSTRAINED_DOCUMENT),
+         ("regex (phone)", RegexGrammar(r"\(\d{3}\) \d{3}-\d{4}"), "(555) 123-4567"),
+         ("regex (words)", RegexGrammar(r"[A-Za-z ,.']{1,200}"), "She wrote the first program, it's said.")]
+BASELINE_STATES = 12
 
 
 def default_tokenizer_dir() -> str:
@@ -60,9 +78,9 @@ def run_bench(tokenizer_dir: str, vocab_size: int = 151936, repeats: int = 5) ->
     start = time.perf_counter()
     index = TokenIndex(tokenizer.token_bytes(), vocab_size)
     build_ms = (time.perf_counter() - start) * 1e3
-    ids = tokenizer.encode(DOCUMENT)
     rows = [dict(bench="index", tokens=sum(b is not None for b in index.token_bytes), build_ms=build_ms)]
-    for name, grammar in (("json_object", JSON_OBJECT), ("json schema", JsonSchemaGrammar(SCHEMA))):
+    for name, grammar, text in CASES:
+        ids = tokenizer.encode(text)
         states, state = [], grammar.start
         for token in ids:
             if state not in states:
@@ -72,11 +90,13 @@ def run_bench(tokenizer_dir: str, vocab_size: int = 151936, repeats: int = 5) ->
         walk, brute = [], []
         for s in states:
             walk.append(_ms(lambda: index._walk(grammar, s), repeats))
+        for s in states[::max(1, len(states) // BASELINE_STATES)][:BASELINE_STATES]:
             brute.append(_ms(lambda: np.array([b is not None and run(grammar, b, s) is not None
                                                for b in index.token_bytes]), 1))
         for case, times in (("prefix walk", walk), ("every token (baseline)", brute)):
-            rows.append(dict(bench="cold set", grammar=name, case=case, states=len(states),
-                             median_ms=statistics.median(times), max_ms=max(times), total_ms=sum(times)))
+            rows.append(dict(bench="cold set", grammar=name, case=case, states=len(times),
+                             median_ms=statistics.median(times), max_ms=max(times),
+                             total_ms=sum(times) if len(times) == len(states) else None))
         matcher = Matcher(grammar, index, tokenizer.eos_token_ids)
         sampler = SamplerState(1, vocab_size, torch.device("cpu"))
 

@@ -13,20 +13,28 @@ The schema subset (what OpenAI's strict structured outputs and most tool definit
 `type` (a name or a list; without one, object or array keywords make it that type, and no keyword any value),
 `properties`, `required`, `additionalProperties` (false, or with no `properties` a schema or true), `items`,
 `minItems`, `maxItems`, `enum`, `const`, `anyOf`, `oneOf` (as anyOf: one match is not enforced), `allOf` of one
-schema, local `$ref`s ("#", "#/$defs/...", any JSON pointer into the schema; recursion included), and annotations
-(title, description, default, examples, ...). An object with `properties` takes only those keys (as OpenAI's strict
-outputs and xgrammar's strict mode; `additionalProperties` beside them may only be false), in any order, each once,
-the `required` ones before it closes; an object of any keys may repeat one (its keys are not remembered). A key is
-written as json.dumps writes it. Strings are any JSON string (bytes >= 0x80 as they come). Any other keyword
-(pattern, format, minLength, minimum, ...) is a ValueError naming it and where it is, not a constraint silently
-dropped. JSON's whitespace may go between tokens (at most MAX_NEWLINES line breaks in a row, each followed by at most
-MAX_INDENT other whitespace bytes), not before or after the
-whole value.
+schema, local `$ref`s ("#", "#/$defs/...", any JSON pointer into the schema; recursion included), strings' `pattern`
+(a whole match: regex.py), `format` (FORMATS, each as a regex) and `minLength` / `maxLength` (characters; beside a
+pattern or format only where it implies them), numbers' `minimum`, `maximum`, `exclusiveMinimum` and
+`exclusiveMaximum` (exact decimal comparisons; a bounded number takes no exponent), and annotations (title,
+description, default, examples, ...). Without a `type`, string keywords make it a string and number keywords a
+number. An object with `properties` takes only those keys (as OpenAI's strict outputs and xgrammar's strict mode;
+`additionalProperties` beside them may only be false), in any order, each once, the `required` ones before it closes;
+an object of any keys may repeat one (its keys are not remembered). A key is written as json.dumps writes it. A
+string without a pattern, format or length is any JSON string (bytes >= 0x80 as they come); one with them is read as
+the characters it spells (escapes decoded, surrogate pairs joined, valid UTF-8 only). Any other keyword (multipleOf,
+uniqueItems, prefixItems, ...) is a ValueError naming it and where it is, not a constraint silently dropped. JSON's
+whitespace may go between tokens (at most MAX_NEWLINES line breaks in a row, each followed by at most MAX_INDENT
+other whitespace bytes), not before or after the whole value.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from fractions import Fraction
+
+from .regex import Regex, utf8_sequences
 
 WHITESPACE = frozenset(b" \t\n\r")
 HEX = frozenset(b"0123456789abcdefABCDEF")
@@ -35,8 +43,10 @@ DIGITS = frozenset(b"0123456789")
 
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                          "readOnly", "writeOnly", "$defs", "definitions"))
+STRING_KEYWORDS = frozenset(("pattern", "format", "minLength", "maxLength"))
+NUMBER_KEYWORDS = frozenset(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
 KEYWORDS = frozenset(("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properties", "required",
-                      "additionalProperties", "items", "minItems", "maxItems"))
+                      "additionalProperties", "items", "minItems", "maxItems")) | STRING_KEYWORDS | NUMBER_KEYWORDS
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 ANY = 0  # every compiled schema's node 0: any JSON value
 # whitespace between two tokens of a value: at most MAX_NEWLINES line breaks in a row (a blank line), each followed
@@ -52,6 +62,23 @@ MAX_NEWLINES, MAX_INDENT = 2, 64
 # one kept can still end (prune), so the output stays a valid instance and never reaches a dead end, and the walk
 # over the vocabulary stays bounded; what the dropped parses alone would have allowed later is no longer allowed
 MAX_CONFIGURATIONS = 128
+# a string's `format`, as the regex its value must match: each one a subset of the format's strings (RFC 3339 dates
+# and times without leap days or leap seconds, an email's dot-atom local part, a hostname's labels of at most 63)
+ANY_TEXT = Regex(r"[\x00-\U0010FFFF]*")  # any characters (valid UTF-8): a string with lengths alone
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DATE = (r"[0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+         r"|02-(0[1-9]|1[0-9]|2[0-8]))")
+_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+FORMATS = {
+    "date": _DATE,
+    "time": _TIME,
+    "date-time": _DATE + "T" + _TIME,
+    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    "ipv4": rf"({_OCTET}\.){{3}}{_OCTET}",
+    "email": rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~-]+)*@{_LABEL}(\.{_LABEL})+",
+    "hostname": rf"{_LABEL}(\.{_LABEL})*",
+}
 
 
 def _encoded(value) -> bytes:
@@ -61,8 +88,9 @@ def _encoded(value) -> bytes:
 class _Compiler:
     """Schema -> nodes (tuples, referring to each other by index):
     ("union", alternatives), ("object", {encoded key: node}, required encoded keys, free node or None),
-    ("array", item node, min items, max items or None), ("string",), ("number", integer only), ("literal", sorted
-    encoded values); and ("blocks", value node, most blocks or 0) for tool-call blocks (JsonSchemaGrammar)."""
+    ("array", item node, min items, max items or None), ("string",), ("pstring", min characters, max characters or
+    None, Regex), ("number", integer only), ("bnum", integer only, lower end, upper end), ("literal", sorted encoded
+    values); and ("blocks", value node, most blocks or 0) for tool-call blocks (JsonSchemaGrammar)."""
 
     def __init__(self, root: dict):
         self.root = root
@@ -113,7 +141,8 @@ class _Compiler:
         kinds = rules.get("type")
         if kinds is None:  # the type from the keywords, or any value
             kinds = ("object" if {"properties", "required", "additionalProperties"} & set(rules) else
-                     "array" if {"items", "minItems", "maxItems"} & set(rules) else None)
+                     "array" if {"items", "minItems", "maxItems"} & set(rules) else
+                     "string" if STRING_KEYWORDS & set(rules) else "number" if NUMBER_KEYWORDS & set(rules) else None)
             if kinds is None:
                 return ANY
         if isinstance(kinds, list):
@@ -134,10 +163,73 @@ class _Compiler:
             item = self.node(rules["items"], f"{path}/items") if "items" in rules else ANY
             return self.add(("array", item, lo, hi))
         if kind == "string":
-            return self.add(("string",))
+            return self._string(rules, path)
         if kind in ("number", "integer"):
-            return self.add(("number", kind == "integer"))
+            return self._number(kind == "integer", rules, path)
         return self.add(("literal", (b"false", b"true") if kind == "boolean" else (b"null",)))
+
+    def _string(self, rules: dict, path: str) -> int:
+        """A string node: ("string",) if nothing constrains it, else ("pstring", min characters, max characters or
+        None, Regex) (its pattern or format, or ANY_TEXT for lengths alone, which counts characters of valid UTF-8;
+        the lengths beside a pattern only where it implies them)."""
+        lo, hi = rules.get("minLength", 0), rules.get("maxLength")
+        if not _natural(lo) or not (hi is None or (_natural(hi) and hi >= lo)):
+            raise ValueError(f"json schema at {path}: minLength / maxLength must be integers, 0 <= min <= max")
+        if "pattern" in rules and "format" in rules:
+            raise ValueError(f"json schema at {path}: pattern beside format is not implemented")
+        regex = None
+        if "format" in rules:
+            if rules["format"] not in FORMATS:
+                raise ValueError(f"json schema at {path}: format {str(rules['format'])[:40]!r} is not implemented "
+                                 f"(formats: {', '.join(FORMATS)})")
+            regex = Regex(FORMATS[rules["format"]])
+        elif "pattern" in rules:
+            if not isinstance(rules["pattern"], str):
+                raise ValueError(f"json schema at {path}: pattern must be a string")
+            try:
+                regex = Regex(rules["pattern"])
+            except ValueError as e:
+                raise ValueError(f"json schema at {path}: pattern: {e}") from None
+        if regex is not None:
+            if regex.min_chars < lo or (hi is not None and (regex.max_chars is None or regex.max_chars > hi)):
+                most = "any number of" if regex.max_chars is None else f"at most {regex.max_chars}"
+                raise ValueError(f"json schema at {path}: minLength / maxLength beside a pattern or format are "
+                                 f"implemented only where it implies them (its matches have at least "
+                                 f"{regex.min_chars} and {most} characters)")
+            lo, hi = 0, None
+        if regex is None and lo == 0 and hi is None:
+            return self.add(("string",))
+        return self.add(("pstring", lo, hi, regex or ANY_TEXT))
+
+    def _number(self, integer: bool, rules: dict, path: str) -> int:
+        """A number node: ("number", integer only) if nothing bounds it, else ("bnum", integer only, lower end,
+        upper end), each end (value as a Fraction, inclusive) or None (an integer's: its integer ends, inclusive)."""
+        ends = {}
+        for word in sorted(NUMBER_KEYWORDS & set(rules)):
+            value = rules[word]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"json schema at {path}: {word} must be a finite number"
+                                 + (" (draft 4's boolean exclusiveMinimum / exclusiveMaximum is not implemented)"
+                                    if isinstance(value, bool) else ""))
+            ends[word] = Fraction(str(value)) if isinstance(value, float) else Fraction(value)
+        if not ends:
+            return self.add(("number", integer))
+        lower = upper = None
+        for word, inclusive in (("minimum", True), ("exclusiveMinimum", False)):
+            if word in ends:
+                lower = _tighter(lower, (ends[word], inclusive), 1)
+        for word, inclusive in (("maximum", True), ("exclusiveMaximum", False)):
+            if word in ends:
+                upper = _tighter(upper, (ends[word], inclusive), -1)
+        if integer:
+            if lower is not None:
+                lower = (Fraction(math.ceil(lower[0]) if lower[1] else math.floor(lower[0]) + 1), True)
+            if upper is not None:
+                upper = (Fraction(math.floor(upper[0]) if upper[1] else math.ceil(upper[0]) - 1), True)
+        if not _meets(lower, upper, None, None):
+            raise ValueError(f"json schema at {path}: no {'integer' if integer else 'number'} is within its "
+                             "minimum / maximum")
+        return self.add(("bnum", integer, lower, upper))
 
     def _object(self, rules: dict, path: str) -> int:
         props, required = rules.get("properties", {}), rules.get("required", [])
@@ -169,7 +261,7 @@ class _Compiler:
             changed = False
             for i, node in enumerate(self.nodes):
                 kind = node[0]
-                ends = (kind in ("string", "number", "literal")
+                ends = (kind in ("string", "pstring", "number", "bnum", "literal")
                         or (kind == "union" and any(done[a] for a in node[1]))
                         or (kind == "object" and all(done[node[1][k]] for k in node[2]))
                         or (kind == "array" and (node[2] == 0 or done[node[1]]))
@@ -208,19 +300,110 @@ class _Compiler:
         return index
 
 
-# frames: ("lit", choices, bytes so far), ("str", phase), ("num", integer only, part), ("obj", node, phase, keys seen,
-# current key), ("arr", node, phase, items so far), ("ws", line breaks, bytes since the last one) (a run of whitespace
-# in the container under it), ("blk", node, phase, tag bytes matched, blocks so far); a configuration is a tuple of
-# frames, innermost last
+# frames: ("lit", choices, bytes so far), ("str", phase), ("pstr", node, phase, characters so far, regex state,
+# \u code so far) (a string with a pattern, format or length), ("num", integer only, part), ("bnum", node, part,
+# bytes so far) (a number with bounds), ("obj", node, phase, keys seen, current key), ("arr", node, phase, items so
+# far), ("ws", line breaks, bytes since the last one) (a run of whitespace in the container under it), ("blk", node,
+# phase, tag bytes matched, blocks so far); a configuration is a tuple of frames, innermost last
 _NUMBER_NEXT = {("minus", 0x30): "zero", ("zero", 0x2E): "dot", ("int", 0x2E): "dot", ("zero", 0x65): "e",
                 ("zero", 0x45): "e", ("int", 0x65): "e", ("int", 0x45): "e", ("frac", 0x65): "e", ("frac", 0x45): "e",
                 ("e", 0x2B): "esign", ("e", 0x2D): "esign"}
 _NUMBER_DIGIT = {"start": "int", "minus": "int", "int": "int", "dot": "frac", "frac": "frac", "e": "exp",
                  "esign": "exp", "exp": "exp"}
 _NUMBER_ENDS = frozenset(("zero", "int", "frac", "exp"))
+# inside a JSON string: the bytes that stand for themselves (1), and what each one-letter escape stands for
+PLAIN = bytes(int(b >= 0x20 and b != 0x22 and b != 0x5C) for b in range(256))
+_ESCAPES = {0x22: 0x22, 0x5C: 0x5C, 0x2F: 0x2F, 0x62: 0x08, 0x66: 0x0C, 0x6E: 0x0A, 0x72: 0x0D, 0x74: 0x09}
 # a tool-call block (Qwen's Hermes format: tool_calls.py) and the separator before each one after the first
 TOOL_OPEN, TOOL_CLOSE = b"<tool_call>\n", b"\n</tool_call>"
 _TAGS = {"open": TOOL_OPEN, "close": TOOL_CLOSE, "again": b"\n" + TOOL_OPEN}
+
+
+def _natural(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _tighter(a, b, sign: int):
+    """Of two ends (value, inclusive) or None, the tighter: the larger lower end (sign 1) or the smaller upper end
+    (sign -1); at the same value an exclusive one."""
+    if a is None or b is None:
+        return b if a is None else a
+    if a[0] != b[0]:
+        return a if (a[0] - b[0]) * sign > 0 else b
+    return (a[0], a[1] and b[1])
+
+
+def _meets(lo, hi, bound_lo, bound_hi) -> bool:
+    """Whether the interval lo..hi meets the interval bound_lo..bound_hi (each end (value, inclusive) or None for
+    an infinite one)."""
+    lo, hi = _tighter(lo, bound_lo, 1), _tighter(hi, bound_hi, -1)
+    return lo is None or hi is None or lo[0] < hi[0] or (lo[0] == hi[0] and lo[1] and hi[1])
+
+
+def _number_can_end(text: bytes, integer: bool, lo, hi) -> bool:
+    """Whether a number that begins with `text` (JSON's syntax without an exponent; at least one byte) can end
+    within lo..hi (ends as in _meets; an integer's are integers, inclusive)."""
+    neg = text[:1] == b"-"
+    body = text[neg:].decode()
+
+    def meets(a, b) -> bool:  # values of magnitude a..b (b not included), with the text's sign
+        return _meets((-b, False), (-a, True), lo, hi) if neg else _meets((a, True), (b, False), lo, hi)
+
+    if not body:  # "-": any value <= 0 (-0 is 0)
+        return _meets(None, (Fraction(0), True), lo, hi)
+    if "." in body:
+        whole, frac = body.split(".")
+        v = int(whole) + Fraction(int(frac or "0"), 10 ** len(frac))
+        return meets(v, v + Fraction(1, 10 ** len(frac)))  # v and what more digits give
+    d = int(body)
+    value = Fraction(-d if neg else d)
+    if _meets((value, True), (value, True), lo, hi):  # the number ends here
+        return True
+    if not integer and meets(d, d + 1):  # d.xxx
+        return True
+    if d == 0:  # no digit after a leading 0
+        return False
+    k = 10
+    while True:  # d followed by more digits: d*10^j .. (d+1)*10^j, j = 1, 2, ...
+        if (lo if neg else hi) is None:
+            return True
+        if (neg and -d * k < lo[0]) or (not neg and d * k > hi[0]):
+            return False
+        if meets(d * k, (d + 1) * k):
+            return True
+        k *= 10
+
+
+def _number_part(part: str, b: int, integer: bool):
+    """A number's part after byte b (JSON's number syntax), or None."""
+    if part == "start":
+        return "minus" if b == 0x2D else "zero" if b == 0x30 else "int" if b in DIGITS else None
+    if b in DIGITS and part != "zero" and not (part == "minus" and b == 0x30):
+        return _NUMBER_DIGIT[part]
+    nxt = _NUMBER_NEXT.get((part, b))
+    return None if integer and nxt in ("dot", "e") else nxt
+
+
+def _some_code(regex, state, lo: int, hi: int) -> bool:
+    """Whether some character lo..hi (not a surrogate) can follow `state` of `regex`."""
+    pieces = [(a, b) for a, b in ((lo, min(hi, 0xD7FF)), (max(lo, 0xE000), hi)) if a <= b]
+
+    def walk(s, seq) -> bool:
+        if not seq:
+            return True
+        a, b = seq[0]
+        return any((t := regex.step(s, x)) is not None and walk(t, seq[1:]) for x in range(a, b + 1))
+
+    return any(walk(state, seq) for a, b in pieces for seq in utf8_sequences(a, b))
+
+
+def _spellable(regex, state, lo: int, hi: int) -> bool:
+    """Whether a \\u escape of a code unit in lo..hi can begin a character that may follow `state`: a character
+    itself, or a high surrogate (U+D800-U+DBFF) whose pairs spell one (a low surrogate alone: never)."""
+    if _some_code(regex, state, lo, hi):
+        return True
+    a, b = max(lo, 0xD800), min(hi, 0xDBFF)
+    return a <= b and _some_code(regex, state, 0x10000 + (a - 0xD800) * 0x400, 0x10000 + (b - 0xD800) * 0x400 + 0x3FF)
 
 
 def _whitespace(run, b: int):
@@ -257,6 +440,9 @@ class JsonSchemaGrammar:
         compiler.prune(root)
         self.nodes = compiler.nodes
         self.key = ("json_schema", key, blocks)
+        # (pattern node, regex state) -> the plain bytes that leave it as it is; ("escape", node, regex state) ->
+        # whether a \u escape may follow
+        self._loops: dict = {}
         self.start = frozenset(self._expand([(frame,) for frame in self._starts(root)]))
 
     # ---- the grammar's interface (structured.py) --------------------------------------------------------------
@@ -264,10 +450,55 @@ class JsonSchemaGrammar:
     def accepting(state) -> bool:
         return () in state
 
-    @staticmethod
-    def plain(state) -> bool:
-        """Inside a string in every configuration: plain string bytes leave the state as it is."""
-        return bool(state) and all(c and c[-1] == ("str", "in") for c in state)
+    def shortcut(self, state):
+        """Inside a string in every configuration, with the same bytes leaving each as it is: (those bytes, 1 each
+        in 256; the most characters more that any configuration takes, or None for no limit), for TokenIndex to take
+        a run of them at once. Else None."""
+        loops = budget = None
+        for config in state:
+            frame = config[-1] if config else None
+            if frame == ("str", "in"):
+                mine, most = PLAIN, None
+            elif frame is not None and frame[0] == "pstr" and frame[2] == "in":
+                _, _, hi, regex = self.nodes[frame[1]]
+                mine = self._plain_loops(frame[1], regex, frame[4])
+                most = None if hi is None else hi - frame[3]
+            else:
+                return None
+            if loops is not None and mine != loops:
+                return None
+            budget = most if loops is None else None if budget is None or most is None else max(budget, most)
+            loops = mine
+        return (loops, budget) if loops is not None and any(loops) else None
+
+    def dfa(self, state):
+        """One configuration, inside a string with a pattern or lengths: (its regex, the regex's state, the bytes that
+        go through it (plain string bytes), the most characters more or None, and a function of a regex state and a
+        number of characters more -> the grammar's state), for TokenIndex to run the regex over many tokens at
+        once. Else None."""
+        if len(state) != 1:
+            return None
+        (config,) = state
+        frame = config[-1] if config else None
+        if frame is None or frame[0] != "pstr" or frame[2] != "in":
+            return None
+        node, count, rest = frame[1], frame[3], config[:-1]
+        _, lo, hi, regex = self.nodes[node]
+
+        def resume(rstate, chars: int):  # the state after `chars` more characters that left the regex in rstate
+            n = count + chars if hi is not None else min(count + chars, lo)
+            return frozenset((rest + (("pstr", node, "in", n, rstate, 0),),))
+
+        return regex, frame[4], PLAIN, None if hi is None else hi - count, resume
+
+    def _plain_loops(self, node: int, regex, rstate) -> bytes:
+        key = (node, rstate)
+        out = self._loops.get(key)
+        if out is None:
+            if len(self._loops) >= 4096:
+                self._loops.clear()
+            out = self._loops[key] = bytes(a & b for a, b in zip(PLAIN, regex.loops(rstate)))
+        return out
 
     def step(self, state, b: int):
         """The next state (at most MAX_CONFIGURATIONS configurations), or None: no configuration takes the byte."""
@@ -293,8 +524,12 @@ class JsonSchemaGrammar:
             return [("lit", kind[1], b"")]
         if kind[0] == "string":
             return [("str", "start")]
+        if kind[0] == "pstring":
+            return [("pstr", node, "start", 0, kind[3].start, 0)]
         if kind[0] == "number":
             return [("num", kind[1], "start")]
+        if kind[0] == "bnum":
+            return [("bnum", node, "start", b"")]
         if kind[0] == "object":
             return [("obj", node, "start", frozenset(), None)]
         if kind[0] == "blocks":
@@ -328,6 +563,14 @@ class JsonSchemaGrammar:
             return "may" if any(len(c) > len(sofar) and c.startswith(sofar) for c in choices) else "must"
         if kind == "num":
             return "may" if frame[2] in _NUMBER_ENDS else None
+        if kind == "bnum":
+            if frame[2] not in _NUMBER_ENDS:
+                return None
+            _, _, lo, hi = self.nodes[frame[1]]
+            value = Fraction(frame[3].decode())
+            return "may" if _meets((value, True), (value, True), lo, hi) else None
+        if kind == "pstr":
+            return None
         if kind == "str":
             return "must" if frame[1] == "end" else None
         if kind == "ws":
@@ -361,6 +604,78 @@ class JsonSchemaGrammar:
             out += self._step(rest + (parent, frame), b)
         return out
 
+    def _pstring(self, frame, rest, b: int) -> list:
+        """A string with a pattern (format) or lengths: its characters, each escape decoded, go through the regex
+        and are counted; it closes only where both allow. A \\u escape takes a hex digit only if some character it
+        can still spell may follow: a character of U+0000-U+FFFF, or past them as a surrogate pair (a high surrogate,
+        then "\\u" and a low one; a lone surrogate is not taken)."""
+        _, node, phase, count, rstate, code = frame
+        _, lo, hi, regex = self.nodes[node]
+        if phase == "start":
+            return [rest + (("pstr", node, "in", 0, rstate, 0),)] if b == 0x22 else []
+        if phase == "in":
+            if b == 0x22:
+                return [rest + (("str", "end"),)] if count >= lo and regex.accepting(rstate) else []
+            if b == 0x5C:  # an escape: only where one more character may come, and one an escape can spell
+                return [rest + (("pstr", node, "esc", count, rstate, 0),)] if self._escapable(frame) else []
+            return self._character(rest, node, count + (b & 0xC0 != 0x80), rstate, bytes((b,))) if b >= 0x20 else []
+        if phase == "esc":
+            if b == 0x75:
+                return [rest + (("pstr", node, 4, count, rstate, 0),)]
+            char = _ESCAPES.get(b)
+            return self._character(rest, node, count + 1, rstate, bytes((char,))) if char is not None else []
+        if phase == "pair":  # after a high surrogate: the low one's "\\u"
+            return [rest + (("pstr", node, "pairu", count, rstate, code),)] if b == 0x5C else []
+        if phase == "pairu":
+            return [rest + (("pstr", node, -4, count, rstate, code << 16),)] if b == 0x75 else []
+        if b not in HEX:
+            return []
+        if phase < 0:  # the low surrogate's digits: code is high << 16 | the low one's digits so far
+            high, low, left = code >> 16, (code & 0xFFFF) * 16 + int(chr(b), 16), -phase - 1
+            first, last = max(low << 4 * left, 0xDC00), min((low << 4 * left) + (1 << 4 * left) - 1, 0xDFFF)
+            base = 0x10000 + (high - 0xD800) * 0x400 - 0xDC00
+            if first > last or not _some_code(regex, rstate, base + first, base + last):
+                return []
+            if left:
+                return [rest + (("pstr", node, phase + 1, count, rstate, high << 16 | low),)]
+            return self._character(rest, node, count + 1, rstate, chr(base + low).encode("utf-8"))
+        code = code * 16 + int(chr(b), 16)
+        if phase > 1:
+            span = 16 ** (phase - 1)
+            if not _spellable(regex, rstate, code * span, code * span + span - 1):
+                return []
+            return [rest + (("pstr", node, phase - 1, count, rstate, code),)]
+        if 0xD800 <= code <= 0xDBFF:
+            spells = _spellable(regex, rstate, code, code)
+            return [rest + (("pstr", node, "pair", count, rstate, code),)] if spells else []
+        if 0xDC00 <= code <= 0xDFFF:
+            return []
+        return self._character(rest, node, count + 1, rstate, chr(code).encode("utf-8"))
+
+    def _escapable(self, frame) -> bool:
+        _, node, _, count, rstate, _ = frame
+        _, _, hi, regex = self.nodes[node]
+        if hi is not None and count >= hi:
+            return False
+        key = ("escape", node, rstate)
+        if key not in self._loops:
+            if len(self._loops) >= 4096:
+                self._loops.clear()
+            self._loops[key] = _spellable(regex, rstate, 0, 0xFFFF)
+        return self._loops[key]
+
+    def _character(self, rest, node: int, count: int, rstate, data: bytes) -> list:
+        _, lo, hi, regex = self.nodes[node]
+        if hi is not None and count > hi:
+            return []
+        for x in data:
+            rstate = regex.step(rstate, x)
+            if rstate is None:
+                return []
+        if hi is None and count > lo:
+            count = lo  # (past its minimum with no maximum: the count no longer matters)
+        return [rest + (("pstr", node, "in", count, rstate, 0),)]
+
     def _step(self, config, b: int) -> list:
         frame, rest = config[-1], config[:-1]
         kind = frame[0]
@@ -390,16 +705,17 @@ class JsonSchemaGrammar:
                 return [rest + (("str", "in" if phase == 1 else phase - 1),)]
             return []
         if kind == "num":
-            integer, part = frame[1], frame[2]
-            if part == "start":
-                nxt = "minus" if b == 0x2D else "zero" if b == 0x30 else "int" if b in DIGITS else None
-            elif b in DIGITS and part != "zero" and not (part == "minus" and b == 0x30):
-                nxt = _NUMBER_DIGIT[part]
-            else:
-                nxt = _NUMBER_NEXT.get((part, b))
-                if nxt is not None and integer and nxt in ("dot", "e"):
-                    nxt = None
-            return [rest + (("num", integer, nxt),)] if nxt is not None else []
+            nxt = _number_part(frame[2], b, frame[1])
+            return [rest + (("num", frame[1], nxt),)] if nxt is not None else []
+        if kind == "bnum":  # no exponent; only bytes after which the number can still end within its bounds
+            _, node, part, text = frame
+            _, integer, lo, hi = self.nodes[node]
+            nxt = _number_part(part, b, integer)
+            if nxt is None or nxt == "e" or not _number_can_end(text + bytes((b,)), integer, lo, hi):
+                return []
+            return [rest + (("bnum", node, nxt, text + bytes((b,))),)]
+        if kind == "pstr":
+            return self._pstring(frame, rest, b)
         if kind == "blk":
             _, node, phase, pos, count = frame
             if phase == "value":

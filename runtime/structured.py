@@ -1,20 +1,21 @@
 """Structured outputs (vLLM's guided decoding, `StructuredOutputsParams`): a request's output held to a JSON schema
-(`json`, OpenAI's response_format {"type": "json_schema"}), to any JSON object (`json_object`, OpenAI's JSON mode)
-or to one of a list of strings (`choice`).
+(`json`, OpenAI's response_format {"type": "json_schema"}), to any JSON object (`json_object`, OpenAI's JSON mode),
+to one of a list of strings (`choice`) or to a regular expression (`regex`).
 
 A grammar is a byte-level automaton: `step(state, byte)` -> the next state, or None when the byte cannot follow
-(json_schema.py's for JSON, ChoiceGrammar here). Before each token the request may sample, its `Matcher` turns the
-automaton's state into the set of token ids whose bytes the automaton accepts from there (`TokenIndex.allowed`),
-plus its stop token ids once the output is complete; the sampler gives every other token -inf (the request's
-SamplerState bias row, as allowed_token_ids does). A complete output that cannot go on allows only its stop ids, so
-the request ends with "stop" as soon as it is complete (or at max_tokens).
+(json_schema.py's for JSON, regex.py's for regexes, ChoiceGrammar here). Before each token the request may sample,
+its `Matcher` turns the automaton's state into the set of token ids whose bytes the automaton accepts from there
+(`TokenIndex.allowed`), plus its stop token ids once the output is complete; the sampler gives every other token
+-inf (the request's SamplerState bias row, as allowed_token_ids does). A complete output that cannot go on allows
+only its stop ids, so the request ends with "stop" as soon as it is complete (or at max_tokens).
 
 The set is found by a walk over the vocabulary's token bytes, sorted, so that the tokens that share a prefix are a
 contiguous range and the automaton steps through a shared prefix once; a range is pruned at the first byte the
-automaton rejects, and inside a JSON string a range whose remaining bytes are all plain string bytes (no quote,
-backslash or control byte) is taken whole, since such bytes leave the state as it is. Sets are cached per (grammar,
-state) in an LRU, packed to bits. The engine waits for a structured request's token before it plans the request's
-next step (engine.py): the set depends on it.
+automaton rejects, and a range whose remaining bytes all leave the state as it is (the grammar's `shortcut`: inside
+a JSON string, any byte but a quote, a backslash or a control byte; in a regex, a class under `*`) is taken whole,
+those of its tokens with too many characters left out where the state counts them (a string's maxLength). Sets are
+cached per (grammar, state) in an LRU, packed to bits. The engine waits for a structured request's token before it
+plans the request's next step (engine.py): the set depends on it.
 """
 
 from __future__ import annotations
@@ -31,11 +32,14 @@ import numpy as np
 class StructuredOutputs:
     """What a request's output must be, exactly one of: `json`, a JSON schema (a dict, or its JSON text; the subset
     json_schema.py implements: other keywords are a ValueError); `json_object=True`, any JSON object; `choice`, one
-    of a list of strings. (vLLM's StructuredOutputsParams; its regexes and grammars are not implemented.)"""
+    of a list of strings; `regex`, a whole match of a regular expression (the syntax regex.py implements: other
+    syntax is a ValueError). (vLLM's StructuredOutputsParams; its grammars and structural tags are not
+    implemented.)"""
 
     json: dict | str | None = field(default=None, hash=False)
     json_object: bool = False
     choice: tuple[str, ...] | None = None
+    regex: str | None = None
     # with json: the output is 1 to tool_call_blocks (0: any number of) tool-call blocks in Qwen's Hermes format,
     # "<tool_call>\n" + a value of the schema + "\n</tool_call>" (the server's forced tool calls; see tool_calls.py)
     tool_call_blocks: int | None = None
@@ -51,9 +55,18 @@ class StructuredOutputs:
                 raise ValueError(f"StructuredOutputs.choice: {repr(bad[0])[:40]} is not a non-empty string")
         if not isinstance(self.json_object, bool):
             raise ValueError(f"StructuredOutputs.json_object = {self.json_object!r}: must be a bool")
-        if (self.json is not None) + self.json_object + (self.choice is not None) != 1:
-            raise ValueError("StructuredOutputs: give exactly one of json (a JSON schema), json_object=True and "
-                             "choice (a list of strings)")
+        if (self.json is not None) + self.json_object + (self.choice is not None) + (self.regex is not None) != 1:
+            raise ValueError("StructuredOutputs: give exactly one of json (a JSON schema), json_object=True, choice "
+                             "(a list of strings) and regex (a pattern)")
+        if self.regex is not None:
+            from .regex import RegexGrammar
+
+            try:  # compiled now, as a schema
+                object.__setattr__(self, "_grammar", RegexGrammar(self.regex))
+            except ValueError as e:
+                raise ValueError(f"StructuredOutputs.regex: {e}") from None
+            except RecursionError:
+                raise ValueError("StructuredOutputs.regex: the pattern nests too deeply to compile") from None
         if self.tool_call_blocks is not None and (self.json is None or not isinstance(self.tool_call_blocks, int)
                                                   or isinstance(self.tool_call_blocks, bool)
                                                   or self.tool_call_blocks < 0):
@@ -76,7 +89,7 @@ class StructuredOutputs:
                 raise ValueError("StructuredOutputs.json: the schema nests too deeply to compile") from None
 
     def grammar(self):
-        if self.json is not None:
+        if self.json is not None or self.regex is not None:
             return self._grammar
         if self.json_object:
             from .json_schema import JSON_OBJECT
@@ -86,11 +99,6 @@ class StructuredOutputs:
 
 
 # ---- grammars -----------------------------------------------------------------------------------------------------
-def plain_string_byte(b: int) -> bool:
-    """A byte that stands for itself inside a JSON string (not a quote, a backslash or a control byte)."""
-    return b >= 0x20 and b != 0x22 and b != 0x5C
-
-
 class ChoiceGrammar:
     """Exactly one of the strings (UTF-8 bytes); the state is the bytes so far."""
 
@@ -105,8 +113,12 @@ class ChoiceGrammar:
         return state in self._set
 
     @staticmethod
-    def plain(state) -> bool:
-        return False
+    def shortcut(state):
+        return None
+
+    @staticmethod
+    def dfa(state):
+        return None
 
     def step(self, state: bytes, b: int):
         nxt = state + bytes((b,))
@@ -154,9 +166,14 @@ class TokenIndex:
         pairs = sorted((b, i) for i, b in enumerate(self.token_bytes) if b)
         self.sorted_bytes = [b for b, _ in pairs]
         self.sorted_ids = np.array([i for _, i in pairs], dtype=np.int64)
-        # per sorted token: the index of its last byte that is not a plain string byte (-1: none)
-        self.last_special = np.array([max((k for k, c in enumerate(b) if not plain_string_byte(c)), default=-1)
-                                      for b in self.sorted_bytes], dtype=np.int64)
+        # all sorted tokens' bytes end to end, where each one starts, and its characters (bytes that do not continue
+        # a UTF-8 sequence)
+        self._flat = np.frombuffer(b"".join(self.sorted_bytes), dtype=np.uint8)
+        self._lengths = np.array([len(b) for b in self.sorted_bytes], dtype=np.int64)
+        self._starts = np.cumsum(self._lengths) - self._lengths
+        self._cumulative_chars = np.concatenate([[0], np.cumsum((self._flat & 0xC0) != 0x80)])
+        self.chars = self._cumulative_chars[self._starts + self._lengths] - self._cumulative_chars[self._starts]
+        self._outside: OrderedDict = OrderedDict()  # byte set -> per sorted token, its last byte outside the set
         self._cache: OrderedDict = OrderedDict()
 
     def allowed(self, grammar, state) -> np.ndarray:
@@ -172,15 +189,128 @@ class TokenIndex:
             self._cache.move_to_end(key)
         return np.unpackbits(packed, count=self.vocab_size).astype(bool)
 
+    def outside_positions(self, byteset: bytes) -> np.ndarray:
+        """The positions in all sorted tokens' bytes end to end of the bytes not in `byteset`, then the end of them
+        all (cached)."""
+        key = ("positions", byteset)
+        out = self._outside.get(key)
+        if out is None:
+            out = np.append(np.flatnonzero(np.frombuffer(byteset, dtype=np.uint8)[self._flat] == 0), len(self._flat))
+            self._outside[key] = out
+            if len(self._outside) > 64:
+                self._outside.popitem(last=False)
+        return out
+
+    def last_outside(self, byteset: bytes) -> np.ndarray:
+        """Per sorted token, the index of its last byte that is not in `byteset` (256 bytes, 1 for a member), or
+        -1 (cached for a few sets)."""
+        out = self._outside.get(byteset)
+        if out is None:
+            position = np.arange(len(self._flat), dtype=np.int64)
+            outside = np.where(np.frombuffer(byteset, dtype=np.uint8)[self._flat] == 0, position, -1)
+            out = np.maximum.reduceat(outside, self._starts) if len(self._starts) else outside
+            out = np.where(out >= 0, out - self._starts, -1)
+            self._outside[byteset] = out
+            if len(self._outside) > 64:
+                self._outside.popitem(last=False)
+        else:
+            self._outside.move_to_end(byteset)
+        return out
+
+    def _dfa_walk(self, step, view, depth: int, lo: int, hi: int, mask: np.ndarray) -> list:
+        """The sorted tokens lo..hi, which share `depth` bytes, from a state where the grammar's `dfa` view says
+        that the bytes of a set go through a regex: each token's bytes from `depth` go through the regex's DFA, all
+        tokens at once, while they are in the set; a token whose bytes all go through (its state alive, within the
+        budget of characters) is allowed. Those that reach a byte outside the set alive come back as ranges for the
+        prefix walk, grouped by their bytes up to and including that byte, with the grammar's state after them (the
+        view's `resume` of the regex's state there, stepped with that byte)."""
+        regex, rstate, takes, budget, resume = view
+        regex.renumber_if_full()
+        start = regex.state_id(rstate)
+        toks, i = self.sorted_bytes, lo
+        while i < hi and len(toks[i]) == depth:  # tokens that end here
+            mask[self.sorted_ids[i]] = True
+            i += 1
+        # the ranges of tokens whose next byte the regex takes or that leave the set there (a few, for a narrow
+        # pattern: the rest are never looked at)
+        live = ((regex.next_ids(np.full(256, start, dtype=np.int32), np.arange(256)) >= 0)
+                | ~np.frombuffer(takes, dtype=np.uint8).astype(bool))
+        pieces = []
+        while i < hi:
+            b = toks[i][depth]
+            j = hi if b == 255 else bisect.bisect_left(toks, toks[i][:depth] + bytes((b + 1,)), i, hi)
+            if live[b]:
+                pieces.append(np.arange(i, j))
+            i = j
+        rows = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+        first, end = self._starts[rows] + depth, self._starts[rows] + self._lengths[rows]
+        # first each token's run of bytes that leave the state as it is, at once (searched in the positions of the
+        # bytes that do not)
+        loops = bytes(a & b for a, b in zip(takes, regex.loops(rstate)))
+        at = first
+        if any(loops):
+            outside = self.outside_positions(loops)
+            at = np.minimum(outside[np.searchsorted(outside, first)], end)
+        chars = self._cumulative_chars[at] - self._cumulative_chars[first]
+        if budget is not None:
+            fits = chars <= budget
+            rows, at, end, chars = rows[fits], at[fits], end[fits], chars[fits]
+        through_set = np.frombuffer(takes, dtype=np.uint8).astype(bool)
+        states = np.full(len(rows), start, dtype=np.int32)
+        stops = []  # (token's sorted index, where it stops, regex state number there, characters before)
+        while len(rows):  # then byte by byte (all tokens at once) through the DFA
+            ended = at >= end
+            mask[self.sorted_ids[rows[ended]]] = True
+            rows, at, end, states, chars = rows[~ended], at[~ended], end[~ended], states[~ended], chars[~ended]
+            data = self._flat[at]
+            through = through_set[data]
+            stops += [(int(rows[j]), int(at[j] - self._starts[rows[j]]), int(states[j]), int(chars[j]))
+                      for j in np.flatnonzero(~through).tolist()]
+            rows, at, end, states, chars, data = (rows[through], at[through], end[through], states[through],
+                                                  chars[through], data[through])
+            states = regex.next_ids(states, data)
+            chars += (data & 0xC0) != 0x80
+            alive = states >= 0 if budget is None else (states >= 0) & (chars <= budget)
+            rows, at, end, states, chars = rows[alive], at[alive] + 1, end[alive], states[alive], chars[alive]
+        out, last = [], None
+        for i, at, rid, nchars in sorted(stops):  # (sorted: the tokens that share a prefix are a range)
+            prefix = self.sorted_bytes[i][:at + 1]
+            if prefix == last:
+                continue
+            last = prefix
+            nxt = step(resume(regex.state_of(rid), nchars), prefix[-1])
+            if nxt is not None:
+                end = hi if prefix[-1] == 255 else bisect.bisect_left(
+                    self.sorted_bytes, prefix[:-1] + bytes((prefix[-1] + 1,)), i, hi)
+                out.append((at + 1, i, end, nxt))
+        return out
+
     def _walk(self, grammar, state) -> np.ndarray:
         toks, ids = self.sorted_bytes, self.sorted_ids
         mask = np.zeros(self.vocab_size, dtype=bool)
         todo = [(0, 0, len(toks), state)]  # (depth, sorted range [lo, hi) sharing `depth` bytes, state after them)
+        steps: dict = {}  # (state, byte) -> the next state: ranges that a DFA walk gives back often share them
+
+        def step(s, b: int):
+            key = (s, b)
+            if key not in steps:
+                steps[key] = grammar.step(s, b)
+            return steps[key]
+
         while todo:
             depth, lo, hi, s = todo.pop()
-            plain = grammar.plain(s)
-            if plain and self.last_special[lo:hi].max() < depth:
-                mask[ids[lo:hi]] = True  # nothing but plain string bytes from here on
+            view = grammar.dfa(s)
+            if view is not None:  # the range at once through a regex's DFA (numpy), then the tokens it cannot take
+                todo += self._dfa_walk(step, view, depth, lo, hi, mask)
+                continue
+            # bytes that leave the state as it is, and how many characters more it takes (None: any number)
+            loops, budget = grammar.shortcut(s) or (None, None)
+            if loops is not None and self.last_outside(loops)[lo:hi].max() < depth:
+                if budget is None:  # nothing but such bytes from here on
+                    mask[ids[lo:hi]] = True
+                else:  # and few enough characters
+                    more = self.chars[lo:hi] - sum((c & 0xC0) != 0x80 for c in toks[lo][:depth])
+                    mask[ids[lo:hi][more <= budget]] = True
                 continue
             i = lo
             while i < hi and len(toks[i]) == depth:  # tokens that end here (sorted first: a prefix sorts first)
@@ -189,7 +319,7 @@ class TokenIndex:
             while i < hi:
                 b = toks[i][depth]
                 j = hi if b == 255 else bisect.bisect_left(toks, toks[i][:depth] + bytes((b + 1,)), i, hi)
-                nxt = s if plain and plain_string_byte(b) else grammar.step(s, b)
+                nxt = s if loops is not None and budget is None and loops[b] else step(s, b)
                 if nxt is not None:
                     todo.append((depth + 1, i, j, nxt))
                 i = j

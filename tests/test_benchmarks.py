@@ -65,9 +65,11 @@ def test_bench_structured_runs(tmp_path, qwen_tokenizer_dir):
     rows = bench_structured.main(["--tokenizer", qwen_tokenizer_dir, "--repeats", "1", "--out", str(out)])
     assert json.load(open(out))["structured"] == rows
     cold = {(r["grammar"], r["case"]): r for r in rows if r["bench"] == "cold set"}
-    assert set(cold) == {(g, c) for g in ("json_object", "json schema") for c in ("prefix walk",
-                                                                                   "every token (baseline)")}
-    assert all(r["states"] >= 15 for r in cold.values())
+    names = ["json_object", "json schema", "constrained schema", "regex (phone)", "regex (words)"]
+    assert [name for name, _, _ in bench_structured.CASES] == names
+    assert set(cold) == {(g, c) for g in names for c in ("prefix walk", "every token (baseline)")}
+    assert all(cold[g, "prefix walk"]["states"] >= 10 for g in names)
+    assert all(10 <= cold[g, "every token (baseline)"]["states"] <= bench_structured.BASELINE_STATES for g in names)
     assert rows[0]["tokens"] > 150_000 and all(_finite(r["per_token_ms"]) for r in rows if r["bench"] == "per token")
 
 

@@ -5,9 +5,11 @@ path, client disconnects, metrics, and a bounded load test. Skipped without the 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import inspect
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -687,8 +689,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "response_format": {"type": "xml"}}, 400,
      "response_format of type 'xml' is not supported"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "response_format": {
-        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "date"}}}}, 400,
-     "keyword 'format' at # is not implemented"),
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "uniqueItems": True}}}}, 400,
+     "keyword 'uniqueItems' at # is not implemented"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "guided_json": "{"}, 400,
      "guided_json: StructuredOutputs.json"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "response_format": "json"}, 400,
@@ -697,8 +699,14 @@ BAD_REQUESTS = [
      "guided_choice: the choices must be a list"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "guided_choice": ["yes", ""]}, 400,
      "'' is not a non-empty string"),
-    ("/v1/completions", {"model": MODEL, "prompt": "a", "structured_outputs": {"regex": "a+"}}, 400,
-     "'regex' is not implemented"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "structured_outputs": {"grammar": "root ::= 'a'"}}, 400,
+     "'grammar' is not implemented"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "guided_regex": "(?=a)a"}, 400,
+     "guided_regex: StructuredOutputs.regex: regex '(?=a)a': group syntax '(?=a'... is not implemented"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "structured_outputs": {"regex": 5}}, 400,
+     "structured_outputs: the regex must be a string"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": USER, "guided_json": {"type": "string", "format": "x"}},
+     400, "guided_json: StructuredOutputs.json: json schema at #: format 'x' is not implemented"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "structured_outputs": {"json_object": 1}}, 400,
      "json_object = 1: must be a bool"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "guided_choice": ["a"],
@@ -860,10 +868,11 @@ def test_allowed_token_ids_restrict_the_reply(live, offline):
 
 
 def test_structured_outputs_json_object_and_choices(live, offline):
-    """response_format json_object (OpenAI's JSON mode) and json_schema, vLLM's guided_json, guided_choice and
-    structured_outputs: the replies
-    equal the offline API's with StructuredOutputs (seeded), streamed or not; a JSON reply is an object json.loads
-    reads, a choice reply one of the choices; the server keeps serving."""
+    """response_format json_object (OpenAI's JSON mode) and json_schema, vLLM's guided_json, guided_choice,
+    guided_regex and structured_outputs: the replies equal the offline API's with StructuredOutputs (seeded),
+    streamed or not; a JSON reply is an object json.loads reads (its keys the schema's, its strings matching their
+    pattern and format), a choice reply one of the choices, a regex reply a whole match; the server keeps
+    serving."""
     from qwen2rt import StructuredOutputs
     from qwen2rt.structured import check_json_object
 
@@ -872,6 +881,11 @@ def test_structured_outputs_json_object_and_choices(live, offline):
     choices = ["alpha", "beta", "gamma delta"]
     schema = {"type": "object", "properties": {"id": {"type": "integer"}, "ok": {"type": "boolean"}},
               "required": ["id", "ok"]}
+    coded = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
+                                              "day": {"type": "string", "format": "date"},
+                                              "n": {"type": "integer", "minimum": 10, "maximum": 12}},
+             "required": ["code", "day", "n"], "additionalProperties": False}
+    pattern = r"(yes|no), [a-z]{1,6}\."
     cases = [("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, json_object),
              ("/v1/chat/completions", {"messages": USER, "response_format": {
                  "type": "json_schema", "json_schema": {"name": "r", "schema": schema, "strict": True}}},
@@ -881,17 +895,31 @@ def test_structured_outputs_json_object_and_choices(live, offline):
              ("/v1/completions", {"prompt": "Pick:", "guided_choice": choices, "n": 3},
               StructuredOutputs(choice=choices)),
              ("/v1/chat/completions", {"messages": USER, "structured_outputs": {"choice": choices}},
-              StructuredOutputs(choice=choices))]
+              StructuredOutputs(choice=choices)),
+             ("/v1/chat/completions", {"messages": USER, "response_format": {
+                 "type": "json_schema", "json_schema": {"name": "coded", "schema": coded}}},
+              StructuredOutputs(json=coded)),
+             ("/v1/completions", {"prompt": "Say:", "guided_regex": pattern, "n": 2}, StructuredOutputs(regex=pattern)),
+             ("/v1/chat/completions", {"messages": USER, "structured_outputs": {"regex": pattern}},
+              StructuredOutputs(regex=pattern))]
     for route, body, so in cases:
         chat = "messages" in body
-        params = SamplingParams(max_tokens=60, temperature=1.0, seed=4, n=body.get("n", 1), structured_outputs=so,
+        params = SamplingParams(max_tokens=120, temperature=1.0, seed=4, n=body.get("n", 1), structured_outputs=so,
                                 logit_bias={int(k): v for k, v in bias.items()})
         want = offline.chat(USER, params) if chat else offline.generate(body["prompt"], params)[0]
         texts = [o.text for o in want.outputs]
-        assert all((t in choices) if so.choice else check_json_object(t) for t in texts)
-        if so.json is not None:
+        if so.regex is not None:
+            assert all(re.fullmatch(pattern, t) for t in texts), texts
+        else:
+            assert all((t in choices) if so.choice else check_json_object(t) for t in texts)
+        if so.json is schema:
             assert all(set(json.loads(t)) == {"id", "ok"} for t in texts)
-        request = dict(body, model=MODEL, max_tokens=60, temperature=1.0, seed=4, logit_bias=bias)
+        if so.json is coded:
+            for t in texts:
+                value = json.loads(t)
+                assert re.fullmatch("[A-Z]{2}-[0-9]{3}", value["code"]) and 10 <= value["n"] <= 12, t
+                datetime.date.fromisoformat(value["day"])
+        request = dict(body, model=MODEL, max_tokens=120, temperature=1.0, seed=4, logit_bias=bias)
         r = live.post(route, request)
         assert r.status_code == 200, r.text
         got = [c["message"]["content"] if chat else c["text"] for c in r.json()["choices"]]

@@ -1,13 +1,21 @@
-"""Structured outputs (runtime/structured.py): the JSON-object grammar against json.loads, the choice grammar, the
-allowed-token sets of the prefix walk against a token-by-token check (a random vocabulary and Qwen's), and the
-engine: every step's token is the best one its mask allows (the logits recorded), outputs complete and end with a
-stop token, alone or batched with free requests (which are unchanged), through preemption, and clear errors."""
+"""Structured outputs (runtime/structured.py): the JSON-object grammar against json.loads, JSON schemas (patterns,
+formats, lengths and bounds too) against a reference validator written apart, no state a dead end, the choice
+grammar, the allowed-token sets of the prefix walk and the DFA walk against a token-by-token check (a random
+vocabulary and Qwen's), and the engine: every step's token is the best one its mask allows (the logits recorded),
+outputs complete and end with a stop token, alone or batched with free requests (which are unchanged), through
+preemption, and clear errors. The regex engine itself: test_regex.py."""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import ipaddress
 import json
+import operator
 import random
+import re
+import uuid
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -73,6 +81,8 @@ def state_kinds(grammar, state) -> set:
     """What a state is in the middle of (the innermost frame's kind and phase of each configuration)."""
     if isinstance(grammar, ChoiceGrammar):
         return {"choice"}
+    if not isinstance(grammar, JsonSchemaGrammar):
+        return {"regex"}
     return {c[-1][0] + str(c[-1][2] if c[-1][0] in ("obj", "arr", "num") else c[-1][1])[:8] if c else "done"
             for c in state}
 
@@ -119,7 +129,27 @@ TREE = {"$ref": "#/$defs/node", "$defs": {"node": {"type": "object", "properties
 LIST = {"type": "array", "items": {"type": ["string", "integer", "null"]}, "minItems": 1, "maxItems": 4}
 MIXED = {"oneOf": [{"const": "yes"}, {"enum": [1, 10, 100, True]},
                    {"type": "object", "additionalProperties": {"type": "number"}}]}
-SCHEMAS = {"person": PERSON, "tree": TREE, "list": LIST, "mixed": MIXED, "any": {}}
+# strings with patterns, formats and lengths, numbers with bounds (each pattern and format has examples, which
+# generate() draws from: they are written apart from the grammar's regexes)
+CONSTRAINED = {"type": "object", "required": ["code", "n"], "properties": {
+    "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3}$", "examples": ["AB-123", "ZZ-000"]},
+    "day": {"type": "string", "format": "date", "examples": ["2024-02-28", "1999-12-31", "2023-04-30"]},
+    "at": {"type": "string", "format": "date-time",
+           "examples": ["2024-12-07T22:36:05Z", "2000-01-01T00:00:00.5+05:30", "1970-06-30T23:59:59-11:59"]},
+    "clock": {"type": "string", "format": "time", "examples": ["08:15:00Z", "23:59:59.999-00:00"]},
+    "id": {"type": "string", "format": "uuid", "examples": ["123e4567-e89b-12d3-a456-426614174000"]},
+    "ip": {"type": "string", "format": "ipv4", "examples": ["192.168.0.1", "8.8.8.8", "255.0.10.199"]},
+    "mail": {"type": "string", "format": "email", "examples": ["a.b+c@example.org", "x@y-z.io"]},
+    "host": {"type": "string", "format": "hostname", "examples": ["example.com", "a-b", "x1.y2.z3"]},
+    "name": {"type": "string", "minLength": 2, "maxLength": 5}, "nick": {"type": "string", "minLength": 3},
+    "word": {"type": "string", "pattern": "[a-z\u00e9]{1,5}( [a-z\u00e9\u4e2d]{1,5})?", "maxLength": 11,
+             "examples": ["\u00e9t\u00e9", "ab cd", "z \u4e2d\u4e2d"]},
+    "n": {"type": "integer", "minimum": -3, "exclusiveMaximum": 120},
+    "x": {"type": "number", "exclusiveMinimum": -1.5, "maximum": 2.25},
+    "emoji": {"type": "string", "pattern": "^[\\U0001F600-\\U0001F64F]{1,3}$",
+              "examples": ["\U0001F600", "\U0001F64F\U0001F601"]},  # (escaped as surrogate pairs by ensure_ascii)
+    "big": {"minimum": 1000, "maximum": 1010, "type": "integer"}}}
+SCHEMAS = {"person": PERSON, "tree": TREE, "list": LIST, "mixed": MIXED, "any": {}, "constrained": CONSTRAINED}
 
 
 def deref(schema, root):
@@ -169,6 +199,15 @@ def generate(schema, root, rng: random.Random, depth: int = 0):
         lo = schema.get("minItems", 0)
         n = rng.randint(lo, min(schema.get("maxItems", lo + 3), lo + 3)) if depth < 3 else lo
         return [generate(schema.get("items", True), root, rng, depth + 1) for _ in range(n)]
+    if "examples" in schema:
+        return rng.choice(schema["examples"])
+    if kind == "string" and ("minLength" in schema or "maxLength" in schema):
+        size = rng.randint(schema.get("minLength", 0), schema.get("maxLength", 8))
+        return "".join(rng.choice("ab\"\\\n\u00e9\u4e2d\U0001f600") for _ in range(size))
+    if kind == "integer" and "minimum" in schema:
+        return rng.randint(schema["minimum"], schema.get("exclusiveMaximum", schema.get("maximum", 10 ** 6) + 1) - 1)
+    if kind == "number" and "maximum" in schema:
+        return round(rng.uniform(schema.get("exclusiveMinimum", -99) + 0.001, schema["maximum"]), 3)
     return {"string": lambda: rng.choice(["", "x", "q\"uote\\", "\u00e9\n\t", "long " * 5]),
             "integer": lambda: rng.randint(-10 ** 6, 10 ** 6),
             "number": lambda: rng.choice([rng.randint(-99, 99), rng.random() * 10 ** rng.randint(-6, 6)]),
@@ -212,10 +251,55 @@ def valid(value, schema, root) -> bool:
     if kind == "array":
         return (isinstance(value, list) and schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", 10 ** 9)
                 and all(valid(v, schema.get("items", True), root) for v in value))
+    if kind in ("integer", "number") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        ends = [("minimum", operator.ge), ("exclusiveMinimum", operator.gt), ("maximum", operator.le),
+                ("exclusiveMaximum", operator.lt)]
+        if not all(test(value, schema[word]) for word, test in ends if word in schema):
+            return False
+    if kind == "string" and isinstance(value, str):
+        if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", 10 ** 9):
+            return False
+        if "pattern" in schema and not re.fullmatch(schema["pattern"], value):
+            return False
+        if "format" in schema and not FORMAT_CHECKS[schema["format"]](value):
+            return False
     return {"string": lambda: isinstance(value, str), "null": lambda: value is None,
             "integer": lambda: isinstance(value, int) and not isinstance(value, bool),
             "number": lambda: isinstance(value, (int, float)) and not isinstance(value, bool),
             "boolean": lambda: isinstance(value, bool), None: lambda: True}[kind]()
+
+
+def _parses(fn, *args) -> bool:
+    try:
+        fn(*args)
+        return True
+    except ValueError:
+        return False
+
+
+def _time_ok(text: str) -> bool:
+    """RFC 3339's full-time: hh:mm:ss[.frac] then Z or +hh:mm / -hh:mm, each field in range."""
+    m = re.fullmatch(r"(\d\d:\d\d:\d\d(?:\.\d+)?)(Z|[+-](\d\d):(\d\d))", text)
+    return bool(m) and _parses(datetime.time.fromisoformat, m.group(1)) and (
+        m.group(2) == "Z" or (int(m.group(3)) < 24 and int(m.group(4)) < 60))
+
+
+def _hostname_ok(text: str) -> bool:
+    return all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?", label) and len(label) <= 63
+               for label in text.split("."))
+
+
+# the reference's format checks (Python's parsers and RFC 3339 / 1123 by hand, not the grammar's regexes)
+FORMAT_CHECKS = {
+    "date": lambda v: bool(re.fullmatch(r"\d{4}-\d\d-\d\d", v)) and _parses(datetime.date.fromisoformat, v),
+    "time": _time_ok,
+    "date-time": lambda v: v.count("T") == 1 and FORMAT_CHECKS["date"](v.split("T")[0]) and _time_ok(v.split("T")[1]),
+    "uuid": lambda v: _parses(uuid.UUID, v) and str(uuid.UUID(v)) == v.lower(),
+    "ipv4": lambda v: _parses(ipaddress.IPv4Address, v),
+    "email": lambda v: v.count("@") == 1 and "" not in v.split("@")[0].split(".") and _hostname_ok(v.split("@")[1])
+    and "." in v.split("@")[1] and not re.search(r"[\s\"(),:;<>@\[\\\]]", v.split("@")[0]),
+    "hostname": _hostname_ok,
+}
 
 
 def parsed(text: str):
@@ -240,8 +324,8 @@ def test_schema_grammar_against_the_reference(name):
     for _ in range(400):
         value = generate(schema, schema, rng)
         assert valid(value, schema, schema), value
-        text = json.dumps(value, ensure_ascii=False, indent=rng.choice([None, 1, 2]),
-                          separators=rng.choice([None, (",", ":"), (", ", ": ")]))
+        text = json.dumps(value, ensure_ascii=name == "constrained" and rng.random() < 0.3,
+                          indent=rng.choice([None, 1, 2]), separators=rng.choice([None, (",", ":"), (", ", ": ")]))
         assert all_prefixes_alive_and_complete(grammar, text), text
         mutated = mutate(text, rng, 2)
         if completes(mutated, grammar):
@@ -294,8 +378,8 @@ def test_whitespace_runs_are_bounded():
 
 
 @pytest.mark.parametrize("schema, words", [
-    ({"type": "string", "pattern": "a+"}, "keyword 'pattern' at # is not implemented"),
-    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}}, "'minimum' at #/properties/a"),
+    ({"type": "string", "uniqueItems": True}, "keyword 'uniqueItems' at # is not implemented"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 2}}}, "'multipleOf' at #/properties/a"),
     ({"type": "object", "properties": {"a": {}}, "additionalProperties": True}, "additionalProperties beside"),
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required key 'b' is not in properties"),
     ({"type": "strng"}, "type 'strng' is not one of"), ({"$ref": "#/$defs/x"}, "points at nothing"),
@@ -306,10 +390,110 @@ def test_whitespace_runs_are_bounded():
     ({"$ref": "#"}, "no finite instance"), ({"type": "array", "minItems": 1, "items": {"$ref": "#"}}, "no finite"),
     ({"properties": {"a": {"$ref": "#"}}, "required": ["a"]}, "no finite instance"),
     (json.loads('{"items": ' * 900 + "{}" + "}" * 900), "nests too deeply"),
+    ({"type": "string", "pattern": "a", "format": "date"}, "pattern beside format is not implemented"),
+    ({"type": "string", "pattern": "a+", "maxLength": 3}, "implemented only where it implies them (its matches have "
+                                                          "at least 1 and any number of characters)"),
+    ({"type": "string", "format": "date", "minLength": 11}, "at least 10 and at most 10 characters"),
+    ({"type": "string", "format": "ipv6"}, "format 'ipv6' is not implemented (formats: date, time"),
+    ({"properties": {"p": {"pattern": "(?=a)"}}}, "at #/properties/p: pattern: regex '(?=a)': group syntax"),
+    ({"type": "string", "pattern": 5}, "pattern must be a string"),
+    ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength / maxLength must be integers"),
+    ({"type": "string", "minLength": -1}, "minLength / maxLength must be integers"),
+    ({"type": "integer", "minimum": 5, "maximum": 4}, "no integer is within its minimum / maximum"),
+    ({"type": "integer", "exclusiveMinimum": 1, "exclusiveMaximum": 2}, "no integer is within"),
+    ({"type": "number", "exclusiveMinimum": 1, "maximum": 1}, "no number is within"),
+    ({"type": "integer", "exclusiveMinimum": True}, "draft 4's boolean"),
+    ({"type": "number", "minimum": "1"}, "minimum must be a finite number"),
 ])
 def test_schema_errors_name_the_keyword(schema, words):
-    with pytest.raises(ValueError, match=words.replace("(", "\\(").replace(")", "\\)")):
+    with pytest.raises(ValueError, match=re.escape(words)):
         StructuredOutputs(json=schema)
+
+
+def test_number_bounds_against_the_reference():
+    """A bounded number completes exactly when it is JSON's number syntax without an exponent and within its bounds
+    (exact decimal comparisons), and every prefix of one that completes is alive: random texts near the bounds."""
+    rng = random.Random(7)
+    cases = [({"type": "integer", "minimum": -3, "exclusiveMaximum": 120}, True),
+             ({"type": "number", "exclusiveMinimum": -1.5, "maximum": 2.25}, False),
+             ({"type": "integer", "exclusiveMinimum": 2.5, "maximum": 7.9}, True),
+             ({"type": "number", "minimum": 0.1, "maximum": 0.1}, False),
+             ({"type": "number", "minimum": 1000, "maximum": 1234.5}, False),
+             ({"type": "integer", "maximum": -10}, True), ({"type": "number", "exclusiveMinimum": 99.99}, False)]
+    for schema, integer in cases:
+        grammar = JsonSchemaGrammar(schema)
+        ends = [Fraction(str(v)) for k, v in schema.items() if k != "type"]
+        accepted = 0
+        for _ in range(1500):
+            base = rng.choice(ends) + Fraction(rng.randint(-300, 300) * (rng.random() < 0.8), rng.choice([1, 10, 100]))
+            text = rng.choice([str(int(base)), f"{float(base):.{rng.randint(0, 4)}f}", f"{float(base):e}",
+                               str(rng.randint(-2000, 2000)), "-0", "0.0", "-", "01", "1.", ".5", "-0.10"])
+            try:
+                value, ok = Fraction(text), re.fullmatch(r"-?(0|[1-9]\d*)(\.\d+)?", text) is not None
+            except ValueError:
+                value, ok = None, False
+            ok = ok and not (integer and "." in text) and all(
+                test(value, Fraction(str(schema[word]))) for word, test in
+                [("minimum", operator.ge), ("exclusiveMinimum", operator.gt), ("maximum", operator.le),
+                 ("exclusiveMaximum", operator.lt)] if word in schema)
+            assert completes(text, grammar) == ok, (schema, text)
+            if ok:
+                accepted += 1
+                assert all_prefixes_alive_and_complete(grammar, text)
+        assert accepted >= 20, schema
+
+
+def test_constrained_strings_take_escapes():
+    """A string with a pattern or lengths reads its escapes as the characters they spell (surrogate pairs too);
+    a lone surrogate, or an escape no character of which may follow, is refused at the byte where that shows."""
+    grammar = JsonSchemaGrammar(CONSTRAINED)
+    for text, ok in [('"\\ud83d\\ude00"', True), ('"\\ud83d\\ude4f\\ud83d\\ude01\\ud83d\\ude02"', True),
+                     ('"\\ud83d\\ude00\\ud83d\\ude00\\ud83d\\ude00\\ud83d\\ude00"', False),  # {1,3}
+                     ('"\\ud83d"', False), ('"\\ude00"', False), ('"\\ud83d\\u0041"', False)]:
+        assert completes('{"code":"AB-123","n":1,"emoji":' + text + "}", grammar) == ok, text
+    for text, ok in [('"AB-\\u0031\\u00323"', True), ('"A\\u0042-123"', True), ('"AB\\/123"', False)]:
+        assert completes('{"code":' + text + ',"n":1}', grammar) == ok, text
+    prefix = b'{"n":1,"code":"AB-12'
+    state = run(grammar, prefix)
+    assert run(grammar, b"\\u003", state) is not None and run(grammar, b"\\u004", state) is None
+    assert run(grammar, b"\\", run(grammar, b"3", state)) is None  # the pattern is whole: nothing may follow
+    assert run(grammar, b'{"n":1,"name":"\\u00e9\\n\\"ab"') is not None  # 5 characters, escapes counted once
+    assert run(grammar, b'{"n":1,"name":"\\u00e9\\n\\"abc') is None and completes('{"code":"XY-000","n":0,"name":"'
+                                                                                  + "\u4e2d" * 5 + '"}', grammar)
+    assert run(grammar, b'{"n":1,"name":"a\\xff') is None  # lengths count characters of valid UTF-8 only
+
+
+def random_byte_walks(grammar, rng: random.Random, walks: int, most: int) -> list[bytes]:
+    """Random walks over single bytes the grammar takes (its state's mask over a vocabulary of the 256 bytes):
+    no state on the way may allow nothing (a masked request would be stuck there); the complete outputs."""
+    index = TokenIndex([bytes((i,)) for i in range(256)] + [None], 257)
+    done = []
+    for _ in range(walks):
+        matcher, out = Matcher(grammar, index, {256}), b""
+        for _ in range(most):
+            token = int(rng.choice(np.flatnonzero(matcher.mask())))  # (raises if nothing is allowed)
+            if token == 256 or (matcher.complete and rng.random() < 0.2):
+                done.append(out)
+                break
+            matcher.advance(token)
+            out += bytes((token,))
+    return done
+
+
+def test_no_state_is_a_dead_end():
+    """Random byte walks through the constrained schema, regexes with UTF-8 classes and counted repeats, and a
+    choice: the mask is never empty, and every complete output is what the reference says."""
+    rng = random.Random(12)
+    from qwen2rt.regex import RegexGrammar
+
+    outs = random_byte_walks(JsonSchemaGrammar(CONSTRAINED), rng, 60, 160)  # (whole objects seldom end)
+    assert all(valid(parsed(o.decode("utf-8", "replace")), CONSTRAINED, CONSTRAINED) for o in outs)
+    for key, schema in CONSTRAINED["properties"].items():
+        outs = random_byte_walks(JsonSchemaGrammar(schema), rng, 30, 200)
+        assert len(outs) > 5 and all(valid(parsed(o.decode("utf-8")), schema, schema) for o in outs), key
+    for pattern in (r"(ab|c[^x]{0,3})+\d", r"\u00e9|\u4e2d+|[\U0001F600-\U0001F64F]", r"[^\n]{2,9}\n"):
+        outs = random_byte_walks(RegexGrammar(pattern), rng, 80, 60)
+        assert len(outs) > 20 and all(re.fullmatch(pattern, o.decode("utf-8")) for o in outs), pattern
 
 
 def test_choice_grammar():
@@ -336,13 +520,20 @@ def reachable_states(rng: random.Random, grammar, texts: list[str], count: int) 
     return list(states)[:count]
 
 
-def test_allowed_sets_equal_a_token_by_token_check():
-    """TokenIndex.allowed (the sorted prefix walk, pruned, whole plain ranges inside strings) against running the
-    grammar over every token's bytes, at states reached inside random documents: a random vocabulary of JSON-ish
-    pieces (every single byte, then strings of the noise alphabet, many sharing prefixes, some special tokens
-    without bytes), for the JSON and the choice grammars; each set is also the same from the cache."""
+def test_allowed_sets_equal_a_token_by_token_check(monkeypatch):
+    """TokenIndex.allowed (the sorted prefix walk, pruned, whole ranges of bytes that leave the state as it is, the
+    regex DFA run over many tokens at once with its length budget) against running the grammar over every token's
+    bytes, at states reached inside random documents: a random vocabulary of JSON-ish pieces (every single byte,
+    then strings of the noise alphabet, many sharing prefixes, some special tokens without bytes), for the JSON,
+    constrained JSON, regex and choice grammars; each set is also the same from the cache. The regexes' DFA
+    numbering starts over before most walks (as it does once it is large)."""
+    from qwen2rt.regex import Regex, RegexGrammar
+
+    monkeypatch.setattr(Regex, "NUMBERED", 8)
     rng = random.Random(1)
     alphabet = [c.encode() for c in NOISE] + [b'"', b'":', b'",', b"  ", b'"}', b'\\"', b"\\u00", b"true", b"\xc3"]
+    alphabet += [b"AB-", b"12", b"2024-", b"\xe4\xb8\xad", b"\xf0\x9f\x98", b"\x80", b"\\ud83d", b"\\ude00", b"ab",
+                 b"@x.", b"T1", b"Z"]
     pieces = {bytes((i,)) for i in range(256)}
     while len(pieces) < 3000:
         pieces.add(b"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5))))
@@ -357,13 +548,21 @@ def test_allowed_sets_equal_a_token_by_token_check():
         texts = [json.dumps(generate(schema, schema, rng), ensure_ascii=False, indent=1) for _ in range(10)]
         cases += [(grammar, s) for s in reachable_states(rng, grammar, texts, 25)]
     cases += [(choice, s) for s in reachable_states(rng, choice, ["yes!", "no", "\u00e9t\u00e9 {x}"], 20)]
+    grammar = JsonSchemaGrammar(CONSTRAINED)
+    texts = [json.dumps(generate(CONSTRAINED, CONSTRAINED, rng), ensure_ascii=rng.random() < 0.3) for _ in range(12)]
+    cases += [(grammar, s) for s in reachable_states(rng, grammar, texts, 60)]
+    for pattern, examples in [(r"[a-z ]{2,9}\d", ["ab 1", "x y z0"]),
+                              (r"(\u00e9|\u4e2d)+[^a]?", ["\u00e9\u4e2d", "\u4e2dx"]),
+                              (r"[^\n]*\n", ["any\u00e9 \"text\"\n"])]:
+        regex = RegexGrammar(pattern)
+        cases += [(regex, s) for s in reachable_states(rng, regex, examples, 12)]
     kinds = set()
     for grammar, state in cases:
         want = brute_allowed(index, grammar, state)
         assert (index.allowed(grammar, state) == want).all(), state
         assert (index.allowed(grammar, state) == want).all(), state  # cached
         kinds |= state_kinds(grammar, state)
-    assert len(kinds) >= 20, kinds  # strings, numbers, keys, values, literals ... were all tried
+    assert len(kinds) >= 25, kinds  # strings, numbers, keys, values, literals, patterns ... were all tried
 
 
 def test_allowed_sets_over_qwens_vocabulary(qwen_tokenizer_dir):
@@ -388,6 +587,22 @@ def test_allowed_sets_over_qwens_vocabulary(qwen_tokenizer_dir):
             assert (mask == brute_allowed(index, JSON_OBJECT, matcher.state)).all(), matcher.state
         matcher.advance(token)
     assert matcher.complete and np.flatnonzero(matcher.mask()).tolist() == [151645]
+    from qwen2rt.regex import RegexGrammar
+
+    schema = {"type": "object", "properties": {k: CONSTRAINED["properties"][k] for k in ("code", "name", "word", "x")}}
+    document = '{"code": "AB-123", "name": "Zo\u00eb", "word": "\u00e9t\u00e9 ab", "x": -1.25}'
+    for grammar, text, most in [
+            (RegexGrammar(r"[A-Za-z ,.']{1,40}\.( \u4e2d+)?"), "It's a test, of sorts. \u4e2d\u4e2d", 8),
+            (JsonSchemaGrammar(schema), document, 6)]:
+        matcher, checked = Matcher(grammar, index, {151645}), 0
+        for token in tokenizer.encode(text):
+            mask = matcher.mask()
+            assert mask[token]
+            if checked < most and grammar.dfa(matcher.state) is not None:  # (states the DFA walk serves)
+                checked += 1
+                assert (mask == brute_allowed(index, grammar, matcher.state)).all(), matcher.state
+            matcher.advance(token)
+        assert matcher.complete and checked >= 3
 
 
 @pytest.fixture(scope="module")
@@ -416,12 +631,18 @@ def masked_argmax(llm, params: SamplingParams, out_ids: list[int], logits) -> li
 
 def test_greedy_takes_the_best_allowed_token_at_every_step(tiny):
     """Greedy, every step's token is the allowed one of the largest logit (its mask from the tokens before, not
-    one step stale): a JSON object and a choice, both complete, each ending with eos; unconstrained, the same
-    request is not JSON at all."""
+    one step stale): a JSON object, a schema, a schema of patterns, formats and bounds, a choice and regexes, all
+    complete, each ending with eos; unconstrained, the same request is not what was asked."""
     from test_parity import generate_recording_logits
 
+    coded = {"type": "object", "required": ["code", "n", "day"], "properties": {
+        "code": CONSTRAINED["properties"]["code"], "n": {"type": "integer", "minimum": 10, "maximum": 12},
+        "day": CONSTRAINED["properties"]["day"], "name": CONSTRAINED["properties"]["name"]}}
     cases = [([5, 6, 7], JSON, CLOSE), ([9, 1], StructuredOutputs(choice=["yes", "no", "maybe so"]), CLOSE),
-             ([4, 4, 2], StructuredOutputs(json=PERSON), {**CLOSE, ord(","): 6.0, ord('"'): 9.0, **QUIET})]
+             ([4, 4, 2], StructuredOutputs(json=PERSON), {**CLOSE, ord(","): 6.0, ord('"'): 9.0, **QUIET}),
+             ([8, 3], StructuredOutputs(json=coded), {**CLOSE, ord(","): 6.0, **QUIET}),
+             ([2, 7], StructuredOutputs(regex=r"(yes|no), [a-z]{1,8}\."), {}),
+             ([6], StructuredOutputs(regex=r"\d{3}-[A-Z\u00e9]{2,4}( \w+)?"), {})]
     for prompt, so, bias in cases:
         params = SamplingParams(max_tokens=150, temperature=0, logit_bias=bias, structured_outputs=so)
         out, logits = generate_recording_logits(tiny, prompt, params)
@@ -429,10 +650,13 @@ def test_greedy_takes_the_best_allowed_token_at_every_step(tiny):
         assert out.finish_reason == "stop" and out.token_ids[-1] in tiny.eos_token_ids
         if so.choice:
             assert out.text in so.choice
+        elif so.regex:
+            assert re.fullmatch(so.regex, out.text), out.text
         else:
             assert check_json_object(out.text) and valid(parsed(out.text), so.json or {}, so.json or {})
         free = tiny.generate([prompt], dataclasses.replace(params, structured_outputs=None))[0]
         assert free.token_ids != out.token_ids and not check_json_object(free.text)
+        assert not (so.regex and re.fullmatch(so.regex, free.text))
 
 
 def test_sampled_outputs_complete_and_batch_with_free_requests(tiny):
@@ -538,7 +762,10 @@ def test_structured_outputs_errors(tiny, hf_checkpoints, monkeypatch):
     for kwargs, words in [(dict(), "exactly one"), (dict(choice=["a"], json_object=True), "exactly one"),
                           (dict(json={}, json_object=True), "exactly one"),
                           (dict(choice=[]), "non-empty list"), (dict(choice=["a", ""]), "'' is not a non-empty"),
-                          (dict(choice=["a", 3]), "3 is not"), (dict(json_object="yes"), "must be a bool")]:
+                          (dict(choice=["a", 3]), "3 is not"), (dict(json_object="yes"), "must be a bool"),
+                          (dict(regex="a", json_object=True), "exactly one"),
+                          (dict(regex="(a"), r"StructuredOutputs.regex: regex '\(a': missing '\)'"),
+                          (dict(regex=["a"]), "a regex must be a string")]:
         with pytest.raises(ValueError, match=words):
             StructuredOutputs(**kwargs)
     for kwargs, words in [(dict(ignore_eos=True), "ignore_eos = True: cannot be combined"),
