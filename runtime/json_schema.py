@@ -13,7 +13,8 @@ The schema subset (what OpenAI's strict structured outputs and most tool definit
 `type` (a name or a list; without one, object or array keywords make it that type, and no keyword any value),
 `properties`, `required`, `additionalProperties` (false, or with no `properties` a schema or true), `items`,
 `minItems`, `maxItems`, `enum`, `const`, `anyOf`, `oneOf` (as anyOf: one match is not enforced), `allOf` of one
-schema, local `$ref`s ("#", "#/$defs/...", any JSON pointer into the schema; recursion included), strings' `pattern`
+schema, local `$ref`s ("#", "#/$defs/...", any JSON pointer into the schema; recursion included), `prefixItems` (or
+draft 4-2019's `items` as a list, with `additionalItems`; `items: false` for none past them), strings' `pattern`
 (a whole match: regex.py), `format` (FORMATS, each as a regex) and `minLength` / `maxLength` (characters; beside a
 pattern or format only where it implies them), numbers' `minimum`, `maximum`, `exclusiveMinimum` and
 `exclusiveMaximum` (exact decimal comparisons; a bounded number takes no exponent), and annotations (title,
@@ -23,7 +24,7 @@ number. An object with `properties` takes only those keys (as OpenAI's strict ou
 an object of any keys may repeat one (its keys are not remembered). A key is written as json.dumps writes it. A
 string without a pattern, format or length is any JSON string (bytes >= 0x80 as they come); one with them is read as
 the characters it spells (escapes decoded, surrogate pairs joined, valid UTF-8 only). Any other keyword (multipleOf,
-uniqueItems, prefixItems, ...) is a ValueError naming it and where it is, not a constraint silently dropped. JSON's
+uniqueItems, minProperties, ...) is a ValueError naming it and where it is, not a constraint silently dropped. JSON's
 whitespace may go between tokens (at most MAX_NEWLINES line breaks in a row, each followed by at most MAX_INDENT
 other whitespace bytes), not before or after the whole value.
 """
@@ -46,7 +47,8 @@ ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema
 STRING_KEYWORDS = frozenset(("pattern", "format", "minLength", "maxLength"))
 NUMBER_KEYWORDS = frozenset(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
 KEYWORDS = frozenset(("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properties", "required",
-                      "additionalProperties", "items", "minItems", "maxItems")) | STRING_KEYWORDS | NUMBER_KEYWORDS
+                      "additionalProperties", "items", "prefixItems", "additionalItems", "minItems", "maxItems")
+                     ) | STRING_KEYWORDS | NUMBER_KEYWORDS
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 ANY = 0  # every compiled schema's node 0: any JSON value
 # whitespace between two tokens of a value: at most MAX_NEWLINES line breaks in a row (a blank line), each followed
@@ -88,16 +90,17 @@ def _encoded(value) -> bytes:
 class _Compiler:
     """Schema -> nodes (tuples, referring to each other by index):
     ("union", alternatives), ("object", {encoded key: node}, required encoded keys, free node or None),
-    ("array", item node, min items, max items or None), ("string",), ("pstring", min characters, max characters or
-    None, Regex), ("number", integer only), ("bnum", integer only, lower end, upper end), ("literal", sorted encoded
-    values); and ("blocks", value node, most blocks or 0) for tool-call blocks (JsonSchemaGrammar)."""
+    ("array", item node or None, min items, max items or None, the first items' nodes), ("string",), ("pstring",
+    min characters, max characters or None, Regex), ("number", integer only), ("bnum", integer only, lower end, upper
+    end), ("literal", sorted encoded values); and ("blocks", value node, most blocks or 0) for tool-call blocks
+    (JsonSchemaGrammar)."""
 
     def __init__(self, root: dict):
         self.root = root
         self.nodes: list = [None]
         self.refs: dict[str, int] = {}
         any_object = self.add(("object", {}, frozenset(), ANY))
-        any_array = self.add(("array", ANY, 0, None))
+        any_array = self.add(("array", ANY, 0, None, ()))
         scalars = [self.add(("string",)), self.add(("number", False)),
                    self.add(("literal", tuple(sorted((b"true", b"false", b"null")))))]
         self.nodes[ANY] = ("union", (any_object, any_array, *scalars))
@@ -141,7 +144,7 @@ class _Compiler:
         kinds = rules.get("type")
         if kinds is None:  # the type from the keywords, or any value
             kinds = ("object" if {"properties", "required", "additionalProperties"} & set(rules) else
-                     "array" if {"items", "minItems", "maxItems"} & set(rules) else
+                     "array" if {"items", "prefixItems", "additionalItems", "minItems", "maxItems"} & set(rules) else
                      "string" if STRING_KEYWORDS & set(rules) else "number" if NUMBER_KEYWORDS & set(rules) else None)
             if kinds is None:
                 return ANY
@@ -157,16 +160,37 @@ class _Compiler:
         if kind == "object":
             return self._object(rules, path)
         if kind == "array":
-            lo, hi = rules.get("minItems", 0), rules.get("maxItems")
-            if not (isinstance(lo, int) and lo >= 0) or not (hi is None or (isinstance(hi, int) and hi >= lo)):
-                raise ValueError(f"json schema at {path}: minItems / maxItems must be integers, 0 <= min <= max")
-            item = self.node(rules["items"], f"{path}/items") if "items" in rules else ANY
-            return self.add(("array", item, lo, hi))
+            return self._array(rules, path)
         if kind == "string":
             return self._string(rules, path)
         if kind in ("number", "integer"):
             return self._number(kind == "integer", rules, path)
         return self.add(("literal", (b"false", b"true") if kind == "boolean" else (b"null",)))
+
+    def _array(self, rules: dict, path: str) -> int:
+        """An array node: the items at the first positions each of its own schema (`prefixItems`, or draft 4-2019's
+        `items` as a list with `additionalItems`), the rest of `items` (false: none)."""
+        lo, hi = rules.get("minItems", 0), rules.get("maxItems")
+        if not _natural(lo) or not (hi is None or (_natural(hi) and hi >= lo)):
+            raise ValueError(f"json schema at {path}: minItems / maxItems must be integers, 0 <= min <= max")
+        items, firsts, where = rules.get("items", True), rules.get("prefixItems", []), "items"
+        if isinstance(items, list):
+            if "prefixItems" in rules:
+                raise ValueError(f"json schema at {path}: items as a list beside prefixItems")
+            firsts, items, where = items, rules.get("additionalItems", True), "additionalItems"
+        elif "additionalItems" in rules:
+            raise ValueError(f"json schema at {path}: additionalItems without items as a list (it would have no "
+                             "effect)")
+        if not isinstance(firsts, list):
+            raise ValueError(f"json schema at {path}: prefixItems must be a list of schemas")
+        prefix = tuple(self.node(s, f"{path}/{'prefixItems' if where == 'items' else 'items'}/{i}")
+                       for i, s in enumerate(firsts))
+        item = None if items is False else self.node(items, f"{path}/{where}")
+        if item is None:
+            hi = len(prefix) if hi is None else min(hi, len(prefix))
+            if lo > hi:
+                raise ValueError(f"json schema at {path}: minItems {lo} is more than the {hi} items it may have")
+        return self.add(("array", item, lo, hi, prefix))
 
     def _string(self, rules: dict, path: str) -> int:
         """A string node: ("string",) if nothing constrains it, else ("pstring", min characters, max characters or
@@ -264,7 +288,7 @@ class _Compiler:
                 ends = (kind in ("string", "pstring", "number", "bnum", "literal")
                         or (kind == "union" and any(done[a] for a in node[1]))
                         or (kind == "object" and all(done[node[1][k]] for k in node[2]))
-                        or (kind == "array" and (node[2] == 0 or done[node[1]]))
+                        or (kind == "array" and all(done[_item(node, k)] for k in range(node[2])))
                         or (kind == "blocks" and done[node[1]]))
                 if ends and not done[i]:
                     done[i] = changed = True
@@ -280,8 +304,11 @@ class _Compiler:
             elif node[0] == "object":
                 free = node[3] if node[3] is not None and done[node[3]] else None
                 self.nodes[i] = ("object", {k: v for k, v in node[1].items() if done[v]}, node[2], free)
-            elif node[0] == "array" and not done[node[1]]:
-                self.nodes[i] = ("array", node[1], node[2], 0)
+            elif node[0] == "array":  # no more items than those that can end
+                _, item, lo, hi, prefix = node
+                cut = next((k for k in range(len(prefix) + (item is not None)) if not done[_item(node, k)]), None)
+                if cut is not None:
+                    self.nodes[i] = ("array", item, lo, cut if hi is None else min(hi, cut), prefix)
 
     def _ref(self, ref, path: str) -> int:
         if ref in self.refs:
@@ -291,9 +318,12 @@ class _Compiler:
             raise ValueError(f"json schema at {path}: $ref {str(ref)[:60]!r}: only local refs (#...) are implemented")
         for part in (p for p in ref[1:].split("/") if p):
             part = part.replace("~1", "/").replace("~0", "~")
-            if not isinstance(target, dict) or part not in target:
+            if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]  # (a list's item: "#/anyOf/1", "#/prefixItems/0")
+            elif isinstance(target, dict) and part in target:
+                target = target[part]
+            else:
                 raise ValueError(f"json schema at {path}: $ref {ref!r} points at nothing")
-            target = target[part]
         index = self.add(None)  # the ref's own node first: recursion through it ends here
         self.refs[ref] = index
         self.nodes[index] = ("union", (self.node(target, ref),))
@@ -317,6 +347,11 @@ _ESCAPES = {0x22: 0x22, 0x5C: 0x5C, 0x2F: 0x2F, 0x62: 0x08, 0x66: 0x0C, 0x6E: 0x
 # a tool-call block (Qwen's Hermes format: tool_calls.py) and the separator before each one after the first
 TOOL_OPEN, TOOL_CLOSE = b"<tool_call>\n", b"\n</tool_call>"
 _TAGS = {"open": TOOL_OPEN, "close": TOOL_CLOSE, "again": b"\n" + TOOL_OPEN}
+
+
+def _item(array, k: int) -> int:
+    """The node of an array node's item at position k."""
+    return array[4][k] if k < len(array[4]) else array[1]
 
 
 def _natural(x) -> bool:
@@ -730,7 +765,7 @@ class JsonSchemaGrammar:
             return [rest + (("blk", node, "after" if phase == "close" else "value", 0, count + (phase == "close")),)]
         if kind == "arr":
             _, node, phase, count = frame
-            _, item, lo, hi = self.nodes[node]
+            _, _, lo, hi, _ = self.nodes[node]
             if phase == "start":
                 return [rest + (("arr", node, "open", 0),)] if b == 0x5B else []
             if b in WHITESPACE and phase in ("open", "after", "comma"):
@@ -738,7 +773,7 @@ class JsonSchemaGrammar:
             if phase == "open" and b == 0x5D:
                 return [rest + (("arr", node, "end", 0),)] if lo == 0 else []
             if phase == "comma" or (phase == "open" and hi != 0):
-                return self._push(rest, ("arr", node, "item", count), item, b)
+                return self._push(rest, ("arr", node, "item", count), _item(self.nodes[node], count), b)
             if phase == "after":
                 if b == 0x2C and (hi is None or count < hi):
                     return [rest + (("arr", node, "comma", count),)]

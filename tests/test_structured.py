@@ -149,7 +149,15 @@ CONSTRAINED = {"type": "object", "required": ["code", "n"], "properties": {
     "emoji": {"type": "string", "pattern": "^[\\U0001F600-\\U0001F64F]{1,3}$",
               "examples": ["\U0001F600", "\U0001F64F\U0001F601"]},  # (escaped as surrogate pairs by ensure_ascii)
     "big": {"minimum": 1000, "maximum": 1010, "type": "integer"}}}
-SCHEMAS = {"person": PERSON, "tree": TREE, "list": LIST, "mixed": MIXED, "any": {}, "constrained": CONSTRAINED}
+# arrays whose first items have schemas of their own (pydantic's tuple[int, str], draft 4's items as a list)
+TUPLES = {"type": "object", "required": ["pair"], "properties": {
+    "pair": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string", "maxLength": 3}],
+             "minItems": 2, "maxItems": 2},
+    "head": {"type": "array", "prefixItems": [{"const": "x"}], "items": {"type": "boolean"}, "maxItems": 3},
+    "old": {"type": "array", "items": [{"type": "null"}, {"enum": [1, 2]}], "additionalItems": False},
+    "free": {"prefixItems": [{"type": "number"}], "minItems": 1}}}
+SCHEMAS = {"person": PERSON, "tree": TREE, "list": LIST, "mixed": MIXED, "any": {}, "constrained": CONSTRAINED,
+           "tuples": TUPLES}
 
 
 def deref(schema, root):
@@ -167,9 +175,16 @@ def schema_type(schema: dict):
         return schema["type"]
     if {"properties", "required", "additionalProperties"} & set(schema):
         return "object"
-    if {"items", "minItems", "maxItems"} & set(schema):
+    if {"items", "prefixItems", "additionalItems", "minItems", "maxItems"} & set(schema):
         return "array"
     return None
+
+
+def positions(schema) -> tuple[list, object]:
+    """An array schema's first items' schemas, and the rest's (False: none)."""
+    if isinstance(schema.get("items"), list):
+        return schema["items"], schema.get("additionalItems", True)
+    return schema.get("prefixItems", []), schema.get("items", True)
 
 
 def generate(schema, root, rng: random.Random, depth: int = 0):
@@ -196,9 +211,10 @@ def generate(schema, root, rng: random.Random, depth: int = 0):
         return {} if extra is False else {f"k{i}": generate(extra, root, rng, depth + 1)
                                           for i in range(rng.randint(0, 3 if depth < 3 else 0))}
     if kind == "array":
-        lo = schema.get("minItems", 0)
-        n = rng.randint(lo, min(schema.get("maxItems", lo + 3), lo + 3)) if depth < 3 else lo
-        return [generate(schema.get("items", True), root, rng, depth + 1) for _ in range(n)]
+        lo, (firsts, rest) = schema.get("minItems", 0), positions(schema)
+        most = min(schema.get("maxItems", lo + 3), lo + 3, len(firsts) if rest is False else 10 ** 9)
+        n = rng.randint(lo, most) if depth < 3 else lo
+        return [generate(firsts[k] if k < len(firsts) else rest, root, rng, depth + 1) for k in range(n)]
     if "examples" in schema:
         return rng.choice(schema["examples"])
     if kind == "string" and ("minLength" in schema or "maxLength" in schema):
@@ -249,8 +265,10 @@ def valid(value, schema, root) -> bool:
         extra = schema.get("additionalProperties", True)
         return not value if extra is False else all(valid(v, extra, root) for _, v in pairs)
     if kind == "array":
+        firsts, rest = positions(schema)
         return (isinstance(value, list) and schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", 10 ** 9)
-                and all(valid(v, schema.get("items", True), root) for v in value))
+                and (rest is not False or len(value) <= len(firsts))
+                and all(valid(v, firsts[k] if k < len(firsts) else rest, root) for k, v in enumerate(value)))
     if kind in ("integer", "number") and isinstance(value, (int, float)) and not isinstance(value, bool):
         ends = [("minimum", operator.ge), ("exclusiveMinimum", operator.gt), ("maximum", operator.le),
                 ("exclusiveMaximum", operator.lt)]
@@ -346,15 +364,19 @@ def test_schema_grammar_against_the_reference(name):
     (TREE, '{"value":1,"children":[{"value":2},{"value":3},{"value":4}]}'), (TREE, '{"children":[]}'),
     (LIST, '[]'), (LIST, '[1,2,3,4,5]'), (LIST, '[true]'), (MIXED, '"no"'), (MIXED, '{"a":"b"}'), (MIXED, '1000'),
     ({}, ' 1'), ({}, '1 '), ({"type": "array", "maxItems": 0}, "[1]"),
+    (TUPLES, '{"pair":[1,"ab",2]}'), (TUPLES, '{"pair":["ab",1]}'), (TUPLES, '{"pair":[1,"abcd"]}'),
+    (TUPLES, '{"pair":[1,"a"],"old":[null,1,2]}'), (TUPLES, '{"pair":[1,"a"],"head":["y"]}'),
+    (TUPLES, '{"pair":[1,"a"],"free":[]}'), (TUPLES, '{"pair":[1,"a"],"head":["x",true,false,true]}'),
     # what can never end is pruned: an optional key that nests itself forever, items that do
     ({"properties": {"a": {"$ref": "#/properties/a"}, "b": {"type": "integer"}}}, '{"a":{'),
     ({"type": "array", "items": {"type": "array", "items": {"$ref": "#/items"}, "minItems": 1}}, "[["),
+    ({"prefixItems": [{"type": "integer"}, {"$ref": "#/prefixItems/1"}]}, "[1,"),
 ])
 def test_schema_grammar_refuses(schema, text):
     grammar = JsonSchemaGrammar(schema)
     state = run(grammar, text.encode())
     assert state is None or not grammar.accepting(state)
-    if text in ('{"a":{', "[["):  # pruned at once (alive, the grammar would have been stuck there)
+    if text in ('{"a":{', "[[", "[1,"):  # pruned at once (alive, the grammar would have been stuck there)
         assert state is None and completes('{"b":1}' if text[0] == "{" else "[]", grammar)
 
 
@@ -403,6 +425,11 @@ def test_whitespace_runs_are_bounded():
     ({"type": "integer", "exclusiveMinimum": 1, "exclusiveMaximum": 2}, "no integer is within"),
     ({"type": "number", "exclusiveMinimum": 1, "maximum": 1}, "no number is within"),
     ({"type": "integer", "exclusiveMinimum": True}, "draft 4's boolean"),
+    ({"prefixItems": {"type": "integer"}}, "prefixItems must be a list of schemas"),
+    ({"anyOf": [{"type": "integer"}, {"$ref": "#/anyOf/2"}]}, "$ref '#/anyOf/2' points at nothing"),
+    ({"items": [{}], "prefixItems": [{}]}, "items as a list beside prefixItems"),
+    ({"items": {}, "additionalItems": False}, "additionalItems without items as a list"),
+    ({"prefixItems": [{}, {}], "items": False, "minItems": 3}, "minItems 3 is more than the 2 items it may have"),
     ({"type": "number", "minimum": "1"}, "minimum must be a finite number"),
 ])
 def test_schema_errors_name_the_keyword(schema, words):
