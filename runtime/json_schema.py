@@ -17,7 +17,7 @@ schema, local `$ref`s ("#", "#/$defs/...", any JSON pointer into the schema; rec
 draft 4-2019's `items` as a list, with `additionalItems`; `items: false` for none past them), strings' `pattern`
 (a whole match: regex.py), `format` (FORMATS, each as a regex) and `minLength` / `maxLength` (characters; beside a
 pattern or format only where it implies them), numbers' `minimum`, `maximum`, `exclusiveMinimum` and
-`exclusiveMaximum` (exact decimal comparisons; a bounded number takes no exponent), and annotations (title,
+`exclusiveMaximum` (exact comparisons: _Compiler._number; a bounded number takes no exponent), and annotations (title,
 description, default, examples, ...). Without a `type`, string keywords make it a string and number keywords a
 number. An object with `properties` takes only those keys (as OpenAI's strict outputs and xgrammar's strict mode;
 `additionalProperties` beside them may only be false), in any order, each once, the `required` ones before it closes;
@@ -227,15 +227,20 @@ class _Compiler:
 
     def _number(self, integer: bool, rules: dict, path: str) -> int:
         """A number node: ("number", integer only) if nothing bounds it, else ("bnum", integer only, lower end,
-        upper end), each end (value as a Fraction, inclusive) or None (an integer's: its integer ends, inclusive)."""
+        upper end), each end (value as a Fraction, inclusive) or None (an integer's: its integer ends, inclusive).
+        An integer's bounds are their exact values (a float bound's binary value: Python compares an int with a float
+        exactly); a number's float bounds are the decimals they print as (json.loads reads "0.1" as the float 0.1):
+        a value written with more than 15 significant digits within a float's rounding of a bound may parse onto
+        it, which a validator comparing floats would judge otherwise."""
         ends = {}
         for word in sorted(NUMBER_KEYWORDS & set(rules)):
             value = rules[word]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or (isinstance(value, float) and not math.isfinite(value))):
                 raise ValueError(f"json schema at {path}: {word} must be a finite number"
                                  + (" (draft 4's boolean exclusiveMinimum / exclusiveMaximum is not implemented)"
                                     if isinstance(value, bool) else ""))
-            ends[word] = Fraction(str(value)) if isinstance(value, float) else Fraction(value)
+            ends[word] = Fraction(repr(value)) if isinstance(value, float) and not integer else Fraction(value)
         if not ends:
             return self.add(("number", integer))
         lower = upper = None
@@ -486,25 +491,23 @@ class JsonSchemaGrammar:
         return () in state
 
     def shortcut(self, state):
-        """Inside a string in every configuration, with the same bytes leaving each as it is: (those bytes, 1 each
-        in 256; the most characters more that any configuration takes, or None for no limit), for TokenIndex to take
-        a run of them at once. Else None."""
-        loops = budget = None
+        """Inside a string in every configuration, with the same bytes leaving each as it is (a string with lengths
+        only once it counts no more: past its minLength, with no maxLength): those bytes (1 each in 256), for
+        TokenIndex to take a run of them at once. Else None."""
+        loops = None
         for config in state:
             frame = config[-1] if config else None
             if frame == ("str", "in"):
-                mine, most = PLAIN, None
-            elif frame is not None and frame[0] == "pstr" and frame[2] == "in":
-                _, _, hi, regex = self.nodes[frame[1]]
-                mine = self._plain_loops(frame[1], regex, frame[4])
-                most = None if hi is None else hi - frame[3]
+                mine = PLAIN
+            elif (frame is not None and frame[0] == "pstr" and frame[2] == "in" and self.nodes[frame[1]][2] is None
+                  and frame[3] >= self.nodes[frame[1]][1]):
+                mine = self._plain_loops(frame[1], self.nodes[frame[1]][3], frame[4])
             else:
                 return None
             if loops is not None and mine != loops:
                 return None
-            budget = most if loops is None else None if budget is None or most is None else max(budget, most)
             loops = mine
-        return (loops, budget) if loops is not None and any(loops) else None
+        return loops if loops is not None and any(loops) else None
 
     def dfa(self, state):
         """One configuration, inside a string with a pattern or lengths: (its regex, the regex's state, the bytes that

@@ -31,7 +31,7 @@ NO_CHARACTER = ()
 DIGIT = ((0x30, 0x39),)
 WORD = ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A))
 SPACE = ((0x09, 0x0D), (0x20, 0x20))
-_QUANTIFIER = re.compile(r"\{(\d*)(,(\d*))?\}")
+_QUANTIFIER = re.compile(r"\{([0-9]*)(,([0-9]*))?\}")
 _SIMPLE_ESCAPES = {"n": 0x0A, "t": 0x09, "r": 0x0D, "f": 0x0C, "v": 0x0B}
 
 
@@ -296,7 +296,6 @@ class Regex:
         self.eps: list[list[int]] = []
         self.edges: list[list[tuple[int, int, int]]] = []
         start, self.final = self._build(tree)
-        self._closures: dict[int, frozenset] = {}
         self._tables: dict[frozenset, list] = {}
         self._loops: dict[frozenset, bytes] = {}
         self.start = self._closure(start)
@@ -360,35 +359,46 @@ class Regex:
 
     def _closure(self, state: int) -> frozenset:
         """The NFA states that matter (with byte edges, or the final one) reached from `state` through epsilons."""
-        done = self._closures.get(state)
-        if done is None:
-            seen, todo, out = {state}, [state], []
-            while todo:
-                s = todo.pop()
-                if self.edges[s] or s == self.final:
-                    out.append(s)
-                for t in self.eps[s]:
-                    if t not in seen:
-                        seen.add(t)
-                        todo.append(t)
-            done = self._closures[state] = frozenset(out)
-        return done
+        return self._closure_of(frozenset((state,)))
 
     # ---- the DFA, built as it is walked -----------------------------------------------------------------------
     def _table(self, state: frozenset) -> list:
+        """The 256 successors of a DFA state (None: no match goes on), found once: the state's byte edges grouped by
+        range, the byte space cut where a range begins or ends, and per piece the closure of the union of the
+        targets of the ranges that cover it (each distinct union closed once)."""
         table = self._tables.get(state)
         if table is None:
-            targets: list = [None] * 256
+            ranges: dict[tuple[int, int], set] = {}
             for s in state:
                 for a, b, t in self.edges[s]:
-                    closure = self._closure(t)
-                    for byte in range(a, b + 1):
-                        targets[byte] = closure if targets[byte] is None else targets[byte] | closure
+                    ranges.setdefault((a, b), set()).add(t)
+            cuts = sorted({a for a, _ in ranges} | {b + 1 for _, b in ranges} | {0, 256})
+            closed: dict[frozenset, frozenset] = {}
+            table = [None] * 256
+            for x, y in zip(cuts, cuts[1:]):
+                targets = frozenset(t for (a, b), ts in ranges.items() if a <= x <= b for t in ts)
+                if targets:
+                    if targets not in closed:
+                        closed[targets] = self._closure_of(targets)
+                    table[x:y] = [closed[targets]] * (y - x)
             if len(self._tables) >= self.TABLE_ENTRIES:
                 self._tables.clear()
                 self._loops.clear()
-            table = self._tables[state] = targets
+            self._tables[state] = table
         return table
+
+    def _closure_of(self, targets: frozenset) -> frozenset:
+        """The NFA states that matter reached from any of `targets` through epsilons."""
+        seen, todo, out = set(targets), list(targets), []
+        while todo:
+            s = todo.pop()
+            if self.edges[s] or s == self.final:
+                out.append(s)
+            for t in self.eps[s]:
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+        return frozenset(out)
 
     def step(self, state: frozenset, b: int) -> frozenset | None:
         return self._table(state)[b]
@@ -461,9 +471,9 @@ class RegexGrammar:
         return self.regex.step(state, b)
 
     def shortcut(self, state):
-        """(bytes that leave the state as it is, no length budget), or None when there are none."""
+        """The bytes that leave the state as it is (1 each in 256), or None when there are none."""
         loops = self.regex.loops(state)
-        return (loops, None) if any(loops) else None
+        return loops if any(loops) else None
 
     def dfa(self, state):
         """Every byte goes through the regex: (regex, its state, the bytes it takes (all), no length budget, and

@@ -12,8 +12,9 @@ only its stop ids, so the request ends with "stop" as soon as it is complete (or
 The set is found by a walk over the vocabulary's token bytes, sorted, so that the tokens that share a prefix are a
 contiguous range and the automaton steps through a shared prefix once; a range is pruned at the first byte the
 automaton rejects, and a range whose remaining bytes all leave the state as it is (the grammar's `shortcut`: inside
-a JSON string, any byte but a quote, a backslash or a control byte; in a regex, a class under `*`) is taken whole,
-those of its tokens with too many characters left out where the state counts them (a string's maxLength). Sets are
+a JSON string, any byte but a quote, a backslash or a control byte; in a regex, a class under `*`) is taken whole.
+Where the bytes go through a regex (the grammar's `dfa` view: a regex, a string with a pattern or lengths), the
+tokens of a range run through its DFA all at once with numpy, counting characters against a maxLength. Sets are
 cached per (grammar, state) in an LRU, packed to bits. The engine waits for a structured request's token before it
 plans the request's next step (engine.py): the set depends on it.
 """
@@ -158,6 +159,7 @@ class TokenIndex:
     by a grammar."""
 
     CACHE_ENTRIES = 1024  # packed sets: vocab_size / 8 bytes each (19 KB for Qwen's 151,936)
+    POSITIONS_CACHED = 8
 
     def __init__(self, token_bytes: list[bytes | None], vocab_size: int):
         self.vocab_size = vocab_size
@@ -172,8 +174,8 @@ class TokenIndex:
         self._lengths = np.array([len(b) for b in self.sorted_bytes], dtype=np.int64)
         self._starts = np.cumsum(self._lengths) - self._lengths
         self._cumulative_chars = np.concatenate([[0], np.cumsum((self._flat & 0xC0) != 0x80)])
-        self.chars = self._cumulative_chars[self._starts + self._lengths] - self._cumulative_chars[self._starts]
         self._outside: OrderedDict = OrderedDict()  # byte set -> per sorted token, its last byte outside the set
+        self._positions: OrderedDict = OrderedDict()  # byte set -> where the bytes outside it are (outside_positions)
         self._cache: OrderedDict = OrderedDict()
 
     def allowed(self, grammar, state) -> np.ndarray:
@@ -192,13 +194,14 @@ class TokenIndex:
     def outside_positions(self, byteset: bytes) -> np.ndarray:
         """The positions in all sorted tokens' bytes end to end of the bytes not in `byteset`, then the end of them
         all (cached)."""
-        key = ("positions", byteset)
-        out = self._outside.get(key)
-        if out is None:
-            out = np.append(np.flatnonzero(np.frombuffer(byteset, dtype=np.uint8)[self._flat] == 0), len(self._flat))
-            self._outside[key] = out
-            if len(self._outside) > 64:
-                self._outside.popitem(last=False)
+        out = self._positions.get(byteset)
+        if out is None:  # (int32: ~4 MB for Qwen's vocabulary; POSITIONS_CACHED sets kept)
+            outside = np.flatnonzero(np.frombuffer(byteset, dtype=np.uint8)[self._flat] == 0).astype(np.int32)
+            out = self._positions[byteset] = np.append(outside, np.int32(len(self._flat)))
+            if len(self._positions) > self.POSITIONS_CACHED:
+                self._positions.popitem(last=False)
+        else:
+            self._positions.move_to_end(byteset)
         return out
 
     def last_outside(self, byteset: bytes) -> np.ndarray:
@@ -303,14 +306,9 @@ class TokenIndex:
             if view is not None:  # the range at once through a regex's DFA (numpy), then the tokens it cannot take
                 todo += self._dfa_walk(step, view, depth, lo, hi, mask)
                 continue
-            # bytes that leave the state as it is, and how many characters more it takes (None: any number)
-            loops, budget = grammar.shortcut(s) or (None, None)
+            loops = grammar.shortcut(s)  # bytes that leave the state as it is
             if loops is not None and self.last_outside(loops)[lo:hi].max() < depth:
-                if budget is None:  # nothing but such bytes from here on
-                    mask[ids[lo:hi]] = True
-                else:  # and few enough characters
-                    more = self.chars[lo:hi] - sum((c & 0xC0) != 0x80 for c in toks[lo][:depth])
-                    mask[ids[lo:hi][more <= budget]] = True
+                mask[ids[lo:hi]] = True  # nothing but such bytes from here on
                 continue
             i = lo
             while i < hi and len(toks[i]) == depth:  # tokens that end here (sorted first: a prefix sorts first)
@@ -319,7 +317,7 @@ class TokenIndex:
             while i < hi:
                 b = toks[i][depth]
                 j = hi if b == 255 else bisect.bisect_left(toks, toks[i][:depth] + bytes((b + 1,)), i, hi)
-                nxt = s if loops is not None and budget is None and loops[b] else step(s, b)
+                nxt = s if loops is not None and loops[b] else step(s, b)
                 if nxt is not None:
                     todo.append((depth + 1, i, j, nxt))
                 i = j

@@ -149,6 +149,12 @@ CONSTRAINED = {"type": "object", "required": ["code", "n"], "properties": {
     "emoji": {"type": "string", "pattern": "^[\\U0001F600-\\U0001F64F]{1,3}$",
               "examples": ["\U0001F600", "\U0001F64F\U0001F601"]},  # (escaped as surrogate pairs by ensure_ascii)
     "big": {"minimum": 1000, "maximum": 1010, "type": "integer"}}}
+# strings of several counted parses at once (anyOf of lengths)
+UNIONS = {"type": "object", "properties": {
+    "u": {"anyOf": [{"type": "string", "minLength": 20}, {"type": "string", "maxLength": 3}]},
+    "v": {"anyOf": [{"type": "string", "minLength": 2}, {"type": "string", "minLength": 3}]},
+    "w": {"type": "array",
+          "items": {"anyOf": [{"type": "string", "minLength": 8}, {"type": "string", "maxLength": 2}]}}}}
 # arrays whose first items have schemas of their own (pydantic's tuple[int, str], draft 4's items as a list)
 TUPLES = {"type": "object", "required": ["pair"], "properties": {
     "pair": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string", "maxLength": 3}],
@@ -431,6 +437,7 @@ def test_whitespace_runs_are_bounded():
     ({"items": {}, "additionalItems": False}, "additionalItems without items as a list"),
     ({"prefixItems": [{}, {}], "items": False, "minItems": 3}, "minItems 3 is more than the 2 items it may have"),
     ({"type": "number", "minimum": "1"}, "minimum must be a finite number"),
+    ({"type": "number", "maximum": float("inf")}, "maximum must be a finite number"),
 ])
 def test_schema_errors_name_the_keyword(schema, words):
     with pytest.raises(ValueError, match=re.escape(words)):
@@ -446,23 +453,26 @@ def test_number_bounds_against_the_reference():
              ({"type": "integer", "exclusiveMinimum": 2.5, "maximum": 7.9}, True),
              ({"type": "number", "minimum": 0.1, "maximum": 0.1}, False),
              ({"type": "number", "minimum": 1000, "maximum": 1234.5}, False),
-             ({"type": "integer", "maximum": -10}, True), ({"type": "number", "exclusiveMinimum": 99.99}, False)]
+             ({"type": "integer", "maximum": -10}, True), ({"type": "number", "exclusiveMinimum": 99.99}, False),
+             ({"type": "integer", "minimum": 1e23, "maximum": 10 ** 400}, True)]  # (1e23 is 99999999999999991611392)
     for schema, integer in cases:
         grammar = JsonSchemaGrammar(schema)
-        ends = [Fraction(str(v)) for k, v in schema.items() if k != "type"]
+        ends = [Fraction(v) if integer else Fraction(repr(v)) for k, v in schema.items() if k != "type"]
         accepted = 0
         for _ in range(1500):
             base = rng.choice(ends) + Fraction(rng.randint(-300, 300) * (rng.random() < 0.8), rng.choice([1, 10, 100]))
-            text = rng.choice([str(int(base)), f"{float(base):.{rng.randint(0, 4)}f}", f"{float(base):e}",
+            small = abs(base) < 10 ** 300  # (as a float)
+            text = rng.choice([str(int(base)), f"{float(base):.{rng.randint(0, 4)}f}" if small else str(int(base)),
+                               f"{float(base):e}" if small else "1e400",
                                str(rng.randint(-2000, 2000)), "-0", "0.0", "-", "01", "1.", ".5", "-0.10"])
             try:
                 value, ok = Fraction(text), re.fullmatch(r"-?(0|[1-9]\d*)(\.\d+)?", text) is not None
             except ValueError:
                 value, ok = None, False
-            ok = ok and not (integer and "." in text) and all(
-                test(value, Fraction(str(schema[word]))) for word, test in
-                [("minimum", operator.ge), ("exclusiveMinimum", operator.gt), ("maximum", operator.le),
-                 ("exclusiveMaximum", operator.lt)] if word in schema)
+            ok = ok and not (integer and "." in text) and all(  # (an integer as Python compares it, exactly)
+                test(int(text) if integer else value, schema[word] if integer else Fraction(repr(schema[word])))
+                for word, test in [("minimum", operator.ge), ("exclusiveMinimum", operator.gt),
+                                   ("maximum", operator.le), ("exclusiveMaximum", operator.lt)] if word in schema)
             assert completes(text, grammar) == ok, (schema, text)
             if ok:
                 accepted += 1
@@ -560,7 +570,7 @@ def test_allowed_sets_equal_a_token_by_token_check(monkeypatch):
     rng = random.Random(1)
     alphabet = [c.encode() for c in NOISE] + [b'"', b'":', b'",', b"  ", b'"}', b'\\"', b"\\u00", b"true", b"\xc3"]
     alphabet += [b"AB-", b"12", b"2024-", b"\xe4\xb8\xad", b"\xf0\x9f\x98", b"\x80", b"\\ud83d", b"\\ude00", b"ab",
-                 b"@x.", b"T1", b"Z"]
+                 b"@x.", b"T1", b"Z", b"aaaaa", b'aa"']
     pieces = {bytes((i,)) for i in range(256)}
     while len(pieces) < 3000:
         pieces.add(b"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5))))
@@ -578,6 +588,9 @@ def test_allowed_sets_equal_a_token_by_token_check(monkeypatch):
     grammar = JsonSchemaGrammar(CONSTRAINED)
     texts = [json.dumps(generate(CONSTRAINED, CONSTRAINED, rng), ensure_ascii=rng.random() < 0.3) for _ in range(12)]
     cases += [(grammar, s) for s in reachable_states(rng, grammar, texts, 60)]
+    grammar = JsonSchemaGrammar(UNIONS)  # states of several counted string parses at once
+    texts = ['{"u":"aa","v":"aaaaa","w":["aaaaaaaaaaa","a"]}', '{"u":"' + "a" * 22 + '","v":"ab"}']
+    cases += [(grammar, s) for s in reachable_states(rng, grammar, texts, 25)]
     for pattern, examples in [(r"[a-z ]{2,9}\d", ["ab 1", "x y z0"]),
                               (r"(\u00e9|\u4e2d)+[^a]?", ["\u00e9\u4e2d", "\u4e2dx"]),
                               (r"[^\n]*\n", ["any\u00e9 \"text\"\n"])]:
