@@ -65,7 +65,8 @@ MAX_NEWLINES, MAX_INDENT = 2, 64
 # over the vocabulary stays bounded; what the dropped parses alone would have allowed later is no longer allowed
 MAX_CONFIGURATIONS = 128
 # a string's `format`, as the regex its value must match: each one a subset of the format's strings (RFC 3339 dates
-# and times without leap days or leap seconds, an email's dot-atom local part, a hostname's labels of at most 63)
+# and times without leap days or leap seconds, an email's dot-atom local part, a hostname's labels of at most 63; a
+# hostname's total length (253) and an email's local part's (64) are not bounded)
 ANY_TEXT = Regex(r"[\x00-\U0010FFFF]*")  # any characters (valid UTF-8): a string with lengths alone
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _DATE = (r"[0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
