@@ -481,9 +481,7 @@ class JsonSchemaGrammar:
         compiler.prune(root)
         self.nodes = compiler.nodes
         self.key = ("json_schema", key, blocks)
-        # (pattern node, regex state) -> the plain bytes that leave it as it is; ("escape", node, regex state) ->
-        # whether a \u escape may follow
-        self._loops: dict = {}
+        self._escapes: dict = {}  # ("escape", string node, regex state) -> whether an escape may follow
         self.start = frozenset(self._expand([(frame,) for frame in self._starts(root)]))
 
     # ---- the grammar's interface (structured.py) --------------------------------------------------------------
@@ -502,7 +500,7 @@ class JsonSchemaGrammar:
                 mine = PLAIN
             elif (frame is not None and frame[0] == "pstr" and frame[2] == "in" and self.nodes[frame[1]][2] is None
                   and frame[3] >= self.nodes[frame[1]][1]):
-                mine = self._plain_loops(frame[1], self.nodes[frame[1]][3], frame[4])
+                mine = self.nodes[frame[1]][3].loops(frame[4], PLAIN)
             else:
                 return None
             if loops is not None and mine != loops:
@@ -529,15 +527,6 @@ class JsonSchemaGrammar:
             return frozenset((rest + (("pstr", node, "in", n, rstate, 0),),))
 
         return regex, frame[4], PLAIN, None if hi is None else hi - count, resume
-
-    def _plain_loops(self, node: int, regex, rstate) -> bytes:
-        key = (node, rstate)
-        out = self._loops.get(key)
-        if out is None:
-            if len(self._loops) >= 4096:
-                self._loops.clear()
-            out = self._loops[key] = bytes(a & b for a, b in zip(PLAIN, regex.loops(rstate)))
-        return out
 
     def step(self, state, b: int):
         """The next state (at most MAX_CONFIGURATIONS configurations), or None: no configuration takes the byte."""
@@ -697,11 +686,11 @@ class JsonSchemaGrammar:
         if hi is not None and count >= hi:
             return False
         key = ("escape", node, rstate)
-        if key not in self._loops:
-            if len(self._loops) >= 4096:
-                self._loops.clear()
-            self._loops[key] = _spellable(regex, rstate, 0, 0xFFFF)
-        return self._loops[key]
+        if key not in self._escapes:
+            if len(self._escapes) >= 4096:
+                self._escapes.clear()
+            self._escapes[key] = _spellable(regex, rstate, 0, 0xFFFF)
+        return self._escapes[key]
 
     def _character(self, rest, node: int, count: int, rstate, data: bytes) -> list:
         _, lo, hi, regex = self.nodes[node]

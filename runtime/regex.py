@@ -297,7 +297,7 @@ class Regex:
         self.edges: list[list[tuple[int, int, int]]] = []
         start, self.final = self._build(tree)
         self._tables: dict[frozenset, list] = {}
-        self._loops: dict[frozenset, bytes] = {}
+        self._loops: dict = {}  # (state, within) -> loops; ("characters", state) -> characters_loop
         self.start = self._closure(start)
         self._number_states()
 
@@ -406,11 +406,31 @@ class Regex:
     def accepting(self, state: frozenset) -> bool:
         return self.final in state
 
-    def loops(self, state: frozenset) -> bytes:
-        """256 bytes, 1 where that byte leaves `state` as it is."""
-        out = self._loops.get(state)
+    def characters_loop(self, state: frozenset) -> bool:
+        """Whether every character of two or more UTF-8 bytes leaves `state` as it is (cached)."""
+        key = ("characters", state)
+        out = self._loops.get(key)
         if out is None:
-            out = self._loops[state] = bytes(int(t == state) for t in self._table(state))
+            out = True
+            for lo, hi in ((0x80, 0xD7FF), (0xE000, MAX_CODE)):
+                for seq in utf8_sequences(lo, hi):
+                    frontier = {state}
+                    for a, b in seq:
+                        frontier = {self.step(s, x) for s in frontier for x in range(a, b + 1)}
+                        if None in frontier:
+                            break
+                    out = out and frontier == {state}
+            self._loops[key] = out
+        return out
+
+    def loops(self, state: frozenset, within: bytes | None = None) -> bytes:
+        """256 bytes, 1 where that byte leaves `state` as it is (and is 1 in `within`)."""
+        out = self._loops.get((state, within))
+        if out is None:
+            out = bytes(int(t == state) for t in self._table(state))
+            if within is not None:
+                out = bytes(a & b for a, b in zip(out, within))
+            self._loops[(state, within)] = out
         return out
 
     # ---- the DFA numbered, for TokenIndex's walk over many tokens at once (numpy) ----------------------------------

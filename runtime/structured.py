@@ -174,6 +174,7 @@ class TokenIndex:
         self._lengths = np.array([len(b) for b in self.sorted_bytes], dtype=np.int64)
         self._starts = np.cumsum(self._lengths) - self._lengths
         self._cumulative_chars = np.concatenate([[0], np.cumsum((self._flat & 0xC0) != 0x80)])
+        self._in_characters = _in_characters(self._flat, self._starts, self._lengths)
         self._outside: OrderedDict = OrderedDict()  # byte set -> per sorted token, its last byte outside the set
         self._positions: OrderedDict = OrderedDict()  # byte set -> where the bytes outside it are (outside_positions)
         self._cache: OrderedDict = OrderedDict()
@@ -191,17 +192,21 @@ class TokenIndex:
             self._cache.move_to_end(key)
         return np.unpackbits(packed, count=self.vocab_size).astype(bool)
 
-    def outside_positions(self, byteset: bytes) -> np.ndarray:
-        """The positions in all sorted tokens' bytes end to end of the bytes not in `byteset`, then the end of them
-        all (cached)."""
-        out = self._positions.get(byteset)
+    def outside_positions(self, byteset: bytes, characters: bool = False) -> np.ndarray:
+        """The positions in all sorted tokens' bytes end to end of the bytes not in `byteset` (with `characters`,
+        nor in a whole multi-byte UTF-8 character within its token), then the end of them all (cached)."""
+        key = (byteset, characters)
+        out = self._positions.get(key)
         if out is None:  # (int32: ~4 MB for Qwen's vocabulary; POSITIONS_CACHED sets kept)
-            outside = np.flatnonzero(np.frombuffer(byteset, dtype=np.uint8)[self._flat] == 0).astype(np.int32)
-            out = self._positions[byteset] = np.append(outside, np.int32(len(self._flat)))
+            inside = np.frombuffer(byteset, dtype=np.uint8)[self._flat] != 0
+            if characters:
+                inside |= self._in_characters
+            out = np.append(np.flatnonzero(~inside).astype(np.int32), np.int32(len(self._flat)))
+            self._positions[key] = out
             if len(self._positions) > self.POSITIONS_CACHED:
                 self._positions.popitem(last=False)
         else:
-            self._positions.move_to_end(byteset)
+            self._positions.move_to_end(key)
         return out
 
     def last_outside(self, byteset: bytes) -> np.ndarray:
@@ -248,11 +253,12 @@ class TokenIndex:
         rows = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
         first, end = self._starts[rows] + depth, self._starts[rows] + self._lengths[rows]
         # first each token's run of bytes that leave the state as it is, at once (searched in the positions of the
-        # bytes that do not)
-        loops = bytes(a & b for a, b in zip(takes, regex.loops(rstate)))
+        # bytes that do not): single bytes, and whole multi-byte characters where every one of them does
+        loops = regex.loops(rstate, takes)
+        characters = all(takes[0x80:]) and regex.characters_loop(rstate)
         at = first
-        if any(loops):
-            outside = self.outside_positions(loops)
+        if any(loops) or characters:
+            outside = self.outside_positions(loops, characters)
             at = np.minimum(outside[np.searchsorted(outside, first)], end)
         chars = self._cumulative_chars[at] - self._cumulative_chars[first]
         if budget is not None:
@@ -322,6 +328,34 @@ class TokenIndex:
                     todo.append((depth + 1, i, j, nxt))
                 i = j
         return mask
+
+
+def _in_characters(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Per byte of the tokens end to end: whether it belongs to a valid multi-byte UTF-8 character that lies whole
+    within its token (no overlong form, no surrogate, nothing past U+10FFFF)."""
+    n = len(flat)
+    position, end = np.arange(n), np.repeat(starts + lengths, lengths)
+    byte = flat.astype(np.int32)
+
+    def ahead(k: int) -> np.ndarray:  # the byte k further in the same token, or -1
+        out = np.full(n, -1, dtype=np.int32)
+        inside = position + k < end
+        out[inside] = byte[position[inside] + k]
+        return out
+
+    b1, b2, b3 = ahead(1), ahead(2), ahead(3)
+    c1, c2, c3 = ((b >= 0x80) & (b <= 0xBF) for b in (b1, b2, b3))
+    two = (byte >= 0xC2) & (byte <= 0xDF) & c1
+    three = ((byte >= 0xE0) & (byte <= 0xEF) & c1 & c2 & ~((byte == 0xE0) & (b1 < 0xA0))
+             & ~((byte == 0xED) & (b1 > 0x9F)))
+    four = ((byte >= 0xF0) & (byte <= 0xF4) & c1 & c2 & c3 & ~((byte == 0xF0) & (b1 < 0x90))
+            & ~((byte == 0xF4) & (b1 > 0x8F)))
+    out = np.zeros(n, dtype=bool)
+    for size, lead in ((2, two), (3, three), (4, four)):
+        at = np.flatnonzero(lead)
+        for k in range(size):
+            out[at + k] = True
+    return out
 
 
 class Matcher:

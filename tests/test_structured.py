@@ -571,6 +571,7 @@ def test_allowed_sets_equal_a_token_by_token_check(monkeypatch):
     alphabet = [c.encode() for c in NOISE] + [b'"', b'":', b'",', b"  ", b'"}', b'\\"', b"\\u00", b"true", b"\xc3"]
     alphabet += [b"AB-", b"12", b"2024-", b"\xe4\xb8\xad", b"\xf0\x9f\x98", b"\x80", b"\\ud83d", b"\\ude00", b"ab",
                  b"@x.", b"T1", b"Z", b"aaaaa", b'aa"']
+    alphabet += [b"\xed\xa0\x80", b"\xc0\xaf", b"\xe0\x80\xaf", b"\xf4\x90\x80\x80"]  # a surrogate, overlong, > U+10FFFF
     pieces = {bytes((i,)) for i in range(256)}
     while len(pieces) < 3000:
         pieces.add(b"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5))))
@@ -593,7 +594,8 @@ def test_allowed_sets_equal_a_token_by_token_check(monkeypatch):
     cases += [(grammar, s) for s in reachable_states(rng, grammar, texts, 25)]
     for pattern, examples in [(r"[a-z ]{2,9}\d", ["ab 1", "x y z0"]),
                               (r"(\u00e9|\u4e2d)+[^a]?", ["\u00e9\u4e2d", "\u4e2dx"]),
-                              (r"[^\n]*\n", ["any\u00e9 \"text\"\n"])]:
+                              (r"[^\n]*\n", ["any\u00e9 \"text\"\n"]),
+                              (r"[^a]{1,3}x?", ["\u00e9\u4e2d", "\u4e2dx", "\u4e2d\u4e2d\u4e2dx"])]:
         regex = RegexGrammar(pattern)
         cases += [(regex, s) for s in reachable_states(rng, regex, examples, 12)]
     kinds = set()
