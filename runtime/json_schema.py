@@ -204,7 +204,7 @@ class _Compiler:
             raise ValueError(f"json schema at {path}: pattern beside format is not implemented")
         regex = None
         if "format" in rules:
-            if rules["format"] not in FORMATS:
+            if not isinstance(rules["format"], str) or rules["format"] not in FORMATS:
                 raise ValueError(f"json schema at {path}: format {str(rules['format'])[:40]!r} is not implemented "
                                  f"(formats: {', '.join(FORMATS)})")
             regex = Regex(FORMATS[rules["format"]])
@@ -324,7 +324,8 @@ class _Compiler:
             raise ValueError(f"json schema at {path}: $ref {str(ref)[:60]!r}: only local refs (#...) are implemented")
         for part in (p for p in ref[1:].split("/") if p):
             part = part.replace("~1", "/").replace("~0", "~")
-            if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+            index = part.isascii() and part.isdigit() and (part == "0" or part[0] != "0")  # (RFC 6901's form)
+            if isinstance(target, list) and index and int(part) < len(target):
                 target = target[int(part)]  # (a list's item: "#/anyOf/1", "#/prefixItems/0")
             elif isinstance(target, dict) and part in target:
                 target = target[part]

@@ -10,12 +10,13 @@ match is one of the strings a search accepts). The syntax, the part Python's re 
 - characters, `.` (any character but a line feed or a carriage return), classes `[...]` and `[^...]` with ranges,
   escapes `\\d \\w \\s` (ASCII: [0-9], [A-Za-z0-9_], [ \\t\\n\\r\\f\\v]) and `\\D \\W \\S`, `\\n \\t \\r \\f \\v \\0`,
   `\\xHH \\uHHHH \\UHHHHHHHH`, any escaped punctuation;
-- groups `(...)`, `(?:...)`, `(?P<name>...)` / `(?<name>...)`; alternation `|`; quantifiers `* + ? {n} {n,} {,m}
-  {n,m}`, lazy ones too (the same strings);
+- groups `(...)`, `(?:...)`, `(?P<name>...)` / `(?<name>...)`; alternation `|`; quantifiers `* + ? {n} {n,} {n,m}`,
+  lazy ones too (the same strings);
 - `^` at the start and `$` at the end of the pattern or of a top-level branch (the match is whole anyway).
-Anything else (backreferences, lookaround, `\\b`, inline flags, possessive quantifiers, anchors elsewhere) is a
-ValueError that names it: nothing is silently matched differently. Every state the DFA reaches can still reach a
-match (a class that matches no character is an error), so a masked output never gets stuck.
+Anything else (backreferences, lookaround, `\\b`, inline flags, possessive quantifiers, anchors elsewhere), and what
+the two read differently (`{,m}`, a `]` first in a class), is a ValueError that names it: nothing is silently
+matched differently. Every state the DFA reaches can still reach a match (a class that matches no character is an
+error), so a masked output never gets stuck.
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ class _Parser:
             self.i += 1
         elif c == "{" and _QUANTIFIER.match(self.p, self.i):
             m = _QUANTIFIER.match(self.p, self.i)
+            if not m.group(1) and m.group(2):
+                self.error("{,m} is a count in Python's re but text in ECMAScript: write {0,m}")
             if not m.group(2):
                 lo = hi = int(m.group(1)) if m.group(1) else self.error("a quantifier {} needs a count")
             else:
@@ -233,6 +236,9 @@ class _Parser:
             if c == "]" and not first:
                 self.i += 1
                 break
+            if c == "]":
+                self.error("a ']' first in a class is text in Python's re but ends the class in ECMAScript: "
+                           "escape it")
             first = False
             item = self.class_item()
             single = len(item) == 1 and item[0][0] == item[0][1]
@@ -285,7 +291,7 @@ class Regex:
     state as it is). States are frozensets of NFA state ids (hashable, the same in every process)."""
 
     TABLE_ENTRIES = 4096  # DFA states whose successor tables are kept
-    NUMBERED = 65536  # DFA states numbered for `next_ids` before the numbering starts over
+    NUMBERED = 16384  # DFA states numbered for `next_ids` before the numbering starts over (~32 MB of tables)
 
     def __init__(self, pattern: str):
         if not isinstance(pattern, str):

@@ -255,7 +255,7 @@ class TokenIndex:
         # first each token's run of bytes that leave the state as it is, at once (searched in the positions of the
         # bytes that do not): single bytes, and whole multi-byte characters where every one of them does
         loops = regex.loops(rstate, takes)
-        characters = all(takes[0x80:]) and regex.characters_loop(rstate)
+        characters = any(loops) and all(takes[0x80:]) and regex.characters_loop(rstate)  # (a counted one: no)
         at = first
         if any(loops) or characters:
             outside = self.outside_positions(loops, characters)

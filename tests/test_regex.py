@@ -18,9 +18,9 @@ pytestmark = pytest.mark.timeout(300)
 # no carriage return: `.` leaves it out (as ECMAScript's does), Python's takes it
 ALPHABET = "abcxyz AZ09_-.@\n\t\u00e9\u00ff\u4e2d\U0001f600\"\\"
 FIXED = [r"[a-z]+@[a-z]+\.(com|org)", r"\d{3}-\d{4}", r"(ab|a)*b?", r"[^a-c]{2,4}x", r"\u00e9+[^\u00e9]?",
-         r".{0,3}z", r"(?:a|b|)*c{,2}", r"\w+\s\W", r"^(a|bc)$", r"^a|b$", r"[\d\-]+", r"\u00e9|\x41|\n",
+         r".{0,3}z", r"(?:a|b|)*c{0,2}", r"\w+\s\W", r"^(a|bc)$", r"^a|b$", r"[\d\-]+", r"\u00e9|\x41|\n",
          r"(a{2}){1,2}", r"[^\n]*", r"\U0001F600?[\u4e2d-\u4e2f]", r"(?P<word>[A-Z][a-z]*)",
-         r"[]a]+", r"[^]a]", r"a{2,}?b", r"(?<name>x)|y{0}", r"\.\*\+\?\(\)\[\]\{\}\|\\\^\$", r"a{,}", r"[\S\d]",
+         r"[\]a]+", r"[^\]a]", r"a{2,}?b", r"(?<name>x)|y{0}", r"\.\*\+\?\(\)\[\]\{\}\|\\\^\$", r"[\S\d]",
          r"\D\W", r"[+*?]", "a{\u0663}", "a{1,\u0663}b"]  # (a non-ASCII digit is no count: literal, as in re)
 
 
@@ -152,7 +152,8 @@ def test_lengths_in_characters(pattern, lengths):
     ("[^\\x00-\\U0010FFFF]", "matches no character"), ("a{1001}", "larger than 1000"), ("a{3,2}", "min > max"),
     ("(a{1000}){1000}", "too large"), ("a\\", "trailing backslash"), ("\\q", "the escape \\q"),
     ("\\x4", "needs 2 hex digits"), ("\\ud800", "is not a character"), ("[a", "missing ']'"),
-    ("\\01", "octal escapes"), ("(?P<1>a)", "a bad group name"), ("[\\d-z]", "a range's start is a class"),
+    ("\\01", "octal escapes"), ("(?P<1>a)", "a bad group name"), ("a{,3}", "write {0,m}"), ("a{,}", "write {0,m}"),
+    ("[]a]", "a ']' first in a class"), ("[^]a]", "a ']' first in a class"), ("[\\d-z]", "a range's start is a class"),
     ("[a-\\d]", "a range's end is a class"),
 ])
 def test_errors_name_what_is_not_implemented(pattern, words):
