@@ -12,21 +12,22 @@ stuck; a state keeps at most MAX_CONFIGURATIONS configurations.
 The schema subset (what OpenAI's strict structured outputs and most tool definitions use), each keyword checked:
 `type` (a name or a list; without one, object or array keywords make it that type, and no keyword any value),
 `properties`, `required`, `additionalProperties` (false, or with no `properties` a schema or true), `items`,
-`minItems`, `maxItems`, `enum`, `const`, `anyOf`, `oneOf` (as anyOf: one match is not enforced), `allOf` of one
-schema, local `$ref`s ("#", "#/$defs/...", any JSON pointer into the schema; recursion included), `prefixItems` (or
-draft 4-2019's `items` as a list, with `additionalItems`; `items: false` for none past them), strings' `pattern`
-(a whole match: regex.py), `format` (FORMATS, each as a regex) and `minLength` / `maxLength` (characters; beside a
-pattern or format only where it implies them), numbers' `minimum`, `maximum`, `exclusiveMinimum` and
-`exclusiveMaximum` (exact comparisons: _Compiler._number; a bounded number takes no exponent), and annotations (title,
-description, default, examples, ...). Without a `type`, string keywords make it a string and number keywords a
-number. An object with `properties` takes only those keys (as OpenAI's strict outputs and xgrammar's strict mode;
-`additionalProperties` beside them may only be false), in any order, each once, the `required` ones before it closes;
-an object of any keys may repeat one (its keys are not remembered). A key is written as json.dumps writes it. A
-string without a pattern, format or length is any JSON string (bytes >= 0x80 as they come); one with them is read as
-the characters it spells (escapes decoded, surrogate pairs joined, valid UTF-8 only). Any other keyword (multipleOf,
-uniqueItems, minProperties, ...) is a ValueError naming it and where it is, not a constraint silently dropped. JSON's
-whitespace may go between tokens (at most MAX_NEWLINES line breaks in a row, each followed by at most MAX_INDENT
-other whitespace bytes), not before or after the whole value.
+`minItems`, `maxItems`, `enum` and `const` (_Compiler._constant), `anyOf`, `oneOf` (as anyOf: one match is not
+enforced), `allOf` of one schema, local `$ref`s ("#", "#/$defs/...", any JSON pointer into the schema; recursion
+included), `prefixItems` (or draft 4-2019's `items` as a list, with `additionalItems`; `items: false` for none past
+them), strings' `pattern` (a whole match: regex.py), `format` (FORMATS, each as a regex) and `minLength` /
+`maxLength` (characters; beside a pattern or format only where it implies them), numbers' `minimum`, `maximum`,
+`exclusiveMinimum` and `exclusiveMaximum` (exact comparisons: _Compiler._number; a bounded number takes no exponent),
+and annotations (title, description, default, examples, ...). Without a `type`, string keywords make it a string and
+number keywords a number. An object with `properties` takes only those keys (as OpenAI's strict outputs and
+xgrammar's strict mode; `additionalProperties` beside them may only be false), in any order, each once, the
+`required` ones before it closes; an object of any keys may repeat one (its keys are not remembered). A key is
+written as json.dumps writes it (ensure_ascii=False). A string without a pattern, format or length is any JSON string
+(bytes >= 0x80 as they come); one with them is read as the characters it spells (escapes decoded, surrogate pairs
+joined, valid UTF-8 only). Any other keyword (multipleOf, uniqueItems, minProperties, ...) is a ValueError naming it
+and where it is, not a constraint silently dropped. JSON's whitespace may go between tokens (at most MAX_NEWLINES
+line breaks in a row, each followed by at most MAX_INDENT other whitespace bytes), not before or after the whole
+value.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class _Compiler:
             values = rules["enum"] if "enum" in rules else [rules["const"]]
             if not isinstance(values, list) or not values:
                 raise ValueError(f"json schema at {path}: enum must be a non-empty list")
-            return self.add(("literal", tuple(sorted({_encoded(v) for v in values}))))
+            return self.add(("union", tuple(self._constant(v, path) for v in values)))
         for word in ("anyOf", "oneOf", "allOf"):
             if word in rules:
                 subs = rules[word]
@@ -154,6 +155,22 @@ class _Compiler:
                 raise ValueError(f"json schema at {path}: type must be a type name or a non-empty list of them")
             return self.add(("union", tuple(self._typed(k, rules, path) for k in kinds)))
         return self._typed(kinds, rules, path)
+
+    def _constant(self, value, path: str) -> int:
+        """A node that takes exactly `value`: a string, number, true, false or null as json.dumps writes it (a
+        string with or without ensure_ascii), an object's keys in any order, whitespace between tokens as anywhere
+        (prune merges a union of literals into one)."""
+        if isinstance(value, dict):
+            if not all(isinstance(k, str) for k in value):
+                raise ValueError(f"json schema at {path}: a constant object's keys must be strings")
+            index = self.add(None)
+            fields = {_encoded(k): self._constant(v, path) for k, v in value.items()}
+            self.nodes[index] = ("object", fields, frozenset(fields), None)
+            return index
+        if isinstance(value, list):
+            return self.add(("array", None, len(value), len(value), tuple(self._constant(v, path) for v in value)))
+        forms = {_encoded(value)} | ({json.dumps(value).encode()} if isinstance(value, str) else set())
+        return self.add(("literal", tuple(sorted(forms))))
 
     def _typed(self, kind, rules: dict, path: str) -> int:
         if kind not in TYPES:
