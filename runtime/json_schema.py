@@ -22,12 +22,12 @@ and annotations (title, description, default, examples, ...). Without a `type`, 
 number keywords a number. An object with `properties` takes only those keys (as OpenAI's strict outputs and
 xgrammar's strict mode; `additionalProperties` beside them may only be false), in any order, each once, the
 `required` ones before it closes; an object of any keys may repeat one (its keys are not remembered). A key is
-written as json.dumps writes it (ensure_ascii=False). A string without a pattern, format or length is any JSON string
-(bytes >= 0x80 as they come); one with them is read as the characters it spells (escapes decoded, surrogate pairs
-joined, valid UTF-8 only). Any other keyword (multipleOf, uniqueItems, minProperties, ...) is a ValueError naming it
-and where it is, not a constraint silently dropped. JSON's whitespace may go between tokens (at most MAX_NEWLINES
-line breaks in a row, each followed by at most MAX_INDENT other whitespace bytes), not before or after the whole
-value.
+written as json.dumps writes it (with or without ensure_ascii). A string without a pattern, format or length is any
+JSON string (bytes >= 0x80 as they come); one with them is read as the characters it spells (escapes decoded,
+surrogate pairs joined, valid UTF-8 only). Any other keyword (multipleOf, uniqueItems, minProperties, ...) is a
+ValueError naming it and where it is, not a constraint silently dropped. JSON's whitespace may go between tokens (at
+most MAX_NEWLINES line breaks in a row, each followed by at most MAX_INDENT other whitespace bytes), not before or
+after the whole value.
 """
 
 from __future__ import annotations
@@ -89,9 +89,15 @@ def _encoded(value) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+def _aliases(keys) -> dict[bytes, bytes]:
+    """{a key as json.dumps writes it with ensure_ascii: the key encoded}, for the keys where the two differ."""
+    return {json.dumps(k).encode(): _encoded(k) for k in keys if json.dumps(k).encode() != _encoded(k)}
+
+
 class _Compiler:
     """Schema -> nodes (tuples, referring to each other by index):
-    ("union", alternatives), ("object", {encoded key: node}, required encoded keys, free node or None),
+    ("union", alternatives), ("object", {encoded key: node}, required encoded keys, free node or None, {a key as
+    json.dumps writes it with ensure_ascii, where that differs: its encoded key}),
     ("array", item node or None, min items, max items or None, the first items' nodes), ("string",), ("pstring",
     min characters, max characters or None, Regex), ("number", integer only), ("bnum", integer only, lower end, upper
     end), ("literal", sorted encoded values); and ("blocks", value node, most blocks or 0) for tool-call blocks
@@ -101,7 +107,7 @@ class _Compiler:
         self.root = root
         self.nodes: list = [None]
         self.refs: dict[str, int] = {}
-        any_object = self.add(("object", {}, frozenset(), ANY))
+        any_object = self.add(("object", {}, frozenset(), ANY, {}))
         any_array = self.add(("array", ANY, 0, None, ()))
         scalars = [self.add(("string",)), self.add(("number", False)),
                    self.add(("literal", tuple(sorted((b"true", b"false", b"null")))))]
@@ -165,7 +171,7 @@ class _Compiler:
                 raise ValueError(f"json schema at {path}: a constant object's keys must be strings")
             index = self.add(None)
             fields = {_encoded(k): self._constant(v, path) for k, v in value.items()}
-            self.nodes[index] = ("object", fields, frozenset(fields), None)
+            self.nodes[index] = ("object", fields, frozenset(fields), None, _aliases(value))
             return index
         if isinstance(value, list):
             return self.add(("array", None, len(value), len(value), tuple(self._constant(v, path) for v in value)))
@@ -295,7 +301,7 @@ class _Compiler:
                                                      self.node(extra, f"{path}/additionalProperties"))
         index = self.add(None)  # (before its children: a $ref inside may come back to it)
         fields = {_encoded(k): self.node(v, f"{path}/properties/{k}") for k, v in props.items()}
-        self.nodes[index] = ("object", fields, frozenset(_encoded(k) for k in required), free)
+        self.nodes[index] = ("object", fields, frozenset(_encoded(k) for k in required), free, _aliases(props))
         return index
 
     def prune(self, root: int) -> None:
@@ -326,7 +332,8 @@ class _Compiler:
                     self.nodes[i] = ("union", alts)
             elif node[0] == "object":
                 free = node[3] if node[3] is not None and done[node[3]] else None
-                self.nodes[i] = ("object", {k: v for k, v in node[1].items() if done[v]}, node[2], free)
+                fields = {k: v for k, v in node[1].items() if done[v]}
+                self.nodes[i] = ("object", fields, node[2], free, {a: k for a, k in node[4].items() if k in fields})
             elif node[0] == "array":  # no more items than those that can end
                 _, item, lo, hi, prefix = node
                 cut = next((k for k in range(len(prefix) + (item is not None)) if not done[_item(node, k)]), None)
@@ -638,8 +645,9 @@ class JsonSchemaGrammar:
         if parent[0] == "arr":
             return rest[:-1] + (("arr", parent[1], "after", parent[3] + 1),)
         _, node, phase, seen, key = parent
-        if phase == "key":  # the key's bytes: a declared key's literal (a free key is not kept)
-            return rest[:-1] + (("obj", node, "colon", seen, child[2] if child[0] == "lit" else None),)
+        if phase == "key":  # the key's bytes: a declared key's literal, as encoded (a free key is not kept)
+            key = self.nodes[node][4].get(child[2], child[2]) if child[0] == "lit" else None
+            return rest[:-1] + (("obj", node, "colon", seen, key),)
         return rest[:-1] + (("obj", node, "after", seen | {key} if key is not None else seen, None),)
 
     def _push(self, rest, parent, node_or_frames, b: int) -> list:
@@ -793,14 +801,15 @@ class JsonSchemaGrammar:
             return []
         # an object
         _, node, phase, seen, key = frame
-        _, fields, required, free = self.nodes[node]
+        _, fields, required, free, aliases = self.nodes[node]
         if phase == "start":
             return [rest + (("obj", node, "open", seen, None),)] if b == 0x7B else []
         if b in WHITESPACE and phase in ("open", "colon", "value", "after", "comma"):
             return [config + (_whitespace(None, b),)]
         if phase in ("open", "comma") and b == 0x22:
             waiting = ("obj", node, "key", seen, None)
-            left = tuple(sorted(k for k in fields if k not in seen))
+            left = tuple(sorted([k for k in fields if k not in seen]
+                                + [a for a, k in aliases.items() if k not in seen]))  # (either form of a key)
             keys = ([("lit", left, b"")] if left else []) + ([("str", "start")] if free is not None else [])
             return self._push(rest, waiting, keys, b)
         if phase == "open" and b == 0x7D:
