@@ -44,7 +44,8 @@ ESCAPED = frozenset(b'"\\/bfnrt')
 DIGITS = frozenset(b"0123456789")
 
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
-                         "readOnly", "writeOnly", "$defs", "definitions"))
+                         "readOnly", "writeOnly", "$defs", "definitions",
+                         "discriminator"))  # (OpenAPI's, beside a oneOf: pydantic's tagged unions; it adds no rule)
 STRING_KEYWORDS = frozenset(("pattern", "format", "minLength", "maxLength"))
 NUMBER_KEYWORDS = frozenset(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
 KEYWORDS = frozenset(("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properties", "required",
@@ -66,14 +67,15 @@ MAX_NEWLINES, MAX_INDENT = 2, 64
 # over the vocabulary stays bounded; what the dropped parses alone would have allowed later is no longer allowed
 MAX_CONFIGURATIONS = 128
 # a string's `format`, as the regex its value must match: each one a subset of the format's strings (RFC 3339 dates
-# and times without leap days or leap seconds, an email's dot-atom local part, a hostname's labels of at most 63; a
-# hostname's total length (253) and an email's local part's (64) are not bounded)
+# and times without leap days or leap seconds, an email's dot-atom local part, a hostname's labels of at most 63, a
+# uri as an http(s) URL; a hostname's total length (253) and an email's local part's (64) are not bounded)
 ANY_TEXT = Regex(r"[\x00-\U0010FFFF]*")  # any characters (valid UTF-8): a string with lengths alone
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _DATE = (r"[0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
          r"|02-(0[1-9]|1[0-9]|2[0-8]))")
 _TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_URI_CHAR = r"[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2}"
 FORMATS = {
     "date": _DATE,
     "time": _TIME,
@@ -82,6 +84,8 @@ FORMATS = {
     "ipv4": rf"({_OCTET}\.){{3}}{_OCTET}",
     "email": rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~-]+)*@{_LABEL}(\.{_LABEL})+",
     "hostname": rf"{_LABEL}(\.{_LABEL})*",
+    # an http(s) URL: host, port, path, query and fragment of RFC 3986's characters, %-escapes well formed
+    "uri": rf"https?://{_LABEL}(\.{_LABEL})*(:[0-9]{{1,5}})?(/({_URI_CHAR})*)*(\?({_URI_CHAR}|[/?])*)?(#({_URI_CHAR}|[/?])*)?",
 }
 
 

@@ -14,6 +14,7 @@ import json
 import operator
 import random
 import re
+import urllib.parse
 import uuid
 from fractions import Fraction
 
@@ -127,7 +128,7 @@ TREE = {"$ref": "#/$defs/node", "$defs": {"node": {"type": "object", "properties
     "value": {"type": "integer"}, "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
     "required": ["value"]}}}
 LIST = {"type": "array", "items": {"type": ["string", "integer", "null"]}, "minItems": 1, "maxItems": 4}
-MIXED = {"oneOf": [{"const": "yes"}, {"enum": [1, 10, 100, True]},
+MIXED = {"discriminator": {"propertyName": "kind"}, "oneOf": [{"const": "yes"}, {"enum": [1, 10, 100, True]},
                    {"type": "object", "additionalProperties": {"type": "number"}},
                    {"enum": [{"a": [1, "\u00e9"], "b": None}, [1, {"c": False}], "x\u00e9\"", []]}]}
 # strings with patterns, formats and lengths, numbers with bounds (each pattern and format has examples, which
@@ -142,6 +143,8 @@ CONSTRAINED = {"type": "object", "required": ["code", "n"], "properties": {
     "ip": {"type": "string", "format": "ipv4", "examples": ["192.168.0.1", "8.8.8.8", "255.0.10.199"]},
     "mail": {"type": "string", "format": "email", "examples": ["a.b+c@example.org", "x@y-z.io"]},
     "host": {"type": "string", "format": "hostname", "examples": ["example.com", "a-b", "x1.y2.z3"]},
+    "site": {"type": "string", "format": "uri", "examples": ["https://example.com", "http://a-b.io:8080/x/y%20z?q=1&r=/#top",
+                                                            "https://x.y/~u/(a),b;c=d@e!"]},
     "name": {"type": "string", "minLength": 2, "maxLength": 5}, "nick": {"type": "string", "minLength": 3},
     "word": {"type": "string", "pattern": "[a-z\u00e9]{1,5}( [a-z\u00e9\u4e2d]{1,5})?", "maxLength": 11,
              "examples": ["\u00e9t\u00e9", "ab cd", "z \u4e2d\u4e2d"]},
@@ -324,7 +327,17 @@ FORMAT_CHECKS = {
     "email": lambda v: v.count("@") == 1 and "" not in v.split("@")[0].split(".") and _hostname_ok(v.split("@")[1])
     and "." in v.split("@")[1] and not re.search(r"[\s\"(),:;<>@\[\\\]]", v.split("@")[0]),
     "hostname": _hostname_ok,
+    "uri": lambda v: _uri_ok(v),
 }
+
+
+def _uri_ok(text: str) -> bool:
+    """An http(s) URL of RFC 3986's characters (reserved, unreserved, well-formed %-escapes), with a host."""
+    parts = urllib.parse.urlsplit(text)
+    host = parts.netloc.rsplit(":", 1)
+    return (parts.scheme in ("http", "https") and _hostname_ok(host[0]) and host[0] != ""
+            and (len(host) == 1 or host[1].isdigit())
+            and re.fullmatch(r"([A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*", text) is not None)
 
 
 def json_equal(a, b) -> bool:
