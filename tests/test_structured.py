@@ -3,7 +3,8 @@ formats, lengths and bounds too) against a reference validator written apart, no
 grammar, the allowed-token sets of the prefix walk and the DFA walk against a token-by-token check (a random
 vocabulary and Qwen's), and the engine: every step's token is the best one its mask allows (the logits recorded),
 outputs complete and end with a stop token, alone or batched with free requests (which are unchanged), through
-preemption, and clear errors. The regex engine itself: test_regex.py."""
+preemption, with Qwen's real vocabulary and tokenizer end to end, and clear errors. The regex engine itself:
+test_regex.py."""
 
 from __future__ import annotations
 
@@ -863,3 +864,34 @@ def test_structured_outputs_errors(tiny, hf_checkpoints, monkeypatch):
     with pytest.raises(ValueError, match="ships no tokenizer.json"):
         no_tokenizer.generate([[1, 2]], SamplingParams(structured_outputs=JSON))
     assert len(tiny.generate("x", SamplingParams(max_tokens=3, temperature=0))[0].token_ids) == 3  # still usable
+
+
+def test_structured_outputs_with_qwens_tokenizer(real_tok_dir):
+    """The whole path with Qwen's byte-level BPE vocabulary (151,936 ids, eos from generation_config.json): seeded
+    sampled outputs of a regex and of a schema of a pattern, bounds, a length and a boolean all complete with eos,
+    match or validate, and every token was one its mask allowed (replayed); greedy too."""
+    llm = LLM(real_tok_dir, device="cpu", max_seq_len=512, max_batch_size=4)
+    schema = {"type": "object", "additionalProperties": False, "required": ["code", "n", "ok", "name"],
+              "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3}$"},
+                             "n": {"type": "integer", "minimum": 1, "maximum": 99}, "ok": {"type": "boolean"},
+                             "name": {"type": "string", "maxLength": 5}}}
+
+    def validates(text: str) -> bool:
+        value = json.loads(text)
+        return (set(value) == {"code", "n", "ok", "name"} and re.fullmatch(r"[A-Z]{2}-\d{3}", value["code"])
+                and 1 <= value["n"] <= 99 and isinstance(value["ok"], bool) and len(value["name"]) <= 5)
+
+    pattern = r"(yes|no), [a-z\u00e9]{1,8}\."
+    index = TokenIndex(llm.tokenizer.token_bytes(), llm.config.vocab_size)
+    for so, check in [(StructuredOutputs(regex=pattern), lambda t: re.fullmatch(pattern, t)),
+                      (StructuredOutputs(json=schema), validates)]:
+        for params in (SamplingParams(max_tokens=400, temperature=1.0, seed=3, n=3, structured_outputs=so),
+                       SamplingParams(max_tokens=400, temperature=0, structured_outputs=so)):
+            for out in llm.generate("Answer:", params)[0].outputs:
+                assert out.finish_reason == "stop" and out.token_ids[-1] in llm.eos_token_ids, out.text
+                assert check(out.text), out.text
+                matcher = Matcher(so.grammar(), index, llm.eos_token_ids)
+                for token in out.token_ids:
+                    assert matcher.mask()[token]
+                    matcher.advance(token)
+                assert matcher.complete
