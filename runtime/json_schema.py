@@ -493,10 +493,11 @@ def _order(config) -> tuple[int, str]:
 class JsonSchemaGrammar:
     """A JSON value that a schema (the subset in the module's docstring) accepts, byte by byte."""
 
-    def __init__(self, schema: dict, blocks: int | None = None):
+    def __init__(self, schema: dict, blocks: int | None = None, whitespace: bool = True):
         """blocks: None, the value alone; else the output is 1 to `blocks` (0: any number of) tool-call blocks in
         Qwen's Hermes format, each a value of the schema: "<tool_call>\\n" value "\\n</tool_call>", joined by
-        "\\n" (tool_calls.py reads them back)."""
+        "\\n" (tool_calls.py reads them back). whitespace=False: none between tokens either (compact JSON, vLLM's
+        disable_any_whitespace)."""
         if not isinstance(schema, dict):
             raise ValueError(f"a json schema must be a dict, got {type(schema).__name__}")
         try:
@@ -509,7 +510,8 @@ class JsonSchemaGrammar:
             root = compiler.add(("blocks", root, blocks))
         compiler.prune(root)
         self.nodes = compiler.nodes
-        self.key = ("json_schema", key, blocks)
+        self.whitespace = whitespace
+        self.key = ("json_schema", key, blocks, whitespace)
         self._escapes: dict = {}  # ("escape", string node, regex state) -> whether an escape may follow
         self.start = frozenset(self._expand([(frame,) for frame in self._starts(root)]))
 
@@ -791,7 +793,7 @@ class JsonSchemaGrammar:
             _, _, lo, hi, _ = self.nodes[node]
             if phase == "start":
                 return [rest + (("arr", node, "open", 0),)] if b == 0x5B else []
-            if b in WHITESPACE and phase in ("open", "after", "comma"):
+            if b in WHITESPACE and phase in ("open", "after", "comma") and self.whitespace:
                 return [config + (_whitespace(None, b),)]
             if phase == "open" and b == 0x5D:
                 return [rest + (("arr", node, "end", 0),)] if lo == 0 else []
@@ -808,7 +810,7 @@ class JsonSchemaGrammar:
         _, fields, required, free, aliases = self.nodes[node]
         if phase == "start":
             return [rest + (("obj", node, "open", seen, None),)] if b == 0x7B else []
-        if b in WHITESPACE and phase in ("open", "colon", "value", "after", "comma"):
+        if b in WHITESPACE and phase in ("open", "colon", "value", "after", "comma") and self.whitespace:
             return [config + (_whitespace(None, b),)]
         if phase in ("open", "comma") and b == 0x22:
             waiting = ("obj", node, "key", seen, None)
@@ -831,3 +833,4 @@ class JsonSchemaGrammar:
 
 
 JSON_OBJECT = JsonSchemaGrammar({"type": "object"})  # StructuredOutputs(json_object=True): any JSON object
+COMPACT_JSON_OBJECT = JsonSchemaGrammar({"type": "object"}, whitespace=False)  # ... with disable_any_whitespace

@@ -190,7 +190,8 @@ def _structured(body: dict, tool_choice: str = "auto") -> tuple[object | None, s
     """-> (StructuredOutputs or None, the request field that asked for it): response_format {"type":
     "json_schema", "json_schema": {"schema": ...}} or {"type": "json_object"} (OpenAI's), vLLM's guided_json (a
     schema), guided_choice (a list of strings), guided_regex (a pattern) or structured_outputs ({"json": schema},
-    {"json_object": true}, {"choice": [...]} or {"regex": pattern}), or chat's tool_choice "required" / named
+    {"json_object": true}, {"choice": [...]} or {"regex": pattern}; "disable_any_whitespace": true beside json or
+    json_object), or chat's tool_choice "required" / named
     (_forced_calls); at most one of them. Grammars and structural tags are not implemented: a 400."""
     from .structured import StructuredOutputs
 
@@ -219,7 +220,7 @@ def _structured(body: dict, tool_choice: str = "auto") -> tuple[object | None, s
             asked.append((name, {key: body[name]}))
     spec = body.get("structured_outputs")
     if spec is not None:
-        keys = {"json", "json_object", "choice", "regex"}
+        keys = {"json", "json_object", "choice", "regex", "disable_any_whitespace"}
         if not isinstance(spec, dict) or not spec or set(spec) - keys:
             other = sorted(set(spec) - keys) if isinstance(spec, dict) else []
             why = f" ({other[0]!r} is not implemented)" if other else ""

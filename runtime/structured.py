@@ -34,8 +34,8 @@ class StructuredOutputs:
     """What a request's output must be, exactly one of: `json`, a JSON schema (a dict, or its JSON text; the subset
     json_schema.py implements: other keywords are a ValueError); `json_object=True`, any JSON object; `choice`, one
     of a list of strings; `regex`, a whole match of a regular expression (the syntax regex.py implements: other
-    syntax is a ValueError). (vLLM's StructuredOutputsParams; its grammars and structural tags are not
-    implemented.)"""
+    syntax is a ValueError). With json or json_object, `disable_any_whitespace=True` allows no whitespace between
+    the JSON's tokens. (vLLM's StructuredOutputsParams; its grammars and structural tags are not implemented.)"""
 
     json: dict | str | None = field(default=None, hash=False)
     json_object: bool = False
@@ -44,6 +44,9 @@ class StructuredOutputs:
     # with json: the output is 1 to tool_call_blocks (0: any number of) tool-call blocks in Qwen's Hermes format,
     # "<tool_call>\n" + a value of the schema + "\n</tool_call>" (the server's forced tool calls; see tool_calls.py)
     tool_call_blocks: int | None = None
+    # with json or json_object: no whitespace between the JSON's tokens (vLLM's option of the same name; a model
+    # under a mask may otherwise fill every run of whitespace the grammar allows)
+    disable_any_whitespace: bool = False
 
     def __post_init__(self):
         if isinstance(self.choice, list):
@@ -59,6 +62,10 @@ class StructuredOutputs:
         if (self.json is not None) + self.json_object + (self.choice is not None) + (self.regex is not None) != 1:
             raise ValueError("StructuredOutputs: give exactly one of json (a JSON schema), json_object=True, choice "
                              "(a list of strings) and regex (a pattern)")
+        if not isinstance(self.disable_any_whitespace, bool) or (
+                self.disable_any_whitespace and self.json is None and not self.json_object):
+            raise ValueError(f"StructuredOutputs.disable_any_whitespace = {self.disable_any_whitespace!r}: a bool, "
+                             "true only with json or json_object")
         if self.regex is not None:
             from .regex import RegexGrammar
 
@@ -83,7 +90,8 @@ class StructuredOutputs:
             from .json_schema import JsonSchemaGrammar
 
             try:  # compiled now: a schema it cannot follow is an error here, not at the first step
-                object.__setattr__(self, "_grammar", JsonSchemaGrammar(schema, self.tool_call_blocks))
+                object.__setattr__(self, "_grammar", JsonSchemaGrammar(schema, self.tool_call_blocks,
+                                                                        not self.disable_any_whitespace))
             except ValueError as e:
                 raise ValueError(f"StructuredOutputs.json: {e}") from None
             except RecursionError:
@@ -93,9 +101,9 @@ class StructuredOutputs:
         if self.json is not None or self.regex is not None:
             return self._grammar
         if self.json_object:
-            from .json_schema import JSON_OBJECT
+            from .json_schema import COMPACT_JSON_OBJECT, JSON_OBJECT
 
-            return JSON_OBJECT
+            return COMPACT_JSON_OBJECT if self.disable_any_whitespace else JSON_OBJECT
         return ChoiceGrammar(self.choice)
 
 

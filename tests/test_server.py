@@ -901,7 +901,10 @@ def test_structured_outputs_json_object_and_choices(live, offline):
               StructuredOutputs(json=coded)),
              ("/v1/completions", {"prompt": "Say:", "guided_regex": pattern, "n": 2}, StructuredOutputs(regex=pattern)),
              ("/v1/chat/completions", {"messages": USER, "structured_outputs": {"regex": pattern}},
-              StructuredOutputs(regex=pattern))]
+              StructuredOutputs(regex=pattern)),
+             ("/v1/completions", {"prompt": "JSON:", "structured_outputs": {"json": schema,
+                                                                            "disable_any_whitespace": True}},
+              StructuredOutputs(json=schema, disable_any_whitespace=True))]
     for route, body, so in cases:
         chat = "messages" in body
         params = SamplingParams(max_tokens=120, temperature=1.0, seed=4, n=body.get("n", 1), structured_outputs=so,
@@ -914,6 +917,8 @@ def test_structured_outputs_json_object_and_choices(live, offline):
             assert all((t in choices) if so.choice else check_json_object(t) for t in texts)
         if so.json is schema:
             assert all(set(json.loads(t)) == {"id", "ok"} for t in texts)
+        if so.disable_any_whitespace:
+            assert all(t == json.dumps(json.loads(t), separators=(",", ":")) for t in texts), texts
         if so.json is coded:
             for t in texts:
                 value = json.loads(t)

@@ -895,3 +895,48 @@ def test_structured_outputs_with_qwens_tokenizer(real_tok_dir):
                     assert matcher.mask()[token]
                     matcher.advance(token)
                 assert matcher.complete
+
+
+def whitespace_outside_strings(text: str) -> bool:
+    inside = escaped = False
+    for c in text:
+        if inside:
+            inside, escaped = (escaped or c != '"'), (not escaped and c == "\\")
+        elif c == '"':
+            inside = True
+        elif c in " \t\n\r":
+            return True
+    return False
+
+
+def test_disable_any_whitespace(tiny):
+    """vLLM's disable_any_whitespace: compact JSON only (no whitespace between tokens; inside strings as ever), for
+    a schema and JSON mode; the allowed sets agree with a token-by-token check; greedy outputs of the tiny model,
+    which fills whitespace runs when it may, come out compact and valid."""
+    compact = StructuredOutputs(json=PERSON, disable_any_whitespace=True)
+    grammar = compact.grammar()
+    value = {"name": "a b\n", "age": 1, "address": {"street": "s t", "zip": ""}, "tags": ["a", 7]}
+    assert completes(json.dumps(value, separators=(",", ":"), ensure_ascii=False), grammar)
+    assert not completes(json.dumps(value, ensure_ascii=False), grammar)  # ", " and ": "
+    assert not completes(json.dumps(value, indent=1, separators=(",", ":"), ensure_ascii=False), grammar)
+    for gap in ('["a", 7]', '[ "a",7]', '["a",7 ]', '["a" ,7]'):  # inside an array alone
+        assert not completes('{"name":"x","age":1,"address":{"street":"","zip":""},"tags":' + gap + "}", grammar)
+    assert completes(json.dumps(value, indent=1, ensure_ascii=False), StructuredOutputs(json=PERSON).grammar())
+    json_mode = StructuredOutputs(json_object=True, disable_any_whitespace=True).grammar()
+    assert completes('{"a":[1,{"b":" "}]}', json_mode) and not completes('{"a": 1}', json_mode)
+    rng = random.Random(4)
+    index = TokenIndex([bytes((i,)) for i in range(256)] + [b" {", b'" ', b'":', b", ", b"[\n", b"a b"], 262)
+    texts = [json.dumps(generate(PERSON, PERSON, rng), separators=(",", ":"), ensure_ascii=False) for _ in range(6)]
+    for state in reachable_states(rng, grammar, texts, 25):
+        assert (index.allowed(grammar, state) == brute_allowed(index, grammar, state)).all()
+    for so, bias in ((compact, {**CLOSE, ord(","): 6.0}), (StructuredOutputs(json_object=True,
+                                                                              disable_any_whitespace=True), CLOSE)):
+        params = SamplingParams(max_tokens=150, temperature=0, logit_bias=bias, structured_outputs=so)
+        out = tiny.generate([[3, 1]], params)[0]
+        assert out.finish_reason == "stop" and check_json_object(out.text) and not whitespace_outside_strings(out.text)
+        loose = tiny.generate([[3, 1]], dataclasses.replace(params, structured_outputs=dataclasses.replace(
+            so, disable_any_whitespace=False)))[0]
+        assert whitespace_outside_strings(loose.text)  # (the same request fills whitespace when it may)
+    for kwargs in (dict(choice=["a"], disable_any_whitespace=True), dict(json_object=True, disable_any_whitespace=1)):
+        with pytest.raises(ValueError, match="disable_any_whitespace = .*true only with json or json_object"):
+            StructuredOutputs(**kwargs)
