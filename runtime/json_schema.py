@@ -36,7 +36,7 @@ import json
 import math
 from fractions import Fraction
 
-from .regex import Regex, utf8_sequences
+from .regex import compiled, utf8_sequences
 
 WHITESPACE = frozenset(b" \t\n\r")
 HEX = frozenset(b"0123456789abcdefABCDEF")
@@ -69,7 +69,7 @@ MAX_CONFIGURATIONS = 128
 # a string's `format`, as the regex its value must match: each one a subset of the format's strings (RFC 3339 dates
 # and times without leap days or leap seconds, an email's dot-atom local part, a hostname's labels of at most 63, a
 # uri as an http(s) URL; a hostname's total length (253) and an email's local part's (64) are not bounded)
-ANY_TEXT = Regex(r"[\x00-\U0010FFFF]*")  # any characters (valid UTF-8): a string with lengths alone
+ANY_TEXT = compiled(r"[\x00-\U0010FFFF]*")  # any characters (valid UTF-8): a string with lengths alone
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _DATE = (r"[0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
          r"|02-(0[1-9]|1[0-9]|2[0-8]))")
@@ -234,12 +234,12 @@ class _Compiler:
             if not isinstance(rules["format"], str) or rules["format"] not in FORMATS:
                 raise ValueError(f"json schema at {path}: format {str(rules['format'])[:40]!r} is not implemented "
                                  f"(formats: {', '.join(FORMATS)})")
-            regex = Regex(FORMATS[rules["format"]])
+            regex = compiled(FORMATS[rules["format"]])
         elif "pattern" in rules:
             if not isinstance(rules["pattern"], str):
                 raise ValueError(f"json schema at {path}: pattern must be a string")
             try:
-                regex = Regex(rules["pattern"])
+                regex = compiled(rules["pattern"])
             except ValueError as e:
                 raise ValueError(f"json schema at {path}: pattern: {e}") from None
         if regex is not None:

@@ -21,6 +21,7 @@ error), so a masked output never gets stuck.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -304,7 +305,7 @@ class Regex:
         start, self.final = self._build(tree)
         self._tables: dict[frozenset, list] = {}
         self._loops: dict = {}  # (state, within) -> loops; ("characters", state) -> characters_loop
-        self.start = self._closure(start)
+        self.start = self._closure_of(frozenset((start,)))
         self._number_states()
 
     # ---- NFA (Thompson's construction over bytes) -------------------------------------------------------------
@@ -363,10 +364,6 @@ class Regex:
                 at = b
         return start, end
 
-    def _closure(self, state: int) -> frozenset:
-        """The NFA states that matter (with byte edges, or the final one) reached from `state` through epsilons."""
-        return self._closure_of(frozenset((state,)))
-
     # ---- the DFA, built as it is walked -----------------------------------------------------------------------
     def _table(self, state: frozenset) -> list:
         """The 256 successors of a DFA state (None: no match goes on), found once: the state's byte edges grouped by
@@ -394,7 +391,8 @@ class Regex:
         return table
 
     def _closure_of(self, targets: frozenset) -> frozenset:
-        """The NFA states that matter reached from any of `targets` through epsilons."""
+        """The NFA states that matter (with byte edges, or the final one) reached from any of `targets` through
+        epsilons."""
         seen, todo, out = set(targets), list(targets), []
         while todo:
             s = todo.pop()
@@ -472,13 +470,18 @@ class Regex:
         if len(self._states) > self.NUMBERED:
             self._number_states()
 
-    def fullmatch(self, data: bytes) -> bool:
-        state = self.start
-        for b in data:
-            state = self.step(state, b)
-            if state is None:
-                return False
-        return self.accepting(state)
+
+def compiled(pattern: str) -> Regex:
+    """The Regex of a pattern, compiled once for all the requests (and schemas) that use it: its DFA's tables are
+    built once too."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"a regex must be a string, got {type(pattern).__name__}")
+    return _compiled(pattern)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(pattern: str) -> Regex:
+    return Regex(pattern)
 
 
 class RegexGrammar:
@@ -486,7 +489,7 @@ class RegexGrammar:
     interface over Regex."""
 
     def __init__(self, pattern: str):
-        self.regex = Regex(pattern)
+        self.regex = compiled(pattern)
         self.start = self.regex.start
         self.key = ("regex", pattern)
 
@@ -496,14 +499,10 @@ class RegexGrammar:
     def step(self, state, b: int):
         return self.regex.step(state, b)
 
-    def shortcut(self, state):
-        """The bytes that leave the state as it is (1 each in 256), or None when there are none."""
-        loops = self.regex.loops(state)
-        return loops if any(loops) else None
-
     def dfa(self, state):
         """Every byte goes through the regex: (regex, its state, the bytes it takes (all), no length budget, and
-        the grammar's state from the regex's (the same))."""
+        the grammar's state from the regex's (the same)). (So TokenIndex never asks it for a `shortcut`: the DFA
+        walk takes runs of bytes that leave the state as it is itself.)"""
         return self.regex, state, ALL_BYTES, None, _same
 
 

@@ -249,8 +249,8 @@ class TokenIndex:
             i += 1
         # the ranges of tokens whose next byte the regex takes or that leave the set there (a few, for a narrow
         # pattern: the rest are never looked at)
-        live = ((regex.next_ids(np.full(256, start, dtype=np.int32), np.arange(256)) >= 0)
-                | ~np.frombuffer(takes, dtype=np.uint8).astype(bool))
+        through_set = np.frombuffer(takes, dtype=np.uint8).astype(bool)
+        live = (regex.next_ids(np.full(256, start, dtype=np.int32), np.arange(256)) >= 0) | ~through_set
         pieces = []
         while i < hi:
             b = toks[i][depth]
@@ -272,7 +272,6 @@ class TokenIndex:
         if budget is not None:
             fits = chars <= budget
             rows, at, end, chars = rows[fits], at[fits], end[fits], chars[fits]
-        through_set = np.frombuffer(takes, dtype=np.uint8).astype(bool)
         states = np.full(len(rows), start, dtype=np.int32)
         stops = []  # (token's sorted index, where it stops, regex state number there, characters before)
         while len(rows):  # then byte by byte (all tokens at once) through the DFA

@@ -45,7 +45,8 @@ def parse(text: str) -> tuple[str | None, list[ToolCall]]:
     calls, at, decoder = [], start, json.JSONDecoder()
     while (at := text.find(OPEN, at)) >= 0:
         body = at + len(OPEN)
-        body += len(text) - body - len(text[body:].lstrip(_WS))
+        while body < len(text) and text[body] in _WS:  # (raw_decode takes no whitespace before the value)
+            body += 1
         try:
             call, end = decoder.raw_decode(text, body)
         except (ValueError, RecursionError):  # RecursionError: nested past Python's limit
