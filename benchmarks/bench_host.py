@@ -26,6 +26,7 @@ import qwen2rt.model_runner as model_runner
 from benchmarks.common import environment, print_rows, write_json
 from qwen2rt.engine import Engine, Sequence
 from qwen2rt.kv_cache import KVCache
+from qwen2rt.model_runner import StepGraphs
 from qwen2rt.sampling import VARIANTS, SamplingParams
 from qwen2rt.tokenizer import ByteTokenizer
 
@@ -54,10 +55,13 @@ class StubModel:
 
 
 class NoOpGraph:
-    """A captured step whose replay costs the host nothing: the engine's own host work is what is left."""
+    """A captured graph whose replay costs the host nothing: the engine's own host work is what is left."""
 
     def replay(self):
         pass
+
+
+NO_OP_STEP = StepGraphs(NoOpGraph(), NoOpGraph())  # a decode step's forward and sampler graphs
 
 
 @contextlib.contextmanager
@@ -91,7 +95,7 @@ def host_us_per_step(batch: int, context: int, steps: int, tokenizer: bool, grap
     if graphs:
         runner = engine.decoder
         runner.use_graphs = True
-        runner.graphs.update({(b, v): NoOpGraph() for b in runner.buckets for v in VARIANTS})
+        runner.graphs.update({(b, v): NO_OP_STEP for b in runner.buckets for v in VARIANTS})
         runner.prefill_graphs.update({b: NoOpGraph() for b in runner.prefill_buckets})  # short prompts (--smoke)
         runner.prefill_logits.update({b: model.compute_logits(model._hidden[:runner.prefill_seqs])
                                       for b in runner.prefill_buckets})

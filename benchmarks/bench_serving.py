@@ -15,8 +15,9 @@ added latency over the Python API.
   (it waits for a slot) and "priority" (it preempts a long one, which recomputes), and the time the long requests
   take to finish in each.
 - structured: batch 1, greedy, a free request of `tokens` tokens against one held by structured outputs to exactly
-  that text (a choice of one string): the cost of structured outputs per token (each step read back before the next
-  launch, its mask row written).
+  that text (a choice of one string): the cost of structured outputs per token, with each step's forward launched
+  before the step before is read back and its sampling after the mask is written (the default), and "serial", with
+  Engine.split_structured_steps off (the whole step launched after the read-back: the device idles meanwhile).
 - server: the same model behind `python -m qwen2rt serve`'s app (uvicorn in a thread on 127.0.0.1, requests by
   httpx, one at a time) against LLM.generate on the same LLM, at max_tokens 1 (the added latency per request) and
   `tokens` (the added latency per token, after the per-request part). Skipped (recorded as such) without the serve
@@ -192,9 +193,10 @@ def run_priority(model: str, device, question: int = 50, long: int = 128, **llm_
 def run_structured(model: str, device, ceilings: dict, tokens: int = 64, repeats: int = 5, **llm_args) -> list[dict]:
     """Batch 1, greedy: a free request of `tokens` tokens against structured ones held to exactly that text (a
     choice of one string, so both run the same number of steps; then eos), one request at a time, median of
-    `repeats` decode rates. A structured step is read back before the next launch and writes its mask row, so
-    per_token_ms - the free one's is what structured outputs cost per token at batch 1. floor_ms: the decode
-    step's weight bytes / the copy bandwidth."""
+    `repeats` decode rates: per_token_ms - the free one's is what structured outputs cost per token at batch 1, with
+    each step's sampling launched once the step before is read back and its mask written (its forward before), and
+    with the whole step launched only then ("serial", the engine before the split). floor_ms: the decode step's
+    weight bytes / the copy bandwidth."""
     from qwen2rt import StructuredOutputs
 
     llm = LLM(model, device=device, **llm_args)
@@ -203,14 +205,17 @@ def run_structured(model: str, device, ceilings: dict, tokens: int = 64, repeats
         text = text.rsplit(" ", 1)[0]
     n = len(llm.tokenizer.encode(text))
     prompt = _prompts(llm.model.config.vocab_size, 50, 1, seed=9)[0]
-    cases = [("free", SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)),
-             ("choice", SamplingParams(max_tokens=n + 1, temperature=0,
-                                       structured_outputs=StructuredOutputs(choice=[text])))]
+    choice = SamplingParams(max_tokens=n + 1, temperature=0, structured_outputs=StructuredOutputs(choice=[text]))
+    # "choice": each step's forward runs while the host reads the step before back and writes the mask (the
+    # engine's default); "choice, serial": the step is read back before the next launch (the device idles meanwhile)
+    cases = [("free", SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), True), ("choice", choice, True),
+             ("choice, serial", choice, False)]
     config = llm_config(model)
     dtype_bytes = 4 if llm_args.get("dtype") == "float32" else 2
     floor = config.bytes_per_token(dtype_bytes) / ceilings["copy_GBps"] / 1e6
     rows = []
-    for case, params in cases:
+    for case, params, split in cases:
+        llm.engine.split_structured_steps = split
         llm.generate([prompt], params)  # warm-up (and the choice's token index)
         rates = [llm.generate([prompt], params)[0].decode_tokens_per_s for _ in range(repeats)]
         per_token = 1e3 / statistics.median(rates)

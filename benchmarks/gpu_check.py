@@ -306,7 +306,8 @@ def summary_markdown(rec: dict) -> str:
                     f"{_f(r['longs_done_ms'])} | {r['preemptions']} |" for r in priority]
         structured = [r for r in rec["serving"] if r["bench"] == "structured"]
         if structured:
-            out += ["", "Structured outputs at batch 1 (greedy; a choice of one string forces the same tokens):", "",
+            out += ["", "Structured outputs at batch 1 (greedy; a choice of one string forces the same tokens; serial: "
+                    "each step read back before the next is launched):", "",
                     "| model | case | tokens | ms/token | vs free | floor ms | % of floor |",
                     "|---|---|---|---|---|---|---|"]
             out += [f"| {r['model']} | {r['case']} | {r['tokens']} | {_f(r['per_token_ms'])} | {_f(r['vs_free'])} | "

@@ -19,8 +19,16 @@ are never written again (scheduler.py). On CPU every launch runs to completion b
 the same.
 
 A structured request (SamplingParams.structured_outputs) may sample only the tokens its next mask allows, and that
-mask depends on its token in flight: while a launched step holds one, `step()` reads that step back before it
-launches the next (the device waits for the host then, for the whole batch, as in vLLM).
+mask depends on its token in flight. So a decode step that holds one is launched in two halves: its forward before
+the step in flight is read back, its sampling after, once the masks of the tokens read back are written:
+
+    call k:   admit | launch step N+1's forward | read back step N, masks into the sampler | N+1's sampling
+
+The device runs the forward (nearly all of a step's time) while the host reads back, advances the grammars and
+computes the masks; it waits for the host only if that takes longer. The rest of the batch goes on as before. A
+prefill step is launched whole: the requests it samples have no token in flight (their masks were written at
+admission). `Engine.split_structured_steps = False` reads a step that holds a structured request's token back
+before the next launch instead (the device idles meanwhile; for benchmarks).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import torch
 from qwen2rt.models.qwen2 import Qwen2Model
 
 from .kv_cache import KVCache
-from .model_runner import DEFAULT_BUCKETS, DEFAULT_PREFILL_BUCKETS, Launched, ModelRunner
+from .model_runner import DEFAULT_BUCKETS, DEFAULT_PREFILL_BUCKETS, DecodeForward, Launched, ModelRunner
 from .sampling import SamplerState, SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -56,6 +64,7 @@ class Engine:
         self.runner = ModelRunner(model, kv_cache, self.sampler, max_batch_size, max_seq_len, use_graphs,
                                   graph_buckets, prefill_graph_buckets, max_prefill_tokens)
         self._in_flight: Launched | None = None  # launched, its ids not read back yet
+        self.split_structured_steps = True  # see the module's docstring
 
     @property
     def decoder(self) -> ModelRunner:
@@ -112,11 +121,13 @@ class Engine:
         its tokens to their sequences. -> the sequences that received a token."""
         self._admit()
         if self._in_flight is None:
-            self._in_flight = self._launch()
+            self._in_flight = self._launch(split=False)  # no token in flight: every mask is known
             if self._in_flight is None:
                 return []
-        # a structured request's next mask depends on the token in flight: read it back before the next launch
-        ahead = None if any(s.matcher is not None for s in self._in_flight.seqs) else self._launch()
+        if self.split_structured_steps:
+            ahead = self._launch(split=True)
+        else:  # the step in flight is read back first if it holds a structured request's token
+            ahead = None if any(s.matcher is not None for s in self._in_flight.seqs) else self._launch(split=False)
         done, self._in_flight = self._in_flight, None
         try:
             return self._receive(done)
@@ -128,7 +139,7 @@ class Engine:
                     self.abort(seq)
             raise
         finally:
-            self._in_flight = ahead
+            self._in_flight = self._sample(ahead) if isinstance(ahead, DecodeForward) else ahead
 
     def _admit(self) -> None:
         preemptions = self.scheduler.num_preemptions
@@ -144,7 +155,9 @@ class Engine:
                 continue
             self.runner.set_blocks(seq.slot, seq.blocks)
 
-    def _launch(self) -> Launched | None:
+    def _launch(self, split: bool) -> Launched | DecodeForward | None:
+        """Plan and launch the next step (None: there is none). With `split`, a decode step that holds a structured
+        request is launched up to its sampling (-> its DecodeForward, for `_sample` once the masks are written)."""
         preemptions = self.scheduler.num_preemptions
         plan = self.scheduler.next_step()
         if self.scheduler.num_preemptions != preemptions:
@@ -158,7 +171,7 @@ class Engine:
                 self.runner.add_blocks(grown)
             for seq in self.scheduler.retabled:  # cached blocks in place of some of its own (Scheduler._take_cached)
                 self.runner.set_blocks(seq.slot, seq.blocks)
-            launched = self.runner.launch_prefill(work) if kind == "prefill" else self.runner.launch_decode(work)
+            launched = self.runner.launch_prefill(work) if kind == "prefill" else self.runner.launch_decode(work, split)
         except BaseException:
             # a launch that fails part-way may already have sampled (the slots' penalty counts and next input ids
             # written) with the host none the wiser: its sequences cannot go on consistently, so they end here
@@ -172,6 +185,17 @@ class Engine:
             self.scheduler.prefilled(work)
         self.scheduler.launched(launched.seqs)
         return launched
+
+    def _sample(self, forward: DecodeForward) -> Launched:
+        """Launch the sampling of a decode step whose forward was launched (Engine._launch with split); if that
+        fails, its sequences end, as for a failed launch."""
+        try:
+            return self.runner.sample_decode(forward)
+        except BaseException:
+            for seq in list(forward.seqs):
+                if seq.finish_reason is None:
+                    self.abort(seq)
+            raise
 
     def _receive(self, launched: Launched) -> list[Sequence]:
         """Wait for a launched step's ids and append them; a sequence that finished (or was aborted or preempted)

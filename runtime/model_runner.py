@@ -2,7 +2,8 @@
 
 Decode rows are padded up to a batch bucket with rows that write nothing (slot -1, length 0). With graphs, each
 bucket's forward (model and logits) is captured once, and each sampler form (`sampling.VARIANTS`) once per bucket
-as a small graph that reads the forward's logits; a step replays the two back to back.
+as a small graph that reads the forward's logits; a step replays the two back to back (a batch holding a structured
+request, split: the forward, then the sampler once the host has written the masks; see engine.py).
 
 Prefill runs eagerly, except with graphs a step of at most PREFILL_GRAPH_SEQS chunks and max(prefill_buckets) tokens
 (short prompts, a burst of them, the uncached tail of a prefix-cache hit, the last chunk of a long prompt): its
@@ -88,6 +89,20 @@ class Launched:
         return out
 
 
+@dataclass
+class DecodeForward:
+    """A decode step whose forward is enqueued and whose sampling is not yet (ModelRunner.launch_decode with split):
+    the step's graphs (with CUDA graphs) or its logits (eagerly)."""
+
+    seqs: list[Sequence]
+    bucket: int
+    variant: str
+    want_logprobs: bool
+    graph: StepGraphs | None = None
+    logprob_graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None
+
+
 class Staged:
     """Named arrays laid out in one device byte buffer, filled through host views and sent in one copy. The host
     fills a plain staging buffer; `send` copies it into one of two pinned buffers used in turn (waiting, on CUDA,
@@ -145,10 +160,6 @@ class StepGraphs:
 
     def __init__(self, forward: torch.cuda.CUDAGraph, sample: torch.cuda.CUDAGraph):
         self.forward, self.sample = forward, sample
-
-    def replay(self) -> None:
-        self.forward.replay()
-        self.sample.replay()
 
 
 class ModelRunner:
@@ -213,6 +224,7 @@ class ModelRunner:
         self._batch: list[Sequence] | None = None
         self._bucket, self._variant = 0, VARIANTS[0]
         self._want_logprobs = False  # some sequence of the batch asked for log-probabilities
+        self._guided = False  # some sequence of the batch has structured outputs (a mask per token)
         self._base = np.zeros((4, n), dtype=np.int64)
         self._launches = 0
         self._new_block: dict[int, list[int]] = {}  # launch count -> rows whose newest token then starts a block
@@ -447,16 +459,22 @@ class ModelRunner:
         return Launched(seqs, host.numpy(), event, host_logprobs)
 
     # ---- decode ----------------------------------------------------------------------------------------------
-    def launch_decode(self, seqs: list[Sequence]) -> Launched:
+    def launch_decode(self, seqs: list[Sequence], split: bool = False) -> Launched | DecodeForward:
         """One token for each sequence (each holds `num_launched` tokens, the newest not in the cache yet and
         possibly still on the device). Returns once the step is enqueued. The graph path runs outside inference
         mode (entering it costs the host more than the rest of a step's Python): nothing in it records autograd
-        history, and graphs captured at start-up run outside it too."""
+        history, and graphs captured at start-up run outside it too.
+
+        With `split`, a batch that holds a structured request is launched up to its sampling: its forward (model and
+        logits) is enqueued, and the DecodeForward returned is for `sample_decode`, once the host has written the
+        masks of the tokens in flight into the sampler's rows (the engine reads the step before back meanwhile,
+        while the device runs this forward)."""
         if seqs != self._batch:
             bucket, variant = self.bucket(len(seqs)), sampler_variant([s.params for s in seqs])
             want_logprobs = any(s.params.logprobs is not None for s in seqs)
+            guided = any(s.matcher is not None for s in seqs)
         else:
-            bucket, variant, want_logprobs = self._bucket, self._variant, self._want_logprobs
+            bucket, variant, want_logprobs, guided = self._bucket, self._variant, self._want_logprobs, self._guided
         try:
             if self.use_graphs:
                 # capture fills padding rows, so the real batch is filled after it
@@ -465,19 +483,49 @@ class ModelRunner:
                 if want_logprobs:
                     logprob_graph = self._logprob_graphs.get(bucket) or self.capture_logprobs(bucket)
                 self._fill(seqs, bucket)
-                graph.replay()
+                graph.forward.replay()
+                if split and guided:
+                    self._launches += 1
+                    return DecodeForward(self._batch, bucket, variant, want_logprobs, graph, logprob_graph)
+                graph.sample.replay()
                 if logprob_graph is not None:
                     logprob_graph.replay()
             else:
                 self._fill(seqs, bucket)
                 with torch.inference_mode(), self.model.named_range("qwen2rt.decode_step"):  # the profiler's range
-                    logits = self._step(bucket, variant)
+                    logits = self._forward(bucket)
+                    if split and guided:
+                        self._launches += 1
+                        return DecodeForward(self._batch, bucket, variant, want_logprobs, logits=logits)
+                    self._sample(logits, bucket, variant)
                     if want_logprobs:
                         self._logprobs(logits, bucket)
         except BaseException:
             self._batch = None  # the staged values may be half-advanced: stage them again on the next step
             raise
         self._launches += 1
+        return self._read_back(self._batch, want_logprobs)
+
+    def sample_decode(self, forward: DecodeForward) -> Launched:
+        """Sample the step whose forward `launch_decode(..., split=True)` enqueued (before any other step is
+        launched), then enqueue the read-back of its ids."""
+        try:
+            if forward.graph is not None:
+                forward.graph.sample.replay()
+                if forward.logprob_graph is not None:
+                    forward.logprob_graph.replay()
+            else:
+                with torch.inference_mode(), self.model.named_range("qwen2rt.decode_sample"):
+                    self._sample(forward.logits, forward.bucket, forward.variant)
+                    if forward.want_logprobs:
+                        self._logprobs(forward.logits, forward.bucket)
+        except BaseException:
+            self._batch = None
+            raise
+        return self._read_back(forward.seqs, forward.want_logprobs)
+
+    def _read_back(self, seqs: list[Sequence], want_logprobs: bool) -> Launched:
+        """Enqueue the copies of a sampled decode step's ids (and log-probabilities) to the host, and its event."""
         turn = self._turn
         self._host_tokens[turn].copy_(self.tokens, non_blocking=self.cuda)  # all rows: slicing costs more
         host_logprobs = None
@@ -490,7 +538,7 @@ class ModelRunner:
             event = self._events[turn]
             event.record()
         self._turn ^= 1  # once this turn's read-back is enqueued: a failure before leaves the turn to this step
-        return Launched(self._batch, self._host_tokens_np[turn], event, host_logprobs)
+        return Launched(seqs, self._host_tokens_np[turn], event, host_logprobs)
 
     def _fill(self, seqs: list[Sequence], bucket: int) -> None:
         """Host -> the static buffers, in one copy. A batch of other sequences than the last step's (or another
@@ -525,6 +573,7 @@ class ModelRunner:
         self._rows = {s.id: row for row, s in enumerate(seqs)}
         self._bucket, self._variant = bucket, sampler_variant([s.params for s in seqs])
         self._want_logprobs = any(s.params.logprobs is not None for s in seqs)
+        self._guided = any(s.matcher is not None for s in seqs)  # some sequence has structured outputs
         self._new_block = {}
         for row in range(b):
             self._look_up_slot(row)
@@ -550,11 +599,6 @@ class ModelRunner:
         tokens = sample_tokens(logits, rows, self.sampler, variant)
         self.tokens[:bucket].copy_(tokens)
         self.last_token.scatter_(0, rows.slot, tokens)  # the next step's inputs (padding rows: the padding slot)
-
-    def _step(self, bucket: int, variant: str) -> torch.Tensor:
-        logits = self._forward(bucket)
-        self._sample(logits, bucket, variant)
-        return logits
 
     def _logprobs(self, logits: torch.Tensor, bucket: int) -> None:
         """The sampled tokens' log-probabilities and the top MAX_LOGPROBS, from the logits before any sampling

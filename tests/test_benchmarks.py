@@ -92,7 +92,7 @@ def test_bench_serving_runs(tmp_path):
     assert priority["priority"]["preemptions"] >= 1 and priority["fcfs"]["preemptions"] == 0
     assert all(_finite(r["urgent_ttft_ms"]) and _finite(r["longs_done_ms"]) for r in priority.values())
     structured = {r["case"]: r for r in rows if r["bench"] == "structured"}
-    assert set(structured) == {"free", "choice"} and structured["free"]["vs_free"] == 1
+    assert set(structured) == {"free", "choice", "choice, serial"} and structured["free"]["vs_free"] == 1
     assert all(_finite(r["per_token_ms"]) and r["tokens"] >= 2 for r in structured.values())
     assert all(_finite(r["ttft_ms"]) and _finite(r["floor_ms"]) for r in prefix.values())
     server = [r for r in rows if r["bench"] == "server"]

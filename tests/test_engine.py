@@ -20,6 +20,7 @@ from qwen2rt.kv_cache import KVCache
 from qwen2rt.models.config import builtin_config
 from qwen2rt.tokenizer import ByteTokenizer
 from test_parity import hf_greedy, hf_logits, random_prompt, rel_err
+from test_prefill_graphs import stand_in_step
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -420,15 +421,11 @@ def test_lazily_captured_graph_replays_the_real_batch(monkeypatch):
     decoder = lazy.engine.decoder
     captured = []
 
-    class StandInGraph:
-        def __init__(self, bucket, variant):
-            self.replay = lambda: decoder._step(bucket, variant)
-
-    def capture(bucket, variant):  # what DecodeRunner.capture does to the buffers: padding, warm-up step, record
+    def capture(bucket, variant):  # what ModelRunner.capture does to the buffers: padding, warm-up step, record
         decoder._fill([], bucket)
-        decoder._step(bucket, variant)
+        decoder._sample(decoder._forward(bucket), bucket, variant)
         captured.append((bucket, variant))
-        decoder.graphs[(bucket, variant)] = StandInGraph(bucket, variant)
+        decoder.graphs[(bucket, variant)] = stand_in_step(decoder, bucket, variant)
         return decoder.graphs[(bucket, variant)]
 
     monkeypatch.setattr(decoder, "capture", capture)

@@ -86,9 +86,10 @@ def test_preempted_requests_through_cuda_graphs_draw_their_tokens():
 
 
 def test_structured_outputs_through_cuda_graphs():
-    """Structured outputs with CUDA graphs (each step's mask written into the sampler's bias rows between replays,
-    the engine reading each step back before the next launch): JSON objects and choices, greedy and seeded, in one
-    batch with an unconstrained request, equal an eager LLM's tokens (float32), and the objects are complete."""
+    """Structured outputs with CUDA graphs (a step's forward graph replayed before the step before is read back, the
+    masks then written into the sampler's bias rows through pinned memory, then its sampler graph): JSON objects and
+    choices, greedy and seeded, in one batch with an unconstrained request, equal an eager LLM's tokens (float32),
+    and the objects are complete."""
     from qwen2rt import StructuredOutputs
     from qwen2rt.structured import check_json_object
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 
 import pytest
 import torch
 
 from graph_emulation import CaptureError, EmulatedCudaGraphs, RecordingGraph
-from qwen2rt import LLM, SamplingParams, model_runner, sampling
+from qwen2rt import LLM, SamplingParams, StructuredOutputs, model_runner, sampling
 from qwen2rt.kernels import rms_norm
 from qwen2rt.models.config import BUILTIN_CONFIGS
 from test_parity import random_prompt
@@ -97,9 +98,9 @@ def test_generation_through_emulated_graphs_equals_eager(model, quantization, ca
     runner = llm.engine.decoder
     launches, launch = [], runner.launch_decode
 
-    def counted_launch(seqs):  # each decode step: the forward and sampler graphs, the log-probabilities graph
-        launches.append(3 if any(s.params.logprobs is not None for s in seqs) else 2)
-        return launch(seqs)
+    def counted_launch(seqs, split=False):  # each decode step: the forward and sampler graphs, the log-probabilities
+        launches.append(3 if any(s.params.logprobs is not None for s in seqs) else 2)  # graph
+        return launch(seqs, split)
 
     with EmulatedCudaGraphs(runner) as emulated:
         replays, capturing = [], []
@@ -140,6 +141,37 @@ def test_generation_through_emulated_graphs_equals_eager(model, quantization, ca
     # finished at its first), top-k 1, full 1
     assert len(launches) == (5 if len(lengths) == 5 else 4)
     assert {(2, "greedy"), (1, "greedy"), (1, "full")} <= set(runner.graphs)
+
+
+@pytest.mark.slow
+def test_structured_steps_in_halves_through_emulated_graphs_equal_eager(triton_sampler):
+    """A structured request's decode step is replayed in halves: the forward graph, then (the step before read back,
+    the mask written) the sampler graph, with log-probabilities. Beside a free request, every token and
+    log-probability equals the eager engine's, the regex matches, and every decode step ran through graphs."""
+    pattern = r"[a-f]{2,4}( [a-f]{2,4}){1,2}"
+    prompts = [random_prompt(n, 256, 60 + n) for n in (7, 10)]
+    params = [SamplingParams(max_tokens=20, temperature=0, logprobs=2, structured_outputs=StructuredOutputs(
+        regex=pattern)), dataclasses.replace(GREEDY, max_tokens=6)]
+    want = [(o.token_ids, o.logprobs) for o in engine("tiny-1l").generate(prompts, params)]
+    llm = engine("tiny-1l")
+    runner = llm.engine.decoder
+    halves = []  # each decode launch: (its batch size, whether it stopped before its sampling)
+    launch = runner.launch_decode
+
+    def logged_launch(seqs, split=False):
+        launched = launch(seqs, split)
+        halves.append((len(seqs), isinstance(launched, model_runner.DecodeForward)))
+        return launched
+
+    with EmulatedCudaGraphs(runner) as emulated, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "launch_decode", logged_launch)
+        outs = llm.generate(prompts, params)
+    assert_same([(o.token_ids, o.logprobs) for o in outs], want)
+    assert re.fullmatch(pattern, outs[0].text) and outs[0].finish_reason == "stop"
+    assert emulated.shared and not emulated.unheld_outputs() and runner.graphs
+    # decode steps: 5 of both (the free request's tokens after its first), then the structured request's alone, up
+    # to the one launched while its eos was in flight (its token dropped)
+    assert halves == [(2, True)] * 5 + [(1, True)] * (len(outs[0].token_ids) - 5)
 
 
 @pytest.mark.slow

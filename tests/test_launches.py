@@ -51,9 +51,9 @@ def decode_step_launches(llm, params: SamplingParams) -> list[tuple[int, list[st
         in_layers[0] += len(counter.events) - start
         return out
 
-    def counted_launch(seqs):
+    def counted_launch(seqs, split=False):
         start, in_layers[0] = len(counter.events), 0
-        out = launch(seqs)
+        out = launch(seqs, split)
         steps.append((in_layers[0], counter.events[start:]))
         return out
 

@@ -13,6 +13,7 @@ import torch
 
 from qwen2rt import LLM, SamplingParams
 from qwen2rt.kernels import rope_attention
+from qwen2rt.model_runner import StepGraphs
 from qwen2rt.models.backend import AttentionMetadata, AttentionShape, TritonBackend
 from qwen2rt.sampling import VARIANTS
 from test_parity import random_prompt
@@ -25,6 +26,17 @@ TOL = 1e-4  # logprobs, fp32 torch backend: the padded GEMMs' rows differ from t
 class StandInGraph:
     def __init__(self, replay):
         self.replay = replay
+
+
+def stand_in_step(runner, bucket: int, variant: str) -> StepGraphs:
+    """A decode step's graphs, stood in for: the forward replays the bucket's forward eagerly on whatever the static
+    buffers hold and keeps its logits where the real forward graph's output is (runner._logits), the sampler reads
+    them there (as do the log-probabilities)."""
+    def forward():
+        runner._logits[bucket] = runner._forward(bucket)
+
+    return StepGraphs(StandInGraph(forward), StandInGraph(lambda: runner._sample(runner._logits[bucket], bucket,
+                                                                                  variant)))
 
 
 def with_stand_in_graphs(llm: LLM) -> dict:
@@ -48,22 +60,15 @@ def with_stand_in_graphs(llm: LLM) -> dict:
 
     def capture(bucket, variant):
         runner._fill([], bucket)
-        runner._step(bucket, variant)
+        runner._sample(runner._forward(bucket), bucket, variant)
         seen["decode"].append((bucket, variant))
-        runner.graphs[(bucket, variant)] = StandInGraph(lambda: runner._step(bucket, variant))
+        runner.graphs[(bucket, variant)] = stand_in_step(runner, bucket, variant)
         return runner.graphs[(bucket, variant)]
 
-    def capture_logprobs(bucket):
-        runner._logprob_graphs[bucket] = StandInGraph(lambda: runner._logprobs(runner._last_logits, bucket))
+    def capture_logprobs(bucket):  # reads the forward graph's logits
+        runner._logprob_graphs[bucket] = StandInGraph(lambda: runner._logprobs(runner._logits[bucket], bucket))
         return runner._logprob_graphs[bucket]
 
-    step = runner._step
-
-    def step_keeping_logits(bucket, variant):  # what the logprob graph reads: the forward graph's logits
-        runner._last_logits = step(bucket, variant)
-        return runner._last_logits
-
-    runner._step = step_keeping_logits
     runner.capture_prefill, runner.capture, runner.capture_logprobs = capture_prefill, capture, capture_logprobs
     runner.use_graphs = True
     return seen

@@ -22,7 +22,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from qwen2rt import LLM, SamplingParams, StructuredOutputs
+from qwen2rt import LLM, SamplingParams, StructuredOutputs, model_runner
 from qwen2rt.json_schema import JSON_OBJECT, JsonSchemaGrammar
 from qwen2rt.structured import ChoiceGrammar, Matcher, TokenIndex, check_json_object, run
 from qwen2rt.tokenizer import HFTokenizer
@@ -735,6 +735,78 @@ def test_greedy_takes_the_best_allowed_token_at_every_step(tiny):
         free = tiny.generate([prompt], dataclasses.replace(params, structured_outputs=None))[0]
         assert free.token_ids != out.token_ids and not check_json_object(free.text)
         assert not (so.regex and re.fullmatch(so.regex, free.text))
+
+
+def test_a_structured_step_is_sampled_once_the_token_before_is_read_back(tiny, monkeypatch):
+    """While a structured request decodes, each step's forward is launched before the step in flight is read back
+    (the device stays busy while the host reads back and computes the mask) and its sampling after the mask of
+    that token is written; split_structured_steps off, the step in flight is read back before anything is launched.
+    The tokens are the same either way (sampled, seeded, batched with a free request), and the regex matches."""
+    runner = tiny.engine.runner
+    log = []
+    launch, sample = runner.launch_decode, runner.sample_decode
+
+    def logged_launch(*args):  # "forward": launched up to its sampling; "step": launched whole
+        launched = launch(*args)
+        log.append("forward" if isinstance(launched, model_runner.DecodeForward) else "step")
+        return launched
+    monkeypatch.setattr(runner, "launch_decode", logged_launch)
+    monkeypatch.setattr(runner, "sample_decode", lambda forward: (log.append("sample"), sample(forward))[1])
+    set_allowed = tiny.engine.sampler.set_allowed
+    monkeypatch.setattr(tiny.engine.sampler, "set_allowed", lambda *a: (log.append("mask"), set_allowed(*a)))
+    monkeypatch.setattr(model_runner.Launched, "token_ids",
+                        lambda self, real=model_runner.Launched.token_ids: (log.append("read"), real(self))[1])
+    pattern = r"[a-z]{3,6}(, [a-z]{3,6}){2,3}\."
+    params = [SamplingParams(max_tokens=60, temperature=1.0, seed=4, structured_outputs=StructuredOutputs(
+        regex=pattern)), SamplingParams(max_tokens=40, temperature=1.0, seed=5, ignore_eos=True)]
+    runs = {}
+    for split in (True, False):
+        tiny.engine.split_structured_steps = split
+        seqs = [tiny.new_request(p, q) for p, q in zip(("A", "B"), params)]
+        tiny.submit(seqs)
+        calls = []
+        while tiny.has_unfinished():
+            log.clear()
+            tiny.step()
+            calls.append(" ".join(log))
+        runs[split] = [s.output_ids for s in seqs], calls
+        assert re.fullmatch(pattern, tiny.tokenizer.decode(seqs[0].output_ids[:-1])), seqs[0].output_ids
+        assert seqs[0].finish_reason == "stop" and 10 < len(seqs[0].output_ids) < 40
+    assert runs[True][0] == runs[False][0]
+    # the first call admits both (the structured one's first mask), launches their prefill (not logged) and reads
+    # it back; the calls after it read back a decode step of both, up to the structured request's eos
+    both = len(runs[True][0][0]) - 1
+    split_calls, serial_calls = runs[True][1], runs[False][1]
+    assert split_calls[:both] == ["mask forward read mask sample"] + ["forward read mask sample"] * (both - 1)
+    assert serial_calls[:both] == ["mask read mask"] + ["step read mask"] * (both - 1)
+    # then the free request alone: launched a step ahead in both modes
+    assert split_calls[-2:] == serial_calls[-2:] == ["step read", "read"]
+
+
+def test_a_sampling_half_that_fails_to_launch_ends_its_batch_and_the_engine_goes_on(tiny, monkeypatch):
+    """The sampling of a step launched in halves raises (a device error surfacing there): the step's sequences end
+    (aborted: their token was planned as launched), their blocks go back, and the engine serves the next request."""
+    free = SamplingParams(max_tokens=12, temperature=0.8, seed=2, ignore_eos=True)
+    alone = tiny.generate("other", free)[0].token_ids
+    seqs = [tiny.new_request("x", SamplingParams(max_tokens=30, structured_outputs=StructuredOutputs(
+        regex="[a-z]{20}"))), tiny.new_request("other", free)]
+    tiny.submit(seqs)
+    tiny.step()
+    calls, sample = [], tiny.engine.runner.sample_decode
+
+    def failing(forward):
+        calls.append(len(forward.seqs))
+        if len(calls) == 2:
+            raise RuntimeError("device error")
+        return sample(forward)
+    monkeypatch.setattr(tiny.engine.runner, "sample_decode", failing)
+    with pytest.raises(RuntimeError, match="device error"):
+        for _ in range(5):
+            tiny.step()
+    assert calls == [2, 2] and [s.finish_reason for s in seqs] == ["abort", "abort"]
+    assert 1 < len(seqs[0].output_ids) < 5 and not tiny.has_unfinished()
+    assert tiny.kv_cache.num_free_blocks == tiny.kv_cache.num_blocks
+    assert tiny.generate("other", free)[0].token_ids == alone
 
 
 def test_sampled_outputs_complete_and_batch_with_free_requests(tiny):
