@@ -761,7 +761,7 @@ def test_a_structured_step_is_sampled_once_the_token_before_is_read_back(tiny, m
         regex=pattern)), SamplingParams(max_tokens=40, temperature=1.0, seed=5, ignore_eos=True)]
     runs = {}
     for split in (True, False):
-        tiny.engine.split_structured_steps = split
+        monkeypatch.setattr(tiny.engine, "split_structured_steps", split)  # (the default again after the test)
         seqs = [tiny.new_request(p, q) for p, q in zip(("A", "B"), params)]
         tiny.submit(seqs)
         calls = []
