@@ -1,6 +1,7 @@
 """Structured outputs' host cost per token over a real vocabulary (Qwen's 151,643 byte-level tokens by default): for a
 JSON object (json_object), the same document under its JSON schema, a document under a schema of patterns, formats,
-lengths and bounds, and two regexes (a narrow one, and free text of counted words), the allowed-token set of each
+lengths and bounds, two regexes (a narrow one, and free text of counted words) and two grammars (JSON in GBNF, an SQL
+query in Lark), the allowed-token set of each
 state the text's tokens pass through, found by TokenIndex's prefix walk (cold: an empty cache) against the baseline
 of running the grammar over every token's bytes (at up to BASELINE_STATES of the states), then the per-token cost
 once the sets are cached (the mask, the sampler's bias row written into a CPU SamplerState, and the grammar's step:
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import environment, print_rows, write_json
+from qwen2rt.ebnf import Grammar
 from qwen2rt.json_schema import JSON_OBJECT, JsonSchemaGrammar
 from qwen2rt.regex import RegexGrammar
 from qwen2rt.sampling import SamplerState
@@ -48,10 +50,34 @@ CONSTRAINED_DOCUMENT = json.dumps({"name": "Ada Lovelace", "id": "123e4567-e89b-
                                    "born": "1815-12-10", "age": 36, "code": "ABC-1234",
                                    "bio": "She wrote the first program, it's said.",
                                    "email": "ada.lovelace@example.org"}, indent=2)
+# JSON as a GBNF grammar (llama.cpp's grammars/json.gbnf, the usual example), and an SQL query in Lark
+JSON_GBNF = r'''
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
+array  ::= "[" ws ( value ("," ws value)* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
+ws ::= | " " | "\n" [ \t]{0,20}
+'''
+SQL_LARK = r'''
+start: query
+query: "SELECT " columns " FROM " NAME [" WHERE " condition] ";"
+columns: "*" | NAME ("," " "? NAME)*
+condition: comparison ((" AND " | " OR ") comparison)*
+comparison: NAME " "? OP " "? value | "(" condition ")"
+value: NUMBER | "'" /[^']*/ "'" | "(" query ")"
+OP: "=" | "<" | ">" | "<=" | ">=" | "!="
+NAME: /[A-Za-z_][A-Za-z0-9_]*/
+%import common.NUMBER
+'''
+SQL = "SELECT name, born FROM people WHERE (born > 1800 AND name != 'Ada') OR city = 'London';"
 CASES = [("json_object", JSON_OBJECT, DOCUMENT), ("json schema", JsonSchemaGrammar(SCHEMA), DOCUMENT),
          ("constrained schema", JsonSchemaGrammar(CONSTRAINED), CONSTRAINED_DOCUMENT),
          ("regex (phone)", RegexGrammar(r"\(\d{3}\) \d{3}-\d{4}"), "(555) 123-4567"),
-         ("regex (words)", RegexGrammar(r"[A-Za-z ,.']{1,200}"), "She wrote the first program, it's said.")]
+         ("regex (words)", RegexGrammar(r"[A-Za-z ,.']{1,200}"), "She wrote the first program, it's said."),
+         ("grammar (json, GBNF)", Grammar(JSON_GBNF), DOCUMENT),
+         ("grammar (sql, Lark)", Grammar(SQL_LARK), SQL)]
 BASELINE_STATES = 12
 
 

@@ -373,7 +373,7 @@ class LLM:
             raise ValueError(f"SamplingParams.stop_token_ids: {text[0]} is a text token "
                              f"({self._token_index.token_bytes[text[0]]!r}); with structured outputs a stop id may "
                              "only end a complete output (use special tokens)")
-        return Matcher(seq.params.structured_outputs.grammar(), self._token_index, seq.stop_ids)
+        return Matcher(seq.params.structured_outputs.automaton(), self._token_index, seq.stop_ids)
 
     def _batch(self, prompts, params, priority=None) -> list[list[Sequence]]:
         """generate / agenerate: validated sequences for every prompt, n (SamplingParams.n) of each (nothing

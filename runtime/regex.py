@@ -294,11 +294,13 @@ class Regex:
     TABLE_ENTRIES = 4096  # DFA states whose successor tables are kept
     NUMBERED = 16384  # DFA states numbered for `next_ids` before the numbering starts over (~32 MB of tables)
 
-    def __init__(self, pattern: str):
+    def __init__(self, pattern: str, tree=None):
+        """`tree`: the pattern already parsed (_Parser's tree; ebnf.py builds its terminals' trees itself), which
+        `pattern` then only names in errors."""
         if not isinstance(pattern, str):
             raise ValueError(f"a regex must be a string, got {type(pattern).__name__}")
         self.pattern = pattern
-        tree = _Parser(pattern).parse()
+        tree = _Parser(pattern).parse() if tree is None else tree
         self.min_chars, self.max_chars = _lengths(tree)
         self.eps: list[list[int]] = []
         self.edges: list[list[tuple[int, int, int]]] = []
@@ -410,6 +412,10 @@ class Regex:
     def accepting(self, state: frozenset) -> bool:
         return self.final in state
 
+    def ends(self, state: frozenset) -> bool:
+        """Whether no byte can follow (the match is complete and can only stop)."""
+        return all(t is None for t in self._table(state))
+
     def characters_loop(self, state: frozenset) -> bool:
         """Whether every character of two or more UTF-8 bytes leaves `state` as it is (cached)."""
         key = ("characters", state)
@@ -442,6 +448,7 @@ class Regex:
         self._ids: dict[frozenset, int] = {}
         self._states: list[frozenset] = []
         self._next = np.full((64, 256), -2, dtype=np.int32)  # -2: not found yet, -1: no state
+        self._final = np.zeros(64, dtype=bool)  # per number: whether the state is accepting
 
     def state_id(self, state: frozenset) -> int:
         """A number for `state` (the same until the numbering starts over: see next_ids)."""
@@ -449,7 +456,14 @@ class Regex:
         if i is None:
             i = self._ids[state] = len(self._states)
             self._states.append(state)
+            if i >= len(self._final):
+                self._final = np.concatenate([self._final, np.zeros(len(self._final), dtype=bool)])
+            self._final[i] = self.final in state
         return i
+
+    def accepting_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Per state number, whether that state is accepting."""
+        return self._final[ids]
 
     def state_of(self, i: int) -> frozenset:
         return self._states[i]

@@ -33,7 +33,8 @@ _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p
                   "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids", "seed", "n", "ignore_eos",
                   "logprobs", "stream", "stream_options", "user", "min_tokens", "logit_bias", "skip_special_tokens",
                   "include_stop_str_in_output", "priority", "allowed_token_ids", "response_format",
-                  "guided_json", "guided_choice", "guided_regex", "structured_outputs", "truncate_prompt_tokens"}
+                  "guided_json", "guided_choice", "guided_regex", "guided_grammar", "structured_outputs",
+                  "truncate_prompt_tokens"}
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                                  "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
@@ -189,10 +190,10 @@ def _rebased(schema, base: str):
 def _structured(body: dict, tool_choice: str = "auto") -> tuple[object | None, str | None]:
     """-> (StructuredOutputs or None, the request field that asked for it): response_format {"type":
     "json_schema", "json_schema": {"schema": ...}} or {"type": "json_object"} (OpenAI's), vLLM's guided_json (a
-    schema), guided_choice (a list of strings), guided_regex (a pattern) or structured_outputs ({"json": schema},
-    {"json_object": true}, {"choice": [...]} or {"regex": pattern}; "disable_any_whitespace": true beside json or
-    json_object), or chat's tool_choice "required" / named
-    (_forced_calls); at most one of them. Grammars and structural tags are not implemented: a 400."""
+    schema), guided_choice (a list of strings), guided_regex (a pattern), guided_grammar (GBNF or Lark) or
+    structured_outputs ({"json": schema}, {"json_object": true}, {"choice": [...]}, {"regex": pattern} or
+    {"grammar": text}; "disable_any_whitespace": true beside json or json_object), or chat's tool_choice "required"
+    / named (_forced_calls); at most one of them. Structural tags are not implemented: a 400."""
     from .structured import StructuredOutputs
 
     asked = []
@@ -215,17 +216,19 @@ def _structured(body: dict, tool_choice: str = "auto") -> tuple[object | None, s
         elif kind != "text":
             raise RequestError(f"response_format of type {kind!r} is not supported (\"text\", \"json_object\" "
                                "and \"json_schema\" are)", param="response_format")
-    for name, key in (("guided_json", "json"), ("guided_choice", "choice"), ("guided_regex", "regex")):
+    for name, key in (("guided_json", "json"), ("guided_choice", "choice"), ("guided_regex", "regex"),
+                      ("guided_grammar", "grammar")):
         if body.get(name) is not None:
             asked.append((name, {key: body[name]}))
     spec = body.get("structured_outputs")
     if spec is not None:
-        keys = {"json", "json_object", "choice", "regex", "disable_any_whitespace"}
+        keys = {"json", "json_object", "choice", "regex", "grammar", "disable_any_whitespace"}
         if not isinstance(spec, dict) or not spec or set(spec) - keys:
             other = sorted(set(spec) - keys) if isinstance(spec, dict) else []
             why = f" ({other[0]!r} is not implemented)" if other else ""
             raise RequestError("structured_outputs must be {'json': schema}, {'json_object': true}, {'choice': "
-                               f"[strings]}} or {{'regex': pattern}}{why}", param="structured_outputs")
+                               f"[strings]}}, {{'regex': pattern}} or {{'grammar': text}}{why}",
+                               param="structured_outputs")
         asked.append(("structured_outputs", spec))
     if not asked:
         return None, None
@@ -234,8 +237,9 @@ def _structured(body: dict, tool_choice: str = "auto") -> tuple[object | None, s
     field, spec = asked[0]
     if "choice" in spec and not isinstance(spec["choice"], list):
         raise RequestError(f"{field}: the choices must be a list of strings", param=field)
-    if "regex" in spec and not isinstance(spec["regex"], str):
-        raise RequestError(f"{field}: the regex must be a string", param=field)
+    for key in ("regex", "grammar"):
+        if key in spec and not isinstance(spec[key], str):
+            raise RequestError(f"{field}: the {key} must be a string", param=field)
     try:
         return StructuredOutputs(**spec), field
     except (TypeError, ValueError) as e:

@@ -1,13 +1,15 @@
 """Structured outputs (vLLM's guided decoding, `StructuredOutputsParams`): a request's output held to a JSON schema
 (`json`, OpenAI's response_format {"type": "json_schema"}), to any JSON object (`json_object`, OpenAI's JSON mode),
-to one of a list of strings (`choice`) or to a regular expression (`regex`).
+to one of a list of strings (`choice`), to a regular expression (`regex`) or to a context-free grammar (`grammar`,
+GBNF or Lark).
 
-A grammar is a byte-level automaton: `step(state, byte)` -> the next state, or None when the byte cannot follow
-(json_schema.py's for JSON, regex.py's for regexes, ChoiceGrammar here). Before each token the request may sample,
-its `Matcher` turns the automaton's state into the set of token ids whose bytes the automaton accepts from there
-(`TokenIndex.allowed`), plus its stop token ids once the output is complete; the sampler gives every other token
--inf (the request's SamplerState bias row, as allowed_token_ids does). A complete output that cannot go on allows
-only its stop ids, so the request ends with "stop" as soon as it is complete (or at max_tokens).
+Each is followed as a byte-level automaton (StructuredOutputs.automaton()): `step(state, byte)` -> the next state,
+or None when the byte cannot follow (json_schema.py's for JSON, regex.py's for regexes, ebnf.py's for grammars,
+ChoiceGrammar here). Before each token the request may sample, its `Matcher` turns the automaton's state into the
+set of token ids whose bytes the automaton accepts from there (`TokenIndex.allowed`), plus its stop token ids once
+the output is complete; the sampler gives every other token -inf (the request's SamplerState bias row, as
+allowed_token_ids does). A complete output that cannot go on allows only its stop ids, so the request ends with
+"stop" as soon as it is complete (or at max_tokens).
 
 The set is found by a walk over the vocabulary's token bytes, sorted, so that the tokens that share a prefix are a
 contiguous range and the automaton steps through a shared prefix once; a range is pruned at the first byte the
@@ -15,8 +17,8 @@ automaton rejects, and a range whose remaining bytes all leave the state as it i
 a JSON string, any byte but a quote, a backslash or a control byte; in a regex, a class under `*`) is taken whole.
 Where the bytes go through a regex (the grammar's `dfa` view: a regex, a string with a pattern or lengths), the
 tokens of a range run through its DFA all at once with numpy, counting characters against a maxLength. Sets are
-cached per (grammar, state) in an LRU, packed to bits. The engine waits for a structured request's token before it
-plans the request's next step (engine.py): the set depends on it.
+cached per (grammar, state) in an LRU, packed to bits. The engine samples a structured request's next token only
+once the one before is read back and its set written (engine.py): the set depends on it.
 """
 
 from __future__ import annotations
@@ -34,13 +36,15 @@ class StructuredOutputs:
     """What a request's output must be, exactly one of: `json`, a JSON schema (a dict, or its JSON text; the subset
     json_schema.py implements: other keywords are a ValueError); `json_object=True`, any JSON object; `choice`, one
     of a list of strings; `regex`, a whole match of a regular expression (the syntax regex.py implements: other
-    syntax is a ValueError). With json or json_object, `disable_any_whitespace=True` allows no whitespace between
-    the JSON's tokens. (vLLM's StructuredOutputsParams; its grammars and structural tags are not implemented.)"""
+    syntax is a ValueError); `grammar`, a context-free grammar's text, GBNF (`root ::= ...`) or Lark (`start: ...`)
+    (what ebnf.py implements). With json or json_object, `disable_any_whitespace=True` allows no whitespace between
+    the JSON's tokens. (vLLM's StructuredOutputsParams; its structural tags are not implemented.)"""
 
     json: dict | str | None = field(default=None, hash=False)
     json_object: bool = False
     choice: tuple[str, ...] | None = None
     regex: str | None = None
+    grammar: str | None = None
     # with json: the output is 1 to tool_call_blocks (0: any number of) tool-call blocks in Qwen's Hermes format,
     # "<tool_call>\n" + a value of the schema + "\n</tool_call>" (the server's forced tool calls; see tool_calls.py)
     tool_call_blocks: int | None = None
@@ -59,22 +63,26 @@ class StructuredOutputs:
                 raise ValueError(f"StructuredOutputs.choice: {repr(bad[0])[:40]} is not a non-empty string")
         if not isinstance(self.json_object, bool):
             raise ValueError(f"StructuredOutputs.json_object = {self.json_object!r}: must be a bool")
-        if (self.json is not None) + self.json_object + (self.choice is not None) + (self.regex is not None) != 1:
+        if (self.json is not None) + self.json_object + (self.choice is not None) + (self.regex is not None) + (
+                self.grammar is not None) != 1:
             raise ValueError("StructuredOutputs: give exactly one of json (a JSON schema), json_object=True, choice "
-                             "(a list of strings) and regex (a pattern)")
+                             "(a list of strings), regex (a pattern) and grammar (GBNF or Lark)")
         if not isinstance(self.disable_any_whitespace, bool) or (
                 self.disable_any_whitespace and self.json is None and not self.json_object):
             raise ValueError(f"StructuredOutputs.disable_any_whitespace = {self.disable_any_whitespace!r}: a bool, "
                              "true only with json or json_object")
-        if self.regex is not None:
+        if self.regex is not None or self.grammar is not None:
+            from .ebnf import compiled
             from .regex import RegexGrammar
 
+            name, text, make = ("regex", self.regex, RegexGrammar) if self.regex is not None else (
+                "grammar", self.grammar, compiled)
             try:  # compiled now, as a schema
-                object.__setattr__(self, "_grammar", RegexGrammar(self.regex))
+                object.__setattr__(self, "_grammar", make(text))
             except ValueError as e:
-                raise ValueError(f"StructuredOutputs.regex: {e}") from None
+                raise ValueError(f"StructuredOutputs.{name}: {e}") from None
             except RecursionError:
-                raise ValueError("StructuredOutputs.regex: the pattern nests too deeply to compile") from None
+                raise ValueError(f"StructuredOutputs.{name}: the {name} nests too deeply to compile") from None
         if self.tool_call_blocks is not None and (self.json is None or not isinstance(self.tool_call_blocks, int)
                                                   or isinstance(self.tool_call_blocks, bool)
                                                   or self.tool_call_blocks < 0):
@@ -97,8 +105,9 @@ class StructuredOutputs:
             except RecursionError:
                 raise ValueError("StructuredOutputs.json: the schema nests too deeply to compile") from None
 
-    def grammar(self):
-        if self.json is not None or self.regex is not None:
+    def automaton(self):
+        """The byte-level automaton the output follows (see the module's docstring)."""
+        if self.json is not None or self.regex is not None or self.grammar is not None:
             return self._grammar
         if self.json_object:
             from .json_schema import COMPACT_JSON_OBJECT, JSON_OBJECT
@@ -161,6 +170,9 @@ def _reject(name):
 
 
 # ---- the vocabulary -----------------------------------------------------------------------------------------------
+ALL_BYTES_SET = bytes([1]) * 256
+
+
 class TokenIndex:
     """A vocabulary's token bytes (a tokenizer's Tokenizer.token_bytes, for ids below the model's vocab_size), sorted
     for the prefix walk, and the LRU of allowed-token sets. Tokens without bytes (special tokens) are never allowed
@@ -180,6 +192,7 @@ class TokenIndex:
         # a UTF-8 sequence)
         self._flat = np.frombuffer(b"".join(self.sorted_bytes), dtype=np.uint8)
         self._lengths = np.array([len(b) for b in self.sorted_bytes], dtype=np.int64)
+        self._shared = _common_prefixes(self.sorted_bytes)  # bytes each sorted token shares with the one before
         self._starts = np.cumsum(self._lengths) - self._lengths
         self._cumulative_chars = np.concatenate([[0], np.cumsum((self._flat & 0xC0) != 0x80)])
         self._in_characters = _in_characters(self._flat, self._starts, self._lengths)
@@ -239,8 +252,12 @@ class TokenIndex:
         tokens at once, while they are in the set; a token whose bytes all go through (its state alive, within the
         budget of characters) is allowed. Those that reach a byte outside the set alive come back as ranges for the
         prefix walk, grouped by their bytes up to and including that byte, with the grammar's state after them (the
-        view's `resume` of the regex's state there, stepped with that byte)."""
-        regex, rstate, takes, budget, resume = view
+        view's `resume` of the regex's state there, stepped with that byte). A view with a 6th element True (a
+        grammar's terminal: what follows it may begin only where it may end) stops at a byte outside the set only
+        where the regex's state is accepting; elsewhere every byte goes through the regex."""
+        regex, rstate, takes, budget, resume = view[:5]
+        gated = len(view) > 5 and view[5]
+        here = ALL_BYTES_SET if gated and not regex.accepting(rstate) else takes  # what goes through from rstate
         regex.renumber_if_full()
         start = regex.state_id(rstate)
         toks, i = self.sorted_bytes, lo
@@ -250,7 +267,8 @@ class TokenIndex:
         # the ranges of tokens whose next byte the regex takes or that leave the set there (a few, for a narrow
         # pattern: the rest are never looked at)
         through_set = np.frombuffer(takes, dtype=np.uint8).astype(bool)
-        live = (regex.next_ids(np.full(256, start, dtype=np.int32), np.arange(256)) >= 0) | ~through_set
+        live = (regex.next_ids(np.full(256, start, dtype=np.int32), np.arange(256)) >= 0) | \
+            ~np.frombuffer(here, dtype=np.uint8).astype(bool)
         pieces = []
         while i < hi:
             b = toks[i][depth]
@@ -262,8 +280,8 @@ class TokenIndex:
         first, end = self._starts[rows] + depth, self._starts[rows] + self._lengths[rows]
         # first each token's run of bytes that leave the state as it is, at once (searched in the positions of the
         # bytes that do not): single bytes, and whole multi-byte characters where every one of them does
-        loops = regex.loops(rstate, takes)
-        characters = any(loops) and all(takes[0x80:]) and regex.characters_loop(rstate)  # (a counted one: no)
+        loops = regex.loops(rstate, here)  # (the same state all along: accepting or not all along)
+        characters = any(loops) and all(here[0x80:]) and regex.characters_loop(rstate)  # (a counted one: no)
         at = first
         if any(loops) or characters:
             outside = self.outside_positions(loops, characters)
@@ -273,33 +291,49 @@ class TokenIndex:
             fits = chars <= budget
             rows, at, end, chars = rows[fits], at[fits], end[fits], chars[fits]
         states = np.full(len(rows), start, dtype=np.int32)
-        stops = []  # (token's sorted index, where it stops, regex state number there, characters before)
+        stops = []  # arrays: (tokens' sorted indices, where they stop, regex state numbers there, characters before)
         while len(rows):  # then byte by byte (all tokens at once) through the DFA
             ended = at >= end
             mask[self.sorted_ids[rows[ended]]] = True
             rows, at, end, states, chars = rows[~ended], at[~ended], end[~ended], states[~ended], chars[~ended]
             data = self._flat[at]
             through = through_set[data]
-            stops += [(int(rows[j]), int(at[j] - self._starts[rows[j]]), int(states[j]), int(chars[j]))
-                      for j in np.flatnonzero(~through).tolist()]
+            if gated:
+                through |= ~regex.accepting_ids(states)
+            if not through.all():
+                stopped = ~through
+                stops.append((rows[stopped], at[stopped] - self._starts[rows[stopped]], states[stopped],
+                              chars[stopped]))
             rows, at, end, states, chars, data = (rows[through], at[through], end[through], states[through],
                                                   chars[through], data[through])
             states = regex.next_ids(states, data)
             chars += (data & 0xC0) != 0x80
             alive = states >= 0 if budget is None else (states >= 0) & (chars <= budget)
             rows, at, end, states, chars = rows[alive], at[alive] + 1, end[alive], states[alive], chars[alive]
-        out, last = [], None
-        for i, at, rid, nchars in sorted(stops):  # (sorted: the tokens that share a prefix are a range)
+        out = []
+        for i, at, rid, nchars in self._first_of_each_prefix(stops):
             prefix = self.sorted_bytes[i][:at + 1]
-            if prefix == last:
-                continue
-            last = prefix
             nxt = step(resume(regex.state_of(rid), nchars), prefix[-1])
             if nxt is not None:
                 end = hi if prefix[-1] == 255 else bisect.bisect_left(
                     self.sorted_bytes, prefix[:-1] + bytes((prefix[-1] + 1,)), i, hi)
                 out.append((at + 1, i, end, nxt))
         return out
+
+    def _first_of_each_prefix(self, stops: list) -> list[tuple[int, int, int, int]]:
+        """The stops (arrays of sorted token indices, offsets, regex states, characters), one per distinct prefix
+        (a token's bytes up to and including its stop byte): the first token of each, in sorted order (the tokens
+        that share a prefix are a range of the sorted ones, and went the same way through the DFA)."""
+        if not stops:
+            return []
+        rows, at, rid, chars = (np.concatenate(column) for column in zip(*stops))
+        order = np.argsort(rows, kind="stable")
+        rows, at, rid, chars = rows[order], at[order], rid[order], chars[order]
+        first = np.ones(len(rows), dtype=bool)
+        if len(rows) > 1:  # the bytes two stopped tokens share: the least shared by any pair between them
+            shared = np.minimum.reduceat(self._shared[:rows[-1] + 1], rows[:-1] + 1)
+            first[1:] = (at[1:] != at[:-1]) | (shared < at[1:] + 1)
+        return list(zip(rows[first].tolist(), at[first].tolist(), rid[first].tolist(), chars[first].tolist()))
 
     def _walk(self, grammar, state) -> np.ndarray:
         toks, ids = self.sorted_bytes, self.sorted_ids
@@ -335,6 +369,20 @@ class TokenIndex:
                     todo.append((depth + 1, i, j, nxt))
                 i = j
         return mask
+
+
+def _common_prefixes(sorted_bytes: list[bytes]) -> np.ndarray:
+    """Per token of a sorted list, how many bytes it shares with the one before (0 for the first)."""
+    out = np.zeros(len(sorted_bytes), dtype=np.int64)
+    for k in range(1, len(sorted_bytes)):
+        a, b = sorted_bytes[k - 1], sorted_bytes[k]
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        out[k] = n
+    return out
 
 
 def _in_characters(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -65,7 +65,8 @@ def test_bench_structured_runs(tmp_path, qwen_tokenizer_dir):
     rows = bench_structured.main(["--tokenizer", qwen_tokenizer_dir, "--repeats", "1", "--out", str(out)])
     assert json.load(open(out))["structured"] == rows
     cold = {(r["grammar"], r["case"]): r for r in rows if r["bench"] == "cold set"}
-    names = ["json_object", "json schema", "constrained schema", "regex (phone)", "regex (words)"]
+    names = ["json_object", "json schema", "constrained schema", "regex (phone)", "regex (words)",
+             "grammar (json, GBNF)", "grammar (sql, Lark)"]
     assert [name for name, _, _ in bench_structured.CASES] == names
     assert set(cold) == {(g, c) for g in names for c in ("prefix walk", "every token (baseline)")}
     assert all(cold[g, "prefix walk"]["states"] >= 10 for g in names)

@@ -700,7 +700,13 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "guided_choice": ["yes", ""]}, 400,
      "'' is not a non-empty string"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "structured_outputs": {"grammar": "root ::= 'a'"}}, 400,
-     "'grammar' is not implemented"),
+     "structured_outputs: StructuredOutputs.grammar: grammar line 1: unexpected \"'a'\""),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "guided_grammar": "root ::= a\na ::= a \"x\" | \"y\""}, 400,
+     "guided_grammar: StructuredOutputs.grammar: grammar rule 'a' is left-recursive"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "structured_outputs": {"grammar": ["root"]}}, 400,
+     "structured_outputs: the grammar must be a string"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "structured_outputs": {"structural_tag": "x"}}, 400,
+     "'structural_tag' is not implemented"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "guided_regex": "(?=a)a"}, 400,
      "guided_regex: StructuredOutputs.regex: regex '(?=a)a': group syntax '(?=a'... is not implemented"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "structured_outputs": {"regex": 5}}, 400,
@@ -869,12 +875,12 @@ def test_allowed_token_ids_restrict_the_reply(live, offline):
 
 def test_structured_outputs_json_object_and_choices(live, offline):
     """response_format json_object (OpenAI's JSON mode) and json_schema, vLLM's guided_json, guided_choice,
-    guided_regex and structured_outputs: the replies equal the offline API's with StructuredOutputs (seeded),
-    streamed or not; a JSON reply is an object json.loads reads (its keys the schema's, its strings matching their
-    pattern and format), a choice reply one of the choices, a regex reply a whole match; the server keeps
-    serving."""
+    guided_regex, guided_grammar and structured_outputs: the replies equal the offline API's with StructuredOutputs
+    (seeded), streamed or not; a JSON reply is an object json.loads reads (its keys the schema's, its strings matching
+    their pattern and format), a choice reply one of the choices, a regex reply a whole match, a grammar's reply a
+    sentence of it (the n choices different); the server keeps serving."""
     from qwen2rt import StructuredOutputs
-    from qwen2rt.structured import check_json_object
+    from qwen2rt.structured import check_json_object, run
 
     bias = {str(ord(c)): 6.0 for c in '"}'}
     json_object = StructuredOutputs(json_object=True)
@@ -886,6 +892,7 @@ def test_structured_outputs_json_object_and_choices(live, offline):
                                               "n": {"type": "integer", "minimum": 10, "maximum": 12}},
              "required": ["code", "day", "n"], "additionalProperties": False}
     pattern = r"(yes|no), [a-z]{1,6}\."
+    grammar = 'start: "(" [item ("," item)*] ")"\nitem: /[a-z]{1,4}/ | start'  # (Lark; a list of nested lists)
     cases = [("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, json_object),
              ("/v1/chat/completions", {"messages": USER, "response_format": {
                  "type": "json_schema", "json_schema": {"name": "r", "schema": schema, "strict": True}}},
@@ -902,6 +909,10 @@ def test_structured_outputs_json_object_and_choices(live, offline):
              ("/v1/completions", {"prompt": "Say:", "guided_regex": pattern, "n": 2}, StructuredOutputs(regex=pattern)),
              ("/v1/chat/completions", {"messages": USER, "structured_outputs": {"regex": pattern}},
               StructuredOutputs(regex=pattern)),
+             ("/v1/completions", {"prompt": "Nest:", "guided_grammar": grammar, "n": 2},
+              StructuredOutputs(grammar=grammar)),
+             ("/v1/chat/completions", {"messages": USER, "structured_outputs": {"grammar": grammar}},
+              StructuredOutputs(grammar=grammar)),
              ("/v1/completions", {"prompt": "JSON:", "structured_outputs": {"json": schema,
                                                                             "disable_any_whitespace": True}},
               StructuredOutputs(json=schema, disable_any_whitespace=True))]
@@ -913,6 +924,10 @@ def test_structured_outputs_json_object_and_choices(live, offline):
         texts = [o.text for o in want.outputs]
         if so.regex is not None:
             assert all(re.fullmatch(pattern, t) for t in texts), texts
+        elif so.grammar is not None:
+            ends = [run(so.automaton(), t.encode()) for t in texts]
+            assert all(e is not None and so.automaton().accepting(e) for e in ends), texts
+            assert len(set(texts)) == len(texts), texts
         else:
             assert all((t in choices) if so.choice else check_json_object(t) for t in texts)
         if so.json is schema:
@@ -1017,7 +1032,7 @@ def test_forced_calls_schema():
              {"type": "function", "function": {"name": "t", "parameters": {
                  "type": "object", "properties": {"sub": {"$ref": "#"}, "v": {"type": "integer"},
                                                   "const": {"$ref": "#/properties/v"}}}}}]
-    grammar = StructuredOutputs(**_forced_calls({"tools": tools}, "required")).grammar()
+    grammar = StructuredOutputs(**_forced_calls({"tools": tools}, "required")).automaton()
     for text, ok in [('{"name": "p", "arguments": {"at": {"x": 1}}}', True),
                      ('{"name": "p", "arguments": {"at": {"x": 1}, "tag": {"$ref":"#"}}}', True),  # (as written)
                      ('{"name": "p", "arguments": {"at": {"y": 1}}}', False),

@@ -692,7 +692,7 @@ def masked_argmax(llm, params: SamplingParams, out_ids: list[int], logits) -> li
     """The greedy tokens a structured request must get: at each step the allowed token (brute force over the
     vocabulary from the grammar's state after the tokens before) of the largest logit + bias."""
     index = TokenIndex(llm.tokenizer.token_bytes(), llm.config.vocab_size)
-    grammar, state, want = params.structured_outputs.grammar(), None, []
+    grammar, state, want = params.structured_outputs.automaton(), None, []
     for step, token in enumerate(out_ids):
         state = grammar.start if state is None else state
         allowed = brute_allowed(index, grammar, state)
@@ -707,10 +707,17 @@ def masked_argmax(llm, params: SamplingParams, out_ids: list[int], logits) -> li
     return want
 
 
+SQL_GBNF = "\n".join([  # (vLLM's example of guided_grammar, written shorter)
+    'root ::= "SELECT " column " from " table " where " column "= " number',
+    'column ::= "col_1 " | "col_2 "', 'table ::= "table_1 " | "table_2 "', 'number ::= "1 " | "2 "'])
+NESTED_LARK = 'start: "[" [item ("," item)*] "]"\nitem: /[a-c]/ | start'
+
+
 def test_greedy_takes_the_best_allowed_token_at_every_step(tiny):
     """Greedy, every step's token is the allowed one of the largest logit (its mask from the tokens before, not
     one step stale): a JSON object, a schema, a schema of patterns, formats and bounds, a choice and regexes, all
-    complete, each ending with eos; unconstrained, the same request is not what was asked."""
+    complete, each ending with eos; unconstrained, the same request is not what was asked. Grammars too: GBNF
+    and Lark, the nested one a pushdown."""
     from test_parity import generate_recording_logits
 
     coded = {"type": "object", "required": ["code", "n", "day"], "properties": {
@@ -720,7 +727,9 @@ def test_greedy_takes_the_best_allowed_token_at_every_step(tiny):
              ([4, 4, 2], StructuredOutputs(json=PERSON), {**CLOSE, ord(","): 6.0, ord('"'): 9.0, **QUIET}),
              ([8, 3], StructuredOutputs(json=coded), {**CLOSE, ord(","): 6.0, **QUIET}),
              ([2, 7], StructuredOutputs(regex=r"(yes|no), [a-z]{1,8}\."), {}),
-             ([6], StructuredOutputs(regex=r"\d{3}-[A-Z\u00e9]{2,4}( \w+)?"), {})]
+             ([6], StructuredOutputs(regex=r"\d{3}-[A-Z\u00e9]{2,4}( \w+)?"), {}),
+             ([3, 5], StructuredOutputs(grammar=SQL_GBNF), {}),
+             ([7, 7], StructuredOutputs(grammar=NESTED_LARK), {ord("["): 1.0, ord("b"): 2.0})]
     for prompt, so, bias in cases:
         params = SamplingParams(max_tokens=150, temperature=0, logit_bias=bias, structured_outputs=so)
         out, logits = generate_recording_logits(tiny, prompt, params)
@@ -730,11 +739,17 @@ def test_greedy_takes_the_best_allowed_token_at_every_step(tiny):
             assert out.text in so.choice
         elif so.regex:
             assert re.fullmatch(so.regex, out.text), out.text
+        elif so.grammar:
+            assert run(so.automaton(), out.text.encode()) is not None and so.automaton().accepting(
+                run(so.automaton(), out.text.encode())), out.text
         else:
             assert check_json_object(out.text) and valid(parsed(out.text), so.json or {}, so.json or {})
         free = tiny.generate([prompt], dataclasses.replace(params, structured_outputs=None))[0]
         assert free.token_ids != out.token_ids and not check_json_object(free.text)
         assert not (so.regex and re.fullmatch(so.regex, free.text))
+        if so.grammar:
+            state = run(so.automaton(), free.text.encode())
+            assert state is None or not so.automaton().accepting(state)
 
 
 def test_a_structured_step_is_sampled_once_the_token_before_is_read_back(tiny, monkeypatch):
@@ -962,7 +977,7 @@ def test_structured_outputs_with_qwens_tokenizer(real_tok_dir):
             for out in llm.generate("Answer:", params)[0].outputs:
                 assert out.finish_reason == "stop" and out.token_ids[-1] in llm.eos_token_ids, out.text
                 assert check(out.text), out.text
-                matcher = Matcher(so.grammar(), index, llm.eos_token_ids)
+                matcher = Matcher(so.automaton(), index, llm.eos_token_ids)
                 for token in out.token_ids:
                     assert matcher.mask()[token]
                     matcher.advance(token)
@@ -986,15 +1001,15 @@ def test_disable_any_whitespace(tiny):
     a schema and JSON mode; the allowed sets agree with a token-by-token check; greedy outputs of the tiny model,
     which fills whitespace runs when it may, come out compact and valid."""
     compact = StructuredOutputs(json=PERSON, disable_any_whitespace=True)
-    grammar = compact.grammar()
+    grammar = compact.automaton()
     value = {"name": "a b\n", "age": 1, "address": {"street": "s t", "zip": ""}, "tags": ["a", 7]}
     assert completes(json.dumps(value, separators=(",", ":"), ensure_ascii=False), grammar)
     assert not completes(json.dumps(value, ensure_ascii=False), grammar)  # ", " and ": "
     assert not completes(json.dumps(value, indent=1, separators=(",", ":"), ensure_ascii=False), grammar)
     for gap in ('["a", 7]', '[ "a",7]', '["a",7 ]', '["a" ,7]'):  # inside an array alone
         assert not completes('{"name":"x","age":1,"address":{"street":"","zip":""},"tags":' + gap + "}", grammar)
-    assert completes(json.dumps(value, indent=1, ensure_ascii=False), StructuredOutputs(json=PERSON).grammar())
-    json_mode = StructuredOutputs(json_object=True, disable_any_whitespace=True).grammar()
+    assert completes(json.dumps(value, indent=1, ensure_ascii=False), StructuredOutputs(json=PERSON).automaton())
+    json_mode = StructuredOutputs(json_object=True, disable_any_whitespace=True).automaton()
     assert completes('{"a":[1,{"b":" "}]}', json_mode) and not completes('{"a": 1}', json_mode)
     rng = random.Random(4)
     index = TokenIndex([bytes((i,)) for i in range(256)] + [b" {", b'" ', b'":', b", ", b"[\n", b"a b"], 262)
