@@ -81,9 +81,10 @@ ESTIMATE_S = {"ceilings": 5, "warm": 90, "gpu_tests_gate": 60, "gpu_tests": 200,
               # weights, and 72B int4 fills ~40 GB of weights
               "bench_quant": 170, "decode_quant": 60, "decode_quant_72b": 420,
               # five 7B loads (prefix caching on and off; fcfs and priority; structured), ~25 prefills of 2,050
-              # tokens and 10 bursts of 4, 2 x 128 decode steps at batch 4, 12 requests of 64 tokens; the server part
-              # is skipped there unless the serve extra's wheels are carried
-              "serving": 230,
+              # tokens and 10 bursts of 4, 2 x 128 decode steps at batch 4, 18 requests of 64 tokens (structured:
+              # free, choice split and serial); the server part is skipped there unless the serve extra's wheels
+              # are carried
+              "serving": 240,
               # quantized MoE: loading plus the first-load tuning of the quantized expert kernels (every bucket;
               # the warm compiles their default configs only, not the tuning candidates)
               "decode_quant_moe": 180,
