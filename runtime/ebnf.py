@@ -1,11 +1,11 @@
 """Context-free grammars for structured outputs: StructuredOutputs(grammar=...) (vLLM's guided_grammar /
 structured_outputs.grammar), in either of the two notations vLLM takes:
 
-- GBNF (llama.cpp's, xgrammar's EBNF; a text with `::=`): rules `name ::= alternatives`, the start rule `root`;
-  strings `"..."` (escapes `\\n \\r \\t \\\\ \\" \\xHH \\uHHHH \\UHHHHHHHH`), classes `[...]` / `[^...]` with ranges,
-  `.` (any character), rule names (letters, digits, `-`, `_`), groups `( )`, `|`, quantifiers `* + ?` and
+- GBNF (llama.cpp's, xgrammar's EBNF; a text with a line `name ::= ...`): rules `name ::= alternatives`, the start
+  rule `root`; strings `"..."` (escapes `\\n \\r \\t \\\\ \\" \\xHH \\uHHHH \\UHHHHHHHH`), classes `[...]` / `[^...]`
+  with ranges, `.` (any character), rule names (letters, digits, `-`, `_`), groups `( )`, `|`, quantifiers `* + ?` and
   `{m} {m,} {m,n}`, comments `# ...`. A rule may span lines (a new rule starts at `name ::=`).
-- Lark (outlines' and vLLM's examples; a text without `::=`): rules `name: ...` (`?name` and `!name` too) and
+- Lark (outlines' and vLLM's examples; a text without such a line): rules `name: ...` (`?name` and `!name` too) and
   terminals `NAME: ...` (a priority `NAME.2` is ignored), the start rule `start`; strings `"..."` (`"..."i`: either
   case), `"a".."z"` ranges, regexes `/.../` (regex.py's syntax, no flags), `[item]` (optional), `( )`, `|`, `* + ?`,
   `~ n` / `~ n..m` and `{m,n}`, aliases `-> name` (ignored: they only name tree nodes), comments `//` and `#`,
@@ -18,15 +18,20 @@ output's characters exactly where the rules put them.
 
 Compiled as follows. Rules that do not reach a recursive rule are regular: each is inlined into one regex tree
 (regex.py's), and so is every run of regular items in the other rules' alternatives, so a literal, a class and a
-regular rule in a row are one terminal, followed by a DFA. The recursive rest is a pushdown automaton over those
-terminals: a parse is a stack, its top a terminal and the state its DFA is in, below it the places in alternatives
-to go on from when that terminal ends (the last item of an alternative pushes none: right recursion and `*` keep
-the stack flat). A state is the frozenset of the parses the bytes so far allow (at most MAX_PARSES, else the request
-fails with an error that says so), plus END when the output may stop there. Left recursion (a rule that can begin
-with itself) never ends the expansion: it is a ValueError naming the rule, as llama.cpp and xgrammar reject it.
+regular rule in a row are one terminal, followed by a DFA; a rule's alternatives that begin with a terminal and go on
+alike are one, its terminal their alternation (a list of keywords each followed by the same rule). The recursive rest
+is a pushdown automaton over those terminals: a parse is a stack, its top a terminal and the state its DFA is in,
+below it the places in alternatives to go on from when that terminal ends (the last item of an alternative pushes
+none: right recursion and `*` keep the stack flat). A state is the frozenset of the parses the bytes so far allow,
+plus END when the output may stop there. A step to more than MAX_PARSES parses is refused (structured.TooAmbiguous:
+a token that leads there is not allowed). Left recursion (a rule that can begin with itself with something after
+it) never ends the expansion: it is a ValueError naming the rule, as llama.cpp and xgrammar reject it; so are a rule
+that never ends and a terminal too large once its rules are written out (MAX_TERMINAL_NODES).
 
-For TokenIndex's walk, a state with one parse whose terminal may take bytes that nothing after it can (`dfa`) runs
-the tokens through the terminal's DFA with numpy; other states go byte by byte.
+For TokenIndex's walk, a state whose parses are inside terminals (up to MAX_VIEW_PARSES of them: one, or
+alternatives that begin alike) has a `dfa` view: the tokens run through the terminals' DFAs (side by side, _Product)
+with numpy, while the bytes are ones nothing after a terminal can take, or no terminal may end yet; other states go
+byte by byte.
 """
 
 from __future__ import annotations
@@ -34,10 +39,17 @@ from __future__ import annotations
 import functools
 import re
 
+import numpy as np
+
 from .regex import DOT, MAX_CODE, MAX_REPEAT, Regex, _complement, _normal, _Parser
+from .structured import TooAmbiguous
 
 IGNORED = " ignored"  # the rule of what Lark's %ignore names (a space: no rule of the text has it)
-MAX_PARSES = 1000  # parses one state may hold: a grammar more ambiguous than that fails its request
+# parses one state may hold: a byte that would lead past it is refused (structured.TooAmbiguous), so a token that
+# leads there is not allowed, and what only such parses would have allowed is never written
+MAX_PARSES = 1000
+MAX_VIEW_PARSES = 32  # a state of up to this many parses runs the tokens through their DFAs side by side
+MAX_TERMINAL_NODES = 100_000  # a terminal's tree, written out (rules inlined), may have at most this many parts
 END = ()  # in a state: the output may stop here
 ANY_CHARACTER = _normal(((0, MAX_CODE),))
 _ESCAPES = {"n": 0x0A, "r": 0x0D, "t": 0x09, "\\": 0x5C, '"': 0x22, "[": 0x5B, "]": 0x5D, "'": 0x27, "-": 0x2D,
@@ -55,6 +67,8 @@ COMMON = {
     "ESCAPED_STRING": r'"([^"\\\n]|\\.)*"', "LCASE_LETTER": r"[a-z]", "UCASE_LETTER": r"[A-Z]",
     "LETTER": r"[A-Za-z]", "WORD": r"[A-Za-z]+", "CNAME": r"[A-Za-z_][A-Za-z0-9_]*", "WS_INLINE": r"[ \t]+",
     "WS": r"[ \t\f\r\n]+", "CR": r"\r", "LF": r"\n", "NEWLINE": r"(\r?\n)+",
+    "SH_COMMENT": r"#[^\n]*", "CPP_COMMENT": r"//[^\n]*", "C_COMMENT": r"/\*([^*]|\*+[^*/])*\*+/",
+    "SQL_COMMENT": r"--[^\n]*",
 }
 
 
@@ -64,6 +78,7 @@ def _cases(code: int) -> set[int]:
     return {code} | {ord(x) for x in (c.lower(), c.upper()) if len(x) == 1}
 
 
+_GBNF_RULE = re.compile(r"^[ \t]*[A-Za-z0-9_-]+[ \t]*::=", re.M)  # a text with a rule `name ::=` is GBNF, else Lark
 _COUNT = re.compile(r"\{\s*([0-9]*)\s*(,\s*([0-9]*)\s*)?\}")
 _TILDE = re.compile(r"\s*~\s*([0-9]+)(\s*\.\.\s*([0-9]+))?")
 
@@ -143,15 +158,16 @@ class _GrammarParser:
 
     def directive(self) -> None:
         end = self.text.find("\n", self.i)
-        line = self.text[self.i:len(self.text) if end < 0 else end].split("//")[0].strip()
+        line = self.text[self.i:len(self.text) if end < 0 else end].strip()
         if line.startswith("%ignore") and line[7:8] in (" ", "\t"):
-            inner = _GrammarParser(line[8:], lark=True)
+            inner = _GrammarParser(line[8:], lark=True)  # (its comments too: not cut inside a string)
             inner.space()
             self.ignores.append(inner.alternatives())
             if inner.i < len(inner.text):
                 self.error(f"{line[:60]!r}: unexpected {inner.text[inner.i:inner.i + 10]!r}")
             self.i = len(self.text) if end < 0 else end
             return
+        line = re.sub(r"\s*(//|#).*$", "", line)
         m = re.fullmatch(r"%import\s+common\.([A-Z_][A-Z0-9_]*)(\s*->\s*([A-Za-z_]\w*))?", line) or \
             re.fullmatch(r"%import\s+common\s*\(([A-Z0-9_,\s]+)\)", line)
         if m is None:
@@ -162,6 +178,8 @@ class _GrammarParser:
                 self.error(f"%import common.{n}: not one of Lark's common terminals implemented "
                            f"({', '.join(sorted(COMMON))})")
         if m.re.groups >= 3 and m.group(3):  # %import common.X -> Y
+            if m.group(3) in self.rules:
+                self.error(f"rule {m.group(3)!r} is defined twice")
             self.rules[m.group(3)] = _Parser(COMMON[names[0]]).parse()
         else:
             self.imports.update(names)
@@ -203,6 +221,12 @@ class _GrammarParser:
     def quantified(self, node) -> tuple:
         while True:
             t, i = self.text, self.i
+            while i < len(t) and t[i] in " \t":  # (`"a" *` is `"a"*`, as llama.cpp and Lark read it)
+                i += 1
+            if i < len(t) and t[i] in "*+?{~":
+                self.i = i
+            else:
+                i = self.i
             if i < len(t) and t[i] in "*+?":
                 self.i += 1
                 node = ("rep", node, 0 if t[i] != "+" else 1, None if t[i] != "?" else 1)
@@ -382,6 +406,95 @@ def _refs(node, out: set) -> set:
     return out
 
 
+def _parse_order(parse: tuple):
+    """A parse's place in a fixed order (a state's frozenset iterates in an order of hashes)."""
+    stack, rid, q = parse
+    return stack, rid, sorted(q)
+
+
+class _Product:
+    """Several terminals' DFAs run side by side (the parses of one grammar state), with Regex's interface for
+    TokenIndex's DFA walk: a state is the tuple of their states (None where one is gone), accepting where one is, and
+    numbered like Regex's."""
+
+    NUMBERED = 16384
+
+    def __init__(self, parts: tuple[Regex, ...]):
+        self.parts = parts
+        self._dead = [None] * 256
+        self._number_states()
+
+    def _number_states(self) -> None:
+        self._ids: dict[tuple, int] = {}
+        self._states: list[tuple] = []
+        self._next = np.full((64, 256), -2, dtype=np.int32)
+        self._final = np.zeros(64, dtype=bool)
+        self._loops: dict = {}
+
+    def accepting(self, state: tuple) -> bool:
+        return any(q is not None and r.accepting(q) for r, q in zip(self.parts, state))
+
+    def state_id(self, state: tuple) -> int:
+        i = self._ids.get(state)
+        if i is None:
+            i = self._ids[state] = len(self._states)
+            self._states.append(state)
+            if i >= len(self._final):
+                self._final = np.concatenate([self._final, np.zeros(len(self._final), dtype=bool)])
+                self._next = np.concatenate([self._next, np.full(self._next.shape, -2, dtype=np.int32)])
+            self._final[i] = self.accepting(state)
+        return i
+
+    def state_of(self, i: int) -> tuple:
+        return self._states[i]
+
+    def accepting_ids(self, ids: np.ndarray) -> np.ndarray:
+        return self._final[ids]
+
+    def next_ids(self, ids: np.ndarray, data: np.ndarray) -> np.ndarray:
+        for i in np.unique(ids).tolist():
+            if self._next[i, 0] == -2:
+                rows = [self._dead if q is None else r._table(q) for r, q in zip(self.parts, self._states[i])]
+                row = [-1 if not any(x is not None for x in column) else self.state_id(column)
+                       for column in zip(*rows)]
+                self._next[i] = row
+        return self._next[ids, data]
+
+    def renumber_if_full(self) -> None:
+        if len(self._states) > self.NUMBERED:
+            self._number_states()
+
+    def loops(self, state: tuple, within: bytes) -> bytes:
+        key = (state, within)
+        out = self._loops.get(key)
+        if out is None:
+            i = self.state_id(state)
+            row = self.next_ids(np.full(256, i, dtype=np.int32), np.arange(256))
+            out = (row == i) & (np.frombuffer(within, dtype=np.uint8) != 0)
+            out = self._loops[key] = out.astype(np.uint8).tobytes()
+        return out
+
+    def characters_loop(self, state: tuple) -> bool:
+        return all(q is None or r.characters_loop(q) for r, q in zip(self.parts, state))
+
+
+def _written_size(node, memo: dict) -> int:
+    """Parts of a tree once every shared part is written out (inlined rules share their trees), found in time linear
+    in the distinct parts, capped past MAX_TERMINAL_NODES."""
+    key = id(node)
+    out = memo.get(key)
+    if out is None:
+        kind = node[0]
+        if kind in ("cat", "alt"):
+            out = 1 + sum(_written_size(x, memo) for x in node[1])
+        elif kind == "rep":
+            out = 1 + _written_size(node[1], memo)
+        else:
+            out = 1
+        out = memo[key] = min(out, MAX_TERMINAL_NODES + 1)
+    return out
+
+
 class Grammar:
     """A compiled grammar: structured.py's interface (`start`, `step`, `accepting`, `shortcut`, `dfa`, `key`)."""
 
@@ -390,7 +503,7 @@ class Grammar:
     def __init__(self, text: str):
         if not isinstance(text, str) or not text.strip():
             raise ValueError("a grammar must be a non-empty string")
-        lark = "::=" not in text
+        lark = not _GBNF_RULE.search(re.sub(r"(#|//)[^\n]*", "", text))
         rules = _GrammarParser(text, lark).parse()
         root = "start" if lark else "root"
         if root not in rules:
@@ -411,7 +524,13 @@ class Grammar:
         self.alts: dict[str, list[int]] = {}
         self.alt_symbols: list[tuple] = []
         self._helpers = 0
-        self._lower_rule(root)
+        self._trees: list = []  # each terminal's regex tree
+        self._pending = [root]  # rules referred to and not lowered yet
+        while self._pending:
+            name = self._pending.pop()
+            if name not in self.alts:
+                self.alts[name] = []  # (placeholder: it may refer to itself)
+                self.alts[name] = self._merged(self._lower_alts(self.rules[name]))
         self.root = root
         self._prune()
         self._check_left_recursion()
@@ -420,6 +539,7 @@ class Grammar:
         self._steps: dict = {}
         self._views: dict = {}
         self._firsts: dict = {}
+        self._products: dict = {}
         start = set()
         for a in self.alts[root]:
             start |= self._expand(a, 0, ())
@@ -457,6 +577,10 @@ class Grammar:
         return _refs(node, set()) <= self.regular
 
     def _regex(self, tree) -> int:
+        size = _written_size(tree, {})
+        if size > MAX_TERMINAL_NODES:
+            raise ValueError(f"grammar: a terminal is too large once its rules are written out (over "
+                             f"{MAX_TERMINAL_NODES} parts: rules that use others twice, nested)")
         i = self._regex_ids.get(tree)
         if i is None:
             try:
@@ -465,24 +589,34 @@ class Grammar:
                 raise ValueError(f"grammar: {e}") from None
             i = self._regex_ids[tree] = len(self.regexes)
             self.regexes.append(regex)
+            self._trees.append(tree)
         return i
 
     # the rest -> alternatives of symbols
-    def _lower_rule(self, name: str) -> None:
-        if name in self.alts:
-            return
-        self.alts[name] = []
-        tree = self.rules[name]
-        self.alts[name] = [self._add_alt(seq) for seq in self._lower_alts(tree)]
-
     def _add_alt(self, symbols: list) -> int:
         self.alt_symbols.append(tuple(symbols))
         return len(self.alt_symbols) - 1
 
+    def _merged(self, alternatives: list[list]) -> list[int]:
+        """A rule's alternatives, those that begin with a terminal and go on alike joined into one whose terminal is
+        the alternation of theirs (a list of keywords each followed by the same rest is one parse, not one each)."""
+        groups: dict[tuple, list] = {}
+        for seq in alternatives:
+            key = ("T",) + tuple(seq[1:]) if seq and seq[0][0] == "T" else ("seq",) + tuple(seq)
+            groups.setdefault(key, []).append(seq)
+        out = []
+        for key, seqs in groups.items():
+            if key[0] == "T" and len(seqs) > 1:
+                first = ("T", self._regex(("alt", tuple(self._trees[seq[0][1]] for seq in seqs))))
+                out.append(self._add_alt([first] + list(key[1:])))
+            else:
+                out += [self._add_alt(seq) for seq in seqs]
+        return out
+
     def _helper(self, alternatives: list[list]) -> tuple:
         self._helpers += 1
         name = f" helper {self._helpers}"  # (a space: never a rule name of the text)
-        self.alts[name] = [self._add_alt(seq) for seq in alternatives]
+        self.alts[name] = self._merged(alternatives)
         return ("N", name)
 
     def _lower_alts(self, node) -> list[list]:
@@ -497,7 +631,8 @@ class Grammar:
             return [("T", self._regex(self._inline(node)))]
         kind = node[0]
         if kind == "ref":
-            self._lower_rule(node[1])
+            if node[1] not in self.alts:
+                self._pending.append(node[1])
             return [("N", node[1])]
         if kind == "cat":
             pieces: list = []  # regular trees (joined) and symbols
@@ -642,11 +777,17 @@ class Grammar:
         """The parses after a terminal ends on `stack`: where its top goes on (END if it is empty)."""
         out = self._pops.get(stack)
         if out is None:
-            if not stack:
-                out = frozenset((END,))
-            else:
-                alt, pos = stack[-1]
-                out = frozenset(self._expand(alt, pos, stack[:-1]))
+            parses, below = set(), stack
+            while True:  # (a loop, not recursion: every open level may end at once)
+                if not below:
+                    parses.add(END)
+                    break
+                (alt, pos), below = below[-1], below[:-1]
+                items, nullable = self._expansion(alt, pos)
+                parses |= {(below + suffix, rid, self.regexes[rid].start) for suffix, rid in items}
+                if not nullable:
+                    break
+            out = frozenset(parses)
             if len(self._pops) > self.STEPS_CACHED:
                 self._pops.clear()
             self._pops[stack] = out
@@ -673,7 +814,7 @@ class Grammar:
                 if regex.accepting(q):
                     nxt |= self._pop(stack)
             if len(nxt) > MAX_PARSES:
-                raise RuntimeError(f"structured outputs: the grammar allows more than {MAX_PARSES} parses of the "
+                raise TooAmbiguous(f"structured outputs: the grammar allows more than {MAX_PARSES} parses of the "
                                    "output here (too ambiguous)")
             out = frozenset(nxt) if nxt else None
             if len(self._steps) > self.STEPS_CACHED:
@@ -689,22 +830,42 @@ class Grammar:
         """A state that is one parse inside a terminal (with, where the terminal may end there, the parses after
         it): the bytes nothing after the terminal can take go through its DFA, and where it cannot end, every byte
         -> (regex, its state, those bytes, no budget, the grammar's state from the regex's, True: gated by its
-        accepting states); else None."""
+        accepting states). A state of several parses (alternatives that begin alike) likewise, through their
+        terminals' DFAs side by side (_Product), up to MAX_VIEW_PARSES of them. Else None."""
         if state in self._views:
             return self._views[state]
         view = None
-        for parse in state:
-            if parse is END:
-                continue
-            stack, rid, q = parse
+        parses = sorted((p for p in state if p is not END), key=_parse_order)
+        for stack, rid, q in parses:
             if self._resume(stack, rid, q) == state:
                 takes = bytes(1 - x for x in self._first(self._pop(stack)))
                 view = (self.regexes[rid], q, takes, None, functools.partial(self._resumed, stack, rid), True)
                 break
+        if view is None and 1 < len(parses) <= MAX_VIEW_PARSES:
+            stacks, rids, states = zip(*parses)
+            if self._resumed_all(stacks, rids, states, 0) == state:
+                first = bytearray(256)
+                for stack in set(stacks):
+                    first = bytearray(a | b for a, b in zip(first, self._first(self._pop(stack))))
+                product = self._products.get(rids)
+                if product is None:
+                    if len(self._products) > 1024:
+                        self._products.clear()
+                    product = self._products[rids] = _Product(tuple(self.regexes[r] for r in rids))
+                view = (product, states, bytes(1 - x for x in first), None,
+                        functools.partial(self._resumed_all, stacks, rids), True)
         if len(self._views) > self.STEPS_CACHED:
             self._views.clear()
         self._views[state] = view
         return view
+
+    def _resumed_all(self, stacks: tuple, rids: tuple, states: tuple, chars: int) -> frozenset:
+        """The grammar's state from the terminals' states side by side (None: that parse is gone)."""
+        out = frozenset()
+        for stack, rid, q in zip(stacks, rids, states):
+            if q is not None:
+                out |= self._resume(stack, rid, q)
+        return out
 
     def _resume(self, stack: tuple, rid: int, q) -> frozenset:
         regex = self.regexes[rid]
@@ -725,6 +886,8 @@ class Grammar:
                     for b, t in enumerate(self.regexes[rid]._table(q)):
                         if t is not None:
                             first[b] = 1
+            if len(self._firsts) > self.STEPS_CACHED:
+                self._firsts.clear()
             out = self._firsts[parses] = bytes(first)
         return out
 

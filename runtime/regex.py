@@ -414,7 +414,11 @@ class Regex:
 
     def ends(self, state: frozenset) -> bool:
         """Whether no byte can follow (the match is complete and can only stop)."""
-        return all(t is None for t in self._table(state))
+        key = ("ends", state)
+        out = self._loops.get(key)
+        if out is None:
+            out = self._loops[key] = all(t is None for t in self._table(state))
+        return out
 
     def characters_loop(self, state: frozenset) -> bool:
         """Whether every character of two or more UTF-8 bytes leaves `state` as it is (cached)."""

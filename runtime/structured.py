@@ -144,6 +144,11 @@ class ChoiceGrammar:
         return nxt if i < len(self.choices) and self.choices[i].startswith(nxt) else None
 
 
+class TooAmbiguous(RuntimeError):
+    """A grammar's step that would hold more parses than it keeps (ebnf.MAX_PARSES): TokenIndex's walk counts the
+    byte as refused (a token that leads there is not allowed); anywhere else the request fails with it."""
+
+
 def run(grammar, data: bytes, state=None):
     """The state after `data` from `state` (the grammar's start by default), or None if a byte is rejected."""
     state = grammar.start if state is None else state
@@ -179,6 +184,8 @@ class TokenIndex:
     by a grammar."""
 
     CACHE_ENTRIES = 1024  # packed sets: vocab_size / 8 bytes each (19 KB for Qwen's 151,936)
+    # a range of fewer tokens goes byte by byte even where the grammar has a DFA view (numpy's setup costs more)
+    DFA_WALK_MIN = 64
     POSITIONS_CACHED = 8
 
     def __init__(self, token_bytes: list[bytes | None], vocab_size: int):
@@ -344,12 +351,15 @@ class TokenIndex:
         def step(s, b: int):
             key = (s, b)
             if key not in steps:
-                steps[key] = grammar.step(s, b)
+                try:
+                    steps[key] = grammar.step(s, b)
+                except TooAmbiguous:
+                    steps[key] = None
             return steps[key]
 
         while todo:
             depth, lo, hi, s = todo.pop()
-            view = grammar.dfa(s)
+            view = grammar.dfa(s) if hi - lo >= self.DFA_WALK_MIN else None
             if view is not None:  # the range at once through a regex's DFA (numpy), then the tokens it cannot take
                 todo += self._dfa_walk(step, view, depth, lo, hi, mask)
                 continue

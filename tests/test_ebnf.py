@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks.bench_structured import SQL_LARK
 from qwen2rt import StructuredOutputs
-from qwen2rt.ebnf import MAX_PARSES, Grammar, _GrammarParser
+from qwen2rt.ebnf import MAX_PARSES, Grammar, _GrammarParser, _Product
 from qwen2rt.structured import Matcher, TokenIndex, run
 from test_structured import brute_allowed, random_byte_walks, reachable_states
 
@@ -78,6 +78,16 @@ string : ESCAPED_STRING
 %import common.WS
 %ignore WS
 '''  # Lark's own JSON example
+ANSWER = r'''
+root ::= summary | detailed
+summary ::= "Answer: " [^\n]{1,200} "\n"
+detailed ::= "Answer: " [^\n]{1,200} "\n" "Reasons:\n" item+
+item ::= "- " [^\n]+ "\n" ("  " item)*
+'''  # two parses side by side through a counted free text (a review's example)
+SIDE = r'''
+root ::= "<" b
+b ::= [a-z\u00e9]* ">" | [a-z]* "?" b | "(" b ")"
+'''  # after "<": a letter leaves two parses side by side; only one of them takes "\u00e9"
 ARITHMETIC = r'''
 root ::= expr
 expr ::= term (("+" | "-") term)*
@@ -400,6 +410,9 @@ def test_lark_ignore_and_json():
     ("start: n (\",\" n)*\n%import common.INT -> n", [("1,22,3", True), ("1,", False), ("-1", False)]),
     ('?start: "a" ~ 2..3 b\n!b: ["x"] "y" -> why', [("aay", True), ("aaaxy", True), ("ay", False), ("aaaay", False)]),
     ('start: "(" start ")" | "" \n%ignore " "', [("( ( ) )", True), (" ()", True), ("(( )", False)]),
+    ('start: "a" * NAME " ::= " NAME  # a quantifier after a space\nNAME: /[a-z]+/', [("aax ::= y", True)]),
+    ('start: "x" C_COMMENT\n%import common.C_COMMENT  // a comment\n%ignore "//" /[^\\n]*/',
+     [("x/* a * b */", True), ("x/**/// d", True), ("x// c\n/**/", False), ("x/* a */ */", False)]),
 ])
 def test_lark_syntax(text, cases):
     grammar = Grammar(text)
@@ -413,13 +426,15 @@ def test_allowed_sets_equal_a_token_by_token_check():
     follow it) and the byte walk of several parses."""
     rng = random.Random(6)
     alphabet = [c.encode() for c in '{}[]:,"\\ \n0123456789-.eEtrufalsnx()+*/'] + [
-        b'": ', b'",', b"true", b"null", b" (", b"12", b"SELECT", b" FROM", b" WHERE", b"name", b"\xc3\xa9", b"\xc3"]
+        b'": ', b'",', b"true", b"null", b" (", b"12", b"SELECT", b" FROM", b" WHERE", b"name", b"\xc3\xa9", b"\xc3",
+        b"ab", b"<", b">", b"?", b"\xc3\xa9?", b"x?"]
     pieces = {bytes((i,)) for i in range(256)}
     while len(pieces) < 2500:
         pieces.add(b"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))))
     index = TokenIndex(sorted(pieces), len(pieces))
-    checked = 0
-    for text, lark in [(JSON_GBNF, False), (ARITHMETIC, False), (SQL_LARK, True), (JSON_LARK, True)]:
+    checked = products = 0
+    for text, lark in [(JSON_GBNF, False), (ARITHMETIC, False), (SQL_LARK, True), (JSON_LARK, True),
+                       (ANSWER, False), (SIDE, False)]:
         grammar = Grammar(text)
         rules = _GrammarParser(text, lark).parse()
         root = rules["start" if lark else "root"]
@@ -427,7 +442,8 @@ def test_allowed_sets_equal_a_token_by_token_check():
         for state in reachable_states(rng, grammar, [t for t in texts if len(t) < 200], 30):
             assert (index.allowed(grammar, state) == brute_allowed(index, grammar, state)).all(), (text, state)
             checked += 1
-    assert checked >= 80
+            products += isinstance((grammar.dfa(state) or [None])[0], _Product)
+    assert checked >= 100 and products >= 10, (checked, products)
 
 
 def test_allowed_sets_over_qwens_vocabulary(qwen_tokenizer_dir):
@@ -456,7 +472,8 @@ def test_allowed_sets_over_qwens_vocabulary(qwen_tokenizer_dir):
 
 
 def test_parses_are_bounded():
-    """A grammar whose parses double with every byte: past MAX_PARSES the request fails, saying why."""
+    """A grammar whose parses double with every byte: past MAX_PARSES its step refuses, saying why, and a token
+    that would lead there is not allowed (the walk counts the step as refused), while the others are."""
     grammar = Grammar('root ::= x\nx ::= "a" x y | "a" x z | ""\ny ::= "b"\nz ::= "b" | "c"')
     state = grammar.start
     sizes = []
@@ -466,6 +483,26 @@ def test_parses_are_bounded():
             sizes.append(len(state))
     # after k a's: each of the k open x's has y or z after it, and the next byte may open another x or close
     assert sizes == [3 * 2 ** k for k in range(1, 9)]
+    index = TokenIndex([bytes((i,)) for i in range(256)] + [b"a" * 8, b"a" * 9, b"ab"], 259)
+    allowed = index.allowed(grammar, grammar.start)
+    assert allowed[[ord("a"), 256, 258]].all() and not allowed[257] and allowed.sum() == 3
+
+
+def test_deep_nesting_wide_alternatives_and_large_terminals():
+    """3,000 open levels (each may end at once: no recursion per level), 900 keywords each followed by the same rule
+    (one parse, not 900), and rules that use others twice, nested 25 deep (2^25 parts written out): an error at
+    once, not an expansion."""
+    grammar = Grammar('root ::= x\nx ::= "a" x "c" | "b"')
+    assert completes(grammar, "a" * 3000 + "b" + "c" * 3000) and not completes(grammar, "a" * 3000 + "b")
+    grammar = Grammar('root ::= x\nx ::= "a" x " "? | "b"')  # (every open level may end at the "b": 1,000 parses)
+    assert completes(grammar, "a" * 999 + "b") and completes(grammar, "aab  ") and not completes(grammar, "aab   ")
+    words = " | ".join(f'"kw{k}" x' for k in range(900))
+    grammar = Grammar(f'root ::= x\nx ::= {words} | "."')
+    assert completes(grammar, "kw1kw899kw5.") and not completes(grammar, "kw900.")
+    assert len(run(grammar, b"kw1")) <= 3
+    text = "root ::= r0\n" + "\n".join(f"r{k} ::= r{k + 1} r{k + 1}" for k in range(25)) + '\nr25 ::= "a" | "b"'
+    with pytest.raises(ValueError, match="too large once its rules are written out"):
+        Grammar(text)
 
 
 @pytest.mark.parametrize("text, words", [
@@ -486,6 +523,7 @@ def test_parses_are_bounded():
     ("start: /ab/i", "flags 'i'"),
     ("start: X\n%import common.NOPE", "not one of Lark's common terminals"),
     ("start: X\n%declare X", "only %import common"),
+    ("start: NAME\nNAME: \"a\"\n%import common.INT -> NAME", "'NAME' is defined twice"),
     ("", "non-empty"),
     ('root ::= "a" ) "b"', "expected a rule"),
 ])
