@@ -26,9 +26,10 @@ the step in flight is read back, its sampling after, once the masks of the token
 
 The device runs the forward (nearly all of a step's time) while the host reads back, advances the grammars and
 computes the masks; it waits for the host only if that takes longer. The rest of the batch goes on as before. A
-prefill step is launched whole: the requests it samples have no token in flight (their masks were written at
-admission). `Engine.split_structured_steps = False` reads a step that holds a structured request's token back
-before the next launch instead (the device idles meanwhile; for benchmarks).
+prefill step is launched whole: the requests it samples have their masks written at admission (one preempted with a
+token in flight and admitted again has that token dropped as stale, and its mask from the tokens read back).
+`Engine.split_structured_steps = False` reads a step that holds a structured request's token back before the next
+launch instead (the device idles meanwhile; for benchmarks).
 """
 
 from __future__ import annotations
@@ -130,16 +131,20 @@ class Engine:
             ahead = None if any(s.matcher is not None for s in self._in_flight.seqs) else self._launch(split=False)
         done, self._in_flight = self._in_flight, None
         try:
-            return self._receive(done)
+            received = self._receive(done)
         except BaseException:
             # the step's tokens are lost (an interrupt, or a device error surfacing at the read-back): its sequences
             # were planned as if they had them, so they could never finish; they end here instead
             for seq in done.seqs:
                 if seq.finish_reason is None:
                     self.abort(seq)
+            try:  # the step launched ahead still gets its sampling (or its sequences end): the first error is raised
+                self._in_flight = self._sample(ahead) if isinstance(ahead, DecodeForward) else ahead
+            except BaseException:
+                pass
             raise
-        finally:
-            self._in_flight = self._sample(ahead) if isinstance(ahead, DecodeForward) else ahead
+        self._in_flight = self._sample(ahead) if isinstance(ahead, DecodeForward) else ahead
+        return received
 
     def _admit(self) -> None:
         preemptions = self.scheduler.num_preemptions

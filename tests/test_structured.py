@@ -824,6 +824,23 @@ def test_a_sampling_half_that_fails_to_launch_ends_its_batch_and_the_engine_goes
     assert tiny.generate("other", free)[0].token_ids == alone
 
 
+def test_a_failed_read_back_is_the_error_raised_when_the_sampling_half_fails_too(tiny, monkeypatch):
+    """The read-back raises (an interrupt) and the sampling half launched after it fails too (a broken device): the
+    read-back's error is the one raised, every request of both steps ends, and the engine goes on."""
+    seqs = [tiny.new_request("x", SamplingParams(max_tokens=30, structured_outputs=StructuredOutputs(
+        regex="[a-z]{20}"))), tiny.new_request("other", SamplingParams(max_tokens=12, ignore_eos=True))]
+    tiny.submit(seqs)
+    tiny.step()
+    monkeypatch.setattr(model_runner.Launched, "token_ids", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(tiny.engine.runner, "sample_decode", lambda forward: 1 / 0)
+    with pytest.raises(KeyboardInterrupt):
+        tiny.step()
+    monkeypatch.undo()
+    assert [s.finish_reason for s in seqs] == ["abort", "abort"] and not tiny.has_unfinished()
+    assert tiny.kv_cache.num_free_blocks == tiny.kv_cache.num_blocks
+    assert len(tiny.generate("other", SamplingParams(max_tokens=5, ignore_eos=True))[0].token_ids) == 5
+
+
 def test_sampled_outputs_complete_and_batch_with_free_requests(tiny):
     """Sampled structured requests (n choices, penalties, top-p) all complete (JSON objects, or one of the
     choices, several of them drawn), and batched with unconstrained requests they are what they are alone
