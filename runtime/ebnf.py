@@ -24,9 +24,11 @@ is a pushdown automaton over those terminals: a parse is a stack, its top a term
 below it the places in alternatives to go on from when that terminal ends (the last item of an alternative pushes
 none: right recursion and `*` keep the stack flat). A state is the frozenset of the parses the bytes so far allow,
 plus END when the output may stop there. A step to more than MAX_PARSES parses is refused (structured.TooAmbiguous:
-a token that leads there is not allowed). Left recursion (a rule that can begin with itself with something after
-it) never ends the expansion: it is a ValueError naming the rule, as llama.cpp and xgrammar reject it; so are a rule
-that never ends and a terminal too large once its rules are written out (MAX_TERMINAL_NODES).
+where the mask walk goes byte by byte, a token that leads there is not allowed; a token whose bytes go there through a
+terminal's DFA view, or a state whose every way on goes there, fails the request saying so). Left recursion (a rule
+that can begin with itself with something after it) never ends the expansion: it is a ValueError naming the rule, as
+llama.cpp and xgrammar reject it; so are a rule that never ends and a terminal too large once its rules are written
+out (MAX_TERMINAL_NODES).
 
 For TokenIndex's walk, a state whose parses are inside terminals (up to MAX_VIEW_PARSES of them: one, or
 alternatives that begin alike) has a `dfa` view: the tokens run through the terminals' DFAs (side by side, _Product)
@@ -45,8 +47,7 @@ from .regex import DOT, MAX_CODE, MAX_REPEAT, Regex, _complement, _normal, _Pars
 from .structured import TooAmbiguous
 
 IGNORED = " ignored"  # the rule of what Lark's %ignore names (a space: no rule of the text has it)
-# parses one state may hold: a byte that would lead past it is refused (structured.TooAmbiguous), so a token that
-# leads there is not allowed, and what only such parses would have allowed is never written
+# parses one state may hold: a byte that would lead past it is refused (structured.TooAmbiguous; see the docstring)
 MAX_PARSES = 1000
 MAX_VIEW_PARSES = 32  # a state of up to this many parses runs the tokens through their DFAs side by side
 MAX_TERMINAL_NODES = 100_000  # a terminal's tree, written out (rules inlined), may have at most this many parts

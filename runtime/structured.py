@@ -145,8 +145,9 @@ class ChoiceGrammar:
 
 
 class TooAmbiguous(RuntimeError):
-    """A grammar's step that would hold more parses than it keeps (ebnf.MAX_PARSES): TokenIndex's walk counts the
-    byte as refused (a token that leads there is not allowed); anywhere else the request fails with it."""
+    """A grammar's step that would hold more parses than it keeps (ebnf.MAX_PARSES): TokenIndex's byte-by-byte walk
+    counts the byte as refused (a token that leads there is not allowed); a token its DFA walk allowed through such a
+    state, or a state whose every way on is refused, fails the request with it."""
 
 
 def run(grammar, data: bytes, state=None):
@@ -442,7 +443,10 @@ class Matcher:
         if self.complete:
             mask[self.stop_ids] = True
         if not mask.any():  # (every state of a pruned schema or a choice can go on byte by byte, and a byte-level
-            # vocabulary has every byte: a bug, or a vocabulary without some byte; Engine._guide ends the request)
+            # vocabulary has every byte: a bug, or a vocabulary without some byte, or a grammar whose every way on
+            # is past its bound on parses; Engine._guide ends the request)
+            for b in range(256):
+                self.grammar.step(self.state, b)  # (raises TooAmbiguous where that is why)
             raise RuntimeError("structured outputs: no token of the vocabulary can continue the output here")
         return mask
 

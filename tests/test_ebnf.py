@@ -488,6 +488,19 @@ def test_parses_are_bounded():
     assert allowed[[ord("a"), 256, 258]].all() and not allowed[257] and allowed.sum() == 3
 
 
+def test_a_state_whose_every_way_on_is_too_ambiguous_fails_saying_so():
+    """A review's grammar: after "aaaa" the only byte that goes on leads past MAX_PARSES, so nothing is allowed, and
+    the mask says why (not "no token can continue", which would be a bug)."""
+    grammar = Grammar('root ::= r0\nr0 ::= [a] r0 r0 ("a" | r0) (r0 | [a]) ("aa"){2,2} r0 r0 "a" |')
+    index = TokenIndex([bytes((i,)) for i in range(256)] + [None], 257)
+    matcher = Matcher(grammar, index, {256})
+    for _ in range(4):
+        assert matcher.mask()[ord("a")]
+        matcher.advance(ord("a"))
+    with pytest.raises(RuntimeError, match="too ambiguous"):
+        matcher.mask()
+
+
 def test_deep_nesting_wide_alternatives_and_large_terminals():
     """3,000 open levels (each may end at once: no recursion per level), 900 keywords each followed by the same rule
     (one parse, not 900), and rules that use others twice, nested 25 deep (2^25 parts written out): an error at
