@@ -43,7 +43,7 @@ import re
 
 import numpy as np
 
-from .regex import DOT, MAX_CODE, MAX_REPEAT, Regex, _complement, _normal, _Parser
+from .regex import MAX_CODE, MAX_REPEAT, NumberedDFA, Regex, _complement, _normal, _Parser
 from .structured import TooAmbiguous
 
 IGNORED = " ignored"  # the rule of what Lark's %ignore names (a space: no rule of the text has it)
@@ -413,12 +413,10 @@ def _parse_order(parse: tuple):
     return stack, rid, sorted(q)
 
 
-class _Product:
+class _Product(NumberedDFA):
     """Several terminals' DFAs run side by side (the parses of one grammar state), with Regex's interface for
     TokenIndex's DFA walk: a state is the tuple of their states (None where one is gone), accepting where one is, and
     numbered like Regex's."""
-
-    NUMBERED = 16384
 
     def __init__(self, parts: tuple[Regex, ...]):
         self.parts = parts
@@ -426,44 +424,15 @@ class _Product:
         self._number_states()
 
     def _number_states(self) -> None:
-        self._ids: dict[tuple, int] = {}
-        self._states: list[tuple] = []
-        self._next = np.full((64, 256), -2, dtype=np.int32)
-        self._final = np.zeros(64, dtype=bool)
+        super()._number_states()
         self._loops: dict = {}
 
     def accepting(self, state: tuple) -> bool:
         return any(q is not None and r.accepting(q) for r, q in zip(self.parts, state))
 
-    def state_id(self, state: tuple) -> int:
-        i = self._ids.get(state)
-        if i is None:
-            i = self._ids[state] = len(self._states)
-            self._states.append(state)
-            if i >= len(self._final):
-                self._final = np.concatenate([self._final, np.zeros(len(self._final), dtype=bool)])
-                self._next = np.concatenate([self._next, np.full(self._next.shape, -2, dtype=np.int32)])
-            self._final[i] = self.accepting(state)
-        return i
-
-    def state_of(self, i: int) -> tuple:
-        return self._states[i]
-
-    def accepting_ids(self, ids: np.ndarray) -> np.ndarray:
-        return self._final[ids]
-
-    def next_ids(self, ids: np.ndarray, data: np.ndarray) -> np.ndarray:
-        for i in np.unique(ids).tolist():
-            if self._next[i, 0] == -2:
-                rows = [self._dead if q is None else r._table(q) for r, q in zip(self.parts, self._states[i])]
-                row = [-1 if not any(x is not None for x in column) else self.state_id(column)
-                       for column in zip(*rows)]
-                self._next[i] = row
-        return self._next[ids, data]
-
-    def renumber_if_full(self) -> None:
-        if len(self._states) > self.NUMBERED:
-            self._number_states()
+    def _successors(self, state: tuple) -> list:
+        rows = [self._dead if q is None else r._table(q) for r, q in zip(self.parts, state)]
+        return [None if all(x is None for x in column) else column for column in zip(*rows)]
 
     def loops(self, state: tuple, within: bytes) -> bytes:
         key = (state, within)
@@ -905,4 +874,4 @@ def _compiled(text: str) -> Grammar:
     return Grammar(text)
 
 
-__all__ = ["COMMON", "DOT", "END", "Grammar", "MAX_PARSES", "compiled"]
+__all__ = ["COMMON", "END", "Grammar", "MAX_PARSES", "compiled"]

@@ -286,13 +286,59 @@ def _lengths(node) -> tuple[int, int | None]:
     return a * lo, (b * hi if b is not None and hi is not None else 0 if b == 0 or hi == 0 else None)
 
 
-class Regex:
+class NumberedDFA:
+    """A DFA's states numbered, for TokenIndex's walk over many tokens at once (numpy): a subclass gives
+    `_successors(state)` (its 256 next states, None for none) and `accepting(state)`."""
+
+    NUMBERED = 16384  # states numbered for `next_ids` before the numbering starts over (~32 MB of tables)
+
+    def _number_states(self) -> None:
+        self._ids: dict = {}
+        self._states: list = []
+        self._next = np.full((64, 256), -2, dtype=np.int32)  # -2: not found yet, -1: no state
+        self._final = np.zeros(64, dtype=bool)  # per number: whether the state is accepting
+
+    def state_id(self, state) -> int:
+        """A number for `state` (the same until the numbering starts over: see next_ids)."""
+        i = self._ids.get(state)
+        if i is None:
+            i = self._ids[state] = len(self._states)
+            self._states.append(state)
+            if i >= len(self._final):
+                self._final = np.concatenate([self._final, np.zeros(len(self._final), dtype=bool)])
+            self._final[i] = self.accepting(state)
+        return i
+
+    def accepting_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Per state number, whether that state is accepting."""
+        return self._final[ids]
+
+    def state_of(self, i: int):
+        return self._states[i]
+
+    def next_ids(self, ids: np.ndarray, data: np.ndarray) -> np.ndarray:
+        """Per pair, the number of the state after byte data[k] from state number ids[k], or -1."""
+        for i in np.unique(ids).tolist():
+            if len(self._states) > len(self._next):
+                grown = np.full((2 * len(self._states), 256), -2, dtype=np.int32)
+                grown[:len(self._next)] = self._next
+                self._next = grown
+            if self._next[i, 0] == -2:
+                self._next[i] = [-1 if t is None else self.state_id(t) for t in self._successors(self._states[i])]
+        return self._next[ids, data]
+
+    def renumber_if_full(self) -> None:
+        """Start the numbering over once it holds NUMBERED states (only between walks: numbers are not kept)."""
+        if len(self._states) > self.NUMBERED:
+            self._number_states()
+
+
+class Regex(NumberedDFA):
     """A compiled pattern, followed byte by byte: `start`, `step(state, byte)` -> the next state or None (no match
     can go on), `accepting(state)` (the bytes so far are a whole match) and `loops(state)` (the bytes that leave the
     state as it is). States are frozensets of NFA state ids (hashable, the same in every process)."""
 
     TABLE_ENTRIES = 4096  # DFA states whose successor tables are kept
-    NUMBERED = 16384  # DFA states numbered for `next_ids` before the numbering starts over (~32 MB of tables)
 
     def __init__(self, pattern: str, tree=None):
         """`tree`: the pattern already parsed (_Parser's tree; ebnf.py builds its terminals' trees itself), which
@@ -392,6 +438,8 @@ class Regex:
             self._tables[state] = table
         return table
 
+    _successors = _table
+
     def _closure_of(self, targets: frozenset) -> frozenset:
         """The NFA states that matter (with byte edges, or the final one) reached from any of `targets` through
         epsilons."""
@@ -446,47 +494,6 @@ class Regex:
                 out = bytes(a & b for a, b in zip(out, within))
             self._loops[(state, within)] = out
         return out
-
-    # ---- the DFA numbered, for TokenIndex's walk over many tokens at once (numpy) ----------------------------------
-    def _number_states(self) -> None:
-        self._ids: dict[frozenset, int] = {}
-        self._states: list[frozenset] = []
-        self._next = np.full((64, 256), -2, dtype=np.int32)  # -2: not found yet, -1: no state
-        self._final = np.zeros(64, dtype=bool)  # per number: whether the state is accepting
-
-    def state_id(self, state: frozenset) -> int:
-        """A number for `state` (the same until the numbering starts over: see next_ids)."""
-        i = self._ids.get(state)
-        if i is None:
-            i = self._ids[state] = len(self._states)
-            self._states.append(state)
-            if i >= len(self._final):
-                self._final = np.concatenate([self._final, np.zeros(len(self._final), dtype=bool)])
-            self._final[i] = self.final in state
-        return i
-
-    def accepting_ids(self, ids: np.ndarray) -> np.ndarray:
-        """Per state number, whether that state is accepting."""
-        return self._final[ids]
-
-    def state_of(self, i: int) -> frozenset:
-        return self._states[i]
-
-    def next_ids(self, ids: np.ndarray, data: np.ndarray) -> np.ndarray:
-        """Per pair, the number of the state after byte data[k] from state number ids[k], or -1."""
-        for i in np.unique(ids).tolist():
-            if len(self._states) > len(self._next):
-                grown = np.full((2 * len(self._states), 256), -2, dtype=np.int32)
-                grown[:len(self._next)] = self._next
-                self._next = grown
-            if self._next[i, 0] == -2:
-                self._next[i] = [-1 if t is None else self.state_id(t) for t in self._table(self._states[i])]
-        return self._next[ids, data]
-
-    def renumber_if_full(self) -> None:
-        """Start the numbering over once it holds NUMBERED states (only between walks: numbers are not kept)."""
-        if len(self._states) > self.NUMBERED:
-            self._number_states()
 
 
 def compiled(pattern: str) -> Regex:

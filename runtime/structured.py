@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .regex import ALL_BYTES
+
 
 @dataclass(frozen=True)
 class StructuredOutputs:
@@ -176,9 +178,6 @@ def _reject(name):
 
 
 # ---- the vocabulary -----------------------------------------------------------------------------------------------
-ALL_BYTES_SET = bytes([1]) * 256
-
-
 class TokenIndex:
     """A vocabulary's token bytes (a tokenizer's Tokenizer.token_bytes, for ids below the model's vocab_size), sorted
     for the prefix walk, and the LRU of allowed-token sets. Tokens without bytes (special tokens) are never allowed
@@ -265,7 +264,7 @@ class TokenIndex:
         where the regex's state is accepting; elsewhere every byte goes through the regex."""
         regex, rstate, takes, budget, resume = view[:5]
         gated = len(view) > 5 and view[5]
-        here = ALL_BYTES_SET if gated and not regex.accepting(rstate) else takes  # what goes through from rstate
+        here = ALL_BYTES if gated and not regex.accepting(rstate) else takes  # what goes through from rstate
         regex.renumber_if_full()
         start = regex.state_id(rstate)
         toks, i = self.sorted_bytes, lo
